@@ -1,0 +1,199 @@
+"""Trellis codes: the map from an L-bit state to V weight values.
+
+Each code is one :class:`Code` entry in :data:`CODES` holding its exact reference (integer math in
+torch, uint32 wrap-around emulated with int64 masks) and its validation rules. The Triton code
+generator reads the same entry for the snippet it splices into kernels, so adding a code means
+adding one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from qtip_triton.spec import TrellisSpec
+
+U32 = 0xFFFFFFFF
+
+
+def _u32(x: torch.Tensor) -> torch.Tensor:
+    return x & U32
+
+
+def fp16_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Reinterpret the low 16 bits of an integer tensor as fp16."""
+    b = (bits & 0xFFFF).to(torch.int32)
+    b = torch.where(b >= 0x8000, b - 0x10000, b)
+    return b.to(torch.int16).view(torch.float16)
+
+
+def byte_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of the four bytes of a uint32 held in int64."""
+    return (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + ((x >> 24) & 0xFF)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference decoders. Each takes int64 states (any shape), the spec and the table (or None) and
+# returns float32 values of shape states.shape + (V,).
+
+
+def _hyb(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    assert table is not None and spec.Q is not None
+    h = _u32(states * (states + 1))
+    idx = (h >> (15 - spec.Q)) & ((1 << spec.Q) - 1)
+    vals = table.to(torch.float32)[idx]  # (..., V)
+    flip = ((h >> 15) & 1).bool()
+    # only the first weight of the pair carries the sign bit
+    first = torch.where(flip, -vals[..., 0], vals[..., 0])
+    return torch.cat([first.unsqueeze(-1), vals[..., 1:]], dim=-1)
+
+
+ONEMAD_A, ONEMAD_B, ONEMAD_SCALE = 34038481, 76625530, 147.800537109375
+
+
+def _onemad(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    x = _u32(states * ONEMAD_A + ONEMAD_B)
+    y = byte_sum(x).to(torch.float32)
+    return ((y - 510.0) / ONEMAD_SCALE).unsqueeze(-1)
+
+
+THREEINST_A, THREEINST_B = 89226354, 64248484
+THREEINST_MASK, THREEINST_XOR = 0x8FFF8FFF, 0x3B603B60
+
+
+def three_inst_value(x: torch.Tensor) -> torch.Tensor:
+    """The 3INST bit trick on an already-hashed uint32: two fp16 halves added in fp16."""
+    r = (x & THREEINST_MASK) ^ THREEINST_XOR
+    hi = fp16_from_bits(r >> 16).to(torch.float32)
+    lo = fp16_from_bits(r).to(torch.float32)
+    # both halves share an exponent range near 1, so the fp32 sum is exact and one rounding to
+    # fp16 reproduces the hardware's fp16 addition
+    return (hi + lo).to(torch.float16).to(torch.float32)
+
+
+def _threeinst(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    return three_inst_value(_u32(states * THREEINST_A + THREEINST_B)).unsqueeze(-1)
+
+
+def _lut(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    assert table is not None
+    return table.to(torch.float32)[states]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation helpers shared by entries
+
+
+def _need_q(spec: TrellisSpec, lo: int = 1, hi: int = 15) -> None:
+    if spec.Q is None:
+        raise ValueError(f"code {spec.code!r} needs Q (the table index width), e.g. '{spec.code}9'")
+    if not lo <= spec.Q <= hi:
+        raise ValueError(f"TrellisSpec.Q={spec.Q} is out of range for code {spec.code!r}: Q must be in {lo}..{hi}")
+
+
+def _no_q(spec: TrellisSpec) -> None:
+    if spec.Q is not None:
+        raise ValueError(f"code {spec.code!r} takes no Q, got Q={spec.Q}")
+
+
+@dataclass(frozen=True)
+class Code:
+    """One trellis code. ``table_shape`` is None for computed codes (no table)."""
+
+    name: str
+    description: str
+    reference: Callable[[torch.Tensor, TrellisSpec, torch.Tensor | None], torch.Tensor]
+    allowed_V: tuple[int, ...]
+    uses_q: bool = False
+    table_shape: Callable[[TrellisSpec], tuple[int, int]] | None = None
+    rms: float | None = None  # RMS of the values over uniformly random states, when fixed
+    extra_checks: tuple[Callable[[TrellisSpec], None], ...] = field(default=())
+
+    @property
+    def needs_table(self) -> bool:
+        return self.table_shape is not None
+
+    def validate(self, spec: TrellisSpec) -> None:
+        if spec.V not in self.allowed_V:
+            raise ValueError(
+                f"code {self.name!r} decodes V in {self.allowed_V} weights per state, got TrellisSpec.V={spec.V}"
+            )
+        if self.uses_q:
+            _need_q(spec)
+        else:
+            _no_q(spec)
+        for check in self.extra_checks:
+            check(spec)
+
+    def check_table(self, spec: TrellisSpec, table: torch.Tensor | None) -> None:
+        """Raise a clear error when a table is missing, superfluous or of the wrong shape."""
+        if self.table_shape is None:
+            if table is not None:
+                raise ValueError(f"code {self.name!r} is computed and takes no table")
+            return
+        want = self.table_shape(spec)
+        if table is None:
+            raise ValueError(f"code {self.name!r} needs a table of shape {want}")
+        if tuple(table.shape) != want:
+            raise ValueError(f"code {self.name!r} table must have shape {want}, got {tuple(table.shape)}")
+        if not table.is_floating_point():
+            raise ValueError(f"code {self.name!r} table must be floating point, got {table.dtype}")
+        if not torch.isfinite(table).all():
+            raise ValueError(f"code {self.name!r} table holds NaN or Inf")
+
+
+CODES: dict[str, Code] = {}
+
+
+def register_code(code: Code) -> Code:
+    """Add a code; its name becomes valid in :class:`TrellisSpec` and spec names."""
+    if code.name in CODES:
+        raise ValueError(f"code {code.name!r} is already registered")
+    CODES[code.name] = code
+    return code
+
+
+register_code(
+    Code(
+        "hyb",
+        "hash s*(s+1), look up a 2^Q x V table, bit 15 of the hash flips the first weight's sign",
+        _hyb,
+        allowed_V=(1, 2, 4),
+        uses_q=True,
+        table_shape=lambda s: (1 << s.Q, s.V),
+    )
+)
+register_code(Code("1mad", "one multiply-add, sum of the four bytes, affine", _onemad, allowed_V=(1,), rms=1.0))
+register_code(
+    Code("3inst", "multiply-add, mask and xor, two fp16 halves added", _threeinst, allowed_V=(1,), rms=1.2437)
+)
+register_code(
+    Code("lut", "plain 2^L x V table indexed by the state (research)", _lut, allowed_V=(1, 2, 4),
+         table_shape=lambda s: (1 << s.L, s.V))
+)
+
+
+def get_code(name: str) -> Code:
+    try:
+        return CODES[name]
+    except KeyError:
+        raise ValueError(f"unknown trellis code {name!r}; known codes: {', '.join(sorted(CODES))}") from None
+
+
+def decode_states(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Values of ``states`` (integers < 2^L) under ``spec``'s code: float32, shape ``states.shape + (V,)``."""
+    code = get_code(spec.code)
+    code.check_table(spec, table)
+    s = states.to(torch.int64)
+    if s.numel() and (int(s.min()) < 0 or int(s.max()) >= (1 << spec.L)):
+        raise ValueError(f"states must lie in [0, 2^{spec.L})")
+    return code.reference(s, spec, table)
+
+
+def all_state_values(spec: TrellisSpec, table: torch.Tensor | None = None) -> torch.Tensor:
+    """The (2^L, V) codebook: what the Viterbi encoder searches."""
+    return decode_states(torch.arange(1 << spec.L), spec, table)
