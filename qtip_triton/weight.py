@@ -186,5 +186,5 @@ class QuantizedWeight:
 
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         return cls.from_state(tensors, meta)

@@ -1,0 +1,3 @@
+from qtip_triton.cli import main
+
+raise SystemExit(main())
