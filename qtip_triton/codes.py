@@ -197,3 +197,45 @@ def decode_states(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor |
 def all_state_values(spec: TrellisSpec, table: torch.Tensor | None = None) -> torch.Tensor:
     """The (2^L, V) codebook: what the Viterbi encoder searches."""
     return decode_states(torch.arange(1 << spec.L), spec, table)
+
+
+# ---------------------------------------------------------------------------------------------
+# EXL3 (ExLlamaV3) codes. EXL3's "3inst" is QTIP's 3INST above (same constants); these are its two
+# other computed codes, both V=1 over uint32 states.
+
+MCG_MULT = 0xCBAC1FED  # multiplicative congruential hash, no additive constant
+MUL1_MULT = 0x83DCD12D
+# mul1's affine map is one fp16 fused multiply-add h*kinv + kbias with h = 1024 + b:
+# kinv = fp16 bits 0x1EEE = 1774 / 2^18, kbias = fp16 bits 0xC931 = -1329 / 2^7, so the exact
+# result is (1774*b - 905216) / 2^18.
+MUL1_NUM, MUL1_OFFSET, MUL1_SHIFT = 1774, 905216, 18
+
+
+def _mcg(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    return three_inst_value(_u32(states * MCG_MULT)).unsqueeze(-1)
+
+
+def mul1_value(x: torch.Tensor) -> torch.Tensor:
+    """mul1 on an already-hashed uint32: fp16_RNE((1774*b - 905216) / 2^18), b = byte sum of x.
+
+    Why this is the FMA bit for bit: the numerator is an integer of magnitude < 2^20, exact in
+    fp32, and dividing by 2^18 is exact, so the only rounding is the final fp32 -> fp16 (RNE),
+    which is the single rounding of the hardware's fused multiply-add.
+    """
+    b = byte_sum(x)
+    exact = (b * MUL1_NUM - MUL1_OFFSET).to(torch.float32) / float(1 << MUL1_SHIFT)
+    return exact.to(torch.float16).to(torch.float32)
+
+
+def _mul1(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
+    return mul1_value(_u32(states * MUL1_MULT)).unsqueeze(-1)
+
+
+register_code(
+    Code("mcg", "EXL3: multiply by 0xCBAC1FED, then 3INST's mask, xor and fp16 halves", _mcg, allowed_V=(1,),
+         rms=1.2441)
+)
+register_code(
+    Code("mul1", "EXL3: multiply by 0x83DCD12D, byte sum, one fp16 fused multiply-add", _mul1, allowed_V=(1,),
+         rms=1.0003)
+)
