@@ -274,3 +274,74 @@ def decode_packed(
     """Reference random-access decode of a packed trellis: the test oracle for every kernel."""
     lay = get_layout(layout)
     return decode_words(lay.unpack(packed, spec, m, n), spec, table, lay.order())
+
+
+# ---------------------------------------------------------------------------------------------
+# EXL3 (ExLlamaV3) tiles, mapped into our conventions.
+#
+# EXL3 stores W_hat as [in, out] with trellis [in/16, out/16, 16K] int16; our Ŵ is (out x in), so
+# our tile (ti, tj) is EXL3's tile [tk=tj, tn=ti] and Ŵ = W_hatᵀ. Inside a tile, EXL3's stream
+# words are little-endian int16 pairs (Wd[i] = d[2i] | d[2i+1] << 16, read MSB-first) and its
+# state p is the 16-bit window that *ends* at bit (p+1)K. Our state p *starts* at bit pK, so our
+# stream is EXL3's rotated right by L - K bits. Positions follow the mma.m16n8k16 B fragment:
+# p = 8l + j lands on EXL3 row 2(l&3) + (j&1) + 8((j>>1)&1) (input offset) and column
+# (l>>2) + 8(j>>2) (output offset), i.e. on our tile element 16*column + row.
+
+
+@cache
+def exl3_order() -> torch.Tensor:
+    """EXL3 order in our (out x in) tiles: sequence position p -> tile element 16*r + c."""
+    p = torch.arange(TILE_WEIGHTS)
+    lane, j = p >> 3, p & 7
+    row_in = 2 * (lane & 3) + (j & 1) + 8 * ((j >> 1) & 1)
+    col_out = (lane >> 2) + 8 * (j >> 2)
+    return col_out * TILE + row_in
+
+
+def rotate_stream(words: torch.Tensor, shift: int) -> torch.Tensor:
+    """Rotate circular MSB-first streams (..., nw) of uint32 words: result bit b = input bit b - shift.
+
+    ``shift`` may be negative (rotate left) and any size; whole words move by roll, the rest by shifts.
+    """
+    nbits = words.shape[-1] * 32
+    shift %= nbits
+    whole, r = divmod(shift, 32)
+    w = torch.roll(words, whole, dims=-1) if whole else words
+    if r == 0:
+        return w
+    prev = torch.roll(w, 1, dims=-1)
+    return ((prev << (32 - r)) | (w >> r)) & 0xFFFFFFFF
+
+
+class Exl3Layout(Layout):
+    """ExLlamaV3's ``trellis`` tensor: int16 [in/16, out/16, 16K] (see the comment above)."""
+
+    packed_dtype = torch.int16
+
+    def order(self) -> torch.Tensor:
+        return exl3_order()
+
+    def validate(self, spec: TrellisSpec, m: int, n: int) -> None:
+        if spec.L != 16 or spec.V != 1:
+            raise ValueError(f"the exl3 layout holds L=16, V=1 trellises only, got {spec.name}")
+        super().validate(spec, m, n)
+
+    def packed_shape(self, spec: TrellisSpec, m: int, n: int) -> tuple[int, ...]:
+        return (n // TILE, m // TILE, TILE * spec.K)
+
+    def pack(self, words: torch.Tensor, spec: TrellisSpec) -> torch.Tensor:
+        _check_words(words, spec)
+        self.validate(spec, words.shape[0] * TILE, words.shape[1] * TILE)
+        w = rotate_stream(words, -(spec.L - spec.K))  # back to EXL3's window-ends-at-step stream
+        halves = torch.stack((w & 0xFFFF, w >> 16), dim=-1).reshape(*w.shape[:-1], TILE * spec.K)
+        halves = torch.where(halves >= 1 << 15, halves - (1 << 16), halves).to(torch.int16)
+        return halves.transpose(0, 1).contiguous()
+
+    def unpack(self, packed: torch.Tensor, spec: TrellisSpec, m: int, n: int) -> torch.Tensor:
+        self.check_packed(packed, spec, m, n)
+        d = packed.transpose(0, 1).to(torch.int64) & 0xFFFF  # (m/16, n/16, 16K) as uint16
+        w = d[..., 0::2] | (d[..., 1::2] << 16)
+        return rotate_stream(w, spec.L - spec.K).contiguous()
+
+
+LAYOUTS["exl3"] = Exl3Layout("exl3", "ExLlamaV3 trellis: int16 [in/16, out/16, 16K], mma B-fragment order")
