@@ -3,6 +3,7 @@
 W_eff = diag(SV) · M_m · Ŵ · M_nᵀ · diag(SU), y = x · W_effᵀ. Tensor-parallel checkpoints apply
 one of the two transforms per shard: ``rcp = 1`` splits the input transform into ``tp_rank``
 blocks (row-parallel layers), ``rcp = 2`` the output transform (column-parallel layers).
+``had_block > 0`` (EXL3: 128) makes both transforms block-diagonal with blocks of that size.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class QuantizedWeight:
     layout: str = "qtip"
     rcp: int = RCP_NONE
     tp_rank: int = 1
+    had_block: int = 0  # 0: full-width (or TP-block) transforms; else fixed block size on both sides
 
     def __post_init__(self) -> None:
         m, n = self.out_features, self.in_features
@@ -61,9 +63,22 @@ class QuantizedWeight:
             raise ValueError(f"rcp must be 0 (none), 1 (row) or 2 (column), got {self.rcp}")
         if self.tp_rank < 1:
             raise ValueError(f"tp_rank must be >= 1, got {self.tp_rank}")
+        if isinstance(self.had_block, bool) or not isinstance(self.had_block, int) or self.had_block < 0:
+            raise ValueError(f"had_block must be an int >= 0 (0 = full width), got {self.had_block!r}")
+        if self.had_block:
+            hadamard.hadamard_factor(self.had_block)  # clear error for unsupported block sizes
+            for side, size in (("in", n), ("out", m)):
+                if size % self.had_block:
+                    raise ValueError(f"{side}_features={size} is not a multiple of had_block={self.had_block}")
         if self.rcp == RCP_NONE and self.tp_rank != 1:
             # checkpoints written without TP carry tp_rank=8 with rcp=0 upstream; the transform is full width
             self.tp_rank = 1
+        if self.had_block and self.rcp != RCP_NONE:
+            size = n if self.rcp == RCP_ROW else m
+            if size % (self.tp_rank * self.had_block):
+                raise ValueError(
+                    f"TP shards of {size // self.tp_rank} features do not hold whole had_block={self.had_block} blocks"
+                )
         for side, size in (("in", self.in_size_per_block), ("out", self.out_size_per_block)):
             hadamard.hadamard_factor(size)  # raises a clear error on unsupported sizes
             if size * self.blocks(side) != (n if side == "in" else m):
@@ -74,6 +89,10 @@ class QuantizedWeight:
 
     # ----------------------------------------------------------------- geometry
     def blocks(self, side: str) -> int:
+        """How many equal blocks the ``side`` ("in"/"out") transform is block-diagonal over."""
+        if self.had_block:
+            # fixed blocks (EXL3) refine any TP split whose shard size is a multiple of the block
+            return (self.in_features if side == "in" else self.out_features) // self.had_block
         if side == "in":
             return self.tp_rank if self.rcp == RCP_ROW else 1
         return self.tp_rank if self.rcp == RCP_COL else 1
@@ -147,6 +166,7 @@ class QuantizedWeight:
             "layout": self.layout,
             "rcp": str(self.rcp),
             "tp_rank": str(self.tp_rank),
+            "had_block": str(self.had_block),
         }
 
     def save(self, path: str | Path) -> None:
@@ -176,6 +196,7 @@ class QuantizedWeight:
                 layout=meta["layout"],
                 rcp=int(meta["rcp"]),
                 tp_rank=int(meta["tp_rank"]),
+                had_block=int(meta.get("had_block", "0")),  # files written before had_block existed
             )
         except KeyError as e:
             raise ValueError(f"QuantizedWeight metadata lacks {e.args[0]!r}") from None
