@@ -19,6 +19,7 @@ class QTIPLinear(nn.Module):
         self.out_features = qw.out_features
         self.layout = qw.layout
         self.rcp, self.tp_rank = qw.rcp, qw.tp_rank
+        self.had_block = qw.had_block
         self.register_buffer("trellis", qw.trellis)
         self.register_buffer("SU", qw.SU)
         self.register_buffer("SV", qw.SV)
@@ -29,7 +30,7 @@ class QTIPLinear(nn.Module):
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(
             self.spec, self.out_features, self.in_features, self.trellis, self.SU, self.SV, self.table,
-            layout=self.layout, rcp=self.rcp, tp_rank=self.tp_rank,
+            layout=self.layout, rcp=self.rcp, tp_rank=self.tp_rank, had_block=self.had_block,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
