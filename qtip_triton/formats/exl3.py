@@ -1,0 +1,209 @@
+"""EXL3 (ExLlamaV3) checkpoints: one linear's tensors <-> a QuantizedWeight, and back.
+
+An EXL3 linear stores W_hat as [in, out] and computes y = had(had(x ⊙ suh) · W_hat) ⊙ svh + bias,
+with had = 128-wide blocks of H128/√128 (Sylvester, symmetric). In our (out x in) convention that
+is Ŵ = W_hatᵀ, SU = suh, SV = svh, M = block-diagonal H128/√128 on both sides (``had_block=128``),
+trellis in the ``exl3`` layout (see :mod:`qtip_triton.bitstream`), spec ``L16K{K}V1-{code}`` with
+code 3inst (no marker), mcg or mul1 (a 0-dim int32 marker tensor holding the code's multiplier).
+
+Stored dims are padded to multiples of 128; the true (unpadded) sizes live in config.json and are
+the model loader's business (zero-pad the input, slice the output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from qtip_triton.bitstream import exl3_order, get_layout
+from qtip_triton.codes import MCG_MULT, MUL1_MULT
+from qtip_triton.spec import TILE, TrellisSpec
+from qtip_triton.weight import QuantizedWeight
+
+HAD_BLOCK = 128
+# marker tensor name -> multiplier it must hold (as an int32 bit pattern); no marker means 3inst
+CODE_MARKERS: dict[str, int] = {"mcg": MCG_MULT, "mul1": MUL1_MULT}
+CODES = ("3inst", *CODE_MARKERS)
+KNOWN_TENSORS = ("trellis", "suh", "svh", "su", "sv", "bias", *CODE_MARKERS)
+
+
+# ---------------------------------------------------------------------------------------------
+# legacy packed signs
+
+
+def unpack_signs(bits: torch.Tensor, *, name: str = "su") -> torch.Tensor:
+    """Legacy ``su``/``sv``: int16 words, bit i of word w is element 16w+i, set = −1 -> ±1 float32."""
+    if bits.dtype != torch.int16 or bits.dim() != 1:
+        raise ValueError(f"{name} (legacy packed signs) must be a 1-D int16 tensor, got {bits.dtype} {tuple(bits.shape)}")
+    words = bits.to(torch.int64) & 0xFFFF
+    set_ = (words.unsqueeze(-1) >> torch.arange(16, device=bits.device)) & 1
+    return (1.0 - 2.0 * set_.to(torch.float32)).reshape(-1)
+
+
+def pack_signs(signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unpack_signs` for a ±1 vector whose length is a multiple of 16."""
+    if signs.dim() != 1 or signs.shape[0] % 16:
+        raise ValueError(f"packed signs need a vector of 16*w elements, got shape {tuple(signs.shape)}")
+    if not bool(((signs == 1) | (signs == -1)).all()):
+        raise ValueError("packed signs can only hold ±1 values")
+    set_ = (signs < 0).to(torch.int64).reshape(-1, 16)
+    words = (set_ << torch.arange(16, device=signs.device)).sum(-1)
+    return torch.where(words >= 1 << 15, words - (1 << 16), words).to(torch.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def _code_from_markers(tensors: Mapping[str, torch.Tensor], name: str) -> str:
+    present = [k for k in CODE_MARKERS if k in tensors]
+    if len(present) > 1:
+        raise ValueError(f"{name}: both codebook markers {present} are present; an EXL3 module has at most one")
+    if not present:
+        return "3inst"
+    key = present[0]
+    marker = tensors[key]
+    if not isinstance(marker, torch.Tensor) or marker.numel() != 1 or marker.is_floating_point():
+        raise ValueError(f"{name}.{key} must be a 0-dim int32 tensor holding the multiplier, got {marker!r}")
+    value = int(marker.reshape(()).item()) & 0xFFFFFFFF
+    want = CODE_MARKERS[key]
+    if value != want:
+        raise ValueError(
+            f"{name}.{key} holds multiplier {value:#010x}, but the {key} codebook we implement uses {want:#010x}; "
+            "this checkpoint uses a codebook variant we cannot decode"
+        )
+    return key
+
+
+def _scale_vector(tensors: Mapping[str, torch.Tensor], unpacked: str, packed: str, size: int, name: str) -> torch.Tensor:
+    """suh/svh as float32 (the fp16 values are exact in float32), or the legacy packed ±1 signs."""
+    if unpacked in tensors:
+        vec = tensors[unpacked]
+        if not vec.is_floating_point() or tuple(vec.shape) != (size,):
+            raise ValueError(
+                f"{name}.{unpacked} must be a floating-point vector of shape ({size},), "
+                f"got {vec.dtype} {tuple(vec.shape)}"
+            )
+        return vec.to(torch.float32)
+    if packed in tensors:
+        signs = unpack_signs(tensors[packed], name=f"{name}.{packed}")
+        if signs.shape[0] != size:
+            raise ValueError(f"{name}.{packed} unpacks to {signs.shape[0]} signs, the trellis implies {size}")
+        return signs
+    raise ValueError(f"{name}: missing EXL3 tensor {unpacked!r} (or the legacy packed {packed!r})")
+
+
+def load_linear(
+    tensors: Mapping[str, torch.Tensor], *, name: str = "linear"
+) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """Build the QuantizedWeight (and the optional bias) of one EXL3 linear from its tensors.
+
+    ``tensors`` maps suffixes (``trellis``, ``suh``, ``svh``, optional ``mcg``/``mul1``, ``bias``,
+    legacy ``su``/``sv``) to tensors; ``name`` (the module key) only labels errors. ``.decode()``
+    of the result is W_hatᵀ and ``.dequantize()`` the ``nn.Linear`` weight, both (out x in).
+    """
+    unknown = sorted(set(tensors) - set(KNOWN_TENSORS))
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown EXL3 tensors {unknown} (known: {', '.join(KNOWN_TENSORS)}); "
+            "fork-only variants (e.g. tile_order) are not supported"
+        )
+    if "trellis" not in tensors:
+        raise ValueError(f"{name}: missing EXL3 tensor 'trellis'")
+    trellis = tensors["trellis"]
+    if trellis.dtype != torch.int16 or trellis.dim() != 3:
+        raise ValueError(f"{name}.trellis must be a 3-D int16 tensor, got {trellis.dtype} {tuple(trellis.shape)}")
+    width = trellis.shape[-1]
+    if width % TILE or not 1 <= width // TILE <= 8:
+        raise ValueError(
+            f"{name}.trellis tile width {width} is not 16*K with K in 1..8 "
+            "(half-integer bitrates, width 16K+8, are not supported)"
+        )
+    K = width // TILE
+    n, m = trellis.shape[0] * TILE, trellis.shape[1] * TILE  # in, out
+    if n % HAD_BLOCK or m % HAD_BLOCK:
+        raise ValueError(
+            f"{name}: EXL3 dims must be multiples of {HAD_BLOCK} (stored padded), got in={n}, out={m} "
+            f"from trellis shape {tuple(trellis.shape)}"
+        )
+    code = _code_from_markers(tensors, name)
+    SU = _scale_vector(tensors, "suh", "su", n, name)
+    SV = _scale_vector(tensors, "svh", "sv", m, name)
+    bias = tensors.get("bias")
+    if bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (m,)):
+        raise ValueError(f"{name}.bias must be a floating-point vector of shape ({m},), got {tuple(bias.shape)}")
+    try:
+        qw = QuantizedWeight(
+            TrellisSpec(16, K, 1, code), m, n, trellis.contiguous(), SU, SV, None, layout="exl3", had_block=HAD_BLOCK
+        )
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    return qw, bias
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def check_exl3_compatible(qw: QuantizedWeight) -> None:
+    """Raise a ValueError saying why ``qw`` cannot be stored as an EXL3 module (else return)."""
+    spec = qw.spec
+    if spec.L != 16 or spec.V != 1 or spec.code not in CODES:
+        raise ValueError(f"EXL3 stores L=16, V=1 trellises with code in {CODES}, got {spec.name}")
+    if qw.had_block != HAD_BLOCK:
+        raise ValueError(
+            f"EXL3 uses {HAD_BLOCK}-wide Hadamard blocks on both sides; this weight has had_block={qw.had_block} "
+            "(0 = full width), so its transforms differ"
+        )
+    if qw.out_features % HAD_BLOCK or qw.in_features % HAD_BLOCK:
+        raise ValueError(f"EXL3 dims must be multiples of {HAD_BLOCK}, got {qw.out_features}x{qw.in_features}")
+    if not torch.equal(get_layout(qw.layout).order().cpu(), exl3_order()):
+        raise ValueError(
+            f"the trellis is stored in the {qw.layout!r} layout, whose element order differs from EXL3's: "
+            "a trellis path cannot be reordered losslessly; encode with layout='exl3'"
+        )
+
+
+def _fp16(vec: torch.Tensor, what: str) -> torch.Tensor:
+    out = vec.detach().to(torch.float16)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{what} overflows fp16, which EXL3 stores")
+    return out.contiguous()
+
+
+def _marker(mult: int) -> torch.Tensor:
+    return torch.tensor(mult - (1 << 32) if mult >= 1 << 31 else mult, dtype=torch.int32)
+
+
+def to_tensors(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One EXL3 module's tensors (suffix -> tensor), the inverse of :func:`load_linear`.
+
+    SU/SV are rounded to fp16 (``suh``/``svh``); a weight read by :func:`load_linear` comes back bit
+    for bit. The trellis is re-packed through stream words when ``qw`` uses another layout with
+    EXL3's element order.
+    """
+    check_exl3_compatible(qw)
+    m, n, spec = qw.out_features, qw.in_features, qw.spec
+    if qw.layout == "exl3":
+        trellis = qw.trellis
+    else:
+        words = get_layout(qw.layout).unpack(qw.trellis, spec, m, n)
+        trellis = get_layout("exl3").pack(words, spec)
+    out = {
+        "trellis": trellis.detach().contiguous(),
+        "suh": _fp16(qw.SU, "SU (suh)"),
+        "svh": _fp16(qw.SV, "SV (svh)"),
+    }
+    if spec.code in CODE_MARKERS:
+        out[spec.code] = _marker(CODE_MARKERS[spec.code])
+    if bias is not None:
+        if tuple(bias.shape) != (m,):
+            raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+        out["bias"] = _fp16(bias, "bias")
+    return out
+
+
+def module_tensors(key: str, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`to_tensors` with checkpoint names, e.g. ``model.layers.0.self_attn.q_proj.trellis``."""
+    return {f"{key}.{suffix}": t for suffix, t in to_tensors(qw, bias).items()}
