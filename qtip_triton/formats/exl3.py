@@ -207,3 +207,132 @@ def to_tensors(qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[st
 def module_tensors(key: str, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """:func:`to_tensors` with checkpoint names, e.g. ``model.layers.0.self_attn.q_proj.trellis``."""
     return {f"{key}.{suffix}": t for suffix, t in to_tensors(qw, bias).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# whole checkpoints: grouping tensors into modules, config, writing a directory
+
+QUANT_METHOD = "exl3"
+FORMAT_VERSION = "0.0.1"  # the EXL3 'version' field we write; readers treat it as informational
+
+
+def group_modules(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Split a checkpoint's flat tensor dict into EXL3 modules: {module key: {suffix: tensor}}.
+
+    A module is every key prefix that has a ``.trellis``; all its direct children (``<key>.<suffix>``
+    without a further dot) belong to it, so unknown siblings reach :func:`load_linear` and fail loudly.
+    """
+    keys = sorted(k[: -len(".trellis")] for k in tensors if k.endswith(".trellis"))
+    modules: dict[str, dict[str, torch.Tensor]] = {k: {} for k in keys}
+    for name, t in tensors.items():
+        prefix, _, suffix = name.rpartition(".")
+        if prefix in modules:
+            modules[prefix][suffix] = t
+    return modules
+
+
+def parse_quantization_config(config: Mapping) -> dict:
+    """The ``quantization_config`` of an EXL3 config.json (ValueError if absent or another method)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, Mapping):
+        raise ValueError("config.json has no quantization_config: not an EXL3 checkpoint")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise ValueError(f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    return dict(qc)
+
+
+def _storage_entry(key: str, module: Mapping[str, torch.Tensor]) -> dict:
+    """One ``tensor_storage`` record of quantization_config.json (shapes, bytes, K, multiplier)."""
+    stored = {
+        f"{key}.{suffix}": {
+            "shape": list(t.shape),
+            "n_bytes": t.numel() * t.element_size(),
+            "dtype": str(t.dtype),
+        }
+        for suffix, t in sorted(module.items())
+    }
+    entry: dict = {"stored_tensors": stored, "quant_format": QUANT_METHOD,
+                   "bits_per_weight": module["trellis"].shape[-1] // TILE}
+    for marker, mult in CODE_MARKERS.items():
+        if marker in module:
+            entry[f"{marker}_multiplier"] = mult
+    return entry
+
+
+def write_checkpoint(
+    out_dir,
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping,
+    *,
+    head_key: str = "lm_head",
+    extra_quant_config: Mapping | None = None,
+) -> dict:
+    """Write an EXL3 model directory: ``model.safetensors``, ``config.json``, ``quantization_config.json``.
+
+    ``tensors`` is the full flat state (EXL3 modules from :func:`module_tensors` plus plain tensors
+    such as embeddings and norms); ``config`` is the model's HF config.json dict. ``bits`` (the
+    average K of the quantized linears other than ``head_key``) and ``head_bits`` are computed.
+    Returns the ``quantization_config`` written. Every module is re-read with :func:`load_linear`
+    first, so a malformed module fails before anything is written.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    modules = group_modules(tensors)
+    for key, module in modules.items():
+        load_linear(module, name=key)
+    # (K, weights) per quantized linear: a trellis [in/16, out/16, 16K] holds in*out weights
+    weighted = [(m["trellis"].shape[-1] // TILE, m["trellis"].shape[0] * m["trellis"].shape[1] * TILE * TILE)
+                for k, m in modules.items() if k != head_key]
+    numel = sum(n for _, n in weighted)
+    qc: dict = {
+        "quant_method": QUANT_METHOD,
+        "version": FORMAT_VERSION,
+        "bits": round(sum(k * n for k, n in weighted) / numel, 4) if numel else 0.0,
+        "head_bits": modules[head_key]["trellis"].shape[-1] // TILE if head_key in modules else 16,
+        "codebook": _dominant_codebook(modules),
+        **dict(extra_quant_config or {}),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = dict(config)
+    cfg["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    storage = {key: _storage_entry(key, m) for key, m in modules.items()}
+    (out / "quantization_config.json").write_text(json.dumps({**qc, "tensor_storage": storage}, indent=2) + "\n")
+    return qc
+
+
+def _dominant_codebook(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+    """The codebook most modules use (config.json's ``codebook`` is informational; markers decide)."""
+    counts: dict[str, int] = {}
+    for m in modules.values():
+        code = next((c for c in CODE_MARKERS if c in m), "3inst")
+        counts[code] = counts.get(code, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else "3inst"
+
+
+def read_checkpoint(model_dir, *, device: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read an EXL3 directory: (quantization_config, flat tensors from every ``*.safetensors``)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{d} has no config.json")
+    qc = parse_quantization_config(json.loads(cfg_path.read_text()))
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{d} has no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f), device=str(device)))
+    return qc, tensors
