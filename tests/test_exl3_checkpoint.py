@@ -88,3 +88,34 @@ def test_config_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "exl3"}}))
     with pytest.raises(ValueError, match="no \\*.safetensors"):
         exl3.read_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_tensor_parallel_shards_sum_to_the_layer(gen, side):
+    qw, b = rand_module(gen, 3, "mul1", 384, 256, bias=True)
+    module = exl3.to_tensors(qw, b)
+    x = torch.randn(2, 256, generator=gen, dtype=torch.float64)
+    full = qw.reference_forward(x, b.double())
+    cuts = [0, 128, 384] if side == "out" else [0, 128, 256]
+    parts = []
+    for rank, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        shard, sb = exl3.load_linear(exl3.shard_tensors(module, side, lo, hi, keep_bias=rank == 0))
+        if side == "out":
+            parts.append(shard.reference_forward(x, sb.double()))
+        else:
+            parts.append(shard.reference_forward(x[:, lo:hi], None if sb is None else sb.double()))
+    y = torch.cat(parts, -1) if side == "out" else sum(parts)
+    assert torch.allclose(y, full, rtol=0, atol=1e-10 * float(full.abs().max()))
+
+
+def test_shard_errors_and_legacy_signs(gen):
+    qw, _ = rand_module(gen, 2, "3inst", 256, 256)
+    module = exl3.to_tensors(qw)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        exl3.shard_tensors(module, "out", 0, 64)
+    with pytest.raises(ValueError, match="side must be"):
+        exl3.shard_tensors(module, "rows", 0, 128)
+    signs = torch.where(torch.rand(256, generator=gen) < 0.5, -1.0, 1.0)
+    legacy = {k: v for k, v in module.items() if k != "suh"} | {"su": exl3.pack_signs(signs)}
+    shard = exl3.shard_tensors(legacy, "in", 128, 256)
+    assert "su" not in shard and torch.equal(shard["suh"].float(), signs[128:])

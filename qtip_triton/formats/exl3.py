@@ -336,3 +336,47 @@ def read_checkpoint(model_dir, *, device: str | torch.device = "cpu") -> tuple[d
     for f in files:
         tensors.update(load_file(str(f), device=str(device)))
     return qc, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor parallelism: an EXL3 shard is again an EXL3 module (128-blocks never straddle a cut)
+
+
+def shard_tensors(
+    module: Mapping[str, torch.Tensor], side: str, first: int, last: int, *, keep_bias: bool = True
+) -> dict[str, torch.Tensor]:
+    """Slice one module's tensors for a tensor-parallel shard covering features [first, last).
+
+    ``side="out"`` (column parallel): trellis dim 1, ``svh`` and ``bias`` are sliced, ``suh`` kept
+    whole. ``side="in"`` (row parallel): trellis dim 0 and ``suh`` are sliced, ``svh`` kept whole,
+    ``bias`` kept only where ``keep_bias`` (give it to rank 0 only, since partial outputs are summed).
+    Cuts must be multiples of 128 so every Hadamard block stays inside one shard.
+    """
+    if side not in ("in", "out"):
+        raise ValueError(f"side must be 'in' (row parallel) or 'out' (column parallel), got {side!r}")
+    module = dict(module)
+    for packed, unpacked in (("su", "suh"), ("sv", "svh")):
+        # legacy packed signs come in 16-element words: unpack them rather than slice words
+        signs = module.pop(packed, None)
+        if signs is not None and unpacked not in module:
+            module[unpacked] = unpack_signs(signs, name=packed).half()
+    trellis = module["trellis"]
+    size = trellis.shape[0 if side == "in" else 1] * TILE
+    if not (0 <= first < last <= size) or first % HAD_BLOCK or last % HAD_BLOCK:
+        raise ValueError(
+            f"shard [{first}, {last}) of the {side} side ({size} features) must be non-empty, in range and "
+            f"cut at multiples of {HAD_BLOCK}"
+        )
+    out = dict(module)
+    t0, t1 = first // TILE, last // TILE
+    if side == "out":
+        out["trellis"] = trellis[:, t0:t1].contiguous()
+        out["svh"] = module["svh"][first:last].contiguous()
+        if "bias" in module:
+            out["bias"] = module["bias"][first:last].contiguous()
+    else:
+        out["trellis"] = trellis[t0:t1].contiguous()
+        out["suh"] = module["suh"][first:last].contiguous()
+        if not keep_bias:
+            out.pop("bias", None)
+    return out
