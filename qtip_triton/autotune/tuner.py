@@ -1,0 +1,237 @@
+"""The tuning loop: for each (spec, layer shape, M bucket), time the candidates and keep the fastest.
+
+Everything that touches a GPU is injected: the kernel API (configs and launcher), the workload (random
+layers and inputs) and the timer, so the loop itself runs on CPU in tests with a fake timer and a fake
+clock. The production timer is ``triton.testing.do_bench`` (L2 flushed between runs, median).
+
+Budget: candidates that failed to compile for a (kind, spec, config) are not retried on other
+shapes; every candidate's output is checked against the default's (a fast wrong config must never
+win); the loop stops at ``deadline_s`` and returns what it finished, listing what it skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
+from qtip_triton.autotune.space import candidates as space_candidates
+from qtip_triton.autotune.store import Entry, EntryKey
+from qtip_triton.spec import TrellisSpec
+
+Bench = Callable[[Callable[[], Any]], float]  # runs fn repeatedly, returns microseconds
+
+# Exceptions that depend only on (kind, spec, config), not on the shape: never retry those.
+_COMPILE_ERRORS = ("CompilationError", "OutOfResources", "PTXASError", "CompileTimeAssertionFailure")
+CHECK_RTOL = 2e-2
+
+
+def do_bench_timer(warmup_ms: float = 2.0, rep_ms: float = 6.0) -> Bench:
+    """``triton.testing.do_bench``: flushes L2 before every run, returns the median in µs."""
+
+    def bench(fn: Callable[[], Any]) -> float:
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1e3
+
+    return bench
+
+
+def cuda_graph_timer(rep_ms: float = 6.0) -> Bench:
+    """CUDA-graph replay (what serving does); no L2 flush, so weights small enough to stay cached look fast."""
+
+    def bench(fn: Callable[[], Any]) -> float:
+        from triton.testing import do_bench_cudagraph
+
+        return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")) * 1e3
+
+    return bench
+
+
+@dataclass(frozen=True)
+class Task:
+    spec: TrellisSpec
+    out_features: int
+    in_features: int
+    m_bucket: int
+
+    @property
+    def key(self) -> EntryKey:
+        return EntryKey(self.spec.name, self.out_features, self.in_features, self.m_bucket)
+
+
+@dataclass
+class TaskResult:
+    task: Task
+    kind: str | None = None
+    config: Config | None = None
+    time_us: float | None = None
+    default_kind: str | None = None
+    default_time_us: float | None = None
+    tried: int = 0
+    failures: list[tuple[str, Config, str]] = field(default_factory=list)
+
+    def entry(self) -> Entry | None:
+        if self.kind is None or self.time_us is None:
+            return None
+        return Entry(self.task.key, self.kind, dict(self.config), self.time_us, self.default_kind,
+                     self.default_time_us)
+
+
+@dataclass
+class TuneReport:
+    results: list[TaskResult]
+    skipped: list[Task]
+    elapsed_s: float
+
+    def entries(self) -> list[Entry]:
+        return [e for e in (r.entry() for r in self.results) if e is not None]
+
+
+class Workload:
+    """Makes the layer and inputs a task is timed on (see :mod:`qtip_triton.autotune.workload`)."""
+
+    def layer(self, spec: TrellisSpec, out_features: int, in_features: int):
+        raise NotImplementedError
+
+    def inputs(self, layer, M: int):
+        raise NotImplementedError
+
+    def rel_error(self, out, ref) -> float:
+        """‖out − ref‖ / ‖ref‖ (inf if anything is not finite)."""
+        out, ref = out.float(), ref.float()
+        if not bool(out.isfinite().all()):
+            return math.inf
+        return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+class RandomWorkload(Workload):
+    def __init__(self, device: str = "cuda", dtype=None, layout: str = "qtip") -> None:
+        import torch
+
+        self.device, self.dtype, self.layout = device, dtype or torch.float16, layout
+
+    def layer(self, spec, out_features, in_features):
+        from qtip_triton.autotune.workload import random_layer
+
+        return random_layer(spec, out_features, in_features, layout=self.layout, device=self.device)
+
+    def inputs(self, layer, M):
+        from qtip_triton.autotune.workload import random_input
+
+        return random_input(layer, M, self.dtype)
+
+
+def default_choice(api: KernelAPI, spec, out_features: int, in_features: int, M: int) -> tuple[str, Config] | None:
+    """The untuned heuristic: the kernel's ``default_kind`` (else the first kind that can run), default config."""
+    kind = api.default_kind(spec, out_features, in_features, M)
+    if kind is None or not api.can_implement(kind, spec, out_features, in_features, M)[0]:
+        kind = next((k for k in api.kinds() if api.can_implement(k, spec, out_features, in_features, M)[0]), None)
+    if kind is None:
+        return None
+    return kind, api.default_config(kind, spec, out_features, in_features, M)
+
+
+def make_tasks(specs: Iterable[TrellisSpec], shapes: Iterable[tuple[int, int]], buckets: Iterable[int]) -> list[Task]:
+    """Tasks grouped by layer (one random layer is built per spec and shape), buckets ascending."""
+    buckets = sorted(set(buckets))
+    return [Task(spec, o, i, b) for (o, i) in shapes for spec in specs for b in buckets]
+
+
+def plan(tasks: list[Task], api: KernelAPI, max_candidates: int) -> list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]:
+    """Each task with its candidates (default first) and its default choice; pure Python, no GPU."""
+    out = []
+    for t in tasks:
+        default = default_choice(api, t.spec, t.out_features, t.in_features, t.m_bucket)
+        cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates)
+        if default is not None:
+            dk = (default[0], config_key(default[1]))
+            cands = [default] + [c for c in cands if (c[0], config_key(c[1])) != dk]
+        out.append((t, cands, default))
+    return out
+
+
+def tune(
+    tasks: list[Task],
+    api: KernelAPI,
+    bench: Bench,
+    workload: Workload,
+    *,
+    max_candidates: int = 6,
+    deadline_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    progress: bool = True,
+    check: bool = True,
+) -> TuneReport:
+    """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time."""
+    from tqdm.auto import tqdm
+
+    start = clock()
+    planned = plan(tasks, api, max_candidates)
+    broken: dict[tuple, str] = {}  # (kind, spec, config) -> compile error, shape-independent
+    results: list[TaskResult] = []
+    skipped: list[Task] = []
+    layer_key, layer = None, None
+    bar = tqdm(total=sum(len(c) for _, c, _ in planned), unit="cfg", desc="autotune", disable=not progress)
+    try:
+        for task, cands, default in planned:
+            if deadline_s is not None and clock() - start > deadline_s:
+                skipped.append(task)
+                bar.update(len(cands))
+                continue
+            lk = (task.spec, task.out_features, task.in_features)
+            if lk != layer_key:
+                layer_key, layer = lk, None  # free the previous layer before building the next
+                layer = _prepared(api, workload, lk)
+            x = workload.inputs(layer, task.m_bucket)
+            res = TaskResult(task, default_kind=default[0] if default else None)
+            ref = None
+            bar.set_postfix_str(f"{task.spec.name} {task.out_features}x{task.in_features} M={task.m_bucket}")
+            for kind, cfg in cands:
+                bar.update(1)
+                if deadline_s is not None and clock() - start > deadline_s:
+                    break
+                bkey = (kind, task.spec.name, config_key(cfg))
+                if bkey in broken:
+                    res.failures.append((kind, cfg, broken[bkey]))
+                    continue
+                res.tried += 1
+
+                def run(kind=kind, cfg=cfg, x=x, layer=layer):
+                    return api.launch(kind, x, layer, cfg)
+
+                try:
+                    out = run()  # compiles; also the output to check
+                    if check:
+                        if ref is None:
+                            ref = out
+                        else:
+                            err = workload.rel_error(out, ref)
+                            if not err <= CHECK_RTOL:
+                                raise ValueError(f"wrong result: rel. error {err:.3g} vs the first config run")
+                    t_us = float(bench(run))
+                    if not math.isfinite(t_us) or t_us <= 0:
+                        raise ValueError(f"timer returned {t_us!r}")
+                except Exception as e:  # a candidate may fail in any way; skip it and say why
+                    reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    if type(e).__name__ in _COMPILE_ERRORS:
+                        broken[bkey] = reason
+                    res.failures.append((kind, cfg, reason))
+                    continue
+                if default is not None and kind == default[0] and config_key(cfg) == config_key(default[1]):
+                    res.default_time_us = t_us
+                if res.time_us is None or t_us < res.time_us:
+                    res.kind, res.config, res.time_us = kind, cfg, t_us
+            results.append(res)
+    finally:
+        bar.close()
+    return TuneReport(results, skipped, clock() - start)
+
+
+def _prepared(api: KernelAPI, workload: Workload, lk: tuple) -> Any:
+    layer = workload.layer(*lk)
+    prepared = api.prepare(layer)
+    return layer if prepared is None else prepared

@@ -1,0 +1,357 @@
+"""The one door to kernels: (spec, layer shape, M) -> kernel + config, decided once, then a dict hit.
+
+Modelled on vLLM's mixed-precision kernel registry: every kernel answers
+``can_implement(request) -> (ok, reason)``, the registry takes the first that can in priority order,
+``QTIP_TRITON_DISABLED_KERNELS=gemv,decompress`` switches kernels off, and every fallback says why.
+
+Where the config comes from (see :mod:`qtip_triton.autotune.lookup`): user cache -> shipped file
+for this GPU -> shipped file of the same family -> the kernel's heuristic default, with one warning
+naming the missing entry. A stored config is used only if its kernel is enabled, can run the layer,
+and the config is in that kernel's config space for the shape (files are never trusted blindly).
+
+Serving never tunes and never compiles on the hot path: :func:`prepare` (at load time) selects the
+kernel for every M bucket, compiles and warms each one, and returns a :class:`PreparedLinear` whose
+call is a bucket lookup plus a launch (no host sync, safe inside CUDA-graph capture).
+
+Kernel side hook: ``dispatch.linear`` (or the kernel package) calls
+``registry.lookup_config(spec, out_features, in_features, M) -> (kind, config)`` and launches it; a
+layer that was prepared answers from memory.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for
+from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_device, current_versions
+from qtip_triton.autotune.kernel_api import KernelAPI, KernelsUnavailable, config_key, load_kernel_api
+from qtip_triton.autotune.lookup import ConfigStore
+from qtip_triton.autotune.space import check_config
+from qtip_triton.autotune.store import AutotuneWarning
+from qtip_triton.spec import TrellisSpec
+from qtip_triton.weight import QuantizedWeight
+
+DISABLE_ENV = "QTIP_TRITON_DISABLED_KERNELS"
+REFERENCE = "reference"
+
+
+def disabled_from_env() -> frozenset[str]:
+    return frozenset(k.strip() for k in os.environ.get(DISABLE_ENV, "").split(",") if k.strip())
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a layer asks for: a spec, its shape and a batch size (M rows of x)."""
+
+    spec: TrellisSpec
+    out_features: int
+    in_features: int
+    M: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.spec, TrellisSpec):
+            raise TypeError(f"spec must be a TrellisSpec, got {type(self.spec).__name__}")
+        for name in ("out_features", "in_features"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 16 or v % 16:
+                raise ValueError(f"{name} must be a positive multiple of 16, got {v!r}")
+        bucket_for(self.M)  # validates M
+
+    @property
+    def bucket(self) -> int:
+        return bucket_for(self.M)
+
+    def __str__(self) -> str:
+        return f"{self.spec.name} {self.out_features}x{self.in_features} M={self.M}"
+
+
+# ------------------------------------------------------------------------------------------ kernels
+class LinearKernel:
+    """One way to compute y = x W_effᵀ; subclasses say whether they can and how to launch."""
+
+    name: str = "?"
+
+    def can_implement(self, req: Request) -> tuple[bool, str | None]:
+        raise NotImplementedError
+
+    def default_config(self, req: Request) -> dict[str, Any]:
+        return {}
+
+    def check_config(self, req: Request, config: Mapping[str, Any]) -> tuple[bool, str | None]:
+        return (True, None) if not config else (False, f"{self.name} takes no config, got {dict(config)}")
+
+    def launch(self, x: torch.Tensor, qw, config: Mapping[str, Any], bias: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TritonKernel(LinearKernel):
+    """A kernel kind of ``qtip_triton.kernels``, reached through the :class:`KernelAPI` contract."""
+
+    def __init__(self, api: KernelAPI, kind: str, device: DeviceInfo | None) -> None:
+        self.api, self.name, self.device = api, kind, device
+
+    def can_implement(self, req):
+        if self.device is None and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "no CUDA device (and TRITON_INTERPRET=1 is not set)"
+        try:
+            return self.api.can_implement(self.name, req.spec, req.out_features, req.in_features, req.bucket)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            return False, str(e)
+
+    def default_config(self, req):
+        return dict(self.api.default_config(self.name, req.spec, req.out_features, req.in_features, req.bucket))
+
+    def check_config(self, req, config):
+        return check_config(self.api, self.name, config, req.spec, req.out_features, req.in_features, req.bucket)
+
+    def launch(self, x, qw, config, bias=None):
+        return self.api.launch(self.name, x, qw, config, bias)
+
+
+class ReferenceKernel(LinearKernel):
+    """Decode-then-matmul in PyTorch (float32): slow, exact, runs anywhere. The last resort."""
+
+    name = REFERENCE
+
+    def can_implement(self, req):
+        return True, None
+
+    def launch(self, x, qw, config, bias=None):
+        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        y = qw.reference_forward(x.to(compute), None if bias is None else bias.to(compute))
+        return y.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The decision for one (spec, shape, M bucket): which kernel, which config, and where it came from."""
+
+    kernel: LinearKernel
+    config: Mapping[str, Any]
+    source: str
+
+    @property
+    def kind(self) -> str:
+        return self.kernel.name
+
+    def __call__(self, x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel.launch(x, qw, self.config, bias)
+
+
+@dataclass
+class PreparedLinear:
+    """A layer whose kernels are selected, compiled and warm: calling it is a lookup and a launch."""
+
+    layer: Any  # what the kernels launch with (the kernel package's prepared form of the weight)
+    qweight: QuantizedWeight
+    plan: dict[int, Selection] = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        sel = self.plan[bucket_for(max(rows, 1))]
+        out = sel(x.reshape(-1, x.shape[-1]), self.layer, bias)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------ registry
+def _warm_rows(bucket: int) -> tuple[int, ...]:
+    """Row counts that reach every compiled variant a bucket can hit: Triton specializes integer
+    arguments on ``== 1`` and on divisibility by 16, so warm one M of each class present in (bucket/2, bucket]."""
+    if bucket <= 2:
+        return (bucket,)
+    lo = bucket // 2 + 1
+    rows = [lo]
+    first16 = -(-lo // 16) * 16
+    if first16 <= bucket:
+        rows.append(first16)
+    return tuple(rows)
+
+
+class Registry:
+    """Kernels in priority order plus the autotune store for one device; answers are memoized."""
+
+    def __init__(
+        self,
+        api: KernelAPI | None = None,
+        *,
+        device: DeviceInfo | None = None,
+        versions: SoftwareVersions | None = None,
+        store: ConfigStore | None = None,
+        disabled: frozenset[str] | None = None,
+        unavailable_reason: str | None = None,
+    ) -> None:
+        self.api = api
+        self.device = device
+        self.disabled = disabled_from_env() if disabled is None else frozenset(disabled)
+        self.unavailable_reason = unavailable_reason
+        kinds = api.kinds() if api is not None else ()
+        self.kernels: list[LinearKernel] = [TritonKernel(api, k, device) for k in kinds] + [ReferenceKernel()]
+        if store is None and device is not None:
+            store = ConfigStore(device, versions or current_versions())
+        self.store = store
+        self._memo: dict[tuple, Selection] = {}
+        self._warm: set[tuple] = set()
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    # -- kernels -------------------------------------------------------------------------------
+    def kernel(self, name: str) -> LinearKernel | None:
+        return next((k for k in self.kernels if k.name == name), None)
+
+    def why_not(self, req: Request) -> list[tuple[str, str | None]]:
+        """``(kernel, reason)`` for every kernel in priority order; reason None means it can run ``req``."""
+        out = []
+        if self.api is None and self.unavailable_reason:
+            out.append(("triton kernels", self.unavailable_reason))
+        for k in self.kernels:
+            if k.name in self.disabled:
+                out.append((k.name, f"disabled by {DISABLE_ENV}"))
+                continue
+            ok, reason = k.can_implement(req)
+            out.append((k.name, None if ok else reason or "cannot implement"))
+        return out
+
+    def _usable(self, kernel: LinearKernel, req: Request) -> bool:
+        return kernel.name not in self.disabled and kernel.can_implement(req)[0]
+
+    def _warn_once(self, message: str) -> None:
+        if self.store is not None:
+            self.store.warn_once(message)
+        elif message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, AutotuneWarning, stacklevel=3)
+
+    # -- selection -----------------------------------------------------------------------------
+    def select(self, spec: TrellisSpec, out_features: int, in_features: int, M: int) -> Selection:
+        """The kernel and config for this layer and batch size (memoized per M bucket)."""
+        key = (spec, out_features, in_features, bucket_for(M))
+        sel = self._memo.get(key)
+        if sel is None:
+            with self._lock:
+                sel = self._memo.get(key) or self._select(Request(spec, out_features, in_features, M))
+                self._memo[key] = sel
+        return sel
+
+    def _select(self, req: Request) -> Selection:
+        rejected: list[str] = []
+        if self.store is not None:
+            for entry, label in self.store.candidates(req.spec.name, req.out_features, req.in_features, req.M):
+                kernel = self.kernel(entry.kind)
+                if kernel is None or not self._usable(kernel, req):
+                    why = "disabled" if entry.kind in self.disabled else "not available here"
+                    rejected.append(f"{label} M<={entry.key.m_bucket}: kernel {entry.kind!r} {why}")
+                    continue
+                ok, reason = kernel.check_config(req, entry.config)
+                if not ok:
+                    rejected.append(f"{label} M<={entry.key.m_bucket}: {reason}")
+                    continue
+                return Selection(kernel, MappingProxyType(dict(entry.config)), f"{label} (M<={entry.key.m_bucket})")
+        return self._default(req, rejected)
+
+    def _default(self, req: Request, rejected: list[str]) -> Selection:
+        triton_ok = [k for k in self.kernels if isinstance(k, TritonKernel) and self._usable(k, req)]
+        kernel: LinearKernel | None = None
+        if triton_ok:
+            preferred = self.api.default_kind(req.spec, req.out_features, req.in_features, req.bucket)
+            kernel = next((k for k in triton_ok if k.name == preferred), triton_ok[0])
+        elif REFERENCE not in self.disabled:
+            kernel = self.kernel(REFERENCE)
+            if self.device is not None:
+                reasons = "; ".join(f"{n}: {r}" for n, r in self.why_not(req) if r)
+                self._warn_once(f"no Triton kernel can run {req} ({reasons}); using the slow reference path")
+        if kernel is None:
+            reasons = "; ".join(f"{n}: {r}" for n, r in self.why_not(req) if r)
+            raise ValueError(f"no enabled kernel can run {req}: {reasons}")
+        if self.store is not None and isinstance(kernel, TritonKernel):
+            self._warn_once(self.store.missing_message(req.spec.name, req.out_features, req.in_features, req.M,
+                                                       "; ".join(rejected)))
+        return Selection(kernel, MappingProxyType(kernel.default_config(req)), "heuristic default")
+
+    def lookup_config(self, spec: TrellisSpec, out_features: int, in_features: int, M: int) -> tuple[str, Mapping[str, Any]]:
+        """The hook for ``dispatch.linear``: ``(kind, config)`` to launch; a dict hit once the layer is prepared."""
+        sel = self.select(spec, out_features, in_features, M)
+        return sel.kind, sel.config
+
+    # -- load time -----------------------------------------------------------------------------
+    def prepare(self, qw: QuantizedWeight, *, max_m: int = M_BUCKETS[-1], dtypes: tuple[torch.dtype, ...] = (torch.float16,),
+                warm: bool = True) -> PreparedLinear:
+        """Select, compile and warm every kernel this layer will use for M up to ``max_m``.
+
+        After this, calls on the returned object (and ``lookup_config`` for this layer) do no file
+        access, no tuning and no compilation.
+        """
+        if not isinstance(qw, QuantizedWeight):
+            raise TypeError(f"prepare() takes a QuantizedWeight, got {type(qw).__name__}")
+        layer = qw
+        if self.api is not None and any(isinstance(k, TritonKernel) for k in self.kernels):
+            prepared = self.api.prepare(qw)
+            layer = qw if prepared is None else prepared
+        plan = {b: self.select(qw.spec, qw.out_features, qw.in_features, b) for b in M_BUCKETS if b <= bucket_for(max_m)}
+        if warm:
+            device = qw.trellis.device
+            for bucket, sel in plan.items():
+                if sel.kind == REFERENCE:
+                    continue
+                for rows in _warm_rows(bucket):
+                    for dtype in dtypes:
+                        wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
+                                _row_class(rows), dtype)
+                        if wkey in self._warm:
+                            continue
+                        x = torch.randn(rows, qw.in_features, device=device).to(dtype)
+                        sel(x, layer)
+                        self._warm.add(wkey)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return PreparedLinear(layer, qw, plan)
+
+
+def _row_class(rows: int) -> str:
+    return "one" if rows == 1 else ("div16" if rows % 16 == 0 else "other")
+
+
+# ------------------------------------------------------------------------------------------ default instance
+_default: Registry | None = None
+_default_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """The process-wide registry for the current device (built on first use)."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                try:
+                    api, reason = load_kernel_api(), None
+                except KernelsUnavailable as e:
+                    api, reason = None, str(e)
+                _default = Registry(api, device=current_device(), unavailable_reason=reason)
+    return _default
+
+
+def reset() -> None:
+    """Forget the process-wide registry (after changing env vars, files or the device)."""
+    global _default
+    _default = None
+
+
+def select(spec: TrellisSpec, out_features: int, in_features: int, M: int) -> Selection:
+    return get_registry().select(spec, out_features, in_features, M)
+
+
+def lookup_config(spec: TrellisSpec, out_features: int, in_features: int, M: int) -> tuple[str, Mapping[str, Any]]:
+    """``(kind, config)`` for a layer and batch size; see :meth:`Registry.lookup_config`."""
+    return get_registry().lookup_config(spec, out_features, in_features, M)
+
+
+def prepare(qw: QuantizedWeight, **kwargs) -> PreparedLinear:
+    """Load-time selection, compilation and warm-up for one layer; see :meth:`Registry.prepare`."""
+    return get_registry().prepare(qw, **kwargs)
