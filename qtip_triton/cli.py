@@ -11,7 +11,12 @@ import sys
 from importlib import import_module
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "autotune": ("qtip_triton.autotune.cmd_autotune", "tune kernel configs for this GPU into autotune_configs/<gpu>.yaml"),
+    "precompile": ("qtip_triton.autotune.cmd_precompile", "fill Triton's binary cache for every entry of a GPU's file"),
+    "export": ("qtip_triton.autotune.cmd_export", "pack Triton's binary cache into an archive for identical machines"),
+    "import": ("qtip_triton.autotune.cmd_import", "unpack a cache archive made by 'export' (checked against this machine)"),
+}
 
 
 def _usage() -> str:
