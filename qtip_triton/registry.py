@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for
+from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, row_class, warm_rows
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_device, current_versions
 from qtip_triton.autotune.kernel_api import KernelAPI, KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
@@ -162,19 +162,6 @@ class PreparedLinear:
 
 
 # ------------------------------------------------------------------------------------------ registry
-def _warm_rows(bucket: int) -> tuple[int, ...]:
-    """Row counts that reach every compiled variant a bucket can hit: Triton specializes integer
-    arguments on ``== 1`` and on divisibility by 16, so warm one M of each class present in (bucket/2, bucket]."""
-    if bucket <= 2:
-        return (bucket,)
-    lo = bucket // 2 + 1
-    rows = [lo]
-    first16 = -(-lo // 16) * 16
-    if first16 <= bucket:
-        rows.append(first16)
-    return tuple(rows)
-
-
 class Registry:
     """Kernels in priority order plus the autotune store for one device; answers are memoized."""
 
@@ -300,10 +287,10 @@ class Registry:
             for bucket, sel in plan.items():
                 if sel.kind == REFERENCE:
                     continue
-                for rows in _warm_rows(bucket):
+                for rows in warm_rows(bucket):
                     for dtype in dtypes:
                         wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
-                                _row_class(rows), dtype)
+                                row_class(rows), dtype)
                         if wkey in self._warm:
                             continue
                         x = torch.randn(rows, qw.in_features, device=device).to(dtype)
@@ -312,10 +299,6 @@ class Registry:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         return PreparedLinear(layer, qw, plan)
-
-
-def _row_class(rows: int) -> str:
-    return "one" if rows == 1 else ("div16" if rows % 16 == 0 else "other")
 
 
 # ------------------------------------------------------------------------------------------ default instance

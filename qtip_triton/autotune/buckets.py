@@ -59,3 +59,18 @@ def parse_buckets(text: str) -> tuple[int, ...]:
     if not chosen:
         raise ValueError(f"M bucket list {text!r} selects no bucket of {M_BUCKETS}")
     return tuple(sorted(chosen))
+
+
+def row_class(rows: int) -> str:
+    """The class of an integer argument Triton compiles a separate variant for: ``== 1``, a multiple of 16, other."""
+    return "one" if rows == 1 else ("div16" if rows % 16 == 0 else "other")
+
+
+def warm_rows(bucket: int) -> tuple[int, ...]:
+    """Row counts that reach every compiled variant a bucket can hit: one M of each :func:`row_class`
+    present in (bucket/2, bucket], the smallest (cheapest to launch)."""
+    if bucket <= 2:
+        return (bucket,)
+    lo = bucket // 2 + 1
+    first16 = -(-lo // 16) * 16
+    return (lo, first16) if first16 <= bucket else (lo,)

@@ -1,0 +1,183 @@
+"""``qtip-triton autotune --gpu h100 [--shapes llama] [--bits 2,3,4] [--buckets 1-4096]``
+
+Tunes the shipped shape set on the GPU present (it must be the one named), merges the winners into
+``autotune_configs/<gpu>.yaml`` (in a source checkout; else the user cache) and prints tuned vs
+default per M bucket. Budget for the whole Llama set on an H100: 10 minutes, enforced by
+``--max-minutes`` (results so far are saved, the rest listed). ``--dry-run`` prints the plan and
+its cost estimate on any machine, GPU or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from qtip_triton.autotune.buckets import parse_buckets
+from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, check_gpu_name, current_device, current_versions
+from qtip_triton.autotune.kernel_api import KernelsUnavailable, config_key, load_kernel_api
+from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
+from qtip_triton.autotune.shapes import resolve as resolve_shapes
+from qtip_triton.autotune.store import Header, TuneFile, save_merged
+from qtip_triton.autotune.tuner import TuneReport, Workload, make_tasks, plan, tune
+from qtip_triton.spec import TrellisSpec
+
+# rough costs for the --dry-run estimate (H100, measured per kernel by the lead; adjust when known)
+EST_COMPILE_S = 1.5
+EST_BENCH_OVERHEAD_S = 0.01
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", required=True, help="GPU to tune (must be the one present), e.g. h100")
+    p.add_argument("--shapes", nargs="+", default=["llama"],
+                   help="shape sets (llama, llama2, llama3), models (llama2-7b, llama3-70b, ...) or OUTxIN")
+    p.add_argument("--bits", default="2,3,4", help="K values for the released QTIP spec L16KkV2-hyb9 (default 2,3,4)")
+    p.add_argument("--specs", nargs="+", default=None, help="explicit spec names instead of --bits, e.g. L16K2V1-1mad")
+    p.add_argument("--buckets", default="1-4096", help="M buckets, e.g. 1-4096 or 1,16,256")
+    p.add_argument("--max-minutes", type=float, default=9.5, help="stop tuning after this long and save (default 9.5)")
+    p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
+    p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
+    p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
+    p.add_argument("--timer", choices=("do_bench", "cudagraph"), default="do_bench",
+                   help="do_bench flushes L2 between runs (default); cudagraph times graph replay")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes compiling candidates before timing (default min(8, cores/2); 1 = no pool)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="file to merge results into (default autotune_configs/<gpu>.yaml in a source checkout, "
+                        "else the user cache)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate; tune nothing")
+    p.add_argument("--no-check", action="store_true", help="skip comparing each candidate's output to the default's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_specs(args: argparse.Namespace) -> list[TrellisSpec]:
+    if args.specs:
+        return [TrellisSpec.parse(s) for s in args.specs]
+    try:
+        ks = sorted({int(k) for k in args.bits.split(",") if k.strip()})
+    except ValueError:
+        raise ValueError(f"--bits {args.bits!r}: expected a comma-separated list of ints, e.g. 2,3,4") from None
+    if not ks:
+        raise ValueError("--bits selects no K")
+    return [TrellisSpec(16, k, 2, "hyb", 9) for k in ks]
+
+
+def default_out(device_short: str) -> Path:
+    """The repo's ``autotune_configs/`` when running from a checkout (so results can be committed), else the user cache."""
+    shipped = shipped_dir().resolve()
+    if (shipped.parent / "pyproject.toml").is_file():
+        return shipped / f"{device_short}.yaml"
+    return user_cache_dir() / f"{device_short}.yaml"
+
+
+def summarize(report: TuneReport, out=None) -> float | None:
+    """Print tuned vs default per M bucket; returns the geometric-mean speed-up over all entries."""
+    out = out or sys.stdout
+    by_bucket: dict[int, list] = defaultdict(list)
+    for r in report.results:
+        by_bucket[r.task.m_bucket].append(r)
+    print(f"\n{'M bucket':>9} {'tuned':>6} {'failed':>6} {'geomean default/tuned':>22} {'worst':>6}  kinds chosen", file=out)
+    all_ratios = []
+    for b in sorted(by_bucket):
+        rs = by_bucket[b]
+        ratios = [r.default_time_us / r.time_us for r in rs if r.time_us and r.default_time_us]
+        all_ratios += ratios
+        gm = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
+        kinds = Counter(r.kind for r in rs if r.kind)
+        failed = sum(1 for r in rs if r.kind is None)
+        worst = min(ratios) if ratios else float("nan")
+        print(f"{b:>9} {len(rs) - failed:>6} {failed:>6} {gm:>21.3f}x {worst:>5.2f}x  "
+              + ", ".join(f"{k}:{n}" for k, n in kinds.most_common()), file=out)
+    overall = math.exp(sum(map(math.log, all_ratios)) / len(all_ratios)) if all_ratios else None
+    if overall is not None:
+        print(f"overall geomean speed-up of tuned over default: {overall:.3f}x over {len(all_ratios)} entries", file=out)
+    if report.skipped:
+        print(f"time limit reached: {len(report.skipped)} tasks not tuned, e.g. "
+              + ", ".join(str(t.key) for t in report.skipped[:3]), file=out)
+    print(f"elapsed {report.elapsed_s:.1f} s", file=out)
+    return overall
+
+
+def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: DeviceInfo | None,
+             versions: SoftwareVersions, *, clock=time.monotonic, out=None, compile_fn=None) -> int:
+    """The command with everything GPU-specific injected (tests pass fakes)."""
+    out = out or sys.stdout
+    specs = parse_specs(args)
+    shapes = resolve_shapes(args.shapes)
+    buckets = parse_buckets(args.buckets)
+    tasks = make_tasks(specs, shapes, buckets)
+    planned = plan(tasks, api, args.max_candidates)
+    n_cands = sum(len(c) for _, c, _ in planned)
+    variants = {(k, t.spec.name, config_key(c)) for t, cands, _ in planned for k, c in cands}
+    per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S
+    jobs = args.jobs if args.jobs is not None else _default_jobs()
+    est = len(variants) * EST_COMPILE_S / max(jobs, 1) + n_cands * per_cand
+    print(f"autotune plan: {len(specs)} specs x {len(shapes)} shapes x {len(buckets)} M buckets = {len(tasks)} tasks, "
+          f"{n_cands} timings, {len(variants)} distinct kernels to compile; estimated {est / 60:.1f} min "
+          f"(limit {args.max_minutes} min)", file=out)
+    empty = [t for t, c, _ in planned if not c]
+    if empty:
+        print(f"warning: {len(empty)} tasks have no candidate config, e.g. {empty[0].key}", file=out)
+    if args.dry_run:
+        return 0
+    check_gpu_name(args.gpu, device)
+    target = args.out or default_out(device.short)
+    deadline = args.max_minutes * 60
+    start = clock()
+    if compile_fn is not None and jobs > 1:
+        from qtip_triton.autotune.compile_pool import make_job
+
+        compile_jobs = [make_job(t.spec, t.out_features, t.in_features, t.m_bucket, k, c)
+                        for t, cands, _ in planned for k, c in cands]
+        errors = compile_fn(compile_jobs, jobs)
+        print(f"compiled {len(variants)} kernels in {clock() - start:.0f} s with {jobs} processes "
+              f"({len(errors)} failed to compile)", file=out)
+    report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
+                  deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
+                  check=not args.no_check)
+    entries = report.entries()
+    if entries:
+        merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}))
+        print(f"wrote {len(entries)} entries to {target} ({len(merged.entries)} in the file)", file=out)
+    else:
+        print("no entry was tuned; nothing written", file=out)
+    summarize(report, out)
+    return 0 if entries else 1
+
+
+def _default_jobs() -> int:
+    from qtip_triton.autotune.compile_pool import default_workers
+
+    return default_workers()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        api = load_kernel_api()
+    except KernelsUnavailable as e:
+        print(f"qtip-triton autotune: {e}", file=sys.stderr)
+        return 2
+    from qtip_triton.autotune.compile_pool import compile_all
+    from qtip_triton.autotune.tuner import RandomWorkload, cuda_graph_timer, do_bench_timer
+
+    device = current_device()
+    if not args.dry_run:
+        try:
+            check_gpu_name(args.gpu, device)
+        except (ValueError, RuntimeError) as e:
+            print(f"qtip-triton autotune: {e}", file=sys.stderr)
+            return 2
+    bench = do_bench_timer(args.warmup_ms, args.rep_ms) if args.timer == "do_bench" else cuda_graph_timer(args.rep_ms)
+    workload = RandomWorkload("cuda")
+
+    def compile_fn(jobs, workers):
+        return compile_all(jobs, workers, workload, progress=not args.no_progress)
+
+    try:
+        return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn)
+    except ValueError as e:
+        print(f"qtip-triton autotune: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,143 @@
+"""Compile many kernels in parallel worker processes, filling Triton's on-disk binary cache.
+
+Tuning ~all Llama shapes x K in 10 minutes is bound by compile time (each (kind, spec, config)
+compiles once, ~1 s of ptxas/LLVM), not by timing. Worker processes compile disjoint jobs by
+launching each once; the tuning process then finds every binary in the disk cache and only loads it.
+``qtip-triton precompile`` uses the same pool to fill the cache from a tuned file.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from qtip_triton.autotune.buckets import row_class
+from qtip_triton.autotune.kernel_api import Config, config_key
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """Launch ``kind`` with ``config`` once on a random ``out x in`` layer with ``M`` rows."""
+
+    spec: str
+    out_features: int
+    in_features: int
+    M: int
+    kind: str
+    config: tuple  # config_key(config): hashable and picklable
+
+    @property
+    def layer_key(self) -> tuple[str, int, int]:
+        return self.spec, self.out_features, self.in_features
+
+
+def dedupe(jobs: Iterable[CompileJob]) -> list[CompileJob]:
+    """One job per compiled variant: (kind, spec, config) plus the row-count class Triton specializes on."""
+    seen, out = set(), []
+    for j in jobs:
+        key = (j.kind, j.spec, j.config, row_class(j.M))
+        if key not in seen:
+            seen.add(key)
+            out.append(j)
+    return out
+
+
+def make_job(spec, out_features: int, in_features: int, M: int, kind: str, config: Config) -> CompileJob:
+    return CompileJob(getattr(spec, "name", spec), out_features, in_features, M, kind, config_key(config))
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """``"package.module:function"`` -> the function (workers rebuild the API from a name, not a pickle)."""
+    module, _, name = path.partition(":")
+    return getattr(import_module(module), name)
+
+
+def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None] | None = None) -> dict[CompileJob, str]:
+    """Compile ``jobs`` here, in this process; returns ``{job: error}`` for those that failed."""
+    from qtip_triton.spec import TrellisSpec
+
+    errors: dict[CompileJob, str] = {}
+    layer_key, layer = None, None
+    for job in sorted(jobs, key=lambda j: j.layer_key):
+        try:
+            if job.layer_key != layer_key:
+                layer_key, layer = job.layer_key, None
+                spec = TrellisSpec.parse(job.spec)
+                raw = workload.layer(spec, job.out_features, job.in_features)
+                prepared = api.prepare(raw)
+                layer = raw if prepared is None else prepared
+            api.launch(job.kind, workload.inputs(layer, job.M), layer, dict(job.config))
+        except Exception as e:  # a config that fails to compile is reported, not fatal
+            errors[job] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if progress is not None:
+            progress()
+    return errors
+
+
+def _worker(api_factory: str, workload, jobs: list[CompileJob], queue) -> None:
+    api = resolve(api_factory)()
+    errors = run_jobs(jobs, api, workload, progress=lambda: queue.put(("tick", None)))
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        queue.put(("done", errors))
+
+
+def compile_all(jobs: list[CompileJob], workers: int, workload, *, api=None,
+                api_factory: str = "qtip_triton.autotune.kernel_api:load_kernel_api",
+                progress: bool = True, start_method: str = "spawn") -> dict[CompileJob, str]:
+    """Compile every job, in ``workers`` processes (``workers <= 1``: here, with ``api``).
+
+    Jobs are split by layer so each worker builds few random layers. Returns ``{job: error}``.
+    """
+    from tqdm.auto import tqdm
+
+    jobs = dedupe(jobs)
+    bar = tqdm(total=len(jobs), unit="kernel", desc="compile", disable=not progress)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            if api is None:
+                api = resolve(api_factory)()
+            return run_jobs(jobs, api, workload, progress=lambda: bar.update(1))
+        groups: dict[tuple, list[CompileJob]] = {}
+        for j in jobs:
+            groups.setdefault(j.layer_key, []).append(j)
+        # spread the variants round-robin so workers finish together (compile time dominates)
+        shards: list[list[CompileJob]] = [[] for _ in range(min(workers, len(jobs)))]
+        for i, j in enumerate(j for g in groups.values() for j in g):
+            shards[i % len(shards)].append(j)
+        ctx = mp.get_context(start_method)
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_worker, args=(api_factory, workload, shard, queue), daemon=True) for shard in shards]
+        for p in procs:
+            p.start()
+        errors: dict[CompileJob, str] = {}
+        done = 0
+        while done < len(procs):
+            try:
+                what, payload = queue.get(timeout=600)
+            except Exception:  # a worker died without reporting (killed, out of memory)
+                break
+            if what == "tick":
+                bar.update(1)
+            else:
+                errors.update(payload)
+                done += 1
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        return errors
+    finally:
+        bar.close()
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))

@@ -1,0 +1,147 @@
+"""The tuner loop and the `autotune` command, on CPU with a fake kernel package and a fake timer."""
+
+from __future__ import annotations
+
+import argparse
+import io
+
+import pytest
+import torch
+from test_autotune_fakes import FakeAPI, FakeClock, fake_bench
+
+from qtip_triton import cli
+from qtip_triton.autotune import cmd_autotune, store
+from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
+from qtip_triton.autotune.kernel_api import config_key
+from qtip_triton.autotune.space import candidates, check_config, prune, wasteful
+from qtip_triton.autotune.tuner import RandomWorkload, make_tasks, plan, tune
+from qtip_triton.spec import TrellisSpec
+
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132)
+VERS = SoftwareVersions("3.6.0", "2.11.0", "0.1.0", "1")
+SPECS = [TrellisSpec(16, 2, 2, "hyb", 9), TrellisSpec(16, 3, 2, "hyb", 9)]
+SHAPES = [(64, 96), (96, 64)]
+WORKLOAD = RandomWorkload("cpu", torch.float32)
+
+
+def test_prune_keeps_default_and_budget():
+    api = FakeAPI()
+    spec = SPECS[0]
+    space = api.config_space("gemm", spec, 4096, 4096, 4)
+    default = api.default_config("gemm", spec, 4096, 4096, 4)
+    got = prune(space, default, 4096, 4, 3)
+    assert got[0] == default and len(got) == 3 and len({config_key(c) for c in got}) == 3
+    every = prune(space, default, 4096, 4, 100)
+    assert len(every) == 4 and all(c["BLOCK_M"] == 16 for c in every)  # bigger row blocks are wasteful for M=4
+    assert len(prune(space, default, 4096, 256, 100)) == len(space)
+    assert wasteful({"SPLIT_K": 8, "BLOCK_K": 64}, 256, 1)  # 4 k-blocks cannot feed 8 splits
+    assert wasteful({"SPLIT_K": 2, "BLOCK_K": 64}, 256, 1) is None
+    cands = candidates(api, spec, 64, 96, 1, 3)
+    assert [k for k, _ in cands] == ["gemv"] * 3 + ["gemm"] * 3
+    assert [k for k, _ in candidates(api, spec, 64, 96, 256, 3)] == ["gemm"] * 3
+    with pytest.raises(ValueError):
+        prune(space, default, 4096, 4, 0)
+
+
+def test_check_config():
+    api, spec = FakeAPI(), SPECS[0]
+    good = api.default_config("gemv", spec, 64, 96, 1)
+    assert check_config(api, "gemv", good, spec, 64, 96, 1) == (True, None)
+    ok, why = check_config(api, "gemv", {**good, "BLOCK_N": 48}, spec, 64, 96, 1)
+    assert not ok and "not in gemv's config space" in why
+    ok, why = check_config(api, "gemv", good, spec, 64, 96, 64)
+    assert not ok and "M <= 16" in why
+    ok, why = check_config(api, "fancy", good, spec, 64, 96, 1)
+    assert not ok and "not one of the available kernels" in why
+
+
+def _expected_best(api, cands, task):
+    ok = [(k, c) for k, c in cands if config_key(c) not in api.broken | api.wrong]
+    return min(ok, key=lambda kc: api.cost(kc[0], kc[1], task.spec.name, task.out_features, task.in_features, task.m_bucket))
+
+
+def test_tuner_picks_fastest_skips_broken_and_wrong():
+    tasks = make_tasks(SPECS, SHAPES, [1, 16, 256])
+    probe = plan(tasks, FakeAPI(), 4)
+    # a non-default gemv config present in several tasks fails to compile; another one is fast but wrong
+    gemv_nondefault = [c for t, cands, d in probe for k, c in cands[1:] if k == "gemv"]
+    broken = gemv_nondefault[0]
+    wrong = next(c for c in gemv_nondefault if config_key(c) != config_key(broken))
+    assert sum(config_key(c) == config_key(broken) for c in gemv_nondefault) >= 2
+    api = FakeAPI(broken=[broken], wrong=[wrong], seed=torch.randint(0, 1 << 30, ()).item())
+    report = tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=4, progress=False)
+    assert not report.skipped and len(report.results) == len(tasks)
+    for (task, cands, default), res in zip(plan(tasks, api, 4), report.results, strict=True):
+        kind, cfg = _expected_best(api, cands, task)
+        assert (res.kind, res.config) == (kind, cfg), task
+        assert res.time_us == api.cost(kind, cfg, task.spec.name, task.out_features, task.in_features, task.m_bucket)
+        assert res.default_kind == default[0]
+        assert res.default_time_us == api.cost(default[0], default[1], task.spec.name, task.out_features,
+                                               task.in_features, task.m_bucket)
+        assert res.time_us <= res.default_time_us
+        if any(config_key(c) == config_key(wrong) for _, c in cands):
+            assert any("wrong result" in why for _, _, why in res.failures)
+    # a compile failure is not retried on other shapes: one attempt per spec (a spec is another kernel)
+    specs_with_broken = {t.spec for t, cands, _ in probe if any(config_key(c) == config_key(broken) for _, c in cands)}
+    tasks_with_broken = [t for t, cands, _ in probe if any(config_key(c) == config_key(broken) for _, c in cands)]
+    assert len(tasks_with_broken) > len(specs_with_broken)
+    assert api.launches[("gemv", config_key(broken))] == len(specs_with_broken)
+    entries = report.entries()
+    assert len(entries) == len(tasks) and all(e.speedup >= 1 for e in entries)
+
+
+def test_tuner_deadline():
+    tasks = make_tasks(SPECS, SHAPES, [1, 16, 256])
+    api, clock = FakeAPI(), FakeClock()
+    report = tune(tasks, api, fake_bench(api, clock), WORKLOAD, max_candidates=4, deadline_s=20, clock=clock,
+                  progress=False)
+    assert report.skipped and len(report.results) + len(report.skipped) == len(tasks)
+    assert report.elapsed_s <= 20 + 1 + 1e-9  # stops at the first check past the limit
+    done = [r for r in report.results if r.kind is not None]
+    assert done and all(r.time_us > 0 for r in done)
+
+
+def _args(tmp_path, **kw):
+    p = argparse.ArgumentParser()
+    cmd_autotune.add_arguments(p)
+    argv = ["--gpu", "h100", "--shapes", "64x96", "96x64", "--bits", "2,3", "--buckets", "1,16,256",
+            "--max-candidates", "3", "--out", str(tmp_path / "h100.yaml"), "--no-progress", "--jobs", "1"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
+    return p.parse_args(argv)
+
+
+def test_autotune_command_end_to_end(tmp_path):
+    api, clock = FakeAPI(seed=7), FakeClock()
+    out = io.StringIO()
+    rc = cmd_autotune.autotune(_args(tmp_path), api, fake_bench(api, clock), WORKLOAD, H100, VERS, clock=clock, out=out)
+    assert rc == 0
+    text = out.getvalue()
+    assert "12 tasks" in text and "geomean default/tuned" in text and "overall geomean" in text
+    tf = store.load(tmp_path / "h100.yaml")
+    assert len(tf.entries) == 12 and tf.header.device == H100
+    assert {e.key.m_bucket for e in tf.entries.values()} == {1, 16, 256}
+    # a second run with a slower world merges and keeps the faster entries
+    api2 = FakeAPI(seed=8)
+    cmd_autotune.autotune(_args(tmp_path), api2, fake_bench(api2), WORKLOAD, H100, VERS, out=io.StringIO())
+    merged = store.load(tmp_path / "h100.yaml")
+    for key, e in merged.entries.items():
+        assert e.time_us <= tf.entries[key].time_us
+
+
+def test_autotune_command_checks_gpu(tmp_path):
+    api = FakeAPI()
+    other = DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108)
+    with pytest.raises(ValueError, match="does not match the GPU present"):
+        cmd_autotune.autotune(_args(tmp_path), api, fake_bench(api), WORKLOAD, other, VERS, out=io.StringIO())
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        cmd_autotune.autotune(_args(tmp_path), api, fake_bench(api), WORKLOAD, None, VERS, out=io.StringIO())
+    assert not (tmp_path / "h100.yaml").exists()
+
+
+def test_cli_dry_run_full_llama_plan(monkeypatch, capsys):
+    """`qtip-triton autotune --gpu h100 --dry-run` plans the whole shipped set on a machine without a GPU."""
+    monkeypatch.setattr(cmd_autotune, "load_kernel_api", lambda: FakeAPI())
+    assert cli.main(["autotune", "--gpu", "h100", "--dry-run", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "3 specs x 21 shapes x 13 M buckets = 819 tasks" in text and "estimated" in text
