@@ -1,0 +1,137 @@
+"""The qtip_triton::qtip_linear custom op: math vs float64 references, fusion, registry, tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton import TrellisSpec, dispatch, ops
+from qtip_triton.ops import PackedShards, qtip_linear
+from tests.test_weight import random_qweight
+
+HYB = {k: TrellisSpec(16, k, 2, "hyb", 9) for k in (2, 3, 4)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def fused_reference(qws, x, bias=None):
+    y = torch.cat([qw.reference_forward(x.double()) for qw in qws], dim=-1)
+    return y if bias is None else y + bias.double()
+
+
+def small_shards(gen):
+    """q/k/v-like shards with different K, rcp and transform blocks (n = 64)."""
+    return [
+        random_qweight(gen, HYB[2], 64, 64),
+        random_qweight(gen, HYB[3], 32, 64, rcp=2, tp_rank=1),
+        random_qweight(gen, HYB[4], 64, 64, rcp=2, tp_rank=2),
+    ]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_single_shard_matches_reference(gen, dtype, tol):
+    qw = random_qweight(gen, HYB[2], 96, 64)
+    packed = PackedShards.from_qweights([qw])
+    x = torch.randn(5, 64, generator=gen)
+    bias = torch.randn(96, generator=gen)
+    y = qtip_linear(x.to(dtype), packed, bias.to(dtype))
+    assert y.dtype == dtype and y.shape == (5, 96)
+    assert rel(y, fused_reference([qw], x, bias)) < tol
+
+
+def test_fused_shards_keep_their_own_tensors(gen):
+    qws = small_shards(gen)
+    packed = PackedShards.from_qweights(qws, key="t.fused")
+    x = torch.randn(3, 2, 64, generator=gen)  # leading batch dims pass through
+    bias = torch.randn(160, generator=gen)
+    y = qtip_linear(x, packed, bias)
+    assert y.shape == (3, 2, 160)
+    assert rel(y, fused_reference(qws, x, bias)) < 1e-5
+    # the dense meaning of the fused layer is the shards' W_eff stacked
+    w = packed.dequantize(torch.float64)
+    assert rel(x.double() @ w.t() + bias.double(), fused_reference(qws, x, bias)) < 1e-12
+    # swapping two shards' SU must change the result (each shard really uses its own SU)
+    swapped = PackedShards.from_qweights(qws)
+    swapped.SU = swapped.SU[[1, 0, 2]].contiguous()
+    assert rel(qtip_linear(x, swapped), fused_reference(qws, x)) > 1e-2
+
+
+def test_registered_shards_are_reused(gen, monkeypatch):
+    qws = small_shards(gen)
+    packed = PackedShards.from_qweights(qws, key="t.registered")
+    packed.register()
+    seen: list[int] = []
+    real = dispatch.linear
+
+    def spy(x, qw, bias=None):
+        seen.append(id(qw))
+        return real(x, qw, bias)
+
+    monkeypatch.setattr(dispatch, "linear", spy)
+    x = torch.randn(4, 64, generator=gen)
+    y1 = qtip_linear(x, packed)
+    y2 = qtip_linear(x, packed)
+    assert seen[:3] == seen[3:] == [id(q) for q in packed.shards()]
+    assert torch.equal(y1, y2)
+    # an unregistered twin (same values, other storage) gives the same numbers through the fallback
+    twin = PackedShards.from_qweights(qws, key="t.registered")
+    seen.clear()
+    assert torch.equal(qtip_linear(x, twin), y1)
+    assert not set(seen) & {id(q) for q in packed.shards()}
+
+
+def test_register_validates_once(gen):
+    qw = random_qweight(gen, HYB[2], 64, 64)
+    packed = PackedShards.from_qweights([qw])
+    packed.SV = torch.full_like(packed.SV, float("nan"))
+    with pytest.raises(ValueError, match="SV holds NaN"):
+        packed.register()
+
+
+def test_bad_arguments(gen):
+    a = random_qweight(gen, HYB[2], 64, 64)
+    b = random_qweight(gen, HYB[2], 64, 32)
+    with pytest.raises(ValueError, match="shards share x"):
+        PackedShards.from_qweights([a, b])
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        PackedShards.from_qweights([a.trellis])
+    packed = PackedShards.from_qweights([a])
+    with pytest.raises(ValueError, match="x has 32 features, the layer expects 64"):
+        qtip_linear(torch.randn(2, 32), packed)
+    tensors, meta = ops.op_args(packed)
+    bad_meta = (meta[0], meta[1], [96], *meta[3:])
+    with pytest.raises(ValueError, match="do not match the metadata"):
+        torch.ops.qtip_triton.qtip_linear(torch.randn(2, 64), *tensors, None, *bad_meta)
+
+
+def test_register_op_is_idempotent():
+    ops.register_op()
+    ops.register_op()
+    assert hasattr(torch.ops.qtip_triton, "qtip_linear")
+
+
+def test_opcheck(gen):
+    qws = small_shards(gen)
+    packed = PackedShards.from_qweights(qws)
+    tensors, meta = ops.op_args(packed)
+    for x, bias in ((torch.randn(3, 64, generator=gen), torch.randn(160, generator=gen)),
+                    (torch.randn(1, 64, generator=gen).half(), None)):
+        torch.library.opcheck(torch.ops.qtip_triton.qtip_linear.default, (x, *tensors, bias, *meta))
+
+
+def test_torch_compile_fullgraph(gen):
+    torch._dynamo.reset()
+    qws = small_shards(gen)
+    packed = PackedShards.from_qweights(qws, key="t.compiled")
+    packed.register()
+    bias = torch.randn(160, generator=gen)
+
+    def f(x):
+        return torch.nn.functional.silu(qtip_linear(x * 2.0, packed, bias)) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    for tokens in (1, 5):
+        x = torch.randn(tokens, 64, generator=gen)
+        assert rel(compiled(x), f(x)) < 1e-6
