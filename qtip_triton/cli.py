@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("qtip_triton.autotune.cmd_export", "pack Triton's binary cache into an archive for identical machines"),
     "import": ("qtip_triton.autotune.cmd_import", "unpack a cache archive made by 'export' (checked against this machine)"),
     "quantize": ("qtip_triton.checkpoint", "quantize a Hugging Face Llama-family model into a QTIP checkpoint"),
+    "codegen": ("qtip_triton.codegen.cmd", "print the generated Triton kernel for a trellis spec and kernel kind"),
+    "sweep": ("qtip_triton.research.sweep", "distortion, real-weight error and kernel speed over a grid of trellis specs"),
 }
 
 
