@@ -1,0 +1,1 @@
+"""Research tools: sweeps over trellis specs (distortion, real-weight error, kernel speed)."""
