@@ -380,3 +380,128 @@ def shard_tensors(
         if not keep_bias:
             out.pop("bias", None)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# quantizing into EXL3
+#
+# The encoder's quantize() rotates with full-width Hadamards; EXL3 needs 128-wide blocks on both
+# sides, so this runs the same pipeline (random signs, rotate, scale to the code's best data scale,
+# tail-biting Viterbi per tile in EXL3's element order or BlockLDLQ with a Hessian, least-squares
+# scale folded into SV) from the encoder's public pieces with block Hadamards. Once
+# qtip_triton.quantize grows a ``had_block`` argument this becomes a thin call to it.
+
+
+def had(x: torch.Tensor, block: int = HAD_BLOCK) -> torch.Tensor:
+    """EXL3's had(): each consecutive ``block`` of the last dim times H_block/√block (symmetric)."""
+    from qtip_triton import hadamard
+
+    n = x.shape[-1]
+    if n % block:
+        raise ValueError(f"last dim {n} is not a multiple of the Hadamard block {block}")
+    y = hadamard.fwht(x.reshape(*x.shape[:-1], n // block, block)) * (block ** -0.5)
+    return y.reshape(x.shape)
+
+
+def rotate_weight(W: torch.Tensor, su: torch.Tensor, sv: torch.Tensor) -> torch.Tensor:
+    """W̃ = B_m·diag(sv)·W·diag(su)·B_n with B = block-diagonal H128/√128: the space the trellis codes."""
+    x = had(W * su)  # rows r -> (r ⊙ su) B_n
+    return had((x * sv[:, None]).t().contiguous()).t().contiguous()  # columns c -> B_m (sv ⊙ c)
+
+
+def rotate_hessian(H: torch.Tensor, su: torch.Tensor) -> torch.Tensor:
+    """H̃ = B_n·diag(su)·H·diag(su)·B_n in float64 (the Hessian of W̃'s inputs)."""
+    h = H.to(torch.float64)
+    s = su.to(device=h.device, dtype=torch.float64)
+    a = (h + h.t()) / 2 * s[:, None] * s[None, :]
+    return had(had(a).t().contiguous()).t().contiguous()
+
+
+def quantize_linear(
+    W: torch.Tensor,
+    K: int,
+    code: str = "mcg",
+    *,
+    hessian: torch.Tensor | None = None,
+    seed: int = 0,
+    data_scale: float | None = None,
+    hessian_damp: float | None = None,
+    progress: bool = True,
+) -> QuantizedWeight:
+    """Quantize W (out x in, dims multiples of 128) into an EXL3 QuantizedWeight (``exl3`` layout).
+
+    ``K`` is the bits per weight (1..8), ``code`` one of 3inst/mcg/mul1, ``hessian`` (in x in,
+    E[xᵀx]) switches to BlockLDLQ, ``seed`` fixes the random signs, ``data_scale`` overrides the
+    searched best scale of unit-RMS data. SV comes back already rounded to fp16 (what EXL3 stores),
+    so ``to_tensors(quantize_linear(W, ...))`` loses nothing more.
+    """
+    from tqdm.auto import tqdm
+
+    from qtip_triton.bitstream import matrix_to_tiles, tiles_to_matrix, words_from_states
+    from qtip_triton.codes import all_state_values
+    from qtip_triton.encode import best_data_scale, encode_tiles, random_signs
+    from qtip_triton.ldlq import DEFAULT_DAMP, block_ldl, block_ldlq, check_hessian
+
+    if code not in CODES:
+        raise ValueError(f"EXL3 code must be one of {CODES}, got {code!r}")
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= 8:
+        raise ValueError(f"EXL3 K (bits per weight) must be an int in 1..8, got {K!r}")
+    spec = TrellisSpec(16, K, 1, code)
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError(f"W must be a 2-D floating-point (out_features, in_features) tensor, got {W!r:.80}")
+    m, n = W.shape
+    if m == 0 or n == 0 or m % HAD_BLOCK or n % HAD_BLOCK:
+        raise ValueError(f"W is {m}x{n}: EXL3 needs both dims to be multiples of {HAD_BLOCK} (pad them first)")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W holds NaN or Inf")
+    if hessian is not None:
+        check_hessian(hessian, n)
+
+    dev = W.device
+    gen = torch.Generator().manual_seed(seed)
+    su, sv = random_signs(n, gen).to(dev), random_signs(m, gen).to(dev)
+    wt = rotate_weight(W.detach().to(torch.float32), su, sv)
+    sigma = float(wt.double().pow(2).mean().sqrt())
+    if sigma == 0.0:
+        raise ValueError("W is all zeros: nothing to quantize")
+    if data_scale is None:
+        data_scale, _ = best_data_scale(spec, device=dev)
+    x = wt * (data_scale / sigma)
+    values = all_state_values(spec).to(dev)
+    order = exl3_order().to(dev)
+    tm, tn = m // TILE, n // TILE
+
+    def reconstruct(states: torch.Tensor) -> torch.Tensor:
+        return tiles_to_matrix(values[states].reshape(*states.shape[:2], TILE * TILE), order)
+
+    bar = tqdm(total=tm * tn, desc=f"exl3 {spec.name} {m}x{n}", unit="tile", disable=not progress)
+    try:
+        if hessian is None:
+            states, _ = encode_tiles(matrix_to_tiles(x, order), spec, values=values, progress=bar)
+            recon, h_tilde = reconstruct(states), None
+        else:
+            h_tilde = rotate_hessian(hessian.to(dev), su)
+            damp = DEFAULT_DAMP if hessian_damp is None else hessian_damp
+            lfac, _ = block_ldl(h_tilde, damp=damp)
+            states = torch.empty(tm, tn, spec.steps_per_tile, dtype=torch.int64, device=dev)
+
+            def quantize_block(k: int, target: torch.Tensor) -> torch.Tensor:
+                st, _ = encode_tiles(matrix_to_tiles(target, order), spec, values=values, progress=bar)
+                states[:, k : k + 1] = st
+                return reconstruct(st)
+
+            recon = block_ldlq(x, lfac, quantize_block)
+    finally:
+        bar.close()
+
+    # least-squares scale of the reconstruction (in the Hessian's metric when given), folded into SV
+    t, r = wt.double(), recon.double()
+    rh = r if h_tilde is None else r @ h_tilde.to(r.device)
+    scale = float((t * rh).sum() / (r * rh).sum())
+    if not (scale > 0.0 and scale < float("inf")):
+        scale = sigma / data_scale
+    trellis = get_layout("exl3").pack(words_from_states(states, spec, check=True), spec)
+    SV = (sv * scale).to(torch.float16).to(torch.float32)
+    if not (0.0 < abs(scale) and bool(torch.isfinite(SV).all()) and bool((SV != 0).all())):
+        raise ValueError(f"W's scale ({scale:.3g} per unit code value) is outside the fp16 range EXL3 stores svh in")
+    return QuantizedWeight(spec, m, n, trellis, su, SV, None, layout="exl3", had_block=HAD_BLOCK)
