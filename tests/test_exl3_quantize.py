@@ -79,3 +79,91 @@ def test_quantize_with_hessian_reduces_proxy_loss(gen):
     plain = exl3.quantize_linear(W, 3, "mul1", data_scale=1.1, progress=False)
     aware = exl3.quantize_linear(W, 3, "mul1", hessian=H, data_scale=1.1, progress=False)
     assert proxy_loss(W, aware.dequantize(), H) < 0.8 * proxy_loss(W, plain.dequantize(), H)
+
+
+def fake_hf_llama(tmp_path, gen, hidden=128, inter=200, vocab=96, bias=True):
+    """A one-layer Llama-style directory (intermediate size 200 exercises the 128-padding)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    shapes = {
+        "self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (hidden, hidden),
+        "self_attn.v_proj": (hidden, hidden), "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter),
+    }
+    state = {f"model.layers.0.{k}.weight": torch.randn(*s, generator=gen).half() for k, s in shapes.items()}
+    if bias:
+        state["model.layers.0.self_attn.q_proj.bias"] = torch.randn(hidden, generator=gen).half()
+    state["model.embed_tokens.weight"] = torch.randn(vocab, hidden, generator=gen).half()
+    state["model.norm.weight"] = torch.ones(hidden).half()
+    state["lm_head.weight"] = torch.randn(vocab, hidden, generator=gen).half()
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(state, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": hidden}))
+    (src / "tokenizer.json").write_text("{}")
+    return src, state
+
+
+def random_exl3_fn(gen, made):
+    """Stands in for the (slow, separately tested) Viterbi search: a random EXL3 weight of W's shape."""
+    from qtip_triton.bitstream import get_layout
+    from qtip_triton.spec import TrellisSpec
+    from qtip_triton.weight import QuantizedWeight
+
+    def fn(W, K, code, seed):
+        m, n = W.shape
+        assert m % 128 == 0 and n % 128 == 0, "quantize_model must pad to 128"
+        spec = TrellisSpec(16, K, 1, code)
+        words = torch.randint(0, 1 << 32, (m // 16, n // 16, 8 * K), generator=gen, dtype=torch.int64)
+        qw = QuantizedWeight(spec, m, n, get_layout("exl3").pack(words, spec), torch.ones(n),
+                             torch.rand(m, generator=gen).half().float() + 0.5, layout="exl3", had_block=128)
+        made.append((W, qw))
+        return qw
+
+    return fn
+
+
+def test_quantize_model_directory(tmp_path, gen):
+    src, state = fake_hf_llama(tmp_path, gen)
+    made = []
+    qc = exl3.quantize_model(src, tmp_path / "dst", 4, "mul1", head_bits=6, progress=False,
+                             quantize_fn=random_exl3_fn(gen, made))
+    assert len(made) == 8 and qc["bits"] == 4 and qc["head_bits"] == 6 and qc["codebook"] == "mul1"
+    assert (tmp_path / "dst" / "tokenizer.json").is_file()
+    qc2, tensors = exl3.read_checkpoint(tmp_path / "dst")
+    assert qc2 == qc
+    # plain tensors copied bit for bit; no HF weight of a quantized linear left behind
+    for k in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(tensors[k], state[k])
+    assert not any(k.endswith("_proj.weight") or k == "lm_head.weight" for k in tensors)
+    modules = exl3.group_modules(tensors)
+    assert len(modules) == 8
+    by_w = {id(W): qw for W, qw in made}
+    assert len(by_w) == 8
+    up, _ = exl3.load_linear(modules["model.layers.0.mlp.up_proj"])
+    assert (up.out_features, up.in_features) == (256, 128)  # 200 padded to 256
+    assert bool((up.SV[200:] == 0).all())  # padded outputs are exactly zero
+    down, _ = exl3.load_linear(modules["model.layers.0.mlp.down_proj"])
+    assert (down.out_features, down.in_features) == (128, 256)
+    q, qb = exl3.load_linear(modules["model.layers.0.self_attn.q_proj"])
+    assert torch.equal(qb, state["model.layers.0.self_attn.q_proj.bias"])
+    head, _ = exl3.load_linear(modules["lm_head"])
+    assert head.spec.K == 6 and head.out_features == 128  # vocab 96 padded
+    # the weights handed to the search were the (padded) HF weights
+    Ws = [W for W, _ in made]
+    assert any(W.shape == (256, 128) and torch.equal(W[:200], state["model.layers.0.mlp.up_proj.weight"].float())
+               and bool((W[200:] == 0).all()) for W in Ws)
+
+
+def test_quantize_model_errors(tmp_path, gen):
+    with pytest.raises(ValueError, match="no config.json"):
+        exl3.quantize_model(tmp_path, tmp_path / "out", 4)
+    src, _ = fake_hf_llama(tmp_path, gen)
+    import json
+
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "exl3"}}))
+    with pytest.raises(ValueError, match="already quantized \\('exl3'\\)"):
+        exl3.quantize_model(src, tmp_path / "out", 4)

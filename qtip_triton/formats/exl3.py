@@ -502,6 +502,93 @@ def quantize_linear(
         scale = sigma / data_scale
     trellis = get_layout("exl3").pack(words_from_states(states, spec, check=True), spec)
     SV = (sv * scale).to(torch.float16).to(torch.float32)
-    if not (0.0 < abs(scale) and bool(torch.isfinite(SV).all()) and bool((SV != 0).all())):
+    if not (abs(scale) > 0.0 and bool(torch.isfinite(SV).all()) and bool((SV != 0).all())):
         raise ValueError(f"W's scale ({scale:.3g} per unit code value) is outside the fp16 range EXL3 stores svh in")
     return QuantizedWeight(spec, m, n, trellis, su, SV, None, layout="exl3", had_block=HAD_BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole Hugging Face Llama-style directory -> an EXL3 directory
+
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "generation_config.json")
+
+
+def _is_block_linear(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) >= 5 and parts[0] == "model" and parts[1] == "layers" and ".".join(parts[-2:]) in LINEAR_SUFFIXES
+
+
+def _pad_to(W: torch.Tensor, mult: int) -> torch.Tensor:
+    m, n = W.shape
+    pm, pn = -m % mult, -n % mult
+    return torch.nn.functional.pad(W, (0, pn, 0, pm)) if pm or pn else W
+
+
+def quantize_model(
+    src_dir,
+    dst_dir,
+    K: int,
+    code: str = "mcg",
+    *,
+    head_bits: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    quantize_fn=None,
+) -> dict:
+    """Quantize every decoder-layer linear (q/k/v/o, gate/up/down) of an HF Llama-style model to EXL3.
+
+    ``head_bits`` also quantizes ``lm_head`` (else it stays a plain weight). Dims are zero-padded to
+    multiples of 128 (svh is 0 on padded outputs, as EXL3 does); other tensors are copied unchanged
+    and tokenizer files are copied. No calibration: plain (Hessian-free) trellis search.
+    ``quantize_fn(W, K, code, seed=...)`` replaces :func:`quantize_linear` (tests). Returns the
+    ``quantization_config`` written.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    cfg_path = src / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{src} has no config.json: not a Hugging Face model directory")
+    config = json.loads(cfg_path.read_text())
+    if "quantization_config" in config:
+        raise ValueError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')!r})")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{src} has no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    qfn = quantize_fn or (lambda W, k, c, seed: quantize_linear(W, k, c, seed=seed, progress=False))
+
+    targets = [k[: -len(".weight")] for k in state if k.endswith(".weight") and _is_block_linear(k[: -len(".weight")])]
+    if head_bits is not None and "lm_head.weight" in state:
+        targets.append("lm_head")
+    if not targets:
+        raise ValueError(f"{src}: found no decoder-layer linears (model.layers.N.self_attn.q_proj.weight, ...)")
+    out = {k: v for k, v in state.items() if not any(k in (f"{t}.weight", f"{t}.bias") for t in targets)}
+    for i, key in enumerate(tqdm(sorted(targets), desc="exl3 quantize", unit="linear", disable=not progress)):
+        W = state[f"{key}.weight"]
+        m = W.shape[0]
+        bits = head_bits if key == "lm_head" else K
+        qw = qfn(_pad_to(W.float(), HAD_BLOCK), bits, code, seed=seed + i)
+        if qw.out_features != m:  # padded outputs: svh = 0 makes them exactly zero
+            qw.SV[m:] = 0.0
+        bias = state.get(f"{key}.bias")
+        if bias is not None and bias.shape[0] != qw.out_features:
+            bias = torch.nn.functional.pad(bias, (0, qw.out_features - bias.shape[0]))
+        out.update(module_tensors(key, qw, bias))
+    qc = write_checkpoint(dst, out, config)
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return qc
