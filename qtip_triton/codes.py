@@ -112,10 +112,21 @@ class Code:
     table_shape: Callable[[TrellisSpec], tuple[int, int]] | None = None
     rms: float | None = None  # RMS of the values over uniformly random states, when fixed
     extra_checks: tuple[Callable[[TrellisSpec], None], ...] = field(default=())
+    # How generated Triton kernels decode a state (qtip_triton.codegen); None: no kernel support yet.
+    triton: TritonDecoder | None = None
 
     @property
     def needs_table(self) -> bool:
         return self.table_shape is not None
+
+    def triton_decoder(self) -> TritonDecoder:
+        """The Triton snippet of this code; ValueError when it has none (the kernels cannot run it)."""
+        if self.triton is None:
+            raise ValueError(
+                f"no Triton snippet for code {self.name!r}: add a TritonDecoder as Code.triton in "
+                "qtip_triton/codes.py to run it in the generated kernels"
+            )
+        return self.triton
 
     def validate(self, spec: TrellisSpec) -> None:
         if spec.V not in self.allowed_V:
@@ -146,6 +157,91 @@ class Code:
             raise ValueError(f"code {self.name!r} table holds NaN or Inf")
 
 
+# ---------------------------------------------------------------------------------------------
+# Triton snippets: what the code generator splices into kernels for each code. A snippet gets the
+# name of a uint32 tensor holding states (< 2^L) and a ``lookup(index_expr) -> expr`` that reads
+# the kernel's table (see qtip_triton.kernels.prepare.kernel_table) and returns source lines plus V
+# value expressions. Temporaries are named after the state variable so snippets never collide.
+# Integer math is uint32 with wrap-around, exactly like the references above.
+
+Lookup = Callable[[str], str]
+
+
+@dataclass(frozen=True)
+class TritonDecoder:
+    """One code's Triton decode.
+
+    ``table``: ``"none"`` (computed code), ``"packed16"`` (int32 words of fp16 pairs, small enough to
+    gather from registers/shared memory) or ``"float32"`` (read by pointer). ``value_dtype``: the dtype
+    the values come out in, exactly (``"fp16"`` or ``"fp32"``).
+    """
+
+    table: str
+    value_dtype: str
+    emit: Callable[[TrellisSpec, str, Lookup], tuple[list[str], list[str]]]
+    # The values depend only on the state mod 2^state_bits (HYB: the low 16 bits of s*(s+1)), so the
+    # generator may leave garbage above that bit instead of masking each window (one op per state).
+    state_bits: int | None = None
+
+
+def _fp16_half(expr: str, high: bool) -> str:
+    """fp16 held in the high or low 16 bits of a uint32 expression."""
+    bits = f"(({expr}) >> 16)" if high else f"(({expr}) & 0xFFFF)"
+    return f"{bits}.to(tl.uint16).to(tl.float16, bitcast=True)"
+
+
+def _hyb_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    assert spec.Q is not None
+    words = (spec.V + 1) // 2
+    lines = [
+        f"{s}_h = {s} * ({s} + 1)",
+        f"{s}_i = (({s}_h >> {15 - spec.Q}) & {(1 << spec.Q) - 1}).to(tl.int32)",
+    ]
+    vals: list[str] = []
+    for w in range(words):
+        idx = f"{s}_i" if words == 1 else f"{s}_i * {words} + {w}"
+        word = f"{lookup(idx)}.to(tl.uint32, bitcast=True)"
+        if w == 0:  # bit 15 of the hash is the sign of the first weight: bit 15 of the first word
+            word = f"({word} ^ ({s}_h & 0x8000))"
+        lines.append(f"{s}_p{w} = {word}")
+        vals.append(_fp16_half(f"{s}_p{w}", high=False))
+        vals.append(_fp16_half(f"{s}_p{w}", high=True))
+    return lines, vals[: spec.V]
+
+
+def _byte_sum_expr(x: str) -> str:
+    return f"(({x} & 0xFF) + (({x} >> 8) & 0xFF) + (({x} >> 16) & 0xFF) + ({x} >> 24))"
+
+
+def _onemad_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    lines = [
+        f"{s}_x = {s} * {ONEMAD_A} + {ONEMAD_B}",
+        f"{s}_y = {_byte_sum_expr(f'{s}_x')}",
+    ]
+    # correctly rounded division, as the float32 reference (a reciprocal multiply differs in 40% of cases)
+    return lines, [f"tl.math.div_rn({s}_y.to(tl.float32) - 510.0, {ONEMAD_SCALE!r})"]
+
+
+def _three_inst_lines(s: str, hashed: str) -> tuple[list[str], list[str]]:
+    lines = [f"{s}_r = ({hashed} & {THREEINST_MASK:#x}) ^ {THREEINST_XOR:#x}"]
+    return lines, [f"({_fp16_half(f'{s}_r', high=True)} + {_fp16_half(f'{s}_r', high=False)})"]
+
+
+def _threeinst_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    return _three_inst_lines(s, f"({s} * {THREEINST_A} + {THREEINST_B})")
+
+
+def _lut_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    lines = [f"{s}_i = {s}.to(tl.int32) * {spec.V}"]
+    return lines, [lookup(f"{s}_i + {f}" if f else f"{s}_i") for f in range(spec.V)]
+
+
+HYB_TRITON = TritonDecoder("packed16", "fp16", _hyb_triton, state_bits=16)
+ONEMAD_TRITON = TritonDecoder("none", "fp32", _onemad_triton)
+THREEINST_TRITON = TritonDecoder("none", "fp16", _threeinst_triton)
+LUT_TRITON = TritonDecoder("float32", "fp32", _lut_triton)
+
+
 CODES: dict[str, Code] = {}
 
 
@@ -165,15 +261,20 @@ register_code(
         allowed_V=(1, 2, 4),
         uses_q=True,
         table_shape=lambda s: (1 << s.Q, s.V),
+        triton=HYB_TRITON,
     )
 )
-register_code(Code("1mad", "one multiply-add, sum of the four bytes, affine", _onemad, allowed_V=(1,), rms=1.0))
 register_code(
-    Code("3inst", "multiply-add, mask and xor, two fp16 halves added", _threeinst, allowed_V=(1,), rms=1.2437)
+    Code("1mad", "one multiply-add, sum of the four bytes, affine", _onemad, allowed_V=(1,), rms=1.0,
+         triton=ONEMAD_TRITON)
+)
+register_code(
+    Code("3inst", "multiply-add, mask and xor, two fp16 halves added", _threeinst, allowed_V=(1,), rms=1.2437,
+         triton=THREEINST_TRITON)
 )
 register_code(
     Code("lut", "plain 2^L x V table indexed by the state (research)", _lut, allowed_V=(1, 2, 4),
-         table_shape=lambda s: (1 << s.L, s.V))
+         table_shape=lambda s: (1 << s.L, s.V), triton=LUT_TRITON)
 )
 
 
@@ -231,11 +332,22 @@ def _mul1(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -
     return mul1_value(_u32(states * MUL1_MULT)).unsqueeze(-1)
 
 
+def _mcg_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    return _three_inst_lines(s, f"({s} * {MCG_MULT:#x})")
+
+
+def _mul1_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
+    lines = [f"{s}_x = {s} * {MUL1_MULT:#x}", f"{s}_b = {_byte_sum_expr(f'{s}_x')}.to(tl.int32)"]
+    # exact in fp32 (see mul1_value), then the single fp16 rounding of the hardware FMA
+    exact = f"({s}_b * {MUL1_NUM} - {MUL1_OFFSET}).to(tl.float32) * {1.0 / (1 << MUL1_SHIFT)!r}"
+    return lines, [f"({exact}).to(tl.float16)"]
+
+
 register_code(
     Code("mcg", "EXL3: multiply by 0xCBAC1FED, then 3INST's mask, xor and fp16 halves", _mcg, allowed_V=(1,),
-         rms=1.2441)
+         rms=1.2441, triton=TritonDecoder("none", "fp16", _mcg_triton))
 )
 register_code(
     Code("mul1", "EXL3: multiply by 0x83DCD12D, byte sum, one fp16 fused multiply-add", _mul1, allowed_V=(1,),
-         rms=1.0003)
+         rms=1.0003, triton=TritonDecoder("none", "fp16", _mul1_triton))
 )

@@ -1,21 +1,108 @@
 """``linear(x, qw, bias)``: the one entry point that computes y = x · W_effᵀ for a QuantizedWeight.
 
-For now every call takes the reference path (transform, decode, matmul, transform); the kernel
-generator replaces this with Triton kernels chosen by batch size.
+Path selection, in order:
+
+1. ``kind="reference"``, or activations that are not fp16/bf16 (fp32/fp64 inputs are a request for
+   exactness) -> the pure-torch reference (transform, decode, matmul, transform) in float32/64;
+2. a device Triton cannot target (CPU without ``TRITON_INTERPRET=1``, MPS, ...) -> the reference, or a
+   clear RuntimeError when a kernel ``kind`` was asked for explicitly;
+3. otherwise the Triton kernels (:mod:`qtip_triton.kernels`): ``kind``/``config`` as given, else what
+   the registry picked for this layer and batch bucket (autotuned store, then heuristic), else the
+   kernels' own heuristic (``default_kind``/``default_config``) if the registry is not importable.
+
+The weight is repacked once (``prepare``, cached on its trellis tensor); call :func:`prepare` at load
+time to keep that off the first forward.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from qtip_triton.weight import QuantizedWeight
 
+REFERENCE = "reference"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+NO_REGISTRY_ENV = "QTIP_TRITON_NO_REGISTRY"  # "1": skip the registry, use the kernels' heuristic
 
-def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.shape[-1] != qw.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the layer expects {qw.in_features}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got {x.dtype}")
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode-then-matmul in torch (float32 for 16-bit inputs): slow, exact, runs anywhere."""
+    compute = torch.float32 if x.dtype in _KERNEL_DTYPES else x.dtype
     y = qw.reference_forward(x.to(compute), None if bias is None else bias.to(compute))
     return y.to(x.dtype)
+
+
+def prepare(qw: QuantizedWeight):
+    """Load-time repack for the kernels (no-op where they cannot run); returns the prepared weight or None."""
+    from qtip_triton import kernels
+
+    if not kernels.kernels_available(qw.device)[0]:
+        return None
+    return kernels.prepare(qw)
+
+
+def _select(qw: QuantizedWeight, M: int) -> tuple[str, Mapping[str, Any]]:
+    from qtip_triton import kernels
+
+    if os.environ.get(NO_REGISTRY_ENV) != "1":
+        try:
+            from qtip_triton.registry import lookup_config
+        except ImportError:
+            lookup_config = None
+        if lookup_config is not None:
+            return lookup_config(qw.spec, qw.out_features, qw.in_features, M)
+    kind = kernels.default_kind(qw.spec, qw.out_features, qw.in_features, M)
+    return kind, kernels.default_config(kind, qw.spec, qw.out_features, qw.in_features, M)
+
+
+def linear(
+    x: torch.Tensor,
+    qw: QuantizedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    kind: str | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """y = x · W_effᵀ (+ bias) over the last dim of x (any leading shape), in x's dtype.
+
+    ``kind`` ("gemv", "gemm", "decompress" or "reference") and ``config`` force a path; by default
+    it is chosen per batch size (see the module docstring).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
+    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the layer expects {qw.in_features}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if bias is not None and tuple(bias.shape) != (qw.out_features,):
+        raise ValueError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
+    if kind == REFERENCE:
+        return reference_linear(x, qw, bias)
+    from qtip_triton import kernels
+
+    if kind is not None and kind not in kernels.KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(kernels.KINDS + (REFERENCE,))}")
+    if x.dtype not in _KERNEL_DTYPES:
+        if kind is not None:
+            raise ValueError(f"kernel {kind!r} takes float16 or bfloat16 activations, got {x.dtype}")
+        return reference_linear(x, qw, bias)
+    ok, why = kernels.kernels_available(x.device)
+    if not ok:
+        if kind is not None:
+            raise RuntimeError(f"kernel {kind!r} was requested but cannot run on {x.device}: {why}")
+        return reference_linear(x, qw, bias)
+    M = max(1, x.numel() // qw.in_features)
+    if kind is None:
+        kind, chosen = _select(qw, M)
+        if kind == REFERENCE:
+            return reference_linear(x, qw, bias)
+        config = chosen if config is None else config
+    elif config is None:
+        config = kernels.default_config(kind, qw.spec, qw.out_features, qw.in_features, M)
+    return kernels.launch(kind, x, qw, config, bias)

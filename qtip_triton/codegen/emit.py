@@ -1,0 +1,374 @@
+"""Emit the Triton source of one kernel for one (spec, tile order, kind, source options).
+
+Everything that the trellis fixes is folded into the text: which word of a group holds each state's
+window, the shifts and masks that cut it out, the code's arithmetic, the bit scatter from (s, f) to
+the tile row/column, and the per-class row offsets. Only block sizes (``TR``, ``TC``, ``BLOCK_M``),
+the shape and the split are left to ``tl.constexpr``/run-time arguments, so one generated module
+serves every tuning config of its spec.
+
+Kinds (signatures are documented in :mod:`qtip_triton.kernels`):
+
+* ``gemv``: decode, then multiply-accumulate on CUDA cores into a ``[BLOCK_M, RB, CB]`` fp32 tile per
+  row class; reduce over k once at the end. Split-K partials go to ``Y[split]``.
+* ``gemm``: decode, convert to x's dtype, and ``tl.dot`` each row class with the x tile
+  (``[BK, BLOCK_M]`` gathered in the class's column order); split-K partials as gemv.
+* ``decompress``: decode and store Ŵ (out x in) in the output's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from qtip_triton.codegen.plan import TilePlan, make_plan
+from qtip_triton.codes import get_code
+from qtip_triton.spec import TrellisSpec
+
+KINDS = ("gemv", "gemm", "decompress")
+TABLE_MODES = ("gather", "global")
+SOURCE_KEYS = ("table",)  # config keys that change the emitted text (the rest are launch-time)
+GENERATOR_VERSION = "1"
+
+
+def default_layout(spec: TrellisSpec) -> str:
+    """QTIP's kernel format for the released shape (L=16, V=2), the generic tile layout otherwise."""
+    return "qtip" if spec.L == 16 and spec.V == 2 else "tile"
+
+
+def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The subset of ``config`` that shapes the source, with defaults filled in and checked."""
+    config = dict(config or {})
+    dec = get_code(spec.code).triton_decoder()
+    table = config.get("table", "gather")
+    if table not in TABLE_MODES:
+        raise ValueError(f"config 'table' must be one of {TABLE_MODES}, got {table!r}")
+    if dec.table != "packed16":
+        table = "global"  # large or absent tables are read by pointer
+    return {"table": table}
+
+
+class _Src:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.level = 0
+
+    def __call__(self, *lines: str) -> None:
+        for line in lines:
+            self.lines.append(("    " * self.level + line) if line else "")
+
+    def indent(self) -> None:
+        self.level += 1
+
+    def dedent(self) -> None:
+        self.level -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _deposit(var: str, pairs: Iterable[tuple[int, int]]) -> str:
+    """Expression moving bit k of ``var`` to bit d for each (k, d); runs of adjacent bits move together."""
+    runs: list[list[int]] = []  # [k0, d0, length]
+    for k, d in sorted(pairs):
+        if runs and runs[-1][0] + runs[-1][2] == k and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([k, d, 1])
+    terms = []
+    for k, d, n in runs:
+        field = f"({var} >> {k})" if k else var
+        field = f"({field} & {(1 << n) - 1})"
+        terms.append(f"({field} << {d})" if d else field)
+    return " | ".join(terms) if terms else "0"
+
+
+def _state_lines(plan: TilePlan, s: int, need_mask: bool) -> str:
+    """Source for state ``s`` of a group (uint32 [RB, CB]) from the word tensors w<q> / wn.
+
+    Without ``need_mask`` the bits above the window are left in place (the code ignores them).
+    """
+    L = plan.spec.L
+    w = plan.windows[s]
+    mask = (1 << L) - 1
+    cur = f"w{w.slot}"
+    if not w.spills:
+        shift = 32 - L - w.offset
+        expr = f"({cur} >> {shift})" if shift else cur
+        if w.offset and need_mask:  # bits above the window must go
+            expr = f"({expr} & {mask:#x})"
+        return f"s{s} = {expr}"
+    nxt = "wn" if w.slot + 1 == plan.G else f"w{w.slot + 1}"
+    left = w.offset + L - 32  # bits of the window that come from the next word
+    expr = f"({cur} << {left}) | ({nxt} >> {32 - left})"  # a funnel shift
+    return f"s{s} = ({expr}) & {mask:#x}" if need_mask else f"s{s} = {expr}"
+
+
+def _join_tree(names: list[str]) -> str:
+    """tl.join tree whose flattened trailing axes enumerate ``names`` in order (last axis = index bit 0)."""
+    if len(names) == 1:
+        return names[0]
+    return f"tl.join({_join_tree(names[0::2])}, {_join_tree(names[1::2])})"
+
+
+def emit(spec: TrellisSpec, kind: str, config: Mapping[str, Any] | None = None, *, layout: str | None = None) -> str:
+    """Readable Triton source of the ``kind`` kernel for ``spec`` stored in ``layout``.
+
+    The module defines ``kernel`` (the @triton.jit function) and metadata constants (``SPEC``,
+    ``LAYOUT``, ``KIND``, ``GRN``, ``GCN``, ``G``, ``TABLE_WORDS``). ``config`` may hold any tuning keys;
+    only :data:`SOURCE_KEYS` affect the text.
+    """
+    if not isinstance(spec, TrellisSpec):
+        raise TypeError(f"spec must be a TrellisSpec, got {type(spec).__name__}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
+    layout = layout or default_layout(spec)
+    plan = make_plan(spec, layout)
+    opts = source_options(spec, config)
+    dec = get_code(spec.code).triton_decoder()
+    return _Emitter(plan, kind, opts, dec).emit()
+
+
+class _Emitter:
+    def __init__(self, plan: TilePlan, kind: str, opts: dict[str, Any], dec) -> None:
+        self.plan, self.kind, self.opts, self.dec = plan, kind, opts, dec
+        self.src = _Src()
+
+    # -------------------------------------------------------------------------------- pieces
+    def lookup(self, idx: str) -> str:
+        if self.dec.table == "packed16" and self.opts["table"] == "gather":
+            return f"tl.gather(tbl, tl.reshape({idx}, [RB * CB]), 0).reshape([RB, CB])"
+        return f"tl.load(TBL + ({idx}))"
+
+    def table_words(self) -> int:
+        spec = self.plan.spec
+        if self.dec.table == "packed16":
+            assert spec.Q is not None
+            return (1 << spec.Q) * ((spec.V + 1) // 2)
+        if self.dec.table == "float32":
+            return (1 << spec.L) * spec.V
+        return 1
+
+    def header(self) -> None:
+        p, spec, s = self.plan, self.plan.spec, self.src
+        cols = [v.cconst for v in p.classes[0]]
+        s(
+            f'"""Generated by qtip_triton.codegen (v{GENERATOR_VERSION}); do not edit.',
+            "",
+            f"spec {spec.name}, layout {p.layout}, kind {self.kind}, options {self.opts}.",
+            f"Groups: {p.S} states in {p.G} word(s), {p.NG} per tile; per tile {p.GRN} group rows x {p.GCN} group cols.",
+            f"Row classes (row offset in tile): {[p.rconst(a) for a in range(p.NA)]}; "
+            f"column offsets per class: {cols}.",
+            '"""',
+            "",
+            "import triton",
+            "import triton.language as tl",
+            "",
+            f"SPEC = {spec.name!r}",
+            f"LAYOUT = {p.layout!r}",
+            f"KIND = {self.kind!r}",
+            f"GRN = {p.GRN}",
+            f"GCN = {p.GCN}",
+            f"G = {p.G}",
+            f"TABLE_WORDS = {self.table_words()}",
+            "",
+            "",
+        )
+
+    def prologue(self, split: bool) -> None:
+        """Program coordinates, offsets of words, next-group words, x columns and output rows."""
+        p, s = self.plan, self.src
+        s(f"RB: tl.constexpr = TR * {p.GRN}  # rows of the word matrix per program (tile rows x group rows)")
+        s(f"CB: tl.constexpr = TC * {p.GCN}  # cols of the word matrix per k step (tile cols x group cols)")
+        s(f"BK: tl.constexpr = TC * 16  # input columns per k step ({p.GCN} group cols x {p.NC} values)")
+        s("pid_r = tl.program_id(0)")
+        if split:
+            s("pid_k = tl.program_id(1)")
+            s("pid_m = tl.program_id(2)")
+            s("col0 = pid_k * ITERS * CB")
+        else:
+            s("pid_k = tl.program_id(1)")
+            s("col0 = pid_k * CB")
+        s("rows = pid_r * RB + tl.arange(0, RB)")
+        s("cols = col0 + tl.arange(0, CB)")
+        s("rmask = rows < Rtot")
+        s(f"gr = rows & {p.GRN - 1}  # group row inside the tile" if p.GRN > 1 else "gr = rows * 0")
+        s(f"gc = cols & {p.GCN - 1}  # group col inside the tile" if p.GCN > 1 else "gc = cols * 0")
+        rv = _deposit("gr", [(k, p.bit_map[i] - 4) for k, i in enumerate(p.gr_bits)])
+        cv = _deposit("gc", [(k, p.bit_map[i]) for k, i in enumerate(p.gc_bits)])
+        s(f"orow = (rows // {p.GRN}) * 16 + {rv}  # output row of class 0")
+        s(f"xbase = (cols // {p.GCN}) * 16 + {cv}  # input column of value 0 of each group col")
+        s(f"n_in = Ctot * {16 // p.GCN}")
+        s("w_off = rows[:, None] * Ctot + cols[None, :]")
+        if any(w.spills and w.slot + 1 == p.G for w in p.windows):
+            gb = p.g_base
+            terms = []
+            if p.gr_bits:
+                terms.append(_deposit("gr[:, None]", [(k, i - gb) for k, i in enumerate(p.gr_bits)]))
+            if p.gc_bits:
+                terms.append(_deposit("gc[None, :]", [(k, i - gb) for k, i in enumerate(p.gc_bits)]))
+            s(f"g = {' | '.join(terms)}  # group index in the tile")
+            s(f"gn = (g + 1) & {p.NG - 1}  # the next group, circularly: its word 0 ends the last window")
+            n_off = "(rows - gr)[:, None] * Ctot + (cols - gc)[None, :]"
+            if p.gr_bits:
+                n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gr_bits)])}) * Ctot"
+            if p.gc_bits:
+                n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gc_bits)])})"
+            s(f"n_off = {n_off}")
+        if self.dec.table == "packed16" and self.opts["table"] == "gather":
+            s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))  # the whole code table, gathered from on chip")
+
+    def load_words(self) -> None:
+        p, s = self.plan, self.src
+        s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+        used = sorted({w.slot for w in p.windows} | {w.slot + 1 for w in p.windows if w.spills and w.slot + 1 < p.G})
+        for q in used:
+            off = "w_off" if q == 0 else f"w_off + {q} * stride_wq"
+            s(f"w{q} = tl.load(W + {off}, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
+        if any(w.spills and w.slot + 1 == p.G for w in p.windows):
+            s("wn = tl.load(W + n_off, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
+
+    def decode_values(self, cast: str | None) -> dict[tuple[int, int], str]:
+        """Emit states and values; returns (s, f) -> variable name (cast to ``cast`` if given)."""
+        p, s = self.plan, self.src
+        names: dict[tuple[int, int], str] = {}
+        need_mask = self.dec.state_bits is None or self.dec.state_bits > p.spec.L
+        for st in range(p.S):
+            s(f"# state {st}: bits {p.spec.K * p.spec.V * st}..+{p.spec.L} of the group")
+            s(_state_lines(p, st, need_mask))
+            lines, vals = self.dec.emit(p.spec, f"s{st}", self.lookup)
+            s(*lines)
+            for f, v in enumerate(vals):
+                name = f"v{st}_{f}"
+                s(f"{name} = {v}" if cast is None else f"{name} = ({v}).to({cast})")
+                names[(st, f)] = name
+        return names
+
+    def advance(self) -> None:
+        p, s = self.plan, self.src
+        s("w_off += CB", "xbase += BK", "cols += CB")
+        if self.kind == "gemm":
+            s("xcol += BK")
+        if any(w.spills and w.slot + 1 == p.G for w in p.windows):
+            s("n_off += CB")
+
+    def store_rows(self, a: int, value: str, layout_m_first: bool) -> None:
+        """Store class ``a``'s partial rows ([BLOCK_M, RB] or [RB, BLOCK_M]) into Y[pid_k]."""
+        p, s = self.plan, self.src
+        rc = p.rconst(a)
+        row = f"orow + {rc}" if rc else "orow"
+        if layout_m_first:
+            s(f"tl.store(Y + pid_k * stride_ys + mrow[:, None] * stride_ym + ({row})[None, :], {value}, "
+              "mask=mmask[:, None] & rmask[None, :])")
+        else:
+            s(f"tl.store(Y + pid_k * stride_ys + mrow[None, :] * stride_ym + ({row})[:, None], {value}, "
+              "mask=rmask[:, None] & mmask[None, :])")
+
+    # -------------------------------------------------------------------------------- kinds
+    def emit(self) -> str:
+        self.header()
+        getattr(self, f"_{self.kind}")()
+        return self.src.text()
+
+    def _gemv(self) -> None:
+        p, s = self.plan, self.src
+        s("@triton.jit")
+        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr):")
+        s.indent()
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add)."""')
+        self.prologue(split=True)
+        s("mrow = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        s("mmask = mrow < M")
+        s("x_row = X + mrow[:, None] * stride_xm")
+        for a in range(p.NA):
+            s(f"acc{a} = tl.zeros([BLOCK_M, RB, CB], dtype=tl.float32)")
+        s("for _ in range(ITERS):")
+        s.indent()
+        self.load_words()
+        s("xmask = mmask[:, None] & (cols < Ctot)[None, :]")
+        names = self.decode_values(cast="tl.float32")
+        for a, cls in enumerate(p.classes):
+            for vs in cls:
+                off = f"xbase + {vs.cconst}" if vs.cconst else "xbase"
+                s(f"xv = tl.load(x_row + ({off})[None, :], mask=xmask, other=0.0).to(tl.float32)")
+                s(f"acc{a} += {names[(vs.s, vs.f)]}[None, :, :] * xv[:, None, :]")
+        self.advance()
+        s.dedent()
+        for a in range(p.NA):
+            self.store_rows(a, f"tl.sum(acc{a}, axis=2)", layout_m_first=True)
+        s.dedent()
+
+    def _class_tiles(self, names: dict[tuple[int, int], str], cast: str) -> list[str]:
+        """One [RB, BK] tile per row class, columns in (group col, class column offset) order."""
+        p, s = self.plan, self.src
+        out = []
+        for a, cls in enumerate(p.classes):
+            tree = _join_tree([names[(vs.s, vs.f)] for vs in cls])
+            if p.NC == 1:
+                s(f"t{a} = {tree}.to({cast})")
+            else:
+                s(f"t{a} = tl.reshape({tree}, [RB, BK]).to({cast})")
+            out.append(f"t{a}")
+        return out
+
+    def _xcols(self) -> None:
+        """Input column of each of the BK tile columns: group col base + class column offset."""
+        p, s = self.plan, self.src
+        cbits = sorted({p.bit_map[i] for i in range(p.g_base) if p.bit_map[i] < 4})
+        cc = _deposit("cc", list(enumerate(cbits)))
+        s(f"cc = tl.arange(0, {p.NC})")
+        s(f"xcol = tl.reshape(xbase[:, None] + ({cc})[None, :], [BK])  # input column of each tile column")
+
+    def _gemm(self) -> None:
+        p, s = self.plan, self.src
+        s("@triton.jit")
+        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):")
+        s.indent()
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot)."""')
+        self.prologue(split=True)
+        s("mrow = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        s("mmask = mrow < M")
+        for a in range(p.NA):
+            s(f"acc{a} = tl.zeros([RB, BLOCK_M], dtype=tl.float32)")
+        self._xcols()
+        s("for _ in range(ITERS):")
+        s.indent()
+        self.load_words()
+        s("xt = tl.load(X + mrow[None, :] * stride_xm + xcol[:, None], mask=(xcol < n_in)[:, None] & mmask[None, :], "
+          "other=0.0)")
+        names = self.decode_values(cast=None)
+        tiles = self._class_tiles(names, "xt.dtype")
+        s("if INTERPRET:  # the CPU interpreter's bf16 dot is wrong: same products in fp32 (exact for 16-bit inputs)")
+        s.indent()
+        for a, t in enumerate(tiles):
+            s(f"acc{a} = tl.dot({t}.to(tl.float32), xt.to(tl.float32), acc{a})")
+        s.dedent()
+        s("else:")
+        s.indent()
+        for a, t in enumerate(tiles):
+            s(f"acc{a} = tl.dot({t}, xt, acc{a})")
+        s.dedent()
+        self.advance()
+        s.dedent()
+        for a in range(p.NA):
+            self.store_rows(a, f"acc{a}", layout_m_first=False)
+        s.dedent()
+
+    def _decompress(self) -> None:
+        p, s = self.plan, self.src
+        s("@triton.jit")
+        s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr):")
+        s.indent()
+        s('"""OUT[rows, cols] = Ŵ for one [TR*16, TC*16] block, in OUT\'s dtype."""')
+        self.prologue(split=False)
+        self.load_words()
+        self._xcols()
+        s("kmask = xcol < n_in")
+        names = self.decode_values(cast=None)
+        tiles = self._class_tiles(names, "OUT.dtype.element_ty")
+        for a, t in enumerate(tiles):
+            rc = p.rconst(a)
+            row = f"orow + {rc}" if rc else "orow"
+            s(f"tl.store(OUT + ({row})[:, None] * stride_o + xcol[None, :], {t}, mask=rmask[:, None] & kmask[None, :])")
+        s.dedent()

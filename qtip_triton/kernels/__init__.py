@@ -1,0 +1,123 @@
+"""Triton kernels for trellis-quantized linear layers: the interface the registry/autotuner use.
+
+Forward pass of one layer (y = x · W_effᵀ, W_eff = diag(SV)·M_m·Ŵ·M_nᵀ·diag(SU)), three launches:
+
+1. input transform  ``h = M_nᵀ (x ⊙ SU)`` per Hadamard block (Triton, :mod:`.hadamard`), in x's dtype;
+2. decode-matmul by *kind* (generated per spec by :mod:`qtip_triton.codegen`):
+   ``gemv`` (M <= ~8, CUDA cores), ``gemm`` (M <= ~128, ``tl.dot``) -> fp32 split-K partials of h·Ŵᵀ,
+   or ``decompress`` -> Ŵ in x's dtype, then ``torch.matmul``;
+3. output transform ``y = (M_m Σ partials) ⊙ SV + bias`` (Triton; sums the split-K partials).
+
+Contract (what :mod:`qtip_triton.autotune` and :mod:`qtip_triton.registry` call):
+
+- ``KINDS`` = ``("gemv", "gemm", "decompress")`` in priority order; ``CONFIG_VERSION``.
+- ``default_config(kind, spec, m, n, M) -> dict``: the documented heuristic (:mod:`.configs`).
+- ``config_space(kind, spec, m, n, M) -> list[dict]``: candidates valid for every M' <= M.
+- ``can_implement(kind, spec, m, n, M) -> (ok, reason)``; ``default_kind(spec, m, n, M) -> str``.
+- ``prepare(qw) -> PreparedWeight``: load-time repack (cached per trellis tensor; idempotent).
+- ``launch(kind, x, qw_or_prepared, config, bias=None) -> y``: the whole forward with an explicit
+  kind and config, x of shape (..., in_features) in fp16/bf16, y in x's dtype, same leading shape.
+- lower level: :func:`.runners.decode_matmul`, :func:`.runners.decompress`, :func:`.hadamard.transform`.
+
+Config keys are documented in :mod:`.configs`. ``m``/``n`` are the layer's out/in features, ``M`` the
+number of rows of x (the autotuner passes its bucket). Kernels run on CUDA devices, and on the CPU
+under ``TRITON_INTERPRET=1`` (tests); :func:`kernels_available` says why not elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qtip_triton.kernels import hadamard
+from qtip_triton.kernels.configs import (
+    CONFIG_VERSION,
+    KINDS,
+    can_implement,
+    config_space,
+    default_config,
+    default_kind,
+)
+from qtip_triton.kernels.prepare import PreparedWeight, prepare
+from qtip_triton.kernels.runners import ACT_DTYPES, decode_matmul, decompress, interpreting
+from qtip_triton.weight import QuantizedWeight
+
+__all__ = [
+    "CONFIG_VERSION",
+    "KINDS",
+    "PreparedWeight",
+    "can_implement",
+    "config_space",
+    "decode_matmul",
+    "decompress",
+    "default_config",
+    "default_kind",
+    "kernels_available",
+    "launch",
+    "prepare",
+]
+
+
+def kernels_available(device: torch.device | str) -> tuple[bool, str | None]:
+    """Whether Triton can run the kernels on ``device`` (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (True, None) if torch.cuda.is_available() else (False, "CUDA is not available")
+    if device.type == "cpu":
+        if interpreting():
+            return True, None
+        return False, "Triton cannot compile for the CPU (set TRITON_INTERPRET=1 to run the kernels in its interpreter)"
+    return False, f"Triton cannot target device type {device.type!r}"
+
+
+def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=dtype,
+                              interpret=interpreting())
+
+
+def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if bias is not None:
+        if bias.shape != (pw.out_features,):
+            raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
+        bias = bias.to(device=parts.device).contiguous()
+    return hadamard.transform(parts, pw.blocks_out, transpose=False, post=pw.SV, bias=bias, out_dtype=dtype,
+                              interpret=interpreting())
+
+
+def launch(
+    kind: str,
+    x: torch.Tensor,
+    qw: QuantizedWeight | PreparedWeight,
+    config: Mapping[str, Any],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x · W_effᵀ (+ bias) with kernel ``kind`` and an explicit ``config``; y in x's dtype."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
+    pw = prepare(qw)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != pw.in_features:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must have shape (..., {pw.in_features}), got {shape}")
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"the Triton kernels take float16 or bfloat16 activations, got {x.dtype}")
+    if x.device != pw.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {pw.device}")
+    ok, why = kernels_available(x.device)
+    if not ok:
+        raise RuntimeError(f"kernel {kind!r} cannot run on {x.device}: {why}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, pw.in_features)
+    if x2.shape[0] == 0:
+        return x.new_empty(*lead, pw.out_features)
+    # gemv multiplies in fp32 anyway: keeping h in fp32 costs a few KB of reads and removes one
+    # 16-bit rounding (it halves the bf16 error); tensor-core kinds need h in x's dtype
+    h = _transform_in(pw, x2, torch.float32 if kind == "gemv" else x.dtype)
+    if kind == "decompress":
+        w = decompress(pw, config, dtype=x.dtype)
+        parts = torch.matmul(h, w.t()).unsqueeze(0)
+    else:
+        parts = decode_matmul(kind, pw, h, config)
+    y = _transform_out(pw, parts, bias, x.dtype)
+    return y.reshape(*lead, pw.out_features)

@@ -1,0 +1,129 @@
+"""Kernel configs: the untuned heuristic (``default_config``) and the space the autotuner searches.
+
+Config keys (all kinds): ``BLOCK_N`` output rows per program, ``BLOCK_K`` input columns per k step
+(both powers of two >= 16), ``num_warps``, optional ``num_stages``, optional ``table``
+(``"gather"``: the HYB table is gathered on chip; ``"global"``: read through L1 by pointer).
+``gemv``/``gemm`` add ``BLOCK_M`` (batch rows per program) and ``SPLIT_K`` (k splits; their fp32
+partials are summed inside the output Hadamard kernel).
+
+Heuristic, and why:
+
+* kind: ``gemv`` for M <= 8 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
+  tensor-core tile), ``gemm`` up to M = 128 (one decode feeds BLOCK_M rows through ``tl.dot``), then
+  ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
+* ``SPLIT_K``: enough programs for about four waves on the GPU's SMs, but at least two k steps per split;
+* block sizes: large enough that the per-program set-up (table load, offsets) is amortized, small
+  enough for the fp32 accumulators to stay in registers (~64 fp32 per thread at most).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from qtip_triton.codes import get_code
+from qtip_triton.spec import TrellisSpec
+
+KINDS = ("gemv", "gemm", "decompress")
+GEMV_MAX_M = 8
+GEMM_MAX_M = 128
+CONFIG_VERSION = "1"
+
+
+@functools.cache
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return 132  # the H100 the defaults were chosen on
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def can_implement(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> tuple[bool, str | None]:
+    """Whether ``kind`` can run this layer at all (independent of speed)."""
+    if kind not in KINDS:
+        return False, f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}"
+    try:
+        get_code(spec.code).triton_decoder()
+    except ValueError as e:
+        return False, str(e)
+    if m % 16 or n % 16 or m <= 0 or n <= 0:
+        return False, f"layer {m}x{n} is not made of 16x16 tiles"
+    if M < 1:
+        return False, f"M must be >= 1, got {M}"
+    return True, None
+
+
+def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
+    if M <= GEMV_MAX_M:
+        return "gemv"
+    if M <= GEMM_MAX_M:
+        return "gemm"
+    return "decompress"
+
+
+def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 4) -> int:
+    row_blocks = -(-m // block_n)
+    k_steps = -(-n // block_k)
+    want = max(1, (waves * _sm_count()) // row_blocks)
+    split = 1
+    while split * 2 <= want and k_steps // (split * 2) >= 2:
+        split *= 2
+    return split
+
+
+def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
+    """The heuristic config for one layer shape and batch size (see the module docstring)."""
+    ok, why = can_implement(kind, spec, m, n, M)
+    if not ok:
+        raise ValueError(why)
+    if kind == "decompress":
+        return {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}
+    if kind == "gemv":
+        bm = min(_next_pow2(M), 16)
+        # keep NA * BLOCK_M accumulators of BLOCK_N/16 x BLOCK_K/16 tiles' groups in registers
+        block_n, block_k = {1: (128, 256), 2: (64, 256), 4: (64, 128), 8: (32, 128), 16: (32, 64)}[bm]
+        split = _split_for(m, n, block_n, block_k)
+        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
+    bm = max(16, min(_next_pow2(M), 64))
+    block_n, block_k = 64, 128
+    split = _split_for(m, n, block_n, block_k, waves=2) if M <= 64 else 1
+    return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
+
+
+def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
+    """Every config worth timing for this shape (``[]`` if the kind cannot run it).
+
+    All listed configs are valid for any M <= the given M (a bucket's config serves smaller batches).
+    """
+    ok, _ = can_implement(kind, spec, m, n, M)
+    if not ok:
+        return []
+    out: list[dict[str, Any]] = []
+    if kind == "decompress":
+        for bn in (32, 64, 128):
+            for bk in (64, 128, 256):
+                for nw in (4, 8):
+                    out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw})
+        return out
+    bms = [b for b in (1, 2, 4, 8, 16) if b <= _next_pow2(M)] if kind == "gemv" else \
+        [b for b in (16, 32, 64, 128) if b <= max(16, _next_pow2(M))]
+    for bm in bms:
+        for bn in (32, 64, 128, 256):
+            for bk in (64, 128, 256, 512):
+                # register budget: fp32 accumulator elements per program
+                acc = bn * bk * bm if kind == "gemv" else bn * bm
+                if kind == "gemv" and acc > 256 * 256:
+                    continue
+                if kind == "gemm" and (acc > 128 * 128 or bn * bk > 128 * 256):
+                    continue
+                for split in (1, 2, 4, 8, 16):
+                    if split > 1 and n // bk < 2 * split:
+                        continue
+                    for nw in (4, 8):
+                        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw})
+    return out

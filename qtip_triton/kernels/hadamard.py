@@ -1,0 +1,232 @@
+"""Triton random-Hadamard transforms with the diagonal scalings fused, batched over rows and blocks.
+
+Computes, for each row of ``x`` (any number of tokens) and each of ``blocks`` equal blocks of it,
+``y = post ⊙ (M_nb z) + bias`` (or ``M_nbᵀ``), ``z = pre ⊙ Σ_s x[s]`` (the sum over leading split-K
+partials is fused: the decode kernels write partials and this kernel reduces them).
+
+Why tensor cores: M_nb = (hadK ⊗ H_P1 ⊗ H_P2) / sqrt(nb) with P1·P2 = nb/Kh. Viewing a block as the
+matrix Z (Kh·P1 x P2, row-major), M_nb z = A · Z · B with A = hadK ⊗ H_P1 (zero-padded to a power of
+two, built once on the host, exact ±1/0) and B = H_P2. Two small dense products per block replace a
+strided butterfly, and every Kh of QTIP (12..172) works the same way. When Kh·P1 = 1 (plain Sylvester
+blocks of up to 128, e.g. EXL3's 128-wide blocks) only Z·B remains and many blocks share one program.
+
+Precision: each product operand is split into bf16 hi + lo parts (two dots), which keeps ~16 mantissa
+bits and fp32's range; accumulation is fp32. The CPU interpreter multiplies in fp32 instead (its bf16
+dot is wrong).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qtip_triton import hadamard
+
+P2_MAX = 128  # columns of the Z view (the B = H_P2 factor)
+ROWS_MAX = 2048  # padded rows of the Z view (A is ROWS x ROWS)
+
+
+@triton.jit
+def _split_dot(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b with b (fp32) carried as bf16 hi + lo; a is exact in bf16 (±1/0)."""
+    if INTERPRET:
+        acc = tl.dot(a.to(tl.float32), b, acc)
+    else:
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(a, b_hi, acc)
+        acc = tl.dot(a, b_lo, acc)
+    return acc
+
+
+@triton.jit
+def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b with a (fp32) carried as bf16 hi + lo; b is exact in bf16 (±1/0)."""
+    if INTERPRET:
+        acc = tl.dot(a, b.to(tl.float32), acc)
+    else:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(a_hi, b, acc)
+        acc = tl.dot(a_lo, b, acc)
+    return acc
+
+
+@triton.jit
+def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+                 ROWS, COLS, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr, KBLK: tl.constexpr,
+                 HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS."""
+    pid = tl.program_id(0)
+    token = pid // blocks
+    blk = pid % blocks
+    r0 = tl.program_id(1) * RBLK
+    base = blk * nb  # offset of the block inside a row (also into PRE / POST / BIAS)
+    j = tl.arange(0, CP)
+    ri = r0 + tl.arange(0, RBLK)
+    acc = tl.zeros([RBLK, CP], dtype=tl.float32)
+    for k0 in range(0, RP, KBLK):
+        ki = k0 + tl.arange(0, KBLK)
+        idx = ki[:, None] * COLS + j[None, :]
+        msk = (ki < ROWS)[:, None] & (j < COLS)[None, :]
+        z = tl.zeros([KBLK, CP], dtype=tl.float32)
+        for s in range(nsplit):
+            z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
+        a = tl.load(A + ri[:, None] * RP + ki[None, :])
+        acc = _split_dot(a, z, acc, INTERPRET)
+    b = tl.load(B + j[:, None] * CP + j[None, :])
+    out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CP], dtype=tl.float32), INTERPRET) * scale
+    oidx = ri[:, None] * COLS + j[None, :]
+    omsk = (ri < ROWS)[:, None] & (j < COLS)[None, :]
+    if HAS_POST:
+        out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
+    tl.store(Y + token * stride_ym + base + oidx, out.to(Y.dtype.element_ty), mask=omsk)
+
+
+@triton.jit
+def _had1_kernel(X, Y, B, PRE, POST, BIAS, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+                 CP: tl.constexpr, RBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+    """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
+    r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)
+    token = r // blocks
+    base = (r % blocks) * nb
+    j = tl.arange(0, CP)
+    msk = (r < nrows)[:, None] & (j < nb)[None, :]
+    z = tl.zeros([RBLK, CP], dtype=tl.float32)
+    for s in range(nsplit):
+        ptr = X + s * stride_xs + (token * stride_xm + base)[:, None] + j[None, :]
+        z += tl.load(ptr, mask=msk, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        z *= tl.load(PRE + base[:, None] + j[None, :], mask=msk, other=0.0)
+    b = tl.load(B + j[:, None] * CP + j[None, :])
+    out = _split_dot_rhs(z, b, tl.zeros([RBLK, CP], dtype=tl.float32), INTERPRET) * scale
+    if HAS_POST:
+        out *= tl.load(POST + base[:, None] + j[None, :], mask=msk, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(BIAS + base[:, None] + j[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(Y + (token * stride_ym + base)[:, None] + j[None, :], out.to(Y.dtype.element_ty), mask=msk)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def factor(nb: int) -> tuple[int, int, int]:
+    """(Kh, P1, P2) with nb = Kh * P1 * P2, P2 <= 128: the A = hadK ⊗ H_P1, B = H_P2 split."""
+    kh = hadamard.hadamard_factor(nb)
+    p = nb // kh
+    p2 = min(p, P2_MAX)
+    return kh, p // p2, p2
+
+
+def supported(nb: int) -> tuple[bool, str | None]:
+    """Whether the Triton transform handles blocks of ``nb`` (else the torch reference is used)."""
+    try:
+        kh, p1, p2 = factor(nb)
+    except ValueError as e:
+        return False, str(e)
+    if kh * p1 > ROWS_MAX:
+        return False, f"Hadamard block {nb} needs a {kh * p1}-row factor, more than the kernel's {ROWS_MAX}"
+    return True, None
+
+
+_MATS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+
+def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(A or None, B) in bf16 on ``device``: A = hadK(ᵀ) ⊗ H_P1 zero-padded, B = H_P2 zero-padded."""
+    key = (nb, transpose, str(device))
+    hit = _MATS.get(key)
+    if hit is not None:
+        return hit[1], hit[0]
+    kh, p1, p2 = factor(nb)
+    cp = max(16, p2)
+    b = torch.zeros(cp, cp)
+    b[:p2, :p2] = _sylvester(p2)
+    a = None
+    if kh * p1 > 1:
+        rows = kh * p1
+        rp = max(16, _next_pow2(rows))
+        hk = hadamard.hadk(kh)
+        if transpose:
+            hk = hk.t()
+        a = torch.zeros(rp, rp)
+        a[:rows, :rows] = torch.kron(hk, _sylvester(p1))
+        a = a.to(device=device, dtype=torch.bfloat16).contiguous()
+    b = b.to(device=device, dtype=torch.bfloat16).contiguous()
+    _MATS[key] = (b, a)
+    return a, b
+
+
+def transform(
+    x: torch.Tensor,
+    blocks: int,
+    *,
+    transpose: bool,
+    pre: torch.Tensor | None = None,
+    post: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    interpret: bool = False,
+) -> torch.Tensor:
+    """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
+
+    Returns (T, n) in ``out_dtype`` (default x's dtype): ``post ⊙ (M z) + bias`` with
+    ``M = M_nbᵀ`` if ``transpose`` else ``M_nb``, ``z = pre ⊙ Σ_s x[s]``, ``nb = n / blocks``.
+    """
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (T, n) or (splits, T, n), got {tuple(x.shape)}")
+    S, T, n = x.shape
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
+    nb = n // blocks
+    ok, why = supported(nb)
+    if not ok:
+        raise ValueError(why)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    for name, v in (("pre", pre), ("post", post), ("bias", bias)):
+        if v is not None and (v.shape != (n,) or not v.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
+    y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
+    if T == 0:
+        return y
+    a, b = _matrices(nb, transpose, x.device)
+    dummy = x  # never read: the HAS_* flags are off
+    args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, INTERPRET=interpret)
+    scale = 1.0 / math.sqrt(nb)
+    cp = b.shape[0]
+    if a is None:
+        nrows = T * blocks
+        rblk = 16 if interpret else max(16, min(64, 4096 // cp))
+        grid = (triton.cdiv(nrows, rblk),)
+        _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
+                           bias if bias is not None else dummy, nb, nrows, blocks, S, x.stride(0), x.stride(1),
+                           y.stride(0), scale, CP=cp, RBLK=rblk, num_warps=4, **args)
+        return y
+    kh, p1, p2 = factor(nb)
+    rp = a.shape[0]
+    rblk = min(rp, 64)
+    kblk = min(rp, 64)
+    grid = (T * blocks, rp // rblk)
+    _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
+                       bias if bias is not None else dummy, nb, blocks, S, x.stride(0), x.stride(1), y.stride(0),
+                       scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, num_warps=4, **args)
+    return y

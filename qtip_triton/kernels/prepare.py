@@ -1,0 +1,144 @@
+"""Load-time repack of a QuantizedWeight into the kernel-owned layout (lossless, once per layer).
+
+``PreparedWeight.words`` is int32 of shape ``(G, (m/16) * GRN, (n/16) * GCN)``: word slot ``q`` of the
+group at ``(gr, gc)`` of tile ``(tr, tc)`` sits at ``[q, tr * GRN + gr, tc * GCN + gc]`` (see
+:class:`~qtip_triton.codegen.plan.TilePlan`). It holds exactly the stream words (``m * n * K / 32``
+of them, like the checkpoint), only reordered, so it round-trips (:func:`unrepack`).
+
+The code table is converted to what the generated kernels read:
+
+* ``hyb``: int32 words of packed fp16 pairs, ``(2^Q, ceil(V/2))`` flattened; a sign flip of the first
+  weight is then one xor of bit 15 of the first word (512 words for Q=9: the kernels keep it in
+  registers/shared memory via ``tl.gather``, never a 2^L table);
+* ``lut``: float32 ``(2^L * V,)``, read by pointer (research code, large table);
+* computed codes: a 1-element dummy (kernels never read it).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from qtip_triton.bitstream import get_layout
+from qtip_triton.codegen.plan import TilePlan, make_plan
+from qtip_triton.codes import get_code
+from qtip_triton.spec import TILE, TrellisSpec
+from qtip_triton.weight import QuantizedWeight
+
+
+@dataclass
+class PreparedWeight:
+    """What the kernels launch with: repacked words, kernel table and the transforms' metadata."""
+
+    spec: TrellisSpec
+    out_features: int
+    in_features: int
+    layout: str
+    plan: TilePlan
+    words: torch.Tensor  # int32 (G, Rtot, Ctot)
+    table: torch.Tensor  # int32 (hyb) / float32 (lut) / dummy
+    SU: torch.Tensor  # float32 (n,)
+    SV: torch.Tensor  # float32 (m,)
+    blocks_in: int
+    blocks_out: int
+    cache: dict = field(default_factory=dict)  # scratch kept with the layer (Hadamard matrices)
+
+    # No reference to the QuantizedWeight's trellis is kept: the module cache below is keyed weakly on it.
+
+    @property
+    def device(self) -> torch.device:
+        return self.words.device
+
+
+def kernel_table(spec: TrellisSpec, table: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The code table in the form the generated kernels read (see the module docstring)."""
+    code = get_code(spec.code)
+    code.check_table(spec, table)
+    if spec.code == "hyb":
+        assert table is not None
+        half = table.to(device=device, dtype=torch.float16).contiguous()
+        if spec.V % 2:
+            half = torch.cat([half, torch.zeros(half.shape[0], 1, dtype=torch.float16, device=device)], dim=1)
+        return half.view(torch.int32).reshape(-1).contiguous()
+    if spec.code == "lut":
+        assert table is not None
+        return table.to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def repack(words: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """Stream words (tm, tn, 8K) int64 -> kernel layout (G, tm*GRN, tn*GCN) int32."""
+    tm, tn, nw = words.shape
+    pos = plan.word_positions().to(words.device)  # (G, GRN, GCN)
+    g = words[:, :, pos.reshape(-1)].reshape(tm, tn, plan.G, plan.GRN, plan.GCN)
+    g = g.permute(2, 0, 3, 1, 4).reshape(plan.G, tm * plan.GRN, tn * plan.GCN)
+    g = torch.where(g >= 1 << 31, g - (1 << 32), g)
+    return g.to(torch.int32).contiguous()
+
+
+def unrepack(packed: torch.Tensor, plan: TilePlan) -> torch.Tensor:
+    """Inverse of :func:`repack` (tests: the repack is lossless)."""
+    G, R, C = packed.shape
+    tm, tn = R // plan.GRN, C // plan.GCN
+    g = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(G, tm, plan.GRN, tn, plan.GCN).permute(1, 3, 0, 2, 4)
+    g = g.reshape(tm, tn, -1)
+    words = torch.empty(tm, tn, plan.G * plan.GRN * plan.GCN, dtype=torch.int64, device=packed.device)
+    words[:, :, plan.word_positions().to(packed.device).reshape(-1)] = g
+    return words
+
+
+def prepare_weight(qw: QuantizedWeight) -> PreparedWeight:
+    """Repack ``qw`` for the kernels (uncached; see :func:`prepare`)."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"prepare() takes a QuantizedWeight, got {type(qw).__name__}")
+    plan = make_plan(qw.spec, qw.layout)
+    m, n = qw.out_features, qw.in_features
+    words = get_layout(qw.layout).unpack(qw.trellis, qw.spec, m, n)
+    assert words.shape == (m // TILE, n // TILE, qw.spec.words_per_tile)
+    dev = qw.device
+    return PreparedWeight(
+        spec=qw.spec,
+        out_features=m,
+        in_features=n,
+        layout=qw.layout,
+        plan=plan,
+        words=repack(words, plan),
+        table=kernel_table(qw.spec, qw.table, dev),
+        SU=qw.SU.to(device=dev, dtype=torch.float32).contiguous(),
+        SV=qw.SV.to(device=dev, dtype=torch.float32).contiguous(),
+        blocks_in=qw.blocks("in"),
+        blocks_out=qw.blocks("out"),
+    )
+
+
+# A QuantizedWeight is often rebuilt around the same tensors (QTIPLinear.qweight makes a new one per
+# call), so prepared weights are cached by the identity of the trellis tensor (held weakly: the entry
+# goes when the tensor does), and invalidated when any tensor they were made from changes (in-place
+# edits bump ``_version``; moves change identity).
+_CACHE: dict[int, tuple[weakref.ref, tuple, PreparedWeight]] = {}
+
+
+def _fingerprint(qw: QuantizedWeight) -> tuple:
+    tensors = (qw.trellis, qw.SU, qw.SV) + ((qw.table,) if qw.table is not None else ())
+    return (
+        qw.spec, qw.layout, qw.out_features, qw.in_features, qw.rcp, qw.tp_rank, getattr(qw, "had_block", 0),
+        tuple((id(t), t._version, t.data_ptr()) for t in tensors),
+    )
+
+
+def prepare(qw: QuantizedWeight | PreparedWeight) -> PreparedWeight:
+    """The prepared form of ``qw`` (made once per layer and cached; a PreparedWeight passes through)."""
+    if isinstance(qw, PreparedWeight):
+        return qw
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"expected a QuantizedWeight or PreparedWeight, got {type(qw).__name__}")
+    fp = _fingerprint(qw)
+    key = id(qw.trellis)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is qw.trellis and hit[1] == fp:
+        return hit[2]
+    pw = prepare_weight(qw)
+    _CACHE[key] = (weakref.ref(qw.trellis, lambda _, k=key: _CACHE.pop(k, None)), fp, pw)
+    return pw

@@ -1,0 +1,100 @@
+"""Launchers of the generated decode kernels with an explicit config (no heuristics here).
+
+Each launcher checks its inputs with clear errors, sizes the grid and returns plain tensors:
+
+* :func:`decompress` -> Ŵ (out x in) in the requested dtype;
+* :func:`decode_matmul` (kinds ``gemv``/``gemm``) -> fp32 partials ``(splits, M, out)`` of Ŵ·hᵀ, to be
+  summed by the output transform (which fuses the split-K reduction, so no atomics and no memset).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qtip_triton.codegen.cache import load
+from qtip_triton.kernels.prepare import PreparedWeight
+
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > hi or v & (v - 1):
+        raise ValueError(f"config {name}={v!r} must be a power of two in [{lo}, {hi}]")
+    return v
+
+
+def _blocks(config: Mapping[str, Any]) -> tuple[int, int]:
+    bn = _pow2("BLOCK_N", config.get("BLOCK_N"), 16, 1024)
+    bk = _pow2("BLOCK_K", config.get("BLOCK_K"), 16, 4096)
+    return bn // 16, bk // 16
+
+
+def _launch_opts(config: Mapping[str, Any]) -> dict[str, int]:
+    opts = {"num_warps": _pow2("num_warps", config.get("num_warps", 4), 1, 32)}
+    stages = config.get("num_stages")
+    if stages is not None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
+            raise ValueError(f"config num_stages={stages!r} must be an int in [1, 8]")
+        opts["num_stages"] = stages
+    return opts
+
+
+def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Ŵ (out x in) decoded by the generated ``decompress`` kernel, bit-exact in ``dtype``."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"decompress writes float16, bfloat16 or float32, got {dtype}")
+    TR, TC = _blocks(config)
+    plan = pw.plan
+    mod = load(pw.spec, "decompress", config, layout=pw.layout)
+    G, Rtot, Ctot = pw.words.shape
+    out = torch.empty(pw.out_features, pw.in_features, dtype=dtype, device=pw.device)
+    grid = (_cdiv(Rtot, TR * plan.GRN), _cdiv(Ctot, TC * plan.GCN))
+    mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, Rtot * Ctot, out.stride(0), TR=TR, TC=TC,
+                     **_launch_opts(config))
+    return out
+
+
+def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16)."""
+    if kind not in ("gemv", "gemm"):
+        raise ValueError(f"decode_matmul runs kinds 'gemv' and 'gemm', got {kind!r}")
+    if h.dim() != 2 or h.shape[1] != pw.in_features:
+        raise ValueError(f"h must be (M, {pw.in_features}), got {tuple(h.shape)}")
+    allowed = ACT_DTYPES + ((torch.float32,) if kind == "gemv" else ())
+    if h.dtype not in allowed:
+        raise ValueError(f"the {kind} kernel takes {', '.join(map(str, allowed))} activations, got {h.dtype}")
+    if h.stride(1) != 1:
+        h = h.contiguous()
+    TR, TC = _blocks(config)
+    bm_lo, bm_hi = (1, 16) if kind == "gemv" else (16, 256)
+    BM = _pow2("BLOCK_M", config.get("BLOCK_M"), bm_lo, bm_hi)
+    split = config.get("SPLIT_K", 1)
+    if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+        raise ValueError(f"config SPLIT_K={split!r} must be an int >= 1")
+    plan = pw.plan
+    mod = load(pw.spec, kind, config, layout=pw.layout)
+    G, Rtot, Ctot = pw.words.shape
+    M = h.shape[0]
+    CB = TC * plan.GCN
+    nblk = _cdiv(Ctot, CB)
+    iters = _cdiv(nblk, min(split, nblk))
+    splits = _cdiv(nblk, iters)
+    ws = torch.empty(splits, M, pw.out_features, dtype=torch.float32, device=h.device)
+    grid = (_cdiv(Rtot, TR * plan.GRN), splits, _cdiv(M, BM))
+    extra = {"INTERPRET": interpreting()} if kind == "gemm" else {}
+    mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, Rtot * Ctot, h.stride(0), ws.stride(0),
+                     ws.stride(1), TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
+    return ws

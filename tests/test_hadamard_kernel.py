@@ -1,0 +1,72 @@
+"""Triton Hadamard transform (interpreter) vs the float64 reference transforms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton import hadamard, kernels
+from qtip_triton.kernels.hadamard import factor, supported, transform
+
+pytestmark = pytest.mark.skipif(
+    not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
+)
+
+
+def _reference(x64: torch.Tensor, blocks: int, transpose: bool) -> torch.Tensor:
+    parts = x64.reshape(*x64.shape[:-1], blocks, x64.shape[-1] // blocks)
+    fn = hadamard.apply_mt if transpose else hadamard.apply_m
+    return fn(parts).reshape(x64.shape)
+
+
+def _rel(y, ref) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("kh", (1,) + hadamard.HADK_ORDERS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_every_hadk(gen, kh, transpose):
+    n = kh * 16 if kh > 1 else 1024
+    x = torch.randn(3, n, generator=gen)
+    y = transform(x, 1, transpose=transpose, out_dtype=torch.float32, interpret=True)
+    assert _rel(y, _reference(x.double(), 1, transpose)) < 1e-6
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, 1), (2752, 1), (768, 3), (1024, 8), (512, 4), (96, 1), (32, 2)])
+def test_fused_scales_bias_and_blocks(gen, n, blocks):
+    x = torch.randn(5, n, generator=gen).half()
+    su, sv, bias = (torch.randn(n, generator=gen) for _ in range(3))
+    for transpose in (False, True):
+        y = transform(x, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
+                      interpret=True)
+        ref = _reference(x.double() * su.double(), blocks, transpose) * sv.double() + bias.double()
+        assert _rel(y, ref) < 1e-6
+
+
+def test_split_partials_are_summed(gen):
+    parts = torch.randn(4, 3, 320, generator=gen)  # 320 = 20 * 16
+    y = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True)
+    ref = _reference(parts.double().sum(0), 1, False)
+    assert y.dtype == torch.float16 and _rel(y, ref) < 1e-3
+
+
+def test_exl3_blocks_of_128(gen):
+    """EXL3: fixed 128-wide blocks of the plain Sylvester H128 (single-stage kernel, many blocks per program)."""
+    x = torch.randn(7, 1024, generator=gen)
+    y = transform(x, 1024 // 128, transpose=True, out_dtype=torch.float32, interpret=True)
+    h = hadamard.hadamard_matrix(128)
+    ref = (x.double().reshape(7, 8, 128) @ h).reshape(7, 1024)  # H128 is symmetric: Mᵀ = M
+    assert _rel(y, ref) < 1e-6
+
+
+def test_factor_and_errors():
+    assert factor(28672) == (28, 8, 128)
+    assert factor(11008) == (172, 1, 64)
+    assert factor(8192) == (1, 64, 128)
+    assert supported(4096) == (True, None)
+    ok, why = supported(352)
+    assert not ok and "no Hadamard transform of size 352" in why
+    with pytest.raises(ValueError, match="equal Hadamard blocks"):
+        transform(torch.zeros(1, 96), 5, transpose=False, interpret=True)
+    with pytest.raises(ValueError, match="pre must be"):
+        transform(torch.zeros(1, 96), 1, transpose=False, pre=torch.ones(95), interpret=True)
