@@ -101,3 +101,11 @@ def fake_bench(api: FakeAPI, clock: FakeClock | None = None, seconds_per_bench: 
         return api.cost(kind, cfg, spec, m, n, M)
 
     return bench
+
+
+BROKEN_FOR_POOL = {"BLOCK_N": 16, "SPLIT_K": 1, "num_warps": 2}
+
+
+def broken_api() -> FakeAPI:
+    """Importable factory for compile-pool worker processes."""
+    return FakeAPI(broken=[BROKEN_FOR_POOL])
