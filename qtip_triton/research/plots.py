@@ -18,30 +18,35 @@ def _pyplot():
 
 
 def _label(row: dict[str, Any]) -> str:
-    return f"{row['code']}{'' if row.get('Q') in (None, '') else row['Q']} V{row['V']}"
+    q = "" if row.get("Q") in (None, "") else row["Q"]
+    return f"L{row['L']} {row['code']}{q} V{row['V']}"
 
 
 def distortion_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """MSE vs bits per weight on a log scale, one marker per code (filled: Gaussian, hollow: real weights)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(_label(r), []).append(r)
-    for label, rs in sorted(groups.items()):
+    n = len(groups)
+    for i, (label, rs) in enumerate(sorted(groups.items())):
         marker = MARKERS.get(rs[0]["code"], "x")
-        xs = [r["bits_per_weight"] + 0.02 * (r["L"] - 14) for r in rs]  # small L offset keeps points apart
-        line = ax.scatter(xs, [r["gauss_mse"] for r in rs], marker=marker, label=f"{label} (Gaussian)")
+        dodge = 0.04 * (i - (n - 1) / 2)  # series side by side at each K, not on top of each other
+        xs = [r["bits_per_weight"] + dodge for r in rs]
+        pts = ax.scatter(xs, [r["gauss_mse"] for r in rs], marker=marker, label=f"{label}")
         real = [(x, r["real_rel_mse"]) for x, r in zip(xs, rs, strict=True) if r.get("real_rel_mse") not in (None, "")]
         if real:
-            ax.scatter([p[0] for p in real], [p[1] for p in real], marker=marker, facecolors="none", edgecolors=line.get_facecolor(),
-                       label=f"{label} (real weights)")
+            ax.scatter([p[0] for p in real], [p[1] for p in real], marker=marker, facecolors="none",
+                       edgecolors=pts.get_facecolor())
     ks = sorted({r["bits_per_weight"] for r in rows})
-    ax.plot(ks, [2.0 ** (-2 * k) for k in ks], "k--", lw=1, label="bound 2^-2K")
+    grid = [ks[0] - 0.3 + j * (ks[-1] - ks[0] + 0.6) / 50 for j in range(51)]
+    ax.plot(grid, [2.0 ** (-2 * k) for k in grid], "k--", lw=1, label="bound 2^-2K")
+    ax.set_xticks(ks)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (K)")
     ax.set_ylabel("MSE (unit-variance data)")
-    ax.set_title("Trellis distortion vs rate")
+    ax.set_title("Trellis distortion vs rate (filled: N(0,1), hollow: real weights after RHT)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
