@@ -85,14 +85,17 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict
         return {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
-        # keep NA * BLOCK_M accumulators of BLOCK_N/16 x BLOCK_K/16 tiles' groups in registers
-        block_n, block_k = {1: (128, 256), 2: (64, 256), 4: (64, 128), 8: (32, 128), 16: (32, 64)}[bm]
+        # about 8 words per thread per k step and <= 32 fp32 accumulators per thread (sm_90 compile:
+        # 127 registers for BLOCK_M=1, no spills; 16 words per thread took 255 registers and spilled)
+        block_n, block_k, warps = {1: (128, 256, 8), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
+                                   16: (64, 64, 8)}[bm]
         split = _split_for(m, n, block_n, block_k)
-        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
+        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps}
     bm = max(16, min(_next_pow2(M), 64))
     block_n, block_k = 64, 128
     split = _split_for(m, n, block_n, block_k, waves=2) if M <= 64 else 1
-    return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
+    return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
+            "num_warps": 8 if bm >= 32 else 4}
 
 
 def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:

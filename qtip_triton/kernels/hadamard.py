@@ -58,7 +58,7 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 @triton.jit
 def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  ROWS, COLS, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr, KBLK: tl.constexpr,
-                 HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+                 CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS."""
     pid = tl.program_id(0)
     token = pid // blocks
@@ -79,20 +79,22 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, nb, blocks, nsplit, stride_xs, str
             z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
         acc = _split_dot(a, z, acc, INTERPRET)
-    b = tl.load(B + j[:, None] * CP + j[None, :])
-    out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CP], dtype=tl.float32), INTERPRET) * scale
-    oidx = ri[:, None] * COLS + j[None, :]
-    omsk = (ri < ROWS)[:, None] & (j < COLS)[None, :]
-    if HAS_POST:
-        out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
-    tl.store(Y + token * stride_ym + base + oidx, out.to(Y.dtype.element_ty), mask=omsk)
+    for c0 in tl.static_range(0, CP, CBLK):  # stage 2 by column blocks: B never sits whole in registers
+        jc = c0 + tl.arange(0, CBLK)
+        b = tl.load(B + j[:, None] * CP + jc[None, :])
+        out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+        oidx = ri[:, None] * COLS + jc[None, :]
+        omsk = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
+        if HAS_POST:
+            out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
+        if HAS_BIAS:
+            out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
+        tl.store(Y + token * stride_ym + base + oidx, out.to(Y.dtype.element_ty), mask=omsk)
 
 
 @triton.jit
 def _had1_kernel(X, Y, B, PRE, POST, BIAS, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
-                 CP: tl.constexpr, RBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+                 CP: tl.constexpr, RBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
     """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
     r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)
@@ -106,13 +108,16 @@ def _had1_kernel(X, Y, B, PRE, POST, BIAS, nb, nrows, blocks, nsplit, stride_xs,
         z += tl.load(ptr, mask=msk, other=0.0).to(tl.float32)
     if HAS_PRE:
         z *= tl.load(PRE + base[:, None] + j[None, :], mask=msk, other=0.0)
-    b = tl.load(B + j[:, None] * CP + j[None, :])
-    out = _split_dot_rhs(z, b, tl.zeros([RBLK, CP], dtype=tl.float32), INTERPRET) * scale
-    if HAS_POST:
-        out *= tl.load(POST + base[:, None] + j[None, :], mask=msk, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(BIAS + base[:, None] + j[None, :], mask=msk, other=0.0).to(tl.float32)
-    tl.store(Y + (token * stride_ym + base)[:, None] + j[None, :], out.to(Y.dtype.element_ty), mask=msk)
+    for c0 in tl.static_range(0, CP, CBLK):  # by column blocks: B never sits whole in registers
+        jc = c0 + tl.arange(0, CBLK)
+        b = tl.load(B + j[:, None] * CP + jc[None, :])
+        out = _split_dot_rhs(z, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+        omsk = (r < nrows)[:, None] & (jc < nb)[None, :]
+        if HAS_POST:
+            out *= tl.load(POST + base[:, None] + jc[None, :], mask=omsk, other=0.0)
+        if HAS_BIAS:
+            out += tl.load(BIAS + base[:, None] + jc[None, :], mask=omsk, other=0.0).to(tl.float32)
+        tl.store(Y + (token * stride_ym + base)[:, None] + jc[None, :], out.to(Y.dtype.element_ty), mask=omsk)
 
 
 def _next_pow2(x: int) -> int:
@@ -215,18 +220,19 @@ def transform(
     cp = b.shape[0]
     if a is None:
         nrows = T * blocks
-        rblk = 16 if interpret else max(16, min(64, 4096 // cp))
+        rblk = 16 if interpret else 32
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, nb, nrows, blocks, S, x.stride(0), x.stride(1),
-                           y.stride(0), scale, CP=cp, RBLK=rblk, num_warps=4, **args)
+                           y.stride(0), scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args)
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    rblk = min(rp, 64)
-    kblk = min(rp, 64)
+    rblk = min(rp, 32)
+    kblk = min(rp, 32)
     grid = (T * blocks, rp // rblk)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, nb, blocks, S, x.stride(0), x.stride(1), y.stride(0),
-                       scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, num_warps=4, **args)
+                       scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=min(cp, 32), num_warps=4,
+                       **args)
     return y

@@ -1,0 +1,71 @@
+"""Timing helpers shared by the benchmarks (GPU only).
+
+``time_us(fn)`` is the one way we time: warm up (compiles and allocator growth stay out), capture
+``fn`` in a CUDA graph (launch gaps and Python overhead stay out, as in serving with graphs), then
+``triton.testing.do_bench`` on the replay, which zeroes a 256 MB buffer before every call so each
+call starts with a cold L2 (decode-size weights fit in the 50 MB L2; without the flush the number
+would be fiction). The median is reported in microseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, rep_ms: int = 40) -> float:
+    """Median time of one call of ``fn`` in µs (CUDA graph replay, L2 flushed before each call)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # warm the allocator on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    ms = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    return float(ms) * 1000.0
+
+
+def card_slug() -> str:
+    """Short file-name-safe GPU name, e.g. 'h100-80gb-hbm3'."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    name = name.lower().replace("nvidia", "").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(card=torch.cuda.get_device_name(), sms=str(p.multi_processor_count),
+                   memory_gib=f"{p.total_memory / 2**30:.1f}")
+    return env
+
+
+def write_results(out_dir: str | Path, stem_prefix: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<card>-<date>[-prefix].{json,md}``; returns the two paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    date = _dt.datetime.now().strftime("%Y-%m-%d")
+    stem = f"{card_slug()}-{date}" + (f"-{stem_prefix}" if stem_prefix else "")
+    jp, mp = out / f"{stem}.json", out / f"{stem}.md"
+    jp.write_text(json.dumps(payload, indent=1))
+    mp.write_text(markdown)
+    return jp, mp

@@ -1,0 +1,196 @@
+"""Kernel benchmark: our decode-matmul vs fp16 torch.matmul on Llama layer shapes (GPU).
+
+For each layer shape (out x in), K in {2, 3, 4} (L16 V2 hyb9, QTIP layout, random weights) and batch M:
+
+* ``kernel``: the decode-matmul alone (gemv/gemm kernel on a pre-transformed input; for
+  ``decompress``, the decompress kernel plus torch.matmul) -- what upstream's 15.6 µs measures;
+* ``linear``: the whole forward y = x W_effᵀ (input Hadamard, decode-matmul, output Hadamard);
+* ``fp16``: torch.matmul(x, W.t()) with a dense fp16 W of the same shape, in the same run;
+* ratios fp16 / ours.
+
+Every number is the median of CUDA-graph replays with L2 flushed before each call (bench/common.py).
+Writes ``<out>/<card>-<date>.{json,md}`` and prints the table. ``--explore`` also times a set of
+configs per kind at a few (shape, M) points, to pick better heuristics.
+
+    python bench/kernels.py --out bench/results            # full table
+    python bench/kernels.py --quick                          # 2 shapes, M in {1, 16}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, time_us, write_results  # noqa: E402
+
+from qtip_triton import QuantizedWeight, TrellisSpec, kernels  # noqa: E402
+from qtip_triton.bitstream import get_layout  # noqa: E402
+from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
+MS = [1, 4, 16, 64, 256, 2048]
+KS = [2, 3, 4]
+
+
+def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    spec = TrellisSpec(16, K, 2, "hyb", 9)
+    words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device=device,
+                          dtype=torch.int64)
+    trellis = get_layout("qtip").pack(words, spec)
+    table = (torch.randn(512, 2, generator=g, device=device) * 0.7).half()
+    SU = torch.randn(n, generator=g, device=device).sign()
+    SV = torch.rand(m, generator=g, device=device) + 0.5
+    return QuantizedWeight(spec, m, n, trellis, SU, SV, table, layout="qtip")
+
+
+def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
+    """The decode-matmul part alone, on an already transformed input."""
+    h = _transform_in(pw, x, torch.float32 if kind == "gemv" else x.dtype)
+    if kind == "decompress":
+        return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
+    return lambda: decode_matmul(kind, pw, h, config)
+
+
+def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, config: dict | None = None,
+                full: bool = True) -> dict:
+    m, n = qw.out_features, qw.in_features
+    kind = kind or kernels.default_kind(qw.spec, m, n, M)
+    config = config or kernels.default_config(kind, qw.spec, m, n, M)
+    x = torch.randn(M, n, device="cuda").half()
+    rec = {"m": m, "n": n, "K": qw.spec.K, "M": M, "kind": kind, "config": config}
+    rec["kernel_us"] = time_us(kernel_fn(kind, pw, x, config))
+    if full:
+        rec["linear_us"] = time_us(lambda: kernels.launch(kind, x, pw, config))
+    rec["fp16_us"] = time_us(lambda: torch.matmul(x, w16.t()))
+    rec["ratio_kernel"] = rec["fp16_us"] / rec["kernel_us"]
+    if full:
+        rec["ratio_linear"] = rec["fp16_us"] / rec["linear_us"]
+    return rec
+
+
+def explore_configs(kind: str, m: int, n: int, M: int, spec) -> list[dict]:
+    base = kernels.default_config(kind, spec, m, n, M)
+    out = [base]
+    if kind == "gemv":
+        for bn, bk, nw in ((64, 256, 4), (128, 128, 4), (128, 512, 8), (256, 256, 8), (64, 512, 4), (128, 256, 8)):
+            for mult in (0.5, 1, 2):
+                split = max(1, int(base["SPLIT_K"] * mult))
+                out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split})
+        out.append({**base, "table": "global"})
+    elif kind == "gemm":
+        for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 8), (64, 256, 4), (32, 128, 4)):
+            for mult in (0.5, 1, 2):
+                split = max(1, int(base["SPLIT_K"] * mult))
+                out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split})
+    else:
+        for bn, bk, nw in ((32, 256, 4), (128, 128, 8), (64, 128, 4)):
+            out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw})
+    seen, uniq = set(), []
+    for c in out:
+        key = json.dumps(c, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            uniq.append(c)
+    return uniq
+
+
+def markdown(env: dict, rows: list[dict], explore: list[dict]) -> str:
+    lines = [f"# Kernel benchmark — {env.get('card', '?')} — {time.strftime('%Y-%m-%d %H:%M')}", "",
+             f"torch {env['torch']}, triton {env['triton']}. Times: median µs of CUDA-graph replays, L2 flushed "
+             "before each call. `kernel` = decode-matmul only (gemv/gemm on a pre-transformed input; "
+             "decompress + torch.matmul); `linear` = whole forward incl. both Hadamard transforms. "
+             "Ratio = fp16 torch.matmul time / ours (higher is better).", "",
+             "| out x in | K | M | kind | kernel µs | linear µs | fp16 µs | fp16/kernel | fp16/linear |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {r['kernel_us']:.1f} | "
+                     f"{r.get('linear_us', float('nan')):.1f} | {r['fp16_us']:.1f} | {r['ratio_kernel']:.2f} | "
+                     f"{r.get('ratio_linear', float('nan')):.2f} |")
+    if explore:
+        lines += ["", "## Config exploration (kernel only)", "",
+                  "| out x in | K | M | kind | config | kernel µs | fp16/kernel |", "|---|---|---|---|---|---|---|"]
+        for r in explore:
+            cfg = ", ".join(f"{k}={v}" for k, v in r["config"].items())
+            lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {cfg} | {r['kernel_us']:.1f} | "
+                         f"{r['ratio_kernel']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--quick", action="store_true", help="2 shapes, M in {1, 16}, K=2 only")
+    ap.add_argument("--explore", action="store_true", help="also time alternative configs at a few points")
+    ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,28672x8192")
+    ap.add_argument("--M", default=None, help="e.g. 1,16,256")
+    ap.add_argument("--K", default=None, help="e.g. 2,4")
+    ap.add_argument("--time-limit", type=float, default=480.0, help="seconds; stop adding points after this")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    shapes = SHAPES if not args.shapes else [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    Ms = MS if not args.M else [int(v) for v in args.M.split(",")]
+    Ks = KS if not args.K else [int(v) for v in args.K.split(",")]
+    if args.quick:
+        shapes, Ms, Ks = [(8192, 8192), (28672, 8192)], [1, 16], [2]
+    t0 = time.time()
+    env = environment()
+    rows: list[dict] = []
+    explore: list[dict] = []
+    points = [(s, K) for K in Ks for s in shapes]
+    for (m, n), K in tqdm(points, desc="shapes", file=sys.stderr):
+        if time.time() - t0 > args.time_limit:
+            print(f"time limit reached; skipping {m}x{n} K={K}", file=sys.stderr)
+            continue
+        qw = random_weight(m, n, K)
+        pw = prepare(qw)
+        w16 = torch.randn(m, n, device="cuda").half()
+        for M in Ms:
+            try:
+                rows.append(bench_point(qw, pw, M, w16))
+            except Exception as e:  # keep the rest of the table; the failure is recorded
+                rows.append({"m": m, "n": n, "K": K, "M": M, "kind": "?", "error": repr(e)[:300],
+                             "kernel_us": float("nan"), "fp16_us": float("nan"), "ratio_kernel": float("nan")})
+            r = rows[-1]
+            print(f"{m}x{n} K={K} M={M} {r['kind']}: kernel {r['kernel_us']:.1f} linear {r.get('linear_us', 0):.1f} "
+                  f"fp16 {r['fp16_us']:.1f} -> {r['ratio_kernel']:.2f}x / {r.get('ratio_linear', 0):.2f}x",
+                  file=sys.stderr, flush=True)
+        if args.explore and (m, n) == (8192, 8192) and K == 2:
+            for M in (1, 16, 256):
+                kinds = ["gemv", "gemm"] if M == 1 else (["gemm"] if M == 16 else ["gemm", "decompress"])
+                for kind in kinds:
+                    for cfg in explore_configs(kind, m, n, M, qw.spec):
+                        if time.time() - t0 > args.time_limit:
+                            break
+                        try:
+                            explore.append(bench_point(qw, pw, M, w16, kind, cfg, full=False))
+                        except Exception as e:
+                            explore.append({"m": m, "n": n, "K": K, "M": M, "kind": kind, "config": cfg,
+                                            "error": repr(e)[:300], "kernel_us": float("nan"),
+                                            "ratio_kernel": float("nan")})
+        del qw, pw, w16
+        torch.cuda.empty_cache()
+    payload = {"env": env, "rows": rows, "explore": explore, "seconds": time.time() - t0}
+    md = markdown(env, rows, explore)
+    jp, mp = write_results(args.out, os.environ.get("BENCH_TAG", ""), payload, md)
+    print(md)
+    print(f"wrote {jp} and {mp}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
