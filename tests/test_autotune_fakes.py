@@ -25,7 +25,6 @@ class FakeAPI:
         self.launches: Counter = Counter()
         self.calls: Counter = Counter()
         self.last = None
-        self._dense: dict[int, torch.Tensor] = {}
 
     def kinds(self):
         return ("gemv", "gemm")
@@ -61,16 +60,16 @@ class FakeAPI:
         r = random.Random(f"{self.seed}|{kind}|{config_key(config)}|{spec_name}|{m}|{n}|{M}")
         return round(r.uniform(2.0, 20.0), 3)
 
-    def launch(self, kind, x, qw, config, bias=None):
+    def launch(self, kind, x, prepared, config, bias=None):
+        if not isinstance(prepared, FakePrepared):  # like the real kernels: they launch with prepare()'s result
+            raise TypeError(f"launch needs the prepared layer, got {type(prepared).__name__}")
         key = config_key(config)
         self.launches[(kind, key)] += 1
+        qw = prepared.qw
         self.last = (kind, dict(config), qw.spec.name, qw.out_features, qw.in_features, x.shape[0])
         if key in self.broken:
             raise CompilationError("out of resources: shared memory")
-        w = self._dense.get(id(qw))
-        if w is None:
-            w = self._dense[id(qw)] = qw.dequantize(torch.float32)
-        y = x.float() @ w.t()
+        y = x.float() @ prepared.dense.t()
         if bias is not None:
             y = y + bias
         if key in self.wrong:
@@ -79,7 +78,14 @@ class FakeAPI:
 
     def prepare(self, qw):
         self.calls["prepare"] += 1
-        return None
+        return FakePrepared(qw, qw.dequantize(torch.float32))
+
+
+class FakePrepared:
+    """Stands for the kernel package's repacked weight."""
+
+    def __init__(self, qw, dense: torch.Tensor) -> None:
+        self.qw, self.dense = qw, dense
 
 
 class FakeClock:

@@ -58,19 +58,18 @@ def resolve(path: str) -> Callable[..., Any]:
 
 def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None] | None = None) -> dict[CompileJob, str]:
     """Compile ``jobs`` here, in this process; returns ``{job: error}`` for those that failed."""
+    from qtip_triton.autotune.tuner import prepared_layer
     from qtip_triton.spec import TrellisSpec
 
     errors: dict[CompileJob, str] = {}
-    layer_key, layer = None, None
+    layer_key, raw, layer = None, None, None
     for job in sorted(jobs, key=lambda j: j.layer_key):
         try:
             if job.layer_key != layer_key:
-                layer_key, layer = job.layer_key, None
+                layer_key, raw, layer = job.layer_key, None, None
                 spec = TrellisSpec.parse(job.spec)
-                raw = workload.layer(spec, job.out_features, job.in_features)
-                prepared = api.prepare(raw)
-                layer = raw if prepared is None else prepared
-            api.launch(job.kind, workload.inputs(layer, job.M), layer, dict(job.config))
+                raw, layer = prepared_layer(api, workload, (spec, job.out_features, job.in_features))
+            api.launch(job.kind, workload.inputs(raw, job.M), layer, dict(job.config))
         except Exception as e:  # a config that fails to compile is reported, not fatal
             errors[job] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if progress is not None:

@@ -95,9 +95,11 @@ class Workload:
     """Makes the layer and inputs a task is timed on (see :mod:`qtip_triton.autotune.workload`)."""
 
     def layer(self, spec: TrellisSpec, out_features: int, in_features: int):
+        """A QuantizedWeight of this spec and shape (the kernel API's ``prepare`` turns it into what it launches)."""
         raise NotImplementedError
 
     def inputs(self, layer, M: int):
+        """M rows of activations for ``layer`` (the QuantizedWeight from :meth:`layer`)."""
         raise NotImplementedError
 
     def rel_error(self, out, ref) -> float:
@@ -174,7 +176,7 @@ def tune(
     broken: dict[tuple, str] = {}  # (kind, spec, config) -> compile error, shape-independent
     results: list[TaskResult] = []
     skipped: list[Task] = []
-    layer_key, layer = None, None
+    layer_key, raw, layer = None, None, None
     bar = tqdm(total=sum(len(c) for _, c, _ in planned), unit="cfg", desc="autotune", disable=not progress)
     try:
         for task, cands, default in planned:
@@ -184,9 +186,9 @@ def tune(
                 continue
             lk = (task.spec, task.out_features, task.in_features)
             if lk != layer_key:
-                layer_key, layer = lk, None  # free the previous layer before building the next
-                layer = _prepared(api, workload, lk)
-            x = workload.inputs(layer, task.m_bucket)
+                layer_key, raw, layer = lk, None, None  # free the previous layer before building the next
+                raw, layer = prepared_layer(api, workload, lk)
+            x = workload.inputs(raw, task.m_bucket)
             res = TaskResult(task, default_kind=default[0] if default else None)
             ref = None
             bar.set_postfix_str(f"{task.spec.name} {task.out_features}x{task.in_features} M={task.m_bucket}")
@@ -231,7 +233,8 @@ def tune(
     return TuneReport(results, skipped, clock() - start)
 
 
-def _prepared(api: KernelAPI, workload: Workload, lk: tuple) -> Any:
-    layer = workload.layer(*lk)
-    prepared = api.prepare(layer)
-    return layer if prepared is None else prepared
+def prepared_layer(api: KernelAPI, workload: Workload, lk: tuple) -> tuple[Any, Any]:
+    """``(QuantizedWeight, what the kernels launch with)`` for a (spec, out, in) layer key."""
+    raw = workload.layer(*lk)
+    prepared = api.prepare(raw)
+    return raw, raw if prepared is None else prepared

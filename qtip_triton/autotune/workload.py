@@ -35,4 +35,6 @@ def random_layer(spec: TrellisSpec, out_features: int, in_features: int, *, layo
 def random_input(qw: QuantizedWeight, M: int, dtype: torch.dtype = torch.float16,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """M rows of unit-variance activations on the layer's device (never zeros: timing must see real data)."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"random_input takes the QuantizedWeight, got {type(qw).__name__}")
     return torch.randn(M, qw.in_features, device=qw.trellis.device, generator=generator).to(dtype)
