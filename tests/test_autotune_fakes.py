@@ -17,8 +17,9 @@ class CompilationError(Exception):
 
 
 class FakeAPI:
-    def __init__(self, broken=(), wrong=(), fast=(), seed: int = 0) -> None:
+    def __init__(self, broken=(), wrong=(), fast=(), slow=(), seed: int = 0) -> None:
         self.broken = {config_key(c) for c in broken}
+        self.slow = {config_key(c) for c in slow}
         self.wrong = {config_key(c) for c in wrong}
         self.fast = {config_key(c) for c in fast}
         self.seed = seed
@@ -57,6 +58,8 @@ class FakeAPI:
         """Deterministic pseudo-random time (µs) per (kind, config, task); 'fast' configs win."""
         if config_key(config) in self.fast | self.wrong:
             return 0.5
+        if config_key(config) in self.slow:
+            return 1000.0
         r = random.Random(f"{self.seed}|{kind}|{config_key(config)}|{spec_name}|{m}|{n}|{M}")
         return round(r.uniform(2.0, 20.0), 3)
 

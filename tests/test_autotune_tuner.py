@@ -36,9 +36,18 @@ def test_prune_keeps_default_and_budget():
     assert len(prune(space, default, 4096, 256, 100)) == len(space)
     assert wasteful({"SPLIT_K": 8, "BLOCK_K": 64}, 256, 1)  # 4 k-blocks cannot feed 8 splits
     assert wasteful({"SPLIT_K": 2, "BLOCK_K": 64}, 256, 1) is None
-    cands = candidates(api, spec, 64, 96, 1, 3)
-    assert [k for k, _ in cands] == ["gemv"] * 3 + ["gemm"] * 3
+    # kinds are timed only within two buckets of where the heuristic picks them (gemv: M <= 16)
+    assert [k for k, _ in candidates(api, spec, 64, 96, 1, 3)] == ["gemv"] * 3
+    assert [k for k, _ in candidates(api, spec, 64, 96, 8, 3)] == ["gemv"] * 3 + ["gemm"] * 2
+    assert [k for k, _ in candidates(api, spec, 64, 96, 16, 6)] == ["gemv"] * 6 + ["gemm"] * 2
+    assert [k for k, _ in candidates(api, spec, 64, 96, 32, 6)] == ["gemm"] * 6  # gemv cannot run M=32
     assert [k for k, _ in candidates(api, spec, 64, 96, 256, 3)] == ["gemm"] * 3
+    # neighbours of the default are taken one knob at a time, so each knob gets explored
+    gemv_space = api.config_space("gemv", spec, 64, 96, 1)
+    gemv_default = api.default_config("gemv", spec, 64, 96, 1)
+    got = prune(gemv_space, gemv_default, 96, 1, 4)
+    changed = [[k for k in c if c[k] != gemv_default[k]] for c in got[1:]]
+    assert sorted(map(tuple, changed)) == [("BLOCK_N",), ("SPLIT_K",), ("num_warps",)]
     with pytest.raises(ValueError):
         prune(space, default, 4096, 4, 0)
 
@@ -145,3 +154,26 @@ def test_cli_dry_run_full_llama_plan(monkeypatch, capsys):
     assert cli.main(["autotune", "--gpu", "h100", "--dry-run", "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "3 specs x 21 shapes x 13 M buckets = 819 tasks" in text and "estimated" in text
+
+
+def test_quick_screen_skips_clearly_slow_candidates():
+    tasks = make_tasks(SPECS[:1], SHAPES[:1], [1])
+    (task, cands, default), = plan(tasks, FakeAPI(), 6)
+    slow = cands[2][1]
+    api = FakeAPI(slow=[slow])
+    benched = []
+
+    def bench(fn):
+        fn()
+        benched.append(config_key(api.last[1]))
+        return api.cost(*api.last)
+
+    def quick(fn):
+        fn()
+        return api.cost(*api.last)
+
+    report = tune(tasks, api, bench, WORKLOAD, max_candidates=6, progress=False, quick=quick, screen=3.0)
+    res, = report.results
+    assert res.screened == 1 and config_key(slow) not in benched
+    assert benched[0] == config_key(default[1]) and len(benched) == len(cands) - 1
+    assert res.config != slow and res.default_time_us is not None

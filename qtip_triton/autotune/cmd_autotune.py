@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
     p.add_argument("--timer", choices=("do_bench", "cudagraph"), default="do_bench",
                    help="do_bench flushes L2 between runs (default); cudagraph times graph replay")
+    p.add_argument("--screen", type=float, default=3.0,
+                   help="skip the full timing of a candidate whose single run is this many times slower than "
+                        "the best so far (default 3; 0 times everything)")
     p.add_argument("--jobs", type=int, default=None,
                    help="processes compiling candidates before timing (default min(8, cores/2); 1 = no pool)")
     p.add_argument("--out", type=Path, default=None,
@@ -102,7 +105,7 @@ def summarize(report: TuneReport, out=None) -> float | None:
 
 
 def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: DeviceInfo | None,
-             versions: SoftwareVersions, *, clock=time.monotonic, out=None, compile_fn=None) -> int:
+             versions: SoftwareVersions, *, clock=time.monotonic, out=None, compile_fn=None, quick=None) -> int:
     """The command with everything GPU-specific injected (tests pass fakes)."""
     out = out or sys.stdout
     specs = parse_specs(args)
@@ -137,7 +140,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
               f"({len(errors)} failed to compile)", file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                   deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
-                  check=not args.no_check)
+                  check=not args.no_check, quick=quick, screen=args.screen)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}))
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"qtip-triton autotune: {e}", file=sys.stderr)
         return 2
     from qtip_triton.autotune.compile_pool import compile_all
-    from qtip_triton.autotune.tuner import RandomWorkload, cuda_graph_timer, do_bench_timer
+    from qtip_triton.autotune.tuner import RandomWorkload, cuda_graph_timer, do_bench_timer, single_run_timer
 
     device = current_device()
     if not args.dry_run:
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
         return compile_all(jobs, workers, workload, progress=not args.no_progress)
 
     try:
-        return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn)
+        return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn,
+                        quick=single_run_timer())
     except ValueError as e:
         print(f"qtip-triton autotune: {e}", file=sys.stderr)
         return 2

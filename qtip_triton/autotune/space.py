@@ -4,14 +4,17 @@ The kernel package owns validity (``config_space`` lists only configs that compi
 shape). This module owns *budget*: it drops candidates that cannot win (row blocks far larger than
 the batch, split-K with less than one k-tile per split) and keeps at most ``max_candidates`` per kind,
 always including the default and the configs one step away from it, then an even spread of the rest.
-It is also the check the registry runs on a stored config before trusting it.
+Kinds are pruned by batch size: a kind is timed only within two buckets of where the heuristic would
+pick it. It is also the check the registry runs on a stored config before trusting it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from qtip_triton.autotune.buckets import M_BUCKETS
 from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
 
 _ROW_BLOCK_KEYS = ("BLOCK_M", "BLOCK_SIZE_M")
@@ -36,12 +39,13 @@ def wasteful(config: Mapping[str, Any], in_features: int, M: int) -> str | None:
     return None
 
 
-def _distance(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
-    return sum(a.get(k) != b.get(k) for k in set(a) | set(b))
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def prune(space: list[Config], default: Config | None, in_features: int, M: int, max_candidates: int) -> list[Config]:
-    """At most ``max_candidates`` configs of ``space``: default first, its neighbours, then a spread."""
+    """At most ``max_candidates`` configs of ``space``: the default first, then its neighbours (one key
+    changed) taking each key in turn, so every knob is explored, then an even spread of the rest."""
     if max_candidates < 1:
         raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
     seen: set[tuple] = set()
@@ -54,13 +58,22 @@ def prune(space: list[Config], default: Config | None, in_features: int, M: int,
     chosen: list[Config] = []
     if default is not None and config_key(default) in seen:
         chosen.append(default)
-    rest = [c for c in useful if not chosen or config_key(c) != config_key(chosen[0])]
-    if default is not None:
-        near = [c for c in rest if _distance(c, default) == 1]
-        far = [c for c in rest if _distance(c, default) != 1]
-    else:
-        near, far = [], rest
-    chosen += near[: max_candidates - len(chosen)]
+        dkey = config_key(default)
+        useful = [c for c in useful if config_key(c) != dkey]
+    near: dict[str, list[Config]] = {}
+    far: list[Config] = []
+    for c in useful:
+        diff = _differing(c, default) if default is not None else []
+        if len(diff) == 1:
+            near.setdefault(diff[0], []).append(c)
+        else:
+            far.append(c)
+    # round-robin over the knobs, nearest values first (a neighbour list is in space order)
+    queues = [sorted(v, key=lambda c, k=k: _step(c.get(k), default.get(k))) for k, v in sorted(near.items())]
+    while len(chosen) < max_candidates and any(queues):
+        for q in queues:
+            if q and len(chosen) < max_candidates:
+                chosen.append(q.pop(0))
     room = max_candidates - len(chosen)
     if room > 0 and far:
         step = len(far) / room
@@ -69,11 +82,43 @@ def prune(space: list[Config], default: Config | None, in_features: int, M: int,
     return chosen[:max_candidates]
 
 
+def _step(value: Any, default: Any) -> float:
+    """How far a knob moved: log2 ratio for positive ints (block sizes, warps), else 1."""
+    if isinstance(value, int) and isinstance(default, int) and value > 0 and default > 0:
+        return abs(math.log2(value / default))
+    return 1.0
+
+
+def kinds_in_reach(api: KernelAPI, spec, out_features: int, in_features: int, M: int, reach: int) -> list[str]:
+    """Kinds worth timing at bucket M: those the heuristic picks within ``reach`` buckets (x2 each) of M.
+
+    A kind is only a contender near the batch sizes it was designed for (gemv for a handful of rows,
+    decompress + cuBLAS for thousands); timing gemv at M=4096 would cost seconds and never win.
+    """
+    kinds = []
+    for kind in api.kinds():
+        for step in range(-reach, reach + 1):
+            m2 = M * 2 ** step if step >= 0 else M // 2 ** -step
+            if m2 < 1 or m2 > M_BUCKETS[-1] * 2:
+                continue
+            if api.default_kind(spec, out_features, in_features, m2) == kind:
+                kinds.append(kind)
+                break
+    return kinds
+
+
 def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
-               max_candidates: int) -> list[tuple[str, Config]]:
-    """``(kind, config)`` candidates over every kind that can run this shape, ``max_candidates`` per kind."""
+               max_candidates: int, reach: int = 2) -> list[tuple[str, Config]]:
+    """``(kind, config)`` candidates for one task: ``max_candidates`` for the heuristic's kind at M,
+    ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`)."""
+    main = api.default_kind(spec, out_features, in_features, M)
+    reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
+    if main is None or main not in api.kinds():
+        reachable = list(api.kinds())  # no heuristic kind: every kind is a contender
     out: list[tuple[str, Config]] = []
     for kind in api.kinds():
+        if kind not in reachable:
+            continue
         ok, _ = api.can_implement(kind, spec, out_features, in_features, M)
         if not ok:
             continue
@@ -82,7 +127,8 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
             default = api.default_config(kind, spec, out_features, in_features, M)
         except (ValueError, TypeError, NotImplementedError):
             default = None
-        out += [(kind, c) for c in prune(space, default, in_features, M, max_candidates)]
+        budget = max_candidates if kind == main or main is None else max(2, max_candidates // 3)
+        out += [(kind, c) for c in prune(space, default, in_features, M, budget)]
     return out
 
 

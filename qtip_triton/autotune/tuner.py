@@ -51,6 +51,23 @@ def cuda_graph_timer(rep_ms: float = 6.0) -> Bench:
     return bench
 
 
+def single_run_timer() -> Bench:
+    """One run between CUDA events, no L2 flush: a cheap lower-bound-ish look used to screen out
+    candidates that are clearly slower than the best so far before spending a full ``do_bench`` on them."""
+
+    def bench(fn: Callable[[], Any]) -> float:
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return float(start.elapsed_time(end)) * 1e3
+
+    return bench
+
+
 @dataclass(frozen=True)
 class Task:
     spec: TrellisSpec
@@ -72,6 +89,7 @@ class TaskResult:
     default_kind: str | None = None
     default_time_us: float | None = None
     tried: int = 0
+    screened: int = 0
     failures: list[tuple[str, Config, str]] = field(default_factory=list)
 
     def entry(self) -> Entry | None:
@@ -167,8 +185,15 @@ def tune(
     clock: Callable[[], float] = time.monotonic,
     progress: bool = True,
     check: bool = True,
+    quick: Bench | None = None,
+    screen: float = 3.0,
 ) -> TuneReport:
-    """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time."""
+    """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time.
+
+    With ``quick`` (e.g. :func:`single_run_timer`), a candidate whose single run is more than
+    ``screen`` times the best median so far is dropped without a full measurement (the default
+    config, timed first, is always measured in full).
+    """
     from tqdm.auto import tqdm
 
     start = clock()
@@ -214,6 +239,11 @@ def tune(
                             err = workload.rel_error(out, ref)
                             if not err <= CHECK_RTOL:
                                 raise ValueError(f"wrong result: rel. error {err:.3g} vs the first config run")
+                    if quick is not None and screen > 0 and res.time_us is not None:
+                        q_us = float(quick(run))
+                        if q_us > screen * res.time_us:
+                            res.screened += 1
+                            continue
                     t_us = float(bench(run))
                     if not math.isfinite(t_us) or t_us <= 0:
                         raise ValueError(f"timer returned {t_us!r}")
