@@ -1,0 +1,162 @@
+"""Run vLLM models and layers on CPU without the engine (whose CPU build is not installed).
+
+* ``init_dist``: vLLM's distributed state (gloo) for world size W, inside a VllmConfig context;
+* ``build_model``: ``LlamaForCausalLM`` from a model directory, optionally loading its checkpoint
+  through vLLM's own ``load_weights`` (mappers, stacked q/k/v, v2 loaders) and post-processing;
+* attention is swapped for a plain causal SDPA over one sequence (vLLM's attention needs KV
+  caches and a forward context that only the engine provides): everything else is vLLM's code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+
+
+class CausalSDPA(torch.nn.Module):
+    """q, k, v of one sequence [T, heads*dim] -> causal attention output, GQA by repetition."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.h, self.kv, self.d, self.scale = num_heads, num_kv_heads, head_dim, scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        T = q.shape[0]
+        q = q.view(T, self.h, self.d).transpose(0, 1)
+        k = k.view(T, self.kv, self.d).transpose(0, 1).repeat_interleave(self.h // self.kv, 0)
+        v = v.view(T, self.kv, self.d).transpose(0, 1).repeat_interleave(self.h // self.kv, 0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return o.transpose(0, 1).reshape(T, self.h * self.d)
+
+
+def init_dist(world_size: int = 1, rank: int = 0, init_file: str | None = None) -> contextlib.ExitStack:
+    """Initialize vLLM's distributed groups (gloo). Returns the ExitStack holding the config context."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(set_current_vllm_config(VllmConfig()))
+    if init_file is None:
+        import tempfile
+
+        init_file = os.path.join(tempfile.mkdtemp(), "dist")
+    init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
+                                 distributed_init_method=f"file://{init_file}", backend="gloo")
+    initialize_model_parallel(tensor_model_parallel_size=world_size)
+    return stack
+
+
+def engine_config(model_dir: str | Path, *, quantization: str | None = None, tp: int = 1,
+                  dtype: str = "float32", load_format: str = "auto"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(
+        model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, enforce_eager=True, quantization=quantization,
+        tensor_parallel_size=tp, load_format=load_format, distributed_executor_backend="mp" if tp > 1 else None,
+        compilation_config={"custom_ops": ["none"]},  # the CPU wheel lacks vLLM's compiled _C ops
+    ).create_engine_config()
+
+
+def build_model(model_dir: str | Path, *, quantization: str | None = None, tp: int = 1, dtype: str = "float32",
+                load: bool = True, load_format: str = "auto"):
+    """LlamaForCausalLM from ``model_dir`` (loaded and post-processed when ``load``); attention swapped."""
+    from safetensors import safe_open
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    vc = engine_config(model_dir, quantization=quantization, tp=tp, dtype=dtype, load_format=load_format)
+    with set_current_vllm_config(vc):
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(vllm_config=vc)
+        if load:
+            def weights():
+                for path in sorted(Path(model_dir).glob("*.safetensors")):
+                    with safe_open(str(path), framework="pt") as f:
+                        for name in f.keys():  # noqa: SIM118
+                            yield name, f.get_tensor(name)
+
+            model.load_weights(weights())
+        process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
+    for layer in model.model.layers:
+        a = layer.self_attn
+        a.attn = CausalSDPA(a.num_heads, a.num_kv_heads, a.head_dim, a.scaling)
+    return model, vc
+
+
+@torch.no_grad()
+def logits(model, vc, ids: torch.Tensor) -> torch.Tensor:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(vc):
+        hidden = model(ids, torch.arange(ids.shape[0]))
+        return model.compute_logits(hidden)
+
+
+@torch.no_grad()
+def hf_logits(model_dir: str | Path, ids: torch.Tensor) -> torch.Tensor:
+    """The transformers implementation's logits (float64): the reference."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float64).eval()
+    return model(ids[None]).logits[0]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_dir: str) -> None:
+    """One TP rank: build and run each job's model; rank 0 saves logits (or the error) per job."""
+    import traceback
+
+    init_dist(world_size, rank, init_file)
+    for job in jobs:
+        result: dict = {}
+        try:
+            model, vc = build_model(job["model"], quantization=job.get("quantization"), tp=world_size,
+                                    load_format=job.get("load_format", "auto"), load=job.get("load", True))
+            out = logits(model, vc, job["ids"])
+            if rank == 0:
+                result["logits"] = out
+        except Exception as e:  # reported to the parent test, which decides
+            result["error"] = f"{type(e).__name__}: {e}"
+            result["traceback"] = traceback.format_exc()
+        if rank == 0 or "error" in result:
+            torch.save(result, os.path.join(out_dir, f"{job['name']}.rank{rank}.pt"))
+
+
+def run_tp(jobs: list[dict], world_size: int = 2, timeout: float = 600) -> dict[str, dict]:
+    """Run ``jobs`` on ``world_size`` spawned processes sharing one vLLM import each."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    out_dir = tempfile.mkdtemp()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=tp_worker, args=(r, world_size, os.path.join(out_dir, "dist"), jobs, out_dir))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            raise TimeoutError("TP worker hung")
+        if p.exitcode != 0:
+            raise RuntimeError(f"TP worker exited with {p.exitcode}")
+    results = {}
+    for job in jobs:
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"{job['name']}.rank{r}.pt")
+            if os.path.exists(path):
+                res = torch.load(path, weights_only=False)
+                if "error" in res or r == 0:
+                    results.setdefault(job["name"], {}).update(res)
+    return results
