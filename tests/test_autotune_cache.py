@@ -117,6 +117,19 @@ def test_dedupe_by_variant():
     assert len(unique) == len({(j.kind, j.config, j.M) for j in jobs if j.M in (1, 2, 16)})
 
 
+def test_dedupe_per_shape_and_deadline():
+    spec = TrellisSpec(16, 2, 2, "hyb", 9)
+    cfg = FakeAPI().default_config("gemv", spec, 64, 96, 1)
+    jobs = [make_job(spec, m, n, M, "gemv", cfg) for m, n in ((64, 96), (96, 64)) for M in (1, 16, 32)]
+    assert len(dedupe(jobs)) == 2  # M=1 and M>=16 (div16)
+    assert len(dedupe(jobs, per_shape=True)) == 4  # ... on each shape (shape-derived ints are specialized too)
+    api = FakeAPI()
+    assert compile_all(jobs, 1, RandomWorkload("cpu", torch.float32), api=api, progress=False, deadline_s=0) == {}
+    assert sum(api.launches.values()) == 0  # past the deadline nothing is compiled
+    compile_all(jobs, 1, RandomWorkload("cpu", torch.float32), api=api, progress=False, per_shape=True)
+    assert sum(api.launches.values()) == 4
+
+
 def test_compile_pool_in_processes():
     jobs = _jobs()
     workload = RandomWorkload("cpu", torch.float32)

@@ -177,3 +177,25 @@ def test_quick_screen_skips_clearly_slow_candidates():
     assert res.screened == 1 and config_key(slow) not in benched
     assert benched[0] == config_key(default[1]) and len(benched) == len(cands) - 1
     assert res.config != slow and res.default_time_us is not None
+
+
+def test_autotune_command_compiles_in_parallel_first(tmp_path):
+    api, clock = FakeAPI(seed=3), FakeClock()
+    seen = {}
+
+    def compile_fn(jobs, workers, deadline_s):
+        seen.update(jobs=jobs, workers=workers, deadline_s=deadline_s)
+        clock.t += 30  # the compile phase takes part of the budget
+        return {}
+
+    args = _args(tmp_path, jobs=4, max_minutes=2)
+    out = io.StringIO()
+    assert cmd_autotune.autotune(args, api, fake_bench(api, clock, 0.0), WORKLOAD, H100, VERS, clock=clock, out=out,
+                                 compile_fn=compile_fn) == 0
+    planned = plan(make_tasks([TrellisSpec(16, k, 2, "hyb", 9) for k in (2, 3)], [(64, 96), (96, 64)], [1, 16, 256]),
+                   api, 3)
+    assert seen["workers"] == 4 and seen["deadline_s"] == pytest.approx(0.5 * 120)
+    assert {(j.spec, j.out_features, j.in_features, j.M, j.kind, j.config) for j in seen["jobs"]} == {
+        (t.spec.name, t.out_features, t.in_features, t.m_bucket, k, config_key(c)) for t, cands, _ in planned
+        for k, c in cands}
+    assert "compiled" in out.getvalue() and len(store.load(tmp_path / "h100.yaml").entries) == 12

@@ -28,6 +28,7 @@ from qtip_triton.spec import TrellisSpec
 # rough costs for the --dry-run estimate (H100, measured per kernel by the lead; adjust when known)
 EST_COMPILE_S = 1.5
 EST_BENCH_OVERHEAD_S = 0.01
+COMPILE_SHARE = 0.5  # at most this share of --max-minutes goes to the parallel compile phase
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,7 +136,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
 
         compile_jobs = [make_job(t.spec, t.out_features, t.in_features, t.m_bucket, k, c)
                         for t, cands, _ in planned for k, c in cands]
-        errors = compile_fn(compile_jobs, jobs)
+        errors = compile_fn(compile_jobs, jobs, COMPILE_SHARE * deadline)
         print(f"compiled {len(variants)} kernels in {clock() - start:.0f} s with {jobs} processes "
               f"({len(errors)} failed to compile)", file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
@@ -176,8 +177,8 @@ def run(args: argparse.Namespace) -> int:
     bench = do_bench_timer(args.warmup_ms, args.rep_ms) if args.timer == "do_bench" else cuda_graph_timer(args.rep_ms)
     workload = RandomWorkload("cuda")
 
-    def compile_fn(jobs, workers):
-        return compile_all(jobs, workers, workload, progress=not args.no_progress)
+    def compile_fn(jobs, workers, deadline_s):
+        return compile_all(jobs, workers, workload, progress=not args.no_progress, deadline_s=deadline_s)
 
     try:
         return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn,

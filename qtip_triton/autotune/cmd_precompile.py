@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     errors = {}
     for dtype in dtypes:
         errors.update(compile_all(jobs, args.jobs or default_workers(), RandomWorkload("cuda", dtype),
-                                  progress=not args.no_progress))
+                                  progress=not args.no_progress, per_shape=True))
     for job, why in errors.items():
         print(f"failed {job.kind} {dict(job.config)} for {job.spec} {job.out_features}x{job.in_features} M={job.M}: {why}")
     print(f"precompiled {len(jobs)} kernel variants x {len(dtypes)} dtypes into {triton_cache_dir()} "

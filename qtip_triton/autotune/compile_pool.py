@@ -35,11 +35,16 @@ class CompileJob:
         return self.spec, self.out_features, self.in_features
 
 
-def dedupe(jobs: Iterable[CompileJob]) -> list[CompileJob]:
-    """One job per compiled variant: (kind, spec, config) plus the row-count class Triton specializes on."""
+def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJob]:
+    """One job per compiled variant: (kind, spec, config) plus the row-count class Triton specializes on.
+
+    ``per_shape`` keeps one per layer shape too: integer arguments derived from the shape (k steps per
+    split, ...) are specialized on ``== 1`` / divisibility by 16 as well, so only launching every shape
+    guarantees that serving that shape finds its binary in the cache (``precompile`` does this).
+    """
     seen, out = set(), []
     for j in jobs:
-        key = (j.kind, j.spec, j.config, row_class(j.M))
+        key = (j.kind, j.spec, j.config, row_class(j.M)) + ((j.out_features, j.in_features) if per_shape else ())
         if key not in seen:
             seen.add(key)
             out.append(j)
@@ -56,14 +61,19 @@ def resolve(path: str) -> Callable[..., Any]:
     return getattr(import_module(module), name)
 
 
-def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None] | None = None) -> dict[CompileJob, str]:
-    """Compile ``jobs`` here, in this process; returns ``{job: error}`` for those that failed."""
+def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None] | None = None,
+             stop_at: float | None = None) -> dict[CompileJob, str]:
+    """Compile ``jobs`` here, in this process (until ``time.monotonic() >= stop_at``); returns ``{job: error}``."""
+    import time
+
     from qtip_triton.autotune.tuner import prepared_layer
     from qtip_triton.spec import TrellisSpec
 
     errors: dict[CompileJob, str] = {}
     layer_key, raw, layer = None, None, None
     for job in sorted(jobs, key=lambda j: j.layer_key):
+        if stop_at is not None and time.monotonic() >= stop_at:
+            break
         try:
             if job.layer_key != layer_key:
                 layer_key, raw, layer = job.layer_key, None, None
@@ -91,20 +101,27 @@ def _worker(api_factory: str, workload, jobs: list[CompileJob], queue) -> None:
 
 def compile_all(jobs: list[CompileJob], workers: int, workload, *, api=None,
                 api_factory: str = "qtip_triton.autotune.kernel_api:load_kernel_api",
-                progress: bool = True, start_method: str = "spawn") -> dict[CompileJob, str]:
+                progress: bool = True, start_method: str = "spawn", per_shape: bool = False,
+                deadline_s: float | None = None) -> dict[CompileJob, str]:
     """Compile every job, in ``workers`` processes (``workers <= 1``: here, with ``api``).
 
-    Jobs are split by layer so each worker builds few random layers. Returns ``{job: error}``.
+    Jobs are spread round-robin over the workers; each builds a random layer per shape it meets.
+    Returns ``{job: error}``. Past ``deadline_s`` the workers are stopped: whatever they did not
+    compile is compiled later, on first use.
     """
+    import time
+
     from tqdm.auto import tqdm
 
-    jobs = dedupe(jobs)
+    start = time.monotonic()
+    jobs = dedupe(jobs, per_shape)
     bar = tqdm(total=len(jobs), unit="kernel", desc="compile", disable=not progress)
     try:
         if workers <= 1 or len(jobs) <= 1:
             if api is None:
                 api = resolve(api_factory)()
-            return run_jobs(jobs, api, workload, progress=lambda: bar.update(1))
+            return run_jobs(jobs, api, workload, progress=lambda: bar.update(1),
+                            stop_at=None if deadline_s is None else start + deadline_s)
         groups: dict[tuple, list[CompileJob]] = {}
         for j in jobs:
             groups.setdefault(j.layer_key, []).append(j)
@@ -120,17 +137,22 @@ def compile_all(jobs: list[CompileJob], workers: int, workload, *, api=None,
         errors: dict[CompileJob, str] = {}
         done = 0
         while done < len(procs):
-            try:
-                what, payload = queue.get(timeout=600)
-            except Exception:  # a worker died without reporting (killed, out of memory)
+            wait = 600.0 if deadline_s is None else deadline_s - (time.monotonic() - start)
+            if wait <= 0:
                 break
+            try:
+                what, payload = queue.get(timeout=min(wait, 600.0))
+            except Exception:  # nothing for a while: past the deadline, or workers died (killed, out of memory)
+                if deadline_s is None or not any(p.is_alive() for p in procs):
+                    break
+                continue
             if what == "tick":
                 bar.update(1)
             else:
                 errors.update(payload)
                 done += 1
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=30 if done == len(procs) else 0)
             if p.is_alive():
                 p.kill()
         return errors
