@@ -16,7 +16,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from qtip_triton.autotune.buckets import parse_buckets
+from qtip_triton.autotune.buckets import parse_buckets, row_class
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, check_gpu_name, current_device, current_versions
 from qtip_triton.autotune.kernel_api import KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
@@ -115,13 +115,13 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     tasks = make_tasks(specs, shapes, buckets)
     planned = plan(tasks, api, args.max_candidates)
     n_cands = sum(len(c) for _, c, _ in planned)
-    variants = {(k, t.spec.name, config_key(c)) for t, cands, _ in planned for k, c in cands}
+    variants = {(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in planned for k, c in cands}
     per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S
     jobs = args.jobs if args.jobs is not None else _default_jobs()
     est = len(variants) * EST_COMPILE_S / max(jobs, 1) + n_cands * per_cand
     print(f"autotune plan: {len(specs)} specs x {len(shapes)} shapes x {len(buckets)} M buckets = {len(tasks)} tasks, "
-          f"{n_cands} timings, {len(variants)} distinct kernels to compile; estimated {est / 60:.1f} min "
-          f"(limit {args.max_minutes} min)", file=out)
+          f"{n_cands} timings, {len(variants)} kernel variants to compile; estimated {est / 60:.1f} min with "
+          f"{jobs} compile processes (limit {args.max_minutes} min)", file=out)
     empty = [t for t, c, _ in planned if not c]
     if empty:
         print(f"warning: {len(empty)} tasks have no candidate config, e.g. {empty[0].key}", file=out)
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     workload = RandomWorkload("cuda")
 
     def compile_fn(jobs, workers, deadline_s):
-        return compile_all(jobs, workers, workload, progress=not args.no_progress, deadline_s=deadline_s)
+        return compile_all(jobs, workers, workload, progress=not args.no_progress, deadline_s=deadline_s,
+                           per_shape=True)
 
     try:
         return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn,

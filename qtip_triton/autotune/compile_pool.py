@@ -35,6 +35,11 @@ class CompileJob:
         return self.spec, self.out_features, self.in_features
 
 
+def variant_key(job: CompileJob) -> tuple:
+    """What Triton compiles separately, shape aside: kernel kind, spec, config and the row-count class."""
+    return job.kind, job.spec, job.config, row_class(job.M)
+
+
 def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJob]:
     """One job per compiled variant: (kind, spec, config) plus the row-count class Triton specializes on.
 
@@ -44,7 +49,7 @@ def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJ
     """
     seen, out = set(), []
     for j in jobs:
-        key = (j.kind, j.spec, j.config, row_class(j.M)) + ((j.out_features, j.in_features) if per_shape else ())
+        key = variant_key(j) + ((j.out_features, j.in_features) if per_shape else ())
         if key not in seen:
             seen.add(key)
             out.append(j)
@@ -122,13 +127,14 @@ def compile_all(jobs: list[CompileJob], workers: int, workload, *, api=None,
                 api = resolve(api_factory)()
             return run_jobs(jobs, api, workload, progress=lambda: bar.update(1),
                             stop_at=None if deadline_s is None else start + deadline_s)
-        groups: dict[tuple, list[CompileJob]] = {}
+        # every shape of one variant goes to the same worker (the first launch compiles, the others
+        # mostly hit Triton's in-memory cache); variants are dealt round-robin so workers finish together
+        variants: dict[tuple, list[CompileJob]] = {}
         for j in jobs:
-            groups.setdefault(j.layer_key, []).append(j)
-        # spread the variants round-robin so workers finish together (compile time dominates)
-        shards: list[list[CompileJob]] = [[] for _ in range(min(workers, len(jobs)))]
-        for i, j in enumerate(j for g in groups.values() for j in g):
-            shards[i % len(shards)].append(j)
+            variants.setdefault(variant_key(j), []).append(j)
+        shards: list[list[CompileJob]] = [[] for _ in range(min(workers, len(variants)))]
+        for i, group in enumerate(variants.values()):
+            shards[i % len(shards)].extend(group)
         ctx = mp.get_context(start_method)
         queue = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(api_factory, workload, shard, queue), daemon=True) for shard in shards]
