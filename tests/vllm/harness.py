@@ -82,6 +82,10 @@ def build_model(model_dir: str | Path, *, quantization: str | None = None, tp: i
                             yield name, f.get_tensor(name)
 
             model.load_weights(weights())
+        elif load_format == "dummy":  # what LLM(load_format="dummy") does: random values, no checkpoint
+            from vllm.model_executor.model_loader.dummy_loader import DummyModelLoader
+
+            DummyModelLoader(vc.load_config).load_weights(model, vc.model_config)
         process_weights_after_loading(model, vc.model_config, torch.device("cpu"))
     for layer in model.model.layers:
         a = layer.self_attn
