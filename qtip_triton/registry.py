@@ -188,6 +188,7 @@ class Registry:
         self._warm: set[tuple] = set()
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self._pending: list[tuple[int, list[str]]] | None = None
 
     # -- kernels -------------------------------------------------------------------------------
     def kernel(self, name: str) -> LinearKernel | None:
@@ -233,7 +234,12 @@ class Registry:
             for entry, label in self.store.candidates(req.spec.name, req.out_features, req.in_features, req.M):
                 kernel = self.kernel(entry.kind)
                 if kernel is None or not self._usable(kernel, req):
-                    why = "disabled" if entry.kind in self.disabled else "not available here"
+                    if kernel is None:
+                        why = f"is not one of the kernels here ({', '.join(k.name for k in self.kernels)})"
+                    elif kernel.name in self.disabled:
+                        why = f"is disabled by {DISABLE_ENV}"
+                    else:
+                        why = f"cannot run it: {kernel.can_implement(req)[1]}"
                     rejected.append(f"{label} M<={entry.key.m_bucket}: kernel {entry.kind!r} {why}")
                     continue
                 ok, reason = kernel.check_config(req, entry.config)
@@ -258,8 +264,11 @@ class Registry:
             reasons = "; ".join(f"{n}: {r}" for n, r in self.why_not(req) if r)
             raise ValueError(f"no enabled kernel can run {req}: {reasons}")
         if self.store is not None and isinstance(kernel, TritonKernel):
-            self._warn_once(self.store.missing_message(req.spec.name, req.out_features, req.in_features, req.M,
-                                                       "; ".join(rejected)))
+            if self._pending is not None:  # inside prepare(): one warning per layer, listing its buckets
+                self._pending.append((req.bucket, rejected))
+            else:
+                self._warn_once(self.store.missing_message(req.spec.name, req.out_features, req.in_features,
+                                                           [req.bucket], "; ".join(rejected)))
         return Selection(kernel, MappingProxyType(kernel.default_config(req)), "heuristic default")
 
     def lookup_config(self, spec: TrellisSpec, out_features: int, in_features: int, M: int) -> tuple[str, Mapping[str, Any]]:
@@ -281,7 +290,17 @@ class Registry:
         if self.api is not None and any(isinstance(k, TritonKernel) for k in self.kernels):
             prepared = self.api.prepare(qw)
             layer = qw if prepared is None else prepared
-        plan = {b: self.select(qw.spec, qw.out_features, qw.in_features, b) for b in M_BUCKETS if b <= bucket_for(max_m)}
+        self._pending = []
+        try:
+            plan = {b: self.select(qw.spec, qw.out_features, qw.in_features, b) for b in M_BUCKETS
+                    if b <= bucket_for(max_m)}
+            missing, self._pending = self._pending, None
+        finally:
+            self._pending = None
+        if missing and self.store is not None:
+            reasons = sorted({r for _, rs in missing for r in rs})
+            self._warn_once(self.store.missing_message(qw.spec.name, qw.out_features, qw.in_features,
+                                                       [b for b, _ in missing], "; ".join(reasons)))
         if warm:
             device = qw.trellis.device
             for bucket, sel in plan.items():

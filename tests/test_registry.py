@@ -74,7 +74,7 @@ def test_invalid_stored_config_falls_back_with_one_warning(tmp_path):
     assert f"{SPEC.name} {M_}x{N_} M<=4" in msg and "not in gemv's config space" in msg and "autotune --gpu h100" in msg
     assert sel.source == "heuristic default"
     assert (sel.kind, dict(sel.config)) == ("gemv", api.default_config("gemv", SPEC, M_, N_, 4))
-    with pytest.warns(AutotuneWarning, match="'nokernel' not available here"):
+    with pytest.warns(AutotuneWarning, match="'nokernel' is not one of the kernels here"):
         assert r.select(SPEC, M_, N_, 8).source == "heuristic default"
 
 
@@ -93,7 +93,7 @@ def test_disabled_kernels_and_reasons(tmp_path, monkeypatch):
     monkeypatch.setenv(reg.DISABLE_ENV, "gemv, other")
     r = reg.Registry(FakeAPI(), device=H100, store=ConfigStore(H100, VERS, tmp_path / "u", tmp_path / "shipped"))
     assert r.disabled == {"gemv", "other"}
-    with pytest.warns(AutotuneWarning, match="kernel 'gemv' disabled"):
+    with pytest.warns(AutotuneWarning, match=f"kernel 'gemv' is disabled by {reg.DISABLE_ENV}"):
         sel = r.select(SPEC, M_, N_, 1)
     assert sel.kind == "gemm"
     why = dict(r.why_not(reg.Request(SPEC, M_, N_, 1)))
@@ -172,3 +172,22 @@ def test_prepare_warms_every_variant_then_pure_lookups(tmp_path, gen):
     assert prepared(x3).shape == (2, 3, M_)
     r.prepare(random_qweight(gen, SPEC, M_, N_), dtypes=(torch.float32,))  # same shape: nothing to warm again
     assert sum(api.launches.values()) == before[1] + 4
+
+
+def test_prepare_warns_once_per_layer(tmp_path, gen):
+    other_shape = (N_, M_)
+    gemv_96 = {"BLOCK_N": 32, "SPLIT_K": 2, "num_warps": 2}  # valid for 96 output rows
+    write(tmp_path / "shipped" / "h100.yaml", [entry(1, "gemv", gemv_96, shape=other_shape)])
+    r = make(tmp_path)
+    with pytest.warns(AutotuneWarning) as rec:
+        prepared = r.prepare(random_qweight(gen, SPEC, M_, N_), max_m=64, dtypes=(torch.float32,))
+        r.prepare(random_qweight(gen, SPEC, M_, N_), max_m=64, dtypes=(torch.float32,))  # same layer shape: silent
+    assert len(rec) == 1
+    assert f"{SPEC.name} {M_}x{N_} M buckets 1, 2, 4, 8, 16, 32, 64 on {H100.name}" in str(rec[0].message)
+    assert all(s.source == "heuristic default" for s in prepared.plan.values())
+    with pytest.warns(AutotuneWarning) as rec:
+        prepared = r.prepare(random_qweight(gen, SPEC, *other_shape), max_m=64, dtypes=(torch.float32,))
+    msg = str(rec[0].message)
+    assert len(rec) == 1 and "M buckets 32, 64 " in msg  # gemv cannot serve M > 16
+    assert "kernel 'gemv' cannot run it: gemv handles M <= 16" in msg
+    assert all(prepared.plan[b].source.startswith("shipped") for b in (1, 2, 4, 8, 16))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
-from qtip_triton.autotune.buckets import bucket_for, nearest_buckets
+from qtip_triton.autotune.buckets import nearest_buckets
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
 from qtip_triton.autotune.store import AutotuneWarning, Entry, EntryKey, StoreError, TuneFile, compatibility, load
 
@@ -110,9 +110,11 @@ class ConfigStore:
                 if entry is not None:
                     yield entry, label
 
-    def missing_message(self, spec: str, out_features: int, in_features: int, M: int, why: str = "") -> str:
-        key = EntryKey(spec, out_features, in_features, bucket_for(M))
+    def missing_message(self, spec: str, out_features: int, in_features: int, buckets: list[int], why: str = "") -> str:
+        """The warning for entries that are missing (or unusable) for one layer at some M buckets."""
         where = ", ".join(label for label, _ in self.sources) or "no autotune file applies"
+        at = f"M<={buckets[0]}" if len(buckets) == 1 else "M buckets " + ", ".join(map(str, buckets))
         tail = f" ({why})" if why else ""
-        return (f"no usable autotune entry for {key} on {self.device.name} [{where}]{tail}; using the heuristic "
-                f"default. Run `qtip-triton autotune --gpu {self.device.short}` to tune it.")
+        return (f"no usable autotune entry for {spec} {out_features}x{in_features} {at} on {self.device.name} "
+                f"[{where}]{tail}; using the heuristic default. Run `qtip-triton autotune --gpu {self.device.short}` "
+                "to tune it.")
