@@ -56,7 +56,8 @@ def pack_signs(signs: torch.Tensor) -> torch.Tensor:
 # reading
 
 
-def _code_from_markers(tensors: Mapping[str, torch.Tensor], name: str) -> str:
+def code_from_markers(tensors: Mapping[str, torch.Tensor], name: str) -> str:
+    """The code a module's marker tensors name (none: 3inst); ValueError for two markers or a foreign multiplier."""
     present = [k for k in CODE_MARKERS if k in tensors]
     if len(present) > 1:
         raise ValueError(f"{name}: both codebook markers {present} are present; an EXL3 module has at most one")
@@ -127,7 +128,7 @@ def load_linear(
             f"{name}: EXL3 dims must be multiples of {HAD_BLOCK} (stored padded), got in={n}, out={m} "
             f"from trellis shape {tuple(trellis.shape)}"
         )
-    code = _code_from_markers(tensors, name)
+    code = code_from_markers(tensors, name)
     SU = _scale_vector(tensors, "suh", "su", n, name)
     SV = _scale_vector(tensors, "svh", "sv", m, name)
     bias = tensors.get("bias")
@@ -242,7 +243,7 @@ def parse_quantization_config(config: Mapping) -> dict:
     return dict(qc)
 
 
-def _storage_entry(key: str, module: Mapping[str, torch.Tensor]) -> dict:
+def storage_entry(key: str, module: Mapping[str, torch.Tensor]) -> dict:
     """One ``tensor_storage`` record of quantization_config.json (shapes, bytes, K, multiplier)."""
     stored = {
         f"{key}.{suffix}": {
@@ -303,7 +304,7 @@ def write_checkpoint(
     cfg = dict(config)
     cfg["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    storage = {key: _storage_entry(key, m) for key, m in modules.items()}
+    storage = {key: storage_entry(key, m) for key, m in modules.items()}
     (out / "quantization_config.json").write_text(json.dumps({**qc, "tensor_storage": storage}, indent=2) + "\n")
     return qc
 
