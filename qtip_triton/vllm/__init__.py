@@ -27,6 +27,9 @@ def register() -> None:
     from qtip_triton.vllm.config import QTIPConfig
 
     register_quantization_config(QUANT_METHOD)(QTIPConfig)
+    from qtip_triton.vllm.exl3 import register as register_exl3
+
+    register_exl3()  # quant_method "exl3" (ExLlamaV3 checkpoints)
     _registered = True
 
 
