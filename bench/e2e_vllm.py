@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""End-to-end vLLM decode speed of QTIP Llama models vs fp16 (GPU; one device call runs everything).
+
+For each model shape (Llama-2-7B, Llama-3-8B) and weight format (fp16, QTIP K = 2, 3, 4) it writes a
+config.json (QTIP ones carry ``quip_params`` and ``quantization_config``, so the ``qtip`` plugin is
+picked up through its entry point in every vLLM process), starts ``vllm.LLM`` with
+``load_format="dummy"`` (random weights: the plugin fills valid random trellises), torch.compile and
+CUDA graphs, and measures decode:
+
+    ms/step = (t(prompt, short + N new tokens) - t(prompt, short new tokens)) / N, best of ``--reps``
+
+at each batch size (greedy, ``ignore_eos``, token-id prompts of ``--prompt-len``), so prefill and
+start-up cancel. Results are rewritten after every configuration (a time-out keeps what finished)
+to ``$OUT/e2e_vllm-<card>-<date>.json`` and ``.md``; the table's ratios compare each QTIP row with
+the fp16 row of the same shape and batch.
+
+Runs every configuration in this process by default (one ``LLM`` after another, each torn down
+before the next); ``--isolate`` runs each in a child process instead (cleaner, ~10 s more each).
+Use ``bench/e2e_vllm_device.sh`` on the GPU machine: it unpacks the vLLM bundle and registers the
+plugin's entry point. Quick plugin check first: ``--shapes tiny --formats 2 --batches 1 --eager``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+# hidden, intermediate, layers, heads, kv heads, vocab (+ rope settings of the real models)
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # intermediate 2752 = 172 * 16: QTIP needs a Hadamard size (vllm_smoke's 2816 = 11 * 256 has none)
+    "tiny": dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+}
+FORMATS = ("fp16", "2", "3", "4")
+
+
+def quip_params(K: int) -> dict:
+    return {"codebook": "bitshift", "codebook_version": 0, "L": 16, "K": K, "V": 2, "tlut_bits": 9,
+            "decode_mode": "quantlut_sym", "td_x": 16, "td_y": 16, "split_for_tp": False, "skip_list": []}
+
+
+def write_model(root: Path, shape: str, fmt: str, layers: int | None) -> Path:
+    """A config.json-only model directory (weights come from load_format='dummy')."""
+    cfg = dict(SHAPES[shape])
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="float16", hidden_act="silu",
+               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if fmt != "fp16":
+        qp = quip_params(int(fmt))
+        cfg["quip_params"] = qp
+        cfg["quantization_config"] = {"quant_method": "qtip", **qp}
+    path = root / f"{shape}-{fmt}"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    return path
+
+
+def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
+    """Start one engine, time decode at each batch size, tear the engine down."""
+    from vllm import LLM, SamplingParams
+
+    model = write_model(Path(a.model_root), shape, fmt, a.layers)
+    t0 = time.perf_counter()
+    kw = dict(model=str(model), load_format="dummy", dtype="float16", skip_tokenizer_init=True,
+              attention_backend=a.attn, enforce_eager=a.eager, gpu_memory_utilization=a.gpu_mem,
+              max_model_len=a.max_model_len, max_num_seqs=max(a.batches), seed=0)
+    if not a.eager:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sorted(set(a.batches))}
+    llm = LLM(**kw)
+    res: dict = {"shape": shape, "format": fmt, "init_s": round(time.perf_counter() - t0, 1)}
+    try:
+        def generate(batch: int, n_new: int) -> tuple[float, list]:
+            sp = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True, detokenize=False)
+            prompts = [{"prompt_token_ids": [(7 * i + 13 * b) % 30000 + 100 for i in range(a.prompt_len)]}
+                       for b in range(batch)]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            return time.perf_counter() - t, outs
+
+        dt0, outs = generate(1, a.short)
+        sample = list(outs[0].outputs[0].token_ids)
+        res["sample_tokens"] = sample[:8]
+        # random weights give arbitrary tokens; a single repeated token hints at NaN/inf logits
+        res["distinct_sample_tokens"] = len(set(sample))
+        for batch in a.batches:
+            generate(batch, a.short)  # warm this batch size
+            steps = []
+            for _ in range(a.reps):
+                t_short, _ = generate(batch, a.short)
+                t_long, outs = generate(batch, a.short + a.decode_tokens)
+                assert all(len(o.outputs[0].token_ids) == a.short + a.decode_tokens for o in outs)
+                steps.append((t_long - t_short) / a.decode_tokens)
+            step = min(steps)
+            res[f"b{batch}"] = {"ms_per_step": round(step * 1e3, 3), "tok_s_per_seq": round(1 / step, 1),
+                                "tok_s_total": round(batch / step, 1)}
+    finally:
+        shutdown(llm)
+    return res
+
+
+def shutdown(llm) -> None:
+    """Stop the engine (its EngineCore process holds the GPU memory) before the next configuration."""
+    engine = getattr(llm, "llm_engine", None)
+    for obj in (getattr(engine, "engine_core", None), engine):
+        stop = getattr(obj, "shutdown", None)
+        if callable(stop):
+            with contextlib.suppress(Exception):  # best effort: collecting the LLM also stops it
+                stop()
+
+
+def release() -> None:
+    """After an engine's last reference is gone: collect it and free what this process holds."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+def environment() -> dict:
+    env = {"python": platform.python_version(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    try:
+        import torch
+        import triton
+
+        env.update(torch=torch.__version__, triton=triton.__version__)
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        env["card"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+        import vllm
+
+        env["vllm"] = vllm.__version__
+    except Exception as e:  # report what is known
+        env["env_error"] = repr(e)
+    with contextlib.suppress(Exception):
+        env["qtip_triton_rev"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+    from qtip_triton import dispatch
+
+    env["qtip_kernels"] = "triton" if hasattr(dispatch, "prepare") else "reference (no dispatch.prepare)"
+    return env
+
+
+def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
+    lines = [f"# vLLM end-to-end decode — {env.get('card', '?')} — {env['date']}", "",
+             f"vLLM {env.get('vllm', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+             f"qtip_triton {env.get('qtip_triton_rev', '?')} ({env.get('qtip_kernels')}). "
+             f"Random weights (load_format=dummy), {'eager' if a.eager else 'torch.compile + CUDA graphs'}, "
+             f"{a.attn}, prompt {a.prompt_len} tokens, decode ms/step = (t({a.short}+{a.decode_tokens}) - "
+             f"t({a.short})) / {a.decode_tokens}, best of {a.reps}. x fp16 = QTIP tok/s / fp16 tok/s.", ""]
+    head = "| shape | weights | init s |" + "".join(f" b{b} ms/step | b{b} tok/s | b{b} x fp16 |" for b in a.batches)
+    lines += [head, "|" + "---|" * (3 + 3 * len(a.batches))]
+    fp16 = {r["shape"]: r for r in results if r["format"] == "fp16" and "error" not in r}
+    for r in results:
+        name = "fp16" if r["format"] == "fp16" else f"QTIP K={r['format']}"
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {name} | failed: {r['error'][:80]} |")
+            continue
+        row = f"| {r['shape']} | {name} | {r['init_s']} |"
+        for b in a.batches:
+            cell = r.get(f"b{b}")
+            base = fp16.get(r["shape"], {}).get(f"b{b}")
+            ratio = f"{cell['tok_s_total'] / base['tok_s_total']:.2f}" if cell and base else "-"
+            row += f" {cell['ms_per_step'] if cell else '-'} | {cell['tok_s_total'] if cell else '-'} | {ratio} |"
+        lines.append(row)
+    skipped = [f"{s}/{f}" for s, f in getattr(a, "skipped", [])]
+    if skipped:
+        lines += ["", f"Skipped for time: {', '.join(skipped)}"]
+    return "\n".join(lines) + "\n"
+
+
+def child_main(a: argparse.Namespace) -> None:
+    shape, fmt = a.child.split(":")
+    try:
+        res = run_config(shape, fmt, a)
+    except BaseException:
+        res = {"shape": shape, "format": fmt, "error": traceback.format_exc(limit=4)[-1500:]}
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_isolated(shape: str, fmt: str, a: argparse.Namespace, argv: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", f"{shape}:{fmt}"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"shape": shape, "format": fmt, "error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"shape": shape, "format": fmt, "error": f"exit {out.returncode}: {out.stderr[-1500:]}"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="llama2-7b,llama3-8b", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma list of fp16 and QTIP K (2,3,4)")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--short", type=int, default=16, help="new tokens of the short run subtracted out")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
+    ap.add_argument("--attn", default="TRITON_ATTN")
+    ap.add_argument("--gpu-mem", type=float, default=0.6)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--isolate", action="store_true", help="each configuration in its own child process")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("E2E_BUDGET_S", 560)),
+                    help="stop starting configurations that would not finish in this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    ap.add_argument("--model-root", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.model_root = a.model_root or tempfile.mkdtemp(prefix="e2e_vllm_models_")
+    if a.child:
+        child_main(a)
+        return 0
+    shapes = [s for s in a.shapes.split(",") if s]
+    formats = [f for f in a.formats.split(",") if f]
+    bad = [s for s in shapes if s not in SHAPES] + [f for f in formats if f not in FORMATS]
+    if bad:
+        ap.error(f"unknown shapes/formats {bad}; shapes: {sorted(SHAPES)}, formats: {FORMATS}")
+
+    t_start = time.perf_counter()
+    env = environment()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = "".join(c if c.isalnum() else "-" for c in env.get("card", "gpu").split(",")[0].lower().replace("nvidia", ""))
+    stem = out / f"e2e_vllm-{card.strip('-')}-{dt.date.today().isoformat()}"
+    results: list[dict] = []
+    a.skipped = []
+    durations: list[float] = []
+    argv = list(sys.argv[1:])
+    for shape in shapes:
+        for fmt in formats:
+            left = a.budget_s - (time.perf_counter() - t_start)
+            need = 1.1 * max(durations) if durations else 0.0
+            if left < max(need, 30.0):
+                a.skipped.append((shape, fmt))
+                print(f"== skip {shape}/{fmt}: {left:.0f} s left, a configuration took up to {need:.0f} s", flush=True)
+                continue
+            print(f"== {shape} / {fmt} ({left:.0f} s left)", flush=True)
+            t0 = time.perf_counter()
+            if a.isolate:
+                res = run_isolated(shape, fmt, a, argv, timeout=left)
+            else:
+                try:
+                    res = run_config(shape, fmt, a)
+                except Exception:
+                    res = {"shape": shape, "format": fmt, "error": traceback.format_exc(limit=4)[-1500:]}
+                release()
+            res["wall_s"] = round(time.perf_counter() - t0, 1)
+            durations.append(res["wall_s"])
+            results.append(res)
+            print("RESULT " + json.dumps(res), flush=True)
+            stem.with_suffix(".json").write_text(json.dumps(
+                {"environment": env, "settings": {k: v for k, v in vars(a).items() if k != "skipped"},
+                 "results": results, "skipped": a.skipped}, indent=2, default=str))
+            stem.with_suffix(".md").write_text(markdown(results, env, a))
+    print(markdown(results, env, a), flush=True)
+    print(f"wrote {stem}.json and .md in {time.perf_counter() - t_start:.0f} s", flush=True)
+    return 0 if results and not any("error" in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
