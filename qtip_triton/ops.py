@@ -213,7 +213,13 @@ class PackedShards:
         shards = self.shards()
         if prepare:
             prepare_shards(shards)
-        _REGISTRY[(self.key, self.trellis.data_ptr())] = weakref.ref(self)
+        key = (self.key, self.trellis.data_ptr())
+
+        def forget(ref: weakref.ref, key: tuple[str, int] = key) -> None:
+            if _REGISTRY.get(key) is ref:  # a newer registration under the same key stays
+                del _REGISTRY[key]
+
+        _REGISTRY[key] = weakref.ref(self, forget)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The fused dense weight (sum m_i, n): the shards' W_eff stacked."""

@@ -157,3 +157,16 @@ def test_package_works_without_vllm(tmp_path):
                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_registry_forgets_dead_layers(gen):
+    import gc
+
+    qw = random_qweight(gen, HYB[2], 64, 64)
+    packed = PackedShards.from_qweights([qw], key="t.dead")
+    packed.register()
+    key = ("t.dead", packed.trellis.data_ptr())
+    assert key in ops._REGISTRY
+    del packed
+    gc.collect()
+    assert key not in ops._REGISTRY
