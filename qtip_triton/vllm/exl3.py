@@ -17,8 +17,9 @@ Forward: one generated-kernel call per logical matrix (``qtip_triton.linear``), 
 The fused custom op (:mod:`qtip_triton.ops`) does not take ``had_block`` yet; until it does, run vLLM
 with ``enforce_eager=True`` for EXL3 (the eager path is exact; the op would only hide it from Dynamo).
 
-Not handled yet (clear errors): a quantized ``lm_head`` (vLLM's ParallelLMHead is not a linear
-layer), and stored dims padded beyond the model's sizes (dims that are not multiples of 128).
+A quantized ``lm_head`` is served at TP=1 (:class:`Exl3LMHeadMethod`). Not handled yet (clear errors):
+a quantized head at TP > 1, and stored dims padded beyond the model's sizes (dims that are not
+multiples of 128).
 """
 
 from __future__ import annotations
@@ -177,12 +178,11 @@ class Exl3Config(QuantizationConfig):
         return f"{parent}.{logical_name}" if parent else logical_name
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+        if isinstance(layer, ParallelLMHead):
+            return Exl3LMHeadMethod(self, prefix) if prefix in self.specs() else None
         if not isinstance(layer, LinearBase):
-            if prefix.endswith("lm_head") and prefix in self.specs():
-                raise ValueError(
-                    f"{prefix}: this EXL3 checkpoint quantizes the LM head, which the qtip_triton vLLM plugin "
-                    "cannot serve yet (quantize it with head_bits=None to keep it plain)"
-                )
             return None
         specs = self.specs()
         keys = [self.module_key(prefix, n) for n in self.logical_names(prefix)]
@@ -192,7 +192,7 @@ class Exl3Config(QuantizationConfig):
         if not all(quantized):
             parts = ", ".join(f"{k}={'exl3' if q else 'plain'}" for k, q in zip(keys, quantized, strict=True))
             raise ValueError(f"{prefix}: vLLM fuses these into one layer but only some are EXL3-quantized ({parts})")
-        return Exl3LinearMethod(self)
+        return Exl3LinearMethod(self, prefix)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -292,8 +292,9 @@ class LegacySignsLoader:
 class Exl3LinearMethod(LinearMethodBase):
     """Linear method for EXL3-quantized layers (see the module docstring)."""
 
-    def __init__(self, config: Exl3Config) -> None:
+    def __init__(self, config: Exl3Config, prefix: str = "") -> None:
         self.config = config
+        self.prefix = prefix
 
     def create_weights(
         self,
@@ -305,7 +306,7 @@ class Exl3LinearMethod(LinearMethodBase):
         params_dtype: torch.dtype,
         **extra_weight_attrs,
     ) -> None:
-        prefix = getattr(layer, "prefix", "")
+        prefix = getattr(layer, "prefix", "") or self.prefix
         names = self.config.logical_names(prefix, len(output_partition_sizes))
         specs = self.config.specs()
         geom = LayerGeometry(
@@ -316,7 +317,7 @@ class Exl3LinearMethod(LinearMethodBase):
             full_out=tuple(full_output_sizes(layer, list(output_partition_sizes), output_size)),
             local_in=int(input_size_per_partition),
             full_in=int(input_size),
-            replicated=isinstance(layer, ReplicatedLinear),
+            replicated=self.whole_tensors(layer),
         )
         check_geometry(geom)
         inner = extra_weight_attrs.get("weight_loader")
@@ -343,6 +344,10 @@ class Exl3LinearMethod(LinearMethodBase):
         layer.exl3_geometry = geom
         layer.exl3_loaded = set()
         layer.exl3_load_format = current_load_format()
+
+    def whole_tensors(self, layer: torch.nn.Module) -> bool:
+        """Whether checkpoint tensors are copied whole (no vLLM v2 loader to shard them)."""
+        return isinstance(layer, ReplicatedLinear)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         geom: LayerGeometry = layer.exl3_geometry
@@ -432,3 +437,44 @@ def register() -> None:
 
     if QUANT_METHOD not in QUANTIZATION_METHODS:
         register_quantization_config(QUANT_METHOD)(Exl3Config)
+
+
+class Exl3LMHeadMethod(Exl3LinearMethod):
+    """A quantized ``lm_head`` (vLLM's ParallelLMHead): the same weights, loaded whole; TP=1 only for now.
+
+    EXL3 pads the vocabulary to 128 and vLLM to 64: they must agree (true for common vocab sizes).
+    With tied word embeddings vLLM skips ``lm_head.*`` and ties the head to the embedding: then the
+    head is the plain embedding matrix, as in the unquantized model.
+    """
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
+                       input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        if getattr(layer, "tp_size", 1) != 1:
+            raise ValueError(
+                f"{self.prefix}: a quantized EXL3 lm_head runs with tensor_parallel_size=1 only for now "
+                "(re-quantize with head_bits=None to keep the head plain)"
+            )
+        super().create_weights(layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                               params_dtype, **extra_weight_attrs)
+        layer.exl3_tied = False
+
+    def whole_tensors(self, layer: torch.nn.Module) -> bool:
+        return True
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+        for name in ("trellis", "suh", "svh", *MARKERS, *LEGACY):
+            delattr(layer, name)
+        layer.weight = embed_tokens.weight
+        layer.exl3_tied = True
+        return layer
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if not layer.exl3_loaded and isinstance(getattr(layer, "weight", None), torch.Tensor):
+            layer.exl3_tied = True  # older vLLM ties by assigning .weight without asking the method
+        if not layer.exl3_tied:
+            super().process_weights_after_loading(layer)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.exl3_tied:
+            return torch.nn.functional.linear(x, layer.weight, bias)
+        return super().apply(layer, x, bias)

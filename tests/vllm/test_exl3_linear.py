@@ -221,3 +221,31 @@ def test_config_reads_quantization_config_json(tmp_path):
     qc.maybe_update_config(str(tmp_path))
     assert qc.specs()[P + "self_attn.k_proj"] == TrellisSpec(16, 5, 1, "mul1")
     assert qc.get_name() == "exl3"
+
+
+def test_lm_head(gen):
+    """A quantized lm_head loads whole and runs; tied to the embedding it is the plain embedding matrix."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    from qtip_triton.vllm.exl3 import Exl3LMHeadMethod
+
+    storage = {"lm_head": {"quant_format": "exl3", "bits_per_weight": 4, "mul1_multiplier": fmt.MUL1_MULT}}
+    qc = Exl3Config(None, storage)
+    head = ParallelLMHead(256, 128, quant_config=qc, prefix="lm_head")
+    assert isinstance(head.quant_method, Exl3LMHeadMethod)
+    qw, tensors = random_module(gen, 256, 128, 4, "mul1")
+    params = dict(head.named_parameters())
+    for name, t in tensors.items():
+        params[name].weight_loader(params[name], t)
+    head.quant_method.process_weights_after_loading(head)
+    x = torch.randn(3, 128, generator=gen)
+    assert rel(head.quant_method.apply(head, x), qw.reference_forward(x.double())) < 1e-5
+
+    tied = ParallelLMHead(256, 128, quant_config=qc, prefix="lm_head")
+    embed = VocabParallelEmbedding(256, 128)
+    embed.weight.data.normal_(generator=gen)
+    tied = tied.tie_weights(embed)
+    tied.quant_method.process_weights_after_loading(tied)
+    assert torch.allclose(tied.quant_method.apply(tied, x), x @ embed.weight.t())
+    plain = ParallelLMHead(256, 128, quant_config=Exl3Config(None, {}), prefix="lm_head")
+    assert not isinstance(plain.quant_method, Exl3LMHeadMethod)

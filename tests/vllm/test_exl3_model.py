@@ -60,7 +60,7 @@ def dense_twin(exl3_dir, out_dir):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("exl3_models")
     hf = make_tiny_llama(root / "hf", bias=True, **SHAPE)
-    fmt.quantize_model(hf, root / "exl3", 3, progress=False, quantize_fn=random_exl3)
+    fmt.quantize_model(hf, root / "exl3", 3, head_bits=4, progress=False, quantize_fn=random_exl3)
     return {"hf": hf, "exl3": root / "exl3", "dense": dense_twin(root / "exl3", root / "dense")}
 
 
@@ -81,7 +81,7 @@ def test_config_detected_with_tensor_storage(models):
     vc = engine_config(models["exl3"])  # no quantization=...: quant_method "exl3" in config.json
     assert vc.model_config.quantization == "exl3"
     specs = vc.quant_config.specs()
-    assert len(specs) == 14 and {s.code for s in specs.values()} == set(CODES)
+    assert len(specs) == 15 and "lm_head" in specs and {s.code for s in specs.values()} == set(CODES)
 
 
 def test_logits_match_dequantized_model(models):
@@ -89,6 +89,7 @@ def test_logits_match_dequantized_model(models):
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert type(qkv.quant_method).__name__ == "Exl3LinearMethod"
     assert len({qw.spec for qw in qkv.exl3_shards}) > 1  # per-module K / codebook inside one fused layer
+    assert type(model.lm_head.quant_method).__name__ == "Exl3LMHeadMethod"
     got = logits(model, vc, IDS)
     err = rel(got, hf_logits(models["dense"], IDS))
     print(f"\nexl3: float32 quantized-vs-dequantized logits relative error {err:.2e}")
