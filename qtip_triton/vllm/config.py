@@ -51,6 +51,12 @@ def _as_dict(obj: Any) -> dict[str, Any] | None:
     raise ValueError(f"quip_params must be a mapping, got {type(obj).__name__}")
 
 
+def _renames():
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    return WeightsMapper(orig_to_new_suffix=CHECKPOINT_RENAMES)
+
+
 class QTIPConfig(QuantizationConfig):
     """QTIP (bitshift trellis, HYB code, Hadamard incoherence) weights for vLLM linear layers."""
 
@@ -137,11 +143,13 @@ class QTIPConfig(QuantizationConfig):
     @staticmethod
     def get_checkpoint_weight_mapper():
         """Rename QTIP's ``rcp``/``tp_rank`` scalars: ``tp_rank`` is an attribute of every vLLM linear layer."""
-        from vllm.model_executor.models.utils import WeightsMapper
+        base = getattr(QuantizationConfig, "get_checkpoint_weight_mapper", None)
+        return _renames() if base is None else base() | _renames()
 
-        ours = WeightsMapper(orig_to_new_suffix=CHECKPOINT_RENAMES)
-        base = getattr(QuantizationConfig, "get_checkpoint_weight_mapper", None)  # absent in older vLLM
-        return ours if base is None else base() | ours
+    @staticmethod
+    def get_cache_scale_mapper():
+        """The base KV-scale mapper plus our renames: the only quantization mapper vLLM 0.26's loader applies."""
+        return QuantizationConfig.get_cache_scale_mapper() | _renames()
 
     # ------------------------------------------------------------------ QTIP specifics
     def params(self) -> dict[str, Any]:

@@ -259,3 +259,12 @@ def test_from_config_both_shapes():
     assert flat.quip_params["K"] == nested.quip_params["K"] == 2
     assert flat.spec_for("v_proj") == SPECS[3] and flat.spec_for("q_proj") == SPECS[2]
     assert flat.get_name() == "qtip" and torch.float16 in flat.get_supported_act_dtypes()
+
+
+def test_checkpoint_names_are_mapped():
+    """rcp/tp_rank get renamed by both mappers (0.33 applies the checkpoint one, 0.26 only the cache-scale one)."""
+    qc = QTIPConfig(QP)
+    for mapper in (qc.get_checkpoint_weight_mapper(), qc.get_cache_scale_mapper()):
+        assert mapper.map_name("model.layers.0.self_attn.q_proj.tp_rank") == "model.layers.0.self_attn.q_proj.qtip_tp_rank"
+        assert mapper.map_name("model.layers.0.mlp.down_proj.rcp") == "model.layers.0.mlp.down_proj.qtip_rcp"
+        assert mapper.map_name("model.layers.0.mlp.down_proj.trellis") == "model.layers.0.mlp.down_proj.trellis"
