@@ -8,7 +8,7 @@
 #
 #   bash bench/e2e_vllm_device.sh                          # all shapes x fp16,K2,K3,K4, batches 1,8,16
 #   bash bench/e2e_vllm_device.sh --shapes llama3-8b       # any bench/e2e_vllm.py option passes through
-#   QUICK=1 bash bench/e2e_vllm_device.sh                  # first a 30 s plugin check on a tiny model
+#   QUICK=1 bash bench/e2e_vllm_device.sh                  # first a ~1 min eager plugin check on a tiny model
 #
 # What it does: unpack the bundle into /tmp/site (device_setup.sh), register the qtip plugin's
 # entry point there (a dist-info with entry_points.txt; the package itself is imported from this
@@ -38,8 +38,8 @@ print('[e2e_vllm_device] plugin entry point visible:', eps)
 BUDGET=${BUDGET:-560}
 T0=$(date +%s)
 if [ -n "${QUICK:-}" ]; then
-  timeout -k 10 240 python3 bench/e2e_vllm.py --shapes tiny --formats fp16,2 --batches 1 --decode-tokens 32 \
-    --reps 1 --out "$OUT/quick" || { echo "[e2e_vllm_device] quick check failed"; exit 4; }
+  timeout -k 10 240 python3 bench/e2e_vllm.py --shapes tiny --formats 2 --batches 1 --decode-tokens 32 \
+    --reps 1 --eager --out "$OUT/quick" || { echo "[e2e_vllm_device] quick check failed"; exit 4; }
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 timeout -k 10 "$LEFT" python3 bench/e2e_vllm.py --out "$OUT" --budget-s $(( LEFT - 15 )) "$@"
