@@ -7,8 +7,9 @@ group ``g = s >> KV``, so one minimum per group serves all 2^KV states of that g
 back-pointers are stored per group, as the winning d (shape (T, B, 2^(L-KV)), uint8 when KV <= 8):
 the search keeps 2^L costs but only 2^(L-KV) small integers per step.
 
-Costs drop the constant ||x_t||^2 (cost = ||c||^2 - 2 c.x per step) so a step is one matrix
-product plus one broadcast add; the true squared error is restored when a path is returned.
+A step is one small matrix product (||c||^2 - 2 c.x_t for every state), one minimum per group and
+one broadcast add of (group minimum + ||x_t||^2): costs are true squared errors, never negative
+(up to rounding), which the CPU argmin relies on.
 
 Tail-biting (what a QTIP tile stores: a circular stream) uses the two-pass method of the format
 spec: run a free Viterbi on the sequence rolled by T/2, read the state it chose at the original
@@ -25,9 +26,9 @@ from collections.abc import Callable
 import torch
 
 _INF = float("inf")
-# On CPU a loop of elementwise ops beats torch.min(dim) (which returns int64 indices slowly)
-# for small predecessor counts; on CUDA one reduction kernel is best.
-_CPU_LOOP_MAX_PRED = 16
+# On CPU, torch.min(dim) (int64 indices) is slow; the argmin is read from packed keys instead
+# (see _group_min) for up to 2^8 predecessors. On CUDA one reduction kernel is best.
+_KEYED_MAX_KV = 8
 
 
 def _trellis_shape(values: torch.Tensor, kv: int) -> tuple[int, int, int]:
@@ -58,26 +59,24 @@ def backpointer_bytes(L: int, kv: int, T: int) -> int:
 
 
 def _group_min(prev: torch.Tensor, P: int, G: int, bp_out: torch.Tensor | None) -> torch.Tensor:
-    """Minimum over each group's P predecessors of ``prev`` (B, P*G); argmin written to ``bp_out``."""
+    """Minimum over each group's P predecessors of ``prev`` (B, P*G); an argmin is written to ``bp_out``.
+
+    CPU path: costs are true squared errors (>= 0), so their int32 bit patterns order like the
+    floats; replacing the low KV bits by the predecessor index d and taking one integer minimum
+    yields a d whose cost is within 2^KV ulps of the exact minimum (a float32 near-tie either way)
+    in two passes instead of P. The minimum itself is exact (a float reduction).
+    """
     p = prev.view(prev.shape[0], P, G)
     if bp_out is None:
         return p.amin(1)
-    if prev.device.type == "cuda" or P > _CPU_LOOP_MAX_PRED:
+    if prev.device.type == "cuda" or P > (1 << _KEYED_MAX_KV):
         m, idx = p.min(1)
         bp_out.copy_(idx)
         return m
-    m = p[:, 0].clone()
-    lt = torch.empty_like(m, dtype=torch.bool)
-    bp_out.zero_()
-    tmp = torch.empty_like(bp_out)
-    for d in range(1, P):
-        torch.lt(p[:, d], m, out=lt)
-        torch.minimum(m, p[:, d], out=m)
-        # d grows, so "take d where strictly better" is a running maximum (ties keep the lowest d)
-        lt_int = lt.view(torch.uint8) if bp_out.dtype == torch.uint8 else lt.to(bp_out.dtype)
-        torch.mul(lt_int, d, out=tmp)
-        torch.maximum(bp_out, tmp, out=bp_out)
-    return m
+    d = torch.arange(P, dtype=torch.int32, device=prev.device).view(1, P, 1)
+    key = p.view(torch.int32).bitwise_and(~(P - 1)).bitwise_or_(d)
+    bp_out.copy_(key.amin(1).bitwise_and_(P - 1))
+    return p.amin(1)
 
 
 def viterbi(
@@ -89,6 +88,9 @@ def viterbi(
     keep_from: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best state path for each sequence of ``x`` (B, T, V) through the trellis of ``values`` (2^L, V).
+
+    Best up to float32 rounding: costs are float32 sums, and near-ties within a few ulps may go
+    either way.
 
     ``overlap`` (B,) int64 constrains the path to be tail-biting through that overlap: the first
     state's top L-KV bits and the last state's low L-KV bits both equal it. Without it both ends
@@ -108,15 +110,16 @@ def viterbi(
     vals = values.to(device=dev, dtype=torch.float32)
     c2 = (vals * vals).sum(-1)  # (S,)
     vt = (-2.0 * vals).t().contiguous()  # (V, S)
+    xx = (x * x).sum(-1)  # (B, T): added per group, so costs stay true squared errors
 
     def dist(t: int, out: torch.Tensor) -> torch.Tensor:
-        # ||c||^2 - 2 c.x_t for every state: one small matrix product
+        # ||c||^2 - 2 c.x_t for every state (||x_t||^2 comes with the group minimum): one matmul
         return torch.addmm(c2, x[:, t, :], vt, out=out)
 
     n_states = 1 << L
     cost = torch.empty(B, n_states, dtype=torch.float32, device=dev)
     nxt = torch.empty_like(cost)
-    dist(0, cost)
+    dist(0, cost).add_(xx[:, :1])
     if overlap is not None:
         overlap = overlap.to(device=dev, dtype=torch.int64).reshape(B)
         if bool(((overlap < 0) | (overlap >= G)).any()):
@@ -133,7 +136,7 @@ def viterbi(
         slot = t - 1 - keep_from  # back-pointer of step t, stored only when t > keep_from
         m = _group_min(cost, P, G, bp[slot] if slot >= 0 else None)
         dist(t, nxt)
-        nxt.view(B, G, P).add_(m.unsqueeze(-1))
+        nxt.view(B, G, P).add_(m.add_(xx[:, t : t + 1]).unsqueeze(-1))
         cost, nxt = nxt, cost
 
     ar = torch.arange(B, device=dev)
@@ -152,8 +155,7 @@ def viterbi(
         d = bp[t - 1 - keep_from][ar, g].to(torch.int64)
         s = d * G + g
         states[:, t - 1 - keep_from] = s
-    err = best + (x * x).sum((1, 2))
-    return states, err
+    return states, best
 
 
 def viterbi_tail_biting(x: torch.Tensor, values: torch.Tensor, kv: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -124,10 +124,10 @@ def test_hessian_mode_reduces_proxy_loss(gen):
     aware = quantize(W, "L12K2V1-1mad", hessian=H, progress=False)
     loss_plain = proxy_loss(W, plain.dequantize(), H)
     loss_aware = proxy_loss(W, aware.dequantize(), H)
-    assert loss_aware < 0.7 * loss_plain
+    assert loss_aware < 0.4 * loss_plain  # measured about 0.17-0.19
     # the plain Frobenius error is what it gives up, within reason
     rel = float(((aware.dequantize() - W) ** 2).sum() / (W**2).sum())
-    assert rel < 0.3
+    assert rel < 0.2  # measured about 0.11 (plain: 0.075)
 
 
 def test_hessian_identity_is_plain_quality(gen):
@@ -158,9 +158,10 @@ def test_best_data_scale_beats_the_bracket():
     alpha, mse = best_data_scale(spec, tiles=4, evals=6)
     values = all_state_values(spec)
     alpha0 = float(values.pow(2).mean().sqrt()) / math.sqrt(1 - 2**-4)
-    assert 0.8 * alpha0 < alpha < 1.25 * alpha0
-    for a in (0.8 * alpha0, alpha0, 1.25 * alpha0):
-        assert mse <= gaussian_mse(spec, None, a, tiles=4) + 1e-9
+    assert 0.55 * alpha0 < alpha < 1.45 * alpha0
+    scan = [gaussian_mse(spec, None, f * alpha0, tiles=4) for f in (0.55, 0.7, 0.85, 1.0, 1.2, 1.45)]
+    assert mse <= 1.005 * min(scan)  # golden section on the same sample: as good as a scan, or nearly
+    assert mse == pytest.approx(gaussian_mse(spec, None, alpha, tiles=4))
     assert best_data_scale(spec, tiles=4, evals=6) == (alpha, mse)  # cached, deterministic
 
 
@@ -255,6 +256,6 @@ def test_gaussian_distortion_matches_spec_table(name):
     """Within 5% of the reference encoder's distortion (small sample: search 8 tiles, measure 32 fresh)."""
     spec = TrellisSpec.parse(name)
     table = kmeans_table(spec) if spec.code == "hyb" else None
-    alpha, _ = best_data_scale(spec, table, tiles=8, evals=5, seed=11)
+    alpha, _ = best_data_scale(spec, table, tiles=8, evals=6, seed=11)
     mse = gaussian_mse(spec, table, alpha, tiles=32, seed=12)
     assert abs(mse / SPEC_TABLE[name] - 1.0) < 0.05, f"{name}: MSE {mse:.5f} vs {SPEC_TABLE[name]}"

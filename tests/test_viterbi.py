@@ -170,7 +170,8 @@ def test_chunking_does_not_change_results(gen):
     a, ea = encode_sequences(x, values, 4)
     calls = []
     b, eb = encode_sequences(x, values, 4, memory_budget=1, progress=calls.append)
-    assert torch.equal(a, b) and torch.equal(ea, eb)
+    assert torch.equal(a, b)  # continuous random data: no float near-ties between batch sizes
+    assert torch.allclose(ea, eb, rtol=1e-5)  # BLAS may round a batch of 1 differently
     assert calls == [1] * 5
 
 
