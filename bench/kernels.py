@@ -56,10 +56,10 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0) -
 
 def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
     """The decode-matmul part alone, on an already transformed input."""
-    h = _transform_in(pw, x, torch.float32 if kind == "gemv" else x.dtype)
+    h = _transform_in(pw, x, torch.float32 if kind == "gemv" else x.dtype, kind)
     if kind == "decompress":
         return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
-    return lambda: decode_matmul(kind, pw, h, config)
+    return lambda: decode_matmul(kind, pw, h, config, h_order="kernel")
 
 
 def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, config: dict | None = None,
@@ -83,16 +83,20 @@ def explore_configs(kind: str, m: int, n: int, M: int, spec) -> list[dict]:
     base = kernels.default_config(kind, spec, m, n, M)
     out = [base]
     if kind == "gemv":
-        for bn, bk, nw in ((64, 256, 4), (128, 128, 4), (128, 512, 8), (256, 256, 8), (64, 512, 4), (128, 256, 8)):
+        for bn, bk, nw in ((128, 256, 8), (64, 256, 4), (64, 128, 4), (256, 128, 8), (128, 128, 4), (256, 256, 8)):
             for mult in (0.5, 1, 2):
                 split = max(1, int(base["SPLIT_K"] * mult))
                 out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split})
-        out.append({**base, "table": "global"})
+        out.append({**base, "table": "gather4"})
+        out.append({**base, "SPLIT_K": max(1, base["SPLIT_K"] // 2)})
+        out.append({**base, "SPLIT_K": base["SPLIT_K"] * 2})
     elif kind == "gemm":
-        for bn, bk, nw in ((64, 64, 4), (128, 64, 4), (128, 128, 8), (64, 256, 4), (32, 128, 4)):
+        for bn, bk, nw in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4)):
             for mult in (0.5, 1, 2):
                 split = max(1, int(base["SPLIT_K"] * mult))
                 out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split})
+        if M <= 16:
+            out.append({**base, "BLOCK_M": 16})
     else:
         for bn, bk, nw in ((32, 256, 4), (128, 128, 8), (64, 128, 4)):
             out.append({**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw})
@@ -170,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"fp16 {r['fp16_us']:.1f} -> {r['ratio_kernel']:.2f}x / {r.get('ratio_linear', 0):.2f}x",
                   file=sys.stderr, flush=True)
         if args.explore and (m, n) == (8192, 8192) and K == 2:
-            for M in (1, 16, 256):
-                kinds = ["gemv", "gemm"] if M == 1 else (["gemm"] if M == 16 else ["gemm", "decompress"])
+            for M in (1, 4, 16, 256):
+                kinds = {1: ["gemv", "gemm"], 4: ["gemv", "gemm"], 16: ["gemm", "gemv"], 256: ["gemm", "decompress"]}[M]
                 for kind in kinds:
                     for cfg in explore_configs(kind, m, n, M, qw.spec):
                         if time.time() - t0 > args.time_limit:

@@ -185,9 +185,9 @@ class TritonDecoder:
 
 
 def _fp16_half(expr: str, high: bool) -> str:
-    """fp16 held in the high or low 16 bits of a uint32 expression."""
-    bits = f"(({expr}) >> 16)" if high else f"(({expr}) & 0xFFFF)"
-    return f"{bits}.to(tl.uint16).to(tl.float16, bitcast=True)"
+    """fp16 held in the high or low 16 bits of a uint32 expression (helpers defined by the generator:
+    ``_f16_lo``/``_f16_hi``; it may swap them for fused fp32 conversions)."""
+    return f"_f16_{'hi' if high else 'lo'}({expr})"
 
 
 def _hyb_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:

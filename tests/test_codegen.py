@@ -89,14 +89,15 @@ def test_emitted_source_is_specialized():
 @pytest.mark.parametrize("name,layout", [("L16K2V2-hyb9", "qtip"), ("L12K3V1-1mad", "tile"), ("L16K1V2-lut", "tile")])
 def test_emitted_source_imports(kind, name, layout, tmp_path, monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
-    mod = load_source(emit(TrellisSpec.parse(name), kind, layout=layout))
+    # a unique trailing comment: a fresh cache entry even if this process imported the kernel before
+    mod = load_source(emit(TrellisSpec.parse(name), kind, layout=layout) + f"# {tmp_path.name}\n")
     assert kind == mod.KIND and name == mod.SPEC and callable(mod.kernel)
     assert str(tmp_path) in mod.__file__
 
 
 def test_cache_is_content_addressed_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
-    text = emit(TrellisSpec.parse("L16K4V2-hyb9"), "decompress")
+    text = emit(TrellisSpec.parse("L16K4V2-hyb9"), "decompress") + f"# {tmp_path.name}\n"
     a = load_source(text)
     b = load_source(text)
     assert a is b

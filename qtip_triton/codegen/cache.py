@@ -103,7 +103,7 @@ _by_key: dict[tuple, ModuleType] = {}
 def load(spec: TrellisSpec, kind: str, config: Mapping[str, Any] | None = None, *, layout: str | None = None) -> ModuleType:
     """The imported generated module for (spec, layout, kind, source options); memoized in-process."""
     layout = layout or default_layout(spec)
-    opts = source_options(spec, config)
+    opts = source_options(spec, config, kind)
     key = (spec, layout, kind, tuple(sorted(opts.items())))
     mod = _by_key.get(key)
     if mod is None:

@@ -17,6 +17,7 @@ Kinds (signatures are documented in :mod:`qtip_triton.kernels`):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,8 +26,8 @@ from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
-TABLE_MODES = ("gather", "global")
-SOURCE_KEYS = ("table",)  # config keys that change the emitted text (the rest are launch-time)
+TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "global")
+SOURCE_KEYS = ("table", "BLOCK_M")  # config keys that can change the emitted text (BLOCK_M: gemv only)
 GENERATOR_VERSION = "1"
 
 
@@ -35,16 +36,32 @@ def default_layout(spec: TrellisSpec) -> str:
     return "qtip" if spec.L == 16 and spec.V == 2 else "tile"
 
 
-def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The subset of ``config`` that shapes the source, with defaults filled in and checked."""
+def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: str | None = None) -> dict[str, Any]:
+    """The subset of ``config`` that shapes the source, with defaults filled in and checked.
+
+    gemv unrolls its batch rows (one 2-D accumulator per row and class keeps every tensor in the
+    layout of the word loads), so its ``BLOCK_M`` is part of the source.
+    """
     config = dict(config or {})
+    extra: dict[str, Any] = {}
+    if kind == "gemv":
+        bm = config.get("BLOCK_M", 1)
+        if isinstance(bm, bool) or not isinstance(bm, int) or bm < 1 or bm > 16:
+            raise ValueError(f"config BLOCK_M={bm!r} must be an int in [1, 16] for gemv")
+        extra["BLOCK_M"] = bm
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
         raise ValueError(f"config 'table' must be one of {TABLE_MODES}, got {table!r}")
     if dec.table != "packed16":
         table = "global"  # large or absent tables are read by pointer
-    return {"table": table}
+    return {"table": table, **extra}
+
+
+def table_replicas(opts: Mapping[str, Any]) -> int:
+    """Copies of the on-chip table ("gatherR"): lane-spread copies cut shared-memory bank conflicts."""
+    t = opts["table"]
+    return int(t[6:]) if t.startswith("gather") and len(t) > 6 else 1
 
 
 class _Src:
@@ -123,7 +140,7 @@ def emit(spec: TrellisSpec, kind: str, config: Mapping[str, Any] | None = None, 
         raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     layout = layout or default_layout(spec)
     plan = make_plan(spec, layout)
-    opts = source_options(spec, config)
+    opts = source_options(spec, config, kind)
     dec = get_code(spec.code).triton_decoder()
     return _Emitter(plan, kind, opts, dec).emit()
 
@@ -132,11 +149,19 @@ class _Emitter:
     def __init__(self, plan: TilePlan, kind: str, opts: dict[str, Any], dec) -> None:
         self.plan, self.kind, self.opts, self.dec = plan, kind, opts, dec
         self.src = _Src()
+        self._cur = ""
+        self._pending: list[tuple[str, str]] = []
 
     # -------------------------------------------------------------------------------- pieces
+    def joined_gather(self) -> bool:
+        return self.dec.table == "packed16" and self.opts["table"].startswith("gather")
+
     def lookup(self, idx: str) -> str:
-        if self.dec.table == "packed16" and self.opts["table"] == "gather":
-            return f"tl.gather(tbl, tl.reshape({idx}, [RB * CB]), 0).reshape([RB, CB])"
+        if self.joined_gather():
+            # placeholder: the generator gathers every state's entries of a k step in one tl.gather
+            name = f"{self._cur}_t{len(self._pending)}"
+            self._pending.append((name, idx))
+            return name
         return f"tl.load(TBL + ({idx}))"
 
     def table_words(self) -> int:
@@ -162,6 +187,38 @@ class _Emitter:
             "",
             "import triton",
             "import triton.language as tl",
+            "",
+            "",
+            "@triton.jit",
+            "def _f16_lo(p):",
+            '    """fp16 in the low half of a uint32."""',
+            "    return (p & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)",
+            "",
+            "",
+            "@triton.jit",
+            "def _f16_hi(p):",
+            '    """fp16 in the high half of a uint32."""',
+            "    return (p >> 16).to(tl.uint16).to(tl.float16, bitcast=True)",
+            "",
+            "",
+            "@triton.jit",
+            "def _f16_lo_f32(p, INTERPRET: tl.constexpr):",
+            '    """float32 of the fp16 in the low half: one cvt from the packed register on the GPU."""',
+            "    if INTERPRET:",
+            "        return _f16_lo(p).to(tl.float32)",
+            "    else:",
+            '        return tl.inline_asm_elementwise("{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l; }",',
+            '                                         "=r,r", [p], dtype=tl.float32, is_pure=True, pack=1)',
+            "",
+            "",
+            "@triton.jit",
+            "def _f16_hi_f32(p, INTERPRET: tl.constexpr):",
+            '    """float32 of the fp16 in the high half."""',
+            "    if INTERPRET:",
+            "        return _f16_hi(p).to(tl.float32)",
+            "    else:",
+            '        return tl.inline_asm_elementwise("{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h; }",',
+            '                                         "=r,r", [p], dtype=tl.float32, is_pure=True, pack=1)',
             "",
             f"SPEC = {spec.name!r}",
             f"LAYOUT = {p.layout!r}",
@@ -196,7 +253,8 @@ class _Emitter:
         rv = _deposit("gr", [(k, p.bit_map[i] - 4) for k, i in enumerate(p.gr_bits)])
         cv = _deposit("gc", [(k, p.bit_map[i]) for k, i in enumerate(p.gc_bits)])
         s(f"orow = (rows // {p.GRN}) * 16 + {rv}  # output row of class 0")
-        s(f"xbase = (cols // {p.GCN}) * 16 + {cv}  # input column of value 0 of each group col")
+        if self.kind == "decompress":
+            s(f"xbase = (cols // {p.GCN}) * 16 + {cv}  # input column of value 0 of each group col")
         s(f"n_in = Ctot * {16 // p.GCN}")
         s("w_off = rows[:, None] * Ctot + cols[None, :]")
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
@@ -214,40 +272,96 @@ class _Emitter:
             if p.gc_bits:
                 n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gc_bits)])})"
             s(f"n_off = {n_off}")
-        if self.dec.table == "packed16" and self.opts["table"] == "gather":
-            s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))  # the whole code table, gathered from on chip")
+        if self.joined_gather():
+            rep = table_replicas(self.opts)
+            if rep == 1:
+                s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))  # the whole code table, gathered on chip")
+            else:
+                s(f"# {rep} interleaved copies of the table; neighbouring columns (lanes) read different copies,")
+                s("# so random entries spread over more shared-memory banks")
+                s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words() * rep}) // {rep})")
+                s(f"rep = (tl.arange(0, CB) % {rep})[None, :]")
 
     def load_words(self) -> None:
         p, s = self.plan, self.src
         s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
         used = sorted({w.slot for w in p.windows} | {w.slot + 1 for w in p.windows if w.spills and w.slot + 1 < p.G})
-        for q in used:
-            off = "w_off" if q == 0 else f"w_off + {q} * stride_wq"
-            s(f"w{q} = tl.load(W + {off}, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
+        loads = [(f"w{q}", "w_off" if q == 0 else f"w_off + {q} * stride_wq") for q in used]
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
-            s("wn = tl.load(W + n_off, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
+            loads.append(("wn", "n_off"))
+        s("if EVEN:  # the launcher proved every block full: no masks (and no zero fill)")
+        s.indent()
+        for name, off in loads:
+            s(f"{name} = tl.load(W + {off}).to(tl.uint32, bitcast=True)")
+        s.dedent()
+        s("else:")
+        s.indent()
+        for name, off in loads:
+            s(f"{name} = tl.load(W + {off}, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
+        s.dedent()
 
     def decode_values(self, cast: str | None) -> dict[tuple[int, int], str]:
-        """Emit states and values; returns (s, f) -> variable name (cast to ``cast`` if given)."""
+        """Emit states and values; returns (s, f) -> variable name (cast to ``cast`` if given).
+
+        With an on-chip table, every table read of the k step is one ``tl.gather``: Triton stages the
+        gathered-from tensor in shared memory with a barrier on each side of every gather, so one
+        gather per k step (not one per state) keeps the warps from synchronizing S times per step.
+        """
         p, s = self.plan, self.src
         names: dict[tuple[int, int], str] = {}
         need_mask = self.dec.state_bits is None or self.dec.state_bits > p.spec.L
+        per_state = []
         for st in range(p.S):
+            self._cur, self._pending = f"s{st}", []
+            lines, vals = self.dec.emit(p.spec, f"s{st}", self.lookup)
+            per_state.append((lines, vals, list(self._pending)))
+        pending = [pend for _, _, pl in per_state for pend in pl]
+        post: list[list[str]] = []
+        for st, (lines, _, pl) in enumerate(per_state):
             s(f"# state {st}: bits {p.spec.K * p.spec.V * st}..+{p.spec.L} of the group")
             s(_state_lines(p, st, need_mask))
-            lines, vals = self.dec.emit(p.spec, f"s{st}", self.lookup)
-            s(*lines)
+            tokens = [n for n, _ in pl]
+            cut = next((i for i, line in enumerate(lines) if any(t in line for t in tokens)), len(lines))
+            s(*lines[:cut])
+            rep = table_replicas(self.opts) if self.joined_gather() else 1
+            for n, idx in pl:
+                s(f"{n}_i = {idx}" if rep == 1 else f"{n}_i = ({idx}) * {rep} + rep")
+            post.append(lines[cut:])
+        if pending:
+            if len(pending) & (len(pending) - 1):
+                raise AssertionError("joined gather needs a power-of-two number of table reads per group")
+            s(f"# one on-chip gather for all {len(pending)} table reads of the group")
+            tree = _join_tree([f"{n}_i" for n, _ in pending])
+            s(f"gi = tl.reshape({tree}, [RB * CB * {len(pending)}])")
+            shape = ", ".join(["RB", "CB"] + ["2"] * (len(pending).bit_length() - 1))
+            s(f"gv = tl.reshape(tl.gather(tbl, gi, 0), [{shape}])")
+            self._split_tree("gv", [n for n, _ in pending])
+        for st, (_, vals, _) in enumerate(per_state):
+            s(*post[st])
             for f, v in enumerate(vals):
                 name = f"v{st}_{f}"
-                s(f"{name} = {v}" if cast is None else f"{name} = ({v}).to({cast})")
+                half = re.fullmatch(r"_f16_(lo|hi)\((.*)\)", v)
+                if cast == "tl.float32" and half:  # fused unpack + convert (no separate extract op)
+                    s(f"{name} = _f16_{half.group(1)}_f32({half.group(2)}, INTERPRET)")
+                else:
+                    s(f"{name} = {v}" if cast is None else f"{name} = ({v}).to({cast})")
                 names[(st, f)] = name
         return names
 
+    def _split_tree(self, var: str, names: list[str]) -> None:
+        """Inverse of :func:`_join_tree`: assign the leaves of ``var`` to ``names``."""
+        if len(names) == 1:
+            self.src(f"{names[0]} = {var}")
+            return
+        self.src(f"{var}e, {var}o = tl.split({var})")
+        self._split_tree(f"{var}e", names[0::2])
+        self._split_tree(f"{var}o", names[1::2])
+
     def advance(self) -> None:
         p, s = self.plan, self.src
-        s("w_off += CB", "xbase += BK", "cols += CB")
+        s("w_off += CB", "cols += CB")
         if self.kind == "gemm":
-            s("xcol += BK")
+            s("xk += BK")
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
             s("n_off += CB")
 
@@ -271,40 +385,73 @@ class _Emitter:
 
     def _gemv(self) -> None:
         p, s = self.plan, self.src
+        bm = self.opts["BLOCK_M"]
         s("@triton.jit")
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr):")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
-        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add)."""')
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
+        s("")
+        s(f"X is h in gemv order: row m holds {p.NC} blocks of Ctot values, block cc = the input columns of")
+        s("value class column cc of every word column, so each x operand is a contiguous row like the words.")
+        s(f"Batch rows are unrolled ({bm}): one 2-D accumulator per row and row class.")
+        s('"""')
+        s(f"tl.static_assert(BLOCK_M == {bm})")
         self.prologue(split=True)
-        s("mrow = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
-        s("mmask = mrow < M")
-        s("x_row = X + mrow[:, None] * stride_xm")
-        for a in range(p.NA):
-            s(f"acc{a} = tl.zeros([BLOCK_M, RB, CB], dtype=tl.float32)")
+        for m in range(bm):
+            s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
+            s(f"ok{m} = pid_m * {bm} + {m} < M")
+            for a in range(p.NA):
+                s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
+        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
         s("for _ in range(ITERS):")
         s.indent()
         self.load_words()
-        s("xmask = mmask[:, None] & (cols < Ctot)[None, :]")
         names = self.decode_values(cast="tl.float32")
         for a, cls in enumerate(p.classes):
-            for vs in cls:
-                off = f"xbase + {vs.cconst}" if vs.cconst else "xbase"
-                s(f"xv = tl.load(x_row + ({off})[None, :], mask=xmask, other=0.0).to(tl.float32)")
-                s(f"acc{a} += {names[(vs.s, vs.f)]}[None, :, :] * xv[:, None, :]")
+            for j, vs in enumerate(cls):
+                for m in range(bm):
+                    off = f"x_off + {j} * Ctot" if j else "x_off"
+                    if m == 0:  # row pid_m * BLOCK_M always exists
+                        s(f"xv = tl.load(x{m} + {off}) if EVEN else tl.load(x{m} + {off}, mask=wmask, other=0.0)")
+                    else:
+                        s(f"xv = tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
+                          f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
+                    s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
         self.advance()
+        s("x_off += CB")
         s.dedent()
         for a in range(p.NA):
-            self.store_rows(a, f"tl.sum(acc{a}, axis=2)", layout_m_first=True)
+            rc = p.rconst(a)
+            row = f"orow + {rc}" if rc else "orow"
+            for m in range(bm):
+                s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
+                  f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
         s.dedent()
 
-    def _class_tiles(self, names: dict[tuple[int, int], str], cast: str) -> list[str]:
-        """One [RB, BK] tile per row class, columns in (group col, class column offset) order."""
+    def natural_perm(self) -> tuple[int, ...] | None:
+        """Axis permutation that puts a class tile's columns in natural order (None if already)."""
+        p = self.plan
+        cbits = sorted({p.bit_map[i] for i in range(p.g_base) if p.bit_map[i] < 4})
+        # axes after [RB, TC]: gc bits MSB..LSB, then the join tree's list-index bits MSB..LSB
+        axis_cbit = [p.bit_map[i] for i in reversed(p.gc_bits)] + list(reversed(cbits))
+        order = sorted(range(len(axis_cbit)), key=lambda k: -axis_cbit[k])
+        if order == list(range(len(axis_cbit))):
+            return None
+        return (0, 1) + tuple(2 + k for k in order)
+
+    def _class_tiles(self, names: dict[tuple[int, int], str], cast: str, natural: bool = False) -> list[str]:
+        """One [RB, BK] tile per row class: columns in (group col, class column offset) order, or in the
+        natural input-column order with ``natural`` (a register permute, so stores are contiguous)."""
         p, s = self.plan, self.src
+        perm = self.natural_perm() if natural else None
         out = []
         for a, cls in enumerate(p.classes):
             tree = _join_tree([names[(vs.s, vs.f)] for vs in cls])
-            if p.NC == 1:
+            if perm is not None:
+                bits = ", ".join(["2"] * (len(perm) - 2))
+                s(f"t{a} = tl.reshape(tl.permute(tl.reshape({tree}, [RB, TC, {bits}]), {perm}), [RB, BK]).to({cast})")
+            elif p.NC == 1:
                 s(f"t{a} = {tree}.to({cast})")
             else:
                 s(f"t{a} = tl.reshape({tree}, [RB, BK]).to({cast})")
@@ -323,19 +470,22 @@ class _Emitter:
         p, s = self.plan, self.src
         s("@triton.jit")
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
-        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot)."""')
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot).')
+        s("")
+        s("X is h in gemm order (the BK tile columns of each k step contiguous), so x tiles load like a plain matmul.")
+        s('"""')
         self.prologue(split=True)
         s("mrow = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         s("mmask = mrow < M")
         for a in range(p.NA):
             s(f"acc{a} = tl.zeros([RB, BLOCK_M], dtype=tl.float32)")
-        self._xcols()
+        s(f"xk = col0 * {p.NC} + tl.arange(0, BK)  # X is h in gemm order: tile columns contiguous")
         s("for _ in range(ITERS):")
         s.indent()
         self.load_words()
-        s("xt = tl.load(X + mrow[None, :] * stride_xm + xcol[:, None], mask=(xcol < n_in)[:, None] & mmask[None, :], "
+        s("xt = tl.load(X + mrow[None, :] * stride_xm + xk[:, None], mask=(xk < n_in)[:, None] & mmask[None, :], "
           "other=0.0)")
         names = self.decode_values(cast=None)
         tiles = self._class_tiles(names, "xt.dtype")
@@ -358,15 +508,19 @@ class _Emitter:
     def _decompress(self) -> None:
         p, s = self.plan, self.src
         s("@triton.jit")
-        s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr):")
+        s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr,")
+        s("           EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""OUT[rows, cols] = Ŵ for one [TR*16, TC*16] block, in OUT\'s dtype."""')
         self.prologue(split=False)
         self.load_words()
-        self._xcols()
+        if self.natural_perm() is None:
+            self._xcols()
+        else:
+            s("xcol = pid_k * BK + tl.arange(0, BK)  # tiles are permuted to natural column order below")
         s("kmask = xcol < n_in")
         names = self.decode_values(cast=None)
-        tiles = self._class_tiles(names, "OUT.dtype.element_ty")
+        tiles = self._class_tiles(names, "OUT.dtype.element_ty", natural=True)
         for a, t in enumerate(tiles):
             rc = p.rconst(a)
             row = f"orow + {rc}" if rc else "orow"

@@ -134,6 +134,31 @@ class TilePlan:
         return out
 
 
+def input_order(plan: TilePlan, n: int, kind: str) -> torch.Tensor:
+    """int64 (n,): position in the kernel's x layout of each natural input column.
+
+    ``gemv`` reads x as ``[NC, Ctot]`` (value-class column ``cc`` major, word column minor) so that the
+    x operand of each decoded value is a contiguous row like the word loads; ``gemm`` reads the
+    ``[BK]`` column order of its tiles contiguously (``C * NC + cc``). The input Hadamard kernel writes
+    h in this order, so the permutation costs nothing at run time.
+    """
+    ctot = (n // TILE) * plan.GCN
+    C = torch.arange(ctot).view(-1, 1)
+    cc = torch.arange(plan.NC).view(1, -1)
+    cvar = torch.tensor([plan.cvar(g) for g in range(plan.GCN)])
+    cconst = torch.tensor([v.cconst for v in plan.classes[0]])
+    src = (C // plan.GCN) * TILE + cvar[C % plan.GCN] + cconst[cc]  # natural column of (C, cc)
+    if kind == "gemv":
+        dst = cc * ctot + C
+    elif kind == "gemm":
+        dst = C * plan.NC + cc
+    else:
+        raise ValueError(f"no kernel input order for kind {kind!r}")
+    pos = torch.empty(n, dtype=torch.int64)
+    pos[src.reshape(-1)] = dst.expand_as(src).reshape(-1)
+    return pos
+
+
 def _bit_permutation(order: torch.Tensor) -> tuple[int, ...] | None:
     """bit_map if ``order`` (t -> 16r + c) is a permutation of index bits, else None."""
     order = order.to(torch.int64)

@@ -72,8 +72,10 @@ def kernels_available(device: torch.device | str) -> tuple[bool, str | None]:
     return False, f"Triton cannot target device type {device.type!r}"
 
 
-def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=dtype,
+def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind: str | None = None) -> torch.Tensor:
+    """h = M_nᵀ (x ⊙ SU), written in the ``kind`` kernel's column order (natural order if None)."""
+    dst = None if kind in (None, "decompress") else pw.input_index(kind)
+    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=dtype, dst=dst,
                               interpret=interpreting())
 
 
@@ -113,11 +115,11 @@ def launch(
         return x.new_empty(*lead, pw.out_features)
     # gemv multiplies in fp32 anyway: keeping h in fp32 costs a few KB of reads and removes one
     # 16-bit rounding (it halves the bf16 error); tensor-core kinds need h in x's dtype
-    h = _transform_in(pw, x2, torch.float32 if kind == "gemv" else x.dtype)
+    h = _transform_in(pw, x2, torch.float32 if kind == "gemv" else x.dtype, kind)
     if kind == "decompress":
         w = decompress(pw, config, dtype=x.dtype)
         parts = torch.matmul(h, w.t()).unsqueeze(0)
     else:
-        parts = decode_matmul(kind, pw, h, config)
+        parts = decode_matmul(kind, pw, h, config, h_order="kernel")
     y = _transform_out(pw, parts, bias, x.dtype)
     return y.reshape(*lead, pw.out_features)

@@ -56,9 +56,10 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  ROWS, COLS, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr, KBLK: tl.constexpr,
-                 CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+                 CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_DST: tl.constexpr, INTERPRET: tl.constexpr):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS."""
     pid = tl.program_id(0)
     token = pid // blocks
@@ -89,13 +90,16 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, nb, blocks, nsplit, stride_xs, str
             out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
         if HAS_BIAS:
             out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
-        tl.store(Y + token * stride_ym + base + oidx, out.to(Y.dtype.element_ty), mask=omsk)
+        dst = base + oidx
+        if HAS_DST:  # the consuming kernel's input order (a permutation of the row)
+            dst = tl.load(DST + dst, mask=omsk, other=0)
+        tl.store(Y + token * stride_ym + dst, out.to(Y.dtype.element_ty), mask=omsk)
 
 
 @triton.jit
-def _had1_kernel(X, Y, B, PRE, POST, BIAS, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+def _had1_kernel(X, Y, B, PRE, POST, BIAS, DST, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  CP: tl.constexpr, RBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr):
     """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
     r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)
     token = r // blocks
@@ -117,7 +121,10 @@ def _had1_kernel(X, Y, B, PRE, POST, BIAS, nb, nrows, blocks, nsplit, stride_xs,
             out *= tl.load(POST + base[:, None] + jc[None, :], mask=omsk, other=0.0)
         if HAS_BIAS:
             out += tl.load(BIAS + base[:, None] + jc[None, :], mask=omsk, other=0.0).to(tl.float32)
-        tl.store(Y + (token * stride_ym + base)[:, None] + jc[None, :], out.to(Y.dtype.element_ty), mask=omsk)
+        dst = base[:, None] + jc[None, :]
+        if HAS_DST:
+            dst = tl.load(DST + dst, mask=omsk, other=0)
+        tl.store(Y + (token * stride_ym)[:, None] + dst, out.to(Y.dtype.element_ty), mask=omsk)
 
 
 def _next_pow2(x: int) -> int:
@@ -187,12 +194,14 @@ def transform(
     post: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    dst: torch.Tensor | None = None,
     interpret: bool = False,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
     Returns (T, n) in ``out_dtype`` (default x's dtype): ``post ⊙ (M z) + bias`` with
     ``M = M_nbᵀ`` if ``transpose`` else ``M_nb``, ``z = pre ⊙ Σ_s x[s]``, ``nb = n / blocks``.
+    ``dst`` (int32 (n,), a permutation) stores column j of each row at position ``dst[j]`` instead.
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -207,6 +216,8 @@ def transform(
         raise ValueError(why)
     if x.stride(2) != 1:
         x = x.contiguous()
+    if dst is not None and (dst.shape != (n,) or dst.dtype != torch.int32):
+        raise ValueError(f"dst must be an int32 ({n},) permutation, got {dst.dtype} {tuple(dst.shape)}")
     for name, v in (("pre", pre), ("post", post), ("bias", bias)):
         if v is not None and (v.shape != (n,) or not v.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
@@ -215,7 +226,9 @@ def transform(
         return y
     a, b = _matrices(nb, transpose, x.device)
     dummy = x  # never read: the HAS_* flags are off
-    args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None, INTERPRET=interpret)
+    args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
+                HAS_DST=dst is not None, INTERPRET=interpret)
+    dst_arg = dst if dst is not None else dummy
     scale = 1.0 / math.sqrt(nb)
     cp = b.shape[0]
     if a is None:
@@ -223,7 +236,7 @@ def transform(
         rblk = 16 if interpret else 32
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
-                           bias if bias is not None else dummy, nb, nrows, blocks, S, x.stride(0), x.stride(1),
+                           bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
                            y.stride(0), scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args)
         return y
     kh, p1, p2 = factor(nb)
@@ -232,7 +245,7 @@ def transform(
     kblk = min(rp, 32)
     grid = (T * blocks, rp // rblk)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
-                       bias if bias is not None else dummy, nb, blocks, S, x.stride(0), x.stride(1), y.stride(0),
-                       scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=min(cp, 32), num_warps=4,
+                       bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
+                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=min(cp, 32), num_warps=4,
                        **args)
     return y

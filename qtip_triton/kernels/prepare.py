@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qtip_triton.bitstream import get_layout
-from qtip_triton.codegen.plan import TilePlan, make_plan
+from qtip_triton.codegen.plan import TilePlan, input_order, make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.spec import TILE, TrellisSpec
 from qtip_triton.weight import QuantizedWeight
@@ -46,6 +46,15 @@ class PreparedWeight:
     cache: dict = field(default_factory=dict)  # scratch kept with the layer (Hadamard matrices)
 
     # No reference to the QuantizedWeight's trellis is kept: the module cache below is keyed weakly on it.
+
+    def input_index(self, kind: str) -> torch.Tensor:
+        """int32 (in_features,): where each input column goes in the ``kind`` kernel's x layout."""
+        key = ("input_index", kind)
+        idx = self.cache.get(key)
+        if idx is None:
+            idx = input_order(self.plan, self.in_features, kind).to(device=self.device, dtype=torch.int32)
+            self.cache[key] = idx
+        return idx
 
     @property
     def device(self) -> torch.device:

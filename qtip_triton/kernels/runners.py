@@ -61,14 +61,21 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     mod = load(pw.spec, "decompress", config, layout=pw.layout)
     G, Rtot, Ctot = pw.words.shape
     out = torch.empty(pw.out_features, pw.in_features, dtype=dtype, device=pw.device)
-    grid = (_cdiv(Rtot, TR * plan.GRN), _cdiv(Ctot, TC * plan.GCN))
+    RB, CB = TR * plan.GRN, TC * plan.GCN
+    grid = (_cdiv(Rtot, RB), _cdiv(Ctot, CB))
+    even = Rtot % RB == 0 and Ctot % CB == 0
     mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, Rtot * Ctot, out.stride(0), TR=TR, TC=TC,
-                     **_launch_opts(config))
+                     EVEN=even, INTERPRET=interpreting(), **_launch_opts(config))
     return out
 
 
-def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16)."""
+def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
+                  h_order: str = "natural") -> torch.Tensor:
+    """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16).
+
+    The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
+    kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
+    """
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"decode_matmul runs kinds 'gemv' and 'gemm', got {kind!r}")
     if h.dim() != 2 or h.shape[1] != pw.in_features:
@@ -76,10 +83,18 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     allowed = ACT_DTYPES + ((torch.float32,) if kind == "gemv" else ())
     if h.dtype not in allowed:
         raise ValueError(f"the {kind} kernel takes {', '.join(map(str, allowed))} activations, got {h.dtype}")
+    if h_order == "natural":
+        perm = torch.empty_like(h)
+        perm[:, pw.input_index(kind).long()] = h
+        h = perm
+    elif h_order != "kernel":
+        raise ValueError(f"h_order must be 'natural' or 'kernel', got {h_order!r}")
     if h.stride(1) != 1:
         h = h.contiguous()
     TR, TC = _blocks(config)
     bm_lo, bm_hi = (1, 16) if kind == "gemv" else (16, 256)
+    if kind == "gemv" and config.get("BLOCK_M") not in (1, 2, 4, 8, 16):
+        raise ValueError(f"config BLOCK_M={config.get('BLOCK_M')!r} must be a power of two in [1, 16]")
     BM = _pow2("BLOCK_M", config.get("BLOCK_M"), bm_lo, bm_hi)
     split = config.get("SPLIT_K", 1)
     if isinstance(split, bool) or not isinstance(split, int) or split < 1:
@@ -94,7 +109,9 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     splits = _cdiv(nblk, iters)
     ws = torch.empty(splits, M, pw.out_features, dtype=torch.float32, device=h.device)
     grid = (_cdiv(Rtot, TR * plan.GRN), splits, _cdiv(M, BM))
-    extra = {"INTERPRET": interpreting()} if kind == "gemm" else {}
+    RB = TR * plan.GRN
+    # no masks when every program's row block and every k step is full
+    extra = {"INTERPRET": interpreting(), "EVEN": Rtot % RB == 0 and Ctot % CB == 0 and nblk % iters == 0}
     mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, Rtot * Ctot, h.stride(0), ws.stride(0),
                      ws.stride(1), TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
     return ws
