@@ -411,7 +411,13 @@ def dequantize_checkpoint(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="Hugging Face Llama-family model directory (config.json + *.safetensors)")
     parser.add_argument("dst", help="output directory for the QTIP checkpoint")
-    parser.add_argument("--K", type=int, default=2, choices=(2, 3, 4), help="bits per weight (default 2)")
+    parser.add_argument("--format", default="qtip", choices=("qtip", "exl3"),
+                        help="checkpoint format to write (default qtip; exl3 = ExLlamaV3's format)")
+    parser.add_argument("--K", type=int, default=2, choices=tuple(range(1, 9)),
+                        help="bits per weight (default 2; qtip takes 2..4, exl3 1..8)")
+    parser.add_argument("--code", default="mcg", choices=("3inst", "mcg", "mul1"),
+                        help="exl3 only: trellis code (default mcg)")
+    parser.add_argument("--head-bits", type=int, default=None, help="exl3 only: also quantize lm_head at this K")
     parser.add_argument("--K-v-proj", type=int, default=None, choices=(2, 3, 4), help="other K for v_proj")
     parser.add_argument("--tp", type=int, default=None,
                         help="write the tensor-parallel variant with this many transform blocks (e.g. 8)")
@@ -425,6 +431,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "exl3":
+        from qtip_triton.formats.exl3 import quantize_model
+
+        if args.tp or args.random_trellis or args.K_v_proj or args.skip or args.quantization_config:
+            raise SystemExit("qtip-triton quantize: --tp, --random-trellis, --K-v-proj, --skip and "
+                             "--quantization-config apply to --format qtip only")
+        dst = Path(args.dst)
+        if dst.exists() and any(dst.iterdir()) and not args.overwrite:
+            raise SystemExit(f"qtip-triton quantize: {dst} is not empty (use --overwrite)")
+        quantize_model(args.src, args.dst, args.K, args.code, head_bits=args.head_bits, seed=args.seed)
+        print(f"wrote {args.dst}")
+        return 0
+    if args.K not in (2, 3, 4):
+        raise SystemExit(f"qtip-triton quantize: --format qtip takes K in 2..4, got {args.K}")
     out = quantize_checkpoint(
         args.src, args.dst, K=args.K, tp=args.tp, seed=args.seed, random_trellis=args.random_trellis,
         skip=[s for s in args.skip.split(",") if s], K_v_proj=args.K_v_proj,
