@@ -79,10 +79,16 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     return rec
 
 
-def explore_configs(kind: str, m: int, n: int, M: int, spec) -> list[dict]:
+def explore_configs(kind: str, m: int, n: int, M: int, spec, small: bool = False) -> list[dict]:
     base = kernels.default_config(kind, spec, m, n, M)
     out = [base]
-    if kind == "gemv":
+    if small and kind == "gemv":
+        out += [{**base, "prefetch": True}, {**base, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
+                {**base, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "prefetch": True},
+                {**base, "SPLIT_K": base["SPLIT_K"] * 2}, {**base, "BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8}]
+    elif small:
+        out += [{**base, "BLOCK_N": 64}, {**base, "SPLIT_K": max(1, base["SPLIT_K"] // 2)}]
+    elif kind == "gemv":
         for bn, bk, nw in ((128, 256, 8), (64, 256, 4), (64, 128, 4), (256, 128, 8), (128, 128, 4), (256, 256, 8)):
             for mult in (0.5, 1, 2):
                 split = max(1, int(base["SPLIT_K"] * mult))
@@ -140,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--M", default=None, help="e.g. 1,16,256")
     ap.add_argument("--K", default=None, help="e.g. 2,4")
     ap.add_argument("--time-limit", type=float, default=480.0, help="seconds; stop adding points after this")
+    ap.add_argument("--explore-M", default="1,4,16,256", help="batch sizes explored with --explore")
+    ap.add_argument("--small-explore", action="store_true", help="a handful of alternative configs only")
+    ap.add_argument("--explore-K", default="2", help="K values explored with --explore")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -173,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m}x{n} K={K} M={M} {r['kind']}: kernel {r['kernel_us']:.1f} linear {r.get('linear_us', 0):.1f} "
                   f"fp16 {r['fp16_us']:.1f} -> {r['ratio_kernel']:.2f}x / {r.get('ratio_linear', 0):.2f}x",
                   file=sys.stderr, flush=True)
-        if args.explore and (m, n) == (8192, 8192) and K == 2:
-            for M in (1, 4, 16, 256):
+        explore_k = [int(v) for v in args.explore_K.split(",")]
+        if args.explore and (m, n) == (8192, 8192) and K in explore_k:
+            for M in [int(v) for v in args.explore_M.split(",")]:
                 kinds = {1: ["gemv", "gemm"], 4: ["gemv", "gemm"], 16: ["gemm", "gemv"], 256: ["gemm", "decompress"]}[M]
+                if args.small_explore:
+                    kinds = kinds[:1]
                 for kind in kinds:
-                    for cfg in explore_configs(kind, m, n, M, qw.spec):
+                    for cfg in explore_configs(kind, m, n, M, qw.spec, small=args.small_explore):
                         if time.time() - t0 > args.time_limit:
                             break
                         try:

@@ -75,7 +75,8 @@ def test_emitted_source_is_specialized():
     src = emit(TrellisSpec.parse("L16K2V2-hyb9"), "gemv")
     # constants folded: window shifts, hash index width, sign bit, the 512-word table; no run-time spec
     assert "s0 = (w0 >> 16)" in src
-    assert "s5 = (w0 << 4) | (wn >> 28)" in src  # funnel shift across the word boundary
+    assert "s5 = (w0 << 4) | (w1 >> 28)" in src  # funnel shift across the word boundary
+    assert "s13 = (w1 << 4) | (wn >> 28)" in src  # ... and into the next group's first word
     assert ">> 6) & 511" in src and "0x8000" in src and "tl.arange(0, 512)" in src
     assert "L16K2V2-hyb9" in src
     for bad in ("spec.", "if L", "K ==", "V =="):

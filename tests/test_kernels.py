@@ -61,6 +61,7 @@ def test_decompress_exl3_layout_bit_exact(gen, name):
 CASES = [
     ("gemv", 1, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
     ("gemv", 5, {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 1}),
+    ("gemv", 2, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "prefetch": True}),
     ("gemm", 20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
     ("decompress", 9, DEC),
 ]
@@ -154,6 +155,7 @@ def test_configs_contract():
             assert all(set(c) <= keys | {"num_stages", "table"} for c in space)
     assert kernels.default_kind(spec, 4096, 4096, 1) == "gemv"
     assert kernels.default_kind(spec, 4096, 4096, 64) == "gemm"
+    assert kernels.default_kind(spec, 4096, 4096, 256) == "decompress"
     assert kernels.default_kind(spec, 4096, 4096, 2048) == "decompress"
     assert api.kinds() == ("gemv", "gemm", "decompress")
     ok, why = kernels.can_implement("gemv", spec, 4096, 4008, 1)

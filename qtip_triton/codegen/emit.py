@@ -27,7 +27,7 @@ from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
 TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "global")
-SOURCE_KEYS = ("table", "BLOCK_M")  # config keys that can change the emitted text (BLOCK_M: gemv only)
+SOURCE_KEYS = ("table", "BLOCK_M", "prefetch")  # config keys that can change the text (last two: gemv only)
 GENERATOR_VERSION = "1"
 
 
@@ -49,6 +49,7 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
         if isinstance(bm, bool) or not isinstance(bm, int) or bm < 1 or bm > 16:
             raise ValueError(f"config BLOCK_M={bm!r} must be an int in [1, 16] for gemv")
         extra["BLOCK_M"] = bm
+        extra["prefetch"] = bool(config.get("prefetch", False))
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -251,10 +252,7 @@ class _Emitter:
         s(f"gr = rows & {p.GRN - 1}  # group row inside the tile" if p.GRN > 1 else "gr = rows * 0")
         s(f"gc = cols & {p.GCN - 1}  # group col inside the tile" if p.GCN > 1 else "gc = cols * 0")
         rv = _deposit("gr", [(k, p.bit_map[i] - 4) for k, i in enumerate(p.gr_bits)])
-        cv = _deposit("gc", [(k, p.bit_map[i]) for k, i in enumerate(p.gc_bits)])
         s(f"orow = (rows // {p.GRN}) * 16 + {rv}  # output row of class 0")
-        if self.kind == "decompress":
-            s(f"xbase = (cols // {p.GCN}) * 16 + {cv}  # input column of value 0 of each group col")
         s(f"n_in = Ctot * {16 // p.GCN}")
         s("w_off = rows[:, None] * Ctot + cols[None, :]")
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
@@ -282,13 +280,19 @@ class _Emitter:
                 s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words() * rep}) // {rep})")
                 s(f"rep = (tl.arange(0, CB) % {rep})[None, :]")
 
-    def load_words(self) -> None:
-        p, s = self.plan, self.src
-        s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+    def word_loads(self) -> list[tuple[str, str]]:
+        """(variable, offset expression) of every word tensor a k step reads."""
+        p = self.plan
         used = sorted({w.slot for w in p.windows} | {w.slot + 1 for w in p.windows if w.spills and w.slot + 1 < p.G})
         loads = [(f"w{q}", "w_off" if q == 0 else f"w_off + {q} * stride_wq") for q in used]
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
             loads.append(("wn", "n_off"))
+        return loads
+
+    def load_words(self) -> None:
+        s = self.src
+        s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+        loads = self.word_loads()
         s("if EVEN:  # the launcher proved every block full: no masks (and no zero fill)")
         s.indent()
         for name, off in loads:
@@ -404,9 +408,25 @@ class _Emitter:
             for a in range(p.NA):
                 s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
         s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
-        s("for _ in range(ITERS):")
+        prefetch = self.opts.get("prefetch", False)
+        if prefetch:
+            s("# software pipelining: the next k step's words load while this one is decoded")
+            for name, off in self.word_loads():
+                s(f"{name}_nx = tl.load(W + {off}, mask=rmask[:, None] & (cols < Ctot)[None, :], other=0)")
+        s("for it in range(ITERS):")
         s.indent()
-        self.load_words()
+        if prefetch:
+            s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+            for name, _ in self.word_loads():
+                s(f"{name} = {name}_nx.to(tl.uint32, bitcast=True)")
+            s("w_off += CB", "cols += CB")
+            if any(w.spills and w.slot + 1 == p.G for w in p.windows):
+                s("n_off += CB")
+            s("nmask = rmask[:, None] & (cols < Ctot)[None, :] & (it + 1 < ITERS)")
+            for name, off in self.word_loads():
+                s(f"{name}_nx = tl.load(W + {off}, mask=nmask, other=0)")
+        else:
+            self.load_words()
         names = self.decode_values(cast="tl.float32")
         for a, cls in enumerate(p.classes):
             for j, vs in enumerate(cls):
@@ -418,7 +438,8 @@ class _Emitter:
                         s(f"xv = tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
                           f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
-        self.advance()
+        if not prefetch:
+            self.advance()
         s("x_off += CB")
         s.dedent()
         for a in range(p.NA):
@@ -457,14 +478,6 @@ class _Emitter:
                 s(f"t{a} = tl.reshape({tree}, [RB, BK]).to({cast})")
             out.append(f"t{a}")
         return out
-
-    def _xcols(self) -> None:
-        """Input column of each of the BK tile columns: group col base + class column offset."""
-        p, s = self.plan, self.src
-        cbits = sorted({p.bit_map[i] for i in range(p.g_base) if p.bit_map[i] < 4})
-        cc = _deposit("cc", list(enumerate(cbits)))
-        s(f"cc = tl.arange(0, {p.NC})")
-        s(f"xcol = tl.reshape(xbase[:, None] + ({cc})[None, :], [BK])  # input column of each tile column")
 
     def _gemm(self) -> None:
         p, s = self.plan, self.src
@@ -514,10 +527,9 @@ class _Emitter:
         s('"""OUT[rows, cols] = Ŵ for one [TR*16, TC*16] block, in OUT\'s dtype."""')
         self.prologue(split=False)
         self.load_words()
-        if self.natural_perm() is None:
-            self._xcols()
-        else:
-            s("xcol = pid_k * BK + tl.arange(0, BK)  # tiles are permuted to natural column order below")
+        # class tiles come out in natural column order (permuted in registers if needed), so the
+        # stores are plain contiguous rows (vectorized, coalesced)
+        s("xcol = pid_k * BK + tl.arange(0, BK)")
         s("kmask = xcol < n_in")
         names = self.decode_values(cast=None)
         tiles = self._class_tiles(names, "OUT.dtype.element_ty", natural=True)

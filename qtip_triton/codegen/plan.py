@@ -192,7 +192,14 @@ def make_plan(spec: TrellisSpec, layout: str) -> TilePlan:
         )
     K, V, L = spec.K, spec.V, spec.L
     kv = K * V
-    S = 32 // math.gcd(kv, 32)
+    S = 32 // math.gcd(kv, 32)  # fewest states that fill whole words
+    # Grow the group until every column bit of the order lies in (s, f): then a block of groups is
+    # [tile rows x group rows] x [tile cols] and neighbouring word columns are neighbouring tiles.
+    # Measured on the H100 (bench/NOTES.md, run 2): plans with group bits on columns ran 2x slower.
+    top_c = max(i for i in range(T_BITS) if bit_map[i] < 4)
+    need = 2 << top_c  # values per group that cover every column bit
+    while need > S * V and TILE_WEIGHTS > S * V:
+        S *= 2
     G = kv * S // 32
     T = spec.steps_per_tile
     if T % S:

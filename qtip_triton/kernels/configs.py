@@ -9,7 +9,7 @@ partials are summed inside the output Hadamard kernel).
 Heuristic, and why:
 
 * kind: ``gemv`` for M <= 8 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
-  tensor-core tile), ``gemm`` up to M = 128 (one decode feeds BLOCK_M rows through ``tl.dot``), then
+  tensor-core tile), ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
   ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
 * ``SPLIT_K``: enough programs for about four waves on the GPU's SMs, but at least two k steps per split;
 * block sizes: large enough that the per-program set-up (table load, offsets) is amortized, small
@@ -28,7 +28,7 @@ from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
 GEMV_MAX_M = 8
-GEMM_MAX_M = 128
+GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
 
 
@@ -82,20 +82,20 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict
     if not ok:
         raise ValueError(why)
     if kind == "decompress":
-        return {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4}
+        return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
         # (sm_90, ~11.6 instructions per decoded state), so many warps hide the load latency
-        block_n, block_k, warps = {1: (128, 128, 8), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
+        block_n, block_k, warps = {1: (64, 256, 4), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
                                    16: (64, 64, 8)}[bm]
         split = _split_for(m, n, block_n, block_k)
         return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps}
     bm = max(16, min(_next_pow2(M), 64))
-    block_n, block_k = 64, 128
-    split = _split_for(m, n, block_n, block_k, waves=2) if M <= 64 else 1
-    return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split,
-            "num_warps": 8 if bm >= 32 else 4}
+    # run 2 (H100, 8192x8192, M=1..16): 128x64 tiles with 4 warps and ~4 waves of programs were best
+    block_n, block_k = 128, 64
+    split = _split_for(m, n, block_n, block_k) if M <= 64 else 1
+    return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
 
 
 def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
