@@ -13,8 +13,9 @@ side (:class:`PackedShards`) and computes the whole fused output in one call:
 * ``SV``: (sum m_i,) float32, concatenated (it is per output row);
 * ``table``: (S, *table_shape) stacked code tables, or None for computed codes;
 * static metadata: ``specs`` (comma-separated spec names), ``out_features`` [m_i], ``in_features``,
-  ``layout``, ``rcp`` [per shard] and ``tp_rank`` [per shard: the number of transform blocks on the
-  ``rcp`` side, see :class:`~qtip_triton.weight.QuantizedWeight`].
+  ``layout``, ``rcp`` [per shard], ``tp_rank`` [per shard: the number of transform blocks on the
+  ``rcp`` side, see :class:`~qtip_triton.weight.QuantizedWeight`] and ``had_block`` [per shard: fixed
+  Hadamard block width on both sides, 0 = full width; EXL3 uses 128].
 
 The compute is ``qtip_triton.linear(x, qw_i)`` per shard. Kernel back ends cache prepared
 (repacked) weights by the identity of the QuantizedWeight's tensors, so the op must hand them the
@@ -44,7 +45,7 @@ NAMESPACE = "qtip_triton"
 OP_NAME = "qtip_linear"
 SCHEMA = (
     f"{OP_NAME}(Tensor x, Tensor trellis, Tensor SU, Tensor SV, Tensor? table, Tensor? bias, str key, "
-    "str specs, int[] out_features, int in_features, str layout, int[] rcp, int[] tp_rank) -> Tensor"
+    "str specs, int[] out_features, int in_features, str layout, int[] rcp, int[] tp_rank, int[] had_block) -> Tensor"
 )
 
 # (key, trellis data_ptr) -> weakref to the registered shards; the owner (PackedShards) keeps them alive.
@@ -93,16 +94,18 @@ def split_shards(
     layout: str,
     rcp: Sequence[int],
     tp_rank: Sequence[int],
+    had_block: Sequence[int] | None = None,
 ) -> list[QuantizedWeight]:
     """The per-shard QuantizedWeights (views, unvalidated) of packed op arguments."""
     names = specs.split(",")
     S = len(out_features)
     if len(names) == 1 and S > 1:
         names = names * S
-    if not (len(names) == S == len(rcp) == len(tp_rank)):
+    had_block = [0] * S if had_block is None else list(had_block)
+    if not (len(names) == S == len(rcp) == len(tp_rank) == len(had_block)):
         raise ValueError(
-            f"qtip_linear: {len(names)} specs, {S} out_features, {len(rcp)} rcp and {len(tp_rank)} tp_rank "
-            "entries; there must be one per shard"
+            f"qtip_linear: {len(names)} specs, {S} out_features, {len(rcp)} rcp, {len(tp_rank)} tp_rank and "
+            f"{len(had_block)} had_block entries; there must be one per shard"
         )
     if SU.dim() != 2 or SU.shape[0] != S:
         raise ValueError(f"qtip_linear: SU must be (shards={S}, in_features), got {tuple(SU.shape)}")
@@ -130,6 +133,7 @@ def split_shards(
                 layout=layout,
                 rcp=rcp[i],
                 tp_rank=tp_rank[i] if rcp[i] != RCP_NONE else 1,
+                had_block=had_block[i],
             )
         )
         t_off += counts[i]
@@ -152,6 +156,7 @@ class PackedShards:
     rcp: tuple[int, ...]
     tp_rank: tuple[int, ...]
     key: str = ""
+    had_block: tuple[int, ...] = ()
     _shards: list[QuantizedWeight] | None = field(default=None, repr=False)
 
     @classmethod
@@ -170,8 +175,6 @@ class PackedShards:
                 raise ValueError(f"shard {i} uses layout {qw.layout!r}, shard 0 uses {layout!r}")
             if qw.device != dev:
                 raise ValueError(f"shard {i} is on {qw.device}, shard 0 on {dev}")
-            if getattr(qw, "had_block", 0):
-                raise ValueError("qtip_linear does not take fixed-size Hadamard blocks (had_block) yet")
         tables = [qw.table for qw in qws]
         if any(t is None for t in tables) and not all(t is None for t in tables):
             raise ValueError("either every shard has a code table or none has")
@@ -189,6 +192,7 @@ class PackedShards:
             rcp=tuple(qw.rcp for qw in qws),
             tp_rank=tuple(qw.tp_rank for qw in qws),
             key=key,
+            had_block=tuple(qw.had_block for qw in qws),
         )
 
     @property
@@ -200,7 +204,7 @@ class PackedShards:
         if self._shards is None:
             trusted = split_shards(
                 self.trellis, self.SU, self.SV, self.table, self.specs, self.out_features,
-                self.in_features, self.layout, self.rcp, self.tp_rank,
+                self.in_features, self.layout, self.rcp, self.tp_rank, self.had_block or None,
             )
             # Validate once here (host syncs are fine at load time), keep the views.
             for qw in trusted:
@@ -267,6 +271,7 @@ def _qtip_linear_impl(
     layout: str,
     rcp: list[int],
     tp_rank: list[int],
+    had_block: list[int],
 ) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"qtip_linear: x has {x.shape[-1]} features, the layer expects {in_features}")
@@ -274,7 +279,9 @@ def _qtip_linear_impl(
     if packed is not None:
         shards = packed.shards()
     else:
-        shards = split_shards(trellis, SU, SV, table, specs, out_features, in_features, layout, rcp, tp_rank)
+        shards = split_shards(
+            trellis, SU, SV, table, specs, out_features, in_features, layout, rcp, tp_rank, had_block
+        )
     if len(shards) == 1:
         return dispatch.linear(x, shards[0], bias)
     y = torch.cat([dispatch.linear(x, qw) for qw in shards], dim=-1)
@@ -295,6 +302,7 @@ def _qtip_linear_fake(
     layout: str,
     rcp: list[int],
     tp_rank: list[int],
+    had_block: list[int],
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], sum(out_features)))
 
@@ -316,7 +324,7 @@ def op_args(packed: PackedShards) -> tuple:
     return (
         (packed.trellis, packed.SU, packed.SV, packed.table),
         (packed.key, packed.specs, list(packed.out_features), packed.in_features, packed.layout,
-         list(packed.rcp), list(packed.tp_rank)),
+         list(packed.rcp), list(packed.tp_rank), list(packed.had_block or [0] * len(packed.out_features))),
     )
 
 

@@ -170,3 +170,31 @@ def test_registry_forgets_dead_layers(gen):
     del packed
     gc.collect()
     assert key not in ops._REGISTRY
+
+
+def exl3_shards(gen):
+    """EXL3-like fused shards: 128-wide block Hadamards, per-shard K and code, one input."""
+    from qtip_triton.bitstream import get_layout
+    from qtip_triton.weight import QuantizedWeight
+
+    shards = []
+    for K, code, m in ((2, "mcg", 256), (5, "mul1", 128)):
+        spec = TrellisSpec(16, K, 1, code)
+        words = torch.randint(0, 1 << 32, (m // 16, 256 // 16, spec.words_per_tile), generator=gen, dtype=torch.int64)
+        trellis = get_layout("exl3").pack(words, spec)
+        shards.append(QuantizedWeight(spec, m, 256, trellis, torch.randn(256, generator=gen).half(),
+                                      torch.randn(m, generator=gen).half(), None, layout="exl3", had_block=128))
+    return shards
+
+
+def test_fused_had_block_shards(gen):
+    qws = exl3_shards(gen)
+    packed = PackedShards.from_qweights(qws, key="t.exl3")
+    assert packed.had_block == (128, 128)
+    x = torch.randn(2, 256, generator=gen)
+    assert rel(qtip_linear(x, packed), fused_reference(qws, x)) < 1e-5
+    # dropping had_block from the op's metadata must change the math (the field really travels)
+    tensors, meta = ops.op_args(packed)
+    full_width = torch.ops.qtip_triton.qtip_linear(x, *tensors, None, *meta[:-1], [0, 0])
+    assert rel(full_width, fused_reference(qws, x)) > 1e-2
+    torch.library.opcheck(torch.ops.qtip_triton.qtip_linear.default, (x, *tensors, None, *meta))

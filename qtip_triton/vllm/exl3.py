@@ -13,9 +13,8 @@ What differs from QTIP (:mod:`qtip_triton.vllm.linear_method`), and why this is 
   (``had_block=128``), so any TP split on 128-multiples keeps every transform local: no checkpoint
   needs a TP variant. Legacy packed-sign ``su`` / ``sv`` are unpacked on load.
 
-Forward: one generated-kernel call per logical matrix (``qtip_triton.linear``), outputs concatenated.
-The fused custom op (:mod:`qtip_triton.ops`) does not take ``had_block`` yet; until it does, run vLLM
-with ``enforce_eager=True`` for EXL3 (the eager path is exact; the op would only hide it from Dynamo).
+Forward: the fused custom op (:mod:`qtip_triton.ops`, per-shard ``had_block=128``), which runs one
+generated-kernel call per logical matrix; torch.compile and CUDA graphs see one opaque op.
 
 A quantized ``lm_head`` is served at TP=1 (:class:`Exl3LMHeadMethod`). Not handled yet (clear errors):
 a quantized head at TP > 1, and stored dims padded beyond the model's sizes (dims that are not
@@ -42,8 +41,9 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.parameter import ChannelQuantScaleParameter, PackedvLLMParameter
 
-from qtip_triton import dispatch
+from qtip_triton import ops
 from qtip_triton.formats import exl3 as fmt
+from qtip_triton.ops import PackedShards
 from qtip_triton.spec import TILE, TrellisSpec
 from qtip_triton.vllm.compat import current_load_format, logger, register_weight_loader_v2
 from qtip_triton.vllm.config import DEFAULT_PACKED
@@ -372,19 +372,22 @@ class Exl3LinearMethod(LinearMethodBase):
                                            layout="exl3", had_block=BLOCK))
             except ValueError as e:
                 raise ValueError(f"{geom.shard_prefix(i)}: {e}") from None
+        packed = PackedShards.from_qweights(qws, key=geom.prefix or f"exl3-layer-{id(layer)}")
         for name in ("trellis", "suh", "svh", *MARKERS, *LEGACY):
             delattr(layer, name)
-        layer.register_parameter("trellis", Parameter(flat, requires_grad=False))
-        layer.register_parameter("suh", Parameter(suh, requires_grad=False))
-        layer.register_parameter("svh", Parameter(svh, requires_grad=False))
-        for qw in qws:
-            dispatch.prepare(qw)  # repack for the kernels now, not in the first forward
-        layer.exl3_shards = qws
+        # the runtime form: the op's packed tensors (flat trellis, stacked suh, concatenated svh)
+        layer.register_parameter("trellis", Parameter(packed.trellis, requires_grad=False))
+        layer.register_parameter("suh", Parameter(packed.SU, requires_grad=False))
+        layer.register_parameter("svh", Parameter(packed.SV, requires_grad=False))
+        packed.register()  # validates the views once and lets the kernels prepare them now
+        layer.exl3_packed = packed
+        layer.exl3_shards = packed.shards()
+        layer.exl3_op_meta = ops.op_args(packed)[1]
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        ys = [dispatch.linear(x, qw) for qw in layer.exl3_shards]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
-        return y if bias is None else y + bias
+        # one opaque custom op for the whole (fused) layer: traceable by torch.compile, capturable in graphs
+        return torch.ops.qtip_triton.qtip_linear(x, layer.trellis, layer.suh, layer.svh, None, bias,
+                                                 *layer.exl3_op_meta)
 
 
 def check_geometry(geom: LayerGeometry) -> None:
