@@ -165,7 +165,7 @@ def test_configs_contract():
 def test_default_configs_run(gen):
     """Each kind's heuristic config for a small layer runs and is right (what dispatch uses by default)."""
     qw = random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 128)
-    for kind, M in (("gemv", 3), ("gemm", 16), ("decompress", 2)):
+    for kind, M in (("gemv", 3), ("gemm", 16), ("decompress", 2), ("gemv", 1)):
         x = torch.randn(M, 128, generator=gen).half()
         cfg = kernels.default_config(kind, qw.spec, 64, 128, M)
         y = kernels.launch(kind, x, qw, cfg)

@@ -8,10 +8,12 @@ partials are summed inside the output Hadamard kernel).
 
 Heuristic, and why:
 
-* kind: ``gemv`` for M <= 8 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
-  tensor-core tile), ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
+* kind: ``gemv`` for M <= 2 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
+  tensor-core tile; at M=4 the gemm with a 16-row tile measured faster than the 4-row gemv, run 2),
+  ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
   ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
-* ``SPLIT_K``: enough programs for about four waves on the GPU's SMs, but at least two k steps per split;
+* ``SPLIT_K``: gemv about eight programs per SM (measured: 4 -> 8 per SM took the 8192x8192
+  2-bit gemv from 41 to 29 us), gemm about four; at least two k steps per split;
 * block sizes: large enough that the per-program set-up (table load, offsets) is amortized, small
   enough for the fp32 accumulators to stay in registers (~64 fp32 per thread at most).
 """
@@ -27,7 +29,7 @@ from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
-GEMV_MAX_M = 8
+GEMV_MAX_M = 2
 GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
 
@@ -66,12 +68,15 @@ def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
     return "decompress"
 
 
-def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 4) -> int:
+def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 7) -> int:
+    """Smallest power-of-two split giving >= ``waves`` programs per SM, keeping >= 2 k steps per split.
+
+    Run 3 (H100, 8192x8192, 2-bit, M=1): SPLIT_K 4 -> 8 (4 -> 8 programs per SM) took 41 -> 29 us.
+    """
     row_blocks = -(-m // block_n)
     k_steps = -(-n // block_k)
-    want = max(1, (waves * _sm_count()) // row_blocks)
     split = 1
-    while split * 2 <= want and k_steps // (split * 2) >= 2:
+    while row_blocks * split < waves * _sm_count() and k_steps // (split * 2) >= 2:
         split *= 2
     return split
 
@@ -94,7 +99,8 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict
     bm = max(16, min(_next_pow2(M), 64))
     # run 2 (H100, 8192x8192, M=1..16): 128x64 tiles with 4 warps and ~4 waves of programs were best
     block_n, block_k = 128, 64
-    split = _split_for(m, n, block_n, block_k) if M <= 64 else 1
+    # ~4 programs per SM: SPLIT_K=8 on 8192x8192 measured 48 us at M=16 (run 3)
+    split = _split_for(m, n, block_n, block_k, waves=3) if M <= 64 else 1
     return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
 
 
