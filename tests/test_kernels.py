@@ -170,3 +170,15 @@ def test_default_configs_run(gen):
         cfg = kernels.default_config(kind, qw.spec, 64, 128, M)
         y = kernels.launch(kind, x, qw, cfg)
         assert _rel(y, qw.reference_forward(x.double())) <= TOL[torch.float16]
+
+
+def test_exl3_layout_with_128_blocks(gen):
+    """EXL3 weights (exl3 layout, mcg code, fixed 128-wide Hadamard blocks) through every kernel kind."""
+    from dataclasses import replace
+
+    qw = replace(random_qweight(gen, TrellisSpec.parse("L16K2V1-mcg"), 256, 128, layout="exl3"), had_block=128)
+    assert qw.blocks("in") == 1 and qw.blocks("out") == 2
+    x = torch.randn(3, 128, generator=gen).half()
+    ref = qw.reference_forward(x.double())
+    for kind in ("gemv", "gemm", "decompress"):
+        assert _rel(linear(x, qw, kind=kind), ref) <= TOL[torch.float16]
