@@ -21,7 +21,8 @@ overlap instead (2^(L-KV) constrained runs): the true optimum, for tests and tin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -29,6 +30,26 @@ _INF = float("inf")
 # On CPU, torch.min(dim) (int64 indices) is slow; the argmin is read from packed keys instead
 # (see _group_min) for up to 2^8 predecessors. On CUDA one reduction kernel is best.
 _KEYED_MAX_KV = 8
+
+
+@contextmanager
+def cpu_threads(n: int = 1) -> Iterator[None]:
+    """Run torch CPU ops with ``n`` intra-op threads, restoring the setting afterwards.
+
+    Why: the search is a long chain of small dependent ops. OpenMP's fork/join per op gains little
+    on them, and when the cores are shared with other processes a parallel op waits for a
+    descheduled worker: measured 45 s vs 1.1 s for one small quantize() on a busy 2-core machine.
+    The setting is process-wide (torch has no per-thread one).
+    """
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _trellis_shape(values: torch.Tensor, kv: int) -> tuple[int, int, int]:
@@ -99,6 +120,20 @@ def viterbi(
 
     Returns (states (B, T - keep_from) int64, squared error of the path (B,) float32).
     """
+    if not isinstance(x, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError("viterbi takes torch tensors x (B, T, V) and values (2^L, V)")
+    with cpu_threads(1) if x.device.type == "cpu" else nullcontext():
+        return _viterbi(x, values, kv, overlap=overlap, keep_from=keep_from)
+
+
+def _viterbi(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    kv: int,
+    *,
+    overlap: torch.Tensor | None = None,
+    keep_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     L, G, P = _trellis_shape(values, kv)
     if x.dim() != 3 or x.shape[2] != values.shape[1]:
         raise ValueError(f"x must be (B, T, V={values.shape[1]}), got shape {tuple(x.shape)}")
