@@ -30,6 +30,7 @@ _INF = float("inf")
 # On CPU, torch.min(dim) (int64 indices) is slow; the argmin is read from packed keys instead
 # (see _group_min) for up to 2^8 predecessors. On CUDA one reduction kernel is best.
 _KEYED_MAX_KV = 8
+_CPU_CACHE_COSTS = 1 << 19  # float32 costs per chunk on CPU (2 MiB per cost array)
 
 
 @contextmanager
@@ -254,6 +255,10 @@ def encode_sequences(
     N, T = x.shape[0], x.shape[1]
     budget = default_memory_budget(x.device) if memory_budget is None else memory_budget
     step = chunk_size(L, kv, T, budget)
+    if x.device.type == "cpu":
+        # keep the 2^L-wide cost rows of a chunk in cache (~2 MiB): measured 4x faster at L=16 than
+        # chunks sized by memory alone (8 tiles: 71 tiles/s, 192 tiles: 16 tiles/s)
+        step = min(step, max(1, _CPU_CACHE_COSTS >> L))
     states = torch.empty(N, T, dtype=torch.int64, device=x.device)
     err = torch.empty(N, dtype=torch.float32, device=x.device)
     for lo in range(0, N, step):
