@@ -79,11 +79,10 @@ def test_registry_serves_tuned_configs_and_graphs(tuned):
     w64 = qw.decode().double()
     for M in (1, 3, 16, 200):
         x = torch.randn(M, SHAPE[1], device="cuda").half()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        before = _triton_cache_files()
         y = prepared(x)
         torch.cuda.synchronize()
-        assert time.perf_counter() - t0 < 0.05, f"M={M}: first call after prepare took long (compiled?)"
+        assert _triton_cache_files() == before, f"M={M}: the first call after prepare compiled a kernel"
         ref = qw.output_transform(qw.input_transform(x.double()) @ w64.t())
         assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
     x = torch.randn(1, SHAPE[1], device="cuda").half()
@@ -122,10 +121,21 @@ def test_precompiled_fresh_process_does_not_jit(tuned, tmp_path):
     subprocess.run(cmd + ["export", str(archive)], env=env, check=True)
     fresh_cache = tmp_path / "imported"
     subprocess.run(cmd + ["import", str(archive), "--cache-dir", str(fresh_cache)], env=env, check=True)
-    assert any(fresh_cache.rglob("*"))
+    imported = sorted(fresh_cache.rglob("*"))
+    assert imported
     out = subprocess.run([sys.executable, "-c", _FRESH], env={**env, "TRITON_CACHE_DIR": str(fresh_cache)},
                          check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     print(result)
     assert all(s.startswith("user cache") for s in result["sources"])
-    assert result["prepare_s"] < 2.0, result  # loading binaries, not compiling
+    # loading binaries, not compiling: a JIT compile would add files to the imported cache.
+    # (prepare_s is printed for the report; timings are never asserted.)
+    assert sorted(fresh_cache.rglob("*")) == imported, "the fresh process compiled kernels despite the cache"
+
+
+def _triton_cache_files() -> set:
+    """Files in this process's Triton binary cache: a new one means a kernel was JIT-compiled."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return set(root.rglob("*")) if root.exists() else set()
