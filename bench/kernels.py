@@ -14,6 +14,7 @@ configs per kind at a few (shape, M) points, to pick better heuristics.
 
     python bench/kernels.py --out bench/results            # full table
     python bench/kernels.py --quick                          # 2 shapes, M in {1, 16}
+    python bench/kernels.py --exl3 mcg,mul1 --K 2,3,4,5,6    # EXL3 rows (L16 V1, exl3 layout, 128-blocks)
 """
 
 from __future__ import annotations
@@ -41,12 +42,18 @@ MS = [1, 4, 16, 64, 256, 2048]
 KS = [2, 3, 4]
 
 
-def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0) -> QuantizedWeight:
+def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, exl3_code: str | None = None
+                  ) -> QuantizedWeight:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
-    spec = TrellisSpec(16, K, 2, "hyb", 9)
+    spec = TrellisSpec(16, K, 2, "hyb", 9) if exl3_code is None else TrellisSpec(16, K, 1, exl3_code)
     words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device=device,
                           dtype=torch.int64)
+    if exl3_code is not None:  # EXL3: computed code, fp16 scales, 128-wide block Hadamards on both sides
+        trellis = get_layout("exl3").pack(words, spec)
+        suh = (torch.randn(n, generator=g, device=device).sign() * 0.02).half()
+        svh = (torch.rand(m, generator=g, device=device) + 0.5).half()
+        return QuantizedWeight(spec, m, n, trellis, suh, svh, None, layout="exl3", had_block=128)
     trellis = get_layout("qtip").pack(words, spec)
     table = (torch.randn(512, 2, generator=g, device=device) * 0.7).half()
     SU = torch.randn(n, generator=g, device=device).sign()
@@ -68,7 +75,8 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     kind = kind or kernels.default_kind(qw.spec, m, n, M)
     config = config or kernels.default_config(kind, qw.spec, m, n, M)
     x = torch.randn(M, n, device="cuda").half()
-    rec = {"m": m, "n": n, "K": qw.spec.K, "M": M, "kind": kind, "config": config}
+    rec = {"m": m, "n": n, "spec": qw.spec.name, "layout": qw.layout, "K": qw.spec.K, "M": M, "kind": kind,
+           "config": config}
     rec["kernel_us"] = time_us(kernel_fn(kind, pw, x, config))
     if full:
         rec["linear_us"] = time_us(lambda: kernels.launch(kind, x, pw, config))
@@ -121,10 +129,11 @@ def markdown(env: dict, rows: list[dict], explore: list[dict]) -> str:
              "before each call. `kernel` = decode-matmul only (gemv/gemm on a pre-transformed input; "
              "decompress + torch.matmul); `linear` = whole forward incl. both Hadamard transforms. "
              "Ratio = fp16 torch.matmul time / ours (higher is better).", "",
-             "| out x in | K | M | kind | kernel µs | linear µs | fp16 µs | fp16/kernel | fp16/linear |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| out x in | spec | K | M | kind | kernel µs | linear µs | fp16 µs | fp16/kernel | fp16/linear |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {r['kernel_us']:.1f} | "
+        lines.append(f"| {r['m']}x{r['n']} | {r.get('spec', '')} | {r['K']} | {r['M']} | {r['kind']} | "
+                     f"{r['kernel_us']:.1f} | "
                      f"{r.get('linear_us', float('nan')):.1f} | {r['fp16_us']:.1f} | {r['ratio_kernel']:.2f} | "
                      f"{r.get('ratio_linear', float('nan')):.2f} |")
     if explore:
@@ -149,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--explore-M", default="1,4,16,256", help="batch sizes explored with --explore")
     ap.add_argument("--small-explore", action="store_true", help="a handful of alternative configs only")
     ap.add_argument("--explore-K", default="2", help="K values explored with --explore")
+    ap.add_argument("--exl3", default=None,
+                    help="EXL3 codes (e.g. mcg,mul1): time L16 V1 exl3-layout weights instead of QTIP's hyb9")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
@@ -164,12 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     rows: list[dict] = []
     explore: list[dict] = []
-    points = [(s, K) for K in Ks for s in shapes]
-    for (m, n), K in tqdm(points, desc="shapes", file=sys.stderr):
+    codes = [None] if not args.exl3 else args.exl3.split(",")
+    points = [(s, K, code) for code in codes for K in Ks for s in shapes]
+    for (m, n), K, code in tqdm(points, desc="shapes", file=sys.stderr):
         if time.time() - t0 > args.time_limit:
             print(f"time limit reached; skipping {m}x{n} K={K}", file=sys.stderr)
             continue
-        qw = random_weight(m, n, K)
+        qw = random_weight(m, n, K, exl3_code=code)
         pw = prepare(qw)
         w16 = torch.randn(m, n, device="cuda").half()
         for M in Ms:
