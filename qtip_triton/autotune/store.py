@@ -14,7 +14,6 @@ import datetime as _dt
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from filelock import FileLock
 
 from qtip_triton.autotune.buckets import M_BUCKETS
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
+from qtip_triton.fileio import atomic_write_text
 from qtip_triton.spec import TrellisSpec
 
 FORMAT = "qtip-triton-autotune"
@@ -283,19 +283,6 @@ def compatibility(header: Header, device: DeviceInfo, versions: SoftwareVersions
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def lock_for(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=120)
 
@@ -334,5 +321,5 @@ def save_merged(path: str | os.PathLike, new: TuneFile) -> TuneFile:
                 backup = path.with_name(f"{path.name}.bad-{stamp}")
                 os.replace(path, backup)
                 warnings.warn(f"{e}; set aside as {backup.name} and replaced", AutotuneWarning, stacklevel=2)
-        _atomic_write(path, dumps(merged))
+        atomic_write_text(path, dumps(merged))
         return merged

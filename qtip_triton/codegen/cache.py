@@ -13,12 +13,10 @@ them).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from qtip_triton.codegen.emit import default_layout, emit, source_options
+from qtip_triton.fileio import atomic_write_text
 from qtip_triton.spec import TrellisSpec
 
 ENV_DIR = "QTIP_TRITON_CACHE_DIR"
@@ -49,20 +48,6 @@ def cache_dir() -> Path:
     return base
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _publish(path: Path, text: str) -> None:
     try:
         from filelock import FileLock
@@ -70,11 +55,11 @@ def _publish(path: Path, text: str) -> None:
         FileLock = None  # noqa: N806
     if FileLock is None:
         if not path.exists():
-            _write_atomic(path, text)
+            atomic_write_text(path, text)
         return
     with FileLock(str(path) + ".lock", timeout=60):
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            _write_atomic(path, text)
+            atomic_write_text(path, text)
 
 
 def load_source(text: str) -> ModuleType:

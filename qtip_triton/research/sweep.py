@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qtip_triton.encode import best_data_scale, default_layout, gaussian_mse, quantize
+from qtip_triton.fileio import atomic_write_text
 from qtip_triton.research.grid import build_grid
 from qtip_triton.research.plots import distortion_plot, speed_plot
 from qtip_triton.spec import TrellisSpec
@@ -195,15 +196,9 @@ def load_rows(out: Path) -> dict[str, dict[str, Any]]:
         raise ValueError(f"{path} is not a sweep result ({e}); move it away or pass --fresh") from None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_rows(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "sweep.json", json.dumps({"meta": meta, "columns": COLUMNS, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(out / "sweep.json", json.dumps({"meta": meta, "columns": COLUMNS, "rows": rows}, indent=2) + "\n")
     tmp = out / "sweep.csv.tmp"
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
