@@ -217,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     jp, mp = write_results(args.out, os.environ.get("BENCH_TAG", ""), payload, md)
     print(md)
     print(f"wrote {jp} and {mp}", file=sys.stderr)
+    try:  # the plot and summary are extras: matplotlib may be absent on the GPU machine
+        import plot_kernels
+
+        plot_kernels.main([str(jp)])
+    except ImportError as e:
+        print(f"no plot ({e}); run bench/plot_kernels.py {jp} where matplotlib is installed", file=sys.stderr)
     return 0
 
 
