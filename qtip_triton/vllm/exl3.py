@@ -16,18 +16,26 @@ What differs from QTIP (:mod:`qtip_triton.vllm.linear_method`), and why this is 
 Forward: the fused custom op (:mod:`qtip_triton.ops`, per-shard ``had_block=128``), which runs one
 generated-kernel call per logical matrix; torch.compile and CUDA graphs see one opaque op.
 
+Padded dims (true sizes from config.json not multiples of 128; EXL3 stores every module zero-padded
+to 128-multiples, each logical matrix of a fused layer on its own) are served at TP=1: parameters
+are allocated at the stored padded sizes and loaded by our own offsets (vLLM's v2 loaders compute
+offsets from the true sizes), and the forward zero-pads x to the padded input width and slices each
+matrix's output back to its true size (plain torch ops around the custom op: torch.compile traces
+them). A checkpoint bias, padded like svh, is cut back to the true size of vLLM's bias parameter.
+
 A quantized ``lm_head`` is served at TP=1 (:class:`Exl3LMHeadMethod`). Not handled yet (clear errors):
-a quantized head at TP > 1, and stored dims padded beyond the model's sizes (dims that are not
-multiples of 128).
+a quantized head at TP > 1, and padded dims in a layer that TP > 1 splits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import zlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -250,18 +258,34 @@ CHECKS = {
 LEGACY = {"su": "suh", "sv": "svh"}  # packed ±1 signs, unpacked into the fp scales
 
 
-class Exl3Loader:
-    """A parameter's weight_loader: check and reshape the checkpoint tensor, then hand it to vLLM's loader."""
+def own_target(param: torch.nn.Parameter, name: str, geom: LayerGeometry, i: int) -> torch.Tensor:
+    """Where matrix i's tensor ``name`` goes, by this layer's own (stored, padded) offsets."""
+    if isinstance(param, ShardSlotParameter):
+        return param.data[i]
+    o, p = geom.offsets[i], geom.local_out[i]
+    if name == "trellis":
+        return param.data[:, o // TILE : (o + p) // TILE]
+    if name == "svh":
+        return param.data[o : o + p]
+    return param.data
 
-    def __init__(self, layer: torch.nn.Module, geom: LayerGeometry, name: str, inner) -> None:
-        self.layer, self.geom, self.name, self.inner = layer, geom, name, inner
+
+class Exl3Loader:
+    """A parameter's weight_loader: check and reshape the checkpoint tensor, then hand it to vLLM's loader.
+
+    Layers loaded whole (replicated) or padded (stored sizes differ from vLLM's true sizes) are
+    copied by our own offsets instead: vLLM's loaders would compute them from the true sizes.
+    """
+
+    def __init__(self, layer: torch.nn.Module, geom: LayerGeometry, name: str, inner, own: bool = False) -> None:
+        self.layer, self.geom, self.name, self.inner, self.own = layer, geom, name, inner, own
 
     def __call__(self, param: torch.nn.Parameter, loaded_weight: torch.Tensor, loaded_shard_id=None) -> None:
         geom = self.geom
         i = geom.shard_index(loaded_shard_id)
         w = CHECKS[self.name](geom, i, loaded_weight)
-        if geom.replicated:
-            target = param.data[i] if isinstance(param, ShardSlotParameter) else param.data
+        if geom.replicated or self.own:
+            target = own_target(param, self.name, geom, i)
             if target.shape != w.shape:
                 raise ValueError(f"{geom.shard_prefix(i)}: cannot load {tuple(w.shape)} into {tuple(target.shape)}")
             target.copy_(w)
@@ -319,12 +343,16 @@ class Exl3LinearMethod(LinearMethodBase):
             full_in=int(input_size),
             replicated=self.whole_tensors(layer),
         )
+        pad = padding_of(geom)
+        if pad is not None:
+            geom = padded_geometry(geom)
+            wrap_bias_loader(layer, pad)
         check_geometry(geom)
         inner = extra_weight_attrs.get("weight_loader")
         S, rows, n_loc = geom.shards, sum(geom.local_out), geom.local_in
 
         def loader(name: str) -> Exl3Loader:
-            return Exl3Loader(layer, geom, name, inner)
+            return Exl3Loader(layer, geom, name, inner, own=pad is not None)
 
         layer.register_parameter("trellis", PackedvLLMParameter(
             data=torch.empty(n_loc // TILE, rows // TILE, TILE * geom.kmax, dtype=torch.int16),
@@ -342,6 +370,7 @@ class Exl3LinearMethod(LinearMethodBase):
             p.weight_loader = LegacySignsLoader(layer, geom, legacy)
             layer.register_parameter(legacy, p)
         layer.exl3_geometry = geom
+        layer.exl3_padding = pad
         layer.exl3_loaded = set()
         layer.exl3_load_format = current_load_format()
 
@@ -386,8 +415,72 @@ class Exl3LinearMethod(LinearMethodBase):
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # one opaque custom op for the whole (fused) layer: traceable by torch.compile, capturable in graphs
-        return torch.ops.qtip_triton.qtip_linear(x, layer.trellis, layer.suh, layer.svh, None, bias,
-                                                 *layer.exl3_op_meta)
+        pad: Padding | None = getattr(layer, "exl3_padding", None)
+        if pad is None:
+            return torch.ops.qtip_triton.qtip_linear(x, layer.trellis, layer.suh, layer.svh, None, bias,
+                                                     *layer.exl3_op_meta)
+        # stored (padded) sizes: zero-pad the input, slice each matrix's output back to its true size
+        if pad.stored_in != pad.true_in:
+            x = torch.nn.functional.pad(x, (0, pad.stored_in - pad.true_in))
+        y = torch.ops.qtip_triton.qtip_linear(x, layer.trellis, layer.suh, layer.svh, None, None,
+                                              *layer.exl3_op_meta)
+        parts = [y.narrow(-1, o, m) for o, m in zip(pad.stored_offsets, pad.true_out, strict=True)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+        return y if bias is None else y + bias
+
+
+@dataclass(frozen=True)
+class Padding:
+    """True (config.json) vs stored (128-padded) sizes of a layer whose dims are not 128-multiples (TP=1)."""
+
+    true_out: tuple[int, ...]
+    stored_out: tuple[int, ...]
+    true_in: int
+    stored_in: int
+
+    @property
+    def stored_offsets(self) -> tuple[int, ...]:
+        return tuple(sum(self.stored_out[:i]) for i in range(len(self.stored_out)))
+
+
+def _up(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def padding_of(geom: LayerGeometry) -> Padding | None:
+    """The layer's padding (None if every dim is a 128-multiple); ValueError if TP splits a padded layer."""
+    if not any(m % BLOCK for m in geom.full_out) and not geom.full_in % BLOCK:
+        return None
+    if geom.local_out != geom.full_out or geom.local_in != geom.full_in:
+        raise ValueError(
+            f"{geom.prefix}: true dims out={list(geom.full_out)}, in={geom.full_in} are not all multiples of "
+            f"{BLOCK}, so the checkpoint stores them zero-padded to {BLOCK}; padded EXL3 layers are served "
+            f"with tensor_parallel_size=1 only (this rank holds out={list(geom.local_out)}, in={geom.local_in}: "
+            f"a TP slice of the true sizes does not line up with the padded {BLOCK}-wide Hadamard blocks)"
+        )
+    return Padding(tuple(geom.full_out), tuple(_up(m) for m in geom.full_out), geom.full_in, _up(geom.full_in))
+
+
+def padded_geometry(geom: LayerGeometry) -> LayerGeometry:
+    """The geometry at stored sizes: what the parameters, the checks and the kernels see."""
+    out = tuple(_up(m) for m in geom.full_out)
+    return dataclasses.replace(geom, local_out=out, full_out=out, local_in=_up(geom.local_in), full_in=_up(geom.full_in))
+
+
+def wrap_bias_loader(layer: torch.nn.Module, pad: Padding) -> None:
+    """vLLM creates the bias (true size) after create_weights with ``layer.weight_loader``: cut the checkpoint's
+    padded bias back to the true size first (fused layers narrow each shard themselves)."""
+    inner = getattr(layer, "weight_loader", None)
+    if inner is None or len(pad.true_out) != 1:
+        return
+    true, stored = pad.true_out[0], pad.stored_out[0]
+
+    def weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+        if param.dim() == 1 and param.shape[0] == true and loaded_weight.dim() == 1 and loaded_weight.shape[0] == stored:
+            loaded_weight = loaded_weight[:true]
+        return inner(param, loaded_weight, *args, **kwargs)
+
+    layer.weight_loader = weight_loader
 
 
 def check_geometry(geom: LayerGeometry) -> None:
@@ -396,7 +489,7 @@ def check_geometry(geom: LayerGeometry) -> None:
         if m % BLOCK or p % BLOCK:
             raise ValueError(
                 f"{geom.shard_prefix(i)}: EXL3 transforms work on {BLOCK}-wide blocks, but this rank holds {p} of "
-                f"{m} output features (both must be multiples of {BLOCK}; padded EXL3 dims are not supported here)"
+                f"{m} output features (both must be multiples of {BLOCK}: use a TP degree whose slices keep whole blocks)"
             )
     if geom.full_in % BLOCK or geom.local_in % BLOCK:
         raise ValueError(
