@@ -485,17 +485,8 @@ def wrap_bias_loader(layer: torch.nn.Module, pad: Padding) -> None:
 
 def check_geometry(geom: LayerGeometry) -> None:
     """Every matrix and every rank's slice must hold whole 128-wide Hadamard blocks."""
-    for i, (p, m) in enumerate(zip(geom.local_out, geom.full_out, strict=True)):
-        if m % BLOCK or p % BLOCK:
-            raise ValueError(
-                f"{geom.shard_prefix(i)}: EXL3 transforms work on {BLOCK}-wide blocks, but this rank holds {p} of "
-                f"{m} output features (both must be multiples of {BLOCK}: use a TP degree whose slices keep whole blocks)"
-            )
-    if geom.full_in % BLOCK or geom.local_in % BLOCK:
-        raise ValueError(
-            f"{geom.prefix}: EXL3 transforms work on {BLOCK}-wide blocks, but this rank holds {geom.local_in} of "
-            f"{geom.full_in} input features (both must be multiples of {BLOCK})"
-        )
+    geom.check_blocks(BLOCK, f"EXL3 transforms work on {BLOCK}-wide blocks", "output features", "input features",
+                      ": use a TP degree whose slices keep whole blocks")
 
 
 def check_complete(layer: torch.nn.Module, geom: LayerGeometry) -> None:

@@ -90,19 +90,23 @@ class LayerGeometry:
             raise ValueError(f"{self.prefix}: shard id {shard_id!r} out of range for {self.shards} shards")
         return i
 
+    def check_blocks(self, block: int, why: str, out_unit: str, in_unit: str, out_hint: str = "") -> None:
+        """Every matrix and every rank's slice must be a multiple of ``block``; ``why`` says what needs it."""
+        for i, (p, m) in enumerate(zip(self.local_out, self.full_out, strict=True)):
+            if m % block or p % block:
+                raise ValueError(
+                    f"{self.shard_prefix(i)}: {why}, but this rank holds {p} of {m} {out_unit} "
+                    f"(both must be multiples of {block}{out_hint})"
+                )
+        if self.full_in % block or self.local_in % block:
+            raise ValueError(
+                f"{self.prefix}: {why}, but this rank holds {self.local_in} of {self.full_in} {in_unit} "
+                f"(both must be multiples of {block})"
+            )
+
     def check(self) -> None:
         """Sizes QTIP's layout can hold: every matrix and every rank's slice a multiple of 32."""
-        for i, (p, m) in enumerate(zip(self.local_out, self.full_out, strict=True)):
-            if m % GROUP or p % GROUP:
-                raise ValueError(
-                    f"{self.shard_prefix(i)}: QTIP's kernel layout stores 32x32 blocks, but this rank holds "
-                    f"{p} of {m} output rows (both must be multiples of 32)"
-                )
-        if self.full_in % GROUP or self.local_in % GROUP:
-            raise ValueError(
-                f"{self.prefix}: QTIP's kernel layout stores 32x32 blocks, but this rank holds "
-                f"{self.local_in} of {self.full_in} input columns (both must be multiples of 32)"
-            )
+        self.check_blocks(GROUP, "QTIP's kernel layout stores 32x32 blocks", "output rows", "input columns")
 
 
 class ShardSlotParameter(BasevLLMParameter):
