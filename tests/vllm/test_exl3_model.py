@@ -37,17 +37,25 @@ def random_exl3(W, K, code, seed):
     return QuantizedWeight(spec, m, n, get_layout("exl3").pack(words, spec), SU, SV, layout="exl3", had_block=128)
 
 
-def dense_twin(exl3_dir, out_dir):
-    """The same model with every EXL3 module replaced by its dequantized nn.Linear weight (and fp16 bias)."""
-    from safetensors.torch import save_file
+def dense_twin(exl3_dir, out_dir, hf_dir=None):
+    """The same model with every EXL3 module replaced by its dequantized nn.Linear weight (and fp16 bias).
 
-    qc, tensors = fmt.read_checkpoint(exl3_dir)
-    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in fmt.group_modules(tensors)}
-    for key, module in fmt.group_modules(tensors).items():
+    With ``hf_dir`` (the unpadded source model) each module is cut back to its true (config.json) size.
+    """
+    from safetensors.torch import load_file, save_file
+
+    true_shapes = {}
+    for f in sorted(hf_dir.glob("*.safetensors")) if hf_dir is not None else ():
+        true_shapes.update({k: v.shape for k, v in load_file(str(f)).items()})
+    _, tensors = fmt.read_checkpoint(exl3_dir)
+    modules = fmt.group_modules(tensors)
+    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in modules}
+    for key, module in modules.items():
         qw, bias = fmt.load_linear(module, name=key)
-        state[f"{key}.weight"] = qw.dequantize(torch.float64).float()
+        m, n = true_shapes.get(f"{key}.weight", (qw.out_features, qw.in_features))
+        state[f"{key}.weight"] = qw.dequantize(torch.float64).float()[:m, :n]
         if bias is not None:
-            state[f"{key}.bias"] = bias.float()
+            state[f"{key}.bias"] = bias.float()[:m]
     out_dir.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
     cfg = json.loads((exl3_dir / "config.json").read_text())

@@ -7,8 +7,6 @@ the padded tensors by its own offsets, zero-pads x and slices each matrix's outp
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -28,7 +26,7 @@ from qtip_triton.vllm.exl3 import Exl3Config, Exl3LinearMethod, padding_of  # no
 from qtip_triton.vllm.params import LayerGeometry  # noqa: E402
 from qtip_triton.weight import QuantizedWeight  # noqa: E402
 from tests.vllm.harness import build_model, hf_logits, logits, rel  # noqa: E402
-from tests.vllm.test_exl3_model import random_exl3  # noqa: E402
+from tests.vllm.test_exl3_model import dense_twin, random_exl3  # noqa: E402
 from tests.vllm.tiny_llama import make_tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_dist")]
@@ -133,36 +131,12 @@ def test_tensor_parallel_split_of_padded_layer_is_an_error():
 # ------------------------------------------------------------------------------------------ model
 
 
-def dense_twin_true_sizes(exl3_dir, hf_dir, out_dir):
-    """The model with every EXL3 module dequantized and cut back to its true (config.json) size."""
-    from safetensors.torch import load_file, save_file
-
-    orig = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        orig.update(load_file(str(f)))
-    _, tensors = fmt.read_checkpoint(exl3_dir)
-    modules = fmt.group_modules(tensors)
-    state = {k: v for k, v in tensors.items() if k.rpartition(".")[0] not in modules}
-    for key, module in modules.items():
-        qw, bias = fmt.load_linear(module, name=key)
-        m, n = orig[f"{key}.weight"].shape
-        state[f"{key}.weight"] = qw.dequantize(torch.float64).float()[:m, :n]
-        if bias is not None:
-            state[f"{key}.bias"] = bias.float()[:m]
-    out_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
-    cfg = json.loads((exl3_dir / "config.json").read_text())
-    del cfg["quantization_config"]
-    (out_dir / "config.json").write_text(json.dumps(cfg))
-    return out_dir
-
-
 def test_padded_model_logits_match_dequantized_model(tmp_path):
     hf = make_tiny_llama(tmp_path / "hf", bias=True, **SHAPE)
     fmt.quantize_model(hf, tmp_path / "exl3", 3, head_bits=4, progress=False, quantize_fn=random_exl3)
     _, tensors = fmt.read_checkpoint(tmp_path / "exl3")
     assert tuple(tensors["model.layers.0.mlp.down_proj.trellis"].shape[:2]) == (256 // 16, 128 // 16)  # stored padded
-    dense = dense_twin_true_sizes(tmp_path / "exl3", hf, tmp_path / "dense")
+    dense = dense_twin(tmp_path / "exl3", tmp_path / "dense", hf_dir=hf)
 
     model, vc = build_model(tmp_path / "exl3")
     qkv = model.model.layers[0].self_attn.qkv_proj
