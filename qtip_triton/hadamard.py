@@ -57,9 +57,18 @@ def _hadk_cpu(kh: int) -> torch.Tensor:
 
 
 def hadk(kh: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The shipped ±1 Hadamard matrix of order kh (kh = 1 gives [[1]])."""
+    """The shipped ±1 Hadamard matrix of order kh (kh = 1 gives [[1]]).
+
+    Cached per (dtype, device) and shared: treat it as read-only. The cache keeps the transforms of
+    the reference forward from copying the matrix host-to-device on every call.
+    """
     if kh != 1 and kh not in HADK_ORDERS:
         raise ValueError(f"no shipped Hadamard matrix of order {kh}; shipped: {HADK_ORDERS}")
+    return _hadk_on(kh, dtype, torch.device(device))
+
+
+@cache
+def _hadk_on(kh: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _hadk_cpu(kh).to(dtype=dtype, device=device)
 
 
