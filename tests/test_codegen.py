@@ -130,6 +130,8 @@ def test_emit_errors():
         emit(spec, "conv", {})
     with pytest.raises(ValueError, match="'table' must be one of"):
         emit(spec, "gemv", {"table": "smem"})
+    with pytest.raises(ValueError, match="only for kinds"):
+        emit(spec, "gemm", {"table": "shared"})
     with pytest.raises(TypeError, match="TrellisSpec"):
         emit("L16K2V2-hyb9", "gemv")
     with pytest.raises(ValueError, match="qtip kernel layout holds L=16, V=2"):

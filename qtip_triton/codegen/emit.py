@@ -26,7 +26,8 @@ from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
-TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "global")
+TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "shared4", "shared8", "global")
+SHARED_TABLE_KINDS = ("gemv",)  # kinds with no Triton shared-memory use inside the k loop
 SOURCE_KEYS = ("table", "BLOCK_M", "prefetch")  # config keys that can change the text (last two: gemv only)
 GENERATOR_VERSION = "1"
 
@@ -56,13 +57,57 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
         raise ValueError(f"config 'table' must be one of {TABLE_MODES}, got {table!r}")
     if dec.table != "packed16":
         table = "global"  # large or absent tables are read by pointer
+    if table.startswith("shared") and kind not in SHARED_TABLE_KINDS:
+        raise ValueError(f"table={table!r} is only for kinds {SHARED_TABLE_KINDS}, not {kind!r}")
     return {"table": table, **extra}
 
 
 def table_replicas(opts: Mapping[str, Any]) -> int:
-    """Copies of the on-chip table ("gatherR"): lane-spread copies cut shared-memory bank conflicts."""
+    """Copies of the on-chip table ("gatherR"/"sharedR"): lane-spread copies cut bank conflicts."""
     t = opts["table"]
-    return int(t[6:]) if t.startswith("gather") and len(t) > 6 else 1
+    for mode in ("gather", "shared"):
+        if t.startswith(mode) and len(t) > len(mode):
+            return int(t[len(mode):])
+    return 1
+
+
+SHARED_TABLE_HELPERS = '''
+@triton.jit
+def _smem_base(like, INTERPRET: tl.constexpr):
+    """Byte address of this lane's copy of the kernel-owned table in shared memory (the start of
+    Triton's dynamic shared memory, which this kernel uses for nothing else inside its k loop)."""
+    if INTERPRET:
+        return (like * 0).to(tl.uint32)
+    else:
+        return tl.inline_asm_elementwise(@BASE_ASM@, "=r,r", [like], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fill_table(tbl, N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Write ``tbl`` (N int32 words) to the start of shared memory, then barrier.
+
+    The dummy gather makes Triton size its dynamic shared memory for an N-word table (its scratch
+    buffer); its result only feeds the fill so that it is not removed.
+    """
+    if not INTERPRET:
+        z = tl.gather(tbl, tl.zeros([N], dtype=tl.int32), 0)
+        tl.inline_asm_elementwise(
+            "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; st.shared.b32 [a], $2; mov.b32 $0, $3; }",
+            "=r,r,r,r", [tl.arange(0, N) * 4, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _lds(addr, ptr, INTERPRET: tl.constexpr):
+    """A 32-bit table word from shared memory at byte address ``addr`` (the interpreter has no
+    shared memory: it reads the same word from global memory at ``ptr``)."""
+    if INTERPRET:
+        return tl.load(ptr)
+    else:
+        return tl.inline_asm_elementwise("ld.shared.b32 $0, [$1];", "=r,r", [addr], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+'''
 
 
 class _Src:
@@ -157,7 +202,14 @@ class _Emitter:
     def joined_gather(self) -> bool:
         return self.dec.table == "packed16" and self.opts["table"].startswith("gather")
 
+    def shared_table(self) -> bool:
+        return self.dec.table == "packed16" and self.opts["table"].startswith("shared")
+
     def lookup(self, idx: str) -> str:
+        if self.shared_table():
+            rep = table_replicas(self.opts)
+            off = f"({idx}).to(tl.uint32) * {4 * rep}"
+            return f"_lds(sbase + {off}, TBL + ({idx}), INTERPRET)"
         if self.joined_gather():
             # placeholder: the generator gathers every state's entries of a k step in one tl.gather
             name = f"{self._cur}_t{len(self._pending)}"
@@ -221,6 +273,16 @@ class _Emitter:
             '        return tl.inline_asm_elementwise("{ .reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h; }",',
             '                                         "=r,r", [p], dtype=tl.float32, is_pure=True, pack=1)',
             "",
+        )
+        if self.shared_table():
+            rep = table_replicas(self.opts)
+            # one copy: a plain symbol address, which ptxas folds into every ld.shared
+            asm = ('"mov.b32 $0, global_smem;"' if rep == 1 else
+                   f'"{{ .reg .b32 l; mov.u32 l, %laneid; rem.u32 l, l, {rep}; shl.b32 l, l, 2; '
+                   'mov.b32 $0, global_smem; add.u32 $0, $0, l; }"')
+            helpers = SHARED_TABLE_HELPERS.replace("@BASE_ASM@", asm)
+            s(*helpers.splitlines(), "")
+        s(
             f"SPEC = {spec.name!r}",
             f"LAYOUT = {p.layout!r}",
             f"KIND = {self.kind!r}",
@@ -270,6 +332,16 @@ class _Emitter:
             if p.gc_bits:
                 n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gc_bits)])})"
             s(f"n_off = {n_off}")
+        if self.shared_table():
+            rep = table_replicas(self.opts)
+            tw = self.table_words() * rep
+            copies = f" ({rep} interleaved copies: lane l reads copy l % {rep})" if rep > 1 else ""
+            s(f"# the code table{copies} is written")
+            s("# once to shared memory that this kernel owns for the whole k loop: one ld.shared per lookup,")
+            s("# no per-step table store or barriers (tl.gather re-stages its source at every call)")
+            s(f"tbl = tl.load(TBL + tl.arange(0, {tw}) // {rep})")
+            s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
+            s(f"_fill_table(tbl, {tw}, INTERPRET)")
         if self.joined_gather():
             rep = table_replicas(self.opts)
             if rep == 1:
@@ -391,7 +463,8 @@ class _Emitter:
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
         s("@triton.jit")
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("def kernel(W, TBL, X, Y, M, Rtot: tl.constexpr, Ctot: tl.constexpr, ITERS, stride_wq: tl.constexpr, stride_xm,")
+        s("           stride_ys, stride_ym,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
@@ -442,6 +515,9 @@ class _Emitter:
             self.advance()
         s("x_off += CB")
         s.dedent()
+        if self.shared_table():
+            s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
+            s("    tl.debug_barrier()")
         for a in range(p.NA):
             rc = p.rconst(a)
             row = f"orow + {rc}" if rc else "orow"
@@ -482,7 +558,8 @@ class _Emitter:
     def _gemm(self) -> None:
         p, s = self.plan, self.src
         s("@triton.jit")
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("def kernel(W, TBL, X, Y, M, Rtot: tl.constexpr, Ctot: tl.constexpr, ITERS, stride_wq: tl.constexpr, stride_xm,")
+        s("           stride_ys, stride_ym,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot).')
@@ -521,7 +598,8 @@ class _Emitter:
     def _decompress(self) -> None:
         p, s = self.plan, self.src
         s("@triton.jit")
-        s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr,")
+        s("def kernel(W, TBL, OUT, Rtot: tl.constexpr, Ctot: tl.constexpr, stride_wq: tl.constexpr, stride_o,")
+        s("           TR: tl.constexpr, TC: tl.constexpr,")
         s("           EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""OUT[rows, cols] = Ŵ for one [TR*16, TC*16] block, in OUT\'s dtype."""')

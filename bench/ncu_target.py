@@ -1,0 +1,43 @@
+"""Launch one decode-matmul config a few times, for Nsight Compute (GPU).
+
+    ncu --kernel-name regex:kernel --launch-skip 2 --launch-count 1 --section WarpStateStats \
+        python bench/ncu_target.py --shape 8192x8192 --K 2 --M 1 --config '{"BLOCK_M": 1, ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import random_weight  # noqa: E402
+
+from qtip_triton.kernels import _transform_in, decode_matmul, prepare  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8192x8192")
+    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--M", type=int, default=1)
+    ap.add_argument("--kind", default="gemv")
+    ap.add_argument("--config", required=True)
+    a = ap.parse_args()
+    m, n = (int(v) for v in a.shape.split("x"))
+    pw = prepare(random_weight(m, n, a.K))
+    x = torch.randn(a.M, n, device="cuda").half()
+    h = _transform_in(pw, x, torch.float32 if a.kind == "gemv" else x.dtype, a.kind)
+    cfg = json.loads(a.config)
+    for _ in range(4):
+        decode_matmul(a.kind, pw, h, cfg, h_order="kernel")
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

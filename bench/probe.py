@@ -1,0 +1,126 @@
+"""Config probe: time many configs of one kind at a few (shape, K, M) points, each checked for
+correctness first, to choose heuristics and the autotuner's space (GPU).
+
+Every config's output is compared with the decompress kernel's Ŵ times h in float32 (relative
+error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as bench/kernels.py
+(CUDA-graph replay, L2 flushed, fp16 torch.matmul in the same run). Writes
+``<out>/<card>-<date>-probe.{json,md}``.
+
+    python bench/probe.py --points 8192x8192:1,28672x8192:1 --K 2 --tables gather,shared,shared4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, time_us, write_results  # noqa: E402
+from kernels import random_weight  # noqa: E402
+
+from qtip_triton import kernels  # noqa: E402
+from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
+
+BLOCKS_GEMV = [(64, 256, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (256, 128, 8), (32, 256, 4)]
+BLOCKS_GEMM = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4)]
+
+
+def candidates(kind: str, spec, m: int, n: int, M: int, tables: list[str], blocks: list[tuple[int, int, int]],
+               split_mults: list[float]) -> list[dict]:
+    base = kernels.default_config(kind, spec, m, n, M)
+    out, seen = [], set()
+    for table, (bn, bk, nw), mult in itertools.product(tables, blocks, split_mults):
+        split = max(1, int(base["SPLIT_K"] * mult))
+        if n // bk < split:
+            continue
+        cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split}
+        if table != "gather":
+            cfg["table"] = table
+        key = tuple(sorted(cfg.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(cfg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--points", default="8192x8192:1", help="comma list of OUTxIN:M")
+    ap.add_argument("--K", default="2")
+    ap.add_argument("--kind", default="gemv")
+    ap.add_argument("--tables", default="gather,shared,shared4")
+    ap.add_argument("--blocks", default=None, help="e.g. 64/256/4,128/128/8 (BLOCK_N/BLOCK_K/num_warps)")
+    ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
+    ap.add_argument("--time-limit", type=float, default=300.0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--tag", default="probe")
+    a = ap.parse_args(argv)
+    if a.blocks:
+        blocks = [tuple(int(v) for v in b.split("/")) for b in a.blocks.split(",")]
+    else:
+        blocks = BLOCKS_GEMV if a.kind == "gemv" else BLOCKS_GEMM
+    tables = a.tables.split(",") if a.kind == "gemv" else ["gather"]
+    mults = [float(v) for v in a.splits.split(",")]
+    t0 = time.time()
+    rows: list[dict] = []
+    for point, K in itertools.product(a.points.split(","), [int(k) for k in a.K.split(",")]):
+        shape, M = point.split(":")
+        m, n = (int(v) for v in shape.split("x"))
+        M = int(M)
+        qw = random_weight(m, n, K)
+        pw = prepare(qw)
+        x = torch.randn(M, n, device="cuda").half()
+        w16 = torch.randn(m, n, device="cuda").half()
+        fp16 = time_us(lambda x=x, w16=w16: torch.matmul(x, w16.t()))
+        dtype = torch.float32 if a.kind == "gemv" else x.dtype
+        h = _transform_in(pw, x, dtype, a.kind)
+        what = decompress(pw, kernels.default_config("decompress", qw.spec, m, n, M), torch.float32)
+        h_nat = torch.empty_like(h)
+        h_nat[:, :] = h[:, pw.input_index(a.kind).long()]
+        ref = (h_nat.float() @ what.t()).float()
+        best = None
+        for cfg in candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults):
+            if time.time() - t0 > a.time_limit:
+                print("time limit reached", flush=True)
+                break
+            rec = {"m": m, "n": n, "K": K, "M": M, "kind": a.kind, "config": cfg, "fp16_us": fp16}
+            try:
+                y = decode_matmul(a.kind, pw, h, cfg, h_order="kernel").sum(0)
+                err = float((y - ref).norm() / ref.norm())
+                rec["rel_err"] = err
+                if not err <= 1e-3:
+                    rec["status"] = "wrong"
+                else:
+                    rec["us"] = time_us(lambda cfg=cfg, pw=pw, h=h: decode_matmul(a.kind, pw, h, cfg, h_order="kernel"))
+                    rec["ratio"] = fp16 / rec["us"]
+                    rec["status"] = "ok"
+                    if best is None or rec["us"] < best["us"]:
+                        best = rec
+            except Exception as e:  # a config that fails to compile or launch is a result, not a crash
+                rec["status"] = f"error: {type(e).__name__}: {str(e)[:160]}"
+            rows.append(rec)
+            print(f"{m}x{n} K={K} M={M} {cfg} -> {rec.get('us', float('nan')):.1f} us "
+                  f"({rec.get('ratio', 0):.2f}x) {rec['status']}", flush=True)
+        if best:
+            print(f"BEST {m}x{n} K={K} M={M}: {best['us']:.1f} us = {best['ratio']:.2f}x fp16 "
+                  f"({fp16:.1f} us) {best['config']}", flush=True)
+    env = environment()
+    lines = [f"# Config probe ({a.kind}) on {env.get('card', '?')}", "",
+             "| shape | K | M | config | µs | fp16 µs | ratio | status |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["m"], r["n"], r["K"], r["M"], r.get("us", 1e9))):
+        lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | `{r['config']}` | {r.get('us', float('nan')):.1f} "
+                     f"| {r['fp16_us']:.1f} | {r.get('ratio', 0):.2f} | {r['status']} |")
+    jp, mp = write_results(a.out, a.tag, {"env": env, "rows": rows}, "\n".join(lines) + "\n")
+    print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
