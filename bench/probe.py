@@ -33,16 +33,18 @@ BLOCKS_GEMM = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4)]
 
 
 def candidates(kind: str, spec, m: int, n: int, M: int, tables: list[str], blocks: list[tuple[int, int, int]],
-               split_mults: list[float]) -> list[dict]:
+               split_mults: list[float], prefetch: list[int]) -> list[dict]:
     base = kernels.default_config(kind, spec, m, n, M)
     out, seen = [], set()
-    for table, (bn, bk, nw), mult in itertools.product(tables, blocks, split_mults):
+    for table, (bn, bk, nw), mult, pf in itertools.product(tables, blocks, split_mults, prefetch):
         split = max(1, int(base["SPLIT_K"] * mult))
         if n // bk < split:
             continue
         cfg = {**base, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "SPLIT_K": split}
         if table != "gather":
             cfg["table"] = table
+        if pf:
+            cfg["prefetch"] = pf
         key = tuple(sorted(cfg.items()))
         if key not in seen:
             seen.add(key)
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="gemv")
     ap.add_argument("--tables", default="gather,shared,shared4")
     ap.add_argument("--blocks", default=None, help="e.g. 64/256/4,128/128/8 (BLOCK_N/BLOCK_K/num_warps)")
+    ap.add_argument("--prefetch", default="0", help="gemv prefetch depths, e.g. 0,1,2")
     ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         h_nat[:, :] = h[:, pw.input_index(a.kind).long()]
         ref = (h_nat.float() @ what.t()).float()
         best = None
-        for cfg in candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults):
+        for cfg in candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults,
+                              [int(v) for v in a.prefetch.split(",")] if a.kind == "gemv" else [0]):
             if time.time() - t0 > a.time_limit:
                 print("time limit reached", flush=True)
                 break

@@ -50,7 +50,10 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
         if isinstance(bm, bool) or not isinstance(bm, int) or bm < 1 or bm > 16:
             raise ValueError(f"config BLOCK_M={bm!r} must be an int in [1, 16] for gemv")
         extra["BLOCK_M"] = bm
-        extra["prefetch"] = bool(config.get("prefetch", False))
+        pf = config.get("prefetch", 0)
+        if pf not in (0, 1, 2) and pf not in (False, True):
+            raise ValueError(f"config prefetch={pf!r} must be 0, 1 or 2 (k steps of words loaded ahead)")
+        extra["prefetch"] = int(pf)
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -376,6 +379,22 @@ class _Emitter:
             s(f"{name} = tl.load(W + {off}, mask=wmask, other=0).to(tl.uint32, bitcast=True)")
         s.dedent()
 
+    def _prefetch_loads(self, loads: list[tuple[str, str]], suffix: str, step: str) -> None:
+        """Load the words ``step`` word columns ahead of the current offsets into ``<name><suffix>``."""
+        s = self.src
+        ahead = "" if step == "0" else f" + {step}"
+        s("if EVEN:")
+        s.indent()
+        for name, off in loads:
+            s(f"{name}{suffix} = tl.load(W + {off}{ahead})")
+        s.dedent()
+        s("else:")
+        s.indent()
+        for name, off in loads:
+            s(f"{name}{suffix} = tl.load(W + {off}{ahead}, mask=rmask[:, None] & (cols{ahead} < Ctot)[None, :], "
+              "other=0)")
+        s.dedent()
+
     def decode_values(self, cast: str | None) -> dict[tuple[int, int], str]:
         """Emit states and values; returns (s, f) -> variable name (cast to ``cast`` if given).
 
@@ -481,23 +500,25 @@ class _Emitter:
             for a in range(p.NA):
                 s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
         s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
-        prefetch = self.opts.get("prefetch", False)
-        if prefetch:
-            s("# software pipelining: the next k step's words load while this one is decoded")
-            for name, off in self.word_loads():
-                s(f"{name}_nx = tl.load(W + {off}, mask=rmask[:, None] & (cols < Ctot)[None, :], other=0)")
+        depth = self.opts.get("prefetch", 0)
+        loads = self.word_loads()
+        if depth:
+            s(f"# software pipelining: the words of the next {depth} k step(s) are in flight while this one is")
+            s("# decoded (the compiler may sink a load to the end of the loop body, so depth 2 still leaves a")
+            s("# whole step between a load and its use); steps past the end re-read the last one: no masks")
+            for d in range(1, depth + 1):
+                step = "0" if d == 1 else f"tl.minimum({d - 1}, ITERS - 1) * CB"
+                self._prefetch_loads(loads, f"_nx{d}", step)
         s("for it in range(ITERS):")
         s.indent()
-        if prefetch:
+        if depth:
             s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
-            for name, _ in self.word_loads():
-                s(f"{name} = {name}_nx.to(tl.uint32, bitcast=True)")
-            s("w_off += CB", "cols += CB")
-            if any(w.spills and w.slot + 1 == p.G for w in p.windows):
-                s("n_off += CB")
-            s("nmask = rmask[:, None] & (cols < Ctot)[None, :] & (it + 1 < ITERS)")
-            for name, off in self.word_loads():
-                s(f"{name}_nx = tl.load(W + {off}, mask=nmask, other=0)")
+            for name, _ in loads:
+                s(f"{name} = {name}_nx1.to(tl.uint32, bitcast=True)")
+                for d in range(1, depth):
+                    s(f"{name}_nx{d} = {name}_nx{d + 1}")
+            s(f"nxt = tl.minimum(it + {depth}, ITERS - 1) * CB - it * CB  # offset of the step loaded now")
+            self._prefetch_loads(loads, f"_nx{depth}", "nxt")
         else:
             self.load_words()
         names = self.decode_values(cast="tl.float32")
@@ -511,8 +532,7 @@ class _Emitter:
                         s(f"xv = tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
                           f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
-        if not prefetch:
-            self.advance()
+        self.advance()
         s("x_off += CB")
         s.dedent()
         if self.shared_table():
