@@ -26,7 +26,8 @@ from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
-TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "shared4", "shared8", "global")
+TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "shared4", "shared8", "shared16",
+               "shared32", "global")
 SHARED_TABLE_KINDS = ("gemv",)  # kinds with no Triton shared-memory use inside the k loop
 SOURCE_KEYS = ("table", "BLOCK_M", "prefetch")  # config keys that can change the text (last two: gemv only)
 GENERATOR_VERSION = "1"
@@ -86,17 +87,20 @@ def _smem_base(like, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _fill_table(tbl, N: tl.constexpr, INTERPRET: tl.constexpr):
-    """Write ``tbl`` (N int32 words) to the start of shared memory, then barrier.
+def _fill_table(tbl, TW: tl.constexpr, REP: tl.constexpr, seed, INTERPRET: tl.constexpr):
+    """Write REP interleaved copies of ``tbl`` (TW int32 words; word i of copy r at i*REP + r) to
+    the start of shared memory, then barrier.
 
-    The dummy gather makes Triton size its dynamic shared memory for an N-word table (its scratch
-    buffer); its result only feeds the fill so that it is not removed.
+    The dummy gather makes Triton size its dynamic shared memory for TW*REP words (its scratch
+    buffer); its source is a splat of a run-time value (one register, not TW*REP) and its result
+    only feeds the fill so that it is not removed.
     """
     if not INTERPRET:
-        z = tl.gather(tbl, tl.zeros([N], dtype=tl.int32), 0)
-        tl.inline_asm_elementwise(
-            "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; st.shared.b32 [a], $2; mov.b32 $0, $3; }",
-            "=r,r,r,r", [tl.arange(0, N) * 4, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
+        z = tl.gather(tl.full([TW * REP], seed, tl.int32), tl.zeros([TW], dtype=tl.int32), 0)
+        for r in tl.static_range(REP):
+            tl.inline_asm_elementwise(
+                "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; st.shared.b32 [a], $2; mov.b32 $0, $3; }",
+                "=r,r,r,r", [(tl.arange(0, TW) * REP + r) * 4, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
 
 
@@ -337,14 +341,13 @@ class _Emitter:
             s(f"n_off = {n_off}")
         if self.shared_table():
             rep = table_replicas(self.opts)
-            tw = self.table_words() * rep
             copies = f" ({rep} interleaved copies: lane l reads copy l % {rep})" if rep > 1 else ""
             s(f"# the code table{copies} is written")
             s("# once to shared memory that this kernel owns for the whole k loop: one ld.shared per lookup,")
             s("# no per-step table store or barriers (tl.gather re-stages its source at every call)")
-            s(f"tbl = tl.load(TBL + tl.arange(0, {tw}) // {rep})")
+            s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))")
             s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
-            s(f"_fill_table(tbl, {tw}, INTERPRET)")
+            s(f"_fill_table(tbl, {self.table_words()}, {rep}, ITERS, INTERPRET)")
         if self.joined_gather():
             rep = table_replicas(self.opts)
             if rep == 1:
