@@ -278,11 +278,12 @@ class Registry:
 
     # -- load time -----------------------------------------------------------------------------
     def prepare(self, qw: QuantizedWeight, *, max_m: int = M_BUCKETS[-1], dtypes: tuple[torch.dtype, ...] = (torch.float16,),
-                warm: bool = True) -> PreparedLinear:
+                warm: bool = True, bias: bool = False) -> PreparedLinear:
         """Select, compile and warm every kernel this layer will use for M up to ``max_m``.
 
         After this, calls on the returned object (and ``lookup_config`` for this layer) do no file
-        access, no tuning and no compilation.
+        access, no tuning and no compilation. ``bias=True``: the layer's forward passes a bias (in
+        the activation dtype), which the kernels add in a variant of their own: warm that one.
         """
         if not isinstance(qw, QuantizedWeight):
             raise TypeError(f"prepare() takes a QuantizedWeight, got {type(qw).__name__}")
@@ -309,11 +310,12 @@ class Registry:
                 for rows in warm_rows(bucket):
                     for dtype in dtypes:
                         wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
-                                row_class(rows), dtype)
+                                row_class(rows), dtype, bias)
                         if wkey in self._warm:
                             continue
                         x = torch.randn(rows, qw.in_features, device=device).to(dtype)
-                        sel(x, layer)
+                        b = torch.zeros(qw.out_features, device=device, dtype=dtype) if bias else None
+                        sel(x, layer, b)
                         self._warm.add(wkey)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -191,3 +191,19 @@ def test_prepare_warns_once_per_layer(tmp_path, gen):
     assert len(rec) == 1 and "M buckets 32, 64 " in msg  # gemv cannot serve M > 16
     assert "kernel 'gemv' cannot run it: gemv handles M <= 16" in msg
     assert all(prepared.plan[b].source.startswith("shipped") for b in (1, 2, 4, 8, 16))
+
+
+def test_prepare_warms_the_bias_variant_when_asked(tmp_path, gen):
+    """A layer whose forward passes a bias runs the kernels' bias variant: prepare(bias=True) warms that one."""
+    write(tmp_path / "shipped" / "h100.yaml", [entry(1, "gemv", GEMV_TUNED)])
+    r = make(tmp_path)
+    api: FakeAPI = r.api
+    seen = []
+    launch = api.launch
+    api.launch = lambda kind, x, prepared, config, bias=None: seen.append(bias) or launch(kind, x, prepared, config, bias)
+    qw = random_qweight(gen, SPEC, M_, N_)
+    r.prepare(qw, max_m=1, dtypes=(torch.float16,), bias=True)
+    assert len(seen) == 1 and seen[0].shape == (M_,) and seen[0].dtype == torch.float16 and not seen[0].any()
+    r.prepare(qw, max_m=1, dtypes=(torch.float16,), bias=True)  # already warm
+    r.prepare(qw, max_m=1, dtypes=(torch.float16,))  # the bias-free variant is another one
+    assert len(seen) == 2 and seen[1] is None

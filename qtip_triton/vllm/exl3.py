@@ -14,7 +14,8 @@ What differs from QTIP (:mod:`qtip_triton.vllm.linear_method`), and why this is 
   needs a TP variant. Legacy packed-sign ``su`` / ``sv`` are unpacked on load.
 
 Forward: the fused custom op (:mod:`qtip_triton.ops`, per-shard ``had_block=128``), which runs one
-generated-kernel call per logical matrix; torch.compile and CUDA graphs see one opaque op.
+generated-kernel call per logical matrix; torch.compile and CUDA graphs see one opaque op. On CUDA,
+loading warms every kernel for every batch size the engine can send (:mod:`qtip_triton.vllm.warmup`).
 
 Padded dims (true sizes from config.json not multiples of 128; EXL3 stores every module zero-padded
 to 128-multiples, each logical matrix of a fused layer on its own) are served at TP=1: parameters
@@ -57,6 +58,7 @@ from qtip_triton.vllm.compat import current_load_format, logger, register_weight
 from qtip_triton.vllm.config import DEFAULT_PACKED
 from qtip_triton.vllm.linear_method import full_output_sizes
 from qtip_triton.vllm.params import LayerGeometry, ShardSlotParameter
+from qtip_triton.vllm.warmup import forward_passes_bias, warm_up_layer
 from qtip_triton.weight import QuantizedWeight
 
 QUANT_METHOD = fmt.QUANT_METHOD  # "exl3"
@@ -373,6 +375,7 @@ class Exl3LinearMethod(LinearMethodBase):
         layer.exl3_padding = pad
         layer.exl3_loaded = set()
         layer.exl3_load_format = current_load_format()
+        layer.exl3_act_dtype = params_dtype
 
     def whole_tensors(self, layer: torch.nn.Module) -> bool:
         """Whether checkpoint tensors are copied whole (no vLLM v2 loader to shard them)."""
@@ -412,6 +415,10 @@ class Exl3LinearMethod(LinearMethodBase):
         layer.exl3_packed = packed
         layer.exl3_shards = packed.shards()
         layer.exl3_op_meta = ops.op_args(packed)[1]
+        # every kernel, every batch size the engine can send, compiled now (CUDA only); a padded layer adds
+        # its bias outside the op
+        warm_up_layer(packed, layer.exl3_act_dtype, prefix=geom.prefix,
+                      bias=layer.exl3_padding is None and forward_passes_bias(layer))
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # one opaque custom op for the whole (fused) layer: traceable by torch.compile, capturable in graphs

@@ -11,7 +11,8 @@ Life of a layer:
 3. :meth:`process_weights_after_loading` reads each shard's ``rcp``/``tp_rank``, checks that its
    Hadamard transforms can run on this rank's slice (tensor parallelism), builds and validates one
    QuantizedWeight per logical matrix, packs them for the custom op and lets the kernel back end
-   prepare them (repack, JIT) now rather than during CUDA-graph capture.
+   prepare them (repack) now rather than during CUDA-graph capture, then warms every kernel the engine
+   will launch, for every batch size up to its largest (:mod:`qtip_triton.vllm.warmup`, CUDA only).
 4. :meth:`apply` is a single ``torch.ops.qtip_triton.qtip_linear`` call: opaque to torch.compile,
    no host syncs, same launches for the same shapes.
 
@@ -47,6 +48,7 @@ from qtip_triton.vllm.params import (
     LayerGeometry,
     ShardSlotParameter,
 )
+from qtip_triton.vllm.warmup import forward_passes_bias, warm_up_layer
 from qtip_triton.weight import RCP_COL, RCP_NONE, RCP_ROW, QuantizedWeight
 
 HYB_TABLE_RMS = math.sqrt(15 / 16)
@@ -167,6 +169,7 @@ class QTIPLinearMethod(LinearMethodBase):
         layer.qtip_geometry = geom
         layer.qtip_loaded = set()
         layer.qtip_load_format = current_load_format()
+        layer.qtip_act_dtype = params_dtype
 
     # ------------------------------------------------------------------ load
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -211,6 +214,8 @@ class QTIPLinearMethod(LinearMethodBase):
         packed.register()  # validates the views once and lets the kernels prepare them
         layer.qtip_packed = packed
         layer.qtip_op_meta = ops.op_args(packed)[1]
+        # select + compile + launch every kernel for every batch size the engine can send (CUDA only)
+        warm_up_layer(packed, layer.qtip_act_dtype, bias=forward_passes_bias(layer), prefix=geom.prefix)
 
     @staticmethod
     def _check_complete(layer: torch.nn.Module, geom: LayerGeometry) -> None:

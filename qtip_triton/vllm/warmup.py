@@ -1,0 +1,93 @@
+"""Load-time warm-up of every kernel a quantized vLLM layer will launch, for every batch size the engine can send.
+
+:meth:`process_weights_after_loading` of the QTIP and EXL3 linear methods repacks the weights
+(``PackedShards.register``); that alone leaves the kernel *selection* and the Triton JIT to the first
+forward of each M bucket, i.e. to vLLM's profile run, CUDA-graph capture and, for the sizes neither
+touches, to live requests (the registry's "no usable autotune entry" warnings and JIT stalls seen
+during inference). :func:`warm_up_layer` runs :func:`qtip_triton.registry.prepare` on each logical
+matrix of the layer instead: every M bucket up to the engine's largest batch is selected, compiled
+(or loaded from Triton's cache) and launched once, before the engine starts.
+
+The largest batch is read from the vLLM config being loaded (:func:`qtip_triton.vllm.compat.engine_max_tokens`:
+``scheduler_config.max_num_batched_tokens``, ``max_num_seqs`` and the CUDA-graph capture sizes,
+whichever is largest). Without a vLLM config it is :data:`DEFAULT_MAX_M` = 256, the largest bucket of
+the shipped autotune files (decode batches). Buckets above 4096 rows do not exist (larger M use 4096).
+
+Only on CUDA: on the CPU (the Triton interpreter included) nothing is compiled ahead of time, so it
+is skipped; so are activation dtypes the kernels do not take (the reference path serves them).
+``QTIP_TRITON_NO_WARMUP=1`` turns it off (faster start, JIT on first use); so does
+``QTIP_TRITON_NO_REGISTRY=1``, since the forward then bypasses the registry it would warm.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from qtip_triton import dispatch, registry
+from qtip_triton.vllm import compat
+
+NO_WARMUP_ENV = "QTIP_TRITON_NO_WARMUP"  # "1": skip the load-time warm-up
+DEFAULT_MAX_M = 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def warmup_disabled() -> bool:
+    return os.environ.get(NO_WARMUP_ENV) == "1"
+
+
+def compiles_ahead(device: torch.device) -> bool:
+    """Whether kernels for ``device`` are compiled (so worth warming): CUDA only."""
+    return torch.device(device).type == "cuda"
+
+
+def engine_max_m(cfg: Any = None) -> tuple[int, str]:
+    """The largest M the engine can hand a linear layer and where that number came from."""
+    found = compat.engine_max_tokens(compat.current_vllm_config() if cfg is None else cfg)
+    if found is None:
+        return DEFAULT_MAX_M, f"no vLLM config: default {DEFAULT_MAX_M}"
+    return found
+
+
+def forward_passes_bias(layer: torch.nn.Module) -> bool:
+    """Whether vLLM's forward of ``layer`` hands its bias to the quant method's ``apply`` (LinearBase:
+    a bias that is not ``skip_bias_add``; RowParallelLinear adds it on TP rank 0 only)."""
+    if getattr(layer, "bias", None) is None or getattr(layer, "skip_bias_add", False):
+        return False
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    return not (isinstance(layer, RowParallelLinear) and getattr(layer, "tp_rank", 0) > 0)
+
+
+def _log(message: str, *args) -> None:
+    log = compat.logger()
+    getattr(log, "info_once", log.info)(message, *args)
+
+
+def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str = "") -> int | None:
+    """Prepare (select, compile, launch once) every kernel of a packed layer's shards for M up to the
+    engine's largest batch. Returns that M, or None when skipped (see the module docstring).
+
+    ``bias``: the op hands the layer's bias to the kernels (a single-shard layer whose forward adds
+    one); fused layers add it after the op, so it only applies when there is one shard.
+    """
+    shards = packed.shards()
+    if not compiles_ahead(packed.trellis.device) or dtype not in _KERNEL_DTYPES:
+        return None
+    if warmup_disabled():
+        _log("qtip: kernel warm-up at load is off (%s=1): kernels compile on first use", NO_WARMUP_ENV)
+        return None
+    if os.environ.get(dispatch.NO_REGISTRY_ENV) == "1":
+        _log("qtip: kernel warm-up at load skipped: %s=1 bypasses the registry", dispatch.NO_REGISTRY_ENV)
+        return None
+    max_m, source = engine_max_m()
+    _log("qtip: warming the kernels of every layer for M up to %d (%s)", max_m, source)
+    t0 = time.perf_counter()
+    for qw in shards:
+        registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias and len(shards) == 1)
+    compat.logger().debug("qtip: warmed %s (%d shards, M <= %d) in %.2f s", prefix or "layer", len(shards), max_m,
+                          time.perf_counter() - t0)
+    return max_m

@@ -1,0 +1,182 @@
+"""Load-time kernel warm-up in the vLLM linear methods (QTIP and EXL3): which layers, which max M, when skipped.
+
+The warm-up itself only runs on CUDA; here ``compiles_ahead`` is patched to say yes and
+``registry.prepare`` is replaced by a recorder, so the real vLLM layers show what they would warm.
+One test lets the real ``registry.prepare`` run (Triton interpreter, max M = 2) to pin the call's form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm.model_executor")
+
+from vllm.config import VllmConfig, set_current_vllm_config  # noqa: E402
+
+from qtip_triton import kernels, registry  # noqa: E402
+from qtip_triton.vllm import compat, warmup  # noqa: E402
+from tests.vllm import test_exl3_linear as exl3_layers  # noqa: E402
+from tests.vllm import test_exl3_padding as exl3_padded  # noqa: E402
+from tests.vllm import test_linear_method as qtip_layers  # noqa: E402
+
+pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("vllm_dist")]
+
+
+@contextlib.contextmanager
+def engine(max_num_batched_tokens=None, max_num_seqs=None, capture=None):
+    """A current vLLM config with these scheduler / CUDA-graph settings (None: the release's default)."""
+    cfg = VllmConfig()
+    if max_num_seqs is not None:
+        cfg.scheduler_config.max_num_seqs = max_num_seqs
+    if max_num_batched_tokens is not None:
+        cfg.scheduler_config.max_num_batched_tokens = max_num_batched_tokens
+    if capture is not None:
+        cfg.compilation_config.cudagraph_capture_sizes = list(capture)
+        cfg.compilation_config.max_cudagraph_capture_size = max(capture)
+    with set_current_vllm_config(cfg):
+        yield cfg
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    """Pretend kernels compile here (CUDA) and record registry.prepare calls instead of running them."""
+    calls = []
+    monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)
+    monkeypatch.setattr(registry, "prepare", lambda qw, **kw: calls.append((qw, kw)))
+    monkeypatch.delenv(warmup.NO_WARMUP_ENV, raising=False)
+    monkeypatch.delenv("QTIP_TRITON_NO_REGISTRY", raising=False)
+    return calls
+
+
+def qtip_layer(kind, gen, dtype=torch.float16, bias=False):
+    layer, sids, shards, biases = qtip_layers.build(kind, gen, dtype, bias=bias)
+    qtip_layers.load(layer, sids, shards, biases)
+    return layer
+
+
+def exl3_layer(kind, gen, dtype=torch.float16, bias=False):
+    layer, sids, shards, biases = exl3_layers.build(kind, gen, dtype, bias=bias)
+    exl3_layers.load(layer, sids, shards, biases)
+    return layer
+
+
+# ------------------------------------------------------------------------------ the engine's max M
+def test_engine_max_tokens_reads_each_release_spelling():
+    sched = SimpleNamespace(max_num_batched_tokens=8192, max_num_seqs=256)
+    assert compat.engine_max_tokens(SimpleNamespace(scheduler_config=sched)) == (
+        8192, "scheduler_config.max_num_batched_tokens=8192")
+    # 0.26 / 0.33 capture fields, the pre-0.11 name, a list of sizes; the largest wins
+    new = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=None, max_num_seqs=64),
+                          compilation_config=SimpleNamespace(max_cudagraph_capture_size=512,
+                                                             cudagraph_capture_sizes=[1, 2, 4, 512]))
+    assert compat.engine_max_tokens(new) == (512, "compilation_config.max_cudagraph_capture_size=512")
+    old = SimpleNamespace(compilation_config=SimpleNamespace(max_capture_size=None, cudagraph_capture_sizes=[8, 1, 16]))
+    assert compat.engine_max_tokens(old) == (16, "compilation_config.cudagraph_capture_sizes=16")
+    junk = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_batched_tokens=True, max_num_seqs=0),
+                           compilation_config=SimpleNamespace(cudagraph_capture_sizes=[]))
+    assert compat.engine_max_tokens(junk) is None
+    assert compat.engine_max_tokens(None) is None
+
+
+def test_engine_max_m_from_the_installed_vllm_config():
+    cfg = VllmConfig()
+    want = max(cfg.scheduler_config.max_num_batched_tokens, cfg.scheduler_config.max_num_seqs)
+    assert compat.engine_max_tokens(cfg)[0] == want  # this release's attribute names are the ones read
+    with engine(max_num_batched_tokens=640, max_num_seqs=32):
+        assert warmup.engine_max_m() == (640, "scheduler_config.max_num_batched_tokens=640")
+    with engine(max_num_batched_tokens=96, max_num_seqs=96, capture=[1, 2, 4, 8, 200]):
+        assert warmup.engine_max_m()[0] == 200
+
+
+def test_default_max_m_without_a_vllm_config(monkeypatch):
+    monkeypatch.setattr(compat, "current_vllm_config", lambda: None)
+    assert warmup.engine_max_m() == (warmup.DEFAULT_MAX_M, f"no vLLM config: default {warmup.DEFAULT_MAX_M}")
+
+
+# ------------------------------------------------------------------------------ what the layers warm
+@pytest.mark.parametrize("kind", ["qkv", "merged", "column", "row"])
+def test_qtip_process_weights_warms_every_shard_to_the_engine_max(kind, recorder, gen):
+    layer = qtip_layer(kind, gen, bias=True)
+    with engine(max_num_batched_tokens=384, max_num_seqs=48):
+        layer.quant_method.process_weights_after_loading(layer)
+    shards = layer.qtip_packed.shards()
+    assert [qw for qw, _ in recorder] == shards and all(a is b for (a, _), b in zip(recorder, shards, strict=True))
+    # a single-shard layer gets its bias inside the op (its own kernel variant); fused layers add it outside
+    bias = len(shards) == 1
+    assert [kw for _, kw in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=bias)] * len(shards)
+
+
+def test_qtip_bf16_without_bias_and_default_max(recorder, gen, monkeypatch):
+    monkeypatch.setattr(compat, "current_vllm_config", lambda: None)
+    layer = qtip_layer("column", gen, dtype=torch.bfloat16, bias=False)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert [kw for _, kw in recorder] == [dict(max_m=warmup.DEFAULT_MAX_M, dtypes=(torch.bfloat16,), bias=False)]
+
+
+@pytest.mark.parametrize("kind", ["qkv", "row"])
+def test_exl3_process_weights_warms_every_shard_to_the_engine_max(kind, recorder, gen):
+    layer = exl3_layer(kind, gen, bias=True)
+    with engine(max_num_batched_tokens=4096, max_num_seqs=256, capture=[1, 2, 512]):
+        layer.quant_method.process_weights_after_loading(layer)
+    shards = layer.exl3_packed.shards()
+    assert len(recorder) == len(shards) and all(a is b for (a, _), b in zip(recorder, shards, strict=True))
+    assert [kw for _, kw in recorder] == [dict(max_m=4096, dtypes=(torch.float16,), bias=len(shards) == 1)] * len(shards)
+
+
+def test_exl3_padded_layer_adds_its_bias_outside_the_op(recorder, gen, monkeypatch):
+    monkeypatch.setattr(torch, "get_default_dtype", lambda: torch.float16)  # vLLM builds layers in the model dtype
+    with engine(max_num_batched_tokens=256):
+        layer, *_ = exl3_padded.build("row", gen)
+    assert layer.exl3_padding is not None and layer.bias is not None
+    assert [kw for _, kw in recorder] == [dict(max_m=256, dtypes=(torch.float16,), bias=False)]
+
+
+# ------------------------------------------------------------------------------ when it is skipped
+def test_skipped_on_cpu(gen, monkeypatch):
+    calls = []
+    monkeypatch.setattr(registry, "prepare", lambda qw, **kw: calls.append(qw))
+    for build in (qtip_layer, exl3_layer):
+        layer = build("qkv", gen)
+        layer.quant_method.process_weights_after_loading(layer)
+        y, _ = layer(torch.randn(3, layer.input_size, generator=gen).half())
+        assert torch.isfinite(y).all()
+    assert calls == []  # the CPU (interpreter or not) compiles nothing ahead: no warm-up
+    assert warmup.compiles_ahead(torch.device("cpu")) is False
+    assert warmup.compiles_ahead(torch.device("cuda", 0)) is True
+
+
+@pytest.mark.parametrize("env", [warmup.NO_WARMUP_ENV, "QTIP_TRITON_NO_REGISTRY"])
+def test_env_var_turns_it_off(env, recorder, gen, monkeypatch):
+    monkeypatch.setenv(env, "1")
+    layer = qtip_layer("qkv", gen)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert recorder == []
+
+
+def test_float32_models_use_the_reference_path_and_skip_it(recorder, gen):
+    layer = qtip_layer("qkv", gen, dtype=torch.float32)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert recorder == []
+
+
+@pytest.mark.skipif(not kernels.kernels_available("cpu")[0], reason="needs TRITON_INTERPRET=1 (make test sets it)")
+def test_real_registry_prepare_call(gen, monkeypatch):
+    """The real registry.prepare, in the interpreter, for M <= 2: selections and warm variants are in place."""
+    monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)
+    monkeypatch.delenv(warmup.NO_WARMUP_ENV, raising=False)
+    monkeypatch.setattr(registry, "_default", None)
+    layer = qtip_layer("column", gen, bias=True)
+    with engine(max_num_batched_tokens=2, max_num_seqs=2):
+        layer.quant_method.process_weights_after_loading(layer)
+    reg = registry.get_registry()
+    (qw,) = layer.qtip_packed.shards()
+    assert sorted(b for (spec, m, n, b) in reg._memo if (spec, m, n) == (qw.spec, qw.out_features, qw.in_features)) \
+        == [1, 2]
+    warm = [k for k in reg._warm if k[1:4] == (qw.spec, qw.out_features, qw.in_features)]
+    assert warm and all(k[-2] == torch.float16 and k[-1] is True for k in warm)  # fp16 activations, with bias
+    y, _ = layer(torch.randn(2, layer.input_size, generator=gen).half())
+    assert torch.isfinite(y).all()
