@@ -167,4 +167,5 @@ def compile_all(jobs: list[CompileJob], workers: int, workload, *, api=None,
 
 
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    """All cores but two (Triton compiles are single-threaded CPU work; the GPU idles meanwhile)."""
+    return max(1, min(16, (os.cpu_count() or 2) - 2))

@@ -2,7 +2,9 @@
 
 Config keys (all kinds): ``BLOCK_N`` output rows per program, ``BLOCK_K`` input columns per k step
 (both powers of two >= 16), ``num_warps``, optional ``num_stages``, optional ``table``
-(``"gather"``: the HYB table is gathered on chip; ``"global"``: read through L1 by pointer).
+(``"gather"``: the HYB table is staged in shared memory by ``tl.gather`` at every k step;
+``"shared"``, gemv only: written once to kernel-owned shared memory and read with ``ld.shared``;
+``"global"``: read through L1 by pointer).
 ``gemv``/``gemm`` add ``BLOCK_M`` (batch rows per program) and ``SPLIT_K`` (k splits; their fp32
 partials are summed inside the output Hadamard kernel).
 
@@ -13,7 +15,8 @@ Heuristic, and why:
   ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
   ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
 * ``SPLIT_K``: gemv about eight programs per SM (measured: 4 -> 8 per SM took the 8192x8192
-  2-bit gemv from 41 to 29 us), gemm about four; at least two k steps per split;
+  2-bit gemv from 41 to 29 us; run 4, 32x512 tiles: 4 splits = 7.8 programs per SM best, 26.8 us),
+  gemm about four; at least two k steps per split;
 * block sizes: large enough that the per-program set-up (table load, offsets) is amortized, small
   enough for the fp32 accumulators to stay in registers (~64 fp32 per thread at most).
 """
@@ -92,10 +95,15 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
         # (sm_90, ~11.6 instructions per decoded state), so many warps hide the load latency
-        block_n, block_k, warps = {1: (64, 256, 4), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
+        block_n, block_k, warps = {1: (32, 512, 4), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
                                    16: (64, 64, 8)}[bm]
+        if bm == 1 and m > 16384:  # run 4: 28672x8192 best at 64x512 (68 us) vs 32x512 (75 us)
+            block_n = 64
         split = _split_for(m, n, block_n, block_k)
-        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps}
+        cfg = {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps}
+        if get_code(spec.code).triton_decoder().table == "packed16":
+            cfg["table"] = "shared"  # run 4: no per-step table staging; 28.5 -> 26.8 us (8192^2, 2-bit)
+        return cfg
     bm = max(16, min(_next_pow2(M), 64))
     # run 2 (H100, 8192x8192, M=1..16): 128x64 tiles with 4 warps and ~4 waves of programs were best
     block_n, block_k = 128, 64
@@ -119,6 +127,7 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                 for nw in (4, 8):
                     out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw})
         return out
+    tabled = get_code(spec.code).triton_decoder().table == "packed16"
     bms = [b for b in (1, 2, 4, 8, 16) if b <= _next_pow2(M)] if kind == "gemv" else \
         [b for b in (16, 32, 64, 128) if b <= max(16, _next_pow2(M))]
     for bm in bms:
@@ -134,5 +143,8 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                     if split > 1 and n // bk < 2 * split:
                         continue
                     for nw in (4, 8):
-                        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw})
+                        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw}
+                        out.append(cfg)
+                        if kind == "gemv" and tabled:
+                            out.append({**cfg, "table": "shared"})
     return out
