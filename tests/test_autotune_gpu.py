@@ -3,6 +3,11 @@
 A small tuning run through the CLI, then: the registry serves the tuned configs, a prepared layer
 matches the float64 reference, replays inside a CUDA graph, and a fresh process with a precompiled
 cache prepares its layer without compiling anything.
+
+The run tunes every M bucket that ``prepare(max_m=MAX_M)`` looks up (1..256), not a sparse subset:
+an untuned bucket borrows a neighbour's config at a row-count class that precompile never compiled
+(bucket 2 ran bucket 1's config at M=2 and JIT-compiled, depending on which configs won the tuning),
+and where the user cache lacks a bucket a shipped file may answer instead (see ``autotune_coverage``).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import time
 
 import pytest
 import torch
+from autotune_coverage import buckets_upto, file_plan, precompile_variants, prepare_variants
 
 pytestmark = pytest.mark.gpu
 
 SHAPE = (4096, 4096)
-BUCKETS = "1,16,256"
+SPEC = "L16K2V2-hyb9"
+MAX_M = 256
+TUNED = buckets_upto(MAX_M)  # exactly the buckets prepare(max_m=MAX_M) selects and warms
+BUCKETS = ",".join(map(str, TUNED))
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +58,14 @@ def test_tuned_file(tuned):
 
     tf = store.load(tuned["file"])
     assert tf.header.device == tuned["device"]
-    assert sorted(k.m_bucket for k in tf.entries) == [1, 16, 256]
+    assert sorted(k.m_bucket for k in tf.entries) == list(TUNED), "the tuning run left buckets untuned (time limit?)"
     api = ModuleKernelAPI(kernels)
     for key, e in tf.entries.items():
         assert e.default_time_us is not None and e.time_us <= e.default_time_us * 1.05
         ok, why = check_config(api, e.kind, e.config, TrellisSpec.parse(key.spec), key.out_features,
                                key.in_features, key.m_bucket)
         assert ok, why
-    print(f"tuned 3 tasks in {tuned['seconds']:.1f} s:",
+    print(f"tuned {len(TUNED)} tasks in {tuned['seconds']:.1f} s:",
           {k.m_bucket: (e.kind, round(e.speedup, 2)) for k, e in tf.entries.items()})
 
 
@@ -73,9 +82,10 @@ def test_registry_serves_tuned_configs_and_graphs(tuned):
     store = ConfigStore(dev, current_versions(), user_dir=tuned["file"].parent, shipped=tuned["root"] / "none")
     r = Registry(ModuleKernelAPI(kernels), device=dev, store=store)
     qw = random_layer(TrellisSpec(16, 2, 2, "hyb", 9), *SHAPE, device="cuda")
-    prepared = r.prepare(qw, max_m=256)
-    for b in (1, 16, 256):
-        assert prepared.plan[b].source.startswith("user cache")
+    prepared = r.prepare(qw, max_m=MAX_M)
+    assert sorted(prepared.plan) == list(TUNED)
+    for b in TUNED:
+        assert prepared.plan[b].source.startswith("user cache") and prepared.plan[b].source.endswith(f"(M<={b})")
     w64 = qw.decode().double()
     for M in (1, 3, 16, 200):
         x = torch.randn(M, SHAPE[1], device="cuda").half()
@@ -97,22 +107,32 @@ def test_registry_serves_tuned_configs_and_graphs(tuned):
 
 
 _FRESH = r"""
-import json, time, torch
+import json, sys, time, torch
 t0 = time.perf_counter()
 from qtip_triton import registry
 from qtip_triton.autotune.workload import random_layer
 from qtip_triton.spec import TrellisSpec
-qw = random_layer(TrellisSpec(16, 2, 2, "hyb", 9), 4096, 4096, device="cuda")
+qw = random_layer(TrellisSpec.parse(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), device="cuda")
 torch.cuda.synchronize()
 t1 = time.perf_counter()
-prepared = registry.prepare(qw, max_m=256)
+prepared = registry.prepare(qw, max_m=int(sys.argv[4]))
 t2 = time.perf_counter()
 print(json.dumps({"import_and_layer_s": t1 - t0, "prepare_s": t2 - t1,
-                  "sources": sorted({s.source for s in prepared.plan.values()})}))
+                  "plan": {b: [s.source, s.kind, dict(s.config)] for b, s in prepared.plan.items()}}))
 """
 
 
 def test_precompiled_fresh_process_does_not_jit(tuned, tmp_path):
+    from qtip_triton import kernels
+    from qtip_triton.autotune import store
+    from qtip_triton.autotune.kernel_api import ModuleKernelAPI
+
+    tf = store.load(tuned["file"])
+    want = file_plan(tf, SPEC, SHAPE)
+    assert sorted(want) == list(TUNED), "the tuning run left buckets untuned (time limit?): see test_tuned_file"
+    # what precompile compiles covers what prepare() will launch (same rule as the CPU twin in test_autotune_coverage)
+    assert prepare_variants(SPEC, SHAPE, want) <= precompile_variants([tf], ModuleKernelAPI(kernels))
+
     env = {**os.environ, **tuned["env"]}
     cmd = [sys.executable, "-m", "qtip_triton.cli"]
     subprocess.run(cmd + ["precompile", "--file", str(tuned["file"]), "--jobs", "2", "--no-progress"],
@@ -123,14 +143,23 @@ def test_precompiled_fresh_process_does_not_jit(tuned, tmp_path):
     subprocess.run(cmd + ["import", str(archive), "--cache-dir", str(fresh_cache)], env=env, check=True)
     imported = sorted(fresh_cache.rglob("*"))
     assert imported
-    out = subprocess.run([sys.executable, "-c", _FRESH], env={**env, "TRITON_CACHE_DIR": str(fresh_cache)},
+    out = subprocess.run([sys.executable, "-c", _FRESH, SPEC, str(SHAPE[0]), str(SHAPE[1]), str(MAX_M)],
+                         env={**env, "TRITON_CACHE_DIR": str(fresh_cache)},
                          check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    print(result)
-    assert all(s.startswith("user cache") for s in result["sources"])
+    print({k: v for k, v in result.items() if k != "plan"})
+    plan = {int(b): v for b, v in result["plan"].items()}
+    assert sorted(plan) == list(TUNED)
+    for b, (source, kind, config) in plan.items():
+        # every bucket is served by its own tuned entry from the user cache (not a neighbour, a shipped file
+        # or the heuristic)
+        assert source.startswith("user cache") and source.endswith(f"(M<={b})"), (b, source)
+        assert (kind, config) == want[b], (b, kind, config, want[b])
     # loading binaries, not compiling: a JIT compile would add files to the imported cache.
     # (prepare_s is printed for the report; timings are never asserted.)
-    assert sorted(fresh_cache.rglob("*")) == imported, "the fresh process compiled kernels despite the cache"
+    after = sorted(fresh_cache.rglob("*"))
+    new = [p.name for p in after if p not in set(imported)]
+    assert after == imported, f"the fresh process compiled kernels despite the cache: {new[:8]}"
 
 
 def _triton_cache_files() -> set:
