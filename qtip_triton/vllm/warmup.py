@@ -72,7 +72,8 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
     engine's largest batch. Returns that M, or None when skipped (see the module docstring).
 
     ``bias``: the op hands the layer's bias to the kernels (a single-shard layer whose forward adds
-    one); fused layers add it after the op, so it only applies when there is one shard.
+    one); fused layers add it after the op, so it only applies when there is one shard. A shard whose
+    warm-up fails is logged and left to compile on first use (loading does not fail for it).
     """
     shards = packed.shards()
     if not compiles_ahead(packed.trellis.device) or dtype not in _KERNEL_DTYPES:
@@ -87,7 +88,12 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
     _log("qtip: warming the kernels of every layer for M up to %d (%s)", max_m, source)
     t0 = time.perf_counter()
     for qw in shards:
-        registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias and len(shards) == 1)
+        try:
+            registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias and len(shards) == 1)
+        except Exception as e:  # best effort: the same launch fails (or compiles) on first use, as without it
+            compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
+                                    prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
+                                    type(e).__name__, e)
     compat.logger().debug("qtip: warmed %s (%d shards, M <= %d) in %.2f s", prefix or "layer", len(shards), max_m,
                           time.perf_counter() - t0)
     return max_m

@@ -163,6 +163,19 @@ def test_float32_models_use_the_reference_path_and_skip_it(recorder, gen):
     assert recorder == []
 
 
+def test_a_failing_warm_up_does_not_fail_loading(recorder, gen, monkeypatch):
+    def boom(qw, **kw):
+        recorder.append(qw)
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(registry, "prepare", boom)
+    layer = qtip_layer("qkv", gen)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert len(recorder) == 3  # every shard was tried
+    y, _ = layer(torch.randn(2, layer.input_size, generator=gen).half())
+    assert torch.isfinite(y).all()
+
+
 @pytest.mark.skipif(not kernels.kernels_available("cpu")[0], reason="needs TRITON_INTERPRET=1 (make test sets it)")
 def test_real_registry_prepare_call(gen, monkeypatch):
     """The real registry.prepare, in the interpreter, for M <= 2: selections and warm variants are in place."""
