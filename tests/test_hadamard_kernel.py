@@ -25,8 +25,10 @@ def _rel(y, ref) -> float:
 
 @pytest.mark.parametrize("kh", (1,) + hadamard.HADK_ORDERS)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_every_hadk(gen, kh, transpose):
-    n = kh * 16 if kh > 1 else 1024
+@pytest.mark.parametrize("p", [16, 256], ids=["p16", "p256"])
+def test_every_hadk(gen, kh, transpose, p):
+    """p = 256 splits the power of two as 2 x 128: hadK ⊗ H_2 (5120, 14336, 28672 take this path)."""
+    n = kh * p if kh > 1 else 1024 * p // 16
     x = torch.randn(3, n, generator=gen)
     y = transform(x, 1, transpose=transpose, out_dtype=torch.float32, interpret=True)
     assert _rel(y, _reference(x.double(), 1, transpose)) < 1e-6

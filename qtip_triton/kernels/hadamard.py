@@ -174,11 +174,11 @@ def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Ten
     if kh * p1 > 1:
         rows = kh * p1
         rp = max(16, _next_pow2(rows))
-        hk = hadamard.hadk(kh)
+        hk = hadamard.hadk(kh).double().cpu()  # a private copy of the shared, cached matrix
         if transpose:
-            hk = hk.t()
+            hk = hk.t().contiguous()  # kron rejects the transposed view (p1 > 1: 5120, 14336, 28672, ...)
         a = torch.zeros(rp, rp)
-        a[:rows, :rows] = torch.kron(hk, _sylvester(p1))
+        a[:rows, :rows] = torch.kron(hk, _sylvester(p1).to(hk.dtype)).float()
         a = a.to(device=device, dtype=torch.bfloat16).contiguous()
     b = b.to(device=device, dtype=torch.bfloat16).contiguous()
     _MATS[key] = (b, a)
