@@ -42,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
-    p.add_argument("--timer", choices=("do_bench", "cudagraph"), default="do_bench",
-                   help="do_bench flushes L2 between runs (default); cudagraph times graph replay")
+    p.add_argument("--timer", choices=("graph", "do_bench", "cudagraph"), default="graph",
+                   help="graph: CUDA-graph replay with L2 flushed before each run (default); do_bench: uncaptured "
+                        "calls (includes Python launch overhead); cudagraph: replay without flush")
     p.add_argument("--screen", type=float, default=3.0,
                    help="skip the full timing of a candidate whose single run is this many times slower than "
                         "the best so far (default 3; 0 times everything)")
@@ -165,7 +166,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"qtip-triton autotune: {e}", file=sys.stderr)
         return 2
     from qtip_triton.autotune.compile_pool import compile_all
-    from qtip_triton.autotune.tuner import RandomWorkload, cuda_graph_timer, do_bench_timer, single_run_timer
+    from qtip_triton.autotune.tuner import (
+        RandomWorkload,
+        cuda_graph_timer,
+        do_bench_timer,
+        graph_flush_timer,
+        graph_single_timer,
+        single_run_timer,
+    )
 
     device = current_device()
     if not args.dry_run:
@@ -174,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
         except (ValueError, RuntimeError) as e:
             print(f"qtip-triton autotune: {e}", file=sys.stderr)
             return 2
-    bench = do_bench_timer(args.warmup_ms, args.rep_ms) if args.timer == "do_bench" else cuda_graph_timer(args.rep_ms)
+    bench = {"graph": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),
+             "do_bench": lambda: do_bench_timer(args.warmup_ms, args.rep_ms),
+             "cudagraph": lambda: cuda_graph_timer(args.rep_ms)}[args.timer]()
     workload = RandomWorkload("cuda")
 
     def compile_fn(jobs, workers, deadline_s):
@@ -183,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn,
-                        quick=single_run_timer())
+                        quick=graph_single_timer() if args.timer == "graph" else single_run_timer())
     except ValueError as e:
         print(f"qtip-triton autotune: {e}", file=sys.stderr)
         return 2
