@@ -69,9 +69,17 @@ def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
     return lambda: decode_matmul(kind, pw, h, config, h_order="kernel")
 
 
+TUNED = False  # --tuned: kind and config from the registry (the shipped autotune file), else the heuristic
+
+
 def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, config: dict | None = None,
                 full: bool = True) -> dict:
     m, n = qw.out_features, qw.in_features
+    if kind is None and TUNED:
+        from qtip_triton.registry import lookup_config
+
+        kind, config = lookup_config(qw.spec, m, n, M)
+        config = dict(config)
     kind = kind or kernels.default_kind(qw.spec, m, n, M)
     config = config or kernels.default_config(kind, qw.spec, m, n, M)
     x = torch.randn(M, n, device="cuda").half()
@@ -128,7 +136,8 @@ def markdown(env: dict, rows: list[dict], explore: list[dict]) -> str:
              f"torch {env['torch']}, triton {env['triton']}. Times: median µs of CUDA-graph replays, L2 flushed "
              "before each call. `kernel` = decode-matmul only (gemv/gemm on a pre-transformed input; "
              "decompress + torch.matmul); `linear` = whole forward incl. both Hadamard transforms. "
-             "Ratio = fp16 torch.matmul time / ours (higher is better).", "",
+             "Ratio = fp16 torch.matmul time / ours (higher is better). "
+             f"Configs: {env.get('configs', 'heuristic defaults')}.", "",
              "| out x in | spec | K | M | kind | kernel µs | linear µs | fp16 µs | fp16/kernel | fp16/linear |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -150,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--quick", action="store_true", help="2 shapes, M in {1, 16}, K=2 only")
+    ap.add_argument("--tuned", action="store_true", help="kinds and configs from the registry (autotune file)")
     ap.add_argument("--explore", action="store_true", help="also time alternative configs at a few points")
     ap.add_argument("--shapes", default=None, help="e.g. 8192x8192,28672x8192")
     ap.add_argument("--M", default=None, help="e.g. 1,16,256")
@@ -161,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exl3", default=None,
                     help="EXL3 codes (e.g. mcg,mul1): time L16 V1 exl3-layout weights instead of QTIP's hyb9")
     args = ap.parse_args(argv)
+    global TUNED
+    TUNED = args.tuned
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -173,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes, Ms, Ks = [(8192, 8192), (28672, 8192)], [1, 16], [2]
     t0 = time.time()
     env = environment()
+    env["configs"] = "registry (autotune file)" if TUNED else "heuristic defaults"
     rows: list[dict] = []
     explore: list[dict] = []
     codes = [None] if not args.exl3 else args.exl3.split(",")
