@@ -138,3 +138,22 @@ def test_compile_pool_in_processes():
                          start_method="spawn")
     assert here and set(here) == set(pooled)
     assert all(dict(j.config) == BROKEN_FOR_POOL and "CompilationError" in why for j, why in pooled.items())
+
+
+def test_user_cache_dir_without_platformdirs(monkeypatch):
+    """A checkout used through PYTHONPATH on a bare machine may lack platformdirs: fall back to ~/.cache."""
+    import builtins
+    from pathlib import Path
+
+    from qtip_triton.autotune import lookup
+
+    real_import = builtins.__import__
+
+    def no_platformdirs(name, *args, **kwargs):
+        if name == "platformdirs":
+            raise ImportError("No module named 'platformdirs'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delenv(lookup.CACHE_ENV, raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_platformdirs)
+    assert lookup.user_cache_dir() == Path.home() / ".cache" / "qtip-triton" / "autotune"

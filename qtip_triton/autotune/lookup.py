@@ -27,12 +27,16 @@ def shipped_dir() -> Path:
 
 
 def user_cache_dir() -> Path:
-    """Per-user results: ``$QTIP_TRITON_CACHE_DIR/autotune`` or the platform cache dir."""
+    """Per-user results: ``$QTIP_TRITON_CACHE_DIR/autotune`` or the platform cache dir (``~/.cache``
+    without platformdirs: a checkout used through PYTHONPATH on a bare GPU machine has no dependencies)."""
     base = os.environ.get(CACHE_ENV)
     if not base:
-        import platformdirs
+        try:
+            import platformdirs
 
-        base = platformdirs.user_cache_dir("qtip-triton")
+            base = platformdirs.user_cache_dir("qtip-triton")
+        except ImportError:
+            base = str(Path.home() / ".cache" / "qtip-triton")
     return Path(base) / "autotune"
 
 
