@@ -129,7 +129,7 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
         return out
     tabled = get_code(spec.code).triton_decoder().table == "packed16"
     bms = [b for b in (1, 2, 4, 8, 16) if b <= _next_pow2(M)] if kind == "gemv" else \
-        [b for b in (16, 32, 64, 128) if b <= max(16, _next_pow2(M))]
+        [b for b in (16, 32, 64, 128, 256) if b <= max(16, _next_pow2(M))]
     for bm in bms:
         for bn in (32, 64, 128, 256):
             for bk in (64, 128, 256, 512):
