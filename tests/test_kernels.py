@@ -66,6 +66,7 @@ CASES = [
     ("gemv", 3, {"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "table": "shared32"}),
     ("gemv", 1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2, "table": "shared", "prefetch": 2}),
     ("gemm", 20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
+    ("gemm", 260, {"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}),
     ("decompress", 9, DEC),
 ]
 
