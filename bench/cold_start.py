@@ -465,9 +465,11 @@ def environment(tiny: bool) -> dict[str, Any]:
     except Exception as e:  # report what is known
         env["env_error"] = repr(e)
     try:
-        env["qtip_triton_rev"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                                cwd=ROOT, timeout=10).stdout.strip() or "?"
-    except (OSError, subprocess.SubprocessError):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import source_rev
+
+        env["qtip_triton_rev"] = source_rev()
+    except (OSError, ImportError):
         env["qtip_triton_rev"] = "?"
     return env
 

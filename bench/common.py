@@ -41,6 +41,28 @@ def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, r
     return float(ms) * 1000.0
 
 
+def source_rev() -> str:
+    """Which package source produced a result: ``git describe`` plus a digest of qtip_triton/*.py.
+
+    The digest is what identifies the code: a copied checkout (the GPU machine's) can carry a stale
+    or missing .git, and uncommitted edits change the digest but not the commit.
+    """
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted((root / "qtip_triton").rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=root,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{rev or 'no-git'} src:{h.hexdigest()[:10]}"
+
+
 def card_slug() -> str:
     """Short file-name-safe GPU name, e.g. 'h100-80gb-hbm3'."""
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
@@ -51,7 +73,8 @@ def card_slug() -> str:
 def environment() -> dict[str, str]:
     import triton
 
-    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    env = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+           "qtip_triton_rev": source_rev()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(card=torch.cuda.get_device_name(), sms=str(p.multi_processor_count),

@@ -149,8 +149,10 @@ def environment() -> dict:
     except Exception as e:  # report what is known
         env["env_error"] = repr(e)
     with contextlib.suppress(Exception):
-        env["qtip_triton_rev"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from common import source_rev
+
+        env["qtip_triton_rev"] = source_rev()
     from qtip_triton import dispatch
 
     env["qtip_kernels"] = "triton" if hasattr(dispatch, "prepare") else "reference (no dispatch.prepare)"
