@@ -9,6 +9,8 @@
 #   bash bench/e2e_vllm_device.sh                          # all shapes x fp16,K2,K3,K4, batches 1,8,16
 #   bash bench/e2e_vllm_device.sh --shapes llama3-8b       # any bench/e2e_vllm.py option passes through
 #   QUICK=1 bash bench/e2e_vllm_device.sh                  # first a ~1 min eager plugin check on a tiny model
+#   SCRIPT=bench/e2e_logits.py bash bench/e2e_vllm_device.sh   # another bench script, same setup
+#                                                          # (bench/e2e_logits_device.sh does this)
 #
 # What it does: unpack the bundle into /tmp/site (device_setup.sh), register the qtip plugin's
 # entry point there (a dist-info with entry_points.txt; the package itself is imported from this
@@ -42,7 +44,7 @@ if [ -n "${QUICK:-}" ]; then
     --reps 1 --eager --out "$OUT/quick" || { echo "[e2e_vllm_device] quick check failed"; exit 4; }
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
-timeout -k 10 "$LEFT" python3 bench/e2e_vllm.py --out "$OUT" --budget-s $(( LEFT - 15 )) "$@"
+timeout -k 10 "$LEFT" python3 "${SCRIPT:-bench/e2e_vllm.py}" --out "$OUT" --budget-s $(( LEFT - 15 )) "$@"
 RC=$?
 ls -l "$OUT"
 exit $RC
