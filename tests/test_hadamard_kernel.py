@@ -72,3 +72,20 @@ def test_factor_and_errors():
         transform(torch.zeros(1, 96), 5, transpose=False, interpret=True)
     with pytest.raises(ValueError, match="pre must be"):
         transform(torch.zeros(1, 96), 1, transpose=False, pre=torch.ones(95), interpret=True)
+
+
+@pytest.mark.parametrize("col_split,unroll", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("n,blocks", [(5120, 1), (4096, 2), (2752, 1)])
+def test_small_batch_launch_variants(gen, col_split, unroll, n, blocks):
+    """Column-split grid and unrolled split-K loads give the same transform, partial sums, scales, bias and
+    destination permutation included."""
+    parts = torch.randn(3, 2, n, generator=gen)
+    su, sv, bias = (torch.randn(n, generator=gen) for _ in range(3))
+    dst = torch.randperm(n, generator=gen).to(torch.int32)
+    for transpose in (False, True):
+        y = transform(parts, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
+                      dst=dst, interpret=True, col_split=col_split, unroll_splits=unroll)
+        ref = _reference(parts.double().sum(0) * su.double(), blocks, transpose) * sv.double() + bias.double()
+        placed = torch.empty_like(ref)
+        placed[:, dst.long()] = ref
+        assert _rel(y, placed) < 1e-6

@@ -59,8 +59,16 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  ROWS, COLS, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr, KBLK: tl.constexpr,
                  CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_DST: tl.constexpr, INTERPRET: tl.constexpr):
-    """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS."""
+                 HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, COL_SPLIT: tl.constexpr = False,
+                 NSPLIT: tl.constexpr = 0):
+    """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
+
+    ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
+    spreads over RP/RBLK x CP/CBLK programs instead of RP/RBLK (its A · Z is recomputed per column
+    block: cheap next to a launch that would otherwise run on one or a few SMs). ``NSPLIT`` > 0: the
+    number of split-K partials is a compile-time constant, so their loads are unrolled and in flight
+    together instead of one dependent round trip each.
+    """
     pid = tl.program_id(0)
     token = pid // blocks
     blk = pid % blocks
@@ -74,13 +82,18 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         idx = ki[:, None] * COLS + j[None, :]
         msk = (ki < ROWS)[:, None] & (j < COLS)[None, :]
         z = tl.zeros([KBLK, CP], dtype=tl.float32)
-        for s in range(nsplit):
-            z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
+        if NSPLIT > 0:
+            for s in tl.static_range(NSPLIT):
+                z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
+        else:
+            for s in range(nsplit):
+                z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
         if HAS_PRE:
             z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
         acc = _split_dot(a, z, acc, INTERPRET)
-    for c0 in tl.static_range(0, CP, CBLK):  # stage 2 by column blocks: B never sits whole in registers
+    for c_blk in tl.static_range(0, 1 if COL_SPLIT else CP // CBLK):  # stage 2 by column blocks
+        c0 = tl.program_id(2) * CBLK if COL_SPLIT else c_blk * CBLK
         jc = c0 + tl.arange(0, CBLK)
         b = tl.load(B + j[:, None] * CP + jc[None, :])
         out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
@@ -196,12 +209,16 @@ def transform(
     out_dtype: torch.dtype | None = None,
     dst: torch.Tensor | None = None,
     interpret: bool = False,
+    col_split: bool | None = None,
+    unroll_splits: bool = False,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
     Returns (T, n) in ``out_dtype`` (default x's dtype): ``post ⊙ (M z) + bias`` with
     ``M = M_nbᵀ`` if ``transpose`` else ``M_nb``, ``z = pre ⊙ Σ_s x[s]``, ``nb = n / blocks``.
     ``dst`` (int32 (n,), a permutation) stores column j of each row at position ``dst[j]`` instead.
+    ``col_split`` / ``unroll_splits``: launch variants for few tokens (see ``_had2_kernel``), off by
+    default until timed on the GPU (``bench/hadamard.py``).
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -243,9 +260,13 @@ def transform(
     rp = a.shape[0]
     rblk = min(rp, 32)
     kblk = min(rp, 32)
-    grid = (T * blocks, rp // rblk)
+    cblk = min(cp, 32)
+    if col_split is None:
+        col_split = False  # the measured default; see bench/hadamard.py for the small-batch variant
+    grid = (T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
+    nsplit_c = S if (unroll_splits and S <= 16) else 0
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=min(cp, 32), num_warps=4,
-                       **args)
+                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
+                       COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **args)
     return y

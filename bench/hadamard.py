@@ -1,0 +1,83 @@
+"""Hadamard transform launch variants at the batch sizes of decoding (GPU).
+
+The two transforms of a layer's forward cost 20-30 µs at M = 1 whatever the layer's size (run 5,
+``bench/NOTES.md``): one token's transform runs on one to eight programs. This times, for Llama
+feature sizes and a few token counts, the default launch against the small-batch variants of
+``qtip_triton.kernels.hadamard.transform`` (``col_split``: one program per column block as well;
+``unroll_splits``: split-K partial loads unrolled), as the input transform (one fp16 input, SU,
+kernel-order destination) and as the output transform (SPLIT_K fp32 partials summed, SV, fp16 out).
+CUDA-graph replay with L2 flushed (bench/common.py). Writes ``<out>/<card>-<date>-hadamard.{json,md}``.
+
+    python bench/hadamard.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, time_us, write_results  # noqa: E402
+
+from qtip_triton.kernels.hadamard import transform  # noqa: E402
+
+VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_splits": True},
+            "both": {"col_split": True, "unroll_splits": True}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", default="4096,11008,8192,14336,28672", help="feature sizes")
+    ap.add_argument("--T", default="1,4,16,256", help="token counts")
+    ap.add_argument("--splits", type=int, default=4, help="split-K partials summed by the output transform")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/hadamard.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for n, T in itertools.product([int(v) for v in a.n.split(",")], [int(v) for v in a.T.split(",")]):
+        su, sv = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        dst = torch.randperm(n, device="cuda").to(torch.int32)
+        x = torch.randn(T, n, device="cuda").half()
+        parts = torch.randn(a.splits, T, n, device="cuda")
+        cases = {
+            "input": lambda kw, x=x, su=su, dst=dst: transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32,
+                                                               dst=dst, **kw),
+            "output": lambda kw, p=parts, sv=sv: transform(p, 1, transpose=False, post=sv, out_dtype=torch.float16,
+                                                           **kw),
+        }
+        for which, fn in cases.items():
+            ref = fn({})
+            rec = {"n": n, "T": T, "transform": which}
+            for name, kw in VARIANTS.items():
+                try:
+                    out = fn(kw)
+                    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                    rec[name] = time_us(lambda fn=fn, kw=kw: fn(kw)) if err < 1e-3 else float("nan")
+                    rec[f"{name}_err"] = err
+                except Exception as e:  # a failing variant is a result
+                    rec[name] = float("nan")
+                    rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            rows.append(rec)
+            print(f"n={n} T={T} {which}: " + ", ".join(f"{k} {rec[k]:.1f} us" for k in VARIANTS), flush=True)
+    env = environment()
+    lines = [f"# Hadamard transform launch variants — {env.get('card', '?')}", "",
+             "Median µs of CUDA-graph replays, L2 flushed. input: fp16 x, SU, kernel-order destination; "
+             f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out.", "",
+             "| n | T | transform | " + " | ".join(VARIANTS) + " |", "|---|---|---|" + "---|" * len(VARIANTS)]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['T']} | {r['transform']} | " + " | ".join(f"{r[k]:.1f}" for k in VARIANTS) + " |")
+    jp, mp = write_results(a.out, "hadamard", {"env": env, "rows": rows}, "\n".join(lines) + "\n")
+    print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
