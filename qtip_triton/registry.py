@@ -30,17 +30,18 @@ from typing import Any
 
 import torch
 
-from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, row_class, warm_rows
+from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, buckets_upto, row_class, warm_rows
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_device, current_versions
 from qtip_triton.autotune.kernel_api import KernelAPI, KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
 from qtip_triton.autotune.space import check_config
-from qtip_triton.autotune.store import AutotuneWarning
+from qtip_triton.autotune.store import AutotuneWarning, Entry
 from qtip_triton.spec import TrellisSpec
 from qtip_triton.weight import QuantizedWeight
 
 DISABLE_ENV = "QTIP_TRITON_DISABLED_KERNELS"
 REFERENCE = "reference"
+HEURISTIC = "heuristic default"  # Selection.source of a bucket with no usable stored entry
 
 
 def disabled_from_env() -> frozenset[str]:
@@ -228,25 +229,31 @@ class Registry:
                 self._memo[key] = sel
         return sel
 
+    def rejection(self, entry: Entry, req: Request) -> str | None:
+        """Why a stored entry cannot serve ``req`` (its kernel is unknown, disabled or cannot run it, or the
+        config is not in that kernel's space for this shape and M bucket); None if it can."""
+        kernel = self.kernel(entry.kind)
+        if kernel is None or not self._usable(kernel, req):
+            if kernel is None:
+                why = f"is not one of the kernels here ({', '.join(k.name for k in self.kernels)})"
+            elif kernel.name in self.disabled:
+                why = f"is disabled by {DISABLE_ENV}"
+            else:
+                why = f"cannot run it: {kernel.can_implement(req)[1]}"
+            return f"kernel {entry.kind!r} {why}"
+        ok, reason = kernel.check_config(req, entry.config)
+        return None if ok else reason or "config rejected"
+
     def _select(self, req: Request) -> Selection:
         rejected: list[str] = []
         if self.store is not None:
             for entry, label in self.store.candidates(req.spec.name, req.out_features, req.in_features, req.M):
-                kernel = self.kernel(entry.kind)
-                if kernel is None or not self._usable(kernel, req):
-                    if kernel is None:
-                        why = f"is not one of the kernels here ({', '.join(k.name for k in self.kernels)})"
-                    elif kernel.name in self.disabled:
-                        why = f"is disabled by {DISABLE_ENV}"
-                    else:
-                        why = f"cannot run it: {kernel.can_implement(req)[1]}"
-                    rejected.append(f"{label} M<={entry.key.m_bucket}: kernel {entry.kind!r} {why}")
+                why = self.rejection(entry, req)
+                if why is not None:
+                    rejected.append(f"{label} M<={entry.key.m_bucket}: {why}")
                     continue
-                ok, reason = kernel.check_config(req, entry.config)
-                if not ok:
-                    rejected.append(f"{label} M<={entry.key.m_bucket}: {reason}")
-                    continue
-                return Selection(kernel, MappingProxyType(dict(entry.config)), f"{label} (M<={entry.key.m_bucket})")
+                return Selection(self.kernel(entry.kind), MappingProxyType(dict(entry.config)),
+                                 f"{label} (M<={entry.key.m_bucket})")
         return self._default(req, rejected)
 
     def _default(self, req: Request, rejected: list[str]) -> Selection:
@@ -269,7 +276,7 @@ class Registry:
             else:
                 self._warn_once(self.store.missing_message(req.spec.name, req.out_features, req.in_features,
                                                            [req.bucket], "; ".join(rejected)))
-        return Selection(kernel, MappingProxyType(kernel.default_config(req)), "heuristic default")
+        return Selection(kernel, MappingProxyType(kernel.default_config(req)), HEURISTIC)
 
     def lookup_config(self, spec: TrellisSpec, out_features: int, in_features: int, M: int) -> tuple[str, Mapping[str, Any]]:
         """The hook for ``dispatch.linear``: ``(kind, config)`` to launch; a dict hit once the layer is prepared."""
@@ -291,35 +298,53 @@ class Registry:
         if self.api is not None and any(isinstance(k, TritonKernel) for k in self.kernels):
             prepared = self.api.prepare(qw)
             layer = qw if prepared is None else prepared
+        plan = self.plan(qw.spec, qw.out_features, qw.in_features, max_m)
+        if warm:
+            device = qw.trellis.device
+            for _, sel, rows in self.launches(plan):
+                for dtype in dtypes:
+                    wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
+                            row_class(rows), dtype, bias)
+                    if wkey in self._warm:
+                        continue
+                    x = torch.randn(rows, qw.in_features, device=device).to(dtype)
+                    b = torch.zeros(qw.out_features, device=device, dtype=dtype) if bias else None
+                    sel(x, layer, b)
+                    self._warm.add(wkey)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return PreparedLinear(layer, qw, plan)
+
+    def plan(self, spec: TrellisSpec, out_features: int, in_features: int,
+             max_m: int = M_BUCKETS[-1]) -> dict[int, Selection]:
+        """``{bucket: selection}`` for every M bucket up to ``max_m`` of one layer: what :meth:`prepare`
+        warms and ``qtip-triton precompile`` compiles. Buckets with no usable entry of their own take a
+        neighbour's (nearest first) or the heuristic default; one warning per layer lists those that
+        fell back to the default."""
         self._pending = []
         try:
-            plan = {b: self.select(qw.spec, qw.out_features, qw.in_features, b) for b in M_BUCKETS
-                    if b <= bucket_for(max_m)}
+            plan = {b: self.select(spec, out_features, in_features, b) for b in buckets_upto(max_m)}
             missing, self._pending = self._pending, None
         finally:
             self._pending = None
         if missing and self.store is not None:
             reasons = sorted({r for _, rs in missing for r in rs})
-            self._warn_once(self.store.missing_message(qw.spec.name, qw.out_features, qw.in_features,
+            self._warn_once(self.store.missing_message(spec.name, out_features, in_features,
                                                        [b for b, _ in missing], "; ".join(reasons)))
-        if warm:
-            device = qw.trellis.device
-            for bucket, sel in plan.items():
-                if sel.kind == REFERENCE:
-                    continue
-                for rows in warm_rows(bucket):
-                    for dtype in dtypes:
-                        wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
-                                row_class(rows), dtype, bias)
-                        if wkey in self._warm:
-                            continue
-                        x = torch.randn(rows, qw.in_features, device=device).to(dtype)
-                        b = torch.zeros(qw.out_features, device=device, dtype=dtype) if bias else None
-                        sel(x, layer, b)
-                        self._warm.add(wkey)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        return PreparedLinear(layer, qw, plan)
+        return plan
+
+    @staticmethod
+    def launches(plan: Mapping[int, Selection]) -> list[tuple[int, Selection, int]]:
+        """``(bucket, selection, rows)`` of every launch that reaches a compiled variant of ``plan``.
+
+        Triton compiles a separate binary per class of an integer argument (``== 1``, a multiple of 16,
+        other: :func:`~qtip_triton.autotune.buckets.row_class`), so each bucket's selection is launched
+        at one row count of every class the bucket spans (:func:`~qtip_triton.autotune.buckets.warm_rows`);
+        a selection borrowed from another bucket is launched at *this* bucket's rows. The reference
+        kernel compiles nothing and is left out. The one list both :meth:`prepare` (warming) and
+        ``precompile`` (filling Triton's cache) follow.
+        """
+        return [(b, sel, rows) for b, sel in plan.items() if sel.kind != REFERENCE for rows in warm_rows(b)]
 
 
 # ------------------------------------------------------------------------------------------ default instance

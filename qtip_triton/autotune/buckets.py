@@ -31,6 +31,13 @@ def bucket_for(M: int) -> int:
     return min(1 << (M - 1).bit_length(), MAX_BUCKET)
 
 
+def buckets_upto(max_m: int) -> tuple[int, ...]:
+    """Every bucket a batch of at most ``max_m`` rows can land in: 1, 2, 4, ... up to ``bucket_for(max_m)``
+    (what ``Registry.prepare(max_m=...)`` selects and warms; ``max_m`` above 4096 means every bucket)."""
+    top = bucket_for(max_m)
+    return tuple(b for b in M_BUCKETS if b <= top)
+
+
 def nearest_buckets(M: int, available: Iterable[int]) -> list[int]:
     """``available`` buckets ordered from nearest to farthest from ``bucket_for(M)`` (log2 distance).
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -60,6 +60,16 @@ class ConfigStore:
         self.shipped = shipped_dir() if shipped is None else Path(shipped)
         self._sources: list[tuple[str, TuneFile]] | None = None
         self._warned: set[str] = set()
+
+    @classmethod
+    def of_files(cls, device: DeviceInfo, versions: SoftwareVersions,
+                 files: Iterable[tuple[str, TuneFile]]) -> ConfigStore:
+        """A store answering from ``(label, file)`` pairs alone, in that order: no user cache, no shipped
+        folder, no header checks (the caller chose the files). ``qtip-triton precompile`` asks the
+        registry with one of these per file, so it compiles what that file makes the registry launch."""
+        store = cls(device, versions, user_dir=Path(os.devnull), shipped=Path(os.devnull))
+        store._sources = list(files)
+        return store
 
     def warn_once(self, message: str) -> None:
         if message not in self._warned:
