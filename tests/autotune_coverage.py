@@ -6,9 +6,9 @@ only if every kernel variant prepare() launches was precompiled. A variant is wh
 separately for one layer: (kind, spec, config, row class of M, shape).
 
 prepare(max_m) looks up *every* bucket up to max_m; a bucket missing from the tuned file borrows a
-neighbour's config at row counts the neighbour's precompile never launched (bucket 2 runs bucket 1's
-config at M=2, a row class bucket 1 never sees): that is the JIT the GPU test used to hit. Tuning
-exactly the buckets prepare() looks up closes it.
+neighbour's config at row counts the neighbour never sees (bucket 2 runs bucket 1's config at M=2, a
+row class bucket 1 never sees). precompile asks the registry for the same plan (``Registry.plan`` /
+``Registry.launches``), so it compiles those borrowed launches too.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, row_class, warm_rows
-from qtip_triton.autotune.cmd_precompile import jobs_for
+from qtip_triton.autotune.buckets import buckets_upto, row_class, warm_rows
+from qtip_triton.autotune.cmd_precompile import DEFAULT_MAX_M, jobs_for
 from qtip_triton.autotune.kernel_api import config_key
 from qtip_triton.autotune.store import TuneFile
 
 Variant = tuple[str, str, tuple, str, tuple[int, int]]
 
-
-def buckets_upto(max_m: int) -> tuple[int, ...]:
-    """The M buckets ``prepare(max_m=...)`` selects and warms."""
-    return tuple(b for b in M_BUCKETS if b <= bucket_for(max_m))
+__all__ = ["Variant", "buckets_upto", "file_plan", "job_variant", "precompile_variants", "prepare_variants"]
 
 
 def prepare_variants(spec: str, shape: tuple[int, int], plan: Mapping[int, tuple[str, Mapping[str, Any]]]) -> set[Variant]:
@@ -35,10 +32,15 @@ def prepare_variants(spec: str, shape: tuple[int, int], plan: Mapping[int, tuple
             for bucket, (kind, config) in plan.items() if kind != "reference" for rows in warm_rows(bucket)}
 
 
-def precompile_variants(files: Iterable[TuneFile], api) -> set[Variant]:
-    """Variants ``qtip-triton precompile --file ...`` compiles for these files (what it launches)."""
-    jobs, _ = jobs_for(list(files), api)
-    return {(j.kind, j.spec, j.config, row_class(j.M), (j.out_features, j.in_features)) for j in jobs}
+def job_variant(job) -> Variant:
+    """The variant a compile job (or anything with the same fields) builds."""
+    return job.kind, job.spec, job.config, row_class(job.M), (job.out_features, job.in_features)
+
+
+def precompile_variants(files: Iterable[TuneFile], api, max_m: int = DEFAULT_MAX_M) -> set[Variant]:
+    """Variants ``qtip-triton precompile --file ... --max-m max_m`` compiles for these files (what it launches)."""
+    jobs, _ = jobs_for(list(files), api, max_m=max_m)
+    return {job_variant(j) for j in jobs}
 
 
 def file_plan(tf: TuneFile, spec: str, shape: tuple[int, int]) -> dict[int, tuple[str, dict[str, Any]]]:

@@ -24,6 +24,7 @@ class FakeAPI:
         self.fast = {config_key(c) for c in fast}
         self.seed = seed
         self.launches: Counter = Counter()
+        self.log: list[tuple] = []  # every launch: (kind, spec name, out_features, in_features, config_key, M)
         self.calls: Counter = Counter()
         self.last = None
 
@@ -69,6 +70,7 @@ class FakeAPI:
         key = config_key(config)
         self.launches[(kind, key)] += 1
         qw = prepared.qw
+        self.log.append((kind, qw.spec.name, qw.out_features, qw.in_features, key, x.shape[0]))
         self.last = (kind, dict(config), qw.spec.name, qw.out_features, qw.in_features, x.shape[0])
         if key in self.broken:
             raise CompilationError("out of resources: shared memory")

@@ -1,7 +1,8 @@
 """Triton's binary cache: fill it ahead of time, and move it between identical machines.
 
 A fresh serving process should load compiled kernels, not JIT them. ``precompile`` compiles every
-entry of a tuned file into Triton's on-disk cache; ``export`` packs that cache with a manifest of
+kernel variant the registry launches for a tuned file's layers (up to ``--max-m`` rows) into Triton's
+on-disk cache; ``export`` packs that cache with a manifest of
 the machine (GPU, Triton, torch, CUDA, package versions); ``import`` unpacks it only where the
 manifest matches this machine exactly: a binary for another GPU or compiler is refused with the
 reason, never silently loaded.
