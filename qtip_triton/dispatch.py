@@ -36,6 +36,14 @@ def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | 
     return y.to(x.dtype)
 
 
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The reference paths compute y whole; copy it into ``out`` when one was given."""
+    if out is None:
+        return y
+    out.copy_(y.reshape(out.shape))
+    return y
+
+
 def prepare(qw: QuantizedWeight):
     """Load-time repack for the kernels (no-op where they cannot run); returns the prepared weight or None."""
     from qtip_triton import kernels
@@ -66,11 +74,14 @@ def linear(
     *,
     kind: str | None = None,
     config: Mapping[str, Any] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x · W_effᵀ (+ bias) over the last dim of x (any leading shape), in x's dtype.
 
     ``kind`` ("gemv", "gemm", "decompress" or "reference") and ``config`` force a path; by default
-    it is chosen per batch size (see the module docstring).
+    it is chosen per batch size (see the module docstring). ``out``: a (rows of x, out_features) view
+    with unit column stride, in x's dtype, to write y into (a fused layer writes each shard into its
+    columns of one output instead of concatenating); the result is returned as well.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -82,8 +93,15 @@ def linear(
         raise ValueError(f"x must be floating point, got {x.dtype}")
     if bias is not None and tuple(bias.shape) != (qw.out_features,):
         raise ValueError(f"bias must have shape ({qw.out_features},), got {tuple(bias.shape)}")
+    if out is not None:
+        rows = x.numel() // qw.in_features
+        if (not isinstance(out, torch.Tensor) or out.shape != (rows, qw.out_features) or out.dtype != x.dtype
+                or out.device != x.device or out.stride(-1) != 1):
+            got = f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"out must be a ({rows}, {qw.out_features}) {x.dtype} view with unit column stride "
+                             f"on {x.device}, got {got}")
     if kind == REFERENCE:
-        return reference_linear(x, qw, bias)
+        return _into(reference_linear(x, qw, bias), out)
     from qtip_triton import kernels
 
     if kind is not None and kind not in kernels.KINDS:
@@ -91,18 +109,18 @@ def linear(
     if x.dtype not in _KERNEL_DTYPES:
         if kind is not None:
             raise ValueError(f"kernel {kind!r} takes float16 or bfloat16 activations, got {x.dtype}")
-        return reference_linear(x, qw, bias)
+        return _into(reference_linear(x, qw, bias), out)
     ok, why = kernels.kernels_available(x.device)
     if not ok:
         if kind is not None:
             raise RuntimeError(f"kernel {kind!r} was requested but cannot run on {x.device}: {why}")
-        return reference_linear(x, qw, bias)
+        return _into(reference_linear(x, qw, bias), out)
     M = max(1, x.numel() // qw.in_features)
     if kind is None:
         kind, chosen = _select(qw, M)
         if kind == REFERENCE:
-            return reference_linear(x, qw, bias)
+            return _into(reference_linear(x, qw, bias), out)
         config = chosen if config is None else config
     elif config is None:
         config = kernels.default_config(kind, qw.spec, qw.out_features, qw.in_features, M)
-    return kernels.launch(kind, x, qw, config, bias)
+    return kernels.launch(kind, x, qw, config, bias, out=out)

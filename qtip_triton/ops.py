@@ -284,7 +284,13 @@ def _qtip_linear_impl(
         )
     if len(shards) == 1:
         return dispatch.linear(x, shards[0], bias)
-    y = torch.cat([dispatch.linear(x, qw) for qw in shards], dim=-1)
+    # each shard's output transform writes its own columns of one output: no concatenation launch
+    y = x.new_empty(*x.shape[:-1], sum(out_features))
+    flat = y.view(-1, y.shape[-1])
+    col = 0
+    for qw in shards:
+        dispatch.linear(x, qw, out=flat[:, col:col + qw.out_features])
+        col += qw.out_features
     return y if bias is None else y + bias.to(y.dtype)
 
 

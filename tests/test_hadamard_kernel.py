@@ -74,9 +74,11 @@ def test_factor_and_errors():
         transform(torch.zeros(1, 96), 1, transpose=False, pre=torch.ones(95), interpret=True)
 
 
-@pytest.mark.parametrize("col_split,unroll", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("col_split,unroll,rblk,cblk", [(True, False, None, None), (False, True, None, None),
+                                                        (True, True, None, None), (True, True, 16, 16),
+                                                        (False, False, 16, 64)])
 @pytest.mark.parametrize("n,blocks", [(5120, 1), (4096, 2), (2752, 1)])
-def test_small_batch_launch_variants(gen, col_split, unroll, n, blocks):
+def test_small_batch_launch_variants(gen, col_split, unroll, rblk, cblk, n, blocks):
     """Column-split grid and unrolled split-K loads give the same transform, partial sums, scales, bias and
     destination permutation included."""
     parts = torch.randn(3, 2, n, generator=gen)
@@ -84,8 +86,27 @@ def test_small_batch_launch_variants(gen, col_split, unroll, n, blocks):
     dst = torch.randperm(n, generator=gen).to(torch.int32)
     for transpose in (False, True):
         y = transform(parts, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
-                      dst=dst, interpret=True, col_split=col_split, unroll_splits=unroll)
+                      dst=dst, interpret=True, col_split=col_split, unroll_splits=unroll, rblk=rblk, cblk=cblk)
         ref = _reference(parts.double().sum(0) * su.double(), blocks, transpose) * sv.double() + bias.double()
         placed = torch.empty_like(ref)
         placed[:, dst.long()] = ref
         assert _rel(y, placed) < 1e-6
+
+
+def test_writes_into_a_strided_out_view(gen):
+    """``out``: one shard's columns of a wider output (fused layers need no concatenation); the other
+    columns are left alone."""
+    parts = torch.randn(2, 3, 1024, generator=gen)
+    sv = torch.randn(1024, generator=gen)
+    wide = torch.full((3, 1024 + 512), 7.0)
+    y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, interpret=True, out=wide[:, 256:1280])
+    assert y.data_ptr() == wide[:, 256:].data_ptr()
+    ref = _reference(parts.double().sum(0), 1, False) * sv.double()
+    assert _rel(wide[:, 256:1280], ref) < 1e-6
+    assert (wide[:, :256] == 7).all() and (wide[:, 1280:] == 7).all()
+    with pytest.raises(ValueError, match="out must be"):
+        transform(parts, 1, transpose=False, interpret=True, out=wide[:, :1000])
+    with pytest.raises(ValueError, match="out is torch.float32"):
+        transform(parts, 1, transpose=False, interpret=True, out=wide[:, :1024], out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="rblk must be a power of two"):
+        transform(parts, 1, transpose=False, interpret=True, rblk=24)

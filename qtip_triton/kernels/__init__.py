@@ -79,13 +79,14 @@ def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind
                               interpret=interpreting())
 
 
-def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     if bias is not None:
         if bias.shape != (pw.out_features,):
             raise ValueError(f"bias must have shape ({pw.out_features},), got {tuple(bias.shape)}")
         bias = bias.to(device=parts.device).contiguous()
     return hadamard.transform(parts, pw.blocks_out, transpose=False, post=pw.SV, bias=bias, out_dtype=dtype,
-                              interpret=interpreting())
+                              interpret=interpreting(), out=out)
 
 
 def launch(
@@ -94,8 +95,13 @@ def launch(
     qw: QuantizedWeight | PreparedWeight,
     config: Mapping[str, Any],
     bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x · W_effᵀ (+ bias) with kernel ``kind`` and an explicit ``config``; y in x's dtype."""
+    """y = x · W_effᵀ (+ bias) with kernel ``kind`` and an explicit ``config``; y in x's dtype.
+
+    ``out``: a (rows of x, out_features) view in x's dtype that the output transform writes into (a
+    fused layer's shard columns), returned reshaped to x's leading shape.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     pw = prepare(qw)
@@ -121,5 +127,5 @@ def launch(
         parts = torch.matmul(h, w.t()).unsqueeze(0)
     else:
         parts = decode_matmul(kind, pw, h, config, h_order="kernel")
-    y = _transform_out(pw, parts, bias, x.dtype)
+    y = _transform_out(pw, parts, bias, x.dtype, out)
     return y.reshape(*lead, pw.out_features)

@@ -211,14 +211,20 @@ def transform(
     interpret: bool = False,
     col_split: bool | None = None,
     unroll_splits: bool = False,
+    rblk: int | None = None,
+    cblk: int | None = None,
+    num_warps: int = 4,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
     Returns (T, n) in ``out_dtype`` (default x's dtype): ``post ⊙ (M z) + bias`` with
     ``M = M_nbᵀ`` if ``transpose`` else ``M_nb``, ``z = pre ⊙ Σ_s x[s]``, ``nb = n / blocks``.
     ``dst`` (int32 (n,), a permutation) stores column j of each row at position ``dst[j]`` instead.
-    ``col_split`` / ``unroll_splits``: launch variants for few tokens (see ``_had2_kernel``), off by
-    default until timed on the GPU (``bench/hadamard.py``).
+    ``col_split`` / ``unroll_splits`` / ``rblk`` / ``cblk`` / ``num_warps``: launch variants for few
+    tokens (see ``_had2_kernel``; row and column block sizes are powers of two >= 16), timed on the GPU by
+    ``bench/hadamard.py``. ``out``: a (T, n) view to write into (e.g. one shard's columns of a fused
+    layer's output, so no concatenation follows); its rows may be strided, its columns must not.
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -238,7 +244,18 @@ def transform(
     for name, v in (("pre", pre), ("post", post), ("bias", bias)):
         if v is not None and (v.shape != (n,) or not v.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
-    y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
+    if out is not None:
+        if out.shape != (T, n) or out.stride(1) != 1 or out.device != x.device:
+            raise ValueError(f"out must be a ({T}, {n}) view with unit column stride on {x.device}, "
+                             f"got {tuple(out.shape)} strides {out.stride()} on {out.device}")
+        if out_dtype is not None and out.dtype != out_dtype:
+            raise ValueError(f"out is {out.dtype} but out_dtype={out_dtype}")
+        y = out
+    else:
+        y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
+    for name, v in (("rblk", rblk), ("cblk", cblk)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     if T == 0:
         return y
     a, b = _matrices(nb, transpose, x.device)
@@ -258,15 +275,15 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    rblk = min(rp, 32)
+    rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
-    cblk = min(cp, 32)
+    cblk = min(cp, cblk or 32)
     if col_split is None:
         col_split = False  # the measured default; see bench/hadamard.py for the small-batch variant
     grid = (T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
     nsplit_c = S if (unroll_splits and S <= 16) else 0
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
+                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=num_warps,
                        COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **args)
     return y

@@ -1,9 +1,10 @@
 """Kernel speed of a spec vs fp16 on one layer shape (CUDA only; the sweep's optional columns).
 
 The trellis bits do not change the work a kernel does, so the timed weight is random (valid by
-construction: any stream words are a tail-biting trellis) and costs no encoding. Times are
-``triton.testing.do_bench`` medians (it flushes L2 between repetitions), fp16 ``torch.matmul`` on
-the same shape in the same process, as PERF.md asks.
+construction: any stream words are a tail-biting trellis) and costs no encoding. Each call (the
+whole forward: transforms and decode kernel) is captured in a CUDA graph and its replays timed with
+L2 flushed, medians, the autotuner's timer: uncaptured, a small layer's time is the host's Python
+dispatch, not the GPU's. fp16 ``torch.matmul`` on the same shape, same process, same timer.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ def random_weight(spec: TrellisSpec, m: int, n: int, layout: str, device: str = 
 
 def time_linear(qw: QuantizedWeight, Ms: tuple[int, ...] = (1, 16)) -> dict[str, float]:
     """{'t{M}_us', 'fp16_{M}_us', 'speedup_{M}'} for each M: qtip_triton.linear vs fp16 torch.matmul."""
-    import triton.testing
-
     from qtip_triton import linear
+    from qtip_triton.autotune.tuner import graph_flush_timer
+
+    bench = graph_flush_timer(warmup_ms=5.0, rep_ms=25.0)
 
     out: dict[str, float] = {}
     dev = qw.device
@@ -44,7 +46,7 @@ def time_linear(qw: QuantizedWeight, Ms: tuple[int, ...] = (1, 16)) -> dict[str,
     for M in Ms:
         x = torch.randn(M, qw.in_features, device=dev, dtype=torch.float16)
         linear(x, qw)  # compile / warm before timing
-        t = triton.testing.do_bench(lambda x=x: linear(x, qw), return_mode="median") * 1e3
-        ref = triton.testing.do_bench(lambda x=x: torch.matmul(x, w16.t()), return_mode="median") * 1e3
+        t = bench(lambda x=x: linear(x, qw))
+        ref = bench(lambda x=x: torch.matmul(x, w16.t()))
         out[f"t{M}_us"], out[f"fp16_{M}_us"], out[f"speedup_{M}"] = t, ref, ref / t
     return out

@@ -1,0 +1,41 @@
+#!/bin/bash
+# Regenerate what is specific to one GPU model in a single ~9-minute run on that GPU:
+#   1. the autotune file for the whole shipped set (qtip-triton autotune --gpu $GPU), installed into
+#      autotune_configs/$GPU.yaml of this checkout so the steps after it use it;
+#   2. bench/hadamard.py (transform launch variants at decoding batch sizes);
+#   3. bench/cold_start.py with that tuned file (precompile -> export -> import -> fresh process, and
+#      the cold-JIT figure beside it).
+# Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
+# results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
+#
+#   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh
+set -u
+cd "$(dirname "$0")/.." || exit 2
+GPU=${GPU:?set GPU, e.g. h200}
+OUT=${OUT:?set OUT}
+TUNE_MIN=${TUNE_MIN:-5}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+WORK="$OUT/work"
+mkdir -p "$WORK"
+LOG="$OUT/refresh.log"
+step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+finish() { tar cf "$OUT/results.tar" -C "$WORK" . && rm -rf "$WORK"; }
+trap finish EXIT
+step "device"; nvidia-smi -L >>"$LOG" 2>&1; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >>"$LOG" 2>&1
+step "autotune $GPU (max $TUNE_MIN min)"
+timeout -k 10 $(( TUNE_MIN * 60 + 60 )) python3 -m qtip_triton autotune --gpu "$GPU" --max-minutes "$TUNE_MIN" \
+  --out "$OUT/$GPU.yaml" --no-progress >>"$LOG" 2>&1
+echo "rc=$?" >>"$LOG"
+if [ -s "$OUT/$GPU.yaml" ]; then
+  rm -f "autotune_configs/$GPU.yaml"; cp "$OUT/$GPU.yaml" "autotune_configs/$GPU.yaml"
+fi
+step "hadamard variants"
+timeout -k 10 "${HAD_S:-100}" python3 bench/hadamard.py --out "$WORK" >>"$LOG" 2>&1
+echo "rc=$?" >>"$LOG"
+step "cold start"
+if [ -s "autotune_configs/$GPU.yaml" ]; then
+  timeout -k 10 "${COLD_S:-150}" python3 bench/cold_start.py --file "autotune_configs/$GPU.yaml" --out "$WORK" \
+    --budget-s $(( ${COLD_S:-150} - 10 )) --cold-budget-s 40 >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+step "done"
