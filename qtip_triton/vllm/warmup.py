@@ -17,6 +17,15 @@ Only on CUDA: on the CPU (the Triton interpreter included) nothing is compiled a
 is skipped; so are activation dtypes the kernels do not take (the reference path serves them).
 ``QTIP_TRITON_NO_WARMUP=1`` turns it off (faster start, JIT on first use); so does
 ``QTIP_TRITON_NO_REGISTRY=1``, since the forward then bypasses the registry it would warm.
+
+Compiling is the slow part and is single-threaded, so before the serial ``prepare`` the variants a
+layer will launch are compiled in parallel worker processes into Triton's disk cache
+(:func:`qtip_triton.autotune.warmup_pool.compile_ahead`: the ``precompile`` pool, started through a
+``subprocess`` driver because vLLM's engine and worker processes are daemonic and may not have
+``multiprocessing`` children); ``prepare`` then only loads and launches. Each distinct layer is
+compiled once per process, so the later decoder layers cost nothing. ``QTIP_TRITON_WARMUP_JOBS``
+sets the worker count (``1``: the serial path only); if the pool cannot run, one warning says so and
+the warm-up is serial, as before.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 import torch
 
 from qtip_triton import dispatch, registry
+from qtip_triton.autotune import warmup_pool
 from qtip_triton.vllm import compat
 
 NO_WARMUP_ENV = "QTIP_TRITON_NO_WARMUP"  # "1": skip the load-time warm-up
@@ -67,6 +77,33 @@ def _log(message: str, *args) -> None:
     getattr(log, "info_once", log.info)(message, *args)
 
 
+def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, prefix: str = "") -> int | None:
+    """Compile the variants the serial warm-up will launch in the compile pool first (see
+    :mod:`qtip_triton.autotune.warmup_pool`); returns how many were compiled, None if the pool was not
+    used. Never raises: a pool that cannot run logs one warning and the warm-up stays serial."""
+    workers, problem = warmup_pool.warmup_workers()
+    if problem:
+        _log("qtip: %s", problem)
+    try:
+        result = warmup_pool.compile_ahead(shards, dtype, bias=bias, max_m=max_m, workers=workers)
+    except Exception as e:  # PoolUnavailable, or a planning error: prepare() does it all, serially, as before
+        warmup_pool.disable(f"{type(e).__name__}: {e}")  # one warning, not one per layer
+        compat.logger().warning("qtip: parallel kernel compile unavailable (%s); compiling the kernels serially "
+                                "(set %s=1 to skip trying)", e, warmup_pool.JOBS_ENV)
+        return None
+    if result is None:
+        return None
+    if result.cached:
+        compat.logger().info("qtip: %d kernel variants of %s were compiled by an earlier run (Triton's disk cache)",
+                             result.cached, prefix or "a layer")
+    if result.compiled or result.failed:
+        compat.logger().info("qtip: compiled %d kernel variants of %s in parallel (%d worker processes) in %.1f s%s",
+                             result.compiled, prefix or "a layer", result.workers, result.seconds,
+                             f"; {result.failed} failed and compile on first use" if result.failed else
+                             "" if result.complete else "; stopped at the time limit, the rest compile serially")
+    return result.compiled
+
+
 def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str = "") -> int | None:
     """Prepare (select, compile, launch once) every kernel of a packed layer's shards for M up to the
     engine's largest batch. Returns that M, or None when skipped (see the module docstring).
@@ -87,9 +124,11 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
     max_m, source = engine_max_m()
     _log("qtip: warming the kernels of every layer for M up to %d (%s)", max_m, source)
     t0 = time.perf_counter()
+    bias = bias and len(shards) == 1
+    compile_in_parallel(shards, dtype, bias=bias, max_m=max_m, prefix=prefix)
     for qw in shards:
         try:
-            registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias and len(shards) == 1)
+            registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias)
         except Exception as e:  # best effort: the same launch fails (or compiles) on first use, as without it
             compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
                                     prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,

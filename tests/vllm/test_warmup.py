@@ -193,3 +193,86 @@ def test_real_registry_prepare_call(gen, monkeypatch):
     assert warm and all(k[-2] == torch.float16 and k[-1] is True for k in warm)  # fp16 activations, with bias
     y, _ = layer(torch.randn(2, layer.input_size, generator=gen).half())
     assert torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------ the parallel compile first
+class Log:
+    """Stands for vLLM's logger: records (level, formatted message)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda msg, *args: self.lines.append((level, msg % args))
+
+
+@pytest.fixture
+def pool(recorder, monkeypatch):
+    """Record warmup_pool.compile_ahead calls (and the order against registry.prepare); log into a list."""
+    from qtip_triton.autotune import warmup_pool
+
+    warmup_pool.reset()
+    log, calls = Log(), []
+
+    def compile_ahead(shards, dtype, **kw):
+        calls.append((list(shards), dtype, kw, len(recorder)))
+        return warmup_pool.Result(compiled=7, workers=kw["workers"], seconds=1.5)
+
+    monkeypatch.setattr(compat, "logger", lambda: log)
+    monkeypatch.setattr(warmup_pool, "compile_ahead", compile_ahead)
+    yield SimpleNamespace(calls=calls, log=log, mod=warmup_pool)
+    warmup_pool.reset()
+
+
+def test_layer_is_compiled_in_parallel_before_the_serial_warm_up(pool, recorder, gen, monkeypatch):
+    monkeypatch.setenv(pool.mod.JOBS_ENV, "5")
+    layer = qtip_layer("column", gen, bias=True)
+    with engine(max_num_batched_tokens=384, max_num_seqs=48):
+        layer.quant_method.process_weights_after_loading(layer)
+    (shards, dtype, kw, prepared_before), = pool.calls
+    assert shards == layer.qtip_packed.shards() and dtype == torch.float16 and prepared_before == 0
+    assert kw == dict(bias=True, max_m=384, workers=5)  # the same bias flag and max M prepare() gets
+    assert [k for _, k in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=True)]
+    info = [m for lvl, m in pool.log.lines if lvl == "info" and "in parallel" in m]
+    assert len(info) == 1 and "compiled 7 kernel variants" in info[0] and "(5 worker processes) in 1.5 s" in info[0]
+
+
+def test_fused_layer_compiles_without_bias(pool, recorder, gen):
+    layer = qtip_layer("qkv", gen, bias=True)
+    with engine(max_num_batched_tokens=64):
+        layer.quant_method.process_weights_after_loading(layer)
+    (shards, _, kw, _), = pool.calls
+    assert len(shards) == 3 and kw["bias"] is False and kw["workers"] == pool.mod.warmup_workers()[0]
+
+
+def test_pool_failure_falls_back_to_serial_with_one_warning(pool, recorder, gen, monkeypatch):
+    tried = []
+
+    def no_pool(shards, dtype, **kw):
+        if pool.mod._pool_off is not None:  # what the real one does once it failed
+            return None
+        tried.append(1)
+        raise pool.mod.PoolUnavailable("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(pool.mod, "compile_ahead", no_pool)
+    for kind in ("qkv", "row"):  # two layers: one attempt, one warning
+        layer = qtip_layer(kind, gen)
+        layer.quant_method.process_weights_after_loading(layer)
+    assert tried == [1] and len(recorder) == 4  # every shard of both layers still warmed serially
+    warnings = [m for lvl, m in pool.log.lines if lvl == "warning"]
+    assert len(warnings) == 1 and "daemonic" in warnings[0] and "serially" in warnings[0]
+
+
+def test_serial_env_and_cpu_do_not_start_a_pool(recorder, gen, monkeypatch):
+    from qtip_triton.autotune import warmup_pool
+
+    warmup_pool.reset()
+    started = []
+    monkeypatch.setattr(warmup_pool, "run_driver", lambda *a, **k: started.append(a))
+    layer = qtip_layer("qkv", gen)  # CPU shards: compile_ahead itself declines (the warm-up is faked as CUDA here)
+    layer.quant_method.process_weights_after_loading(layer)
+    monkeypatch.setattr(warmup_pool, "_on_cuda", lambda device: True)
+    monkeypatch.setenv(warmup_pool.JOBS_ENV, "1")
+    layer = qtip_layer("row", gen)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert started == [] and len(recorder) == 4

@@ -1,0 +1,434 @@
+"""Compile a layer's kernel variants in parallel worker processes before the serial load-time warm-up.
+
+Why: :meth:`qtip_triton.registry.Registry.prepare` selects, JIT-compiles and launches every variant a
+layer uses for M up to the engine's largest batch, one after the other, in the process that loads the
+model. On an H100, Llama-2-7B QTIP K=2 spent ~57 s of vLLM's engine start in that serial Triton JIT,
+almost all of it on the first decoder layer (later layers have the same specs and shapes and hit the
+cache). Compiling is single-threaded CPU work, so :func:`compile_ahead` hands the variants the
+registry is about to launch to the same pool ``qtip-triton precompile`` uses
+(:func:`~qtip_triton.autotune.compile_pool.compile_all`): its workers fill Triton's on-disk cache and
+the serial ``prepare`` that follows only loads binaries and launches them.
+
+How the pool is started, and why that way: vLLM builds the model inside its EngineCore process (or
+its TP worker processes), which ``multiprocessing`` starts as *daemonic*, and a daemonic process may
+not start ``multiprocessing`` children (nor use a ``ProcessPoolExecutor``). So the pool is run by a
+*driver*: a fresh interpreter started with :mod:`subprocess` (``python -m
+qtip_triton.autotune.warmup_pool REQUEST RESULT``), which ``multiprocessing`` knows nothing about;
+the driver is an ordinary, non-daemonic main process and starts ``compile_all``'s spawn workers
+itself. It gets the parent's environment, with ``TRITON_CACHE_DIR`` pinned to the directory the
+parent reads (so binaries land where ``prepare`` looks), ``CUDA_VISIBLE_DEVICES`` narrowed to the
+parent's GPU, and the parent's ``qtip_triton`` first on ``PYTHONPATH``. Whatever goes wrong there
+(spawn refused, a crash, a timeout) raises :class:`PoolUnavailable`: the caller falls back to the
+serial path, and later layers of this process do not try the pool again.
+
+What is compiled: for each shard, ``Registry.plan`` / ``Registry.launches`` (the very list ``prepare``
+follows), one job per (kind, config, row class, shape) in the layer's dtype and with its bias flag,
+minus variants this process already warmed (the registry's ``_warm`` set) or already sent to the pool.
+Workers launch each job on a random layer of the same spec, shape, layout, TP/Hadamard geometry and
+tensor dtypes as the shard, so they compile the same binaries. When a set of jobs compiled without
+error, a marker named by a hash of the jobs and of everything a binary depends on (GPU, Triton, torch,
+kernel sources, ``TRITON_*`` settings) is written into Triton's cache directory; the next process that
+finds it skips the pool (those binaries are on disk; a binary evicted since is compiled by ``prepare``
+as before). Deleting the cache deletes the markers with it.
+
+``QTIP_TRITON_WARMUP_JOBS``: worker processes (default :func:`compile_pool.default_workers`);
+``1`` (or ``0``) keeps the old serial path. ``QTIP_TRITON_WARMUP_TIMEOUT``: seconds the pool may take
+(default 600); what it did not compile by then, ``prepare`` compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtip_triton.autotune.buckets import row_class
+from qtip_triton.autotune.compile_pool import CompileJob, compile_all, dedupe, default_workers, make_job, resolve
+from qtip_triton.autotune.kernel_api import config_key
+from qtip_triton.autotune.tuner import RandomWorkload
+
+JOBS_ENV = "QTIP_TRITON_WARMUP_JOBS"
+TIMEOUT_ENV = "QTIP_TRITON_WARMUP_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+STARTUP_SLACK_S = 120.0  # on top of the pool's deadline: interpreter, torch and CUDA start-up
+MARKER_DIR = "qtip_triton_warmup"
+DEFAULT_API = "qtip_triton.autotune.kernel_api:load_kernel_api"
+# set by the driver for its pool workers (spawned children inherit the driver's environment)
+_WORKER_API_ENV = "_QTIP_TRITON_WARMUP_API"
+_WORKER_BIAS_ENV = "_QTIP_TRITON_WARMUP_BIAS"
+
+
+class PoolUnavailable(RuntimeError):
+    """The worker pool could not run (or did not finish): warm up serially instead."""
+
+
+# ------------------------------------------------------------------------------------------ settings
+def warmup_workers(env: dict[str, str] | None = None) -> tuple[int, str | None]:
+    """``(workers, problem)`` from ``QTIP_TRITON_WARMUP_JOBS``: unset or empty -> the pool's default;
+    an integer -> that many (``<= 1``: serial); anything else -> the default and a line saying so."""
+    text = (os.environ if env is None else env).get(JOBS_ENV, "").strip()
+    if not text:
+        return default_workers(), None
+    try:
+        return max(0, int(text)), None
+    except ValueError:
+        n = default_workers()
+        return n, f"{JOBS_ENV}={text!r} is not an integer; using {n} workers"
+
+
+def pool_timeout(env: dict[str, str] | None = None) -> float:
+    text = (os.environ if env is None else env).get(TIMEOUT_ENV, "").strip()
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+# ------------------------------------------------------------------------------------------ what workers build
+@dataclass(frozen=True)
+class ShardWorkload(RandomWorkload):
+    """A random layer shaped like one shard in every way Triton specializes on: spec and shape (the job),
+    layout, TP/Hadamard geometry (``rcp``, ``tp_rank``, ``had_block``) and the dtypes of SU, SV and the
+    table; activations in the warm-up dtype. Picklable: it travels to the pool's workers."""
+
+    device: str = "cuda"
+    dtype: Any = torch.float16
+    layout: str = "qtip"
+    rcp: int = 0
+    tp_rank: int = 1
+    had_block: int = 0
+    su_dtype: Any = None
+    sv_dtype: Any = None
+    table_dtype: Any = None
+
+    @classmethod
+    def like(cls, qw, dtype: torch.dtype, device: str = "cuda") -> ShardWorkload:
+        table = getattr(qw, "table", None)
+        return cls(device, dtype, qw.layout, int(qw.rcp), int(qw.tp_rank), int(qw.had_block), qw.SU.dtype, qw.SV.dtype,
+                   None if table is None else table.dtype)
+
+    def layer(self, spec, out_features, in_features):
+        from qtip_triton.autotune.workload import random_layer
+
+        qw = random_layer(spec, out_features, in_features, layout=self.layout, device=self.device)
+        changes: dict[str, Any] = {"rcp": self.rcp, "tp_rank": self.tp_rank, "had_block": self.had_block}
+        if self.su_dtype is not None:
+            changes["SU"] = qw.SU.to(self.su_dtype)
+        if self.sv_dtype is not None:
+            changes["SV"] = qw.SV.to(self.sv_dtype)
+        if qw.table is not None and self.table_dtype is not None:
+            changes["table"] = qw.table.to(self.table_dtype)
+        return replace(qw, **changes)
+
+
+class BiasKernelAPI:
+    """The kernel API with a zero bias on every launch: a layer whose forward passes its bias runs the
+    kernels' bias variant, a binary of its own (``Registry.prepare(bias=True)`` warms that one)."""
+
+    def __init__(self, api) -> None:
+        self._api = api
+        self._out: dict[int, int] = {}  # id(prepared layer) -> out_features (a prepared form need not say)
+
+    def __getattr__(self, name):
+        return getattr(self._api, name)
+
+    def prepare(self, qw):
+        prepared = self._api.prepare(qw)
+        prepared = qw if prepared is None else prepared
+        self._out[id(prepared)] = qw.out_features
+        return prepared
+
+    def launch(self, kind, x, qw, config, bias=None):
+        if bias is None:
+            out_features = self._out.get(id(qw)) or qw.out_features
+            bias = torch.zeros(out_features, device=x.device, dtype=x.dtype)
+        return self._api.launch(kind, x, qw, config, bias)
+
+
+def worker_api():
+    """Factory the pool's workers resolve: the API named by the driver, with a bias if the group has one."""
+    api = resolve(os.environ.get(_WORKER_API_ENV) or DEFAULT_API)()
+    return BiasKernelAPI(api) if os.environ.get(_WORKER_BIAS_ENV) == "1" else api
+
+
+# ------------------------------------------------------------------------------------------ planning
+@dataclass
+class Group:
+    """Jobs that share a workload (shard geometry, dtype) and a bias flag: one ``compile_all`` call."""
+
+    workload: ShardWorkload
+    bias: bool
+    jobs: list[CompileJob] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    layers: int = 0  # shards newly planned (others were done before in this process)
+
+    @property
+    def variants(self) -> int:
+        return sum(len(dedupe(g.jobs, per_shape=True)) for g in self.groups)
+
+
+@dataclass
+class Result:
+    """What :func:`compile_ahead` did: ``compiled`` variants in ``workers`` processes in ``seconds``."""
+
+    compiled: int = 0
+    failed: int = 0
+    workers: int = 0
+    seconds: float = 0.0
+    cached: int = 0  # variants skipped: a marker says a previous process compiled them into the disk cache
+    complete: bool = True
+
+
+# process-wide memory: layers already handled, variants already sent, and why the pool is off (if it is)
+_layers_done: set[tuple] = set()
+_submitted: set[tuple] = set()
+_pool_off: str | None = None
+
+
+def reset() -> None:
+    """Forget what this process compiled ahead (tests; after changing the cache or the kernels)."""
+    global _pool_off
+    _layers_done.clear()
+    _submitted.clear()
+    _pool_off = None
+
+
+def disable(reason: str) -> None:
+    """Stop using the pool in this process (it failed once: later layers go straight to the serial path)."""
+    global _pool_off
+    _pool_off = reason
+
+
+def _layer_key(qw, dtype, bias: bool, max_m: int, wl: ShardWorkload) -> tuple:
+    return (qw.spec, qw.out_features, qw.in_features, dtype, bias, max_m, wl)
+
+
+def _variant_key(job: CompileJob, wl: ShardWorkload, bias: bool) -> tuple:
+    return (job.kind, job.spec, job.config, row_class(job.M), job.out_features, job.in_features, wl, bias)
+
+
+def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int) -> Plan:
+    """The compile jobs of a layer's shards that this process has neither warmed nor sent to the pool.
+
+    Pure planning (``Registry.plan`` + ``Registry.launches``, the list ``prepare`` follows); it does not
+    mark anything as done: :func:`compile_ahead` does once the pool has run.
+    """
+    groups: dict[tuple, Group] = {}
+    seen: set[tuple] = set()
+    layers = 0
+    for qw in shards:
+        wl = ShardWorkload.like(qw, dtype)
+        lkey = _layer_key(qw, dtype, bias, max_m, wl)
+        if lkey in _layers_done or lkey in seen:
+            continue
+        seen.add(lkey)
+        layers += 1
+        plan = reg.plan(qw.spec, qw.out_features, qw.in_features, max_m)
+        for _, sel, rows in reg.launches(plan):
+            warm = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), row_class(rows), dtype,
+                    bias)
+            if warm in getattr(reg, "_warm", ()):
+                continue
+            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config))
+            if _variant_key(job, wl, bias) in _submitted:
+                continue
+            groups.setdefault((wl, bias), Group(wl, bias)).jobs.append(job)
+    out = [Group(g.workload, g.bias, dedupe(g.jobs, per_shape=True)) for g in groups.values()]
+    return Plan([g for g in out if g.jobs], layers)
+
+
+def _mark_done(shards, dtype, bias: bool, max_m: int, plan: Plan) -> None:
+    for qw in shards:
+        _layers_done.add(_layer_key(qw, dtype, bias, max_m, ShardWorkload.like(qw, dtype)))
+    for g in plan.groups:
+        _submitted.update(_variant_key(j, g.workload, g.bias) for j in g.jobs)
+
+
+# ------------------------------------------------------------------------------------------ markers
+def _kernel_sources_digest() -> str:
+    import qtip_triton.kernels as kernels_pkg
+
+    h = hashlib.sha256()
+    root = Path(kernels_pkg.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _machine(device: torch.device) -> tuple:
+    import triton
+
+    from qtip_triton import __version__
+
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return (torch.cuda.get_device_name(idx), tuple(torch.cuda.get_device_capability(idx)), triton.__version__,
+            torch.__version__, str(torch.version.cuda), __version__)
+
+
+def marker_path(plan: Plan, device: torch.device, cache_dir: Path) -> Path:
+    """Where the "these variants are in the disk cache" marker of ``plan`` lives (see the module docstring)."""
+    h = hashlib.sha256()
+    h.update(repr(_machine(device)).encode())
+    h.update(_kernel_sources_digest().encode())
+    h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_CACHE_DIR"))
+             .encode())
+    for g in sorted(plan.groups, key=lambda g: repr((g.workload, g.bias))):
+        h.update(repr((g.workload, g.bias, sorted(map(repr, g.jobs)))).encode())
+    return cache_dir / MARKER_DIR / f"{h.hexdigest()[:32]}.done"
+
+
+# ------------------------------------------------------------------------------------------ the driver
+def worker_env(device: torch.device, cache_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The driver's environment: the parent's, with Triton's cache dir pinned to the parent's, only the
+    parent's GPU visible (as device 0), no interpreter mode, and this ``qtip_triton`` importable first."""
+    env = dict(os.environ if base is None else base)
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
+    env.pop("TRITON_INTERPRET", None)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [s.strip() for s in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if s.strip()]
+    if "CUDA_VISIBLE_DEVICES" in env and idx < len(visible):
+        env["CUDA_VISIBLE_DEVICES"] = visible[idx]
+    elif "CUDA_VISIBLE_DEVICES" not in env:
+        env["CUDA_VISIBLE_DEVICES"] = str(idx)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the qtip_triton package
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def run_driver(request: dict, env: dict[str, str], timeout_s: float) -> dict:
+    """Run the pool in a fresh interpreter (see the module docstring); returns the driver's result dict.
+
+    Raises :class:`PoolUnavailable` if it cannot start, fails, or outlives ``timeout_s`` (then it and its
+    workers, one process group of its own, are killed).
+    """
+    with tempfile.TemporaryDirectory(prefix="qtip-triton-warmup-") as tmp:
+        req, res = Path(tmp) / "request.pkl", Path(tmp) / "result.pkl"
+        req.write_bytes(pickle.dumps(request))
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "qtip_triton.autotune.warmup_pool", str(req), str(res)],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        except OSError as e:
+            raise PoolUnavailable(f"cannot start {sys.executable}: {e}") from e
+        try:
+            _, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+            proc.communicate()
+            raise PoolUnavailable(f"the compile pool took over {timeout_s:.0f} s") from None
+        if proc.returncode != 0 or not res.exists():
+            lines = [ln for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+            raise PoolUnavailable(f"the compile driver exited with {proc.returncode}"
+                                  + (f": {lines[-1].strip()}" if lines else ""))
+        return pickle.loads(res.read_bytes())
+
+
+def _driver(argv: list[str]) -> int:
+    """``python -m qtip_triton.autotune.warmup_pool REQUEST RESULT``: compile each group with the pool."""
+    request = pickle.loads(Path(argv[0]).read_bytes())
+    start, deadline = time.monotonic(), float(request["deadline_s"])
+    errors: dict[CompileJob, str] = {}
+    complete = True
+    os.environ[_WORKER_API_ENV] = request.get("api_factory") or DEFAULT_API
+    for group in request["groups"]:
+        left = deadline - (time.monotonic() - start)
+        if left <= 0:
+            complete = False
+            break
+        os.environ[_WORKER_BIAS_ENV] = "1" if group.bias else "0"
+        errors.update(compile_all(group.jobs, request["workers"], group.workload,
+                                  api_factory="qtip_triton.autotune.warmup_pool:worker_api", progress=False,
+                                  per_shape=True, deadline_s=left))
+    complete = complete and time.monotonic() - start < deadline
+    Path(argv[1]).write_bytes(pickle.dumps({"errors": errors, "complete": complete}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def _on_cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int, reg=None,
+                  workers: int | None = None, runner: Callable[[dict, dict, float], dict] | None = None,
+                  api_factory: str | None = None) -> Result | None:
+    """Compile the variants ``Registry.prepare(max_m=max_m, dtypes=(dtype,), bias=bias)`` will launch for
+    ``shards`` in parallel worker processes, into Triton's disk cache.
+
+    Returns None when the pool is not used (not CUDA, ``QTIP_TRITON_WARMUP_JOBS <= 1``, or it failed
+    earlier in this process), else a :class:`Result` (``compiled == 0``: nothing new to compile).
+    Raises :class:`PoolUnavailable` (once: later calls return None) when the pool fails.
+    ``runner`` replaces :func:`run_driver` (tests); ``api_factory`` the kernel API the workers load.
+    """
+    global _pool_off
+    if not shards or not _on_cuda(shards[0].trellis.device) or _pool_off is not None:
+        return None
+    if workers is None:
+        workers = warmup_workers()[0]
+    if workers <= 1:
+        return None
+    if reg is None:
+        from qtip_triton import registry
+
+        reg = registry.get_registry()
+    if reg.api is None:
+        return None  # no Triton kernels here: the registry serves the reference path, nothing compiles
+    plan = plan_layer(reg, shards, dtype, bias=bias, max_m=max_m)
+    if not plan.groups:
+        _mark_done(shards, dtype, bias, max_m, plan)
+        return Result()
+    from qtip_triton.autotune.triton_cache import triton_cache_dir
+
+    device = torch.device(shards[0].trellis.device)
+    cache_dir = triton_cache_dir()
+    n = plan.variants
+    try:
+        marker = marker_path(plan, device, cache_dir)
+    except Exception:  # no marker (GPU query or kernel sources unreadable): just compile
+        marker = None
+    if marker is not None and marker.exists():
+        _mark_done(shards, dtype, bias, max_m, plan)
+        return Result(cached=n)
+    timeout = pool_timeout()
+    request = {"groups": plan.groups, "workers": workers, "deadline_s": timeout, "api_factory": api_factory}
+    t0 = time.perf_counter()
+    try:
+        out = (runner or run_driver)(request, worker_env(device, cache_dir), timeout + STARTUP_SLACK_S)
+    except Exception as e:
+        _pool_off = f"{type(e).__name__}: {e}" if not isinstance(e, PoolUnavailable) else str(e)
+        raise PoolUnavailable(_pool_off) from e
+    errors = out.get("errors", {})
+    result = Result(compiled=n - len(errors), failed=len(errors), workers=min(workers, n),
+                    seconds=time.perf_counter() - t0, complete=bool(out.get("complete", True)))
+    _mark_done(shards, dtype, bias, max_m, plan)
+    if marker is not None and not errors and result.complete:
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{n} variants\n")
+        except OSError:
+            pass
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(_driver(sys.argv[1:]))
