@@ -6,7 +6,7 @@ For the distinct linear layers of a Llama-2-7B-shaped model (fused qkv 12288x409
 layer after layer, what a server pays before its first token:
 
 * ``registry.prepare(qw, max_m=256)``: select the kernel and config of every M bucket 1..256 (from the shipped
-  ``autotune_configs/h100.yaml``: the qtip user cache is empty), compile or load each one and launch it once;
+  ``autotune_configs/h200.yaml``: the qtip user cache is empty), compile or load each one and launch it once;
 * the first forward at every bucket size (1, 2, 4, ..., 256): should find everything warm.
 
 Phases (in this order):
@@ -49,7 +49,7 @@ from typing import Any
 
 _T_START = time.perf_counter()  # stdlib only above: a child's import time (torch, triton, qtip_triton) counts from here
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_FILE = ROOT / "autotune_configs" / "h100.yaml"
+SHIPPED_FILE = ROOT / "autotune_configs" / "h200.yaml"
 SPECS = ("L16K2V2-hyb9", "L16K3V2-hyb9", "L16K4V2-hyb9")
 # name -> (out_features, in_features): the distinct linear layers of a Llama-2-7B-shaped model as served (fused)
 MODELS: dict[str, dict[str, tuple[int, int]]] = {
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-m", type=int, default=256, help="prepare(max_m=...) and the largest forward (default 256)")
     ap.add_argument("--phases", default=",".join(PHASES), help=f"which phases, in order (default {','.join(PHASES)})")
     ap.add_argument("--file", type=Path, default=SHIPPED_FILE,
-                    help="tuned file to precompile (default the shipped autotune_configs/h100.yaml, the one the "
+                    help="tuned file to precompile (default the shipped autotune_configs/h200.yaml, the one the "
                          "registry reads on an H100)")
     ap.add_argument("--jobs", type=int, default=None, help="precompile processes (default: precompile's own)")
     ap.add_argument("--budget-s", type=float, default=230.0, help="the whole run stays within this (default 230)")

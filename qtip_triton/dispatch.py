@@ -27,6 +27,7 @@ from qtip_triton.weight import QuantizedWeight
 REFERENCE = "reference"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 NO_REGISTRY_ENV = "QTIP_TRITON_NO_REGISTRY"  # "1": skip the registry, use the kernels' heuristic
+NO_SHARED_INPUT_ENV = "QTIP_TRITON_NO_SHARED_INPUT"  # "1": fused shards transform their input one by one
 
 
 def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,3 +125,27 @@ def linear(
     elif config is None:
         config = kernels.default_config(kind, qw.spec, qw.out_features, qw.in_features, M)
     return kernels.launch(kind, x, qw, config, bias, out=out)
+
+
+def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """A fused layer's shards (same x) into their columns of ``out`` ((rows of x, sum out), x's dtype).
+
+    When every shard takes the same decode kind for this batch (the registry's choice per shard) and
+    ``pre`` holds their SU stacked, the input transform runs once for all of them
+    (:func:`qtip_triton.kernels.launch_shards`); otherwise each shard runs :func:`linear` on its columns.
+    """
+    rows = x.numel() // qws[0].in_features
+    if pre is not None and x.dtype in _KERNEL_DTYPES and len(qws) > 1 and os.environ.get(NO_SHARED_INPUT_ENV) != "1":
+        from qtip_triton import kernels
+
+        if kernels.kernels_available(x.device)[0] and pre.device == x.device:
+            M = max(1, rows)
+            chosen = [_select(qw, M) for qw in qws]
+            kind = chosen[0][0]
+            if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, [kernels.prepare(q) for q in qws]):
+                return kernels.launch_shards(kind, x, qws, [c for _, c in chosen], pre, out)
+    col = 0
+    for qw in qws:
+        linear(x, qw, out=out[:, col:col + qw.out_features])
+        col += qw.out_features
+    return out

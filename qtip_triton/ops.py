@@ -285,12 +285,10 @@ def _qtip_linear_impl(
     if len(shards) == 1:
         return dispatch.linear(x, shards[0], bias)
     # each shard's output transform writes its own columns of one output: no concatenation launch
+    # (and, where the shards take one kernel kind, their input transforms run as one launch)
     y = x.new_empty(*x.shape[:-1], sum(out_features))
-    flat = y.view(-1, y.shape[-1])
-    col = 0
-    for qw in shards:
-        dispatch.linear(x, qw, out=flat[:, col:col + qw.out_features])
-        col += qw.out_features
+    pre = SU if SU.dim() == 2 and SU.dtype == torch.float32 and SU.is_contiguous() else None
+    dispatch.linear_shards(x, shards, pre, y.view(-1, y.shape[-1]))
     return y if bias is None else y + bias.to(y.dtype)
 
 

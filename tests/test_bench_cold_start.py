@@ -4,6 +4,7 @@ plumbing (time-out, dry run, a tiny run in the Triton interpreter). No timing is
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def test_defaults_are_the_llama2_7b_layers_and_shipped_file():
     assert len(cs.layer_list(a, a.specs)) == 12
     assert a.max_m == 256 and cs.buckets(a.max_m) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert a.phases == ["precompiled", "cold"]  # the precompiled phase first, the time-boxed JIT phase last
-    assert a.file == cs.ROOT / "autotune_configs" / "h100.yaml" and a.out == cs.ROOT / "bench" / "results"
+    assert a.file == cs.ROOT / "autotune_configs" / "h200.yaml" and a.out == cs.ROOT / "bench" / "results"
     assert a.budget_s + 10 <= 240 and a.cold_budget_s < a.budget_s  # ~4 minutes on the device
     tiny = cs.parse_args(["--tiny"])
     assert tiny.model == "tiny" and tiny.max_m == 4 and tiny.phases == ["cold"]
@@ -44,7 +45,10 @@ def test_bad_arguments(argv, capsys):
 def test_cut_tune_file_keeps_the_benchmarked_layers(tmp_path):
     a = cs.parse_args([])
     layers = cs.layer_list(a, a.specs)
-    assert cs.cut_tune_file(a.file, tmp_path / "t.yaml", layers) == 48  # 12 layers x buckets 1, 4, 16, 256
+    wanted = {(x["spec"], x["out"], x["in"]) for x in layers}
+    shipped = [k for k in store.load(a.file).entries if (k.spec, k.out_features, k.in_features) in wanted]
+    assert len(wanted) == 12 and len(shipped) >= 12  # every benchmarked layer has entries in the shipped file
+    assert cs.cut_tune_file(a.file, tmp_path / "t.yaml", layers) == len(shipped)
     tf = store.load(tmp_path / "t.yaml")
     assert {(k.spec, k.out_features, k.in_features) for k in tf.entries} == {(x["spec"], x["out"], x["in"]) for x in layers}
     assert tf.header == store.load(a.file).header  # same GPU and versions: precompile and the registry agree
@@ -127,7 +131,7 @@ def test_run_cmd_kills_the_process_group_at_its_time_out(tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     assert cs.main(["--dry-run", "--out", str(tmp_path / "res")]) == 0
     out = capsys.readouterr().out
-    assert "48 entries of" in out and "qtip_triton.cli precompile --file <work>/tuned.yaml" in out
+    assert re.search(r"\d+ entries of", out) and "qtip_triton.cli precompile --file <work>/tuned.yaml" in out
     assert "cli export <work>/cache.tar.gz" in out and "cli import <work>/cache.tar.gz --cache-dir <work>/precompiled-triton" in out
     assert "--child cold" in out and "time box 120 s" in out
     assert not (tmp_path / "res").exists()
@@ -156,7 +160,7 @@ def test_precompiled_phase_plumbing(tmp_path, monkeypatch):
                                                                for k, v in said.items()])
     report = {}
     ph = cs.precompiled_phase(a, tmp_path, report, lambda: 200.0)
-    assert report["setup"]["entries"] == 0  # the tiny shapes are not in h100.yaml
+    assert report["setup"]["entries"] == 0  # the tiny shapes are not in h200.yaml
     assert [s["what"] for s in report["setup"]["steps"].values()] == [
         "precompiled 3 kernel variants", "exported 7 files", "imported 7 new files"]
     assert [(x["spec"], x["layer"]) for x in ph["layers"]] == [("L16K3V2-hyb9", "o")]

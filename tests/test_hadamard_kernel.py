@@ -110,3 +110,26 @@ def test_writes_into_a_strided_out_view(gen):
         transform(parts, 1, transpose=False, interpret=True, out=wide[:, :1024], out_dtype=torch.float16)
     with pytest.raises(ValueError, match="rblk must be a power of two"):
         transform(parts, 1, transpose=False, interpret=True, rblk=24)
+
+
+@pytest.mark.parametrize("n,blocks", [(5120, 1), (4096, 2), (256, 2)])
+def test_grouped_input_transform(gen, n, blocks):
+    """One launch, one x, several groups (fused shards): each group uses its own pre and destination order;
+    n = 256 in two blocks takes the Sylvester-only path (a launch per group)."""
+    x = torch.randn(3, n, generator=gen)
+    pre = torch.randn(3, n, generator=gen)
+    dst = torch.stack([torch.randperm(n, generator=gen) for _ in range(3)]).to(torch.int32)
+    y = transform(x, blocks, transpose=True, pre=pre, dst=dst, out_dtype=torch.float32, interpret=True)
+    assert y.shape == (3, 3, n)
+    for g in range(3):
+        ref = _reference(x.double() * pre[g].double(), blocks, True)
+        placed = torch.empty_like(ref)
+        placed[:, dst[g].long()] = ref
+        assert _rel(y[g], placed) < 1e-6
+    shared = transform(x, blocks, transpose=True, pre=pre, dst=dst[0], out_dtype=torch.float32, interpret=True)
+    assert _rel(shared[2], torch.empty_like(y[2]).index_copy_(1, dst[0].long(), _reference(
+        x.double() * pre[2].double(), blocks, True).float()).double()) < 1e-6
+    with pytest.raises(ValueError, match="grouped pre"):
+        transform(x, blocks, transpose=True, pre=pre[:, 1:], interpret=True)
+    with pytest.raises(ValueError, match="out= takes one"):
+        transform(x, blocks, transpose=True, pre=pre, interpret=True, out=torch.empty(3, n))

@@ -71,6 +71,31 @@ def test_fused_shards_write_their_columns_in_place(gen, dtype, tol):
     assert rel(y, fused_reference(qws, x, bias)) < tol
 
 
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_shards_of_one_spec_share_one_input_transform(gen, monkeypatch, M):
+    """Same-spec shards (q/k/v of a 2-bit layer) take one grouped input transform when the registry gives
+    them one kernel kind; each still uses its own SU (swapping two shards' SU changes the result)."""
+    from qtip_triton import kernels
+
+    qws = [random_qweight(gen, HYB[2], m, 64) for m in (64, 32, 32)]
+    packed = PackedShards.from_qweights(qws, key="t.shared")
+    calls = []
+    real = kernels.launch_shards
+    monkeypatch.setattr(kernels, "launch_shards", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    x = torch.randn(M, 64, generator=gen)
+    bias = torch.randn(128, generator=gen)
+    y = qtip_linear(x.half(), packed, bias.half())
+    assert calls, "the grouped input transform was not used"
+    assert rel(y, fused_reference(qws, x, bias)) < 3e-3
+    swapped = PackedShards.from_qweights(qws, key="t.shared2")
+    swapped.SU = swapped.SU[[1, 0, 2]].contiguous()
+    assert rel(qtip_linear(x.half(), swapped), fused_reference(qws, x)) > 1e-2
+    monkeypatch.setenv(dispatch.NO_SHARED_INPUT_ENV, "1")
+    calls.clear()
+    y2 = qtip_linear(x.half(), packed, bias.half())
+    assert not calls and rel(y2, y) < 1e-3
+
+
 def test_linear_out_argument(gen):
     qw = small_shards(gen)[0]
     x = torch.randn(4, 64, generator=gen).half()

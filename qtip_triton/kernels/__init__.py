@@ -45,6 +45,8 @@ from qtip_triton.kernels.runners import ACT_DTYPES, decode_matmul, decompress, i
 from qtip_triton.weight import QuantizedWeight
 
 __all__ = [
+    "launch_shards",
+    "can_share_input",
     "CONFIG_VERSION",
     "KINDS",
     "PreparedWeight",
@@ -129,3 +131,49 @@ def launch(
         parts = decode_matmul(kind, pw, h, config, h_order="kernel")
     y = _transform_out(pw, parts, bias, x.dtype, out)
     return y.reshape(*lead, pw.out_features)
+
+
+def can_share_input(kind: str, pws: list[PreparedWeight]) -> bool:
+    """Whether shards can take one grouped input transform: a decode kind that reads h in the kernel's
+    order (gemv/gemm), one tile plan (so one column order) and one Hadamard block size."""
+    p0 = pws[0]
+    return kind in ("gemv", "gemm") and all(
+        pw.plan == p0.plan and pw.blocks_in == p0.blocks_in and pw.in_features == p0.in_features for pw in pws
+    )
+
+
+def launch_shards(
+    kind: str,
+    x: torch.Tensor,
+    qws: list[QuantizedWeight | PreparedWeight],
+    configs: list[Mapping[str, Any]],
+    pre: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """The shards of a fused layer (q/k/v, gate/up) on one x: ONE input-transform launch for all of them
+    (``pre`` = their SU stacked, (shards, in_features) float32), then each shard's decode kernel and
+    output transform writing its columns of ``out`` ((rows of x, sum of out_features), x's dtype).
+
+    Why: at decoding batch sizes each transform is a few-microsecond launch whatever the layer's
+    size, so a fused layer's count of launches, not its bytes, sets its time.
+    """
+    pws = [prepare(qw) for qw in qws]
+    if not can_share_input(kind, pws):
+        raise ValueError(f"shards of kinds {kind!r} with different plans or Hadamard blocks cannot share an input transform")
+    n = pws[0].in_features
+    if pre.shape != (len(pws), n) or pre.dtype != torch.float32 or not pre.is_contiguous():
+        raise ValueError(f"pre must be contiguous float32 ({len(pws)}, {n}), got {pre.dtype} {tuple(pre.shape)}")
+    total = sum(pw.out_features for pw in pws)
+    x2 = x.reshape(-1, n)
+    if out.shape != (x2.shape[0], total) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be ({x2.shape[0]}, {total}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
+    if x2.shape[0] == 0:
+        return out
+    h = hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
+                           out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
+    col = 0
+    for g, (pw, config) in enumerate(zip(pws, configs, strict=True)):
+        parts = decode_matmul(kind, pw, h[g], config, h_order="kernel")
+        _transform_out(pw, parts, None, x.dtype, out[:, col:col + pw.out_features])
+        col += pw.out_features
+    return out

@@ -27,6 +27,12 @@ from qtip_triton import hadamard
 
 P2_MAX = 128  # columns of the Z view (the B = H_P2 factor)
 ROWS_MAX = 2048  # padded rows of the Z view (A is ROWS x ROWS)
+# Small-batch launch choices, from bench/hadamard.py on an H200 (2026-11-28; 4.4 us timer floor): at
+# one token the column-split grid took the input transform of 4096 from 19.0 to 11.4 us and the
+# unrolled partial loads the output transform of 28672 from 45.5 to 15.9 us; past ~64 row programs
+# (e.g. 11008 at 16 tokens) the column split recomputes A·Z for nothing and loses.
+COL_SPLIT_MAX_PROGRAMS = 64
+UNROLL_MAX_TOKENS = 64
 
 
 @triton.jit
@@ -57,10 +63,10 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
-                 ROWS, COLS, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr, KBLK: tl.constexpr,
-                 CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, COL_SPLIT: tl.constexpr = False,
-                 NSPLIT: tl.constexpr = 0):
+                 ROWS, COLS, ntok, n, stride_yg, stride_dg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
+                 KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
+                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
 
     ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
@@ -68,10 +74,20 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     block: cheap next to a launch that would otherwise run on one or a few SMs). ``NSPLIT`` > 0: the
     number of split-K partials is a compile-time constant, so their loads are unrolled and in flight
     together instead of one dependent round trip each.
+
+    Groups (grid axis 0 = groups x tokens x blocks): the same x transformed with each group's own
+    PRE (row g of a (groups, n) tensor) and DST (row g, or one shared row: stride_dg = 0) into
+    Y + g * stride_yg, e.g. the q, k and v shards of a fused layer, which share their input but not
+    their signs, in one launch.
     """
     pid = tl.program_id(0)
+    g = pid // (ntok * blocks)
+    pid = pid % (ntok * blocks)
     token = pid // blocks
     blk = pid % blocks
+    PRE += g * n
+    DST += g * stride_dg
+    Y += g * stride_yg
     r0 = tl.program_id(1) * RBLK
     base = blk * nb  # offset of the block inside a row (also into PRE / POST / BIAS)
     j = tl.arange(0, CP)
@@ -210,7 +226,7 @@ def transform(
     dst: torch.Tensor | None = None,
     interpret: bool = False,
     col_split: bool | None = None,
-    unroll_splits: bool = False,
+    unroll_splits: bool | None = None,
     rblk: int | None = None,
     cblk: int | None = None,
     num_warps: int = 4,
@@ -221,10 +237,16 @@ def transform(
     Returns (T, n) in ``out_dtype`` (default x's dtype): ``post ⊙ (M z) + bias`` with
     ``M = M_nbᵀ`` if ``transpose`` else ``M_nb``, ``z = pre ⊙ Σ_s x[s]``, ``nb = n / blocks``.
     ``dst`` (int32 (n,), a permutation) stores column j of each row at position ``dst[j]`` instead.
+
+    Groups: ``pre`` of shape (G, n) (and ``dst`` (G, n) or (n,)) transforms the same x once per row
+    of ``pre`` in one launch and returns (G, T, n): the input transforms of a fused layer's shards.
+
     ``col_split`` / ``unroll_splits`` / ``rblk`` / ``cblk`` / ``num_warps``: launch variants for few
-    tokens (see ``_had2_kernel``; row and column block sizes are powers of two >= 16), timed on the GPU by
-    ``bench/hadamard.py``. ``out``: a (T, n) view to write into (e.g. one shard's columns of a fused
-    layer's output, so no concatenation follows); its rows may be strided, its columns must not.
+    tokens (see ``_had2_kernel``; row and column block sizes are powers of two >= 16), timed on the GPU
+    by ``bench/hadamard.py``. ``None`` (default) picks by size: column split while the row programs
+    alone would leave most SMs idle, unrolled partial loads up to a decoding batch. ``out``: a (T, n)
+    view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
+    its rows may be strided, its columns must not.
     """
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -239,11 +261,21 @@ def transform(
         raise ValueError(why)
     if x.stride(2) != 1:
         x = x.contiguous()
-    if dst is not None and (dst.shape != (n,) or dst.dtype != torch.int32):
-        raise ValueError(f"dst must be an int32 ({n},) permutation, got {dst.dtype} {tuple(dst.shape)}")
-    for name, v in (("pre", pre), ("post", post), ("bias", bias)):
+    groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 0
+    if pre is not None and pre.dim() == 2 and groups == 0:
+        raise ValueError(f"grouped pre must have at least one row, got {tuple(pre.shape)}")
+    if dst is not None and (dst.dtype != torch.int32 or dst.shape not in ((n,), (max(groups, 1), n))):
+        raise ValueError(f"dst must be an int32 ({n},) permutation (or one per group), got {dst.dtype} {tuple(dst.shape)}")
+    if groups and (pre.shape != (groups, n) or not pre.is_contiguous()):
+        raise ValueError(f"grouped pre must be a contiguous (groups, {n}) tensor, got {tuple(pre.shape)}")
+    for name, v in (("pre", None if groups else pre), ("post", post), ("bias", bias)):
         if v is not None and (v.shape != (n,) or not v.is_contiguous()):
             raise ValueError(f"{name} must be a contiguous ({n},) vector, got {tuple(v.shape)}")
+    for name, v in (("rblk", rblk), ("cblk", cblk)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    if groups and out is not None:
+        raise ValueError("out= takes one (T, n) result; grouped transforms return (groups, T, n)")
     if out is not None:
         if out.shape != (T, n) or out.stride(1) != 1 or out.device != x.device:
             raise ValueError(f"out must be a ({T}, {n}) view with unit column stride on {x.device}, "
@@ -251,39 +283,50 @@ def transform(
         if out_dtype is not None and out.dtype != out_dtype:
             raise ValueError(f"out is {out.dtype} but out_dtype={out_dtype}")
         y = out
+    elif groups:
+        y = torch.empty(groups, T, n, dtype=out_dtype or x.dtype, device=x.device)
     else:
         y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
-    for name, v in (("rblk", rblk), ("cblk", cblk)):
-        if v is not None and (v < 16 or v & (v - 1)):
-            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     if T == 0:
         return y
     a, b = _matrices(nb, transpose, x.device)
+    if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
+        for g in range(groups):
+            d = None if dst is None else (dst[g] if dst.dim() == 2 else dst)
+            transform(x, blocks, transpose=transpose, pre=pre[g], post=post, bias=bias, dst=d, interpret=interpret,
+                      out=y[g], out_dtype=y.dtype)
+        return y
     dummy = x  # never read: the HAS_* flags are off
     args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
                 HAS_DST=dst is not None, INTERPRET=interpret)
     dst_arg = dst if dst is not None else dummy
     scale = 1.0 / math.sqrt(nb)
     cp = b.shape[0]
+    ym = y.stride(-2)
     if a is None:
         nrows = T * blocks
         rblk = 16 if interpret else 32
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
-                           y.stride(0), scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args)
+                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args)
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
     cblk = min(cp, cblk or 32)
-    if col_split is None:
-        col_split = False  # the measured default; see bench/hadamard.py for the small-batch variant
-    grid = (T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
+    G = max(groups, 1)
+    row_programs = G * T * blocks * (rp // rblk)
+    if col_split is None:  # spread few programs over column blocks too (H200, bench/hadamard.py, 2026-11-28)
+        col_split = row_programs <= COL_SPLIT_MAX_PROGRAMS
+    if unroll_splits is None:
+        unroll_splits = T <= UNROLL_MAX_TOKENS
+    grid = (G * T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
     nsplit_c = S if (unroll_splits and S <= 16) else 0
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                       y.stride(0), scale, kh * p1, p2, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=num_warps,
-                       COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **args)
+                       ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
+                       n if dst is not None and dst.dim() == 2 else 0, RP=rp, CP=cp, RBLK=rblk,
+                       KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **args)
     return y

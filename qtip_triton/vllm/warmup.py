@@ -104,6 +104,35 @@ def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, p
     return result.compiled
 
 
+_FUSED_WARM: set[tuple] = set()
+
+
+def warm_fused(packed, dtype: torch.dtype, max_m: int, prefix: str = "") -> None:
+    """Run the fused op itself once per power-of-two M up to ``max_m``: its shards' grouped input
+    transform (one launch for all shards, :func:`qtip_triton.kernels.launch_shards`) has launch
+    variants the single-shard warm-up never makes. Once per distinct layer geometry per process."""
+    from qtip_triton import ops
+
+    key = (packed.specs, packed.out_features, packed.in_features, packed.layout, packed.had_block, packed.rcp,
+           packed.tp_rank, dtype, str(packed.trellis.device))
+    if key in _FUSED_WARM:
+        return
+    _FUSED_WARM.add(key)
+    M = 1
+    try:
+        with torch.no_grad():
+            while True:
+                ops.qtip_linear(torch.zeros(M, packed.in_features, dtype=dtype, device=packed.trellis.device), packed)
+                if min(max_m, 4096) <= M:
+                    break
+                M = min(2 * M, max_m, 4096)
+        if packed.trellis.device.type == "cuda":
+            torch.cuda.synchronize(packed.trellis.device)
+    except Exception as e:  # best effort, as the per-shard warm-up
+        compat.logger().warning("qtip: warming the fused op of %s at M=%d failed (%s: %s); it compiles on first use",
+                                prefix or "a layer", M, type(e).__name__, e)
+
+
 def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str = "") -> int | None:
     """Prepare (select, compile, launch once) every kernel of a packed layer's shards for M up to the
     engine's largest batch. Returns that M, or None when skipped (see the module docstring).
@@ -133,6 +162,8 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
             compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
                                     prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
                                     type(e).__name__, e)
+    if len(shards) > 1:
+        warm_fused(packed, dtype, max_m, prefix)
     compat.logger().debug("qtip: warmed %s (%d shards, M <= %d) in %.2f s", prefix or "layer", len(shards), max_m,
                           time.perf_counter() - t0)
     return max_m

@@ -47,9 +47,14 @@ def recorder(monkeypatch):
     calls = []
     monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)
     monkeypatch.setattr(registry, "prepare", lambda qw, **kw: calls.append((qw, kw)))
+    monkeypatch.setattr(warmup, "warm_fused", lambda packed, dtype, max_m, prefix="": FUSED.append((packed, max_m)))
     monkeypatch.delenv(warmup.NO_WARMUP_ENV, raising=False)
     monkeypatch.delenv("QTIP_TRITON_NO_REGISTRY", raising=False)
+    FUSED.clear()
     return calls
+
+
+FUSED: list = []  # warm_fused calls recorded by the ``recorder`` fixture
 
 
 def qtip_layer(kind, gen, dtype=torch.float16, bias=False):
@@ -108,6 +113,25 @@ def test_qtip_process_weights_warms_every_shard_to_the_engine_max(kind, recorder
     # a single-shard layer gets its bias inside the op (its own kernel variant); fused layers add it outside
     bias = len(shards) == 1
     assert [kw for _, kw in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=bias)] * len(shards)
+    # fused layers also run the op itself (the shards' grouped input transform)
+    assert [(p, m) for p, m in FUSED] == ([] if len(shards) == 1 else [(layer.qtip_packed, 384)])
+
+
+def test_warm_fused_runs_the_op_at_each_power_of_two(gen, monkeypatch):
+    """The real warm_fused (interpreter): the op at M = 1, 2, 4, ..., max_m, once per layer geometry."""
+    from qtip_triton import ops
+
+    seen = []
+    real = ops.qtip_linear
+    monkeypatch.setattr(ops, "qtip_linear", lambda x, packed, bias=None: seen.append(x.shape[0]) or real(x, packed, bias))
+    layer = qtip_layer("qkv", gen)
+    monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # process (pack) the layer without the automatic warm-up
+    layer.quant_method.process_weights_after_loading(layer)
+    warmup._FUSED_WARM.clear()
+    warmup.warm_fused(layer.qtip_packed, torch.float16, 5)
+    assert seen == [1, 2, 4, 5]
+    warmup.warm_fused(layer.qtip_packed, torch.float16, 5)
+    assert seen == [1, 2, 4, 5]  # the same geometry is warmed once per process
 
 
 def test_qtip_bf16_without_bias_and_default_max(recorder, gen, monkeypatch):
