@@ -126,22 +126,28 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def resolve_dirs(ckpt: Path, K: int, work: Path) -> tuple[Path, Path, dict]:
-    """(QTIP dir, dense dir, info); the dense twin is rebuilt into ``work`` when not shipped."""
+def resolve_dirs(ckpt: Path, K: int, work: Path, name: str | None = None) -> tuple[Path, Path, dict]:
+    """(QTIP dir, dense dir, info); the dense twin is rebuilt into ``work`` when not shipped.
+
+    ``name``: the checkpoint's folder when not ``qtip-k<K>`` (``qtip-k2-tp2``); its twin is ``dense-...``.
+    """
     from qtip_triton.checkpoint import dequantize_checkpoint
 
-    qdir = ckpt / f"qtip-k{K}"
+    name = name or f"qtip-k{K}"
+    dense_name = name.replace("qtip-", "dense-", 1)
+    qdir = ckpt / name
     if not (qdir / "config.json").exists():
-        raise SystemExit(f"e2e_logits: {qdir} missing: run `python bench/real_llama_ckpt.py --K {K}` first")
+        tp = f" --tp {name.rsplit('-tp', 1)[1]}" if "-tp" in name else ""
+        raise SystemExit(f"e2e_logits: {qdir} missing: run `python bench/real_llama_ckpt.py --K {K}{tp}` first")
     manifest = json.loads((ckpt / MANIFEST).read_text()) if (ckpt / MANIFEST).exists() else {}
-    entry = manifest.get("checkpoints", {}).get(f"qtip-k{K}", {})
+    entry = manifest.get("checkpoints", {}).get(name, {})
     info: dict = {"qtip_dir": str(qdir), "manifest_entry": {k: v for k, v in entry.items() if k != "weight_rel_mse"}}
-    shipped = ckpt / f"dense-k{K}"
+    shipped = ckpt / dense_name
     if (shipped / "config.json").exists():
         ddir, info["dense_source"] = shipped, "shipped"
     else:
         t0 = time.perf_counter()
-        ddir = dequantize_checkpoint(qdir, work / f"dense-k{K}", dtype=torch.float16, overwrite=True)
+        ddir = dequantize_checkpoint(qdir, work / dense_name, dtype=torch.float16, overwrite=True)
         info["dense_source"] = f"rebuilt here from {qdir.name} by dequantize_checkpoint(fp16) in {time.perf_counter() - t0:.1f} s"
     info["dense_dir"] = str(ddir)
     info["dense_sha256"] = sha256(ddir / "model.safetensors")

@@ -39,6 +39,14 @@ Outputs (all git-ignored):
   bundle. ``bench/e2e_logits.py`` rebuilds the twin on the device with the same call and checks its
   SHA-256 against the manifest.
 
+Tensor parallelism: ``--tp 2`` writes the TP variant instead (``qtip_triton.checkpoint.quantize_checkpoint``
+with ``tp=2``: q/k/v/gate/up split their output transform into 2 blocks, o/down their input transform;
+every block is 192 or 768 features, a multiple of 32), named ``qtip-k<K>-tp2``, into ``.e2e_ckpt_tp/``
+by default, with its own manifest; its dense twin is ``--local``'s ``dense-k<K>-tp2/``. It is a separate
+encoding (each block has its own transform), so its W_eff differs slightly from ``qtip-k<K>``'s.
+``bench/e2e_tp.py`` loads it at TP=1 and TP=2 in vLLM; the folder stays small enough (about 10 MB) to
+travel with the vLLM bundle.
+
 Cost: the encoder is exact but slow on a small CPU (about 18 ms per 16x16 tile at L=16 on 2 cores):
 the full 6-layer model is 14.2 M weights, 16.5 minutes per K here (991 s for K=2). ``--layers 2`` takes
 a third of that; ``--random-trellis`` (valid random words at the source's scale, no encoding) takes seconds but
@@ -47,6 +55,7 @@ settings are reused.
 
     python bench/real_llama_ckpt.py                    # K=2, 6 layers, vocab 8192 -> .e2e_ckpt/qtip-k2
     python bench/real_llama_ckpt.py --K 2,4            # K=4 as well (another ~16 min; 13 MB more to carry)
+    python bench/real_llama_ckpt.py --tp 2             # .e2e_ckpt_tp/qtip-k2-tp2 (~16 min) for bench/e2e_tp.py
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / ".e2e_ckpt"
+DEFAULT_OUT_TP = ROOT / ".e2e_ckpt_tp"  # --tp builds: their own folder, carried without .e2e_ckpt
 DEFAULT_LOCAL = ROOT / ".e2e_ckpt_local"
 BERT_LAYERS = 6
 HIDDEN, INTERMEDIATE, HEADS = 384, 1536, 6
@@ -171,8 +181,16 @@ def weight_errors(src: Path, qdir: Path) -> dict[str, float]:
 
 
 def settings_key(a: argparse.Namespace, minilm: Path) -> dict:
-    return {"builder_version": BUILDER_VERSION, "layers": a.layers, "vocab": a.vocab, "vocab_offset": a.vocab_offset,
+    key = {"builder_version": BUILDER_VERSION, "layers": a.layers, "vocab": a.vocab, "vocab_offset": a.vocab_offset,
             "seed": a.seed, "random_trellis": a.random_trellis, "minilm_sha256": sha256(minilm)}
+    if a.tp:  # only when set: manifests of non-TP builds keep matching
+        key["tp"] = a.tp
+    return key
+
+
+def checkpoint_name(K: int, tp: int | None) -> str:
+    """``qtip-k<K>`` or, for a TP build, ``qtip-k<K>-tp<N>`` (the dense twin: the same with ``dense``)."""
+    return f"qtip-k{K}" + (f"-tp{tp}" if tp else "")
 
 
 def build(a: argparse.Namespace) -> dict:
@@ -210,21 +228,21 @@ def build(a: argparse.Namespace) -> dict:
         "checkpoints": dict(old.get("checkpoints", {})),
     }
     for K in a.K:
-        name = f"qtip-k{K}"
-        qdir, ddir = out / name, local / f"dense-k{K}"
+        name = checkpoint_name(K, a.tp)
+        qdir, ddir = out / name, local / name.replace("qtip-", "dense-", 1)
         prev = manifest["checkpoints"].get(name)
         if (prev and (qdir / "model.safetensors").exists() and sha256(qdir / "model.safetensors") == prev["qtip_sha256"]
                 and (ddir / "model.safetensors").exists() and sha256(ddir / "model.safetensors") == prev["dense_sha256"]):
             print(f"{qdir}: up to date (built {prev['built']}), reused", flush=True)
             continue
         t0 = time.perf_counter()
-        quantize_checkpoint(src, qdir, K=K, seed=a.seed, random_trellis=a.random_trellis, quantization_config=True,
+        quantize_checkpoint(src, qdir, K=K, tp=a.tp, seed=a.seed, random_trellis=a.random_trellis, quantization_config=True,
                             overwrite=True, progress=not a.no_progress, max_shard_bytes=1 << 40)
         t_q = time.perf_counter() - t0
         dequantize_checkpoint(qdir, ddir, dtype=torch.float16, overwrite=True)
         errs = weight_errors(src, qdir)
         manifest["checkpoints"][name] = {
-            "K": K, "dir": name, "dense_dir_local": str(ddir),
+            "K": K, "tp": a.tp, "dir": name, "dense_dir_local": str(ddir),
             "qtip_sha256": sha256(qdir / "model.safetensors"), "dense_sha256": sha256(ddir / "model.safetensors"),
             "qtip_bytes": dir_bytes(qdir), "dense_bytes": dir_bytes(ddir),
             "encode_s": round(t_q, 1), "built": time.strftime("%Y-%m-%d %H:%M"),
@@ -239,7 +257,7 @@ def build(a: argparse.Namespace) -> dict:
 
         for name, entry in manifest["checkpoints"].items():
             if "logits_vs_src" not in entry:
-                entry["logits_vs_src"] = cpu_quantization_error(src, local / f"dense-k{entry['K']}")
+                entry["logits_vs_src"] = cpu_quantization_error(src, local / Path(entry["dense_dir_local"]).name)
                 print(f"{name}: dense twin vs the unquantized source on CPU (fp32): {entry['logits_vs_src']}", flush=True)
     manifest["out_bytes"] = dir_bytes(out)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -248,13 +266,16 @@ def build(a: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="QTIP checkpoints + manifest (sent to the device)")
+    ap.add_argument("--out", default=None, help="QTIP checkpoints + manifest, sent to the device "
+                    f"(default {DEFAULT_OUT.name}/, with --tp {DEFAULT_OUT_TP.name}/)")
     ap.add_argument("--local", default=str(DEFAULT_LOCAL), help="source model and dense twins (stay here)")
     ap.add_argument("--K", default="2", help="comma list of bits per weight in 2..4 (default 2)")
     ap.add_argument("--layers", type=int, default=BERT_LAYERS)
     ap.add_argument("--vocab", type=int, default=8192, help="embedding rows kept (default 8192)")
     ap.add_argument("--vocab-offset", type=int, default=1996, help="first MiniLM word-embedding row kept")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tp", type=int, default=None,
+                    help="write the tensor-parallel variant qtip-k<K>-tp<N> (N = 2: 32-row multiples need N <= 6)")
     ap.add_argument("--random-trellis", action="store_true", help="no encoding: random valid trellis (tests only)")
     ap.add_argument("--minilm", default=None, help="path of all-MiniLM-L6-v2's model.safetensors (default: the package)")
     ap.add_argument("--no-check", dest="check", action="store_false",
@@ -262,6 +283,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="rebuild even what is up to date")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    if a.tp is not None and a.tp < 2:
+        ap.error(f"--tp takes a TP degree >= 2 (leave it out for the plain checkpoint), got {a.tp}")
+    a.out = a.out or str(DEFAULT_OUT_TP if a.tp else DEFAULT_OUT)
     a.K = sorted({int(k) for k in a.K.split(",") if k})
     if not a.K or any(k not in (2, 3, 4) for k in a.K):
         ap.error(f"--K takes values in 2..4, got {a.K}")
