@@ -1,0 +1,107 @@
+"""Where a decoder layer's QTIP time goes at decoding batch sizes (GPU): the op vs its parts vs fp16.
+
+For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4096, down) and M in
+{1, 8, 16}, times with CUDA-graph replay and L2 flushed (bench/common.py):
+
+* ``op``: the custom op as vLLM calls it (fused shards share one grouped input transform);
+* ``op_per_shard``: the same with ``QTIP_TRITON_NO_SHARED_INPUT=1`` (one input transform per shard);
+* ``kernels``: only the decode kernels of the shards (the registry's kind and config, h given);
+* ``fp16``: ``torch.matmul`` on the fused fp16 weight.
+
+So op - kernels is what the transforms (and the launches around them) cost. Writes
+``<out>/<card>-<date>-fused-layers.{json,md}``.
+
+    PYTHONPATH=. python bench/fused_layers.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, time_us, write_results  # noqa: E402
+
+LAYERS = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(11008, 4096)] * 2, "down": [(4096, 11008)]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--M", default="1,8,16")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/fused_layers.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from qtip_triton import dispatch, kernels
+    from qtip_triton.encode import default_layout
+    from qtip_triton.ops import PackedShards, qtip_linear
+    from qtip_triton.research.speed import random_weight
+    from qtip_triton.spec import TrellisSpec
+
+    spec = TrellisSpec(16, a.K, 2, "hyb", 9)
+    rows, totals = [], {}
+    for name, shapes in LAYERS.items():
+        qws = [random_weight(spec, m, n, default_layout(spec, m, n), seed=i) for i, (m, n) in enumerate(shapes)]
+        packed = PackedShards.from_qweights(qws, key=f"bench.{name}")
+        packed.register()
+        w16 = torch.randn(sum(m for m, _ in shapes), shapes[0][1], device="cuda", dtype=torch.float16) * 0.02
+        for M in [int(v) for v in a.M.split(",")]:
+            x = torch.randn(M, shapes[0][1], device="cuda", dtype=torch.float16)
+            rec = {"layer": name, "M": M}
+            rec["op"] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
+            os.environ[dispatch.NO_SHARED_INPUT_ENV] = "1"
+            try:
+                rec["op_per_shard"] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
+            finally:
+                del os.environ[dispatch.NO_SHARED_INPUT_ENV]
+            chosen = [dispatch._select(qw, M) for qw in packed.shards()]
+            pws = [kernels.prepare(qw) for qw in packed.shards()]
+            hs = [torch.randn(M, pw.in_features, device="cuda",
+                              dtype=torch.float32 if k == "gemv" else torch.float16) for pw, (k, _) in zip(pws, chosen, strict=True)]
+
+            def decode_only(pws=pws, chosen=chosen, hs=hs):
+                for pw, (k, cfg), h in zip(pws, chosen, hs, strict=True):
+                    if k == "decompress":
+                        torch.matmul(h, kernels.decompress(pw, cfg, dtype=torch.float16).t())
+                    else:
+                        kernels.decode_matmul(k, pw, h, cfg, h_order="kernel")
+
+            rec["kernels"] = time_us(decode_only)
+            rec["fp16"] = time_us(lambda x=x, w=w16: torch.matmul(x, w.t()))
+            rec["kinds"] = ",".join(k for k, _ in chosen)
+            rows.append(rec)
+            print(f"{name} M={M}: op {rec['op']:.1f} us, per-shard {rec['op_per_shard']:.1f}, kernels {rec['kernels']:.1f}, "
+                  f"fp16 {rec['fp16']:.1f} ({rec['kinds']})", flush=True)
+            for k in ("op", "op_per_shard", "kernels", "fp16"):
+                totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
+    floor = time_us(torch.zeros(1, device="cuda").zero_)
+    env = environment()
+    lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
+             f"µs per call, CUDA-graph replay, L2 flushed; timer floor (one trivial kernel) {floor:.1f} µs. "
+             "op: the fused custom op; op_per_shard: one input transform per shard; kernels: the decode "
+             "kernels alone; fp16: torch.matmul on the fused weight.", "",
+             "| layer | M | kinds | op | op per shard | kernels only | fp16 | fp16 / op |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['M']} | {r['kinds']} | {r['op']:.1f} | {r['op_per_shard']:.1f} | "
+                     f"{r['kernels']:.1f} | {r['fp16']:.1f} | {r['fp16'] / r['op']:.2f} |")
+    for M in sorted({m for m, _ in totals}):
+        lines.append(f"| **layer sum** | {M} | | {totals[(M, 'op')]:.1f} | {totals[(M, 'op_per_shard')]:.1f} | "
+                     f"{totals[(M, 'kernels')]:.1f} | {totals[(M, 'fp16')]:.1f} | "
+                     f"{totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
+    jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows},
+                           "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
