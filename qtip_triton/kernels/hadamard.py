@@ -33,6 +33,9 @@ ROWS_MAX = 2048  # padded rows of the Z view (A is ROWS x ROWS)
 # (e.g. 11008 at 16 tokens) the column split recomputes A·Z for nothing and loses.
 COL_SPLIT_MAX_PROGRAMS = 64
 UNROLL_MAX_TOKENS = 64
+# Partials loaded per round trip: 4 measured fast (S = 4: 28672's output 45.5 -> 15.9 us); all 16 at
+# once spilled registers (16 x a 32x128 fp32 tile per program: 4096 -> 317 us, H200 2026-11-28).
+UNROLL_SPLITS = 4
 
 
 @triton.jit
@@ -98,9 +101,12 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         idx = ki[:, None] * COLS + j[None, :]
         msk = (ki < ROWS)[:, None] & (j < COLS)[None, :]
         z = tl.zeros([KBLK, CP], dtype=tl.float32)
-        if NSPLIT > 0:
-            for s in tl.static_range(NSPLIT):
-                z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
+        if NSPLIT > 0:  # NSPLIT partials per round trip, in flight together (more would spill registers)
+            for s0 in range(0, nsplit, NSPLIT):
+                for u in tl.static_range(NSPLIT):
+                    live = tl.full([KBLK, CP], s0 + u, tl.int32) < nsplit
+                    z += tl.load(X + (s0 + u) * stride_xs + token * stride_xm + base + idx,
+                                 mask=msk & live, other=0.0).to(tl.float32)
         else:
             for s in range(nsplit):
                 z += tl.load(X + s * stride_xs + token * stride_xm + base + idx, mask=msk, other=0.0).to(tl.float32)
@@ -323,10 +329,15 @@ def transform(
     if unroll_splits is None:
         unroll_splits = T <= UNROLL_MAX_TOKENS
     grid = (G * T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
-    nsplit_c = S if (unroll_splits and S <= 16) else 0
+    nsplit_c = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
+    # Unrolled partial loads must not be software-pipelined: the pipeliner stages every partial's
+    # KBLK x CP fp32 tile in shared memory per stage (16 partials at 8192: 266 KB, over the 227 KB
+    # limit) -- the loads are independent and already in flight together.
+    stages = {"num_stages": 1} if nsplit_c else {}
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, RP=rp, CP=cp, RBLK=rblk,
-                       KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **args)
+                       KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **stages,
+                       **args)
     return y
