@@ -73,6 +73,9 @@ def engine_max_tokens(cfg: Any) -> tuple[int, str] | None:
 
 
 def logger():
+    """A logger under vLLM's ``vllm`` hierarchy: vLLM configures handlers (format, level) for that logger
+    only, so a plain ``qtip_triton.vllm`` logger lost every INFO line in the engine's output (the
+    warm-up's "compiled N kernel variants in parallel") and printed WARNINGs unformatted."""
     from vllm.logger import init_logger
 
-    return init_logger("qtip_triton.vllm")
+    return init_logger("vllm.qtip_triton")

@@ -300,3 +300,12 @@ def test_serial_env_and_cpu_do_not_start_a_pool(recorder, gen, monkeypatch):
     layer = qtip_layer("row", gen)
     layer.quant_method.process_weights_after_loading(layer)
     assert started == [] and len(recorder) == 4
+
+
+def test_plugin_logger_uses_vllms_handlers():
+    """vLLM configures handlers for its ``vllm`` logger only: ours must sit under it or INFO lines vanish."""
+    import logging
+
+    log = compat.logger()
+    assert log.name.startswith("vllm.")
+    assert log.parent is logging.getLogger("vllm")  # so records reach the handlers vLLM installs there
