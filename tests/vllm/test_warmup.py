@@ -306,6 +306,7 @@ def test_plugin_logger_uses_vllms_handlers():
     """vLLM configures handlers for its ``vllm`` logger only: ours must sit under it or INFO lines vanish."""
     import logging
 
+    vllm_root = logging.getLogger("vllm")
     log = compat.logger()
     assert log.name.startswith("vllm.")
-    assert log.parent is logging.getLogger("vllm")  # so records reach the handlers vLLM installs there
+    assert log.parent is vllm_root  # so records reach the handlers vLLM installs there
