@@ -127,12 +127,14 @@ def linear(
     return kernels.launch(kind, x, qw, config, bias, out=out)
 
 
-def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor | None, out: torch.Tensor,
+                  post: torch.Tensor | None = None) -> torch.Tensor:
     """A fused layer's shards (same x) into their columns of ``out`` ((rows of x, sum out), x's dtype).
 
     When every shard takes the same decode kind for this batch (the registry's choice per shard) and
-    ``pre`` holds their SU stacked, the input transform runs once for all of them
-    (:func:`qtip_triton.kernels.launch_shards`); otherwise each shard runs :func:`linear` on its columns.
+    ``pre`` holds their SU stacked, the input transform runs once for all of them (and, with ``post``
+    = their SV stacked and equal shapes, the output transform too: :func:`qtip_triton.kernels.launch_shards`);
+    otherwise each shard runs :func:`linear` on its columns.
     """
     rows = x.numel() // qws[0].in_features
     if pre is not None and x.dtype in _KERNEL_DTYPES and len(qws) > 1 and os.environ.get(NO_SHARED_INPUT_ENV) != "1":
@@ -143,7 +145,7 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
             chosen = [_select(qw, M) for qw in qws]
             kind = chosen[0][0]
             if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, [kernels.prepare(q) for q in qws]):
-                return kernels.launch_shards(kind, x, qws, [c for _, c in chosen], pre, out)
+                return kernels.launch_shards(kind, x, qws, [c for _, c in chosen], pre, out, post)
     col = 0
     for qw in qws:
         linear(x, qw, out=out[:, col:col + qw.out_features])

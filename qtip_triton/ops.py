@@ -288,7 +288,9 @@ def _qtip_linear_impl(
     # (and, where the shards take one kernel kind, their input transforms run as one launch)
     y = x.new_empty(*x.shape[:-1], sum(out_features))
     pre = SU if SU.dim() == 2 and SU.dtype == torch.float32 and SU.is_contiguous() else None
-    dispatch.linear_shards(x, shards, pre, y.view(-1, y.shape[-1]))
+    equal = len(set(out_features)) == 1 and SV.dtype == torch.float32 and SV.is_contiguous()
+    post = SV.view(len(out_features), out_features[0]) if equal and SV.numel() == sum(out_features) else None
+    dispatch.linear_shards(x, shards, pre, y.view(-1, y.shape[-1]), post)
     return y if bias is None else y + bias.to(y.dtype)
 
 

@@ -137,3 +137,26 @@ def test_grouped_input_transform(gen, n, blocks):
         transform(x, blocks, transpose=True, pre=pre[:, 1:], interpret=True)
     with pytest.raises(ValueError, match="out= takes one"):
         transform(x, blocks, transpose=True, pre=pre, interpret=True, out=torch.empty(3, n))
+
+
+@pytest.mark.parametrize("n,blocks", [(5120, 1), (1024, 1), (256, 2)])
+@pytest.mark.parametrize("S", [1, 6])
+def test_grouped_output_transform(gen, n, blocks, S):
+    """(groups, splits, T, n) partials: each group summed, transformed, scaled by its own post row, into its
+    columns of one wide output (a fused layer's shards); n = 256 in two blocks takes the per-group path."""
+    parts = torch.randn(3, S, 2, n, generator=gen)
+    post = torch.randn(3, n, generator=gen)
+    wide = torch.full((2, 3 * n + 8), 5.0)
+    y = transform(parts, blocks, transpose=False, post=post, out_dtype=torch.float32, interpret=True,
+                  out=wide[:, 4:4 + 3 * n])
+    assert y.shape == (2, 3 * n)
+    for g in range(3):
+        ref = _reference(parts[g].double().sum(0), blocks, False) * post[g].double()
+        assert _rel(wide[:, 4 + g * n:4 + (g + 1) * n], ref) < 1e-6
+    assert (wide[:, :4] == 5).all() and (wide[:, 4 + 3 * n:] == 5).all()
+    fresh = transform(parts, blocks, transpose=False, post=post, out_dtype=torch.float32, interpret=True)
+    assert torch.equal(fresh, wide[:, 4:4 + 3 * n])
+    with pytest.raises(ValueError, match="grouped post"):
+        transform(parts, blocks, transpose=False, post=post[:2], interpret=True)
+    with pytest.raises(ValueError, match="post only"):
+        transform(parts, blocks, transpose=False, bias=post[0], interpret=True)

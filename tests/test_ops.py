@@ -96,6 +96,30 @@ def test_shards_of_one_spec_share_one_input_transform(gen, monkeypatch, M):
     assert not calls and rel(y2, y) < 1e-3
 
 
+@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_equal_shards_share_one_output_transform(gen, monkeypatch, M, dtype, tol):
+    """Equal-shaped shards (Llama-2's q/k/v) also take ONE output-transform launch: every shard's partials in
+    one buffer, each scaled by its own SV into its columns (swapping two shards' SV changes the result)."""
+    from qtip_triton.kernels import hadamard as had
+
+    qws = [random_qweight(gen, HYB[2], 64, 64) for _ in range(3)]
+    packed = PackedShards.from_qweights(qws, key="t.out3")
+    shapes = []
+    real = had.transform
+    monkeypatch.setattr(had, "transform", lambda x, *a, **k: shapes.append(x.dim()) or real(x, *a, **k))
+    x = torch.randn(M, 64, generator=gen)
+    bias = torch.randn(192, generator=gen)
+    y = qtip_linear(x.to(dtype), packed, bias.to(dtype))
+    # one grouped input call, one grouped (4-D) output call; n = 64 is a Sylvester-only block, which each
+    # grouped call runs as one launch per group (the 3-D calls)
+    assert shapes == [2, 3, 3, 3, 4, 3, 3, 3], shapes
+    assert rel(y, fused_reference(qws, x, bias)) < tol
+    swapped = PackedShards.from_qweights(qws, key="t.out3b")
+    swapped.SV = swapped.SV.view(3, 64)[[1, 0, 2]].reshape(-1).contiguous()
+    assert rel(qtip_linear(x.to(dtype), swapped), fused_reference(qws, x)) > 1e-2
+
+
 def test_linear_out_argument(gen):
     qw = small_shards(gen)[0]
     x = torch.randn(4, 64, generator=gen).half()

@@ -41,7 +41,7 @@ from qtip_triton.kernels.configs import (
     default_kind,
 )
 from qtip_triton.kernels.prepare import PreparedWeight, prepare
-from qtip_triton.kernels.runners import ACT_DTYPES, decode_matmul, decompress, interpreting
+from qtip_triton.kernels.runners import ACT_DTYPES, decode_matmul, decompress, interpreting, split_count
 from qtip_triton.weight import QuantizedWeight
 
 __all__ = [
@@ -149,10 +149,13 @@ def launch_shards(
     configs: list[Mapping[str, Any]],
     pre: torch.Tensor,
     out: torch.Tensor,
+    post: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The shards of a fused layer (q/k/v, gate/up) on one x: ONE input-transform launch for all of them
     (``pre`` = their SU stacked, (shards, in_features) float32), then each shard's decode kernel and
     output transform writing its columns of ``out`` ((rows of x, sum of out_features), x's dtype).
+    With ``post`` (their SV stacked, (shards, out_features) float32) and equal-shaped shards that split
+    K alike (Llama-2's q/k/v, any gate/up), the output transforms are one launch as well.
 
     Why: at decoding batch sizes each transform is a few-microsecond launch whatever the layer's
     size, so a fused layer's count of launches, not its bytes, sets its time.
@@ -171,6 +174,17 @@ def launch_shards(
         return out
     h = hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
                            out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
+    m0 = pws[0].out_features
+    splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]
+    if (post is not None and post.shape == (len(pws), m0) and post.dtype == torch.float32 and post.is_contiguous()
+            and all(pw.out_features == m0 and pw.blocks_out == pws[0].blocks_out for pw in pws)
+            and len(set(splits)) == 1):
+        parts = torch.empty(len(pws), splits[0], x2.shape[0], m0, dtype=torch.float32, device=x.device)
+        for g, (pw, config) in enumerate(zip(pws, configs, strict=True)):
+            decode_matmul(kind, pw, h[g], config, h_order="kernel", ws=parts[g])
+        hadamard.transform(parts, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
+                           interpret=interpreting(), out=out)
+        return out
     col = 0
     for g, (pw, config) in enumerate(zip(pws, configs, strict=True)):
         parts = decode_matmul(kind, pw, h[g], config, h_order="kernel")

@@ -66,7 +66,7 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
-                 ROWS, COLS, ntok, n, stride_yg, stride_dg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
+                 ROWS, COLS, ntok, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
                  COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0):
@@ -81,7 +81,8 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     Groups (grid axis 0 = groups x tokens x blocks): the same x transformed with each group's own
     PRE (row g of a (groups, n) tensor) and DST (row g, or one shared row: stride_dg = 0) into
     Y + g * stride_yg, e.g. the q, k and v shards of a fused layer, which share their input but not
-    their signs, in one launch.
+    their signs, in one launch. Output groups: each group's own partials (X + g * stride_xg) and POST
+    (+ g * stride_pg) into its columns of one fused output (stride_yg = n).
     """
     pid = tl.program_id(0)
     g = pid // (ntok * blocks)
@@ -91,6 +92,8 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     PRE += g * n
     DST += g * stride_dg
     Y += g * stride_yg
+    X += g * stride_xg
+    POST += g * stride_pg
     r0 = tl.program_id(1) * RBLK
     base = blk * nb  # offset of the block inside a row (also into PRE / POST / BIAS)
     j = tl.arange(0, CP)
@@ -254,10 +257,14 @@ def transform(
     view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
     its rows may be strided, its columns must not.
     """
+    out_groups = x.dim() == 4  # (groups, splits, T, n): one output transform per fused shard
     if x.dim() == 2:
         x = x.unsqueeze(0)
-    if x.dim() != 3:
-        raise ValueError(f"x must be (T, n) or (splits, T, n), got {tuple(x.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must be (T, n), (splits, T, n) or (groups, splits, T, n), got {tuple(x.shape)}")
+    if out_groups:
+        return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
+                               col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias)
     S, T, n = x.shape
     if blocks < 1 or n % blocks:
         raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
@@ -265,7 +272,7 @@ def transform(
     ok, why = supported(nb)
     if not ok:
         raise ValueError(why)
-    if x.stride(2) != 1:
+    if x.stride(-1) != 1:
         x = x.contiguous()
     groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 0
     if pre is not None and pre.dim() == 2 and groups == 0:
@@ -337,7 +344,58 @@ def transform(
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
-                       n if dst is not None and dst.dim() == 2 else 0, RP=rp, CP=cp, RBLK=rblk,
+                       n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **stages,
                        **args)
     return y
+
+
+def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
+                    out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
+                    unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias) -> torch.Tensor:
+    """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
+    [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
+    a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
+    G, S, T, n = x.shape
+    if pre is not None or dst is not None or bias is not None:
+        raise ValueError("grouped output transforms take post only (no pre, dst or bias)")
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
+    nb = n // blocks
+    ok, why = supported(nb)
+    if not ok:
+        raise ValueError(why)
+    if post is not None and (post.shape != (G, n) or not post.is_contiguous()):
+        raise ValueError(f"grouped post must be a contiguous ({G}, {n}) tensor, got {tuple(post.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(T, G * n, dtype=out_dtype or x.dtype, device=x.device)
+    elif out.shape != (T, G * n) or out.stride(1) != 1 or out.device != x.device or (
+            out_dtype is not None and out.dtype != out_dtype):
+        raise ValueError(f"out must be a ({T}, {G * n}) view with unit column stride on {x.device}"
+                         f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
+    if T == 0:
+        return out
+    a, b = _matrices(nb, transpose, x.device)
+    if a is None:  # Sylvester-only blocks: one launch per group
+        for g in range(G):
+            transform(x[g], blocks, transpose=transpose, post=None if post is None else post[g], interpret=interpret,
+                      out=out[:, g * n:(g + 1) * n], out_dtype=out.dtype)
+        return out
+    kh, p1, p2 = factor(nb)
+    rp, cp = a.shape[0], b.shape[0]
+    rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
+    if col_split is None:
+        col_split = G * T * blocks * (rp // rblk) <= COL_SPLIT_MAX_PROGRAMS
+    if unroll_splits is None:
+        unroll_splits = T <= UNROLL_MAX_TOKENS
+    nsplit_c = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
+    stages = {"num_stages": 1} if nsplit_c else {}
+    grid = (G * T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
+    _had2_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
+                       out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T, n, n, 0, x.stride(0),
+                       n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
+                       COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
+                       HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages)
+    return out

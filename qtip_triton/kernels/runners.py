@@ -69,9 +69,19 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     return out
 
 
+def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
+    """How many split-K partials :func:`decode_matmul` writes for this weight and config."""
+    TR, TC = _blocks(config)
+    nblk = _cdiv(pw.words.shape[2], TC * pw.plan.GCN)
+    split = config.get("SPLIT_K", 1)
+    iters = _cdiv(nblk, min(split, nblk))
+    return _cdiv(nblk, iters)
+
+
 def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
-                  h_order: str = "natural") -> torch.Tensor:
-    """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16).
+                  h_order: str = "natural", ws: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16), into
+    ``ws`` when given (a slice of a fused layer's partials buffer, see :func:`split_count`).
 
     The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
     kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
@@ -107,7 +117,11 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     nblk = _cdiv(Ctot, CB)
     iters = _cdiv(nblk, min(split, nblk))
     splits = _cdiv(nblk, iters)
-    ws = torch.empty(splits, M, pw.out_features, dtype=torch.float32, device=h.device)
+    if ws is None:
+        ws = torch.empty(splits, M, pw.out_features, dtype=torch.float32, device=h.device)
+    elif ws.shape != (splits, M, pw.out_features) or ws.dtype != torch.float32 or ws.stride(2) != 1:
+        raise ValueError(f"ws must be float32 ({splits}, {M}, {pw.out_features}) with unit last stride, "
+                         f"got {ws.dtype} {tuple(ws.shape)}")
     grid = (_cdiv(Rtot, TR * plan.GRN), splits, _cdiv(M, BM))
     RB = TR * plan.GRN
     # no masks when every program's row block and every k step is full
