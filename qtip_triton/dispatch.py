@@ -28,6 +28,7 @@ REFERENCE = "reference"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 NO_REGISTRY_ENV = "QTIP_TRITON_NO_REGISTRY"  # "1": skip the registry, use the kernels' heuristic
 NO_SHARED_INPUT_ENV = "QTIP_TRITON_NO_SHARED_INPUT"  # "1": fused shards transform their input one by one
+NO_FUSED_DECODE_ENV = "QTIP_TRITON_NO_FUSED_DECODE"  # "1": fused shards decode in one launch each
 
 
 def reference_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,6 +46,15 @@ def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return y
 
 
+def prepare_fused(qws: list[QuantizedWeight]):
+    """Load-time: the shards' words stacked for one decode launch (None where that does not apply)."""
+    from qtip_triton import kernels
+
+    if len(qws) < 2 or not kernels.kernels_available(qws[0].device)[0]:
+        return None
+    return kernels.fuse_shards([kernels.prepare(qw) for qw in qws])
+
+
 def prepare(qw: QuantizedWeight):
     """Load-time repack for the kernels (no-op where they cannot run); returns the prepared weight or None."""
     from qtip_triton import kernels
@@ -55,6 +65,10 @@ def prepare(qw: QuantizedWeight):
 
 
 def _select(qw: QuantizedWeight, M: int) -> tuple[str, Mapping[str, Any]]:
+    return _select_shape(qw.spec, qw.out_features, qw.in_features, M)
+
+
+def _select_shape(spec, out_features: int, in_features: int, M: int) -> tuple[str, Mapping[str, Any]]:
     from qtip_triton import kernels
 
     if os.environ.get(NO_REGISTRY_ENV) != "1":
@@ -63,9 +77,9 @@ def _select(qw: QuantizedWeight, M: int) -> tuple[str, Mapping[str, Any]]:
         except ImportError:
             lookup_config = None
         if lookup_config is not None:
-            return lookup_config(qw.spec, qw.out_features, qw.in_features, M)
-    kind = kernels.default_kind(qw.spec, qw.out_features, qw.in_features, M)
-    return kind, kernels.default_config(kind, qw.spec, qw.out_features, qw.in_features, M)
+            return lookup_config(spec, out_features, in_features, M)
+    kind = kernels.default_kind(spec, out_features, in_features, M)
+    return kind, kernels.default_config(kind, spec, out_features, in_features, M)
 
 
 def linear(
@@ -128,13 +142,16 @@ def linear(
 
 
 def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor | None, out: torch.Tensor,
-                  post: torch.Tensor | None = None) -> torch.Tensor:
+                  post: torch.Tensor | None = None, fused=None) -> torch.Tensor:
     """A fused layer's shards (same x) into their columns of ``out`` ((rows of x, sum out), x's dtype).
 
     When every shard takes the same decode kind for this batch (the registry's choice per shard) and
     ``pre`` holds their SU stacked, the input transform runs once for all of them (and, with ``post``
     = their SV stacked and equal shapes, the output transform too: :func:`qtip_triton.kernels.launch_shards`);
-    otherwise each shard runs :func:`linear` on its columns.
+    otherwise each shard runs :func:`linear` on its columns. ``fused`` (the shards' words stacked,
+    :func:`qtip_triton.kernels.fuse_shards`): the whole layer is three launches, with the registry's
+    config for the fused shape (:func:`qtip_triton.kernels.launch_fused`); ``QTIP_TRITON_NO_FUSED_DECODE=1``
+    turns that off.
     """
     rows = x.numel() // qws[0].in_features
     if pre is not None and x.dtype in _KERNEL_DTYPES and len(qws) > 1 and os.environ.get(NO_SHARED_INPUT_ENV) != "1":
@@ -142,6 +159,10 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
 
         if kernels.kernels_available(x.device)[0] and pre.device == x.device:
             M = max(1, rows)
+            if fused is not None and post is not None and os.environ.get(NO_FUSED_DECODE_ENV) != "1":
+                kind, config = _select_shape(fused.spec, fused.out_features, fused.in_features, M)
+                if kind in ("gemv", "gemm") and kernels.shard_blocks_ok(fused, len(qws), config):
+                    return kernels.launch_fused(kind, x, fused, len(qws), config, pre, post, out)
             chosen = [_select(qw, M) for qw in qws]
             kind = chosen[0][0]
             if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, [kernels.prepare(q) for q in qws]):

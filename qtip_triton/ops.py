@@ -158,6 +158,7 @@ class PackedShards:
     key: str = ""
     had_block: tuple[int, ...] = ()
     _shards: list[QuantizedWeight] | None = field(default=None, repr=False)
+    _fused: object = field(default=None, repr=False)  # the kernels' one-launch decode of all shards, if any
 
     @classmethod
     def from_qweights(cls, qws: Sequence[QuantizedWeight], key: str = "") -> PackedShards:
@@ -217,6 +218,8 @@ class PackedShards:
         shards = self.shards()
         if prepare:
             prepare_shards(shards)
+            fuse = getattr(dispatch, "prepare_fused", None)
+            self._fused = fuse(shards) if fuse is not None and len(shards) > 1 else None
         key = (self.key, self.trellis.data_ptr())
 
         def forget(ref: weakref.ref, key: tuple[str, int] = key) -> None:
@@ -290,7 +293,8 @@ def _qtip_linear_impl(
     pre = SU if SU.dim() == 2 and SU.dtype == torch.float32 and SU.is_contiguous() else None
     equal = len(set(out_features)) == 1 and SV.dtype == torch.float32 and SV.is_contiguous()
     post = SV.view(len(out_features), out_features[0]) if equal and SV.numel() == sum(out_features) else None
-    dispatch.linear_shards(x, shards, pre, y.view(-1, y.shape[-1]), post)
+    dispatch.linear_shards(x, shards, pre, y.view(-1, y.shape[-1]), post,
+                           fused=packed._fused if packed is not None else None)
     return y if bias is None else y + bias.to(y.dtype)
 
 

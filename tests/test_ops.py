@@ -120,6 +120,61 @@ def test_equal_shards_share_one_output_transform(gen, monkeypatch, M, dtype, tol
     assert rel(qtip_linear(x.to(dtype), swapped), fused_reference(qws, x)) > 1e-2
 
 
+@pytest.mark.parametrize("M", [1, 6, 40])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_equal_shards_decode_in_one_launch(gen, monkeypatch, M, dtype, tol):
+    """Equal shards with one code table: their words are stacked once at registration (the shards keep
+    views of it: no second copy) and the layer runs as grouped input transform + ONE decode launch +
+    grouped output transform, each shard with its own SU and SV."""
+    from qtip_triton import kernels
+
+    qws = [random_qweight(gen, HYB[2], 128, 64) for _ in range(3)]
+    for qw in qws[1:]:
+        qw.table = qws[0].table
+    packed = PackedShards.from_qweights(qws, key="t.fused3")
+    packed.register()
+    fused = packed._fused
+    assert fused is not None and fused.out_features == 384
+    assert all(kernels.prepare(q).words.untyped_storage().data_ptr() == fused.words.untyped_storage().data_ptr()
+               for q in packed.shards())
+    launched = []
+    real = kernels.decode_matmul
+    monkeypatch.setattr(kernels, "decode_matmul", lambda kind, pw, h, *a, **k: launched.append(
+        (pw.out_features, h.dim())) or real(kind, pw, h, *a, **k))
+    x = torch.randn(M, 64, generator=gen)
+    bias = torch.randn(384, generator=gen)
+    y = qtip_linear(x.to(dtype), packed, bias.to(dtype))
+    if M < 40:  # gemv/gemm sizes: one decode of the stacked words with per-shard h
+        assert launched == [(384, 3)], launched
+    assert rel(y, fused_reference(qws, x, bias)) < tol
+    # swapped SU rows (inputs) or SV rows (outputs) must change the result: each shard keeps its own
+    for attr, shape in (("SU", (3, 64)), ("SV", (3, 128))):
+        twin = PackedShards.from_qweights(qws, key=f"t.fused3{attr}")
+        setattr(twin, attr, getattr(twin, attr).reshape(shape)[[1, 0, 2]].reshape(getattr(twin, attr).shape).contiguous())
+        twin.register()
+        assert rel(qtip_linear(x.to(dtype), twin), fused_reference(qws, x)) > 1e-2
+    # different tables: no fused decode (the kernel reads one table)
+    other = [random_qweight(gen, HYB[2], 128, 64) for _ in range(2)]
+    p2 = PackedShards.from_qweights(other, key="t.twotables")
+    p2.register()
+    assert (p2._fused is None) == (not torch.equal(other[0].table, other[1].table))
+
+
+def test_fused_decode_refuses_straddling_blocks(gen):
+    from qtip_triton import kernels
+
+    qws = [random_qweight(gen, HYB[2], 32, 64) for _ in range(2)]
+    for qw in qws[1:]:
+        qw.table = qws[0].table
+    fused = kernels.fuse_shards([kernels.prepare(q) for q in qws])
+    assert fused is not None
+    assert kernels.shard_blocks_ok(fused, 2, {"BLOCK_N": 32, "BLOCK_K": 64})
+    assert not kernels.shard_blocks_ok(fused, 2, {"BLOCK_N": 64, "BLOCK_K": 64})
+    h = torch.zeros(2, 1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not split into row blocks"):
+        kernels.decode_matmul("gemv", fused, h, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64}, h_order="kernel")
+
+
 def test_linear_out_argument(gen):
     qw = small_shards(gen)[0]
     x = torch.randn(4, 64, generator=gen).half()

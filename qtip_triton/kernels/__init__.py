@@ -40,11 +40,21 @@ from qtip_triton.kernels.configs import (
     default_config,
     default_kind,
 )
-from qtip_triton.kernels.prepare import PreparedWeight, prepare
-from qtip_triton.kernels.runners import ACT_DTYPES, decode_matmul, decompress, interpreting, split_count
+from qtip_triton.kernels.prepare import PreparedWeight, fuse_shards, prepare
+from qtip_triton.kernels.runners import (
+    ACT_DTYPES,
+    decode_matmul,
+    decompress,
+    interpreting,
+    shard_blocks_ok,
+    split_count,
+)
 from qtip_triton.weight import QuantizedWeight
 
 __all__ = [
+    "shard_blocks_ok",
+    "fuse_shards",
+    "launch_fused",
     "launch_shards",
     "can_share_input",
     "CONFIG_VERSION",
@@ -190,4 +200,41 @@ def launch_shards(
         parts = decode_matmul(kind, pw, h[g], config, h_order="kernel")
         _transform_out(pw, parts, None, x.dtype, out[:, col:col + pw.out_features])
         col += pw.out_features
+    return out
+
+
+def launch_fused(
+    kind: str,
+    x: torch.Tensor,
+    fused: PreparedWeight,
+    shards: int,
+    config: Mapping[str, Any],
+    pre: torch.Tensor,
+    post: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """A fused layer of ``shards`` equal shards in three launches whatever their number: the grouped input
+    transform (each shard's SU), ONE decode kernel over the stacked words (:func:`fuse_shards`; each
+    shard's rows read its own h) and the grouped output transform (each shard's SV) into ``out``.
+
+    Why: at decoding batch sizes a launch costs about what a small layer's work does; Llama-2's q/k/v
+    otherwise take 1 + 3 + 1 launches and gate/up 1 + 2 + 1.
+    """
+    if kind not in ("gemv", "gemm"):
+        raise ValueError(f"a fused decode runs kinds 'gemv' and 'gemm', got {kind!r}")
+    n, m = fused.in_features, fused.out_features // shards
+    if pre.shape != (shards, n) or post.shape != (shards, m):
+        raise ValueError(f"pre/post must be ({shards}, {n}) / ({shards}, {m}), got {tuple(pre.shape)} / {tuple(post.shape)}")
+    x2 = x.reshape(-1, n)
+    if out.shape != (x2.shape[0], fused.out_features) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be ({x2.shape[0]}, {fused.out_features}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
+    if x2.shape[0] == 0:
+        return out
+    h = hadamard.transform(x2, fused.blocks_in, transpose=True, pre=pre, dst=fused.input_index(kind),
+                           out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
+    parts = decode_matmul(kind, fused, h, config, h_order="kernel")  # (splits, T, shards * m)
+    S, T = parts.shape[:2]
+    grouped = parts.view(S, T, shards, m).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy
+    hadamard.transform(grouped, fused.blocks_out, transpose=False, post=post, out_dtype=x.dtype,
+                       interpret=interpreting(), out=out)
     return out

@@ -151,3 +151,34 @@ def prepare(qw: QuantizedWeight | PreparedWeight) -> PreparedWeight:
     pw = prepare_weight(qw)
     _CACHE[key] = (weakref.ref(qw.trellis, lambda _, k=key: _CACHE.pop(k, None)), fp, pw)
     return pw
+
+
+def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
+    """One PreparedWeight whose word rows are the shards' stacked (q/k/v, gate/up of equal shape), so one
+    decode launch serves them all (each shard's rows read its own h: ``decode_matmul`` with (shards, M,
+    in) h). The shards' own words become views into it: no second copy of the weights.
+
+    None unless there are several shards of one spec, layout, plan, shape and device with equal code
+    tables (the decode kernel reads one table). SU/SV stay per shard (the transforms are grouped).
+    """
+    if len(pws) < 2:
+        return None
+    p0 = pws[0]
+    same = all(
+        pw.spec == p0.spec and pw.layout == p0.layout and pw.plan == p0.plan and pw.in_features == p0.in_features
+        and pw.blocks_in == p0.blocks_in and pw.blocks_out == p0.blocks_out
+        and pw.out_features == p0.out_features and pw.device == p0.device and pw.words.shape == p0.words.shape
+        and pw.table.shape == p0.table.shape and bool(torch.equal(pw.table, p0.table))
+        for pw in pws
+    )
+    if not same:
+        return None
+    words = torch.cat([pw.words for pw in pws], dim=1).contiguous()
+    rows = p0.words.shape[1]
+    for i, pw in enumerate(pws):
+        pw.words = words[:, i * rows:(i + 1) * rows, :]  # a view: the shard paths keep working, memory once
+    return PreparedWeight(
+        spec=p0.spec, out_features=p0.out_features * len(pws), in_features=p0.in_features, layout=p0.layout,
+        plan=p0.plan, words=words, table=p0.table, SU=p0.SU, SV=torch.cat([pw.SV for pw in pws]),
+        blocks_in=p0.blocks_in, blocks_out=p0.blocks_out,
+    )

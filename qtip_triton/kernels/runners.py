@@ -64,9 +64,16 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     RB, CB = TR * plan.GRN, TC * plan.GCN
     grid = (_cdiv(Rtot, RB), _cdiv(Ctot, CB))
     even = Rtot % RB == 0 and Ctot % CB == 0
-    mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, Rtot * Ctot, out.stride(0), TR=TR, TC=TC,
+    mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, pw.words.stride(0), out.stride(0), TR=TR, TC=TC,
                      EVEN=even, INTERPRET=interpreting(), **_launch_opts(config))
     return out
+
+
+def shard_blocks_ok(pw: PreparedWeight, shards: int, config: Mapping[str, Any]) -> bool:
+    """Whether ``config``'s row blocks never straddle two of ``shards`` equal shards stacked in ``pw``."""
+    TR, _ = _blocks(config)
+    rows = pw.words.shape[1]
+    return rows % shards == 0 and (rows // shards) % (TR * pw.plan.GRN) == 0
 
 
 def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
@@ -83,13 +90,18 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16), into
     ``ws`` when given (a slice of a fused layer's partials buffer, see :func:`split_count`).
 
+    ``h`` of shape (shards, M, in) with a fused weight (equal shards stacked by rows, see
+    :func:`qtip_triton.kernels.prepare.fuse_shards`): rows of shard g multiply h[g], one launch.
+
     The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
     kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
     """
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"decode_matmul runs kinds 'gemv' and 'gemm', got {kind!r}")
-    if h.dim() != 2 or h.shape[1] != pw.in_features:
-        raise ValueError(f"h must be (M, {pw.in_features}), got {tuple(h.shape)}")
+    if h.dim() not in (2, 3) or h.shape[-1] != pw.in_features:
+        raise ValueError(f"h must be (M, {pw.in_features}) or (shards, M, {pw.in_features}), got {tuple(h.shape)}")
+    if h.dim() == 3 and h_order != "kernel":
+        raise ValueError("per-shard h (3-D) must already be in the kernel's column order (h_order='kernel')")
     allowed = ACT_DTYPES + ((torch.float32,) if kind == "gemv" else ())
     if h.dtype not in allowed:
         raise ValueError(f"the {kind} kernel takes {', '.join(map(str, allowed))} activations, got {h.dtype}")
@@ -99,7 +111,7 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
         h = perm
     elif h_order != "kernel":
         raise ValueError(f"h_order must be 'natural' or 'kernel', got {h_order!r}")
-    if h.stride(1) != 1:
+    if h.stride(-1) != 1:
         h = h.contiguous()
     TR, TC = _blocks(config)
     bm_lo, bm_hi = (1, 16) if kind == "gemv" else (16, 256)
@@ -112,7 +124,12 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     plan = pw.plan
     mod = load(pw.spec, kind, config, layout=pw.layout)
     G, Rtot, Ctot = pw.words.shape
-    M = h.shape[0]
+    M = h.shape[-2]
+    RB = TR * plan.GRN
+    shards = h.shape[0] if h.dim() == 3 else 1
+    if shards > 1 and (Rtot % shards or (Rtot // shards) % RB):
+        raise ValueError(f"{shards} shards of {Rtot // max(shards, 1)} word rows do not split into row blocks of {RB}")
+    shard_rows, stride_xg = Rtot // shards, (h.stride(0) if h.dim() == 3 else 0)
     CB = TC * plan.GCN
     nblk = _cdiv(Ctot, CB)
     iters = _cdiv(nblk, min(split, nblk))
@@ -122,10 +139,9 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     elif ws.shape != (splits, M, pw.out_features) or ws.dtype != torch.float32 or ws.stride(2) != 1:
         raise ValueError(f"ws must be float32 ({splits}, {M}, {pw.out_features}) with unit last stride, "
                          f"got {ws.dtype} {tuple(ws.shape)}")
-    grid = (_cdiv(Rtot, TR * plan.GRN), splits, _cdiv(M, BM))
-    RB = TR * plan.GRN
+    grid = (_cdiv(Rtot, RB), splits, _cdiv(M, BM))
     # no masks when every program's row block and every k step is full
     extra = {"INTERPRET": interpreting(), "EVEN": Rtot % RB == 0 and Ctot % CB == 0 and nblk % iters == 0}
-    mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, Rtot * Ctot, h.stride(0), ws.stride(0),
-                     ws.stride(1), TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
+    mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2), ws.stride(0),
+                     ws.stride(1), shard_rows, stride_xg, TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
     return ws
