@@ -1,0 +1,66 @@
+"""GPU tests of fused layers (Llama-2-7B's q/k/v and gate/up) through the custom op: the grouped input and
+output transforms and the one-launch decode of stacked shards, against the float64 reference, at decoding
+and small-prefill batch sizes (run on the device: ``pytest -m gpu``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton import QuantizedWeight, TrellisSpec, dispatch, kernels
+from qtip_triton.bitstream import get_layout
+from qtip_triton.ops import PackedShards, qtip_linear
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LAYERS = {"qkv": (3, 4096, 4096), "gate_up": (2, 11008, 4096)}
+
+
+def shards(count: int, m: int, n: int, K: int) -> list[QuantizedWeight]:
+    """Random QTIP-layout shards on the GPU sharing one code table (as a checkpoint's fused layer does)."""
+    g = torch.Generator(device="cuda")
+    g.seed()
+    spec = TrellisSpec(16, K, 2, "hyb", 9)
+    table = torch.randn(512, 2, generator=g, device="cuda").half()
+    out = []
+    for _ in range(count):
+        words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device="cuda",
+                              dtype=torch.int64)
+        out.append(QuantizedWeight(spec, m, n, get_layout("qtip").pack(words, spec),
+                                   torch.randn(n, generator=g, device="cuda"),
+                                   torch.randn(m, generator=g, device="cuda") * 0.05, table))
+    return out
+
+
+@pytest.mark.parametrize("K", [2, 4])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_fused_layer_matches_reference(layer, K, monkeypatch):
+    qws = shards(*LAYERS[layer], K)
+    packed = PackedShards.from_qweights(qws, key=f"gpu.{layer}.{K}")
+    packed.register()
+    assert packed._fused is not None
+    decodes = []
+    real = kernels.decode_matmul
+    monkeypatch.setattr(kernels, "decode_matmul", lambda kind, pw, h, *a, **k: decodes.append(h.dim()) or
+                        real(kind, pw, h, *a, **k))
+    w64 = [qw.decode().double() for qw in qws]
+    for M in (1, 4, 8, 16, 64):
+        x = torch.randn(M, qws[0].in_features, device="cuda")
+        ref = torch.cat([qw.output_transform(qw.input_transform(x.double()) @ w.t()) for qw, w in zip(qws, w64, strict=True)],
+                        dim=-1)
+        for dtype, tol in TOL.items():
+            decodes.clear()
+            y = qtip_linear(x.to(dtype), packed)
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < tol, (M, dtype, err)
+            kind, cfg = dispatch._select_shape(qws[0].spec, packed.out_total, qws[0].in_features, M)
+            if kind in ("gemv", "gemm") and kernels.shard_blocks_ok(packed._fused, len(qws), cfg):
+                assert decodes == [3], decodes  # one decode launch for all shards
+        # the per-shard paths give the same numbers
+        for env in (dispatch.NO_FUSED_DECODE_ENV, dispatch.NO_SHARED_INPUT_ENV):
+            monkeypatch.setenv(env, "1")
+        y2 = qtip_linear(x.half(), packed)
+        monkeypatch.delenv(dispatch.NO_FUSED_DECODE_ENV)
+        monkeypatch.delenv(dispatch.NO_SHARED_INPUT_ENV)
+        assert float((y2.double() - ref).norm() / ref.norm()) < TOL[torch.float16]
