@@ -3,8 +3,9 @@
 For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4096, down) and M in
 {1, 8, 16}, times with CUDA-graph replay and L2 flushed (bench/common.py):
 
-* ``op``: the custom op as vLLM calls it (fused shards share one grouped input transform);
-* ``op_per_shard``: the same with ``QTIP_TRITON_NO_SHARED_INPUT=1`` (one input transform per shard);
+* ``op``: the custom op as vLLM calls it (fused shards: grouped transforms and one decode launch);
+* ``op_shard_decode``: ``QTIP_TRITON_NO_FUSED_DECODE=1`` (grouped transforms, one decode launch per shard);
+* ``op_per_shard``: ``QTIP_TRITON_NO_SHARED_INPUT=1`` (every shard on its own: three launches each);
 * ``kernels``: only the decode kernels of the shards (the registry's kind and config, h given);
 * ``fp16``: ``torch.matmul`` on the fused fp16 weight.
 
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(M, shapes[0][1], device="cuda", dtype=torch.float16)
             rec = {"layer": name, "M": M}
             rec["op"] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
-            os.environ[dispatch.NO_SHARED_INPUT_ENV] = "1"
-            try:
-                rec["op_per_shard"] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
-            finally:
-                del os.environ[dispatch.NO_SHARED_INPUT_ENV]
+            for col, env in (("op_shard_decode", dispatch.NO_FUSED_DECODE_ENV),
+                             ("op_per_shard", dispatch.NO_SHARED_INPUT_ENV)):
+                os.environ[env] = "1"
+                try:
+                    rec[col] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
+                finally:
+                    del os.environ[env]
             chosen = [dispatch._select(qw, M) for qw in packed.shards()]
             pws = [kernels.prepare(qw) for qw in packed.shards()]
             hs = [torch.randn(M, pw.in_features, device="cuda",
@@ -78,22 +81,27 @@ def main(argv: list[str] | None = None) -> int:
             rec["fp16"] = time_us(lambda x=x, w=w16: torch.matmul(x, w.t()))
             rec["kinds"] = ",".join(k for k, _ in chosen)
             rows.append(rec)
-            print(f"{name} M={M}: op {rec['op']:.1f} us, per-shard {rec['op_per_shard']:.1f}, kernels {rec['kernels']:.1f}, "
+            print(f"{name} M={M}: op {rec['op']:.1f} us, shard decode {rec['op_shard_decode']:.1f}, "
+                  f"per-shard {rec['op_per_shard']:.1f}, kernels {rec['kernels']:.1f}, "
                   f"fp16 {rec['fp16']:.1f} ({rec['kinds']})", flush=True)
-            for k in ("op", "op_per_shard", "kernels", "fp16"):
+            for k in ("op", "op_shard_decode", "op_per_shard", "kernels", "fp16"):
                 totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
              f"µs per call, CUDA-graph replay, L2 flushed; timer floor (one trivial kernel) {floor:.1f} µs. "
-             "op: the fused custom op; op_per_shard: one input transform per shard; kernels: the decode "
-             "kernels alone; fp16: torch.matmul on the fused weight.", "",
-             "| layer | M | kinds | op | op per shard | kernels only | fp16 | fp16 / op |", "|---|---|---|---|---|---|---|---|"]
+             "op: the fused custom op; op shard decode: grouped transforms, a decode launch per shard; op per "
+             "shard: every shard alone; kernels: the per-shard decode kernels alone; fp16: torch.matmul on the "
+             "fused weight.", "",
+             "| layer | M | kinds | op | op shard decode | op per shard | kernels only | fp16 | fp16 / op |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['M']} | {r['kinds']} | {r['op']:.1f} | {r['op_per_shard']:.1f} | "
+        lines.append(f"| {r['layer']} | {r['M']} | {r['kinds']} | {r['op']:.1f} | {r['op_shard_decode']:.1f} | "
+                     f"{r['op_per_shard']:.1f} | "
                      f"{r['kernels']:.1f} | {r['fp16']:.1f} | {r['fp16'] / r['op']:.2f} |")
     for M in sorted({m for m, _ in totals}):
-        lines.append(f"| **layer sum** | {M} | | {totals[(M, 'op')]:.1f} | {totals[(M, 'op_per_shard')]:.1f} | "
+        lines.append(f"| **layer sum** | {M} | | {totals[(M, 'op')]:.1f} | {totals[(M, 'op_shard_decode')]:.1f} | "
+                     f"{totals[(M, 'op_per_shard')]:.1f} | "
                      f"{totals[(M, 'kernels')]:.1f} | {totals[(M, 'fp16')]:.1f} | "
                      f"{totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
     jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows},
