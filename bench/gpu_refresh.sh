@@ -5,15 +5,19 @@
 #   2. bench/hadamard.py (transform launch variants at decoding batch sizes);
 #   3. bench/cold_start.py with that tuned file (precompile -> export -> import -> fresh process, and
 #      the cold-JIT figure beside it).
+#   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
-#   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh
+#   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh                         # autotune, hadamard, cold
+#   GPU=h200 OUT=/tmp/out STEPS="fused tests" bash bench/gpu_refresh.sh     # kernels changed, no re-tune
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
 OUT=${OUT:?set OUT}
 TUNE_MIN=${TUNE_MIN:-5}
+STEPS=${STEPS:-autotune hadamard cold}
+want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 WORK="$OUT/work"
 mkdir -p "$WORK"
@@ -22,18 +26,33 @@ step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 finish() { tar cf "$OUT/results.tar" -C "$WORK" . && rm -rf "$WORK"; }
 trap finish EXIT
 step "device"; nvidia-smi -L >>"$LOG" 2>&1; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >>"$LOG" 2>&1
-step "autotune $GPU (max $TUNE_MIN min)"
-timeout -k 10 $(( TUNE_MIN * 60 + 60 )) python3 -m qtip_triton autotune --gpu "$GPU" --max-minutes "$TUNE_MIN" \
-  --out "$OUT/$GPU.yaml" --no-progress >>"$LOG" 2>&1
-echo "rc=$?" >>"$LOG"
-if [ -s "$OUT/$GPU.yaml" ]; then
-  rm -f "autotune_configs/$GPU.yaml"; cp "$OUT/$GPU.yaml" "autotune_configs/$GPU.yaml"
+if want autotune; then
+  step "autotune $GPU (max $TUNE_MIN min)"
+  timeout -k 10 $(( TUNE_MIN * 60 + 60 )) python3 -m qtip_triton autotune --gpu "$GPU" --max-minutes "$TUNE_MIN" \
+    --out "$OUT/$GPU.yaml" --no-progress >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  if [ -s "$OUT/$GPU.yaml" ]; then
+    rm -f "autotune_configs/$GPU.yaml"; cp "$OUT/$GPU.yaml" "autotune_configs/$GPU.yaml"
+  fi
 fi
-step "hadamard variants"
-timeout -k 10 "${HAD_S:-100}" python3 bench/hadamard.py --out "$WORK" >>"$LOG" 2>&1
-echo "rc=$?" >>"$LOG"
-step "cold start"
-if [ -s "autotune_configs/$GPU.yaml" ]; then
+if want hadamard; then
+  step "hadamard variants"
+  timeout -k 10 "${HAD_S:-100}" python3 bench/hadamard.py --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want fused; then
+  step "fused layers"
+  timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want tests; then
+  step "GPU tests"
+  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_autotune_gpu.py \
+    >"$WORK/gpu-tests.log" 2>&1
+  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests.log" >>"$LOG"
+fi
+if want cold && [ -s "autotune_configs/$GPU.yaml" ]; then
+  step "cold start"
   timeout -k 10 "${COLD_S:-150}" python3 bench/cold_start.py --file "autotune_configs/$GPU.yaml" --out "$WORK" \
     --budget-s $(( ${COLD_S:-150} - 10 )) --cold-budget-s 40 >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
