@@ -159,7 +159,8 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
 
         if kernels.kernels_available(x.device)[0] and pre.device == x.device:
             M = max(1, rows)
-            if fused is not None and post is not None and os.environ.get(NO_FUSED_DECODE_ENV) != "1":
+            if (fused is not None and post is not None and os.environ.get(NO_FUSED_DECODE_ENV) != "1"
+                    and kernels.fused_is_current(fused, [kernels.prepare(q) for q in qws])):
                 kind, config = _select_shape(fused.spec, fused.out_features, fused.in_features, M)
                 if kind in ("gemv", "gemm") and kernels.shard_blocks_ok(fused, len(qws), config):
                     return kernels.launch_fused(kind, x, fused, len(qws), config, pre, post, out)

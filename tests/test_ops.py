@@ -153,6 +153,12 @@ def test_equal_shards_decode_in_one_launch(gen, monkeypatch, M, dtype, tol):
         setattr(twin, attr, getattr(twin, attr).reshape(shape)[[1, 0, 2]].reshape(getattr(twin, attr).shape).contiguous())
         twin.register()
         assert rel(qtip_linear(x.to(dtype), twin), fused_reference(qws, x)) > 1e-2
+    # an in-place weight update re-prepares that shard: the stacked words are stale and are not used
+    launched.clear()
+    packed.shards()[1].trellis.add_(0)  # same values, new version: the cache re-prepares shard 1, fresh words
+    assert not kernels.fused_is_current(fused, [kernels.prepare(q) for q in packed.shards()])
+    y3 = qtip_linear(x.to(dtype), packed, bias.to(dtype))
+    assert (384, 3) not in launched and rel(y3, fused_reference(qws, x, bias)) < tol
     # different tables: no fused decode (the kernel reads one table)
     other = [random_qweight(gen, HYB[2], 128, 64) for _ in range(2)]
     p2 = PackedShards.from_qweights(other, key="t.twotables")

@@ -40,7 +40,7 @@ from qtip_triton.kernels.configs import (
     default_config,
     default_kind,
 )
-from qtip_triton.kernels.prepare import PreparedWeight, fuse_shards, prepare
+from qtip_triton.kernels.prepare import PreparedWeight, fuse_shards, fused_is_current, prepare
 from qtip_triton.kernels.runners import (
     ACT_DTYPES,
     decode_matmul,
@@ -52,6 +52,7 @@ from qtip_triton.kernels.runners import (
 from qtip_triton.weight import QuantizedWeight
 
 __all__ = [
+    "fused_is_current",
     "shard_blocks_ok",
     "fuse_shards",
     "launch_fused",

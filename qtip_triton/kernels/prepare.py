@@ -182,3 +182,11 @@ def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
         plan=p0.plan, words=words, table=p0.table, SU=p0.SU, SV=torch.cat([pw.SV for pw in pws]),
         blocks_in=p0.blocks_in, blocks_out=p0.blocks_out,
     )
+
+
+def fused_is_current(fused: PreparedWeight, pws: list[PreparedWeight]) -> bool:
+    """Whether ``fused`` still holds these shards' words: a shard re-prepared after an in-place weight
+    update (the cache above notices) has fresh words of its own, and the stacked copy is stale."""
+    ptr = fused.words.untyped_storage().data_ptr()
+    return len(pws) * pws[0].out_features == fused.out_features and all(
+        pw.words.untyped_storage().data_ptr() == ptr for pw in pws)
