@@ -166,6 +166,34 @@ def test_equal_shards_decode_in_one_launch(gen, monkeypatch, M, dtype, tol):
     assert (p2._fused is None) == (not torch.equal(other[0].table, other[1].table))
 
 
+@pytest.mark.parametrize("M", [1, 6])
+def test_unequal_shards_decode_in_one_launch(gen, monkeypatch, M):
+    """Llama-3-like q/k/v (out 128, 64, 64): one decode launch over the stacked words (the row blocks of
+    each shard read its own h), then one output transform per shard over its columns of the partials."""
+    from qtip_triton import kernels
+
+    qws = [random_qweight(gen, HYB[2], m, 64) for m in (128, 64, 64)]
+    for qw in qws[1:]:
+        qw.table = qws[0].table
+    packed = PackedShards.from_qweights(qws, key="t.unequal")
+    packed.register()
+    assert packed._fused is not None and packed._fused.shard_out == (128, 64, 64)
+    launched = []
+    real = kernels.decode_matmul
+    monkeypatch.setattr(kernels, "decode_matmul", lambda kind, pw, h, *a, **k: launched.append(
+        (pw.out_features, h.dim())) or real(kind, pw, h, *a, **k))
+    x = torch.randn(M, 64, generator=gen)
+    y = qtip_linear(x.half(), packed)
+    kind, cfg = dispatch._select_shape(qws[0].spec, 256, 64, M)
+    fits = kernels.shard_blocks_ok(packed._fused, (128, 64, 64), cfg)  # M=6's gemm rows (64) straddle k|v
+    assert (launched == [(256, 3)]) == fits, (launched, cfg)
+    assert rel(y, fused_reference(qws, x)) < 3e-3
+    twin = PackedShards.from_qweights(qws, key="t.unequal2")
+    twin.SU = twin.SU[[0, 2, 1]].contiguous()  # k and v swap their input signs: must change v's and k's output
+    twin.register()
+    assert rel(qtip_linear(x.half(), twin), fused_reference(qws, x)) > 1e-2
+
+
 def test_fused_decode_refuses_straddling_blocks(gen):
     from qtip_triton import kernels
 
@@ -174,8 +202,9 @@ def test_fused_decode_refuses_straddling_blocks(gen):
         qw.table = qws[0].table
     fused = kernels.fuse_shards([kernels.prepare(q) for q in qws])
     assert fused is not None
-    assert kernels.shard_blocks_ok(fused, 2, {"BLOCK_N": 32, "BLOCK_K": 64})
-    assert not kernels.shard_blocks_ok(fused, 2, {"BLOCK_N": 64, "BLOCK_K": 64})
+    assert kernels.shard_blocks_ok(fused, (32, 32), {"BLOCK_N": 32, "BLOCK_K": 64})
+    assert not kernels.shard_blocks_ok(fused, (32, 32), {"BLOCK_N": 64, "BLOCK_K": 64})
+    assert not kernels.shard_blocks_ok(fused, (48, 16), {"BLOCK_N": 32, "BLOCK_K": 64})
     h = torch.zeros(2, 1, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="do not split into row blocks"):
         kernels.decode_matmul("gemv", fused, h, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64}, h_order="kernel")

@@ -312,8 +312,9 @@ class _Emitter:
             s("pid_k = tl.program_id(1)")
             s("pid_m = tl.program_id(2)")
             s("col0 = pid_k * ITERS * CB")
-            s("# fused shards decoded in one launch: this row block's shard reads its own h (its own SU)")
-            s("X += (pid_r * RB // shard_rows) * stride_xg")
+            s("# fused shards decoded in one launch (up to 3, word rows split at b1 <= b2): this row block's")
+            s("# shard reads its own h (its own SU)")
+            s("X += ((pid_r * RB >= shard_b1).to(tl.int32) + (pid_r * RB >= shard_b2).to(tl.int32)) * stride_xg")
         else:
             s("pid_k = tl.program_id(1)")
             s("col0 = pid_k * CB")
@@ -490,7 +491,7 @@ class _Emitter:
         # Ctot is a compile-time constant: x's class blocks sit Ctot apart, so every x load of a k step
         # is an immediate offset from one pointer (measured 16.5 -> 12.4 SASS per state at BLOCK_K=32)
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
-        s("           shard_rows, stride_xg,")
+        s("           shard_b1, shard_b2, stride_xg,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
@@ -585,7 +586,8 @@ class _Emitter:
     def _gemm(self) -> None:
         p, s = self.plan, self.src
         s("@triton.jit")
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym, shard_rows, stride_xg,")
+        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym, shard_b1, shard_b2,")
+        s("           stride_xg,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot).')

@@ -208,24 +208,29 @@ def launch_fused(
     kind: str,
     x: torch.Tensor,
     fused: PreparedWeight,
-    shards: int,
+    qws: list[QuantizedWeight | PreparedWeight],
     config: Mapping[str, Any],
     pre: torch.Tensor,
-    post: torch.Tensor,
+    post: torch.Tensor | None,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """A fused layer of ``shards`` equal shards in three launches whatever their number: the grouped input
-    transform (each shard's SU), ONE decode kernel over the stacked words (:func:`fuse_shards`; each
-    shard's rows read its own h) and the grouped output transform (each shard's SV) into ``out``.
+    """A fused layer in few launches: the grouped input transform (each shard's SU), ONE decode kernel over
+    the stacked words (:func:`fuse_shards`; each shard's rows read its own h) and the output transforms
+    into ``out``: one grouped launch with ``post`` (the shards' SV stacked; equal shards), else one per
+    shard reading its columns of the partials (Llama-3's q/k/v: 4096, 1024, 1024).
 
     Why: at decoding batch sizes a launch costs about what a small layer's work does; Llama-2's q/k/v
     otherwise take 1 + 3 + 1 launches and gate/up 1 + 2 + 1.
     """
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"a fused decode runs kinds 'gemv' and 'gemm', got {kind!r}")
-    n, m = fused.in_features, fused.out_features // shards
-    if pre.shape != (shards, n) or post.shape != (shards, m):
-        raise ValueError(f"pre/post must be ({shards}, {n}) / ({shards}, {m}), got {tuple(pre.shape)} / {tuple(post.shape)}")
+    pws = [prepare(qw) for qw in qws]
+    G, n = len(pws), fused.in_features
+    if not fused_is_current(fused, pws):
+        raise ValueError("the fused weight does not hold these shards' words (re-prepared since it was made)")
+    if pre.shape != (G, n) or (post is not None and post.shape != (G, fused.out_features // G)):
+        raise ValueError(f"pre must be ({G}, {n}) and post ({G}, out/{G}), got {tuple(pre.shape)} / "
+                         f"{None if post is None else tuple(post.shape)}")
     x2 = x.reshape(-1, n)
     if out.shape != (x2.shape[0], fused.out_features) or out.dtype != x.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be ({x2.shape[0]}, {fused.out_features}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
@@ -233,9 +238,16 @@ def launch_fused(
         return out
     h = hadamard.transform(x2, fused.blocks_in, transpose=True, pre=pre, dst=fused.input_index(kind),
                            out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
-    parts = decode_matmul(kind, fused, h, config, h_order="kernel")  # (splits, T, shards * m)
+    parts = decode_matmul(kind, fused, h, config, h_order="kernel", shard_out=fused.shard_out)  # (splits, T, out)
     S, T = parts.shape[:2]
-    grouped = parts.view(S, T, shards, m).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy
-    hadamard.transform(grouped, fused.blocks_out, transpose=False, post=post, out_dtype=x.dtype,
-                       interpret=interpreting(), out=out)
+    m0 = fused.shard_out[0]
+    if post is not None and all(m == m0 for m in fused.shard_out) and all(pw.blocks_out == pws[0].blocks_out for pw in pws):
+        grouped = parts.view(S, T, G, m0).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy
+        hadamard.transform(grouped, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
+                           interpret=interpreting(), out=out)
+        return out
+    col = 0
+    for pw in pws:
+        _transform_out(pw, parts[:, :, col:col + pw.out_features], None, x.dtype, out[:, col:col + pw.out_features])
+        col += pw.out_features
     return out

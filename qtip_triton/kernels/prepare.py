@@ -44,6 +44,7 @@ class PreparedWeight:
     blocks_in: int
     blocks_out: int
     cache: dict = field(default_factory=dict)  # scratch kept with the layer (Hadamard matrices)
+    shard_out: tuple[int, ...] = ()  # a fused weight (fuse_shards): the stacked shards' out_features
 
     # No reference to the QuantizedWeight's trellis is kept: the module cache below is keyed weakly on it.
 
@@ -154,33 +155,35 @@ def prepare(qw: QuantizedWeight | PreparedWeight) -> PreparedWeight:
 
 
 def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
-    """One PreparedWeight whose word rows are the shards' stacked (q/k/v, gate/up of equal shape), so one
-    decode launch serves them all (each shard's rows read its own h: ``decode_matmul`` with (shards, M,
-    in) h). The shards' own words become views into it: no second copy of the weights.
+    """One PreparedWeight whose word rows are the shards' stacked (q/k/v, gate/up), so one decode launch
+    serves them all (each shard's rows read its own h: ``decode_matmul`` with (shards, M, in) h). The
+    shards' own words become views into it: no second copy of the weights.
 
-    None unless there are several shards of one spec, layout, plan, shape and device with equal code
-    tables (the decode kernel reads one table). SU/SV stay per shard (the transforms are grouped).
+    None unless there are 2 or 3 shards of one spec, layout, plan, in_features, transform blocks and
+    device with equal code tables (the decode kernel reads one table). SU/SV stay per shard (the
+    transforms are grouped or per shard).
     """
-    if len(pws) < 2:
+    if not 2 <= len(pws) <= 3:
         return None
     p0 = pws[0]
     same = all(
         pw.spec == p0.spec and pw.layout == p0.layout and pw.plan == p0.plan and pw.in_features == p0.in_features
-        and pw.blocks_in == p0.blocks_in and pw.blocks_out == p0.blocks_out
-        and pw.out_features == p0.out_features and pw.device == p0.device and pw.words.shape == p0.words.shape
+        and pw.blocks_in == p0.blocks_in and pw.device == p0.device and pw.words.shape[::2] == p0.words.shape[::2]
         and pw.table.shape == p0.table.shape and bool(torch.equal(pw.table, p0.table))
         for pw in pws
     )
     if not same:
         return None
     words = torch.cat([pw.words for pw in pws], dim=1).contiguous()
-    rows = p0.words.shape[1]
-    for i, pw in enumerate(pws):
-        pw.words = words[:, i * rows:(i + 1) * rows, :]  # a view: the shard paths keep working, memory once
+    r0 = 0
+    for pw in pws:
+        rows = pw.words.shape[1]
+        pw.words = words[:, r0:r0 + rows, :]  # a view: the shard paths keep working, memory once
+        r0 += rows
     return PreparedWeight(
-        spec=p0.spec, out_features=p0.out_features * len(pws), in_features=p0.in_features, layout=p0.layout,
+        spec=p0.spec, out_features=sum(pw.out_features for pw in pws), in_features=p0.in_features, layout=p0.layout,
         plan=p0.plan, words=words, table=p0.table, SU=p0.SU, SV=torch.cat([pw.SV for pw in pws]),
-        blocks_in=p0.blocks_in, blocks_out=p0.blocks_out,
+        blocks_in=p0.blocks_in, blocks_out=p0.blocks_out, shard_out=tuple(pw.out_features for pw in pws),
     )
 
 
@@ -188,5 +191,5 @@ def fused_is_current(fused: PreparedWeight, pws: list[PreparedWeight]) -> bool:
     """Whether ``fused`` still holds these shards' words: a shard re-prepared after an in-place weight
     update (the cache above notices) has fresh words of its own, and the stacked copy is stale."""
     ptr = fused.words.untyped_storage().data_ptr()
-    return len(pws) * pws[0].out_features == fused.out_features and all(
+    return tuple(pw.out_features for pw in pws) == fused.shard_out and all(
         pw.words.untyped_storage().data_ptr() == ptr for pw in pws)

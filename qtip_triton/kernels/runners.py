@@ -10,7 +10,7 @@ Each launcher checks its inputs with clear errors, sizes the grid and returns pl
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -69,11 +69,24 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     return out
 
 
-def shard_blocks_ok(pw: PreparedWeight, shards: int, config: Mapping[str, Any]) -> bool:
-    """Whether ``config``'s row blocks never straddle two of ``shards`` equal shards stacked in ``pw``."""
+def shard_blocks_ok(pw: PreparedWeight, shard_out: Sequence[int], config: Mapping[str, Any]) -> bool:
+    """Whether ``config``'s row blocks never straddle two of the shards (``shard_out``: their out_features,
+    at most 3) stacked in ``pw``."""
     TR, _ = _blocks(config)
-    rows = pw.words.shape[1]
-    return rows % shards == 0 and (rows // shards) % (TR * pw.plan.GRN) == 0
+    rb = TR * pw.plan.GRN
+    bounds = _shard_bounds(pw, shard_out)
+    return bounds is not None and all(b % rb == 0 for b in bounds if b <= pw.words.shape[1])
+
+
+def _shard_bounds(pw: PreparedWeight, shard_out: Sequence[int]) -> tuple[int, int] | None:
+    """Word-row boundaries (b1, b2) of up to 3 stacked shards (unused ones past the end), or None."""
+    if not 1 <= len(shard_out) <= 3 or sum(shard_out) != pw.out_features or any(m % 16 for m in shard_out):
+        return None
+    rows = [m // 16 * pw.plan.GRN for m in shard_out]
+    big = pw.words.shape[1] + 1
+    b1 = rows[0] if len(rows) > 1 else big
+    b2 = rows[0] + rows[1] if len(rows) > 2 else big
+    return b1, b2
 
 
 def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
@@ -86,12 +99,14 @@ def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
 
 
 def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
-                  h_order: str = "natural", ws: torch.Tensor | None = None) -> torch.Tensor:
+                  h_order: str = "natural", ws: torch.Tensor | None = None,
+                  shard_out: Sequence[int] | None = None) -> torch.Tensor:
     """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16), into
     ``ws`` when given (a slice of a fused layer's partials buffer, see :func:`split_count`).
 
-    ``h`` of shape (shards, M, in) with a fused weight (equal shards stacked by rows, see
-    :func:`qtip_triton.kernels.prepare.fuse_shards`): rows of shard g multiply h[g], one launch.
+    ``h`` of shape (shards, M, in) with a fused weight (shards stacked by rows, see
+    :func:`qtip_triton.kernels.prepare.fuse_shards`; ``shard_out`` their out_features, equal by default):
+    rows of shard g multiply h[g], one launch.
 
     The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
     kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
@@ -127,9 +142,18 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     M = h.shape[-2]
     RB = TR * plan.GRN
     shards = h.shape[0] if h.dim() == 3 else 1
-    if shards > 1 and (Rtot % shards or (Rtot // shards) % RB):
-        raise ValueError(f"{shards} shards of {Rtot // max(shards, 1)} word rows do not split into row blocks of {RB}")
-    shard_rows, stride_xg = Rtot // shards, (h.stride(0) if h.dim() == 3 else 0)
+    if shards == 1:
+        bounds = (Rtot + 1, Rtot + 1)  # no boundary: every row block reads h
+    else:
+        if shard_out is None:
+            shard_out = [pw.out_features // shards] * shards
+        bounds = _shard_bounds(pw, shard_out) if len(shard_out) == shards else None
+        if bounds is None:
+            raise ValueError(f"h has {shards} shards but their out_features are {list(shard_out)} "
+                             f"(of {pw.out_features}; at most 3 shards, multiples of 16)")
+        if any(b % RB for b in bounds if b <= Rtot):
+            raise ValueError(f"shard boundaries {bounds} (word rows) do not split into row blocks of {RB}")
+    stride_xg = h.stride(0) if h.dim() == 3 else 0
     CB = TC * plan.GCN
     nblk = _cdiv(Ctot, CB)
     iters = _cdiv(nblk, min(split, nblk))
@@ -143,5 +167,5 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     # no masks when every program's row block and every k step is full
     extra = {"INTERPRET": interpreting(), "EVEN": Rtot % RB == 0 and Ctot % CB == 0 and nblk % iters == 0}
     mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2), ws.stride(0),
-                     ws.stride(1), shard_rows, stride_xg, TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
+                     ws.stride(1), *bounds, stride_xg, TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
     return ws
