@@ -234,6 +234,20 @@ def cpu_quantization_error(src: str | Path, dense: str | Path, *, prompts: int =
 # ------------------------------------------------------------------------------------ vLLM (GPU)
 
 
+def generate_logits(llm, sampling_params_cls, prompts: list[list[int]], vocab: int, decode_tokens: int) -> dict:
+    """Greedy generation with every logit returned: per-position prompt rows (prefill), decode rows,
+    the tokens, the wall time and how many logit entries vLLM left out (NaN)."""
+    sp = sampling_params_cls(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True, detokenize=False,
+                             prompt_logprobs=-1, logprobs=-1, flat_logprobs=True)
+    t1 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    res: dict = {"generate_s": round(time.perf_counter() - t1, 2)}
+    res["prompt"] = torch.stack([rows_from_logprobs(o.prompt_logprobs, vocab, skip_first=True) for o in outs])
+    res["decode"] = [rows_from_logprobs(o.outputs[0].logprobs, vocab, skip_first=False) for o in outs]
+    res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+    res["missing_entries"] = int(torch.isnan(res["prompt"]).sum()) + sum(int(torch.isnan(d).sum()) for d in res["decode"])
+    return res
+
 def engine_logits(model_dir: Path, prompts: list[list[int]], vocab: int, a: argparse.Namespace) -> dict:
     """One vLLM engine: prompt logits [prompts, length - 1, vocab] and greedy decode logits/tokens."""
     from vllm import LLM, SamplingParams
@@ -250,15 +264,7 @@ def engine_logits(model_dir: Path, prompts: list[list[int]], vocab: int, a: argp
     llm = LLM(**kw)
     res: dict = {"init_s": round(time.perf_counter() - t0, 1)}
     try:
-        sp = SamplingParams(temperature=0.0, max_tokens=a.decode_tokens, ignore_eos=True, detokenize=False,
-                            prompt_logprobs=-1, logprobs=-1, flat_logprobs=True)
-        t1 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        res["generate_s"] = round(time.perf_counter() - t1, 2)
-        res["prompt"] = torch.stack([rows_from_logprobs(o.prompt_logprobs, vocab, skip_first=True) for o in outs])
-        res["decode"] = [rows_from_logprobs(o.outputs[0].logprobs, vocab, skip_first=False) for o in outs]
-        res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-        res["missing_entries"] = int(torch.isnan(res["prompt"]).sum()) + sum(int(torch.isnan(d).sum()) for d in res["decode"])
+        res.update(generate_logits(llm, SamplingParams, prompts, vocab, a.decode_tokens))
         try:  # which linear method vLLM picked (best effort: in-process engines only)
             res["quantization"] = llm.llm_engine.model_config.quantization
         except Exception:

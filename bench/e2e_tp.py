@@ -331,15 +331,7 @@ def run_engine(job: dict, a: argparse.Namespace) -> dict:
     llm = LLM(**engine_kwargs(job["model"], tp, len(prompts), len(prompts) * len(prompts[0]), a, job.get("nccl_only", False)))
     res: dict = {"tp": tp, "init_s": round(time.perf_counter() - t0, 1), "nccl_only": bool(job.get("nccl_only"))}
     try:
-        sp = SamplingParams(temperature=0.0, max_tokens=a.decode_tokens, ignore_eos=True, detokenize=False,
-                            prompt_logprobs=-1, logprobs=-1, flat_logprobs=True)
-        t1 = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        res["generate_s"] = round(time.perf_counter() - t1, 2)
-        res["prompt"] = torch.stack([el.rows_from_logprobs(o.prompt_logprobs, vocab, skip_first=True) for o in outs])
-        res["decode"] = [el.rows_from_logprobs(o.outputs[0].logprobs, vocab, skip_first=False) for o in outs]
-        res["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
-        res["missing_entries"] = int(torch.isnan(res["prompt"]).sum()) + sum(int(torch.isnan(d).sum()) for d in res["decode"])
+        res.update(el.generate_logits(llm, SamplingParams, prompts, vocab, a.decode_tokens))
         with contextlib.suppress(Exception):
             res["quantization"] = llm.llm_engine.model_config.quantization
         if a.time_tokens:
