@@ -7,7 +7,6 @@ the checkpoint's dequantization, which is what bench/e2e_tp.py then checks with 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,17 +20,7 @@ import torch
 
 from qtip_triton.checkpoint import dequantize_checkpoint, read_qtip_linears
 from qtip_triton.weight import RCP_COL, RCP_ROW
-
-BENCH = Path(__file__).parents[1] / "bench"
-
-
-def load_script(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ Small: 1 layer, vocab 64, random trellis (the encoder is tested elsewhere), a ra
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,17 +14,7 @@ import torch
 
 from qtip_triton.checkpoint import iter_tensors, read_qtip_linears
 from qtip_triton.research.sweep import minilm_path
-
-BENCH = Path(__file__).parents[1] / "bench"
-
-
-def load_script(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
