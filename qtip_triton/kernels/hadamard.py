@@ -223,6 +223,34 @@ def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Ten
     return a, b
 
 
+def _block_size(n: int, blocks: int) -> int:
+    """The Hadamard block size of ``n`` features in ``blocks`` equal blocks (a clear error if unsupported)."""
+    if blocks < 1 or n % blocks:
+        raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
+    nb = n // blocks
+    ok, why = supported(nb)
+    if not ok:
+        raise ValueError(why)
+    return nb
+
+
+def _had2_launch(rows: int, T: int, S: int, rp: int, cp: int, rblk: int, cblk: int, col_split: bool | None,
+                 unroll_splits: bool | None) -> tuple[tuple[int, int, int], bool, int, dict]:
+    """Grid, column split, partials per round trip (NSPLIT) and launch options of ``_had2_kernel`` for
+    ``rows`` (groups x tokens x blocks) rows; ``None`` choices are picked by size (module constants)."""
+    if col_split is None:  # spread few programs over column blocks too (H200, bench/hadamard.py, 2026-11-28)
+        col_split = rows * (rp // rblk) <= COL_SPLIT_MAX_PROGRAMS
+    if unroll_splits is None:
+        unroll_splits = T <= UNROLL_MAX_TOKENS
+    grid = (rows, rp // rblk, cp // cblk if col_split else 1)
+    nsplit = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
+    # Unrolled partial loads must not be software-pipelined: the pipeliner stages every partial's
+    # KBLK x CP fp32 tile in shared memory per stage (16 partials at 8192: 266 KB, over the 227 KB
+    # limit) -- the loads are independent and already in flight together.
+    stages = {"num_stages": 1} if nsplit else {}
+    return grid, bool(col_split), nsplit, stages
+
+
 def transform(
     x: torch.Tensor,
     blocks: int,
@@ -266,12 +294,7 @@ def transform(
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias)
     S, T, n = x.shape
-    if blocks < 1 or n % blocks:
-        raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
-    nb = n // blocks
-    ok, why = supported(nb)
-    if not ok:
-        raise ValueError(why)
+    nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
         x = x.contiguous()
     groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 0
@@ -329,23 +352,13 @@ def transform(
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
     cblk = min(cp, cblk or 32)
-    G = max(groups, 1)
-    row_programs = G * T * blocks * (rp // rblk)
-    if col_split is None:  # spread few programs over column blocks too (H200, bench/hadamard.py, 2026-11-28)
-        col_split = row_programs <= COL_SPLIT_MAX_PROGRAMS
-    if unroll_splits is None:
-        unroll_splits = T <= UNROLL_MAX_TOKENS
-    grid = (G * T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
-    nsplit_c = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
-    # Unrolled partial loads must not be software-pipelined: the pipeliner stages every partial's
-    # KBLK x CP fp32 tile in shared memory per stage (16 partials at 8192: 266 KB, over the 227 KB
-    # limit) -- the loads are independent and already in flight together.
-    stages = {"num_stages": 1} if nsplit_c else {}
+    grid, col_split, nsplit_c, stages = _had2_launch(max(groups, 1) * T * blocks, T, S, rp, cp, rblk, cblk,
+                                                     col_split, unroll_splits)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
-                       KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, **stages,
+                       KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
                        **args)
     return y
 
@@ -359,12 +372,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     G, S, T, n = x.shape
     if pre is not None or dst is not None or bias is not None:
         raise ValueError("grouped output transforms take post only (no pre, dst or bias)")
-    if blocks < 1 or n % blocks:
-        raise ValueError(f"{n} features do not split into {blocks} equal Hadamard blocks")
-    nb = n // blocks
-    ok, why = supported(nb)
-    if not ok:
-        raise ValueError(why)
+    nb = _block_size(n, blocks)
     if post is not None and (post.shape != (G, n) or not post.is_contiguous()):
         raise ValueError(f"grouped post must be a contiguous ({G}, {n}) tensor, got {tuple(post.shape)}")
     if x.stride(-1) != 1:
@@ -386,16 +394,11 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
-    if col_split is None:
-        col_split = G * T * blocks * (rp // rblk) <= COL_SPLIT_MAX_PROGRAMS
-    if unroll_splits is None:
-        unroll_splits = T <= UNROLL_MAX_TOKENS
-    nsplit_c = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
-    stages = {"num_stages": 1} if nsplit_c else {}
-    grid = (G * T * blocks, rp // rblk) + ((cp // cblk,) if col_split else (1,))
+    grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
+                                                     unroll_splits)
     _had2_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
                        out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T, n, n, 0, x.stride(0),
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
-                       COL_SPLIT=bool(col_split), NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
+                       COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages)
     return out
