@@ -159,15 +159,16 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
 
         if kernels.kernels_available(x.device)[0] and pre.device == x.device:
             M = max(1, rows)
+            pws = [kernels.prepare(q) for q in qws]
             if (fused is not None and os.environ.get(NO_FUSED_DECODE_ENV) != "1"
-                    and kernels.fused_is_current(fused, [kernels.prepare(q) for q in qws])):
+                    and kernels.fused_is_current(fused, pws)):
                 kind, config = _select_shape(fused.spec, fused.out_features, fused.in_features, M)
                 if kind in ("gemv", "gemm") and kernels.shard_blocks_ok(fused, fused.shard_out, config):
-                    return kernels.launch_fused(kind, x, fused, qws, config, pre, post, out)
+                    return kernels.launch_fused(kind, x, fused, pws, config, pre, post, out)
             chosen = [_select(qw, M) for qw in qws]
             kind = chosen[0][0]
-            if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, [kernels.prepare(q) for q in qws]):
-                return kernels.launch_shards(kind, x, qws, [c for _, c in chosen], pre, out, post)
+            if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, pws):
+                return kernels.launch_shards(kind, x, pws, [c for _, c in chosen], pre, out, post)
     col = 0
     for qw in qws:
         linear(x, qw, out=out[:, col:col + qw.out_features])

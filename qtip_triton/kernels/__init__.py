@@ -26,6 +26,7 @@ under ``TRITON_INTERPRET=1`` (tests); :func:`kernels_available` says why not els
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -153,6 +154,41 @@ def can_share_input(kind: str, pws: list[PreparedWeight]) -> bool:
     )
 
 
+def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: torch.Tensor, total: int,
+                   out: torch.Tensor) -> torch.Tensor | None:
+    """Check a fused layer's x, ``pre`` (the shards' SU stacked) and ``out`` ((rows of x, ``total``)), then
+    run the one input-transform launch for all shards: h (shards, rows, in) in the ``kind`` kernel's
+    column order, or None when x has no rows."""
+    n = pws[0].in_features
+    if pre.shape != (len(pws), n) or pre.dtype != torch.float32 or not pre.is_contiguous():
+        raise ValueError(f"pre must be contiguous float32 ({len(pws)}, {n}), got {pre.dtype} {tuple(pre.shape)}")
+    x2 = x.reshape(-1, n)
+    if out.shape != (x2.shape[0], total) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be ({x2.shape[0]}, {total}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
+    if x2.shape[0] == 0:
+        return None
+    return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
+                              out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
+
+
+def _one_output_launch(pws: list[PreparedWeight], post: torch.Tensor | None) -> bool:
+    """Whether the shards' output transforms can be one grouped launch: ``post`` is their SV stacked
+    (shards, out) float32 and the shards are equal in out_features and transform blocks."""
+    m0 = pws[0].out_features
+    return (post is not None and post.shape == (len(pws), m0) and post.dtype == torch.float32
+            and post.is_contiguous() and all(pw.out_features == m0 and pw.blocks_out == pws[0].blocks_out for pw in pws))
+
+
+def _outputs_per_shard(pws: list[PreparedWeight], parts: list[torch.Tensor], dtype: torch.dtype,
+                       out: torch.Tensor) -> torch.Tensor:
+    """Each shard's output transform of its partials into its columns of ``out``."""
+    col = 0
+    for pw, p in zip(pws, parts, strict=True):
+        _transform_out(pw, p, None, dtype, out[:, col:col + pw.out_features])
+        col += pw.out_features
+    return out
+
+
 def launch_shards(
     kind: str,
     x: torch.Tensor,
@@ -174,34 +210,20 @@ def launch_shards(
     pws = [prepare(qw) for qw in qws]
     if not can_share_input(kind, pws):
         raise ValueError(f"shards of kinds {kind!r} with different plans or Hadamard blocks cannot share an input transform")
-    n = pws[0].in_features
-    if pre.shape != (len(pws), n) or pre.dtype != torch.float32 or not pre.is_contiguous():
-        raise ValueError(f"pre must be contiguous float32 ({len(pws)}, {n}), got {pre.dtype} {tuple(pre.shape)}")
-    total = sum(pw.out_features for pw in pws)
-    x2 = x.reshape(-1, n)
-    if out.shape != (x2.shape[0], total) or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be ({x2.shape[0]}, {total}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
-    if x2.shape[0] == 0:
+    h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out)
+    if h is None:
         return out
-    h = hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
-                           out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
-    m0 = pws[0].out_features
     splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]
-    if (post is not None and post.shape == (len(pws), m0) and post.dtype == torch.float32 and post.is_contiguous()
-            and all(pw.out_features == m0 and pw.blocks_out == pws[0].blocks_out for pw in pws)
-            and len(set(splits)) == 1):
-        parts = torch.empty(len(pws), splits[0], x2.shape[0], m0, dtype=torch.float32, device=x.device)
+    if _one_output_launch(pws, post) and len(set(splits)) == 1:
+        parts = torch.empty(len(pws), splits[0], h.shape[1], pws[0].out_features, dtype=torch.float32, device=x.device)
         for g, (pw, config) in enumerate(zip(pws, configs, strict=True)):
             decode_matmul(kind, pw, h[g], config, h_order="kernel", ws=parts[g])
         hadamard.transform(parts, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
                            interpret=interpreting(), out=out)
         return out
-    col = 0
-    for g, (pw, config) in enumerate(zip(pws, configs, strict=True)):
-        parts = decode_matmul(kind, pw, h[g], config, h_order="kernel")
-        _transform_out(pw, parts, None, x.dtype, out[:, col:col + pw.out_features])
-        col += pw.out_features
-    return out
+    parts = [decode_matmul(kind, pw, h[g], config, h_order="kernel")
+             for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
+    return _outputs_per_shard(pws, parts, x.dtype, out)
 
 
 def launch_fused(
@@ -225,29 +247,21 @@ def launch_fused(
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"a fused decode runs kinds 'gemv' and 'gemm', got {kind!r}")
     pws = [prepare(qw) for qw in qws]
-    G, n = len(pws), fused.in_features
+    G = len(pws)
     if not fused_is_current(fused, pws):
         raise ValueError("the fused weight does not hold these shards' words (re-prepared since it was made)")
-    if pre.shape != (G, n) or (post is not None and post.shape != (G, fused.out_features // G)):
-        raise ValueError(f"pre must be ({G}, {n}) and post ({G}, out/{G}), got {tuple(pre.shape)} / "
-                         f"{None if post is None else tuple(post.shape)}")
-    x2 = x.reshape(-1, n)
-    if out.shape != (x2.shape[0], fused.out_features) or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"out must be ({x2.shape[0]}, {fused.out_features}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
-    if x2.shape[0] == 0:
+    if post is not None and post.shape != (G, fused.out_features // G):
+        raise ValueError(f"post must be ({G}, {fused.out_features // G}), got {tuple(post.shape)}")
+    h = _grouped_input(kind, x, pws, pre, fused.out_features, out)
+    if h is None:
         return out
-    h = hadamard.transform(x2, fused.blocks_in, transpose=True, pre=pre, dst=fused.input_index(kind),
-                           out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
     parts = decode_matmul(kind, fused, h, config, h_order="kernel", shard_out=fused.shard_out)  # (splits, T, out)
-    S, T = parts.shape[:2]
-    m0 = fused.shard_out[0]
-    if post is not None and all(m == m0 for m in fused.shard_out) and all(pw.blocks_out == pws[0].blocks_out for pw in pws):
-        grouped = parts.view(S, T, G, m0).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy
+    if _one_output_launch(pws, post):
+        S, T = parts.shape[:2]
+        grouped = parts.view(S, T, G, fused.shard_out[0]).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy
         hadamard.transform(grouped, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
                            interpret=interpreting(), out=out)
         return out
-    col = 0
-    for pw in pws:
-        _transform_out(pw, parts[:, :, col:col + pw.out_features], None, x.dtype, out[:, col:col + pw.out_features])
-        col += pw.out_features
-    return out
+    ends = itertools.accumulate(fused.shard_out)
+    return _outputs_per_shard(pws, [parts[:, :, e - m:e] for m, e in zip(fused.shard_out, ends, strict=True)],
+                              x.dtype, out)
