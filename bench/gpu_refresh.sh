@@ -5,12 +5,14 @@
 #   2. bench/hadamard.py (transform launch variants at decoding batch sizes);
 #   3. bench/cold_start.py with that tuned file (precompile -> export -> import -> fresh process, and
 #      the cold-JIT figure beside it).
-#   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite.
+#   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite; (with "tall")
+#      the per-token vs many-token Hadamard kernels from 1 to 2048 tokens (bench/hadamard.py --tag tall).
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
 #   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh                         # autotune, hadamard, cold
 #   GPU=h200 OUT=/tmp/out STEPS="fused tests" bash bench/gpu_refresh.sh     # kernels changed, no re-tune
+#   GPU=h200 OUT=/tmp/out STEPS="tall fused tests" bash bench/gpu_refresh.sh
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
@@ -38,6 +40,12 @@ fi
 if want hadamard; then
   step "hadamard variants"
   timeout -k 10 "${HAD_S:-100}" python3 bench/hadamard.py --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want tall; then
+  step "hadamard: per-token vs tall kernel"
+  timeout -k 10 "${TALL_S:-100}" python3 bench/hadamard.py --variants default,per_token,tall --T 1,16,64,128,256,2048 \
+    --n 4096,11008,8192,14336,28672 --tag tall --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want fused; then

@@ -31,7 +31,8 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "both": {"col_split": True, "unroll_splits": True},
             "both16": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16},
             "both16_w2": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16, "num_warps": 2},
-            "both_c16": {"col_split": True, "unroll_splits": True, "cblk": 16}}
+            "both_c16": {"col_split": True, "unroll_splits": True, "cblk": 16},
+            "per_token": {"tall": False}, "tall": {"tall": True}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", default="1024,4096,11008,8192,14336,28672", help="feature sizes")
     ap.add_argument("--T", default="1,4,16,64,256", help="token counts")
     ap.add_argument("--splits", type=int, default=4, help="split-K partials summed by the output transform")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="variants to time (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. 'tall')")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
+    unknown = set(a.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    variants = {k: VARIANTS[k] for k in a.variants.split(",")}
     if not torch.cuda.is_available():
         print("bench/hadamard.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -62,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         for which, fn in cases.items():
             ref = fn({})
             rec = {"n": n, "T": T, "transform": which}
-            for name, kw in VARIANTS.items():
+            for name, kw in variants.items():
                 try:
                     out = fn(kw)
                     err = float((out.float() - ref.float()).norm() / ref.float().norm())
@@ -72,17 +79,19 @@ def main(argv: list[str] | None = None) -> int:
                     rec[name] = float("nan")
                     rec[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
             rows.append(rec)
-            print(f"n={n} T={T} {which}: " + ", ".join(f"{k} {rec[k]:.1f} us" for k in VARIANTS), flush=True)
+            print(f"n={n} T={T} {which}: " + ", ".join(f"{k} {rec[k]:.1f} us" for k in variants), flush=True)
     env = environment()
     lines = [f"# Hadamard transform launch variants — {env.get('card', '?')}", "",
              "Median µs of CUDA-graph replays, L2 flushed. input: fp16 x, SU, kernel-order destination; "
              f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out. Floor (one trivial kernel "
              f"through the same timer): {floor:.1f} µs. Variants: " + "; ".join(
-                 f"{k} = {v or 'as shipped'}" for k, v in VARIANTS.items()), "",
-             "| n | T | transform | " + " | ".join(VARIANTS) + " |", "|---|---|---|" + "---|" * len(VARIANTS)]
+                 f"{k} = {v or 'as shipped'}" for k, v in variants.items()), "",
+             "| n | T | transform | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['T']} | {r['transform']} | " + " | ".join(f"{r[k]:.1f}" for k in VARIANTS) + " |")
-    jp, mp = write_results(a.out, "hadamard", {"env": env, "floor_us": floor, "variants": VARIANTS, "rows": rows}, "\n".join(lines) + "\n")
+        lines.append(f"| {r['n']} | {r['T']} | {r['transform']} | " + " | ".join(f"{r[k]:.1f}" for k in variants) + " |")
+    name = "hadamard" + (f"-{a.tag}" if a.tag else "")
+    jp, mp = write_results(a.out, name, {"env": env, "floor_us": floor, "variants": variants, "rows": rows},
+                           "\n".join(lines) + "\n")
     print(f"wrote {jp} and {mp}")
     return 0
 

@@ -160,3 +160,75 @@ def test_grouped_output_transform(gen, n, blocks, S):
         transform(parts, blocks, transpose=False, post=post[:2], interpret=True)
     with pytest.raises(ValueError, match="post only"):
         transform(parts, blocks, transpose=False, bias=post[0], interpret=True)
+
+
+@pytest.mark.parametrize("n,blocks,T", [(2752, 1, 5), (5120, 1, 3), (4096, 2, 3), (768, 3, 4), (96, 1, 7)])
+def test_tall_kernel_matches_reference(gen, n, blocks, T):
+    """The many-token kernel (several tokens per GEMM tile, T not a multiple of the tile): partial sums,
+    scales, bias and the destination order as the per-token kernel, both directions."""
+    parts = torch.randn(3, T, n, generator=gen)
+    su, sv, bias = (torch.randn(n, generator=gen) for _ in range(3))
+    dst = torch.randperm(n, generator=gen).to(torch.int32)
+    for transpose in (False, True):
+        y = transform(parts, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
+                      dst=dst, interpret=True, tall=True)
+        ref = _reference(parts.double().sum(0) * su.double(), blocks, transpose) * sv.double() + bias.double()
+        placed = torch.empty_like(ref)
+        placed[:, dst.long()] = ref
+        assert _rel(y, placed) < 1e-6
+    x16 = parts[0].half()  # an fp16 input transform into a strided view of a wider output
+    wide = torch.full((T, n + 8), 3.0, dtype=torch.float16)
+    transform(x16, blocks, transpose=True, pre=su, interpret=True, tall=True, out=wide[:, 8:])
+    assert _rel(wide[:, 8:], _reference(x16.double() * su.double(), blocks, True)) < 1e-3
+    assert (wide[:, :8] == 3).all()
+
+
+def test_tall_kernel_groups(gen):
+    """Grouped input (own pre and destination per group) and grouped output (own partials and post, into
+    one wide output) through the many-token kernel."""
+    n, T = 2752, 5
+    x = torch.randn(T, n, generator=gen)
+    pre = torch.randn(3, n, generator=gen)
+    dst = torch.stack([torch.randperm(n, generator=gen) for _ in range(3)]).to(torch.int32)
+    y = transform(x, 1, transpose=True, pre=pre, dst=dst, out_dtype=torch.float32, interpret=True, tall=True)
+    for g in range(3):
+        placed = torch.empty(T, n, dtype=torch.float64)
+        placed[:, dst[g].long()] = _reference(x.double() * pre[g].double(), 1, True)
+        assert _rel(y[g], placed) < 1e-6
+    parts = torch.randn(3, 2, T, n, generator=gen)
+    wide = transform(parts, 1, transpose=False, post=pre, out_dtype=torch.float32, interpret=True, tall=True)
+    for g in range(3):
+        ref = _reference(parts[g].double().sum(0), 1, False) * pre[g].double()
+        assert _rel(wide[:, g * n:(g + 1) * n], ref) < 1e-6
+
+
+def test_tall_kernel_is_chosen_by_size(gen, monkeypatch):
+    """From TALL_MIN_ROWS (token, block) rows on the many-token kernel runs, unless a small-batch variant is
+    asked for or the environment switch turns it off; both kernels agree."""
+    from qtip_triton.kernels import hadamard as hk
+
+    launched = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(hk, "_had2_tall_kernel", Spy("tall", hk._had2_tall_kernel))
+    monkeypatch.setattr(hk, "_had2_kernel", Spy("per-token", hk._had2_kernel))
+    monkeypatch.setattr(hk, "TALL_MIN_ROWS", 8)  # small, so the interpreter stays quick
+    x = torch.randn(4, 2752, generator=gen)
+    few = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    many = transform(torch.cat([x, x]), 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    blocks = transform(torch.randn(4, 1024, generator=gen), 2, transpose=False, interpret=True)  # 4 x 2 rows
+    assert launched == ["per-token", "tall", "tall"] and blocks.shape == (4, 1024)
+    assert _rel(many[:4], few.double()) < 1e-6 and _rel(many[4:], few.double()) < 1e-6
+    launched.clear()
+    transform(torch.cat([x, x]), 1, transpose=False, interpret=True, col_split=True)
+    monkeypatch.setenv(hk.NO_TALL_ENV, "1")
+    transform(torch.cat([x, x]), 1, transpose=False, interpret=True)
+    transform(torch.cat([x, x]), 1, transpose=False, interpret=True, tall=True)  # an explicit choice wins
+    assert launched == ["per-token", "per-token", "tall"]

@@ -18,6 +18,7 @@ dot is wrong).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -36,6 +37,14 @@ UNROLL_MAX_TOKENS = 64
 # Partials loaded per round trip: 4 measured fast (S = 4: 28672's output 45.5 -> 15.9 us); all 16 at
 # once spilled registers (16 x a 32x128 fp32 tile per program: 4096 -> 317 us, H200 2026-11-28).
 UNROLL_SPLITS = 4
+# Many tokens (prefill, large batches): the per-token kernel re-reads each token's whole row once per
+# row block and runs RP/KBLK dependent small dots per program (n=11008 at 2048 tokens: ~300 us for the
+# two transforms of one layer, H100 run 5). From this many (token, block) rows on, the tall kernel
+# treats the transform as one GEMM, A · [Z_0 | Z_1 | ...], with several tokens per tile.
+TALL_MIN_ROWS = 128
+NO_TALL_ENV = "QTIP_TRITON_NO_TALL_HADAMARD"
+TALL_BN = 128  # columns of the A · Z tile (TALL_BN / CP tokens)
+TALL_BM = 64  # rows of A per program
 
 
 @triton.jit
@@ -132,6 +141,76 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         if HAS_DST:  # the consuming kernel's input order (a permutation of the row)
             dst = tl.load(DST + dst, mask=omsk, other=0)
         tl.store(Y + token * stride_ym + dst, out.to(Y.dtype.element_ty), mask=omsk)
+
+
+@triton.jit
+def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+                      ROWS, COLS, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr,
+                      CP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, TT: tl.constexpr, CB2: tl.constexpr,
+                      HAS_PRE: tl.constexpr,
+                      HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
+                      INTERPRET: tl.constexpr):
+    """BM rows of Y = A · Z · B for TT (token, block) rows at once (the many-token path).
+
+    Stage 1 is one GEMM tile: A[BM rows] · [Z_t0 | Z_t0+1 | ...] where the TT blocks' Z views
+    (ROWS x COLS each) sit side by side, so A is read once per TT tokens and each dot is
+    BM x BK x (TT·CP) instead of a per-token sliver. Stage 2 reshapes the (BM, TT·CP) tile into
+    (BM·TT, CP) rows (one per (row of A, token)) and multiplies them by B, CB2 columns at a time
+    (fewer live registers). Grid axis 0 is groups x token tiles, axis 1 the row blocks of A; groups
+    work as in ``_had2_kernel``.
+    """
+    BN: tl.constexpr = TT * CP
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(nrows, TT)
+    g = pid // tiles
+    lr0 = (pid % tiles) * TT
+    PRE += g * n
+    DST += g * stride_dg
+    Y += g * stride_yg
+    X += g * stride_xg
+    POST += g * stride_pg
+    jn = tl.arange(0, BN)  # tile column = (token of the tile, column of its Z view)
+    lr = lr0 + jn // CP  # logical row: token * blocks + block
+    c = jn % CP
+    tok = lr // blocks
+    col = (lr % blocks) * nb + c  # offset inside the row of the block's column c (row 0 of the Z view)
+    colok = (lr < nrows) & (c < COLS)
+    ri = tl.program_id(1) * BM + tl.arange(0, BM)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, ROWS, BK):
+        ki = k0 + tl.arange(0, BK)
+        idx = ki[:, None] * COLS + col[None, :]
+        msk = (ki < ROWS)[:, None] & colok[None, :]
+        xp = X + (tok * stride_xm)[None, :] + idx
+        z = tl.zeros([BK, BN], dtype=tl.float32)
+        for s in range(nsplit):
+            z += tl.load(xp + s * stride_xs, mask=msk, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            z *= tl.load(PRE + idx, mask=msk, other=0.0)
+        a = tl.load(A + ri[:, None] * RP + ki[None, :])
+        acc = _split_dot(a, z, acc, INTERPRET)
+    rows2 = tl.reshape(acc, (BM * TT, CP))  # row q = r * TT + t: token t's row r of A · Z
+    q = tl.arange(0, BM * TT)
+    rq = tl.program_id(1) * BM + q // TT
+    lq = lr0 + q % TT
+    tokq = lq // blocks
+    rowq = (lq % blocks) * nb + rq * COLS  # offset inside the row of Y of this (token, row of A)
+    rowok = (rq < ROWS) & (lq < nrows)
+    kc = tl.arange(0, CP)
+    for c0 in tl.static_range(0, CP, CB2):  # stage 2 by column blocks: B never sits whole in registers
+        jc = c0 + tl.arange(0, CB2)
+        b = tl.load(B + kc[:, None] * CP + jc[None, :])
+        out = _split_dot_rhs(rows2, b, tl.zeros([BM * TT, CB2], dtype=tl.float32), INTERPRET) * scale
+        oidx = rowq[:, None] + jc[None, :]
+        omsk = rowok[:, None] & (jc < COLS)[None, :]
+        if HAS_POST:
+            out *= tl.load(POST + oidx, mask=omsk, other=0.0)
+        if HAS_BIAS:
+            out += tl.load(BIAS + oidx, mask=omsk, other=0.0).to(tl.float32)
+        dst = oidx
+        if HAS_DST:
+            dst = tl.load(DST + oidx, mask=omsk, other=0)
+        tl.store(Y + (tokq * stride_ym)[:, None] + dst, out.to(Y.dtype.element_ty), mask=omsk)
 
 
 @triton.jit
@@ -251,6 +330,24 @@ def _had2_launch(rows: int, T: int, S: int, rp: int, cp: int, rblk: int, cblk: i
     return grid, bool(col_split), nsplit, stages
 
 
+def _use_tall(tall: bool | None, rows: int, variant: tuple) -> bool:
+    """Whether ``rows`` (token, block) rows per group take the tall kernel: ``tall`` if given, else by
+    size, unless a small-batch launch variant was asked for or ``QTIP_TRITON_NO_TALL_HADAMARD`` is set."""
+    if tall is not None:
+        return bool(tall)
+    if any(v is not None for v in variant) or os.environ.get(NO_TALL_ENV, "") not in ("", "0"):
+        return False
+    return rows >= TALL_MIN_ROWS
+
+
+def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int, num_warps: int) -> tuple[tuple[int, int], dict]:
+    """Grid and tile constants of ``_had2_tall_kernel`` for ``rows`` (token, block) rows per group."""
+    tt = max(1, TALL_BN // cp)
+    bm = min(TALL_BM, rp)
+    grid = (groups * triton.cdiv(rows, tt), triton.cdiv(rows_a, bm))
+    return grid, dict(RP=rp, CP=cp, BM=bm, BK=min(32, rp), TT=tt, CB2=min(cp, 32), num_warps=num_warps)
+
+
 def transform(
     x: torch.Tensor,
     blocks: int,
@@ -268,6 +365,7 @@ def transform(
     cblk: int | None = None,
     num_warps: int = 4,
     out: torch.Tensor | None = None,
+    tall: bool | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -283,7 +381,9 @@ def transform(
     by ``bench/hadamard.py``. ``None`` (default) picks by size: column split while the row programs
     alone would leave most SMs idle, unrolled partial loads up to a decoding batch. ``out``: a (T, n)
     view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
-    its rows may be strided, its columns must not.
+    its rows may be strided, its columns must not. ``tall``: the many-token kernel (several tokens per
+    GEMM tile); ``None`` picks it from ``TALL_MIN_ROWS`` (token, block) rows on, unless one of the
+    small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``.
     """
     out_groups = x.dim() == 4  # (groups, splits, T, n): one output transform per fused shard
     if x.dim() == 2:
@@ -292,7 +392,8 @@ def transform(
         raise ValueError(f"x must be (T, n), (splits, T, n) or (groups, splits, T, n), got {tuple(x.shape)}")
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
-                               col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias)
+                               col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
+                               tall=tall)
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -349,6 +450,13 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk)):
+        grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, num_warps)
+        _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
+                                bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
+                                ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
+                                n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args)
+        return y
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
     cblk = min(cp, cblk or 32)
@@ -365,7 +473,8 @@ def transform(
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
-                    unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias) -> torch.Tensor:
+                    unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
+                    tall: bool | None = None) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -393,6 +502,13 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits)):
+        grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, 4)
+        _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
+                                x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
+                                x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
+                                HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret)
+        return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
                                                      unroll_splits)
