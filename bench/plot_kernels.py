@@ -94,6 +94,31 @@ def summary(payload: dict, bandwidth: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+LARGE_M_NOTE = ("From the measured fp16 time and two memory floors at the bandwidth above: the two transforms "
+                "read and write every activation once (M·(n+m)·4 bytes of fp16), and decompress writes Ŵ that "
+                "the matmul reads back (2·m·n·2 bytes). The best ratios assume everything else is free: with "
+                "Ŵ through memory (decompress + matmul, what M >= 256 runs) and with a fused decode-matmul as "
+                "fast as fp16's (transforms only).")
+
+
+def large_m_floors(payload: dict, bandwidth: float, min_m: int = 256) -> str:
+    """Markdown table of why M >= ``min_m`` cannot reach fp16 speed with a decompress + matmul forward
+    (see ``LARGE_M_NOTE``): the target "never below 0.9x at M >= 256" needs more than faster kernels."""
+    lines = ["| out x in | K | M | fp16 µs | forward µs | transforms µs (forward - kernel) | transforms floor µs "
+             "| Ŵ round trip µs | best fp16/forward, decompress + matmul | best, fused decode + matmul |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(payload["rows"], key=lambda r: (r["m"], r["n"], r["K"], r["M"])):
+        if r["M"] < min_m or not all(math.isfinite(r.get(k, float("nan"))) for k in ("fp16_us", "kernel_us")):
+            continue
+        m, n, M, f = r["m"], r["n"], r["M"], r["fp16_us"]
+        fwd = r.get("linear_us", float("nan"))
+        tf = M * (n + m) * 4 / bandwidth * 1e6
+        rt = 2 * m * n * 2 / bandwidth * 1e6
+        lines.append(f"| {m}x{n} | {r['K']} | {M} | {f:.1f} | {fwd:.1f} | {fwd - r['kernel_us']:.1f} | {tf:.1f} "
+                     f"| {rt:.1f} | {f / (f + tf + rt):.2f} | {f / (f + tf):.2f} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", help="a JSON written by bench/kernels.py")
@@ -114,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     md = path.with_name(path.stem + "-summary.md")
     md.write_text(f"# Summary of {path.name}\n\nMemory floor: m·n·K/8 bytes at {args.bandwidth / 1e12:.1f} TB/s.\n\n"
                   + summary(payload, args.bandwidth))
+    floors = large_m_floors(payload, args.bandwidth)
+    if floors:
+        with md.open("a") as f:
+            f.write("\n## Large batches: the floors of a decompress + matmul forward\n\n" + LARGE_M_NOTE + "\n\n" + floors)
     print(f"wrote {png} and {md}")
     return 0
 

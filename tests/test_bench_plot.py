@@ -39,3 +39,16 @@ def test_rejects_foreign_json(tmp_path, capsys):
     path.write_text(json.dumps({"something": 1}))
     assert plot_kernels.main([str(path)]) == 2
     assert "is not a bench/kernels.py result" in capsys.readouterr().err
+
+
+def test_large_m_floors(tmp_path):
+    """The large-batch table: fp16 time against the transform and Ŵ round-trip floors (M >= 256 rows only)."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(payload()))
+    assert plot_kernels.main([str(path)]) == 0
+    md = (tmp_path / "r-summary.md").read_text()
+    assert "## Large batches" in md
+    # M=256, 256x512, K=2: fp16 286, transforms 256*(512+256)*4 B, round trip 2*256*512*2 B, at 3 TB/s
+    tf, rt = 256 * 768 * 4 / 3e12 * 1e6, 2 * 256 * 512 * 2 / 3e12 * 1e6
+    assert f"| 256x512 | 2 | 256 | 286.0 | 280.0 | 4.0 | {tf:.1f} | {rt:.1f} | {286 / (286 + tf + rt):.2f} |" in md
+    assert "| 256x512 | 2 | 16 |" not in md.split("## Large batches")[1]
