@@ -1,0 +1,136 @@
+"""``qtip-triton info``: what this installation will do on this machine, in one screen.
+
+Why: the questions behind most "it is slow" or "it does not load" reports are answered here without
+reading code -- which kernels run (compiled Triton, the interpreter or the torch reference path), which
+autotune files apply to this GPU and why the others are ignored (a Triton upgrade makes a shipped file
+out of date: every layer then runs the heuristic default), whether vLLM will find the plugin, and which
+``QTIP_TRITON_*`` switches are set. ``--json`` gives the same facts to scripts and bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from qtip_triton import __version__
+from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_device, current_versions
+from qtip_triton.autotune.lookup import shipped_dir, user_cache_file
+from qtip_triton.autotune.store import StoreError, compatibility, load
+
+PLUGIN_GROUP = "vllm.general_plugins"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _kernels(device: DeviceInfo | None) -> str:
+    if device is not None:
+        return "compiled Triton kernels on CUDA"
+    if os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return "Triton kernels in the interpreter (TRITON_INTERPRET=1: correct but slow, for tests)"
+    return "torch reference path on the CPU (no CUDA GPU; TRITON_INTERPRET=1 runs the Triton kernels interpreted)"
+
+
+def _judge(path: Path, device: DeviceInfo | None, versions: SoftwareVersions) -> dict[str, Any]:
+    """One autotune file: what it was tuned on, and whether (and how) it applies here."""
+    row: dict[str, Any] = {"path": str(path)}
+    try:
+        tf = load(path)
+    except (StoreError, OSError) as e:
+        return {**row, "status": "ignored", "why": f"unreadable: {e}"}
+    h = tf.header
+    row.update(tuned_on=str(h.device), triton=h.versions.triton, date=h.date, entries=len(tf.entries))
+    if device is None:
+        return {**row, "status": "not used", "why": "no CUDA GPU here"}
+    status, why = compatibility(h, device, versions)
+    return {**row, "status": status or "ignored", "why": why}
+
+
+def _autotune(device: DeviceInfo | None, versions: SoftwareVersions) -> dict[str, Any]:
+    files = []
+    if device is not None:
+        user = user_cache_file(device)
+        files.append({"source": "user cache", **(_judge(user, device, versions) if user.is_file() else
+                                                 {"path": str(user), "status": "absent", "why": "not tuned here yet"})})
+    shipped = shipped_dir()
+    for path in sorted(shipped.glob("*.yaml")) if shipped.is_dir() else []:
+        files.append({"source": "shipped", **_judge(path, device, versions)})
+    used = [f for f in files if f["status"] in ("exact", "family")]
+    if device is None:
+        verdict = "no CUDA GPU: autotune files are not used"
+    elif used:
+        verdict = "configs from " + ", then ".join(f"{f['source']} {Path(f['path']).name} ({f['status']})" for f in used)
+    else:
+        verdict = (f"no autotune file applies: every layer runs the heuristic default; "
+                   f"`qtip-triton autotune --gpu {device.short}` tunes this GPU")
+    return {"files": files, "verdict": verdict}
+
+
+def _plugin() -> dict[str, Any]:
+    eps = [ep for ep in metadata.entry_points(group=PLUGIN_GROUP) if ep.value.startswith("qtip_triton.")]
+    return {"group": PLUGIN_GROUP, "entry_points": [f"{ep.name} = {ep.value}" for ep in eps],
+            "vllm": _version("vllm")}
+
+
+def collect() -> dict[str, Any]:
+    """Every fact ``info`` prints, as plain data."""
+    device = current_device()
+    versions = current_versions()
+    return {
+        "package": __version__,
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in ("torch", "triton", "numpy", "vllm")},
+        "device": None if device is None else {"name": device.name, "short": device.short, "family": device.family,
+                                               "sm_count": device.sm_count},
+        "kernels": _kernels(device),
+        "autotune": _autotune(device, versions),
+        "vllm_plugin": _plugin(),
+        "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QTIP_TRITON_")},
+    }
+
+
+def render(facts: dict[str, Any]) -> str:
+    v = facts["versions"]
+    dev = facts["device"]
+    lines = [
+        f"qtip-triton {facts['package']} (python {facts['python']})",
+        "versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in v),
+        "device: " + (f"{dev['name']} ({dev['family']}, {dev['sm_count']} SMs; files named {dev['short']}.yaml)"
+                      if dev else "no CUDA GPU"),
+        f"kernels: {facts['kernels']}",
+        "autotune files (lookup order):",
+    ]
+    for f in facts["autotune"]["files"]:
+        tuned = f" [{f['tuned_on']}, Triton {f['triton']}, {f['entries']} entries]" if "entries" in f else ""
+        lines.append(f"  {f['source']} {f['path']}: {f['status']} ({f['why']}){tuned}")
+    if not facts["autotune"]["files"]:
+        lines.append("  none found")
+    lines.append(f"  -> {facts['autotune']['verdict']}")
+    p = facts["vllm_plugin"]
+    if p["entry_points"]:
+        plug = f"registered ({'; '.join(p['entry_points'])})"
+    else:
+        plug = "not registered (install the package with pip so its entry point exists)"
+    lines.append(f"vLLM plugin ({p['group']}): {plug}; vllm {p['vllm'] or 'not installed'}")
+    sw = facts["switches"]
+    lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    facts = collect()
+    print(json.dumps(facts, indent=2) if args.json else render(facts))
+    return 0

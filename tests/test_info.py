@@ -1,0 +1,72 @@
+"""qtip-triton info: versions, device, kernel path, which autotune files apply and why, plugin, switches."""
+
+import json
+
+import pytest
+
+from qtip_triton import cli, info
+from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_versions
+from qtip_triton.autotune.lookup import shipped_dir
+from qtip_triton.autotune.store import load
+
+H200 = DeviceInfo("NVIDIA H200", (9, 0), 132)
+
+
+def shipped_versions() -> SoftwareVersions:
+    """The versions the shipped H200 file was tuned with (so it is "exact" for a fake H200)."""
+    return load(shipped_dir() / "h200.yaml").header.versions
+
+
+def test_cpu_machine(monkeypatch, capsys):
+    monkeypatch.setattr(info, "current_device", lambda: None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("QTIP_TRITON_NO_TALL_HADAMARD", "1")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"qtip-triton {info.__version__}" in out and "device: no CUDA GPU" in out
+    assert "torch reference path" in out
+    assert "h200.yaml: not used (no CUDA GPU here) [NVIDIA H200 (sm90, 132 SMs)" in out and "819 entries" in out
+    assert "switches: QTIP_TRITON_NO_TALL_HADAMARD=1" in out
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "interpreter" in info.collect()["kernels"]
+
+
+def test_plugin_entry_point_is_reported():
+    p = info.collect()["vllm_plugin"]
+    assert p["group"] == "vllm.general_plugins"
+    # the package is installed (make install: pip install -e), so its entry point exists
+    assert p["entry_points"] == ["qtip = qtip_triton.vllm:register"]
+
+
+def test_which_files_apply_and_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(info, "current_device", lambda: H200)
+    monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(info, "current_versions", shipped_versions)
+    facts = info.collect()
+    files = {f["source"]: f for f in facts["autotune"]["files"]}
+    assert files["user cache"]["status"] == "absent"
+    assert files["shipped"]["status"] == "exact" and files["shipped"]["entries"] == 819
+    assert facts["autotune"]["verdict"] == "configs from shipped h200.yaml (exact)"
+    # a corrupt user cache is named and ignored; a Triton upgrade makes the shipped file out of date
+    (tmp_path / "autotune").mkdir()
+    (tmp_path / "autotune" / "h200.yaml").write_text("format: [not, a, tune, file")
+    v = shipped_versions()
+    monkeypatch.setattr(info, "current_versions", lambda: SoftwareVersions("9.9.0", v.torch, v.package, v.kernels))
+    assert cli.main(["info", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    user, shipped = facts["autotune"]["files"]
+    assert user["source"] == "user cache" and user["status"] == "ignored" and "unreadable" in user["why"]
+    assert shipped["status"] == "ignored" and "out of date: tuned with Triton" in shipped["why"]
+    assert "no autotune file applies" in facts["autotune"]["verdict"] and "--gpu h200" in facts["autotune"]["verdict"]
+    assert facts["device"] == {"name": "NVIDIA H200", "short": "h200", "family": "sm90", "sm_count": 132}
+
+
+@pytest.mark.parametrize("name,status", [("NVIDIA H100 80GB HBM3", "family"), ("NVIDIA A100-SXM4-80GB", "ignored")])
+def test_other_gpus(monkeypatch, tmp_path, name, status):
+    cap = (9, 0) if "H100" in name else (8, 0)
+    monkeypatch.setattr(info, "current_device", lambda: DeviceInfo(name, cap, 132 if cap == (9, 0) else 108))
+    monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(info, "current_versions", shipped_versions)
+    shipped = [f for f in info.collect()["autotune"]["files"] if f["source"] == "shipped"]
+    assert [f["status"] for f in shipped] == [status]
+    assert current_versions().package == info.__version__
