@@ -182,6 +182,9 @@ class TritonDecoder:
     # The values depend only on the state mod 2^state_bits (HYB: the low 16 bits of s*(s+1)), so the
     # generator may leave garbage above that bit instead of masking each window (one op per state).
     state_bits: int | None = None
+    # Triton source of @triton.jit helpers the snippet's expressions call, spliced into the generated
+    # module once (each with a pure-Triton path for the interpreter and inline PTX for the GPU).
+    helpers: str = ""
 
 
 def _fp16_half(expr: str, high: bool) -> str:
@@ -213,13 +216,30 @@ def _byte_sum_expr(x: str) -> str:
     return f"(({x} & 0xFF) + (({x} >> 8) & 0xFF) + (({x} >> 16) & 0xFF) + ({x} >> 24))"
 
 
+# Why the helpers: the byte sum is one dp4a (x · 0x01010101 bytewise, plus an addend) instead of ~10
+# shifts, masks and adds; 1MAD's correctly rounded division by a constant is a reciprocal multiply
+# with one FMA correction (exact for all 1021 possible numerators, checked in tests/test_codes.py)
+# instead of div.rn's slow-path check; mul1's fp16 FMA is one HFMA on the fp16 whose bits the dp4a
+# already assembled. The interpreter runs the plain formulas.
+ONEMAD_RCP = float(torch.tensor(1.0 / ONEMAD_SCALE, dtype=torch.float32))
+ONEMAD_HELPER = f'''
+@triton.jit
+def _onemad_value(x, INTERPRET: tl.constexpr):
+    """1MAD: (byte sum of the uint32 x - 510) / {ONEMAD_SCALE!r}, correctly rounded in float32."""
+    if INTERPRET:
+        y = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.float32) - 510.0
+        return tl.math.div_rn(y, {ONEMAD_SCALE!r})
+    else:
+        # one dp4a: bytes of x dotted with 1,1,1,1, plus -510 (0xFFFFFE02 as a signed int32)
+        y = tl.inline_asm_elementwise("dp4a.u32.u32 $0, $1, 0x01010101, 0xFFFFFE02;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=True, pack=1).to(tl.float32)
+        q = y * {ONEMAD_RCP!r}
+        return tl.fma(tl.fma(-q, {ONEMAD_SCALE!r}, y), {ONEMAD_RCP!r}, q)
+'''
+
+
 def _onemad_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
-    lines = [
-        f"{s}_x = {s} * {ONEMAD_A} + {ONEMAD_B}",
-        f"{s}_y = {_byte_sum_expr(f'{s}_x')}",
-    ]
-    # correctly rounded division, as the float32 reference (a reciprocal multiply differs in 40% of cases)
-    return lines, [f"tl.math.div_rn({s}_y.to(tl.float32) - 510.0, {ONEMAD_SCALE!r})"]
+    return [f"{s}_x = {s} * {ONEMAD_A} + {ONEMAD_B}"], [f"_onemad_value({s}_x, INTERPRET)"]
 
 
 def _three_inst_lines(s: str, hashed: str) -> tuple[list[str], list[str]]:
@@ -237,7 +257,7 @@ def _lut_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], l
 
 
 HYB_TRITON = TritonDecoder("packed16", "fp16", _hyb_triton, state_bits=16)
-ONEMAD_TRITON = TritonDecoder("none", "fp32", _onemad_triton)
+ONEMAD_TRITON = TritonDecoder("none", "fp32", _onemad_triton, helpers=ONEMAD_HELPER)
 THREEINST_TRITON = TritonDecoder("none", "fp16", _threeinst_triton)
 LUT_TRITON = TritonDecoder("float32", "fp32", _lut_triton)
 
@@ -310,6 +330,7 @@ MUL1_MULT = 0x83DCD12D
 # kinv = fp16 bits 0x1EEE = 1774 / 2^18, kbias = fp16 bits 0xC931 = -1329 / 2^7, so the exact
 # result is (1774*b - 905216) / 2^18.
 MUL1_NUM, MUL1_OFFSET, MUL1_SHIFT = 1774, 905216, 18
+MUL1_H_BITS, MUL1_KINV_BITS, MUL1_KBIAS_BITS = 0x6400, 0x1EEE, 0xC931  # fp16 bits of h(b=0), kinv, kbias
 
 
 def _mcg(states: torch.Tensor, spec: TrellisSpec, table: torch.Tensor | None) -> torch.Tensor:
@@ -336,11 +357,24 @@ def _mcg_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], l
     return _three_inst_lines(s, f"({s} * {MCG_MULT:#x})")
 
 
+MUL1_HELPER = f'''
+@triton.jit
+def _mul1_value(x, INTERPRET: tl.constexpr):
+    """EXL3 mul1 on the hashed uint32 x: fp16 h = 1024 + byte sum (bits 0x6400 + b), h * kinv + kbias in one
+    fp16 FMA (the interpreter: the same number exactly in float32, then the single fp16 rounding)."""
+    if INTERPRET:
+        b = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.int32)
+        return ((b * {MUL1_NUM} - {MUL1_OFFSET}).to(tl.float32) * {1.0 / (1 << MUL1_SHIFT)!r}).to(tl.float16)
+    else:
+        return tl.inline_asm_elementwise(
+            "{{ .reg .b32 t; .reg .b16 h, k, c; dp4a.u32.u32 t, $1, 0x01010101, {MUL1_H_BITS:#x}; cvt.u16.u32 h, t; "
+            "mov.b16 k, {MUL1_KINV_BITS:#x}; mov.b16 c, {MUL1_KBIAS_BITS:#x}; fma.rn.f16 $0, h, k, c; }}",
+            "=h,r", [x], dtype=tl.float16, is_pure=True, pack=1)
+'''
+
+
 def _mul1_triton(spec: TrellisSpec, s: str, lookup: Lookup) -> tuple[list[str], list[str]]:
-    lines = [f"{s}_x = {s} * {MUL1_MULT:#x}", f"{s}_b = {_byte_sum_expr(f'{s}_x')}.to(tl.int32)"]
-    # exact in fp32 (see mul1_value), then the single fp16 rounding of the hardware FMA
-    exact = f"({s}_b * {MUL1_NUM} - {MUL1_OFFSET}).to(tl.float32) * {1.0 / (1 << MUL1_SHIFT)!r}"
-    return lines, [f"({exact}).to(tl.float16)"]
+    return [], [f"_mul1_value({s} * {MUL1_MULT:#x}, INTERPRET)"]
 
 
 register_code(
@@ -349,5 +383,5 @@ register_code(
 )
 register_code(
     Code("mul1", "EXL3: multiply by 0x83DCD12D, byte sum, one fp16 fused multiply-add", _mul1, allowed_V=(1,),
-         rms=1.0003, triton=TritonDecoder("none", "fp16", _mul1_triton))
+         rms=1.0003, triton=TritonDecoder("none", "fp16", _mul1_triton, helpers=MUL1_HELPER))
 )

@@ -289,6 +289,8 @@ class _Emitter:
                    'mov.b32 $0, global_smem; add.u32 $0, $0, l; }"')
             helpers = SHARED_TABLE_HELPERS.replace("@BASE_ASM@", asm)
             s(*helpers.splitlines(), "")
+        if self.dec.helpers:  # the code's own helpers (e.g. one dp4a for a byte sum)
+            s("", *self.dec.helpers.strip("\n").splitlines(), "", "")
         s(
             f"SPEC = {spec.name!r}",
             f"LAYOUT = {p.layout!r}",

@@ -1,0 +1,157 @@
+"""Instructions per decoded state of a generated kernel, compiled for a GPU on any machine (no GPU needed).
+
+Why: at 2-4 bits the decode, not memory, bounds the small-batch kernels, and its cost is the SASS the
+code function compiles to. This compiles the generated ``gemv``/``gemm``/``decompress`` kernel with
+Triton for ``sm_90`` (ptxas and cuobjdump come with the Triton wheel), every pointer and stride marked
+divisible by 16 as real launches specialize them, and reports registers, spills, shared memory and the
+instructions of the main loop divided by the states one thread decodes per iteration. A change to a
+code's Triton snippet can be judged here before it is timed on the device.
+
+    python bench/sass_count.py --spec L16K2V1-mul1 --kind gemv --config '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 512}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from qtip_triton.codegen.cache import load
+from qtip_triton.codegen.emit import default_layout
+from qtip_triton.codegen.plan import make_plan
+from qtip_triton.codes import get_code
+from qtip_triton.kernels.configs import default_config
+from qtip_triton.spec import TrellisSpec
+
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+_TABLE_TYPES = {"packed16": "*i32", "float32": "*fp32", "none": "*i32"}
+
+
+def _pointer_types(kind: str, spec: TrellisSpec) -> dict[str, str]:
+    """Pointer argument types of the generated kernel (every other argument is an int32 or a constexpr)."""
+    table = _TABLE_TYPES[get_code(spec.code).triton_decoder().table]
+    if kind == "decompress":
+        return {"W": "*i32", "TBL": table, "OUT": "*fp16"}
+    return {"W": "*i32", "TBL": table, "X": "*fp16", "Y": "*fp32"}
+
+
+def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90):
+    """(compiled kernel, states one thread decodes per loop iteration) for this layer shape and config."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
+    layout = default_layout(spec)
+    mod = load(spec, kind, config, layout=layout)
+    plan = make_plan(spec, layout)
+    fn = mod.kernel
+    names = fn.arg_names
+    ptrs = _pointer_types(kind, spec)
+    TR, TC = config["BLOCK_N"] // 16, config["BLOCK_K"] // 16
+    cols = n // 16 * plan.GCN  # word columns (a compile-time constant of the gemv kernel)
+    const: dict[str, Any] = {"TR": TR, "TC": TC, "EVEN": True, "INTERPRET": False}
+    if kind != "decompress":
+        const["BLOCK_M"] = config["BLOCK_M"]
+    if "Ctot" in names and fn.params[names.index("Ctot")].is_constexpr:
+        const["Ctot"] = cols
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
+    divisible = [a for a in names if a not in const and a not in ("M", "ITERS", "shard_b1", "shard_b2")]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    opts = {"num_warps": config.get("num_warps", 4)}
+    if "num_stages" in config:
+        opts["num_stages"] = config["num_stages"]
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    groups = TR * plan.GRN * TC * plan.GCN  # groups of states per program per k step
+    threads = 32 * opts["num_warps"]
+    return kernel, groups * plan.S / threads
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(_BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes of the largest backward-branch loop in a SASS listing (the k loop; a kernel without a
+    loop, like decompress, gives the whole function)."""
+    lines = sass.splitlines()
+    ops: list[tuple[int, str, str]] = []  # (line index, opcode, full text)
+    labels: dict[str, int] = {}
+    for line in lines:
+        lab = re.match(r"\s*\.(L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(ops)
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\b(.*?);", line)
+        if ins:
+            ops.append((len(ops), ins.group(1), ins.group(2)))
+    best: tuple[int, int] | None = None
+    for i, op, rest in ops:
+        tgt = re.search(r"`\(\.(L_x_\d+)\)", rest)
+        if op.startswith("BRA") and tgt and labels.get(tgt.group(1), i + 1) <= i:
+            start = labels[tgt.group(1)]
+            if best is None or i - start > best[1] - best[0]:
+                best = (start, i)
+    body = ops[best[0]:best[1] + 1] if best else ops
+    return [op.split(".")[0] for _, op, _ in body if op not in ("NOP",)]
+
+
+def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: int, M: int) -> dict[str, Any]:
+    spec = TrellisSpec.parse(spec_name)
+    cfg = dict(config or default_config(kind, spec, m, n, M))
+    kernel, per_iter = compile_kernel(spec, kind, cfg, m, n)
+    body = loop_body(_sass(kernel.asm["cubin"]))
+    mix = collections.Counter(body)
+    return {"spec": spec.name, "kind": kind, "config": cfg, "shape": f"{m}x{n}", "states_per_thread_iter": per_iter,
+            "loop_instructions": len(body), "per_state": len(body) / per_iter if kind != "decompress" else None,
+            "shared_bytes": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
+            "opcodes": dict(mix.most_common())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--spec", action="append", required=True, help="trellis spec (repeatable)")
+    ap.add_argument("--kind", default="gemv", choices=("gemv", "gemm", "decompress"))
+    ap.add_argument("--config", default=None, help="JSON config (default: the heuristic's for the shape)")
+    ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
+    ap.add_argument("--M", type=int, default=1, help="batch size the default config is chosen for")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    m, n = (int(v) for v in a.shape.lower().split("x"))
+    rows = [count(s, a.kind, json.loads(a.config) if a.config else None, m, n, a.M) for s in a.spec]
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        per = f"{r['per_state']:.1f} per state, " if r["per_state"] is not None else ""
+        print(f"{r['spec']} {r['kind']} {r['shape']} {r['config']}: {r['loop_instructions']} loop instructions "
+              f"({per}{r['states_per_thread_iter']:g} states/thread/iter), {r.get('reg')} registers, "
+              f"stack {r.get('stack')}, shared {r['shared_bytes']} B")
+        print("   " + ", ".join(f"{k} {v}" for k, v in list(r["opcodes"].items())[:12]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

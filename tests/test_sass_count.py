@@ -1,0 +1,55 @@
+"""bench/sass_count.py compiles generated kernels for sm_90 on this (GPU-less) machine: the computed codes'
+byte sums become one dp4a each, and 1MAD's division leaves no slow path (instruction counts, not timings)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from tests.bench_scripts import load_script
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists(), reason="the Triton wheel has no NVIDIA tools")
+CFG = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+SCRIPT = Path(__file__).parents[1] / "bench" / "sass_count.py"
+
+
+def compiled(*names: str) -> list[dict]:
+    """The script's JSON, run in a process without TRITON_INTERPRET (the suite runs interpreted)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [a for name in names for a in ("--spec", name)]
+    out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", "gemv", "--config", json.dumps(CFG),
+                          "--shape", "1024x1024", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_byte_sum_codes_compile_to_dp4a():
+    for r in compiled("L16K2V1-1mad", "L16K2V1-mul1"):
+        ops = r["opcodes"]
+        assert ops.get("IDP", 0) == r["states_per_thread_iter"], r  # one dp4a per state
+        assert "FCHK" not in ops and "BSSY" not in ops, r  # no division slow path
+        assert r["per_state"] < 14 and r["stack"] == 0, r
+
+
+def test_refuses_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET"):
+        load_script("sass_count").count("L16K2V1-mul1", "gemv", CFG, 1024, 1024, 1)
+
+
+def test_loop_body_finds_the_backward_branch():
+    sass_count = load_script("sass_count")
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   IMAD R2, R2, R3, RZ ;
+        /*0020*/              @!P0 LOP3.LUT R4, R2, 0xff, RZ, 0xc0, !PT ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+"""
+    assert sass_count.loop_body(listing) == ["IMAD", "LOP3", "BRA"]
