@@ -7,6 +7,10 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
 ``<out>/<card>-<date>-probe.{json,md}``.
 
     python bench/probe.py --points 8192x8192:1,28672x8192:1 --K 2 --tables gather,shared,shared4
+    python bench/probe.py --points 4096x4096:1,4096x11008:1 --tables shared --fuse-in   # gemv + its input transform
+
+``--fuse-in`` (gemv): every config also runs with ``fuse_in`` (each program computes its slice of the input
+transform), and every time then includes the input transform (the separate launch for the others).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", default=None, help="e.g. 64/256/4,128/128/8 (BLOCK_N/BLOCK_K/num_warps)")
     ap.add_argument("--prefetch", default="0", help="gemv prefetch depths, e.g. 0,1,2")
     ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
+    ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="probe")
@@ -89,20 +94,30 @@ def main(argv: list[str] | None = None) -> int:
         h_nat[:, :] = h[:, pw.input_index(a.kind).long()]
         ref = (h_nat.float() @ what.t()).float()
         best = None
-        for cfg in candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults,
-                              [int(v) for v in a.prefetch.split(",")] if a.kind == "gemv" else [0]):
+        cands = candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults,
+                           [int(v) for v in a.prefetch.split(",")] if a.kind == "gemv" else [0])
+        if a.fuse_in and a.kind == "gemv":
+            cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
+
+        def run(cfg, pw=pw, h=h, x=x, dtype=dtype):
+            if cfg.get("fuse_in"):
+                return decode_matmul(a.kind, pw, torch.empty_like(h), cfg, h_order="kernel", fuse_x=x)
+            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else h
+            return decode_matmul(a.kind, pw, hh, cfg, h_order="kernel")
+
+        for cfg in cands:
             if time.time() - t0 > a.time_limit:
                 print("time limit reached", flush=True)
                 break
             rec = {"m": m, "n": n, "K": K, "M": M, "kind": a.kind, "config": cfg, "fp16_us": fp16}
             try:
-                y = decode_matmul(a.kind, pw, h, cfg, h_order="kernel").sum(0)
+                y = run(cfg).sum(0)
                 err = float((y - ref).norm() / ref.norm())
                 rec["rel_err"] = err
                 if not err <= 1e-3:
                     rec["status"] = "wrong"
                 else:
-                    rec["us"] = time_us(lambda cfg=cfg, pw=pw, h=h: decode_matmul(a.kind, pw, h, cfg, h_order="kernel"))
+                    rec["us"] = time_us(lambda cfg=cfg: run(cfg))
                     rec["ratio"] = fp16 / rec["us"]
                     rec["status"] = "ok"
                     if best is None or rec["us"] < best["us"]:

@@ -63,8 +63,18 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
         const["BLOCK_M"] = config["BLOCK_M"]
     if "Ctot" in names and fn.params[names.index("Ctot")].is_constexpr:
         const["Ctot"] = cols
+    if config.get("fuse_in"):  # the input transform's operands (see kernels.runners._fused_input_args)
+        from qtip_triton.kernels import hadamard
+
+        ptrs.update(XN="*fp16", PRE="*fp32", HA="*bf16", HB="*bf16", DSTI="*i32", hscale="fp32")
+        kh, p1, zc = hadamard.factor(n)
+        split = config.get("SPLIT_K", 1)
+        span = -(-cols // (TC * plan.GCN) // split) * TC * 16
+        hrp = max(16, 1 << (kh * p1 - 1).bit_length())
+        const.update(HRP=hrp, HCP=max(16, zc), HRB=max(16, 1 << (-(-span // zc)).bit_length()), HKB=16)
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
-    divisible = [a for a in names if a not in const and a not in ("M", "ITERS", "shard_b1", "shard_b2")]
+    divisible = [a for a in names if a not in const and a not in ("M", "ITERS", "shard_b1", "shard_b2", "z_rows",
+                                                                    "z_cols", "hscale")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     opts = {"num_warps": config.get("num_warps", 4)}

@@ -55,6 +55,11 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
         if pf not in (0, 1, 2) and pf not in (False, True):
             raise ValueError(f"config prefetch={pf!r} must be 0, 1 or 2 (k steps of words loaded ahead)")
         extra["prefetch"] = int(pf)
+        fuse_in = config.get("fuse_in", False)
+        if not isinstance(fuse_in, bool):
+            raise ValueError(f"config fuse_in={fuse_in!r} must be a bool (input transform inside the gemv)")
+        if fuse_in:  # only when on: every existing config keeps its source (and cache key)
+            extra["fuse_in"] = True
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -247,6 +252,8 @@ class _Emitter:
             "",
             "import triton",
             "import triton.language as tl",
+            *(["", "from qtip_triton.kernels.hadamard import _split_dot, _split_dot_rhs"]
+              if self.opts.get("fuse_in") else []),
             "",
             "",
             "@triton.jit",
@@ -492,8 +499,12 @@ class _Emitter:
         s("@triton.jit")
         # Ctot is a compile-time constant: x's class blocks sit Ctot apart, so every x load of a k step
         # is an immediate offset from one pointer (measured 16.5 -> 12.4 SASS per state at BLOCK_K=32)
+        fuse_in = self.opts.get("fuse_in", False)
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
         s("           shard_b1, shard_b2, stride_xg,")
+        if fuse_in:
+            s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
+            s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
@@ -504,6 +515,8 @@ class _Emitter:
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
         self.prologue(split=True)
+        if fuse_in:
+            self._input_transform(bm)
         for m in range(bm):
             s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
             s(f"ok{m} = pid_m * {bm} + {m} < M")
@@ -555,6 +568,46 @@ class _Emitter:
                 s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
                   f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
         s.dedent()
+
+    def _input_transform(self, bm: int) -> None:
+        """``fuse_in``: this program's slice of h = M_nᵀ (SU ⊙ x), computed here instead of by a launch.
+
+        The program's word columns are one contiguous range of natural inputs (16 per tile column; the
+        kernel order only permutes inside it), i.e. a few rows of the Z view (z_rows x z_cols) of the
+        Hadamard transform: h = (A · Z · B) · hscale restricted to rows r0 .. r0+HRB. It is stored into
+        X (a per-call scratch in the kernel's order) and read back after a barrier; programs of the same
+        k split write the same values there.
+        """
+        p, s = self.plan, self.src
+        s("# fused input transform: rows r0.. of the Z view hold this program's natural inputs [j0, j1)")
+        s(f"j0 = col0 * {16 // p.GCN}")
+        s(f"j1 = tl.minimum(col0 + ITERS * CB, Ctot) * {16 // p.GCN}")
+        s("hr = j0 // z_cols + tl.arange(0, HRB)")
+        s("hc = tl.arange(0, HCP)")
+        for m in range(bm):
+            s(f"row = pid_m * {bm} + {m}")
+            s("hacc = tl.zeros([HRB, HCP], dtype=tl.float32)")
+            s("for k0 in range(0, z_rows, HKB):")
+            s.indent()
+            s("hk = k0 + tl.arange(0, HKB)")
+            s("hidx = hk[:, None] * z_cols + hc[None, :]")
+            s("hmsk = (hk < z_rows)[:, None] & (hc < z_cols)[None, :] & (row < M)")
+            s("z = tl.load(XN + row * stride_xn + hidx, mask=hmsk, other=0.0).to(tl.float32)")
+            s("z *= tl.load(PRE + hidx, mask=hmsk, other=0.0)")
+            s("a = tl.load(HA + hr[:, None] * HRP + hk[None, :], mask=(hr < HRP)[:, None], other=0.0)")
+            s("hacc = _split_dot(a, z, hacc, INTERPRET)")
+            s.dedent()
+            s("for c0 in tl.static_range(0, HCP, 32 if HCP > 32 else HCP):  # B by column blocks: few registers")
+            s.indent()
+            s("hj = c0 + tl.arange(0, 32 if HCP > 32 else HCP)")
+            s("hb = tl.load(HB + hc[:, None] * HCP + hj[None, :])")
+            s("hv = _split_dot_rhs(hacc, hb, tl.zeros([HRB, 32 if HCP > 32 else HCP], dtype=tl.float32), INTERPRET)")
+            s("nat = hr[:, None] * z_cols + hj[None, :]")
+            s("keep = (nat >= j0) & (nat < j1) & (hj < z_cols)[None, :] & (row < M)")
+            s("dsti = tl.load(DSTI + nat, mask=keep, other=0)")
+            s("tl.store(X + row * stride_xm + dsti, (hv * hscale).to(X.dtype.element_ty), mask=keep)")
+            s.dedent()
+        s("tl.debug_barrier()  # the whole program's h is written before any of it is read")
 
     def natural_perm(self) -> tuple[int, ...] | None:
         """Axis permutation that puts a class tile's columns in natural order (None if already)."""

@@ -135,6 +135,10 @@ def launch(
         return x.new_empty(*lead, pw.out_features)
     # gemv multiplies in fp32 anyway: keeping h in fp32 costs a few KB of reads and removes one
     # 16-bit rounding (it halves the bf16 error); tensor-core kinds need h in x's dtype
+    if kind == "gemv" and config.get("fuse_in"):  # the gemv computes its own slices of h
+        h = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
+        parts = decode_matmul(kind, pw, h, config, h_order="kernel", fuse_x=x2.contiguous())
+        return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
     h = _transform_in(pw, x2, torch.float32 if kind == "gemv" else x.dtype, kind)
     if kind == "decompress":
         w = decompress(pw, config, dtype=x.dtype)

@@ -98,9 +98,37 @@ def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
     return _cdiv(nblk, iters)
 
 
+def _fused_input_args(pw: PreparedWeight, x: torch.Tensor, h: torch.Tensor, config: Mapping[str, Any],
+                      span: int) -> tuple[list[Any], dict[str, int]]:
+    """Extra arguments of a ``fuse_in`` gemv: the natural activations ``x`` (M, in), SU, the transform's
+    factors and the kernel-order index, for programs spanning ``span`` natural inputs each."""
+    from qtip_triton.kernels import hadamard
+
+    if config.get("BLOCK_M", 1) > 4:
+        raise ValueError("fuse_in computes the input transform once per batch row: use BLOCK_M <= 4")
+    if pw.blocks_in != 1:
+        raise ValueError(f"fuse_in needs one Hadamard block over the input, this weight has {pw.blocks_in}")
+    if h.dim() != 2:
+        raise ValueError("fuse_in runs one weight (no stacked shards)")
+    if x.dtype not in ACT_DTYPES or x.shape != h.shape or x.device != h.device or x.stride(-1) != 1:
+        raise ValueError(f"fuse_in needs x as a float16/bfloat16 {tuple(h.shape)} tensor with unit column "
+                         f"stride on {h.device}, got {x.dtype} {tuple(x.shape)}")
+    n = pw.in_features
+    a, b = hadamard._matrices(n, True, x.device)
+    if a is None:
+        raise ValueError(f"fuse_in needs in_features with a Hadamard factor above 128 rows x cols, got {n}")
+    kh, p1, cols = hadamard.factor(n)
+    hrb = max(16, 1 << (-(-span // cols)).bit_length())  # rows of Z a program's range can touch
+    if hrb > 64:
+        raise ValueError(f"fuse_in: a program's {span} inputs span {hrb} rows of the {kh * p1}x{cols} transform "
+                         "view (at most 64): use more SPLIT_K or a smaller BLOCK_K")
+    args = [x, pw.SU, a, b, pw.input_index("gemv"), x.stride(0), kh * p1, cols, 1.0 / n ** 0.5]
+    return args, {"HRP": a.shape[0], "HCP": b.shape[0], "HRB": hrb, "HKB": 16}
+
+
 def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
                   h_order: str = "natural", ws: torch.Tensor | None = None,
-                  shard_out: Sequence[int] | None = None) -> torch.Tensor:
+                  shard_out: Sequence[int] | None = None, fuse_x: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 partials ``(splits, M, out)`` with ``sum(splits) = h · Ŵᵀ`` (h: (M, in), fp16/bf16), into
     ``ws`` when given (a slice of a fused layer's partials buffer, see :func:`split_count`).
 
@@ -110,6 +138,9 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
 
     The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
     kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
+
+    ``fuse_x`` with a ``fuse_in`` gemv config: the natural activations; each program computes its own
+    slice of the input transform into ``h``, which is then only scratch (its contents are ignored).
     """
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"decode_matmul runs kinds 'gemv' and 'gemm', got {kind!r}")
@@ -120,7 +151,10 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     allowed = ACT_DTYPES + ((torch.float32,) if kind == "gemv" else ())
     if h.dtype not in allowed:
         raise ValueError(f"the {kind} kernel takes {', '.join(map(str, allowed))} activations, got {h.dtype}")
-    if h_order == "natural":
+    fuse_in = kind == "gemv" and bool(config.get("fuse_in", False))
+    if fuse_in != (fuse_x is not None):
+        raise ValueError("a fuse_in gemv config takes the natural activations as fuse_x, and only it does")
+    if h_order == "natural" and not fuse_in:
         perm = torch.empty_like(h)
         perm[:, pw.input_index(kind).long()] = h
         h = perm
@@ -166,6 +200,11 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     grid = (_cdiv(Rtot, RB), splits, _cdiv(M, BM))
     # no masks when every program's row block and every k step is full
     extra = {"INTERPRET": interpreting(), "EVEN": Rtot % RB == 0 and Ctot % CB == 0 and nblk % iters == 0}
+    fused: list[Any] = []
+    if fuse_in:
+        fused, consts = _fused_input_args(pw, fuse_x, h, config, iters * CB * 16 // plan.GCN)
+        extra.update(consts)
     mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2), ws.stride(0),
-                     ws.stride(1), *bounds, stride_xg, TR=TR, TC=TC, BLOCK_M=BM, **extra, **_launch_opts(config))
+                     ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM, **extra,
+                     **_launch_opts(config))
     return ws
