@@ -574,9 +574,10 @@ class _Emitter:
 
         The program's word columns are one contiguous range of natural inputs (16 per tile column; the
         kernel order only permutes inside it), i.e. a few rows of the Z view (z_rows x z_cols) of the
-        Hadamard transform: h = (A · Z · B) · hscale restricted to rows r0 .. r0+HRB. It is stored into
-        X (a per-call scratch in the kernel's order) and read back after a barrier; programs of the same
-        k split write the same values there.
+        Hadamard transform: h = (A · Z · B) · hscale restricted to rows r0 .. r0+HRB, accumulated over
+        32-column blocks of Z (the prologue's registers set the whole kernel's: 127 instead of 237 with
+        whole-width tiles, sm_90). It is stored into X (a per-call scratch in the kernel's order) and
+        read back after a barrier; programs of the same k split write the same values there.
         """
         p, s = self.plan, self.src
         s("# fused input transform: rows r0.. of the Z view hold this program's natural inputs [j0, j1)")
@@ -584,29 +585,30 @@ class _Emitter:
         s(f"j1 = tl.minimum(col0 + ITERS * CB, Ctot) * {16 // p.GCN}")
         s("hr = j0 // z_cols + tl.arange(0, HRB)")
         s("hc = tl.arange(0, HCP)")
+        s("HC2: tl.constexpr = 32 if HCP > 32 else HCP  # columns of Z per block: few live registers")
         for m in range(bm):
             s(f"row = pid_m * {bm} + {m}")
-            s("hacc = tl.zeros([HRB, HCP], dtype=tl.float32)")
+            s("hout = tl.zeros([HRB, HCP], dtype=tl.float32)")
+            s("for c0 in tl.static_range(0, HCP, HC2):  # (A · Z[:, block]) · B[block, :], block by block")
+            s.indent()
+            s("hcc = c0 + tl.arange(0, HC2)")
+            s("t = tl.zeros([HRB, HC2], dtype=tl.float32)")
             s("for k0 in range(0, z_rows, HKB):")
             s.indent()
             s("hk = k0 + tl.arange(0, HKB)")
-            s("hidx = hk[:, None] * z_cols + hc[None, :]")
-            s("hmsk = (hk < z_rows)[:, None] & (hc < z_cols)[None, :] & (row < M)")
+            s("hidx = hk[:, None] * z_cols + hcc[None, :]")
+            s("hmsk = (hk < z_rows)[:, None] & (hcc < z_cols)[None, :] & (row < M)")
             s("z = tl.load(XN + row * stride_xn + hidx, mask=hmsk, other=0.0).to(tl.float32)")
             s("z *= tl.load(PRE + hidx, mask=hmsk, other=0.0)")
             s("a = tl.load(HA + hr[:, None] * HRP + hk[None, :], mask=(hr < HRP)[:, None], other=0.0)")
-            s("hacc = _split_dot(a, z, hacc, INTERPRET)")
+            s("t = _split_dot(a, z, t, INTERPRET)")
             s.dedent()
-            s("for c0 in tl.static_range(0, HCP, 32 if HCP > 32 else HCP):  # B by column blocks: few registers")
-            s.indent()
-            s("hj = c0 + tl.arange(0, 32 if HCP > 32 else HCP)")
-            s("hb = tl.load(HB + hc[:, None] * HCP + hj[None, :])")
-            s("hv = _split_dot_rhs(hacc, hb, tl.zeros([HRB, 32 if HCP > 32 else HCP], dtype=tl.float32), INTERPRET)")
-            s("nat = hr[:, None] * z_cols + hj[None, :]")
-            s("keep = (nat >= j0) & (nat < j1) & (hj < z_cols)[None, :] & (row < M)")
+            s("hout = _split_dot_rhs(t, tl.load(HB + hcc[:, None] * HCP + hc[None, :]), hout, INTERPRET)")
+            s.dedent()
+            s("nat = hr[:, None] * z_cols + hc[None, :]")
+            s("keep = (nat >= j0) & (nat < j1) & (hc < z_cols)[None, :] & (row < M)")
             s("dsti = tl.load(DSTI + nat, mask=keep, other=0)")
-            s("tl.store(X + row * stride_xm + dsti, (hv * hscale).to(X.dtype.element_ty), mask=keep)")
-            s.dedent()
+            s("tl.store(X + row * stride_xm + dsti, (hout * hscale).to(X.dtype.element_ty), mask=keep)")
         s("tl.debug_barrier()  # the whole program's h is written before any of it is read")
 
     def natural_perm(self) -> tuple[int, ...] | None:
