@@ -6,13 +6,14 @@
 #   3. bench/cold_start.py with that tuned file (precompile -> export -> import -> fresh process, and
 #      the cold-JIT figure beside it).
 #   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite; (with "tall")
-#      the per-token vs many-token Hadamard kernels from 1 to 2048 tokens (bench/hadamard.py --tag tall).
+#      the per-token vs many-token Hadamard kernels from 1 to 2048 tokens (bench/hadamard.py --tag tall);
+#      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in).
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
 #   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh                         # autotune, hadamard, cold
 #   GPU=h200 OUT=/tmp/out STEPS="fused tests" bash bench/gpu_refresh.sh     # kernels changed, no re-tune
-#   GPU=h200 OUT=/tmp/out STEPS="tall fused tests" bash bench/gpu_refresh.sh
+#   GPU=h200 OUT=/tmp/out STEPS="tall fusein fused tests" bash bench/gpu_refresh.sh
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
@@ -46,6 +47,13 @@ if want tall; then
   step "hadamard: per-token vs tall kernel"
   timeout -k 10 "${TALL_S:-100}" python3 bench/hadamard.py --variants default,per_token,tall --T 1,16,64,128,256,2048 \
     --n 4096,11008,8192,14336,28672 --tag tall --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want fusein; then
+  step "probe: gemv with its input transform, separate vs fuse_in"
+  timeout -k 10 "${FUSEIN_S:-120}" python3 bench/probe.py --points 4096x4096:1,4096x11008:1,11008x4096:1,8192x8192:1 \
+    --tables shared --fuse-in --splits 1,2 --blocks 32/512/4,64/256/4 --tag probe-fusein --time-limit "${FUSEIN_S:-120}" \
+    --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want fused; then
