@@ -227,7 +227,7 @@ ONEMAD_HELPER = f'''
 def _onemad_value(x, INTERPRET: tl.constexpr):
     """1MAD: (byte sum of the uint32 x - 510) / {ONEMAD_SCALE!r}, correctly rounded in float32."""
     if INTERPRET:
-        y = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.float32) - 510.0
+        y = {_byte_sum_expr('x')}.to(tl.float32) - 510.0
         return tl.math.div_rn(y, {ONEMAD_SCALE!r})
     else:
         # one dp4a: bytes of x dotted with 1,1,1,1, plus -510 (0xFFFFFE02 as a signed int32)
@@ -363,7 +363,7 @@ def _mul1_value(x, INTERPRET: tl.constexpr):
     """EXL3 mul1 on the hashed uint32 x: fp16 h = 1024 + byte sum (bits 0x6400 + b), h * kinv + kbias in one
     fp16 FMA (the interpreter: the same number exactly in float32, then the single fp16 rounding)."""
     if INTERPRET:
-        b = ((x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)).to(tl.int32)
+        b = {_byte_sum_expr('x')}.to(tl.int32)
         return ((b * {MUL1_NUM} - {MUL1_OFFSET}).to(tl.float32) * {1.0 / (1 << MUL1_SHIFT)!r}).to(tl.float16)
     else:
         return tl.inline_asm_elementwise(

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qtip_triton import QuantizedWeight, TrellisSpec, kernels
-from qtip_triton.bitstream import get_layout
-from qtip_triton.codegen.emit import emit, source_options
+from qtip_triton.codegen.emit import default_layout, emit, source_options
 from qtip_triton.kernels import runners
+from tests.test_weight import random_qweight
 
 pytestmark = pytest.mark.skipif(
     not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
@@ -17,11 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 def weight(gen, name: str, m: int, n: int, **kw) -> QuantizedWeight:
     spec = TrellisSpec.parse(name)
-    layout = "qtip" if spec.V == 2 and spec.L == 16 else "tile"
-    words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=gen, dtype=torch.int64)
-    table = torch.randn(512, 2, generator=gen).half() if spec.code == "hyb" else None
-    return QuantizedWeight(spec, m, n, get_layout(layout).pack(words, spec), torch.randn(n, generator=gen),
-                           torch.randn(m, generator=gen), table, layout=layout, **kw)
+    return random_qweight(gen, spec, m, n, layout=default_layout(spec), **kw)
 
 
 @pytest.mark.parametrize("name,m,n,cfg,dtype,tol", [

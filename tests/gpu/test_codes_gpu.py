@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from qtip_triton import QuantizedWeight, TrellisSpec, kernels
-from qtip_triton.bitstream import get_layout
 from qtip_triton.kernels import runners
+from tests.test_weight import random_qweight
 
 pytestmark = pytest.mark.gpu
 
@@ -20,10 +20,7 @@ SPECS = [("L16K2V1-1mad", "tile"), ("L12K3V1-1mad", "tile"), ("L16K3V1-3inst", "
 def random_weight(name: str, layout: str, m: int, n: int) -> QuantizedWeight:
     g = torch.Generator()
     g.seed()
-    spec = TrellisSpec.parse(name)
-    words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, dtype=torch.int64)
-    return QuantizedWeight(spec, m, n, get_layout(layout).pack(words, spec), torch.randn(n, generator=g),
-                           torch.randn(m, generator=g), None, layout=layout).to("cuda")
+    return random_qweight(g, TrellisSpec.parse(name), m, n, layout=layout).to("cuda")
 
 
 @pytest.mark.parametrize("name,layout", SPECS)
