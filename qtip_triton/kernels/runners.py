@@ -114,16 +114,28 @@ def _fused_input_args(pw: PreparedWeight, x: torch.Tensor, h: torch.Tensor, conf
         raise ValueError(f"fuse_in needs x as a float16/bfloat16 {tuple(h.shape)} tensor with unit column "
                          f"stride on {h.device}, got {x.dtype} {tuple(x.shape)}")
     n = pw.in_features
+    consts = fused_input_consts(n, span)
     a, b = hadamard._matrices(n, True, x.device)
-    if a is None:
-        raise ValueError(f"fuse_in needs in_features with a Hadamard factor above 128 rows x cols, got {n}")
     kh, p1, cols = hadamard.factor(n)
+    args = [x, pw.SU, a, b, pw.input_index("gemv"), x.stride(0), kh * p1, cols, 1.0 / n ** 0.5]
+    return args, consts
+
+
+def fused_input_consts(n: int, span: int) -> dict[str, int]:
+    """Compile-time sizes of a ``fuse_in`` gemv over ``n`` inputs whose programs span ``span`` natural
+    inputs each: the padded transform factors (HRP, HCP), the rows of the Z view a program touches (HRB)
+    and the k block of its A · Z (HKB); a clear error where the fused form does not apply."""
+    from qtip_triton.kernels import hadamard
+
+    kh, p1, cols = hadamard.factor(n)
+    if kh * p1 == 1:
+        raise ValueError(f"fuse_in needs in_features with a Hadamard factor above 128 rows x cols, got {n}")
     hrb = max(16, 1 << (-(-span // cols)).bit_length())  # rows of Z a program's range can touch
     if hrb > 64:
         raise ValueError(f"fuse_in: a program's {span} inputs span {hrb} rows of the {kh * p1}x{cols} transform "
                          "view (at most 64): use more SPLIT_K or a smaller BLOCK_K")
-    args = [x, pw.SU, a, b, pw.input_index("gemv"), x.stride(0), kh * p1, cols, 1.0 / n ** 0.5]
-    return args, {"HRP": a.shape[0], "HCP": b.shape[0], "HRB": hrb, "HKB": 16}
+    # padded as hadamard._matrices pads A and B
+    return {"HRP": max(16, hadamard._next_pow2(kh * p1)), "HCP": max(16, cols), "HRB": hrb, "HKB": 16}
 
 
 def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
