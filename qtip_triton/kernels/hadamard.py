@@ -45,6 +45,9 @@ TALL_MIN_ROWS = 128
 NO_TALL_ENV = "QTIP_TRITON_NO_TALL_HADAMARD"
 TALL_BN = 128  # columns of the A · Z tile (TALL_BN / CP tokens)
 TALL_BM = 64  # rows of A per program
+# sm_90 compile (CPU machine, Triton 3.8): 8 warps keep every Llama size at 132-183 registers with no
+# spills; 4 warps reach 242-255 registers and spill for fp32 partials.
+TALL_WARPS = 8
 
 
 @triton.jit
@@ -340,12 +343,12 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple) -> bool:
     return rows >= TALL_MIN_ROWS
 
 
-def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int, num_warps: int) -> tuple[tuple[int, int], dict]:
+def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int) -> tuple[tuple[int, int], dict]:
     """Grid and tile constants of ``_had2_tall_kernel`` for ``rows`` (token, block) rows per group."""
     tt = max(1, TALL_BN // cp)
     bm = min(TALL_BM, rp)
     grid = (groups * triton.cdiv(rows, tt), triton.cdiv(rows_a, bm))
-    return grid, dict(RP=rp, CP=cp, BM=bm, BK=min(32, rp), TT=tt, CB2=min(cp, 32), num_warps=num_warps)
+    return grid, dict(RP=rp, CP=cp, BM=bm, BK=min(32, rp), TT=tt, CB2=min(cp, 32), num_warps=TALL_WARPS)
 
 
 def transform(
@@ -377,7 +380,8 @@ def transform(
     of ``pre`` in one launch and returns (G, T, n): the input transforms of a fused layer's shards.
 
     ``col_split`` / ``unroll_splits`` / ``rblk`` / ``cblk`` / ``num_warps``: launch variants for few
-    tokens (see ``_had2_kernel``; row and column block sizes are powers of two >= 16), timed on the GPU
+    tokens (see ``_had2_kernel``; row and column block sizes are powers of two >= 16; ``num_warps`` is the
+    per-token kernel's, the tall one uses ``TALL_WARPS``), timed on the GPU
     by ``bench/hadamard.py``. ``None`` (default) picks by size: column split while the row programs
     alone would leave most SMs idle, unrolled partial loads up to a decoding batch. ``out``: a (T, n)
     view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
@@ -451,7 +455,7 @@ def transform(
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk)):
-        grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, num_warps)
+        grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp)
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
@@ -503,7 +507,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
     if _use_tall(tall, T * blocks, (col_split, unroll_splits)):
-        grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, 4)
+        grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
