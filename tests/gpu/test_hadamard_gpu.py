@@ -6,16 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtip_triton import hadamard
 from qtip_triton.kernels.hadamard import transform
+from tests.test_hadamard_kernel import _reference
 
 pytestmark = pytest.mark.gpu
 
 SIZES = [4096, 5120, 8192, 11008, 13824, 14336, 28672]
-
-
-def _reference(x64: torch.Tensor, transpose: bool) -> torch.Tensor:
-    return (hadamard.apply_mt if transpose else hadamard.apply_m)(x64)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -29,8 +25,8 @@ def test_transform_kernels_match_float64(n, T):
     sv = torch.randn(n, generator=g, device="cuda")
     dst = torch.randperm(n, generator=g, device="cuda").to(torch.int32)
     ref_in = torch.empty(T, n, dtype=torch.float64, device="cuda")
-    ref_in[:, dst.long()] = _reference(x.double() * su.double(), True)
-    ref_out = _reference(parts.double().sum(0), False) * sv.double()
+    ref_in[:, dst.long()] = _reference(x.double() * su.double(), 1, True)
+    ref_out = _reference(parts.double().sum(0), 1, False) * sv.double()
     for tall in (False, True):
         y = transform(x, 1, transpose=True, pre=su, dst=dst, tall=tall)
         assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-3, tall
