@@ -7,13 +7,16 @@
 #      the cold-JIT figure beside it).
 #   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite; (with "tall")
 #      the per-token vs many-token Hadamard kernels from 1 to 2048 tokens (bench/hadamard.py --tag tall);
-#      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in).
+#      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in); (with "sweep") the
+#      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
+#      real-weight column, e.g. a tensor extracted here and sent with `carry`).
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
 #   GPU=h200 OUT=/tmp/out bash bench/gpu_refresh.sh                         # autotune, hadamard, cold
 #   GPU=h200 OUT=/tmp/out STEPS="fused tests" bash bench/gpu_refresh.sh     # kernels changed, no re-tune
 #   GPU=h200 OUT=/tmp/out STEPS="tall fusein fused tests" bash bench/gpu_refresh.sh
+#   GPU=h200 OUT=/tmp/out STEPS="tests" TESTS="tests/gpu/test_codes_gpu.py" bash bench/gpu_refresh.sh
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
@@ -56,6 +59,12 @@ if want fusein; then
     --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
+if want sweep; then
+  step "sweep with speeds"
+  timeout -k 10 "${SWEEP_S:-240}" python3 -m qtip_triton sweep ${SWEEP_ARGS:-} --weights "${SWEEP_WEIGHTS:-none}" \
+    --no-progress --out "$WORK/sweep-$GPU" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
 if want fused; then
   step "fused layers"
   timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --out "$WORK" >>"$LOG" 2>&1
@@ -63,7 +72,9 @@ if want fused; then
 fi
 if want tests; then
   step "GPU tests"
-  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_autotune_gpu.py \
+  # TESTS: test files or node ids to run instead of the whole GPU suite
+  # shellcheck disable=SC2086
+  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
     >"$WORK/gpu-tests.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests.log" >>"$LOG"
 fi

@@ -179,3 +179,32 @@ def test_sweep_without_matplotlib_writes_tables_and_says_how(tmp_path, capsys, m
     assert "plots skipped: matplotlib is not importable" in err and "pip install matplotlib" in err
     assert (tmp_path / "sweep.csv").exists() and (tmp_path / "sweep.md").exists()
     assert not (tmp_path / "distortion_vs_bits.png").exists()
+
+
+def test_report_only_redraws_from_saved_rows(tmp_path, monkeypatch, capsys):
+    """Rows measured elsewhere (a GPU machine's speed columns) get their tables and plots here, measuring nothing."""
+    assert run_sweep(tmp_path) == 0
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    for i, r in enumerate(data["rows"]):  # as a CUDA machine would have written them
+        r.update(speed_shape="4096x4096", t1_us=10.0 + i, fp16_1_us=30.0, speedup_1=30.0 / (10.0 + i),
+                 t16_us=20.0, fp16_16_us=31.0, speedup_16=31.0 / 20.0)
+    (tmp_path / "sweep.json").write_text(json.dumps(data))
+    for name in ("sweep.md", "distortion_vs_bits.png"):
+        (tmp_path / name).unlink()
+    monkeypatch.setattr(sweep, "measure", lambda *a, **k: pytest.fail("--report-only measured a point"))
+    capsys.readouterr()
+    assert run_sweep(tmp_path, "--report-only") == 0
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| L8K2V1-1mad | 2 |" in md and "| 2.73 | 1.55 |" in md  # 30/11 at M=1, 31/20 at M=16
+    for png in ("distortion_vs_bits.png", "speed_vs_distortion.png"):
+        assert (tmp_path / png).read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"meta": {}, "rows": []}'])
+def test_report_only_refuses_missing_or_foreign_results(tmp_path, capsys, content):
+    if content is not None:
+        (tmp_path / "sweep.json").write_text(content)
+    assert run_sweep(tmp_path, "--report-only") == 2
+    out = capsys.readouterr().out
+    assert "--report-only needs" in out if content is None else "is not a sweep result" in out
+    assert not (tmp_path / "sweep.md").exists()

@@ -310,8 +310,12 @@ class _Emitter:
             "",
         )
 
-    def prologue(self, split: bool) -> None:
-        """Program coordinates, offsets of words, next-group words, x columns and output rows."""
+    def prologue(self, split: bool, defer_table: bool = False) -> None:
+        """Program coordinates, offsets of words, next-group words, x columns and output rows.
+
+        ``defer_table``: the caller writes the shared-memory table itself (``shared_table_fill``) after
+        code that uses Triton's shared memory (``fuse_in``'s dots), which would overwrite it.
+        """
         p, s = self.plan, self.src
         s(f"RB: tl.constexpr = TR * {p.GRN}  # rows of the word matrix per program (tile rows x group rows)")
         s(f"CB: tl.constexpr = TC * {p.GCN}  # cols of the word matrix per k step (tile cols x group cols)")
@@ -351,15 +355,8 @@ class _Emitter:
             if p.gc_bits:
                 n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gc_bits)])})"
             s(f"n_off = {n_off}")
-        if self.shared_table():
-            rep = table_replicas(self.opts)
-            copies = f" ({rep} interleaved copies: lane l reads copy l % {rep})" if rep > 1 else ""
-            s(f"# the code table{copies} is written")
-            s("# once to shared memory that this kernel owns for the whole k loop: one ld.shared per lookup,")
-            s("# no per-step table store or barriers (tl.gather re-stages its source at every call)")
-            s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))")
-            s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
-            s(f"_fill_table(tbl, {self.table_words()}, {rep}, ITERS, INTERPRET)")
+        if self.shared_table() and not defer_table:
+            self.shared_table_fill()
         if self.joined_gather():
             rep = table_replicas(self.opts)
             if rep == 1:
@@ -369,6 +366,18 @@ class _Emitter:
                 s("# so random entries spread over more shared-memory banks")
                 s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words() * rep}) // {rep})")
                 s(f"rep = (tl.arange(0, CB) % {rep})[None, :]")
+
+    def shared_table_fill(self) -> None:
+        """Write the code table to the start of shared memory (the k loop reads it with ld.shared)."""
+        s = self.src
+        rep = table_replicas(self.opts)
+        copies = f" ({rep} interleaved copies: lane l reads copy l % {rep})" if rep > 1 else ""
+        s(f"# the code table{copies} is written")
+        s("# once to shared memory that this kernel owns for the whole k loop: one ld.shared per lookup,")
+        s("# no per-step table store or barriers (tl.gather re-stages its source at every call)")
+        s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))")
+        s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
+        s(f"_fill_table(tbl, {self.table_words()}, {rep}, ITERS, INTERPRET)")
 
     def word_loads(self) -> list[tuple[str, str]]:
         """(variable, offset expression) of every word tensor a k step reads."""
@@ -514,9 +523,13 @@ class _Emitter:
         s(f"Batch rows are unrolled ({bm}): one 2-D accumulator per row and row class.")
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
-        self.prologue(split=True)
+        # fuse_in: the transform's dots use Triton's shared memory, where the shared table lives: the
+        # table is written after them (found on the H200: the table written first read back as NaNs)
+        self.prologue(split=True, defer_table=fuse_in)
         if fuse_in:
             self._input_transform(bm)
+            if self.shared_table():
+                self.shared_table_fill()
         for m in range(bm):
             s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
             s(f"ok{m} = pid_m * {bm} + {m} < M")

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "exists here, else ./qtip-sweep-<device>)")
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: redraw sweep.md and the plots from --out's sweep.json (e.g. rows "
+                        "measured on a GPU machine, or a sweep stopped before its end)")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -231,6 +234,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        return report_only(Path(args.out) if args.out else default_out("cpu"))
     try:
         grid = build_grid(args.L, args.K, args.V, args.codes, args.Q)
         if args.tiles < 1:
@@ -274,12 +279,38 @@ def run(args: argparse.Namespace) -> int:
     ordered = [rows[s.name] for s in grid.specs]
     others = [r for name, r in rows.items() if name not in {s.name for s in grid.specs}]
     save_rows(out, ordered + others, meta)
-    table = summary(ordered)
+    report(out, ordered, meta)
+    return 0
+
+
+def report_only(out: Path) -> int:
+    """Tables and plots from a saved sweep.json, measuring nothing (its rows in their saved order)."""
+    path = out / "sweep.json"
+    if not path.is_file():
+        print(f"qtip-triton sweep: --report-only needs {path} (run a sweep with --out {out} first)")
+        return 2
+    try:
+        data = json.loads(path.read_text())
+        rows, meta = list(data["rows"]), dict(data["meta"])
+        if not rows:
+            raise ValueError("no rows")
+        summary(rows)  # every row has the columns the table needs
+    except (ValueError, KeyError, TypeError) as e:
+        print(f"qtip-triton sweep: {path} is not a sweep result ({type(e).__name__}: {e})")
+        return 2
+    report(out, rows, meta)
+    return 0
+
+
+def report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """sweep.md and the plots for ``rows`` (the JSON and CSV are already saved)."""
+    table = summary(rows)
     (out / "sweep.md").write_text(
-        f"# Trellis sweep ({meta['device']}, {meta['date']})\n\n{weights_note}; {speed_note}.\n"
-        f"N(0,1) MSE on {args.tiles} tiles at the searched best data scale.\n\n{table}\n"
+        f"# Trellis sweep ({meta['device']}, {meta['date']})\n\n{meta['weights']}; {meta['speed']}.\n"
+        f"N(0,1) MSE on {meta['tiles']} tiles at the searched best data scale.\n\n{table}\n"
     )
     print(table)
+    ordered = rows
     written: list[Path] = []
     try:
         written.append(distortion_plot(ordered, out / "distortion_vs_bits.png"))
@@ -289,4 +320,3 @@ def run(args: argparse.Namespace) -> int:
     except PlotUnavailable as e:
         print(e, file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in [out / "sweep.csv", out / "sweep.json", out / "sweep.md", *written]))
-    return 0
