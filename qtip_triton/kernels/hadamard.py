@@ -343,6 +343,29 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple) -> bool:
     return rows >= TALL_MIN_ROWS
 
 
+def _int_class(v: int) -> str:
+    """How Triton specializes an integer argument: 1, a multiple of 16, or other (a compiled variant each)."""
+    return "one" if v == 1 else ("div16" if v % 16 == 0 else "other")
+
+
+def launch_key(n: int, blocks: int, tokens: int, groups: int = 1) -> tuple:
+    """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
+    blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
+    and Triton's classes of the token-dependent integer arguments. Two token counts with the same key
+    reuse one compiled kernel; the load-time warm-up (:mod:`qtip_triton.vllm.warmup`) launches one token
+    count per key so that no transform compiles during inference. The split-K partial count is not in
+    the key: it is fixed per M bucket, and the warm-up covers every bucket."""
+    kh, p1, _ = factor(_block_size(n, blocks))
+    rows = tokens * blocks
+    if kh * p1 == 1:
+        return ("had1", _int_class(rows))
+    if _use_tall(None, rows, ()):
+        return ("tall", _int_class(rows))
+    rp = max(16, _next_pow2(kh * p1))
+    col_split = max(groups, 1) * rows * (rp // min(rp, 32)) <= COL_SPLIT_MAX_PROGRAMS
+    return ("had2", col_split, tokens <= UNROLL_MAX_TOKENS, _int_class(tokens))
+
+
 def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int) -> tuple[tuple[int, int], dict]:
     """Grid and tile constants of ``_had2_tall_kernel`` for ``rows`` (token, block) rows per group."""
     tt = max(1, TALL_BN // cp)

@@ -104,32 +104,62 @@ def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, p
     return result.compiled
 
 
-_FUSED_WARM: set[tuple] = set()
+_OP_WARM: set[tuple] = set()
+MAX_WARM_TOKENS = 8192  # the launch choices stop changing long before: tall kernel, largest bucket
 
 
-def warm_fused(packed, dtype: torch.dtype, max_m: int, prefix: str = "") -> None:
-    """Run the fused op itself once per power-of-two M up to ``max_m``: its shards' grouped input
-    transform (one launch for all shards, :func:`qtip_triton.kernels.launch_shards`) has launch
-    variants the single-shard warm-up never makes. Once per distinct layer geometry per process."""
+def op_warm_rows(shards, max_m: int) -> list[int]:
+    """One M per distinct set of compiled variants the op launches for M in 1..max_m: the M bucket (its
+    decode kernel and split-K), M's integer class, and each Hadamard transform's launch key (kernel,
+    column split, unrolled partials, token classes: :func:`qtip_triton.kernels.hadamard.launch_key`).
+
+    Why not powers of two: the transforms' choices switch at token counts of their own (64 tokens,
+    128 (token, block) rows, 64 row programs) and Triton compiles a variant per integer class, so a
+    prefill of, e.g., 135 tokens launched a transform that no power of two had compiled (a JIT stall
+    seen in vLLM on the H200, 2026-11-29)."""
+    from qtip_triton.autotune.buckets import bucket_for, row_class
+    from qtip_triton.kernels import hadamard as had
+
+    G = len(shards)
+    q0 = shards[0]
+    transforms = {(q0.in_features, q0.blocks("in"), G)}
+    for qw in shards:  # grouped output transforms (equal shards) and per-shard ones: both possible
+        transforms |= {(qw.out_features, qw.blocks("out"), G), (qw.out_features, qw.blocks("out"), 1)}
+    try:
+        for n, blocks, _ in transforms:
+            had._block_size(n, blocks)
+    except ValueError:  # the reference transform serves this layer: nothing of it compiles
+        transforms = set()
+    order = sorted(transforms)
+    seen: dict[tuple, int] = {}
+    for M in range(1, min(max_m, MAX_WARM_TOKENS) + 1):
+        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g) for n, b, g in order))
+        seen.setdefault(key, M)
+    return sorted(seen.values())
+
+
+def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False) -> None:
+    """Run the layer's op once at each M of :func:`op_warm_rows`: the transforms' launch variants and
+    a fused layer's grouped launches, which the per-shard ``registry.prepare`` does not make. Once per
+    distinct layer geometry per process."""
     from qtip_triton import ops
 
     key = (packed.specs, packed.out_features, packed.in_features, packed.layout, packed.had_block, packed.rcp,
-           packed.tp_rank, dtype, str(packed.trellis.device))
-    if key in _FUSED_WARM:
+           packed.tp_rank, dtype, bias, str(packed.trellis.device))
+    if key in _OP_WARM:
         return
-    _FUSED_WARM.add(key)
-    M = 1
+    _OP_WARM.add(key)
+    M = 0
     try:
+        device = packed.trellis.device
+        b = torch.zeros(sum(packed.out_features), dtype=dtype, device=device) if bias else None
         with torch.no_grad():
-            while True:
-                ops.qtip_linear(torch.zeros(M, packed.in_features, dtype=dtype, device=packed.trellis.device), packed)
-                if min(max_m, 4096) <= M:
-                    break
-                M = min(2 * M, max_m, 4096)
-        if packed.trellis.device.type == "cuda":
-            torch.cuda.synchronize(packed.trellis.device)
+            for M in op_warm_rows(packed.shards(), max_m):
+                ops.qtip_linear(torch.zeros(M, packed.in_features, dtype=dtype, device=device), packed, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     except Exception as e:  # best effort, as the per-shard warm-up
-        compat.logger().warning("qtip: warming the fused op of %s at M=%d failed (%s: %s); it compiles on first use",
+        compat.logger().warning("qtip: warming the op of %s at M=%d failed (%s: %s); it compiles on first use",
                                 prefix or "a layer", M, type(e).__name__, e)
 
 
@@ -162,8 +192,7 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
             compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
                                     prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
                                     type(e).__name__, e)
-    if len(shards) > 1:
-        warm_fused(packed, dtype, max_m, prefix)
+    warm_op(packed, dtype, max_m, prefix, bias=bias)
     compat.logger().debug("qtip: warmed %s (%d shards, M <= %d) in %.2f s", prefix or "layer", len(shards), max_m,
                           time.perf_counter() - t0)
     return max_m

@@ -47,14 +47,15 @@ def recorder(monkeypatch):
     calls = []
     monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)
     monkeypatch.setattr(registry, "prepare", lambda qw, **kw: calls.append((qw, kw)))
-    monkeypatch.setattr(warmup, "warm_fused", lambda packed, dtype, max_m, prefix="": FUSED.append((packed, max_m)))
+    monkeypatch.setattr(warmup, "warm_op", lambda packed, dtype, max_m, prefix="", bias=False:
+                        FUSED.append((packed, max_m, bias)))
     monkeypatch.delenv(warmup.NO_WARMUP_ENV, raising=False)
     monkeypatch.delenv("QTIP_TRITON_NO_REGISTRY", raising=False)
     FUSED.clear()
     return calls
 
 
-FUSED: list = []  # warm_fused calls recorded by the ``recorder`` fixture
+FUSED: list = []  # warm_op calls recorded by the ``recorder`` fixture
 
 
 def qtip_layer(kind, gen, dtype=torch.float16, bias=False):
@@ -113,12 +114,12 @@ def test_qtip_process_weights_warms_every_shard_to_the_engine_max(kind, recorder
     # a single-shard layer gets its bias inside the op (its own kernel variant); fused layers add it outside
     bias = len(shards) == 1
     assert [kw for _, kw in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=bias)] * len(shards)
-    # fused layers also run the op itself (the shards' grouped input transform)
-    assert [(p, m) for p, m in FUSED] == ([] if len(shards) == 1 else [(layer.qtip_packed, 384)])
+    # every layer also runs the op itself (transform launch variants, fused layers' grouped launches)
+    assert [(layer.qtip_packed, 384, bias)] == FUSED
 
 
-def test_warm_fused_runs_the_op_at_each_power_of_two(gen, monkeypatch):
-    """The real warm_fused (interpreter): the op at M = 1, 2, 4, ..., max_m, once per layer geometry."""
+def test_warm_op_runs_the_op_once_per_launch_variant(gen, monkeypatch):
+    """The real warm_op (interpreter): the op at each M of op_warm_rows, once per layer geometry."""
     from qtip_triton import ops
 
     seen = []
@@ -127,11 +128,33 @@ def test_warm_fused_runs_the_op_at_each_power_of_two(gen, monkeypatch):
     layer = qtip_layer("qkv", gen)
     monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # process (pack) the layer without the automatic warm-up
     layer.quant_method.process_weights_after_loading(layer)
-    warmup._FUSED_WARM.clear()
-    warmup.warm_fused(layer.qtip_packed, torch.float16, 5)
-    assert seen == [1, 2, 4, 5]
-    warmup.warm_fused(layer.qtip_packed, torch.float16, 5)
-    assert seen == [1, 2, 4, 5]  # the same geometry is warmed once per process
+    warmup._OP_WARM.clear()
+    warmup.warm_op(layer.qtip_packed, torch.float16, 5)
+    # buckets 1, 2, 4 (3 and 4: same bucket, same classes), 8 (from 5)
+    assert seen == warmup.op_warm_rows(layer.qtip_packed.shards(), 5) == [1, 2, 3, 5]
+    warmup.warm_op(layer.qtip_packed, torch.float16, 5)
+    assert seen == [1, 2, 3, 5]  # the same geometry is warmed once per process
+
+
+def test_op_warm_rows_cover_every_launch_key():
+    """Every M up to the engine's largest batch shares its bucket, integer class and each transform's
+    launch key with one warmed M, including the token counts where the transforms switch kernels."""
+    from types import SimpleNamespace
+
+    from qtip_triton.autotune.buckets import bucket_for, row_class
+    from qtip_triton.kernels import hadamard as had
+
+    shards = [SimpleNamespace(in_features=4096, out_features=o, blocks=lambda side: 1) for o in (4096, 1024, 1024)]
+    rows = warmup.op_warm_rows(shards, 3000)
+    assert rows == sorted(set(rows)) and len(rows) < 40
+
+    def key(M):
+        return (bucket_for(M), row_class(M), *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
+
+    warmed = {key(M) for M in rows}
+    assert all(key(M) in warmed for M in range(1, 3001))
+    # e.g. 128 tokens (tall kernel) and 80 (per-token) share a bucket: both are warmed
+    assert {80, 128} <= set(rows) and had.launch_key(4096, 1, 80)[0] != had.launch_key(4096, 1, 128)[0]
 
 
 def test_qtip_bf16_without_bias_and_default_max(recorder, gen, monkeypatch):

@@ -1,0 +1,54 @@
+"""``launch_key`` (what the load-time warm-up uses to compile every transform variant ahead of serving)
+predicts the kernel and the token-dependent choices that :func:`hadamard.transform` really launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton.kernels import hadamard as had
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kw)`` records the launch instead of running."""
+
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((self.name, args, kw))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls: list = []
+    for name in ("_had1_kernel", "_had2_kernel", "_had2_tall_kernel"):
+        monkeypatch.setattr(had, name, _Recorder(name, calls))
+    monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
+    return calls
+
+
+def observed(call, T: int, blocks: int) -> tuple:
+    name, _, kw = call
+    if name == "_had1_kernel":
+        return ("had1", had._int_class(T * blocks))
+    if name == "_had2_tall_kernel":
+        return ("tall", had._int_class(T * blocks))
+    return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, had._int_class(T))
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (14336, 1), (1024, 1), (8192, 2), (128, 1)])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_launch_key_matches_the_launch(launches, n, blocks, groups):
+    pre = torch.ones(groups, n) if groups > 1 else torch.ones(n)
+    for T in (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 127, 128, 129, 200, 256, 300):
+        launches.clear()
+        x = torch.zeros(2, T, n)  # two split-K partials: the unrolled-partials choice shows in NSPLIT
+        had.transform(x, blocks, transpose=True, pre=pre)
+        assert {observed(c, T, blocks) for c in launches} == {had.launch_key(n, blocks, T, groups)}, (n, T)
+
+
+def test_launch_key_follows_the_no_tall_switch(monkeypatch):
+    assert had.launch_key(4096, 1, 256)[0] == "tall"
+    monkeypatch.setenv(had.NO_TALL_ENV, "1")
+    assert had.launch_key(4096, 1, 256)[0] == "had2"
