@@ -223,8 +223,10 @@ def test_tall_kernel_is_chosen_by_size(gen, monkeypatch):
     x = torch.randn(4, 2752, generator=gen)
     few = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
     many = transform(torch.cat([x, x]), 1, transpose=False, out_dtype=torch.float32, interpret=True)
-    blocks = transform(torch.randn(4, 1024, generator=gen), 2, transpose=False, interpret=True)  # 4 x 2 rows
-    assert launched == ["per-token", "tall", "tall"] and blocks.shape == (4, 1024)
+    blocks = transform(torch.randn(4, 5504, generator=gen), 2, transpose=False, interpret=True)  # 4 x 2 rows
+    small_a = transform(torch.cat([x[:, :1024]] * 4), 1, transpose=False, interpret=True)  # A: 16 rows
+    assert launched == ["per-token", "tall", "tall", "per-token"] and blocks.shape == (4, 5504)
+    assert small_a.shape == (16, 1024)
     assert _rel(many[:4], few.double()) < 1e-6 and _rel(many[4:], few.double()) < 1e-6
     launched.clear()
     transform(torch.cat([x, x]), 1, transpose=False, interpret=True, col_split=True)

@@ -39,16 +39,28 @@ def observed(call, T: int, blocks: int) -> tuple:
 
 @pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (14336, 1), (1024, 1), (8192, 2), (128, 1)])
 @pytest.mark.parametrize("groups", [1, 3])
-def test_launch_key_matches_the_launch(launches, n, blocks, groups):
-    pre = torch.ones(groups, n) if groups > 1 else torch.ones(n)
-    for T in (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 127, 128, 129, 200, 256, 300):
+@pytest.mark.parametrize("transpose", [True, False])
+def test_launch_key_matches_the_launch(launches, n, blocks, groups, transpose):
+    """Input transforms (transpose, grouped SU) and output ones (partials, grouped when the shards are equal)."""
+    for T in (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 127, 128, 129, 200, 256, 300, 1023, 1024, 1025):
         launches.clear()
-        x = torch.zeros(2, T, n)  # two split-K partials: the unrolled-partials choice shows in NSPLIT
-        had.transform(x, blocks, transpose=True, pre=pre)
-        assert {observed(c, T, blocks) for c in launches} == {had.launch_key(n, blocks, T, groups)}, (n, T)
+        if transpose:
+            pre = torch.ones(groups, n) if groups > 1 else torch.ones(n)
+            x = torch.zeros(2, T, n)  # two split-K partials: the unrolled-partials choice shows in NSPLIT
+            had.transform(x, blocks, transpose=True, pre=pre)
+        elif groups > 1:
+            had.transform(torch.zeros(groups, 2, T, n), blocks, transpose=False, post=torch.ones(groups, n))
+        else:
+            had.transform(torch.zeros(2, T, n), blocks, transpose=False, post=torch.ones(n))
+        want = had.launch_key(n, blocks, T, groups, transpose)
+        assert {observed(c, T, blocks) for c in launches} == {want}, (n, T)
 
 
-def test_launch_key_follows_the_no_tall_switch(monkeypatch):
-    assert had.launch_key(4096, 1, 256)[0] == "tall"
+def test_launch_key_follows_the_measured_thresholds_and_the_no_tall_switch(monkeypatch):
+    monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
+    assert had.launch_key(11008, 1, 256)[0] == "tall"  # output transform from TALL_MIN_ROWS
+    assert had.launch_key(11008, 1, 256, transpose=True)[0] == "had2"  # input: from TALL_MIN_ROWS_INPUT
+    assert had.launch_key(11008, 1, 2048, transpose=True)[0] == "tall"
+    assert had.launch_key(4096, 1, 2048)[0] == "had2"  # A of 32 rows: the per-token kernel always won
     monkeypatch.setenv(had.NO_TALL_ENV, "1")
-    assert had.launch_key(4096, 1, 256)[0] == "had2"
+    assert had.launch_key(11008, 1, 256)[0] == "had2"

@@ -41,7 +41,14 @@ UNROLL_SPLITS = 4
 # row block and runs RP/KBLK dependent small dots per program (n=11008 at 2048 tokens: ~300 us for the
 # two transforms of one layer, H100 run 5). From this many (token, block) rows on, the tall kernel
 # treats the transform as one GEMM, A · [Z_0 | Z_1 | ...], with several tokens per tile.
-TALL_MIN_ROWS = 128
+# Measured on the H200 (bench/results/h200-2026-11-29-hadamard-tall.md, 1..2048 tokens): the tall kernel
+# wins for output transforms from 128 rows (11008 at 2048 tokens: 853 -> 462 us; 28672 at 128: 177 -> 93)
+# but loses for input transforms (SU, scattered kernel-order stores) up to 256 tokens (28672 at 256:
+# 211 vs 286 us) and wins at 2048 (11008: 971 -> 729); with a row factor of at most 32 (n = 4096) it
+# never won (4096 at 2048 tokens: input 153 vs 196, output 91 vs 101).
+TALL_MIN_ROWS = 128  # output transforms
+TALL_MIN_ROWS_INPUT = 1024  # input transforms (transpose=True): between the measured 256 and 2048
+TALL_MIN_RP = 64  # padded rows of A below which the per-token kernel always runs
 NO_TALL_ENV = "QTIP_TRITON_NO_TALL_HADAMARD"
 TALL_BN = 128  # columns of the A · Z tile (TALL_BN / CP tokens)
 TALL_BM = 64  # rows of A per program
@@ -333,14 +340,15 @@ def _had2_launch(rows: int, T: int, S: int, rp: int, cp: int, rblk: int, cblk: i
     return grid, bool(col_split), nsplit, stages
 
 
-def _use_tall(tall: bool | None, rows: int, variant: tuple) -> bool:
+def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp: int) -> bool:
     """Whether ``rows`` (token, block) rows per group take the tall kernel: ``tall`` if given, else by
-    size, unless a small-batch launch variant was asked for or ``QTIP_TRITON_NO_TALL_HADAMARD`` is set."""
+    size and direction (``transpose``: an input transform) for A of ``rp`` padded rows, unless a
+    small-batch launch variant was asked for or ``QTIP_TRITON_NO_TALL_HADAMARD`` is set."""
     if tall is not None:
         return bool(tall)
     if any(v is not None for v in variant) or os.environ.get(NO_TALL_ENV, "") not in ("", "0"):
         return False
-    return rows >= TALL_MIN_ROWS
+    return rp >= TALL_MIN_RP and rows >= (TALL_MIN_ROWS_INPUT if transpose else TALL_MIN_ROWS)
 
 
 def _int_class(v: int) -> str:
@@ -348,10 +356,10 @@ def _int_class(v: int) -> str:
     return "one" if v == 1 else ("div16" if v % 16 == 0 else "other")
 
 
-def launch_key(n: int, blocks: int, tokens: int, groups: int = 1) -> tuple:
+def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
     """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
     blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
-    and Triton's classes of the token-dependent integer arguments. Two token counts with the same key
+    and Triton's classes of the token-dependent integer arguments (``transpose``: an input transform). Two token counts with the same key
     reuse one compiled kernel; the load-time warm-up (:mod:`qtip_triton.vllm.warmup`) launches one token
     count per key so that no transform compiles during inference. The split-K partial count is not in
     the key: it is fixed per M bucket, and the warm-up covers every bucket."""
@@ -359,9 +367,9 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1) -> tuple:
     rows = tokens * blocks
     if kh * p1 == 1:
         return ("had1", _int_class(rows))
-    if _use_tall(None, rows, ()):
-        return ("tall", _int_class(rows))
     rp = max(16, _next_pow2(kh * p1))
+    if _use_tall(None, rows, (), transpose, rp):
+        return ("tall", _int_class(rows))
     col_split = max(groups, 1) * rows * (rp // min(rp, 32)) <= COL_SPLIT_MAX_PROGRAMS
     return ("had2", col_split, tokens <= UNROLL_MAX_TOKENS, _int_class(tokens))
 
@@ -409,7 +417,8 @@ def transform(
     alone would leave most SMs idle, unrolled partial loads up to a decoding batch. ``out``: a (T, n)
     view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
     its rows may be strided, its columns must not. ``tall``: the many-token kernel (several tokens per
-    GEMM tile); ``None`` picks it from ``TALL_MIN_ROWS`` (token, block) rows on, unless one of the
+    GEMM tile); ``None`` picks it from ``TALL_MIN_ROWS`` (output) or ``TALL_MIN_ROWS_INPUT`` (input)
+    (token, block) rows on where A has at least ``TALL_MIN_RP`` rows, unless one of the
     small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``.
     """
     out_groups = x.dim() == 4  # (groups, splits, T, n): one output transform per fused shard
@@ -477,7 +486,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk)):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp)
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
@@ -529,7 +538,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits)):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,

@@ -122,18 +122,18 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
 
     G = len(shards)
     q0 = shards[0]
-    transforms = {(q0.in_features, q0.blocks("in"), G)}
+    transforms = {(q0.in_features, q0.blocks("in"), G, True)}  # (n, blocks, groups, input transform)
     for qw in shards:  # grouped output transforms (equal shards) and per-shard ones: both possible
-        transforms |= {(qw.out_features, qw.blocks("out"), G), (qw.out_features, qw.blocks("out"), 1)}
+        transforms |= {(qw.out_features, qw.blocks("out"), G, False), (qw.out_features, qw.blocks("out"), 1, False)}
     try:
-        for n, blocks, _ in transforms:
+        for n, blocks, _, _ in transforms:
             had._block_size(n, blocks)
     except ValueError:  # the reference transform serves this layer: nothing of it compiles
         transforms = set()
     order = sorted(transforms)
     seen: dict[tuple, int] = {}
     for M in range(1, min(max_m, MAX_WARM_TOKENS) + 1):
-        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g) for n, b, g in order))
+        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g, t) for n, b, g, t in order))
         seen.setdefault(key, M)
     return sorted(seen.values())
 

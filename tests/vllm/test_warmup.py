@@ -149,12 +149,15 @@ def test_op_warm_rows_cover_every_launch_key():
     assert rows == sorted(set(rows)) and len(rows) < 40
 
     def key(M):
-        return (bucket_for(M), row_class(M), *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
+        return (bucket_for(M), row_class(M), had.launch_key(4096, 1, M, 3, True),
+                *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
 
     warmed = {key(M) for M in rows}
     assert all(key(M) in warmed for M in range(1, 3001))
-    # e.g. 128 tokens (tall kernel) and 80 (per-token) share a bucket: both are warmed
-    assert {80, 128} <= set(rows) and had.launch_key(4096, 1, 80)[0] != had.launch_key(4096, 1, 128)[0]
+    # e.g. at 11008 outputs, 128 tokens (tall kernel) and 80 (per-token) share a bucket: both are warmed
+    big = [SimpleNamespace(in_features=4096, out_features=11008, blocks=lambda side: 1)]
+    assert {80, 128} <= set(warmup.op_warm_rows(big, 3000))
+    assert had.launch_key(11008, 1, 80)[0] != had.launch_key(11008, 1, 128)[0]
 
 
 def test_qtip_bf16_without_bias_and_default_max(recorder, gen, monkeypatch):
