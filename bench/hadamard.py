@@ -32,7 +32,10 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "both16": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16},
             "both16_w2": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16, "num_warps": 2},
             "both_c16": {"col_split": True, "unroll_splits": True, "cblk": 16},
-            "per_token": {"tall": False}, "tall": {"tall": True}}
+            "per_token": {"tall": False}, "tall": {"tall": True},
+            # tall tiles of several tokens at CP = 128 (every Llama size but 4096 runs one token per tile)
+            "tall_t2": {"tall": True, "tall_tokens": 2}, "tall_t4_bm32": {"tall": True, "tall_tokens": 4, "tall_bm": 32},
+            "tall_t2_bm32": {"tall": True, "tall_tokens": 2, "tall_bm": 32}}
 
 
 def main(argv: list[str] | None = None) -> int:

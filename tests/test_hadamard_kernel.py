@@ -183,6 +183,30 @@ def test_tall_kernel_matches_reference(gen, n, blocks, T):
     assert (wide[:, :8] == 3).all()
 
 
+@pytest.mark.parametrize("n,T,tokens,bm", [(11008, 3, 2, 32), (2752, 5, 8, 16), (5120, 3, 2, None)])
+def test_tall_kernel_tiles(gen, n, T, tokens, bm):
+    """Other tall tiles (several tokens per tile where CP = 128, fewer rows of A per program): same results,
+    input with destination order and grouped output alike."""
+    parts = torch.randn(2, T, n, generator=gen)
+    su = torch.randn(n, generator=gen)
+    dst = torch.randperm(n, generator=gen).to(torch.int32)
+    y = transform(parts, 1, transpose=True, pre=su, dst=dst, out_dtype=torch.float32, interpret=True, tall=True,
+                  tall_tokens=tokens, tall_bm=bm)
+    placed = torch.empty(T, n, dtype=torch.float64)
+    placed[:, dst.long()] = _reference(parts.double().sum(0) * su.double(), 1, True)
+    assert _rel(y, placed) < 1e-6
+    wide = transform(torch.stack([parts, 2 * parts]), 1, transpose=False, out_dtype=torch.float32, interpret=True,
+                     tall=True, tall_tokens=tokens, tall_bm=bm)
+    ref = _reference(parts.double().sum(0), 1, False)
+    assert _rel(wide[:, :n], ref) < 1e-6 and _rel(wide[:, n:], 2 * ref) < 1e-6
+
+
+@pytest.mark.parametrize("kw", [{"tall_tokens": 3}, {"tall_tokens": 32}, {"tall_bm": 8}, {"tall_bm": 48}])
+def test_tall_tile_must_be_a_power_of_two(kw):
+    with pytest.raises(ValueError, match="power of two"):
+        transform(torch.zeros(2, 256), 1, transpose=False, interpret=True, tall=True, **kw)
+
+
 def test_tall_kernel_groups(gen):
     """Grouped input (own pre and destination per group) and grouped output (own partials and post, into
     one wide output) through the many-token kernel."""

@@ -374,10 +374,12 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     return ("had2", col_split, tokens <= UNROLL_MAX_TOKENS, _int_class(tokens))
 
 
-def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int) -> tuple[tuple[int, int], dict]:
-    """Grid and tile constants of ``_had2_tall_kernel`` for ``rows`` (token, block) rows per group."""
-    tt = max(1, TALL_BN // cp)
-    bm = min(TALL_BM, rp)
+def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int,
+                 tile: tuple[int | None, int | None] = (None, None)) -> tuple[tuple[int, int], dict]:
+    """Grid and tile constants of ``_had2_tall_kernel`` for ``rows`` (token, block) rows per group;
+    ``tile`` = (tokens per tile, rows of A per program), None: the defaults (TALL_BN // CP, TALL_BM)."""
+    tt = tile[0] or max(1, TALL_BN // cp)
+    bm = min(tile[1] or TALL_BM, rp)
     grid = (groups * triton.cdiv(rows, tt), triton.cdiv(rows_a, bm))
     return grid, dict(RP=rp, CP=cp, BM=bm, BK=min(32, rp), TT=tt, CB2=min(cp, 32), num_warps=TALL_WARPS)
 
@@ -400,6 +402,8 @@ def transform(
     num_warps: int = 4,
     out: torch.Tensor | None = None,
     tall: bool | None = None,
+    tall_tokens: int | None = None,
+    tall_bm: int | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -419,8 +423,14 @@ def transform(
     its rows may be strided, its columns must not. ``tall``: the many-token kernel (several tokens per
     GEMM tile); ``None`` picks it from ``TALL_MIN_ROWS`` (output) or ``TALL_MIN_ROWS_INPUT`` (input)
     (token, block) rows on where A has at least ``TALL_MIN_RP`` rows, unless one of the
-    small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``.
+    small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``. ``tall_tokens`` /
+    ``tall_bm``: the tall kernel's tile, (token, block) rows per tile and rows of A per program (powers
+    of two; default ``TALL_BN`` // CP, i.e. one token at CP = 128, and ``TALL_BM``), for
+    ``bench/hadamard.py``.
     """
+    for name, v, hi in (("tall_tokens", tall_tokens, 16), ("tall_bm", tall_bm, 128)):
+        if v is not None and (v < 1 or v > hi or v & (v - 1) or (name == "tall_bm" and v < 16)):
+            raise ValueError(f"{name} must be a power of two in [{16 if name == 'tall_bm' else 1}, {hi}], got {v}")
     out_groups = x.dim() == 4  # (groups, splits, T, n): one output transform per fused shard
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -429,7 +439,7 @@ def transform(
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
-                               tall=tall)
+                               tall=tall, tile=(tall_tokens, tall_bm))
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -487,7 +497,7 @@ def transform(
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk), transpose, rp):
-        grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp)
+        grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
@@ -510,7 +520,7 @@ def transform(
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
-                    tall: bool | None = None) -> torch.Tensor:
+                    tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -539,7 +549,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
     if _use_tall(tall, T * blocks, (col_split, unroll_splits), transpose, rp):
-        grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp)
+        grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
