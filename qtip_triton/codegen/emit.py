@@ -591,6 +591,10 @@ class _Emitter:
         32-column blocks of Z (the prologue's registers set the whole kernel's: 127 instead of 237 with
         whole-width tiles, sm_90). It is stored into X (a per-call scratch in the kernel's order) and
         read back after a barrier; programs of the same k split write the same values there.
+
+        Opt-in and off the tuner's space: on the H200 (2026-11-29, h200-2026-11-29-probe-fusein.md) it
+        was 1.5-5x slower than the separate transform + gemv (8192^2 M=1: 113 vs 32 us), since every
+        program of a k split recomputes the same transform rows.
         """
         p, s = self.plan, self.src
         s("# fused input transform: rows r0.. of the Z view hold this program's natural inputs [j0, j1)")
