@@ -72,3 +72,17 @@ def test_clear_errors(gen):
     with pytest.raises(ValueError, match="above 128"):
         runners.decode_matmul("gemv", small, torch.empty(1, 128), {**cfg, "BLOCK_K": 32, "SPLIT_K": 1},
                               h_order="kernel", fuse_x=torch.randn(1, 128).half())
+
+
+def test_shared_table_is_written_after_the_fused_transform():
+    """The fused transform's dots use Triton's shared memory, where a ``table: shared`` kernel keeps its code
+    table: the table must be written after them (written before, it read back as NaNs on the H200). Checked
+    in the generated source, since the interpreter has no shared memory to clobber."""
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "table": "shared"}
+    fused = emit(spec, "gemv", {**cfg, "fuse_in": True}).splitlines()
+    last_dot = max(i for i, line in enumerate(fused) if "_split_dot" in line and "def " not in line)
+    fills = [i for i, line in enumerate(fused) if line.strip().startswith("_fill_table(")]
+    assert len(fills) == 1 and fills[0] > last_dot
+    plain = emit(spec, "gemv", cfg).splitlines()  # without fuse_in the table is written in the prologue
+    assert sum(line.strip().startswith("_fill_table(") for line in plain) == 1
