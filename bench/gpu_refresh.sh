@@ -6,7 +6,8 @@
 #   3. bench/cold_start.py with that tuned file (precompile -> export -> import -> fresh process, and
 #      the cold-JIT figure beside it).
 #   4. (STEPS with "fused") bench/fused_layers.py; (with "tests") the GPU test suite; (with "tall")
-#      the per-token vs many-token Hadamard kernels from 1 to 2048 tokens (bench/hadamard.py --tag tall);
+#      the per-token vs many-token Hadamard kernels (and other tall tiles: TALL_VARIANTS) from 1 to 2048
+#      tokens (bench/hadamard.py --tag tall);
 #      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in); (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`).
@@ -48,7 +49,7 @@ if want hadamard; then
 fi
 if want tall; then
   step "hadamard: per-token vs tall kernel"
-  timeout -k 10 "${TALL_S:-100}" python3 bench/hadamard.py --variants default,per_token,tall --T 1,16,64,128,256,2048 \
+  timeout -k 10 "${TALL_S:-100}" python3 bench/hadamard.py --variants "${TALL_VARIANTS:-default,per_token,tall,tall_t2,tall_t2_bm32}" --T 1,16,64,128,256,2048 \
     --n 4096,11008,8192,14336,28672 --tag tall --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
