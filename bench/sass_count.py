@@ -32,7 +32,7 @@ from qtip_triton.codegen.emit import default_layout
 from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.kernels.configs import default_config
-from qtip_triton.kernels.runners import fused_input_consts
+from qtip_triton.kernels.runners import fused_input_consts, k_split
 from qtip_triton.spec import TrellisSpec
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -67,8 +67,7 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
     if config.get("fuse_in"):  # the input transform's operands (see kernels.runners._fused_input_args)
         ptrs.update(XN="*fp16", PRE="*fp32", HA="*bf16", HB="*bf16", DSTI="*i32", hscale="fp32")
         cb = TC * plan.GCN
-        nblk = -(-cols // cb)
-        iters = -(-nblk // min(config.get("SPLIT_K", 1), nblk))  # as runners.decode_matmul splits the k range
+        iters, _ = k_split(-(-cols // cb), config.get("SPLIT_K", 1))  # as runners.decode_matmul splits the k range
         const.update(fused_input_consts(n, iters * cb * 16 // plan.GCN))
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
     divisible = [a for a in names if a not in const and a not in ("M", "ITERS", "shard_b1", "shard_b2", "z_rows",

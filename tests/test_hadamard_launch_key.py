@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qtip_triton.autotune.buckets import row_class
 from qtip_triton.kernels import hadamard as had
 
 
@@ -31,10 +32,10 @@ def launches(monkeypatch):
 def observed(call, T: int, blocks: int) -> tuple:
     name, _, kw = call
     if name == "_had1_kernel":
-        return ("had1", had._int_class(T * blocks))
+        return ("had1", row_class(T * blocks))
     if name == "_had2_tall_kernel":
-        return ("tall", had._int_class(T * blocks))
-    return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, had._int_class(T))
+        return ("tall", row_class(T * blocks))
+    return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, row_class(T))
 
 
 @pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (14336, 1), (1024, 1), (8192, 2), (128, 1)])

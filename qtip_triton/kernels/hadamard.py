@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qtip_triton import hadamard
+from qtip_triton.autotune.buckets import row_class
 
 P2_MAX = 128  # columns of the Z view (the B = H_P2 factor)
 ROWS_MAX = 2048  # padded rows of the Z view (A is ROWS x ROWS)
@@ -287,6 +288,13 @@ def supported(nb: int) -> tuple[bool, str | None]:
 _MATS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
 
+def padded_sizes(nb: int) -> tuple[int, int]:
+    """(RP, CP): the rows of A and of B as the kernels hold them, zero-padded to powers of two >= 16
+    (RP = 16 also when A is absent). One rule for the matrices, the launch choices and fuse_in's sizes."""
+    kh, p1, p2 = factor(nb)
+    return max(16, _next_pow2(kh * p1)), max(16, p2)
+
+
 def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(A or None, B) in bf16 on ``device``: A = hadK(ᵀ) ⊗ H_P1 zero-padded, B = H_P2 zero-padded."""
     key = (nb, transpose, str(device))
@@ -294,13 +302,12 @@ def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Ten
     if hit is not None:
         return hit[1], hit[0]
     kh, p1, p2 = factor(nb)
-    cp = max(16, p2)
+    rp, cp = padded_sizes(nb)
     b = torch.zeros(cp, cp)
     b[:p2, :p2] = _sylvester(p2)
     a = None
     if kh * p1 > 1:
         rows = kh * p1
-        rp = max(16, _next_pow2(rows))
         hk = hadamard.hadk(kh).double().cpu()  # a private copy of the shared, cached matrix
         if transpose:
             hk = hk.t().contiguous()  # kron rejects the transposed view (p1 > 1: 5120, 14336, 28672, ...)
@@ -351,11 +358,6 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp:
     return rp >= TALL_MIN_RP and rows >= (TALL_MIN_ROWS_INPUT if transpose else TALL_MIN_ROWS)
 
 
-def _int_class(v: int) -> str:
-    """How Triton specializes an integer argument: 1, a multiple of 16, or other (a compiled variant each)."""
-    return "one" if v == 1 else ("div16" if v % 16 == 0 else "other")
-
-
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
     """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
     blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
@@ -363,15 +365,18 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     reuse one compiled kernel; the load-time warm-up (:mod:`qtip_triton.vllm.warmup`) launches one token
     count per key so that no transform compiles during inference. The split-K partial count is not in
     the key: it is fixed per M bucket, and the warm-up covers every bucket."""
-    kh, p1, _ = factor(_block_size(n, blocks))
+    nb = _block_size(n, blocks)
+    kh, p1, _ = factor(nb)
     rows = tokens * blocks
     if kh * p1 == 1:
-        return ("had1", _int_class(rows))
-    rp = max(16, _next_pow2(kh * p1))
+        return ("had1", row_class(rows))
+    rp, cp = padded_sizes(nb)
     if _use_tall(None, rows, (), transpose, rp):
-        return ("tall", _int_class(rows))
-    col_split = max(groups, 1) * rows * (rp // min(rp, 32)) <= COL_SPLIT_MAX_PROGRAMS
-    return ("had2", col_split, tokens <= UNROLL_MAX_TOKENS, _int_class(tokens))
+        return ("tall", row_class(rows))
+    # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
+    _, col_split, nsplit, _ = _had2_launch(max(groups, 1) * rows, tokens, 2, rp, cp, min(rp, 32), min(cp, 32),
+                                           None, None)
+    return ("had2", col_split, nsplit > 0, row_class(tokens))
 
 
 def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int,
@@ -428,9 +433,10 @@ def transform(
     of two; default ``TALL_BN`` // CP, i.e. one token at CP = 128, and ``TALL_BM``), for
     ``bench/hadamard.py``.
     """
-    for name, v, hi in (("tall_tokens", tall_tokens, 16), ("tall_bm", tall_bm, 128)):
-        if v is not None and (v < 1 or v > hi or v & (v - 1) or (name == "tall_bm" and v < 16)):
-            raise ValueError(f"{name} must be a power of two in [{16 if name == 'tall_bm' else 1}, {hi}], got {v}")
+    if tall_tokens is not None or tall_bm is not None:  # bench options: no per-call cost when unused
+        for name, v, lo, hi in (("tall_tokens", tall_tokens, 1, 16), ("tall_bm", tall_bm, 16, 128)):
+            if v is not None and (v < lo or v > hi or v & (v - 1)):
+                raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {v}")
     out_groups = x.dim() == 4  # (groups, splits, T, n): one output transform per fused shard
     if x.dim() == 2:
         x = x.unsqueeze(0)

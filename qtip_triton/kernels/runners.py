@@ -89,13 +89,17 @@ def _shard_bounds(pw: PreparedWeight, shard_out: Sequence[int]) -> tuple[int, in
     return b1, b2
 
 
+def k_split(nblk: int, split: int) -> tuple[int, int]:
+    """(k steps per program, programs along k) for ``nblk`` k steps asked to split ``split`` ways: equal
+    ranges, so fewer programs than asked when ``split`` does not divide ``nblk`` evenly."""
+    iters = _cdiv(nblk, min(split, nblk))
+    return iters, _cdiv(nblk, iters)
+
+
 def split_count(pw: PreparedWeight, config: Mapping[str, Any]) -> int:
     """How many split-K partials :func:`decode_matmul` writes for this weight and config."""
     TR, TC = _blocks(config)
-    nblk = _cdiv(pw.words.shape[2], TC * pw.plan.GCN)
-    split = config.get("SPLIT_K", 1)
-    iters = _cdiv(nblk, min(split, nblk))
-    return _cdiv(nblk, iters)
+    return k_split(_cdiv(pw.words.shape[2], TC * pw.plan.GCN), config.get("SPLIT_K", 1))[1]
 
 
 def _fused_input_args(pw: PreparedWeight, x: torch.Tensor, h: torch.Tensor, config: Mapping[str, Any],
@@ -134,8 +138,8 @@ def fused_input_consts(n: int, span: int) -> dict[str, int]:
     if hrb > 64:
         raise ValueError(f"fuse_in: a program's {span} inputs span {hrb} rows of the {kh * p1}x{cols} transform "
                          "view (at most 64): use more SPLIT_K or a smaller BLOCK_K")
-    # padded as hadamard._matrices pads A and B
-    return {"HRP": max(16, hadamard._next_pow2(kh * p1)), "HCP": max(16, cols), "HRB": hrb, "HKB": 16}
+    hrp, hcp = hadamard.padded_sizes(n)  # as the transform's A and B are padded
+    return {"HRP": hrp, "HCP": hcp, "HRB": hrb, "HKB": 16}
 
 
 def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
@@ -202,8 +206,7 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     stride_xg = h.stride(0) if h.dim() == 3 else 0
     CB = TC * plan.GCN
     nblk = _cdiv(Ctot, CB)
-    iters = _cdiv(nblk, min(split, nblk))
-    splits = _cdiv(nblk, iters)
+    iters, splits = k_split(nblk, split)
     if ws is None:
         ws = torch.empty(splits, M, pw.out_features, dtype=torch.float32, device=h.device)
     elif ws.shape != (splits, M, pw.out_features) or ws.dtype != torch.float32 or ws.stride(2) != 1:

@@ -310,11 +310,10 @@ def report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
         f"N(0,1) MSE on {meta['tiles']} tiles at the searched best data scale.\n\n{table}\n"
     )
     print(table)
-    ordered = rows
     written: list[Path] = []
     try:
-        written.append(distortion_plot(ordered, out / "distortion_vs_bits.png"))
-        sp = speed_plot(ordered, out / "speed_vs_distortion.png")
+        written.append(distortion_plot(rows, out / "distortion_vs_bits.png"))
+        sp = speed_plot(rows, out / "speed_vs_distortion.png")
         if sp is not None:
             written.append(sp)
     except PlotUnavailable as e:
