@@ -9,7 +9,9 @@ For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4
 * ``kernels``: only the decode kernels of the shards (the registry's kind and config, h given);
 * ``fp16``: ``torch.matmul`` on the fused fp16 weight.
 
-So op - kernels is what the transforms (and the launches around them) cost. Writes
+So op - kernels is what the transforms (and the launches around them) cost. The "whole layer" rows time
+the four ops back to back in one graph (as a decode step runs them), with programmatic dependent launch
+(kernels/pdl.py) and without (``QTIP_TRITON_NO_PDL=1``), against the four fp16 matmuls. Writes
 ``<out>/<card>-<date>-fused-layers.{json,md}``.
 
     PYTHONPATH=. python bench/fused_layers.py --out bench/results
@@ -43,17 +45,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from qtip_triton import dispatch, kernels
     from qtip_triton.encode import default_layout
+    from qtip_triton.kernels import pdl
     from qtip_triton.ops import PackedShards, qtip_linear
     from qtip_triton.research.speed import random_weight
     from qtip_triton.spec import TrellisSpec
 
     spec = TrellisSpec(16, a.K, 2, "hyb", 9)
-    rows, totals = [], {}
+    rows, totals, layer_ops = [], {}, []
     for name, shapes in LAYERS.items():
         qws = [random_weight(spec, m, n, default_layout(spec, m, n), seed=i) for i, (m, n) in enumerate(shapes)]
         packed = PackedShards.from_qweights(qws, key=f"bench.{name}")
         packed.register()
         w16 = torch.randn(sum(m for m, _ in shapes), shapes[0][1], device="cuda", dtype=torch.float16) * 0.02
+        layer_ops.append((packed, w16))
         for M in [int(v) for v in a.M.split(",")]:
             x = torch.randn(M, shapes[0][1], device="cuda", dtype=torch.float16)
             rec = {"layer": name, "M": M}
@@ -86,6 +90,28 @@ def main(argv: list[str] | None = None) -> int:
                   f"fp16 {rec['fp16']:.1f} ({rec['kinds']})", flush=True)
             for k in ("op", "op_shard_decode", "op_per_shard", "kernels", "fp16"):
                 totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
+    chain = []
+    for M in [int(v) for v in a.M.split(",")]:
+        xs = [torch.randn(M, p.in_features, device="cuda", dtype=torch.float16) for p, _ in layer_ops]
+
+        def layer(xs=xs):
+            for x, (p, _) in zip(xs, layer_ops, strict=True):
+                qtip_linear(x, p)
+
+        def layer16(xs=xs):
+            for x, (_, w) in zip(xs, layer_ops, strict=True):
+                torch.matmul(x, w.t())
+
+        rec = {"M": M, "pdl": time_us(layer)}
+        os.environ[pdl.NO_PDL_ENV] = "1"
+        try:
+            rec["no_pdl"] = time_us(layer)
+        finally:
+            del os.environ[pdl.NO_PDL_ENV]
+        rec["fp16"] = time_us(layer16)
+        chain.append(rec)
+        print(f"whole layer M={M}: PDL {rec['pdl']:.1f} us, no PDL {rec['no_pdl']:.1f}, fp16 {rec['fp16']:.1f}",
+              flush=True)
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
@@ -104,7 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{totals[(M, 'op_per_shard')]:.1f} | "
                      f"{totals[(M, 'kernels')]:.1f} | {totals[(M, 'fp16')]:.1f} | "
                      f"{totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
-    jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows},
+    lines += ["", f"Whole layer (the four ops in one graph, one timer floor; PDL usable: "
+              f"{pdl.enabled(torch.device('cuda'))}):", "",
+              "| M | QTIP, PDL | QTIP, no PDL | fp16 | fp16 / PDL | fp16 / no PDL |", "|---|---|---|---|---|---|"]
+    for r in chain:
+        lines.append(f"| {r['M']} | {r['pdl']:.1f} | {r['no_pdl']:.1f} | {r['fp16']:.1f} | "
+                     f"{r['fp16'] / r['pdl']:.2f} | {r['fp16'] / r['no_pdl']:.2f} |")
+    jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
+                                                   "whole_layer": chain},
                            "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {jp} and {mp}")

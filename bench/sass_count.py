@@ -47,8 +47,10 @@ def _pointer_types(kind: str, spec: TrellisSpec) -> dict[str, str]:
     return {"W": "*i32", "TBL": table, "X": "*fp16", "Y": "*fp32"}
 
 
-def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90):
-    """(compiled kernel, states one thread decodes per loop iteration) for this layer shape and config."""
+def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90,
+                   pdl: bool = False):
+    """(compiled kernel, states one thread decodes per loop iteration) for this layer shape and config;
+    ``pdl``: as launched with programmatic dependent launch (kernels/pdl.py)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
     layout = default_layout(spec)
@@ -62,6 +64,8 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
     const: dict[str, Any] = {"TR": TR, "TC": TC, "EVEN": True, "INTERPRET": False}
     if kind != "decompress":
         const["BLOCK_M"] = config["BLOCK_M"]
+    if "PDL" in names:
+        const["PDL"] = pdl
     if "Ctot" in names and fn.params[names.index("Ctot")].is_constexpr:
         const["Ctot"] = cols
     if config.get("fuse_in"):  # the input transform's operands (see kernels.runners._fused_input_args)
@@ -77,6 +81,8 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
     opts = {"num_warps": config.get("num_warps", 4)}
     if "num_stages" in config:
         opts["num_stages"] = config["num_stages"]
+    if pdl:
+        opts["launch_pdl"] = True
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     groups = TR * plan.GRN * TC * plan.GCN  # groups of states per program per k step
     threads = 32 * opts["num_warps"]
@@ -125,16 +131,20 @@ def loop_body(sass: str) -> list[str]:
     return [op.split(".")[0] for _, op, _ in body if op not in ("NOP",)]
 
 
-def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: int, M: int) -> dict[str, Any]:
+def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: int, M: int,
+          pdl: bool = False) -> dict[str, Any]:
     spec = TrellisSpec.parse(spec_name)
     cfg = dict(config or default_config(kind, spec, m, n, M))
-    kernel, per_iter = compile_kernel(spec, kind, cfg, m, n)
-    body = loop_body(_sass(kernel.asm["cubin"]))
+    kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
+    sass = _sass(kernel.asm["cubin"])
+    body = loop_body(sass)
     mix = collections.Counter(body)
+    # griddepcontrol.wait / .launch_dependents (programmatic dependent launch) compile to these
+    pdl_ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("ACQBULK", "PREEXIT")}
     return {"spec": spec.name, "kind": kind, "config": cfg, "shape": f"{m}x{n}", "states_per_thread_iter": per_iter,
             "loop_instructions": len(body), "per_state": len(body) / per_iter if kind != "decompress" else None,
             "shared_bytes": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
-            "opcodes": dict(mix.most_common())}
+            "opcodes": dict(mix.most_common()), "pdl_ops": pdl_ops}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="JSON config (default: the heuristic's for the shape)")
     ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
     ap.add_argument("--M", type=int, default=1, help="batch size the default config is chosen for")
+    ap.add_argument("--pdl", action="store_true", help="compile as launched with programmatic dependent launch")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     m, n = (int(v) for v in a.shape.lower().split("x"))
-    rows = [count(s, a.kind, json.loads(a.config) if a.config else None, m, n, a.M) for s in a.spec]
+    rows = [count(s, a.kind, json.loads(a.config) if a.config else None, m, n, a.M, a.pdl) for s in a.spec]
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -18,12 +18,13 @@ CFG = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4
 SCRIPT = Path(__file__).parents[1] / "bench" / "sass_count.py"
 
 
-def compiled(*names: str) -> list[dict]:
+def compiled(*names: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """The script's JSON, run in a process without TRITON_INTERPRET (the suite runs interpreted)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [a for name in names for a in ("--spec", name)]
     out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", "gemv", "--config", json.dumps(CFG),
-                          "--shape", "1024x1024", "--json"], env=env, capture_output=True, text=True, timeout=300)
+                          "--shape", "1024x1024", "--json", *extra], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -34,6 +35,16 @@ def test_byte_sum_codes_compile_to_dp4a():
         assert ops.get("IDP", 0) == r["states_per_thread_iter"], r  # one dp4a per state
         assert "FCHK" not in ops and "BSSY" not in ops, r  # no division slow path
         assert r["per_state"] < 14 and r["stack"] == 0, r
+
+
+def test_pdl_adds_one_wait_and_one_trigger_outside_the_loop():
+    """With PDL the kernel waits once (ACQBULK) and releases its dependents once (PREEXIT), not per k
+    step: the decode costs the same instructions; without PDL neither is compiled in."""
+    plain, = compiled("L16K2V2-hyb9")
+    with_pdl, = compiled("L16K2V2-hyb9", extra=("--pdl",))
+    assert plain["pdl_ops"] == {"ACQBULK": 0, "PREEXIT": 0}, plain
+    assert with_pdl["pdl_ops"] == {"ACQBULK": 1, "PREEXIT": 1}, with_pdl
+    assert abs(with_pdl["loop_instructions"] - plain["loop_instructions"]) <= 4, (plain, with_pdl)
 
 
 def test_refuses_the_interpreter(monkeypatch):

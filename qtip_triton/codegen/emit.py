@@ -252,6 +252,8 @@ class _Emitter:
             "",
             "import triton",
             "import triton.language as tl",
+            "",
+            "from qtip_triton.kernels.pdl import grid_dependency_sync",
             *(["", "from qtip_triton.kernels.hadamard import _split_dot, _split_dot_rhs"]
               if self.opts.get("fuse_in") else []),
             "",
@@ -378,6 +380,11 @@ class _Emitter:
         s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))")
         s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
         s(f"_fill_table(tbl, {self.table_words()}, {rep}, ITERS, INTERPRET)")
+
+    def dependency_sync(self) -> None:
+        """PDL: everything above reads only the layer's constants (words' offsets, the code table);
+        the activations, partials and outputs are touched only after the previous kernels finish."""
+        self.src("grid_dependency_sync(PDL)  # programmatic dependent launch (kernels/pdl.py)")
 
     def word_loads(self) -> list[tuple[str, str]]:
         """(variable, offset expression) of every word tensor a k step reads."""
@@ -514,7 +521,8 @@ class _Emitter:
         if fuse_in:
             s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
             s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
+        s("           PDL: tl.constexpr = False):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
         s("")
@@ -526,6 +534,7 @@ class _Emitter:
         # fuse_in: the transform's dots use Triton's shared memory, where the shared table lives: the
         # table is written after them (found on the H200: the table written first read back as NaNs)
         self.prologue(split=True, defer_table=fuse_in)
+        self.dependency_sync()
         if fuse_in:
             self._input_transform(bm)
             if self.shared_table():
@@ -662,13 +671,15 @@ class _Emitter:
         s("@triton.jit")
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym, shard_b1, shard_b2,")
         s("           stride_xg,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
+        s("           PDL: tl.constexpr = False):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot).')
         s("")
         s("X is h in gemm order (the BK tile columns of each k step contiguous), so x tiles load like a plain matmul.")
         s('"""')
         self.prologue(split=True)
+        self.dependency_sync()
         s("mrow = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         s("mmask = mrow < M")
         for a in range(p.NA):
@@ -701,10 +712,11 @@ class _Emitter:
         p, s = self.plan, self.src
         s("@triton.jit")
         s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr,")
-        s("           EVEN: tl.constexpr, INTERPRET: tl.constexpr):")
+        s("           EVEN: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):")
         s.indent()
         s('"""OUT[rows, cols] = Ŵ for one [TR*16, TC*16] block, in OUT\'s dtype."""')
         self.prologue(split=False)
+        self.dependency_sync()
         self.load_words()
         # class tiles come out in natural column order (permuted in registers if needed), so the
         # stores are plain contiguous rows (vectorized, coalesced)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from qtip_triton import hadamard
 from qtip_triton.autotune.buckets import row_class
+from qtip_triton.kernels.pdl import grid_dependency_sync, launch_args
 
 P2_MAX = 128  # columns of the Z view (the B = H_P2 factor)
 ROWS_MAX = 2048  # padded rows of the Z view (A is ROWS x ROWS)
@@ -89,7 +90,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
                  ROWS, COLS, ntok, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
-                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0):
+                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = False):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
 
     ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
@@ -104,6 +105,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     their signs, in one launch. Output groups: each group's own partials (X + g * stride_xg) and POST
     (+ g * stride_pg) into its columns of one fused output (stride_yg = n).
     """
+    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     pid = tl.program_id(0)
     g = pid // (ntok * blocks)
     pid = pid % (ntok * blocks)
@@ -160,7 +162,7 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
                       CP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, TT: tl.constexpr, CB2: tl.constexpr,
                       HAS_PRE: tl.constexpr,
                       HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
-                      INTERPRET: tl.constexpr):
+                      INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """BM rows of Y = A · Z · B for TT (token, block) rows at once (the many-token path).
 
     Stage 1 is one GEMM tile: A[BM rows] · [Z_t0 | Z_t0+1 | ...] where the TT blocks' Z views
@@ -170,6 +172,7 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
     (fewer live registers). Grid axis 0 is groups x token tiles, axis 1 the row blocks of A; groups
     work as in ``_had2_kernel``.
     """
+    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     BN: tl.constexpr = TT * CP
     pid = tl.program_id(0)
     tiles = tl.cdiv(nrows, TT)
@@ -227,8 +230,9 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
 @triton.jit
 def _had1_kernel(X, Y, B, PRE, POST, BIAS, DST, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  CP: tl.constexpr, RBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
+    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)
     token = r // blocks
     base = (r % blocks) * nb
@@ -498,7 +502,7 @@ def transform(
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
-                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args)
+                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device))
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
@@ -507,7 +511,8 @@ def transform(
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
-                                n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args)
+                                n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
+                                **launch_args(x.device))
         return y
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
@@ -519,7 +524,7 @@ def transform(
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args)
+                       **args, **launch_args(x.device))
     return y
 
 
@@ -559,7 +564,8 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
-                                HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret)
+                                HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret,
+                                **launch_args(x.device))
         return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
@@ -568,5 +574,6 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                        out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T, n, n, 0, x.stride(0),
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
-                       HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages)
+                       HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
+                       **launch_args(x.device))
     return out

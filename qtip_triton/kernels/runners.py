@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load
+from qtip_triton.kernels import pdl
 from qtip_triton.kernels.prepare import PreparedWeight
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,7 +66,7 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     grid = (_cdiv(Rtot, RB), _cdiv(Ctot, CB))
     even = Rtot % RB == 0 and Ctot % CB == 0
     mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, pw.words.stride(0), out.stride(0), TR=TR, TC=TC,
-                     EVEN=even, INTERPRET=interpreting(), **_launch_opts(config))
+                     EVEN=even, INTERPRET=interpreting(), **_launch_opts(config), **pdl.launch_args(out.device))
     return out
 
 
@@ -221,5 +222,5 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
         extra.update(consts)
     mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2), ws.stride(0),
                      ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM, **extra,
-                     **_launch_opts(config))
+                     **_launch_opts(config), **pdl.launch_args(ws.device))
     return ws

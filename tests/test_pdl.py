@@ -1,0 +1,69 @@
+"""Programmatic dependent launch (kernels/pdl.py) on this GPU-less machine: when it is on, and that every
+kernel waits for the previous kernels before it touches an activation, a partial or an output (the GPU
+side, bit-identical outputs with and without PDL, is tests/gpu/test_pdl_gpu.py)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+
+from qtip_triton.codegen.emit import emit
+from qtip_triton.kernels import hadamard as had_kernels
+from qtip_triton.kernels import pdl
+from qtip_triton.spec import TrellisSpec
+
+SYNC = "grid_dependency_sync(PDL)"
+
+
+def test_off_without_a_hopper_gpu(monkeypatch):
+    monkeypatch.delenv(pdl.NO_PDL_ENV, raising=False)
+    assert pdl.launch_args(torch.device("cpu")) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter: decided before asking any GPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(pdl.NO_PDL_ENV, "1")
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+
+
+def test_this_triton_has_the_launch_option():
+    assert pdl.triton_supports_pdl()
+
+
+def _first(pattern: str, text: str) -> int:
+    m = re.search(pattern, text)
+    assert m is not None, pattern
+    return m.start()
+
+
+# what another kernel may write or read: the activations (X, XN), partials and outputs (Y, OUT)
+TOUCH = r"tl\.(load|store)\((X|XN|Y|OUT|x\d)\b|tl\.store\("
+
+
+@pytest.mark.parametrize("spec,kind,config", [
+    ("L16K2V2-hyb9", "gemv", {"BLOCK_M": 1, "table": "shared"}),
+    ("L16K2V2-hyb9", "gemv", {"BLOCK_M": 2, "table": "gather"}),
+    ("L16K3V1-3inst", "gemv", {"BLOCK_M": 4}),
+    ("L16K2V2-hyb9", "gemm", {}),
+    ("L16K4V2-hyb9", "decompress", {}),
+    ("L16K2V2-hyb9", "gemv", {"BLOCK_M": 1, "table": "shared", "fuse_in": True}),
+])
+def test_generated_kernels_wait_before_touching_shared_data(spec, kind, config):
+    src = emit(TrellisSpec.parse(spec), kind, config)
+    assert src.count(SYNC) == 1
+    body = src[src.index("def kernel("):]
+    sync = body.index(SYNC)
+    assert sync < _first(TOUCH, body), "a load or store of another kernel's data precedes the wait"
+    assert "PDL: tl.constexpr = False" in body  # off unless the launcher asks for it
+    if config.get("table") == "shared":  # the table fill (constants only) overlaps the previous kernel
+        assert body.index("_fill_table(") < sync or config.get("fuse_in")
+
+
+@pytest.mark.parametrize("name", ["_had2_kernel", "_had2_tall_kernel", "_had1_kernel"])
+def test_hadamard_kernels_wait_first(name):
+    src = inspect.getsource(getattr(had_kernels, name).fn)
+    body = src[src.index('"""', src.index('"""') + 3) + 3:]  # after the docstring
+    assert body.count(SYNC) == 1
+    assert body.index(SYNC) < _first(r"tl\.(load|store)\(", body)
