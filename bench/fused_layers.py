@@ -10,8 +10,8 @@ For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4
 * ``fp16``: ``torch.matmul`` on the fused fp16 weight.
 
 So op - kernels is what the transforms (and the launches around them) cost. The "whole layer" rows time
-the four ops back to back in one graph (as a decode step runs them), with programmatic dependent launch
-(kernels/pdl.py) and without (``QTIP_TRITON_NO_PDL=1``), against the four fp16 matmuls. Writes
+the four ops back to back in one graph (as a decode step runs them), without and with programmatic
+dependent launch (``QTIP_TRITON_PDL=exit|early``, kernels/pdl.py), against the four fp16 matmuls. Writes
 ``<out>/<card>-<date>-fused-layers.{json,md}``.
 
     PYTHONPATH=. python bench/fused_layers.py --out bench/results
@@ -102,16 +102,17 @@ def main(argv: list[str] | None = None) -> int:
             for x, (_, w) in zip(xs, layer_ops, strict=True):
                 torch.matmul(x, w.t())
 
-        rec = {"M": M, "pdl": time_us(layer)}
-        os.environ[pdl.NO_PDL_ENV] = "1"
-        try:
-            rec["no_pdl"] = time_us(layer)
-        finally:
-            del os.environ[pdl.NO_PDL_ENV]
+        rec = {"M": M}
+        for mode in ("off", "exit", "early"):
+            os.environ[pdl.PDL_ENV] = mode
+            try:
+                rec[f"pdl_{mode}"] = time_us(layer)
+            finally:
+                del os.environ[pdl.PDL_ENV]
         rec["fp16"] = time_us(layer16)
         chain.append(rec)
-        print(f"whole layer M={M}: PDL {rec['pdl']:.1f} us, no PDL {rec['no_pdl']:.1f}, fp16 {rec['fp16']:.1f}",
-              flush=True)
+        print(f"whole layer M={M}: no PDL {rec['pdl_off']:.1f} us, PDL exit {rec['pdl_exit']:.1f}, "
+              f"early {rec['pdl_early']:.1f}, fp16 {rec['fp16']:.1f}", flush=True)
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
@@ -130,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{totals[(M, 'op_per_shard')]:.1f} | "
                      f"{totals[(M, 'kernels')]:.1f} | {totals[(M, 'fp16')]:.1f} | "
                      f"{totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
-    lines += ["", f"Whole layer (the four ops in one graph, one timer floor; PDL usable: "
-              f"{pdl.enabled(torch.device('cuda'))}):", "",
-              "| M | QTIP, PDL | QTIP, no PDL | fp16 | fp16 / PDL | fp16 / no PDL |", "|---|---|---|---|---|---|"]
+    lines += ["", "Whole layer (the four ops in one graph, one timer floor) without programmatic dependent launch "
+              "and with it (QTIP_TRITON_PDL=exit / early, kernels/pdl.py):", "",
+              "| M | QTIP | PDL exit | PDL early | fp16 | fp16 / QTIP | fp16 / exit | fp16 / early |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in chain:
-        lines.append(f"| {r['M']} | {r['pdl']:.1f} | {r['no_pdl']:.1f} | {r['fp16']:.1f} | "
-                     f"{r['fp16'] / r['pdl']:.2f} | {r['fp16'] / r['no_pdl']:.2f} |")
+        lines.append(f"| {r['M']} | {r['pdl_off']:.1f} | {r['pdl_exit']:.1f} | {r['pdl_early']:.1f} | {r['fp16']:.1f} | "
+                     f"{r['fp16'] / r['pdl_off']:.2f} | {r['fp16'] / r['pdl_exit']:.2f} | "
+                     f"{r['fp16'] / r['pdl_early']:.2f} |")
     jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
                                                    "whole_layer": chain},
                            "\n".join(lines) + "\n")

@@ -48,9 +48,9 @@ def _pointer_types(kind: str, spec: TrellisSpec) -> dict[str, str]:
 
 
 def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90,
-                   pdl: bool = False):
+                   pdl: int = 0):
     """(compiled kernel, states one thread decodes per loop iteration) for this layer shape and config;
-    ``pdl``: as launched with programmatic dependent launch (kernels/pdl.py)."""
+    ``pdl``: as launched with programmatic dependent launch in that mode (kernels/pdl.py: 1 exit, 2 early)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
     layout = default_layout(spec)
@@ -132,7 +132,7 @@ def loop_body(sass: str) -> list[str]:
 
 
 def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: int, M: int,
-          pdl: bool = False) -> dict[str, Any]:
+          pdl: int = 0) -> dict[str, Any]:
     spec = TrellisSpec.parse(spec_name)
     cfg = dict(config or default_config(kind, spec, m, n, M))
     kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
@@ -154,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="JSON config (default: the heuristic's for the shape)")
     ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
     ap.add_argument("--M", type=int, default=1, help="batch size the default config is chosen for")
-    ap.add_argument("--pdl", action="store_true", help="compile as launched with programmatic dependent launch")
+    ap.add_argument("--pdl", choices=("off", "exit", "early"), default="off",
+                    help="compile as launched with programmatic dependent launch in this mode")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     m, n = (int(v) for v in a.shape.lower().split("x"))
-    rows = [count(s, a.kind, json.loads(a.config) if a.config else None, m, n, a.M, a.pdl) for s in a.spec]
+    rows = [count(s, a.kind, json.loads(a.config) if a.config else None, m, n, a.M, {"off": 0, "exit": 1, "early": 2}[a.pdl])
+            for s in a.spec]
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0

@@ -18,14 +18,22 @@ from qtip_triton.spec import TrellisSpec
 SYNC = "grid_dependency_sync(PDL)"
 
 
-def test_off_without_a_hopper_gpu(monkeypatch):
-    monkeypatch.delenv(pdl.NO_PDL_ENV, raising=False)
+def test_off_by_default_and_without_a_hopper_gpu(monkeypatch):
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    assert pdl.mode() == 0 and pdl.launch_args(torch.device("cuda", 0)) == {}  # opt-in
+    for raw, want in (("exit", 1), ("1", 1), ("early", 2), ("Early", 2), ("off", 0), ("0", 0)):
+        monkeypatch.setenv(pdl.PDL_ENV, raw)
+        assert pdl.mode() == want
+    monkeypatch.setenv(pdl.PDL_ENV, "early")
     assert pdl.launch_args(torch.device("cpu")) == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter: decided before asking any GPU
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv(pdl.NO_PDL_ENV, "1")
-    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+
+
+def test_unknown_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(pdl.PDL_ENV, "sometimes")
+    with pytest.raises(ValueError, match="QTIP_TRITON_PDL"):
+        pdl.launch_args(torch.device("cuda", 0))
 
 
 def test_this_triton_has_the_launch_option():
@@ -56,7 +64,7 @@ def test_generated_kernels_wait_before_touching_shared_data(spec, kind, config):
     body = src[src.index("def kernel("):]
     sync = body.index(SYNC)
     assert sync < _first(TOUCH, body), "a load or store of another kernel's data precedes the wait"
-    assert "PDL: tl.constexpr = False" in body  # off unless the launcher asks for it
+    assert "PDL: tl.constexpr = 0" in body  # off unless the launcher asks for it
     if config.get("table") == "shared":  # the table fill (constants only) overlaps the previous kernel
         assert body.index("_fill_table(") < sync or config.get("fuse_in")
 

@@ -38,13 +38,16 @@ def test_byte_sum_codes_compile_to_dp4a():
 
 
 def test_pdl_adds_one_wait_and_one_trigger_outside_the_loop():
-    """With PDL the kernel waits once (ACQBULK) and releases its dependents once (PREEXIT), not per k
-    step: the decode costs the same instructions; without PDL neither is compiled in."""
+    """With PDL the kernel waits once (ACQBULK), and in mode ``early`` releases its dependents once
+    (PREEXIT), not per k step: the decode costs the same instructions; off, neither is compiled in."""
     plain, = compiled("L16K2V2-hyb9")
-    with_pdl, = compiled("L16K2V2-hyb9", extra=("--pdl",))
+    exit_, = compiled("L16K2V2-hyb9", extra=("--pdl", "exit"))
+    early, = compiled("L16K2V2-hyb9", extra=("--pdl", "early"))
     assert plain["pdl_ops"] == {"ACQBULK": 0, "PREEXIT": 0}, plain
-    assert with_pdl["pdl_ops"] == {"ACQBULK": 1, "PREEXIT": 1}, with_pdl
-    assert abs(with_pdl["loop_instructions"] - plain["loop_instructions"]) <= 4, (plain, with_pdl)
+    assert exit_["pdl_ops"] == {"ACQBULK": 1, "PREEXIT": 0}, exit_
+    assert early["pdl_ops"] == {"ACQBULK": 1, "PREEXIT": 1}, early
+    for r in (exit_, early):
+        assert abs(r["loop_instructions"] - plain["loop_instructions"]) <= 4, (plain, r)
 
 
 def test_refuses_the_interpreter(monkeypatch):

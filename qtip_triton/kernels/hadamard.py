@@ -90,7 +90,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
                  ROWS, COLS, ntok, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
-                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = False):
+                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
 
     ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
@@ -162,7 +162,7 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
                       CP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, TT: tl.constexpr, CB2: tl.constexpr,
                       HAS_PRE: tl.constexpr,
                       HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
-                      INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                      INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
     """BM rows of Y = A · Z · B for TT (token, block) rows at once (the many-token path).
 
     Stage 1 is one GEMM tile: A[BM rows] · [Z_t0 | Z_t0+1 | ...] where the TT blocks' Z views
@@ -230,7 +230,7 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
 @triton.jit
 def _had1_kernel(X, Y, B, PRE, POST, BIAS, DST, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  CP: tl.constexpr, RBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
     """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)

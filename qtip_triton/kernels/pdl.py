@@ -9,11 +9,14 @@ layer's constants (offsets, the code table written into shared memory) and then 
 writes are visible. Nothing that a previous kernel writes or reads may be touched before that wait
 (activations, partials, outputs), so correctness does not depend on which kernel ran before ours.
 
-Every kernel that is launched with PDL also calls ``griddepcontrol.launch_dependents`` right after its
-wait: the next PDL kernel may then be scheduled as soon as all of this kernel's programs are running.
-
-``QTIP_TRITON_NO_PDL=1`` turns it off (the kernels then compile without the two instructions); it is
-off in the interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option.
+Two modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (or ``1``): each kernel waits, and the next one may
+be scheduled as this one's programs exit; ``early``: each kernel also calls
+``griddepcontrol.launch_dependents`` right after its wait, so the next kernel may be scheduled once all
+of this kernel's programs are running. Off by default: measured on the H200 (2026-11-29,
+bench/results/h200-2026-11-29-fused-layers.md, one Llama-2-7B layer in one CUDA graph) ``early`` gained
+nothing at M = 1 (131.6 vs 132.0 µs) and lost at M = 8/16 (243 vs 203 µs, 262 vs 211 µs). Off, in the
+interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the kernels compile
+without the instructions.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-NO_PDL_ENV = "QTIP_TRITON_NO_PDL"
+PDL_ENV = "QTIP_TRITON_PDL"
+MODES = {"0": 0, "off": 0, "": 0, "1": 1, "exit": 1, "early": 2}
 
 
 @functools.lru_cache(maxsize=1)
@@ -44,28 +48,40 @@ def _device_supports(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels launched on ``device`` use PDL now (env read per call: tests and benchmarks flip it)."""
-    if device.type != "cuda" or os.environ.get(NO_PDL_ENV, "0") not in ("", "0"):
-        return False
+def mode() -> int:
+    """The requested mode (0 off, 1 exit, 2 early), from the environment; unknown values are an error."""
+    raw = os.environ.get(PDL_ENV, "0").strip().lower()
+    if raw not in MODES:
+        raise ValueError(f"{PDL_ENV}={raw!r}: expected one of off, exit, early (or 0/1)")
+    return MODES[raw]
+
+
+def enabled(device: torch.device) -> int:
+    """The mode kernels launched on ``device`` use now (env read per call: tests and benchmarks flip it)."""
+    m = mode()
+    if not m or device.type != "cuda":
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not triton_supports_pdl():
-        return False
-    return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+        return 0
+    return m if _device_supports(device.index if device.index is not None else torch.cuda.current_device()) else 0
 
 
 def launch_args(device: torch.device) -> dict[str, Any]:
     """Extra launch keywords for a kernel that takes ``PDL: tl.constexpr`` (empty when PDL is off)."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {}
+    m = enabled(device)
+    return {"PDL": m, "launch_pdl": True} if m else {}
 
 
 @triton.jit
 def grid_dependency_sync(PDL: tl.constexpr):
-    """Wait for the previous kernels of the stream (their writes visible), then let the next PDL kernel
-    be scheduled. A no-op unless ``PDL``; must precede every access to data another kernel touches."""
+    """Wait for the previous kernels of the stream (their writes visible); in mode 2 also let the next PDL
+    kernel be scheduled now. A no-op unless ``PDL``; must precede every access to data another kernel
+    touches."""
     if PDL:
         tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        if PDL == 2:
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
 
-__all__ = ["NO_PDL_ENV", "enabled", "grid_dependency_sync", "launch_args", "triton_supports_pdl"]
+__all__ = ["MODES", "PDL_ENV", "enabled", "mode", "grid_dependency_sync", "launch_args", "triton_supports_pdl"]

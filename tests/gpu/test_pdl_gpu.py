@@ -41,8 +41,9 @@ def _chain(packs: list[PackedShards], src: torch.Tensor, slow: torch.Tensor) -> 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="PDL needs compute capability 9.0+")
+@pytest.mark.parametrize("mode", ["exit", "early"])
 @pytest.mark.parametrize("M", [1, 8, 300])
-def test_pdl_bit_identical_eager_and_graph(M, monkeypatch):
+def test_pdl_bit_identical_eager_and_graph(M, mode, monkeypatch):
     assert pdl.triton_supports_pdl(), "this Triton has no launch_pdl option: PDL would silently stay off"
     g = torch.Generator(device="cuda")
     g.seed()
@@ -55,11 +56,11 @@ def test_pdl_bit_identical_eager_and_graph(M, monkeypatch):
     src = torch.randn(M, 4096, generator=g, device="cuda").half()
     slow = torch.randn(64 << 20, generator=g, device="cuda")
 
-    monkeypatch.setenv(pdl.NO_PDL_ENV, "1")
+    monkeypatch.setenv(pdl.PDL_ENV, "off")
     assert not pdl.enabled(src.device)
     ref = _chain(packs, src, slow.clone())
-    monkeypatch.delenv(pdl.NO_PDL_ENV)
-    assert pdl.enabled(src.device) and pdl.launch_args(src.device)["launch_pdl"]
+    monkeypatch.setenv(pdl.PDL_ENV, mode)
+    assert pdl.enabled(src.device) == pdl.MODES[mode] and pdl.launch_args(src.device)["launch_pdl"]
 
     eager = _chain(packs, src, slow.clone())
     for r, e in zip(ref, eager, strict=True):
@@ -79,9 +80,9 @@ def test_pdl_bit_identical_eager_and_graph(M, monkeypatch):
     for _ in range(3):
         static_src.copy_(torch.randn(M, 4096, generator=g, device="cuda").half())
         graph.replay()
-        monkeypatch.setenv(pdl.NO_PDL_ENV, "1")
+        monkeypatch.setenv(pdl.PDL_ENV, "off")
         want = _chain(packs, static_src, slow.clone())
-        monkeypatch.delenv(pdl.NO_PDL_ENV)
+        monkeypatch.setenv(pdl.PDL_ENV, mode)
         for w, o in zip(want, outs, strict=True):
             assert torch.equal(w, o)
 
@@ -95,12 +96,13 @@ def test_decode_kernels_identical_with_pdl(monkeypatch):
     pw = kernels.prepare(_weights(4096, 4096, 2, g))
     h = torch.randn(4, 4096, generator=g, device="cuda").half()
     runs = []
-    for off in ("1", "0"):
-        monkeypatch.setenv(pdl.NO_PDL_ENV, off)
+    for mode in ("off", "exit", "early"):
+        monkeypatch.setenv(pdl.PDL_ENV, mode)
         runs.append((kernels.decompress(pw, {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4}),
                      kernels.decode_matmul("gemv", pw, h, {"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4,
                                                            "num_warps": 4, "table": "shared"}, h_order="kernel"),
                      kernels.decode_matmul("gemm", pw, h, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2,
                                                            "num_warps": 4}, h_order="kernel")))
-    for a, b in zip(*runs, strict=True):
-        assert torch.equal(a, b)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other, strict=True):
+            assert torch.equal(a, b)
