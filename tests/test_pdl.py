@@ -18,9 +18,9 @@ from qtip_triton.spec import TrellisSpec
 SYNC = "grid_dependency_sync(PDL)"
 
 
-def test_off_by_default_and_without_a_hopper_gpu(monkeypatch):
+def test_modes_and_off_without_a_hopper_gpu(monkeypatch):
     monkeypatch.delenv(pdl.PDL_ENV, raising=False)
-    assert pdl.mode() == 0 and pdl.launch_args(torch.device("cuda", 0)) == {}  # opt-in
+    assert pdl.mode() == 1  # "exit" unless told otherwise
     for raw, want in (("exit", 1), ("1", 1), ("early", 2), ("Early", 2), ("off", 0), ("0", 0)):
         monkeypatch.setenv(pdl.PDL_ENV, raw)
         assert pdl.mode() == want

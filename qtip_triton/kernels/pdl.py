@@ -9,14 +9,15 @@ layer's constants (offsets, the code table written into shared memory) and then 
 writes are visible. Nothing that a previous kernel writes or reads may be touched before that wait
 (activations, partials, outputs), so correctness does not depend on which kernel ran before ours.
 
-Two modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (or ``1``): each kernel waits, and the next one may
-be scheduled as this one's programs exit; ``early``: each kernel also calls
+Two modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (the default, or ``1``): each kernel waits, and the
+next one may be scheduled as this one's programs exit; ``early``: each kernel also calls
 ``griddepcontrol.launch_dependents`` right after its wait, so the next kernel may be scheduled once all
-of this kernel's programs are running. Off by default: measured on the H200 (2026-11-29,
-bench/results/h200-2026-11-29-fused-layers.md, one Llama-2-7B layer in one CUDA graph) ``early`` gained
-nothing at M = 1 (131.6 vs 132.0 µs) and lost at M = 8/16 (243 vs 203 µs, 262 vs 211 µs). Off, in the
-interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the kernels compile
-without the instructions.
+of this kernel's programs are running; ``off`` (or ``0``). Measured on the H200 (2026-11-29,
+bench/results/h200-2026-11-29-fused-layers-pdl-modes.md: one Llama-2-7B layer, K=2, the four ops in one
+CUDA graph, µs): off 131.9 / 203.4 / 212.3 at M = 1 / 8 / 16, exit 128.5 / 201.3 / 209.6, early
+128.7 / 240.2 / 264.4 (waiting programs of the next kernel take the SM slots the gemm's later programs
+need). In the interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the
+kernels compile without the instructions.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def _device_supports(index: int) -> bool:
 
 
 def mode() -> int:
-    """The requested mode (0 off, 1 exit, 2 early), from the environment; unknown values are an error."""
-    raw = os.environ.get(PDL_ENV, "0").strip().lower()
+    """The requested mode (0 off, 1 exit, 2 early), from the environment (default exit); unknown values
+    are an error."""
+    raw = os.environ.get(PDL_ENV, "exit").strip().lower()
     if raw not in MODES:
         raise ValueError(f"{PDL_ENV}={raw!r}: expected one of off, exit, early (or 0/1)")
     return MODES[raw]
