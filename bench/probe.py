@@ -8,6 +8,7 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
 
     python bench/probe.py --points 8192x8192:1,28672x8192:1 --K 2 --tables gather,shared,shared4
     python bench/probe.py --points 4096x4096:1,4096x11008:1 --tables shared --fuse-in   # gemv + its input transform
+    python bench/probe.py --points 22016x4096:8,4096x11008:16 --tables shared --mma      # + the tensor-core gemv
 
 ``--fuse-in`` (gemv): every config also runs with ``fuse_in`` (each program computes its slice of the input
 transform), and every time then includes the input transform (the separate launch for the others).
@@ -31,6 +32,7 @@ from kernels import random_weight  # noqa: E402
 
 from qtip_triton import kernels  # noqa: E402
 from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
+from qtip_triton.kernels.configs import mma_space, mma_supported  # noqa: E402
 
 BLOCKS_GEMV = [(64, 256, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (256, 128, 8), (32, 256, 4)]
 BLOCKS_GEMM = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4)]
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", default="0", help="gemv prefetch depths, e.g. 0,1,2")
     ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
     ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
+    ap.add_argument("--mma", action="store_true", help="gemv: also the tensor-core variant's configs (codegen/mma.py)")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="probe")
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                            [int(v) for v in a.prefetch.split(",")] if a.kind == "gemv" else [0])
         if a.fuse_in and a.kind == "gemv":
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
+        if a.mma and a.kind == "gemv" and mma_supported(qw.spec):
+            cands += mma_space(qw.spec, n, M)
 
         def run(cfg, pw=pw, h=h, x=x, dtype=dtype):
             if cfg.get("fuse_in"):

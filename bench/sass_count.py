@@ -29,6 +29,7 @@ from triton.compiler import ASTSource
 
 from qtip_triton.codegen.cache import load
 from qtip_triton.codegen.emit import default_layout
+from qtip_triton.codegen.mma import layout_ok
 from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.kernels.configs import default_config
@@ -144,7 +145,8 @@ def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: i
     return {"spec": spec.name, "kind": kind, "config": cfg, "shape": f"{m}x{n}", "states_per_thread_iter": per_iter,
             "loop_instructions": len(body), "per_state": len(body) / per_iter if kind != "decompress" else None,
             "shared_bytes": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
-            "opcodes": dict(mix.most_common()), "pdl_ops": pdl_ops}
+            "opcodes": dict(mix.most_common()), "pdl_ops": pdl_ops,
+            **({"mma_layout": list(layout_ok(kernel.asm["ttgir"]))} if cfg.get("mma") else {})}
 
 
 def main(argv: list[str] | None = None) -> int:

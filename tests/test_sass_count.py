@@ -18,11 +18,11 @@ CFG = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4
 SCRIPT = Path(__file__).parents[1] / "bench" / "sass_count.py"
 
 
-def compiled(*names: str, extra: tuple[str, ...] = ()) -> list[dict]:
+def compiled(*names: str, extra: tuple[str, ...] = (), config: dict | None = None) -> list[dict]:
     """The script's JSON, run in a process without TRITON_INTERPRET (the suite runs interpreted)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [a for name in names for a in ("--spec", name)]
-    out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", "gemv", "--config", json.dumps(CFG),
+    out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", "gemv", "--config", json.dumps(config or CFG),
                           "--shape", "1024x1024", "--json", *extra], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -67,3 +67,17 @@ def test_loop_body_finds_the_backward_branch():
         /*0040*/                   EXIT ;
 """
     assert sass_count.loop_body(listing) == ["IMAD", "LOP3", "BRA"]
+
+
+def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
+    """The mma gemv (codegen/mma.py) for sm_90: one HMMA per four states, no shared-memory staging beyond the
+    code table, fewer instructions per state than the CUDA-core gemv; Triton lays the word tile out as
+    lane (g, t) = rows 8i + g, columns 4t..4t+3, and the layout check refuses a tile where it does not."""
+    good = {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1, "num_warps": 4, "table": "shared", "mma": True}
+    r, = compiled("L16K2V2-hyb9", config=good)
+    assert r["mma_layout"] == [True, ""], r
+    assert r["opcodes"].get("HMMA", 0) * 4 == r["states_per_thread_iter"], r
+    assert r["per_state"] < 12 and r["stack"] == 0 and r["shared_bytes"] <= 4096, r
+    bad, = compiled("L16K2V2-hyb9", config={**good, "BLOCK_M": 16, "BLOCK_N": 128})  # 2 row groups per warp
+    ok, why = bad["mma_layout"]
+    assert not ok and "threadsPerWarp" in why, bad

@@ -110,15 +110,14 @@ def kinds_in_reach(api: KernelAPI, spec, out_features: int, in_features: int, M:
 def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
                max_candidates: int, reach: int = 2) -> list[tuple[str, Config]]:
     """``(kind, config)`` candidates for one task: ``max_candidates`` for the heuristic's kind at M,
-    ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`)."""
+    ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`),
+    and as many again for each source variant of a kind (:func:`_families`), in reach or not."""
     main = api.default_kind(spec, out_features, in_features, M)
     reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
     if main is None or main not in api.kinds():
         reachable = list(api.kinds())  # no heuristic kind: every kind is a contender
     out: list[tuple[str, Config]] = []
     for kind in api.kinds():
-        if kind not in reachable:
-            continue
         ok, _ = api.can_implement(kind, spec, out_features, in_features, M)
         if not ok:
             continue
@@ -128,7 +127,34 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
         except (ValueError, TypeError, NotImplementedError):
             default = None
         budget = max_candidates if kind == main or main is None else max(2, max_candidates // 3)
-        out += [(kind, c) for c in prune(space, default, in_features, M, budget)]
+        for i, (fam_default, fam_space) in enumerate(_families(space, default)):
+            # a kind out of reach still has its variants timed where its space lists them (e.g. the
+            # gemv's mma configs up to M = 16, where the plain gemv is no contender)
+            if i == 0 and kind not in reachable:
+                continue
+            fam_budget = budget if i == 0 else max(2, budget // 3)
+            out += [(kind, c) for c in prune(fam_space, fam_default, in_features, M, fam_budget)]
+    return out
+
+
+def _flags(config: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(k for k, v in config.items() if v is True)
+
+
+def _families(space: list[Config], default: Config | None) -> list[tuple[Config | None, list[Config]]]:
+    """The space split by source variant (the set of boolean options that are on, e.g. ``mma``): the
+    default's family first, then each other with its own centre, the member closest to the default.
+
+    Why: a variant differs from the default in several keys at once, so one prune would treat all of
+    it as "far" and might time none of it; each family gets its own share of the budget instead."""
+    home = _flags(default) if default is not None else frozenset()
+    groups: dict[frozenset[str], list[Config]] = {}
+    for c in space:
+        groups.setdefault(_flags(c), []).append(c)
+    out: list[tuple[Config | None, list[Config]]] = [(default, groups.pop(home, []))]
+    for _, members in sorted(groups.items(), key=lambda kv: sorted(kv[0])):
+        centre = members[0] if default is None else min(members, key=lambda c: len(_differing(c, default)))
+        out.append((centre, members))
     return out
 
 

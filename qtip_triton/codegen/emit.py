@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from qtip_triton.codegen.mma import MMA_COLS, MMA_HELPERS, MMA_ROWS, packed_pairs
 from qtip_triton.codegen.plan import TilePlan, make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
@@ -60,6 +61,15 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             raise ValueError(f"config fuse_in={fuse_in!r} must be a bool (input transform inside the gemv)")
         if fuse_in:  # only when on: every existing config keeps its source (and cache key)
             extra["fuse_in"] = True
+        mma = config.get("mma", False)
+        if not isinstance(mma, bool):
+            raise ValueError(f"config mma={mma!r} must be a bool (the gemv on tensor cores)")
+        if mma:
+            if bm not in (8, 16):
+                raise ValueError(f"config mma needs BLOCK_M 8 or 16 (batch rows per mma), got {bm}")
+            if fuse_in or extra["prefetch"]:
+                raise ValueError("config mma does not combine with fuse_in or prefetch")
+            extra["mma"] = True
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -298,6 +308,8 @@ class _Emitter:
                    'mov.b32 $0, global_smem; add.u32 $0, $0, l; }"')
             helpers = SHARED_TABLE_HELPERS.replace("@BASE_ASM@", asm)
             s(*helpers.splitlines(), "")
+        if self.opts.get("mma"):
+            s(*MMA_HELPERS.splitlines(), "")
         if self.dec.helpers:  # the code's own helpers (e.g. one dp4a for a byte sum)
             s("", *self.dec.helpers.strip("\n").splitlines(), "", "")
         s(
@@ -426,7 +438,7 @@ class _Emitter:
               "other=0)")
         s.dedent()
 
-    def decode_values(self, cast: str | None) -> dict[tuple[int, int], str]:
+    def decode_values(self, cast: str | None, emit_values: bool = True) -> dict[tuple[int, int], str]:
         """Emit states and values; returns (s, f) -> variable name (cast to ``cast`` if given).
 
         With an on-chip table, every table read of the k step is one ``tl.gather``: Triton stages the
@@ -462,8 +474,11 @@ class _Emitter:
             shape = ", ".join(["RB", "CB"] + ["2"] * (len(pending).bit_length() - 1))
             s(f"gv = tl.reshape(tl.gather(tbl, gi, 0), [{shape}])")
             self._split_tree("gv", [n for n, _ in pending])
+        self.state_vals = [vals for _, vals, _ in per_state]  # the mma variant reads the packed registers
         for st, (_, vals, _) in enumerate(per_state):
             s(*post[st])
+            if not emit_values:
+                continue
             for f, v in enumerate(vals):
                 name = f"v{st}_{f}"
                 half = re.fullmatch(r"_f16_(lo|hi)\((.*)\)", v)
@@ -510,6 +525,9 @@ class _Emitter:
         return self.src.text()
 
     def _gemv(self) -> None:
+        if self.opts.get("mma"):
+            self._gemv_mma()
+            return
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
         s("@triton.jit")
@@ -589,6 +607,71 @@ class _Emitter:
             for m in range(bm):
                 s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
                   f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
+        s.dedent()
+
+    def _gemv_mma(self) -> None:
+        """The gemv on tensor cores: one mma.sync per four decoded states (see codegen/mma.py)."""
+        p, s = self.plan, self.src
+        bm = self.opts["BLOCK_M"]
+        nb = bm // MMA_ROWS
+        s("@triton.jit")
+        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("           shard_b1, shard_b2, stride_xg,")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
+        s("           PDL: tl.constexpr = 0):")
+        s.indent()
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores: mma.sync straight from')
+        s("the decoded fp16x2 registers, no conversion, no shared-memory staging).")
+        s("")
+        s(f"X is h in gemv order (as the CUDA-core gemv). Each [RB, {MMA_COLS}] word tile is laid out as lane (g, t) =")
+        s("rows 8i + g, columns 4t..4t+3 (the launcher checks it in the compiled kernel); every element a lane holds")
+        s(f"feeds four m16n8k16: A = its packed states, B = x of batch row (row % 8) at its columns ({nb} block(s)")
+        s(f"of {MMA_ROWS} batch rows), C = row group g's outputs for batch rows 2t, 2t+1.")
+        s('"""')
+        s(f"tl.static_assert(BLOCK_M == {bm})")
+        s(f"tl.static_assert(TC * {p.GCN} == {MMA_COLS})  # {MMA_COLS} word columns per k step: 4 lanes x 4 elements")
+        self.prologue(split=True)
+        self.dependency_sync()
+        s(f"lane_b = rows % {MMA_ROWS}  # the batch row whose x this lane brings to the mma (its row in the row group)")
+        for n in range(nb):
+            s(f"xrow{n} = pid_m * {bm} + {n * MMA_ROWS} + lane_b")
+            s(f"xok{n} = (xrow{n} < M)[:, None]")
+            s(f"xp{n} = X + xrow{n}[:, None] * stride_xm")
+            for h in range(4):
+                s(f"c{n}_{h} = tl.zeros([RB, CB], dtype=tl.float32)")
+        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+        s("for it in range(ITERS):")
+        s.indent()
+        self.load_words()
+        self.decode_values(cast=None, emit_values=False)
+        pairs = packed_pairs(p, self.state_vals)
+        for n in range(nb):
+            s(f"# batch rows {n * MMA_ROWS}..{n * MMA_ROWS + MMA_ROWS - 1} of the block: x of every class column, as fp16")
+            for cc in range(p.NC):
+                off = f"x_off + {cc} * Ctot" if cc else "x_off"
+                s(f"xc{cc} = (tl.load(xp{n} + {off}, mask=xok{n}, other=0.0) if EVEN else "
+                  f"tl.load(xp{n} + {off}, mask=xok{n} & wmask, other=0.0)).to(tl.float16)")
+            for q in range(4):
+                P, Q = q, q + 4
+                s(f"# mma {q}: class pairs ({2 * P}, {2 * P + 1}) and ({2 * Q}, {2 * Q + 1}), rows of class 0 and 1")
+                s(f"c{n}_0, c{n}_1, c{n}_2, c{n}_3 = _mma({pairs[0][P]}, {pairs[1][P]}, {pairs[0][Q]}, {pairs[1][Q]}, "
+                  f"_pack_f16x2(xc{2 * P}, xc{2 * P + 1}), _pack_f16x2(xc{2 * Q}, xc{2 * Q + 1}), "
+                  f"c{n}_0, c{n}_1, c{n}_2, c{n}_3, RB, CB, INTERPRET)")
+        self.advance()
+        s("x_off += CB")
+        s.dedent()
+        if self.shared_table():
+            s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
+            s("    tl.debug_barrier()")
+        s("tcol = tl.arange(0, 4)[None, :]  # lane t of the row group: batch rows 2t and 2t + 1")
+        for n in range(nb):
+            for h in range(4):
+                a, odd = h >> 1, h & 1
+                rc = p.rconst(a)
+                row = f"orow + {rc}" if rc else "orow"
+                s(f"b = pid_m * {bm} + {n * MMA_ROWS + odd} + 2 * tcol")
+                s(f"tl.store(Y + pid_k * stride_ys + b * stride_ym + ({row})[:, None], "
+                  f"tl.sum(tl.reshape(c{n}_{h}, [RB, 4, 4]), axis=2), mask=rmask[:, None] & (b < M))")
         s.dedent()
 
     def _input_transform(self, bm: int) -> None:

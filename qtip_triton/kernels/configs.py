@@ -147,4 +147,36 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                         out.append(cfg)
                         if kind == "gemv" and tabled:
                             out.append({**cfg, "table": "shared"})
+    if kind == "gemv" and M <= 16 and mma_supported(spec):
+        out.extend(mma_space(spec, n, M))
+    return out
+
+
+@functools.cache
+def mma_supported(spec: TrellisSpec) -> bool:
+    """Whether the gemv's tensor-core variant (codegen/mma.py) can be generated for ``spec`` in its
+    default layout (QTIP's layout with a code that decodes a state into one fp16x2 register)."""
+    from qtip_triton.codegen.emit import default_layout, emit
+
+    try:
+        emit(spec, "gemv", {"BLOCK_M": 8, "mma": True}, layout=default_layout(spec))
+    except ValueError:
+        return False
+    return True
+
+
+def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
+    """The mma gemv's configs: 8 or 16 batch rows, BLOCK_K 256 (16 word columns: four lanes x four
+    elements), BLOCK_N = 16 x num_warps (one 8-row word group per warp), the table in shared memory
+    when the code has one. Interpreter-tested and sm_90-compiled (10.1 SASS per state, 58 registers at
+    64 x 256; the CUDA-core gemv 13.5, the gemm 15.2) but not yet timed: only the tuner picks it."""
+    bm = 8 if M <= 8 else 16
+    table = {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
+    out = []
+    for nw in (2, 4, 8):
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and n // 256 < 2 * split:
+                continue
+            out.append({"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw,
+                        **table, "mma": True})
     return out

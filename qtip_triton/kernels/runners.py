@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load
+from qtip_triton.codegen.mma import MMA_COLS, layout_ok
 from qtip_triton.kernels import pdl
 from qtip_triton.kernels.prepare import PreparedWeight
 
@@ -206,6 +207,9 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
             raise ValueError(f"shard boundaries {bounds} (word rows) do not split into row blocks of {RB}")
     stride_xg = h.stride(0) if h.dim() == 3 else 0
     CB = TC * plan.GCN
+    mma = kind == "gemv" and bool(config.get("mma", False))
+    if mma:
+        _check_mma(config, CB, RB)
     nblk = _cdiv(Ctot, CB)
     iters, splits = k_split(nblk, split)
     if ws is None:
@@ -220,7 +224,36 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     if fuse_in:
         fused, consts = _fused_input_args(pw, fuse_x, h, config, iters * CB * 16 // plan.GCN)
         extra.update(consts)
-    mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2), ws.stride(0),
-                     ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM, **extra,
-                     **_launch_opts(config), **pdl.launch_args(ws.device))
+    compiled = mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2),
+                                ws.stride(0), ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM,
+                                **extra, **_launch_opts(config), **pdl.launch_args(ws.device))
+    if mma and not extra["INTERPRET"]:
+        _require_mma_layout(compiled, config)
     return ws
+
+
+_MMA_LAYOUT_CHECKED: dict[int, str] = {}  # id of a compiled kernel -> "" (ok) or why not
+
+
+def _check_mma(config: Mapping[str, Any], cols: int, rows: int) -> None:
+    """The shapes under which the mma gemv's lane arrangement holds (codegen/mma.py): 16 word columns per
+    k step and one 8-row group per warp (Triton then lays the tile out as the mma needs)."""
+    warps = config.get("num_warps", 4)
+    if cols != MMA_COLS:
+        raise ValueError(f"config mma needs {MMA_COLS} word columns per k step (BLOCK_K=256 in QTIP's layout), "
+                         f"got {cols}")
+    if rows != 8 * warps:
+        raise ValueError(f"config mma needs BLOCK_N = 16 x num_warps (one 8-row group of words per warp), got "
+                         f"BLOCK_N={config.get('BLOCK_N')} with num_warps={warps}")
+
+
+def _require_mma_layout(compiled: Any, config: Mapping[str, Any]) -> None:
+    """Refuse (once per compiled kernel) an mma gemv that Triton laid out other than the mma assumes: its
+    results would be wrong, so this is an error, not a warning."""
+    why = _MMA_LAYOUT_CHECKED.get(id(compiled))
+    if why is None:
+        ttgir = getattr(compiled, "asm", {}).get("ttgir", "")
+        ok, why = layout_ok(ttgir) if ttgir else (True, "")  # no TTGIR kept: nothing to check against
+        _MMA_LAYOUT_CHECKED[id(compiled)] = "" if ok else why
+    if why:
+        raise RuntimeError(f"config {dict(config)} cannot run as an mma gemv on this Triton: {why}")

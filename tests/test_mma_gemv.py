@@ -1,0 +1,103 @@
+"""The gemv's tensor-core variant (config ``mma``, codegen/mma.py) on this GPU-less machine: the interpreter
+runs the mma's operand/result placement written with tensor reshapes, so the whole mapping (packed states as
+A, each lane's batch row as B, C back to output rows and batch rows) is checked against float64 here; sm_90
+compiles check that Triton lays the tile out as the mma needs and that the layout check catches it when not.
+The hardware instruction itself runs in tests/gpu/test_mma_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_weight import random_qweight
+
+from qtip_triton import TrellisSpec, kernels, linear
+from qtip_triton.codegen.emit import emit
+from qtip_triton.kernels.configs import config_space, mma_supported
+from qtip_triton.kernels.prepare import prepare
+
+pytestmark = pytest.mark.skipif(
+    not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
+)
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _cfg(bm: int, warps: int = 2, split: int = 1, **extra) -> dict:
+    return {"BLOCK_M": bm, "BLOCK_N": 16 * warps, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": warps,
+            "table": "shared", "mma": True, **extra}
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_mma_gemv_matches_float64(gen, K, dtype):
+    qw = random_qweight(gen, TrellisSpec(16, K, 2, "hyb", 9), 96, 512, layout="qtip")  # 96 rows: a ragged block
+    bias = torch.randn(96, generator=gen).to(dtype)
+    for M, bm, split in ((1, 8, 2), (5, 8, 1), (8, 8, 1), (11, 16, 2), (16, 16, 1), (19, 16, 1)):
+        x = torch.randn(M, 512, generator=gen).to(dtype)
+        y = linear(x, qw, bias, kind="gemv", config=_cfg(bm, split=split))
+        ref = qw.reference_forward(x.double(), bias.double())
+        err = float((y.double() - ref).norm() / ref.norm())
+        assert y.shape == (M, 96) and err <= TOL[dtype], (M, bm, err)
+
+
+def test_mma_gemv_reads_partials_like_the_gemv(gen):
+    """Same partials layout as the CUDA-core gemv: (splits, M, out) summed by the output transform."""
+    qw = random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 1024, layout="qtip")
+    pw = prepare(qw)
+    h = torch.randn(3, 1024, generator=gen)
+    a = kernels.decode_matmul("gemv", pw, h, _cfg(8, warps=4, split=2), h_order="natural")
+    b = kernels.decode_matmul("gemv", pw, h, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2,
+                                              "table": "shared"}, h_order="natural")
+    assert a.shape == b.shape
+    assert float((a - b).norm() / b.norm()) < 2e-3  # x rounded to fp16 for the tensor cores
+
+
+@pytest.mark.parametrize("config,match", [
+    (_cfg(4), "BLOCK_M 8 or 16"),
+    (_cfg(8, fuse_in=True), "fuse_in"),
+    (_cfg(8, prefetch=1), "prefetch"),
+    ({**_cfg(8), "mma": "yes"}, "must be a bool"),
+])
+def test_bad_mma_configs_are_clear_errors(config, match):
+    with pytest.raises(ValueError, match=match):
+        emit(TrellisSpec.parse("L16K2V2-hyb9"), "gemv", config)
+
+
+def test_launch_shapes_the_mma_needs(gen):
+    pw = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 512, layout="qtip"))
+    h = torch.randn(2, 512, generator=gen)
+    with pytest.raises(ValueError, match="BLOCK_K=256"):
+        kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_K": 128}, h_order="natural")
+    with pytest.raises(ValueError, match="16 x num_warps"):
+        kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_N": 64}, h_order="natural")
+
+
+def test_only_layouts_with_packed_pairs_get_mma():
+    assert mma_supported(TrellisSpec.parse("L16K2V2-hyb9"))
+    assert not mma_supported(TrellisSpec.parse("L16K2V1-hyb9"))  # one weight per state: no fp16x2 register
+    with pytest.raises(ValueError, match="mma needs"):
+        emit(TrellisSpec.parse("L12K3V1-3inst"), "gemv", _cfg(8))
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    for M, bm in ((1, 8), (8, 8), (16, 16)):
+        mma = [c for c in config_space("gemv", spec, 4096, 4096, M) if c.get("mma")]
+        assert mma and all(c["BLOCK_M"] == bm and c["BLOCK_N"] == 16 * c["num_warps"] for c in mma)
+    assert not [c for c in config_space("gemv", spec, 4096, 4096, 32) if c.get("mma")]
+
+
+def test_the_tuner_times_mma_configs_next_to_the_plain_gemv():
+    """The mma configs are a family of their own in the tuner's pruning (they differ from the default in several
+    keys at once, so a single prune could leave all of them out)."""
+    from qtip_triton.autotune.kernel_api import load_kernel_api
+    from qtip_triton.autotune.space import candidates
+
+    api = load_kernel_api()
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    for M in (1, 8, 16):
+        got = candidates(api, spec, 4096, 4096, M, max_candidates=12)
+        mma = [c for k, c in got if k == "gemv" and c.get("mma")]
+        plain = [c for k, c in got if k == "gemv" and not c.get("mma")]
+        assert 2 <= len(mma) <= 4, (M, got)
+        assert bool(plain) == (M <= 8)  # the CUDA-core gemv only within two buckets of where it is the default
+        assert all(c["BLOCK_M"] == (8 if M <= 8 else 16) for c in mma)
+    got = candidates(api, TrellisSpec.parse("L16K2V1-hyb9"), 4096, 4096, 8, max_candidates=12)
+    assert not [c for k, c in got if c.get("mma")]  # no fp16x2 states: no mma family
