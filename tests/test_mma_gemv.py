@@ -101,3 +101,18 @@ def test_the_tuner_times_mma_configs_next_to_the_plain_gemv():
         assert all(c["BLOCK_M"] == (8 if M <= 8 else 16) for c in mma)
     got = candidates(api, TrellisSpec.parse("L16K2V1-hyb9"), 4096, 4096, 8, max_candidates=12)
     assert not [c for k, c in got if c.get("mma")]  # no fp16x2 states: no mma family
+
+
+def test_mma_gemv_decodes_fused_shards_in_one_launch(gen):
+    """Stacked shards (fused q/k/v, gate/up): each row block reads its own shard's h, as in the plain gemv."""
+    qws = [random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 32, 512, layout="qtip") for _ in range(3)]
+    for qw in qws[1:]:
+        qw.table = qws[0].table
+    pws = [prepare(q) for q in qws]
+    fused = kernels.fuse_shards(pws)
+    h = torch.randn(3, 5, 512, generator=gen)
+    cfg = _cfg(8, warps=2, split=2)
+    assert kernels.shard_blocks_ok(fused, (32, 32, 32), cfg)
+    together = kernels.decode_matmul("gemv", fused, h, cfg, h_order="kernel", shard_out=(32, 32, 32))
+    alone = torch.cat([kernels.decode_matmul("gemv", pw, h[g], cfg, h_order="kernel") for g, pw in enumerate(pws)], -1)
+    assert torch.equal(together, alone)
