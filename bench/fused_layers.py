@@ -7,6 +7,8 @@ For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4
 * ``op_shard_decode``: ``QTIP_TRITON_NO_FUSED_DECODE=1`` (grouped transforms, one decode launch per shard);
 * ``op_per_shard``: ``QTIP_TRITON_NO_SHARED_INPUT=1`` (every shard on its own: three launches each);
 * ``kernels``: only the decode kernels of the shards (the registry's kind and config, h given);
+* ``kernels_mma`` (M <= 16): the same decodes by the gemv's tensor-core variant (codegen/mma.py), one
+  fixed config (64 x 256 tiles, 4 warps, SPLIT_K 4), untuned;
 * ``fp16``: ``torch.matmul`` on the fused fp16 weight.
 
 So op - kernels is what the transforms (and the launches around them) cost. The "whole layer" rows time
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtip_triton import dispatch, kernels
     from qtip_triton.encode import default_layout
     from qtip_triton.kernels import pdl
+    from qtip_triton.kernels.configs import mma_supported
     from qtip_triton.ops import PackedShards, qtip_linear
     from qtip_triton.research.speed import random_weight
     from qtip_triton.spec import TrellisSpec
@@ -82,14 +85,26 @@ def main(argv: list[str] | None = None) -> int:
                         kernels.decode_matmul(k, pw, h, cfg, h_order="kernel")
 
             rec["kernels"] = time_us(decode_only)
+            if M <= 16 and all(mma_supported(qw.spec) for qw in packed.shards()):
+                mma_cfg = {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4,
+                           "table": "shared", "mma": True}
+                h32 = [torch.randn(M, pw.in_features, device="cuda") for pw in pws]
+
+                def decode_mma(pws=pws, h32=h32, cfg=mma_cfg):
+                    for pw, h in zip(pws, h32, strict=True):
+                        kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel")
+
+                rec["kernels_mma"] = time_us(decode_mma)
             rec["fp16"] = time_us(lambda x=x, w=w16: torch.matmul(x, w.t()))
             rec["kinds"] = ",".join(k for k, _ in chosen)
             rows.append(rec)
             print(f"{name} M={M}: op {rec['op']:.1f} us, shard decode {rec['op_shard_decode']:.1f}, "
                   f"per-shard {rec['op_per_shard']:.1f}, kernels {rec['kernels']:.1f}, "
-                  f"fp16 {rec['fp16']:.1f} ({rec['kinds']})", flush=True)
-            for k in ("op", "op_shard_decode", "op_per_shard", "kernels", "fp16"):
-                totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
+                  f"mma kernels {rec.get('kernels_mma', float('nan')):.1f}, fp16 {rec['fp16']:.1f} ({rec['kinds']})",
+                  flush=True)
+            for k in ("op", "op_shard_decode", "op_per_shard", "kernels", "kernels_mma", "fp16"):
+                if k in rec:
+                    totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
     chain = []
     for M in [int(v) for v in a.M.split(",")]:
         xs = [torch.randn(M, p.in_features, device="cuda", dtype=torch.float16) for p, _ in layer_ops]
@@ -120,17 +135,21 @@ def main(argv: list[str] | None = None) -> int:
              "op: the fused custom op; op shard decode: grouped transforms, a decode launch per shard; op per "
              "shard: every shard alone; kernels: the per-shard decode kernels alone; fp16: torch.matmul on the "
              "fused weight.", "",
-             "| layer | M | kinds | op | op shard decode | op per shard | kernels only | fp16 | fp16 / op |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| layer | M | kinds | op | op shard decode | op per shard | kernels only | mma kernels | fp16 | fp16 / op |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     for r in rows:
         lines.append(f"| {r['layer']} | {r['M']} | {r['kinds']} | {r['op']:.1f} | {r['op_shard_decode']:.1f} | "
-                     f"{r['op_per_shard']:.1f} | "
-                     f"{r['kernels']:.1f} | {r['fp16']:.1f} | {r['fp16'] / r['op']:.2f} |")
+                     f"{r['op_per_shard']:.1f} | {r['kernels']:.1f} | {cell(r.get('kernels_mma'))} | "
+                     f"{r['fp16']:.1f} | {r['fp16'] / r['op']:.2f} |")
     for M in sorted({m for m, _ in totals}):
         lines.append(f"| **layer sum** | {M} | | {totals[(M, 'op')]:.1f} | {totals[(M, 'op_shard_decode')]:.1f} | "
                      f"{totals[(M, 'op_per_shard')]:.1f} | "
-                     f"{totals[(M, 'kernels')]:.1f} | {totals[(M, 'fp16')]:.1f} | "
-                     f"{totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
+                     f"{totals[(M, 'kernels')]:.1f} | {cell(totals.get((M, 'kernels_mma')))} | "
+                     f"{totals[(M, 'fp16')]:.1f} | {totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
     lines += ["", "Whole layer (the four ops in one graph, one timer floor) without programmatic dependent launch "
               "and with it (QTIP_TRITON_PDL=exit / early, kernels/pdl.py):", "",
               "| M | QTIP | PDL exit | PDL early | fp16 | fp16 / QTIP | fp16 / exit | fp16 / early |",

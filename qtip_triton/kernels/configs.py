@@ -170,6 +170,8 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     elements), BLOCK_N = 16 x num_warps (one 8-row word group per warp), the table in shared memory
     when the code has one. Interpreter-tested and sm_90-compiled (10.1 SASS per state, 58 registers at
     64 x 256; the CUDA-core gemv 13.5, the gemm 15.2) but not yet timed: only the tuner picks it."""
+    if (n // 16) % 4:  # word rows not 16-byte aligned: Triton would not load the tile 4 words per lane
+        return []
     bm = 8 if M <= 8 else 16
     table = {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
     out = []
