@@ -35,7 +35,9 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "per_token": {"tall": False}, "tall": {"tall": True},
             # tall tiles of several tokens at CP = 128 (every Llama size but 4096 runs one token per tile)
             "tall_t2": {"tall": True, "tall_tokens": 2}, "tall_t4_bm32": {"tall": True, "tall_tokens": 4, "tall_bm": 32},
-            "tall_t2_bm32": {"tall": True, "tall_tokens": 2, "tall_bm": 32}}
+            "tall_t2_bm32": {"tall": True, "tall_tokens": 2, "tall_bm": 32},
+            # two fp32 GEMMs through torch/cuBLAS over all (token, block) rows (kernels/hadamard_gemm.py)
+            "gemm": {"gemm": True}}
 
 
 def main(argv: list[str] | None = None) -> int:

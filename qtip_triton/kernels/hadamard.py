@@ -26,6 +26,7 @@ import triton.language as tl
 
 from qtip_triton import hadamard
 from qtip_triton.autotune.buckets import row_class
+from qtip_triton.kernels import hadamard_gemm
 from qtip_triton.kernels.pdl import grid_dependency_sync, launch_args
 
 P2_MAX = 128  # columns of the Z view (the B = H_P2 factor)
@@ -362,6 +363,18 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp:
     return rp >= TALL_MIN_RP and rows >= (TALL_MIN_ROWS_INPUT if transpose else TALL_MIN_ROWS)
 
 
+def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
+    """Whether ``rows`` (token, block) rows take the two-GEMM path (kernels/hadamard_gemm.py): ``gemm`` if
+    given, else from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off by default) unless a kernel variant was
+    asked for."""
+    if gemm is not None:
+        return bool(gemm)
+    if any(v is not None for v in variant):
+        return False
+    lo = hadamard_gemm.min_rows()
+    return lo is not None and rows >= lo
+
+
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
     """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
     blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
@@ -372,6 +385,8 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     nb = _block_size(n, blocks)
     kh, p1, _ = factor(nb)
     rows = tokens * blocks
+    if _use_gemm(None, rows, ()):
+        return ("gemm",)  # torch/cuBLAS: nothing of ours to compile
     if kh * p1 == 1:
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
@@ -413,6 +428,7 @@ def transform(
     tall: bool | None = None,
     tall_tokens: int | None = None,
     tall_bm: int | None = None,
+    gemm: bool | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -435,7 +451,8 @@ def transform(
     small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``. ``tall_tokens`` /
     ``tall_bm``: the tall kernel's tile, (token, block) rows per tile and rows of A per program (powers
     of two; default ``TALL_BN`` // CP, i.e. one token at CP = 128, and ``TALL_BM``), for
-    ``bench/hadamard.py``.
+    ``bench/hadamard.py``. ``gemm``: the two-GEMM torch path for many tokens (kernels/hadamard_gemm.py);
+    ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
     """
     if tall_tokens is not None or tall_bm is not None:  # bench options: no per-call cost when unused
         for name, v, lo, hi in (("tall_tokens", tall_tokens, 1, 16), ("tall_bm", tall_bm, 16, 128)):
@@ -449,7 +466,7 @@ def transform(
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
-                               tall=tall, tile=(tall_tokens, tall_bm))
+                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm)
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -482,6 +499,8 @@ def transform(
         y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     if T == 0:
         return y
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)):
+        return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
         for g in range(groups):
@@ -531,7 +550,8 @@ def transform(
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
-                    tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
+                    tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
+                    gemm: bool | None = None) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -551,6 +571,8 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
     if T == 0:
         return out
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile)):
+        return hadamard_gemm.transform(x, nb, transpose=transpose, pre=None, post=post, bias=None, dst=None, y=out)
     a, b = _matrices(nb, transpose, x.device)
     if a is None:  # Sylvester-only blocks: one launch per group
         for g in range(G):
