@@ -81,6 +81,31 @@ def _plugin() -> dict[str, Any]:
             "vllm": _version("vllm")}
 
 
+def _launch(device: DeviceInfo | None) -> dict[str, Any]:
+    """Programmatic dependent launch and the prefill transform path: what the switches ask and what runs."""
+    from qtip_triton.kernels import hadamard_gemm, pdl
+
+    names = {0: "off", 1: "exit", 2: "early"}
+    try:
+        asked = names[pdl.mode()]
+    except ValueError as e:  # a bad switch is reported, not raised, by info
+        asked = f"invalid ({e})"
+    if device is None:
+        active = "not used (no CUDA GPU)"
+    elif device.capability[0] < 9:
+        active = f"not used (needs sm90+, this is sm{device.capability[0]}{device.capability[1]})"
+    elif not pdl.triton_supports_pdl():
+        active = "not used (this Triton has no launch_pdl option)"
+    else:
+        active = "used" if asked in ("exit", "early") else "not used"
+    try:
+        rows = hadamard_gemm.min_rows()
+        gemm = "off (Triton kernels for every batch)" if rows is None else f"from {rows} (token, block) rows"
+    except ValueError as e:
+        gemm = f"invalid ({e})"
+    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm}
+
+
 def collect() -> dict[str, Any]:
     """Every fact ``info`` prints, as plain data."""
     device = current_device()
@@ -94,6 +119,7 @@ def collect() -> dict[str, Any]:
         "kernels": _kernels(device),
         "autotune": _autotune(device, versions),
         "vllm_plugin": _plugin(),
+        "launch": _launch(device),
         "switches": {k: v for k, v in sorted(os.environ.items()) if k.startswith("QTIP_TRITON_")},
     }
 
@@ -121,6 +147,9 @@ def render(facts: dict[str, Any]) -> str:
     else:
         plug = "not registered (install the package with pip so its entry point exists)"
     lines.append(f"vLLM plugin ({p['group']}): {plug}; vllm {p['vllm'] or 'not installed'}")
+    la = facts["launch"]
+    lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
+                 f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))
     return "\n".join(lines)

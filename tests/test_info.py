@@ -70,3 +70,26 @@ def test_other_gpus(monkeypatch, tmp_path, name, status):
     shipped = [f for f in info.collect()["autotune"]["files"] if f["source"] == "shipped"]
     assert [f["status"] for f in shipped] == [status]
     assert current_versions().package == info.__version__
+
+
+def test_launch_switches_are_reported(monkeypatch):
+    """What the PDL and GEMM-transform switches ask, and whether this machine can do it; a bad value is shown,
+    not raised."""
+    monkeypatch.setattr(info, "current_device", lambda: None)
+    monkeypatch.delenv("QTIP_TRITON_PDL", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
+    la = info.collect()["launch"]
+    assert la == {"pdl": "exit", "pdl_active": "not used (no CUDA GPU)",
+                  "hadamard_gemm": "off (Triton kernels for every batch)"}
+    monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
+    monkeypatch.setenv("QTIP_TRITON_PDL", "early")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
+    la = info.collect()["launch"]
+    assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
+    monkeypatch.setattr(info, "current_device", lambda: H200)
+    assert info.collect()["launch"]["pdl_active"] == "used"
+    monkeypatch.setenv("QTIP_TRITON_PDL", "sometimes")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "lots")
+    la = info.collect()["launch"]
+    assert la["pdl"].startswith("invalid") and la["hadamard_gemm"].startswith("invalid")
+    assert "programmatic dependent launch: invalid" in info.render(info.collect())
