@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_hadamard_kernel import _reference, _rel
 
 from qtip_triton import hadamard, kernels
 from qtip_triton.kernels import hadamard_gemm
@@ -15,16 +16,6 @@ from qtip_triton.kernels.hadamard import launch_key, transform
 pytestmark = pytest.mark.skipif(
     not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
 )
-
-
-def _reference(x64: torch.Tensor, blocks: int, transpose: bool) -> torch.Tensor:
-    parts = x64.reshape(*x64.shape[:-1], blocks, x64.shape[-1] // blocks)
-    fn = hadamard.apply_mt if transpose else hadamard.apply_m
-    return fn(parts).reshape(x64.shape)
-
-
-def _rel(y, ref) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 @pytest.mark.parametrize("kh", (1,) + hadamard.HADK_ORDERS)

@@ -530,18 +530,8 @@ class _Emitter:
             return
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
-        s("@triton.jit")
-        # Ctot is a compile-time constant: x's class blocks sit Ctot apart, so every x load of a k step
-        # is an immediate offset from one pointer (measured 16.5 -> 12.4 SASS per state at BLOCK_K=32)
         fuse_in = self.opts.get("fuse_in", False)
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
-        s("           shard_b1, shard_b2, stride_xg,")
-        if fuse_in:
-            s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
-            s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
-        s("           PDL: tl.constexpr = 0):")
-        s.indent()
+        self._gemv_signature(fuse_in)
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (CUDA-core multiply-add).')
         s("")
         s(f"X is h in gemv order: row m holds {p.NC} blocks of Ctot values, block cc = the input columns of")
@@ -595,12 +585,7 @@ class _Emitter:
                         s(f"xv = tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
                           f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
-        self.advance()
-        s("x_off += CB")
-        s.dedent()
-        if self.shared_table():
-            s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
-            s("    tl.debug_barrier()")
+        self._end_gemv_loop()
         for a in range(p.NA):
             rc = p.rconst(a)
             row = f"orow + {rc}" if rc else "orow"
@@ -609,17 +594,38 @@ class _Emitter:
                   f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
         s.dedent()
 
+    def _gemv_signature(self, fuse_in: bool) -> None:
+        """The gemv kernels' parameters (plain and mma alike; ``fuse_in`` adds the input transform's)."""
+        s = self.src
+        s("@triton.jit")
+        # Ctot is a compile-time constant: x's class blocks sit Ctot apart, so every x load of a k step
+        # is an immediate offset from one pointer (measured 16.5 -> 12.4 SASS per state at BLOCK_K=32)
+        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        s("           shard_b1, shard_b2, stride_xg,")
+        if fuse_in:
+            s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
+            s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
+        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
+        s("           PDL: tl.constexpr = 0):")
+        s.indent()
+
+    def _end_gemv_loop(self) -> None:
+        """Advance the gemv's offsets, close its k loop and, with the table in shared memory, wait for every
+        warp before Triton reuses that memory."""
+        s = self.src
+        self.advance()
+        s("x_off += CB")
+        s.dedent()
+        if self.shared_table():
+            s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
+            s("    tl.debug_barrier()")
+
     def _gemv_mma(self) -> None:
         """The gemv on tensor cores: one mma.sync per four decoded states (see codegen/mma.py)."""
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
         nb = bm // MMA_ROWS
-        s("@triton.jit")
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
-        s("           shard_b1, shard_b2, stride_xg,")
-        s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
-        s("           PDL: tl.constexpr = 0):")
-        s.indent()
+        self._gemv_signature(fuse_in=False)
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores: mma.sync straight from')
         s("the decoded fp16x2 registers, no conversion, no shared-memory staging).")
         s("")
@@ -657,12 +663,7 @@ class _Emitter:
                 s(f"c{n}_0, c{n}_1, c{n}_2, c{n}_3 = _mma({pairs[0][P]}, {pairs[1][P]}, {pairs[0][Q]}, {pairs[1][Q]}, "
                   f"_pack_f16x2(xc{2 * P}, xc{2 * P + 1}), _pack_f16x2(xc{2 * Q}, xc{2 * Q + 1}), "
                   f"c{n}_0, c{n}_1, c{n}_2, c{n}_3, RB, CB, INTERPRET)")
-        self.advance()
-        s("x_off += CB")
-        s.dedent()
-        if self.shared_table():
-            s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
-            s("    tl.debug_barrier()")
+        self._end_gemv_loop()
         s("tcol = tl.arange(0, 4)[None, :]  # lane t of the row group: batch rows 2t and 2t + 1")
         for n in range(nb):
             for h in range(4):

@@ -23,8 +23,6 @@ import os
 
 import torch
 
-from qtip_triton import hadamard as host_hadamard
-
 GEMM_ENV = "QTIP_TRITON_HADAMARD_GEMM"
 
 _MATS: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -46,22 +44,18 @@ def min_rows() -> int | None:
 
 
 def matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(A or None, B) in float32, unpadded: A = hadK(ᵀ) ⊗ H_P1 (None when it is 1 x 1), B = H_P2."""
-    from qtip_triton.kernels.hadamard import _sylvester as sylvester  # that module calls this one
-    from qtip_triton.kernels.hadamard import factor
+    """(A or None, B) in float32, unpadded: the kernels' matrices (exact ±1/0 in bf16) without their zero
+    padding, A = hadK(ᵀ) ⊗ H_P1 (None when it is 1 x 1), B = H_P2."""
+    from qtip_triton.kernels.hadamard import _matrices, factor  # that module calls this one
 
     key = (nb, transpose, str(device))
     hit = _MATS.get(key)
     if hit is None:
         kh, p1, p2 = factor(nb)
-        b = sylvester(p2).float()
-        a = None
-        if kh * p1 > 1:
-            hk = host_hadamard.hadk(kh).double().cpu()
-            if transpose:
-                hk = hk.t().contiguous()
-            a = torch.kron(hk, sylvester(p1).double()).float().to(device)
-        hit = _MATS[key] = (a, b.to(device))
+        a, b = _matrices(nb, transpose, device)
+        rows = kh * p1
+        hit = _MATS[key] = (None if a is None else a[:rows, :rows].float().contiguous(),
+                            b[:p2, :p2].float().contiguous())
     return hit
 
 
