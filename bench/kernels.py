@@ -96,8 +96,9 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
 
 
 def explore_configs(kind: str, m: int, n: int, M: int, spec, small: bool = False) -> list[dict]:
-    base = kernels.default_config(kind, spec, m, n, M)
-    out = [base]
+    default = kernels.default_config(kind, spec, m, n, M)
+    base = kernels.default_config(kind, spec, m, n, M, mma=False)  # the variations below are the plain gemv's
+    out = [default] if default == base else [default, base]
     if small and kind == "gemv":
         out += [{**base, "prefetch": True}, {**base, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8},
                 {**base, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "prefetch": True},

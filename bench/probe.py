@@ -40,7 +40,7 @@ BLOCKS_GEMM = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4)]
 
 def candidates(kind: str, spec, m: int, n: int, M: int, tables: list[str], blocks: list[tuple[int, int, int]],
                split_mults: list[float], prefetch: list[int]) -> list[dict]:
-    base = kernels.default_config(kind, spec, m, n, M)
+    base = kernels.default_config(kind, spec, m, n, M, mma=False)  # the mma family is added by --mma
     out, seen = [], set()
     for table, (bn, bk, nw), mult, pf in itertools.product(tables, blocks, split_mults, prefetch):
         split = max(1, int(base["SPLIT_K"] * mult))

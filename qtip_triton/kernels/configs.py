@@ -11,8 +11,10 @@ partials are summed inside the output Hadamard kernel).
 Heuristic, and why:
 
 * kind: ``gemv`` for M <= 2 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
-  tensor-core tile; at M=4 the gemm with a 16-row tile measured faster than the 4-row gemv, run 2),
-  ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
+  tensor-core tile; at M=4 the gemm with a 16-row tile measured faster than the 4-row gemv, run 2);
+  on a GPU with ``mma.sync`` (sm_80+) the gemv's tensor-core variant for 2 <= M <= 8 (``mma``,
+  codegen/mma.py; session 7, H200, K=2, M=8: 22016x4096 44 us against the gemm's 69, 4096x4096 13.6
+  against 17.3; at M=16 it only ties the gemm, so the gemm keeps 9..64), ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
   ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
 * ``SPLIT_K``: gemv about eight programs per SM (measured: 4 -> 8 per SM took the 8192x8192
   2-bit gemv from 41 to 29 us; run 4, 32x512 tiles: 4 splits = 7.8 programs per SM best, 26.8 us),
@@ -24,6 +26,7 @@ Heuristic, and why:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import torch
@@ -33,6 +36,7 @@ from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
 GEMV_MAX_M = 2
+MMA_GEMV_MAX_M = 8
 GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
 
@@ -63,8 +67,22 @@ def can_implement(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> tuple
     return True, None
 
 
+@functools.cache
+def _mma_device() -> bool:
+    """Whether compiled kernels here can use ``mma.sync`` m16n8k16 (sm_80 and newer). False under the
+    interpreter, so the CPU tests keep the heuristic they were written against (they ask for mma by config)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(torch.cuda.current_device()) >= (8, 0)
+
+
+def _mma_default(spec: TrellisSpec, n: int, M: int) -> bool:
+    """The heuristic uses the mma gemv at this M when this machine, the spec and the shape allow it."""
+    return 2 <= M <= MMA_GEMV_MAX_M and _mma_device() and mma_supported(spec) and bool(mma_space(spec, n, M))
+
+
 def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
-    if M <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M or _mma_default(spec, n, M):
         return "gemv"
     if M <= GEMM_MAX_M:
         return "gemm"
@@ -84,13 +102,24 @@ def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 7) -> in
     return split
 
 
-def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
-    """The heuristic config for one layer shape and batch size (see the module docstring)."""
+def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
+                   mma: bool | None = None) -> dict[str, Any]:
+    """The heuristic config for one layer shape and batch size (see the module docstring).
+
+    ``mma=False`` asks for the CUDA-core gemv even where the heuristic would take its tensor-core
+    variant (benchmarks and tests that vary the plain gemv's knobs start from it)."""
     ok, why = can_implement(kind, spec, m, n, M)
     if not ok:
         raise ValueError(why)
     if kind == "decompress":
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
+    if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
+        # session 7 tune (H200): 64-row tiles with 4 warps were chosen most often; split as the plain gemv
+        cfg = {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 64, 256), "num_warps": 4,
+               "mma": True}
+        if get_code(spec.code).triton_decoder().table == "packed16":
+            cfg["table"] = "shared"
+        return cfg
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
@@ -168,8 +197,8 @@ def mma_supported(spec: TrellisSpec) -> bool:
 def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     """The mma gemv's configs: 8 or 16 batch rows, BLOCK_K 256 (16 word columns: four lanes x four
     elements), BLOCK_N = 16 x num_warps (one 8-row word group per warp), the table in shared memory
-    when the code has one. Interpreter-tested and sm_90-compiled (10.1 SASS per state, 58 registers at
-    64 x 256; the CUDA-core gemv 13.5, the gemm 15.2) but not yet timed: only the tuner picks it."""
+    when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
+    the gemm 15.2); the heuristic's choice for 2 <= M <= 8 on sm_80+ (:func:`default_config`)."""
     if (n // 16) % 4:  # word rows not 16-byte aligned: Triton would not load the tile 4 words per lane
         return []
     bm = 8 if M <= 8 else 16

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fuse_in_matches_reference(m, n, M, dtype):
     qw, w64 = weight(m, n, 2)
-    cfg = dict(kernels.default_config("gemv", qw.spec, m, n, min(M, 2)))
+    cfg = dict(kernels.default_config("gemv", qw.spec, m, n, min(M, 2), mma=False))  # fuse_in: CUDA-core gemv
     cfg.update(BLOCK_M=min(M, 4), SPLIT_K=max(cfg["SPLIT_K"], 8), fuse_in=True, num_stages=1)
     x = torch.randn(M, n, device="cuda").to(dtype)
     for _ in range(3):  # repeated launches: a race on the scratch would show as a wrong run
