@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [dispatch._select(qw, M) for qw in packed.shards()]
             pws = [kernels.prepare(qw) for qw in packed.shards()]
             hs = [torch.randn(M, pw.in_features, device="cuda",
-                              dtype=torch.float32 if k == "gemv" else torch.float16) for pw, (k, _) in zip(pws, chosen, strict=True)]
+                              dtype=kernels.h_dtype(k, [c], torch.float16)) for pw, (k, c) in zip(pws, chosen, strict=True)]
 
             def decode_only(pws=pws, chosen=chosen, hs=hs):
                 for pw, (k, cfg), h in zip(pws, chosen, hs, strict=True):
@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             if M <= 16 and all(mma_supported(qw.spec) for qw in packed.shards()):
                 mma_cfg = {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4,
                            "table": "shared", "mma": True}
-                h32 = [torch.randn(M, pw.in_features, device="cuda") for pw in pws]
+                h16 = [torch.randn(M, pw.in_features, device="cuda").half() for pw in pws]  # kernels.h_dtype
 
-                def decode_mma(pws=pws, h32=h32, cfg=mma_cfg):
-                    for pw, h in zip(pws, h32, strict=True):
+                def decode_mma(pws=pws, h16=h16, cfg=mma_cfg):
+                    for pw, h in zip(pws, h16, strict=True):
                         kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel")
 
                 rec["kernels_mma"] = time_us(decode_mma)

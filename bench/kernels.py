@@ -63,7 +63,7 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, e
 
 def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
     """The decode-matmul part alone, on an already transformed input."""
-    h = _transform_in(pw, x, torch.float32 if kind == "gemv" else x.dtype, kind)
+    h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind)
     if kind == "decompress":
         return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
     return lambda: decode_matmul(kind, pw, h, config, h_order="kernel")

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import random_weight  # noqa: E402
 
-from qtip_triton.kernels import _transform_in, decode_matmul, prepare  # noqa: E402
+from qtip_triton.kernels import _transform_in, decode_matmul, h_dtype, prepare  # noqa: E402
 
 
 def main() -> None:
@@ -32,8 +32,8 @@ def main() -> None:
     m, n = (int(v) for v in a.shape.split("x"))
     pw = prepare(random_weight(m, n, a.K))
     x = torch.randn(a.M, n, device="cuda").half()
-    h = _transform_in(pw, x, torch.float32 if a.kind == "gemv" else x.dtype, a.kind)
     cfg = json.loads(a.config)
+    h = _transform_in(pw, x, h_dtype(a.kind, [cfg], x.dtype), a.kind)
     for _ in range(4):
         decode_matmul(a.kind, pw, h, cfg, h_order="kernel")
     torch.cuda.synchronize()

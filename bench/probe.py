@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         if a.mma and a.kind == "gemv" and mma_supported(qw.spec):
             cands += mma_space(qw.spec, n, M)
 
-        def run(cfg, pw=pw, h=h, x=x, dtype=dtype):
+        h16 = h.half()  # what kernels.h_dtype gives the mma gemv
+
+        def run(cfg, pw=pw, h=h, h16=h16, x=x, dtype=dtype):
             if cfg.get("fuse_in"):
                 return decode_matmul(a.kind, pw, torch.empty_like(h), cfg, h_order="kernel", fuse_x=x)
-            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else h
+            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else (h16 if cfg.get("mma") else h)
             return decode_matmul(a.kind, pw, hh, cfg, h_order="kernel")
 
         for cfg in cands:

@@ -139,3 +139,19 @@ def test_on_sm80_the_heuristic_runs_the_mma_gemv_for_two_to_eight_rows(gen, monk
     y = linear(x, qw)
     ref = qw.reference_forward(x.double())
     assert float((y.double() - ref).norm() / ref.norm()) <= TOL[torch.float16]
+
+
+def test_mma_gemv_takes_h_in_fp16_with_identical_results(gen):
+    """The input transform writes h in fp16 for the mma gemv (half the x bytes it re-reads per k step): the
+    kernel rounds an fp32 h to fp16 itself, so both give bit-identical partials; mixed shards keep fp32."""
+    qw = random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 512, layout="qtip")
+    pw = prepare(qw)
+    h = torch.randn(6, 512, generator=gen)
+    a = kernels.decode_matmul("gemv", pw, h, _cfg(8, warps=4, split=2), h_order="kernel")
+    b = kernels.decode_matmul("gemv", pw, h.half(), _cfg(8, warps=4, split=2), h_order="kernel")
+    assert torch.equal(a, b)
+    plain = {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2}
+    assert kernels.h_dtype("gemv", [_cfg(8)], torch.bfloat16) == torch.float16
+    assert kernels.h_dtype("gemv", [_cfg(8), plain], torch.float16) == torch.float32
+    assert kernels.h_dtype("gemv", [plain], torch.float16) == torch.float32
+    assert kernels.h_dtype("gemm", [plain], torch.bfloat16) == torch.bfloat16

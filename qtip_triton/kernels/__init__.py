@@ -27,7 +27,7 @@ under ``TRITON_INTERPRET=1`` (tests); :func:`kernels_available` says why not els
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "fuse_shards",
     "launch_fused",
     "launch_shards",
+    "h_dtype",
     "can_share_input",
     "CONFIG_VERSION",
     "KINDS",
@@ -84,6 +85,20 @@ def kernels_available(device: torch.device | str) -> tuple[bool, str | None]:
             return True, None
         return False, "Triton cannot compile for the CPU (set TRITON_INTERPRET=1 to run the kernels in its interpreter)"
     return False, f"Triton cannot target device type {device.type!r}"
+
+
+def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the input transform writes h in for decode kernels run with ``configs``.
+
+    gemv: float32 (its multiply-adds are fp32: one 16-bit rounding less, half the bf16 error), but float16
+    when every config is the tensor-core variant (``mma``): the mma takes fp16 operands anyway, and the
+    transform's round-to-nearest is the one the kernel would do, so results are bit-identical, while x,
+    re-read by every row block of the layer, costs half the bytes (at M = 8 an fp32 x step is twice the
+    bytes of the weight words it multiplies). Tensor-core kinds: x's dtype."""
+    if kind != "gemv":
+        return x_dtype
+    cfgs = list(configs)
+    return torch.float16 if cfgs and all(c.get("mma") for c in cfgs) else torch.float32
 
 
 def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind: str | None = None) -> torch.Tensor:
@@ -139,7 +154,7 @@ def launch(
         h = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
         parts = decode_matmul(kind, pw, h, config, h_order="kernel", fuse_x=x2.contiguous())
         return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
-    h = _transform_in(pw, x2, torch.float32 if kind == "gemv" else x.dtype, kind)
+    h = _transform_in(pw, x2, h_dtype(kind, [config], x.dtype), kind)
     if kind == "decompress":
         w = decompress(pw, config, dtype=x.dtype)
         parts = torch.matmul(h, w.t()).unsqueeze(0)
@@ -159,7 +174,7 @@ def can_share_input(kind: str, pws: list[PreparedWeight]) -> bool:
 
 
 def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: torch.Tensor, total: int,
-                   out: torch.Tensor) -> torch.Tensor | None:
+                   out: torch.Tensor, configs: list[Mapping[str, Any]]) -> torch.Tensor | None:
     """Check a fused layer's x, ``pre`` (the shards' SU stacked) and ``out`` ((rows of x, ``total``)), then
     run the one input-transform launch for all shards: h (shards, rows, in) in the ``kind`` kernel's
     column order, or None when x has no rows."""
@@ -172,7 +187,7 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
     if x2.shape[0] == 0:
         return None
     return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
-                              out_dtype=torch.float32 if kind == "gemv" else x.dtype, interpret=interpreting())
+                              out_dtype=h_dtype(kind, configs, x.dtype), interpret=interpreting())
 
 
 def _one_output_launch(pws: list[PreparedWeight], post: torch.Tensor | None) -> bool:
@@ -214,7 +229,7 @@ def launch_shards(
     pws = [prepare(qw) for qw in qws]
     if not can_share_input(kind, pws):
         raise ValueError(f"shards of kinds {kind!r} with different plans or Hadamard blocks cannot share an input transform")
-    h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out)
+    h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, list(configs))
     if h is None:
         return out
     splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]
@@ -256,7 +271,7 @@ def launch_fused(
         raise ValueError("the fused weight does not hold these shards' words (re-prepared since it was made)")
     if post is not None and post.shape != (G, fused.out_features // G):
         raise ValueError(f"post must be ({G}, {fused.out_features // G}), got {tuple(post.shape)}")
-    h = _grouped_input(kind, x, pws, pre, fused.out_features, out)
+    h = _grouped_input(kind, x, pws, pre, fused.out_features, out, [config])
     if h is None:
         return out
     parts = decode_matmul(kind, fused, h, config, h_order="kernel", shard_out=fused.shard_out)  # (splits, T, out)
