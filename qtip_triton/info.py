@@ -82,7 +82,8 @@ def _plugin() -> dict[str, Any]:
 
 
 def _launch(device: DeviceInfo | None) -> dict[str, Any]:
-    """Programmatic dependent launch and the prefill transform path: what the switches ask and what runs."""
+    """Programmatic dependent launch, the prefill transform path and the tensor-core gemv: what the
+    switches ask and what runs here (a user comparing two machines' speeds starts from this)."""
     from qtip_triton.kernels import hadamard_gemm, pdl
 
     names = {0: "off", 1: "exit", 2: "early"}
@@ -103,7 +104,15 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         gemm = "off (Triton kernels for every batch)" if rows is None else f"from {rows} (token, block) rows"
     except ValueError as e:
         gemm = f"invalid ({e})"
-    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm}
+    if device is None:
+        mma = "not used (no CUDA GPU)"
+    elif device.capability < (8, 0):
+        mma = f"not used (mma.sync needs sm80+, this is sm{device.capability[0]}{device.capability[1]})"
+    else:
+        from qtip_triton.kernels.configs import MMA_GEMV_MAX_M
+
+        mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
+    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "mma_gemv": mma}
 
 
 def collect() -> dict[str, Any]:
@@ -150,6 +159,7 @@ def render(facts: dict[str, Any]) -> str:
     la = facts["launch"]
     lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
                  f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}")
+    lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))
     return "\n".join(lines)

@@ -80,12 +80,15 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "exit", "pdl_active": "not used (no CUDA GPU)",
-                  "hadamard_gemm": "off (Triton kernels for every batch)"}
+                  "hadamard_gemm": "off (Triton kernels for every batch)", "mma_gemv": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
     la = info.collect()["launch"]
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
+    assert la["mma_gemv"] == "the untuned choice for 2-8 rows"
+    monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))
+    assert "needs sm80+" in info.collect()["launch"]["mma_gemv"]
     monkeypatch.setattr(info, "current_device", lambda: H200)
     assert info.collect()["launch"]["pdl_active"] == "used"
     monkeypatch.setenv("QTIP_TRITON_PDL", "sometimes")
