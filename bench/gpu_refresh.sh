@@ -9,7 +9,7 @@
 #      the per-token vs many-token Hadamard kernels (and other tall tiles: TALL_VARIANTS) from 1 to 2048
 #      tokens (bench/hadamard.py --tag tall);
 #      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in); (with "mma") the
-#      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma); (with "sweep") the
+#      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`).
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
@@ -71,6 +71,10 @@ if want mma; then
   step "probe: CUDA-core gemv vs its tensor-core variant (mma) at decoding batch sizes"
   timeout -k 10 "${MMA_S:-150}" python3 bench/probe.py --points 4096x4096:1,8192x8192:1,4096x4096:8,12288x4096:8,22016x4096:8,4096x11008:8,22016x4096:16 \
     --tables shared --mma --splits 1 --blocks 64/256/4 --tag probe-mma --time-limit "${MMA_S:-150}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  step "probe: the gemm kind at the same batch sizes (what the mma gemv replaces)"
+  timeout -k 10 "${MMA_GEMM_S:-80}" python3 bench/probe.py --kind gemm --points 4096x4096:8,12288x4096:8,22016x4096:8,4096x11008:8,22016x4096:16 \
+    --splits 1 --tag probe-gemm-m8 --time-limit "${MMA_GEMM_S:-80}" --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want fused; then
