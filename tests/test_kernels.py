@@ -186,3 +186,20 @@ def test_exl3_layout_with_128_blocks(gen):
     ref = qw.reference_forward(x.double())
     for kind in ("gemv", "gemm", "decompress"):
         assert _rel(linear(x, qw, kind=kind), ref) <= TOL[torch.float16]
+
+
+def test_large_batch_gemm_tiles_run(gen):
+    """The gemm's prefill-sized tiles (the tuner's centre beyond M = 64: 128 rows x 256 outputs, 8 warps, and
+    256 x 128) are in its space and right, on a layer smaller than one tile (ragged rows and batch)."""
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    default = kernels.default_config("gemm", spec, 4096, 4096, 256)
+    assert default == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
+    space = kernels.config_space("gemm", spec, 4096, 4096, 256)
+    assert default in space
+    assert {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8} in space
+    assert all(c["BLOCK_M"] * c["BLOCK_N"] <= c["num_warps"] * 32 * 128 for c in space)  # accumulators per thread
+    qw = random_qweight(gen, spec, 192, 128)
+    x = torch.randn(150, 128, generator=gen).half()
+    for cfg in (default, {**default, "BLOCK_M": 256, "BLOCK_N": 128}):
+        y = kernels.launch("gemm", x, qw, cfg)
+        assert _rel(y, qw.reference_forward(x.double())) <= TOL[torch.float16], cfg

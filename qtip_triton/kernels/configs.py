@@ -133,6 +133,12 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         if get_code(spec.code).triton_decoder().table == "packed16":
             cfg["table"] = "shared"  # run 4: no per-step table staging; 28.5 -> 26.8 us (8192^2, 2-bit)
         return cfg
+    if M > GEMM_MAX_M:
+        # beyond the gemm's default range (the tuner's centre where it times the gemm against decompress):
+        # the usual Hopper GEMM tile, 128 batch rows x 256 outputs x 64, 8 warps (223 registers, 96 KB shared
+        # on sm_90, no spills), so x is re-read m/256 times and each decode feeds 128 rows; the 64x128 tile
+        # lost to decompress + cuBLAS from M = 128 on (h200.yaml, sessions 3-7), this one is not timed yet
+        return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
     bm = max(16, min(_next_pow2(M), 64))
     # run 2 (H100, 8192x8192, M=1..16): 128x64 tiles with 4 warps and ~4 waves of programs were best
     block_n, block_k = 128, 64
@@ -166,12 +172,15 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                 acc = bn * bk * bm if kind == "gemv" else bn * bm
                 if kind == "gemv" and acc > 256 * 256:
                     continue
-                if kind == "gemm" and (acc > 128 * 128 or bn * bk > 128 * 256):
+                if kind == "gemm" and (acc > 128 * 256 or bn * bk > 128 * 256):
                     continue
                 for split in (1, 2, 4, 8, 16):
                     if split > 1 and n // bk < 2 * split:
                         continue
                     for nw in (4, 8):
+                        # gemm: at most 128 fp32 accumulators per thread (128x256 tiles need 8 warps)
+                        if kind == "gemm" and acc > nw * 32 * 128:
+                            continue
                         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw}
                         out.append(cfg)
                         if kind == "gemv" and tabled:
