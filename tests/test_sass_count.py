@@ -18,11 +18,11 @@ CFG = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4
 SCRIPT = Path(__file__).parents[1] / "bench" / "sass_count.py"
 
 
-def compiled(*names: str, extra: tuple[str, ...] = (), config: dict | None = None) -> list[dict]:
+def compiled(*names: str, extra: tuple[str, ...] = (), config: dict | None = None, kind: str = "gemv") -> list[dict]:
     """The script's JSON, run in a process without TRITON_INTERPRET (the suite runs interpreted)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [a for name in names for a in ("--spec", name)]
-    out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", "gemv", "--config", json.dumps(config or CFG),
+    out = subprocess.run([sys.executable, str(SCRIPT), *args, "--kind", kind, "--config", json.dumps(config or CFG),
                           "--shape", "1024x1024", "--json", *extra], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -81,3 +81,12 @@ def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
     bad, = compiled("L16K2V2-hyb9", config={**good, "BLOCK_M": 16, "BLOCK_N": 128})  # 2 row groups per warp
     ok, why = bad["mma_layout"]
     assert not ok and "threadsPerWarp" in why, bad
+
+
+def test_prefill_gemm_tiles_fit_without_spills():
+    """The gemm's 8-warp prefill tiles (128 x 256 and 256 x 128 accumulators, configs.config_space) compile
+    for sm_90 within the register file and Hopper's 227 KB of shared memory per block, with no local-memory spills."""
+    for bm, bn in ((128, 256), (256, 128)):
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
+        r, = compiled("L16K2V2-hyb9", config=cfg, kind="gemm")
+        assert r["stack"] == 0 and r["local"] == 0 and r["reg"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
