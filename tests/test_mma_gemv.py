@@ -155,3 +155,24 @@ def test_mma_gemv_takes_h_in_fp16_with_identical_results(gen):
     assert kernels.h_dtype("gemv", [_cfg(8), plain], torch.float16) == torch.float32
     assert kernels.h_dtype("gemv", [plain], torch.float16) == torch.float32
     assert kernels.h_dtype("gemm", [plain], torch.bfloat16) == torch.bfloat16
+
+
+def test_fused_and_sharded_launches_give_the_mma_gemv_fp16_h(gen):
+    """A fused layer through launch_fused / launch_shards with mma configs: one grouped input transform
+    writing h in fp16 (kernels.h_dtype), then the decode; every shard's columns against float64."""
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    qws = [random_qweight(gen, spec, 32, 512, layout="qtip") for _ in range(3)]
+    for qw in qws[1:]:
+        qw.table = qws[0].table
+    pws = [prepare(q) for q in qws]
+    x = torch.randn(5, 512, generator=gen).half()
+    ref = torch.cat([qw.reference_forward(x.double()) for qw in qws], -1)
+    pre = torch.stack([qw.SU.float() for qw in qws]).contiguous()
+    post = torch.stack([qw.SV.float() for qw in qws]).contiguous()
+    cfg = _cfg(8, warps=2, split=2)
+    fused = kernels.fuse_shards(pws)
+    for run in (lambda out: kernels.launch_fused("gemv", x, fused, pws, cfg, pre, post, out),
+                lambda out: kernels.launch_shards("gemv", x, pws, [cfg] * 3, pre, out, post)):
+        out = torch.empty(5, 96, dtype=torch.float16)
+        run(out)
+        assert float((out.double() - ref).norm() / ref.norm()) <= TOL[torch.float16]
