@@ -104,13 +104,13 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         gemm = "off (Triton kernels for every batch)" if rows is None else f"from {rows} (token, block) rows"
     except ValueError as e:
         gemm = f"invalid ({e})"
+    from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY
+
     if device is None:
         mma = "not used (no CUDA GPU)"
-    elif device.capability < (8, 0):
+    elif device.capability < MMA_MIN_CAPABILITY:
         mma = f"not used (mma.sync needs sm80+, this is sm{device.capability[0]}{device.capability[1]})"
     else:
-        from qtip_triton.kernels.configs import MMA_GEMV_MAX_M
-
         mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
     return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "mma_gemv": mma}
 

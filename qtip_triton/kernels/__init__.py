@@ -229,7 +229,7 @@ def launch_shards(
     pws = [prepare(qw) for qw in qws]
     if not can_share_input(kind, pws):
         raise ValueError(f"shards of kinds {kind!r} with different plans or Hadamard blocks cannot share an input transform")
-    h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, list(configs))
+    h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, configs)
     if h is None:
         return out
     splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]

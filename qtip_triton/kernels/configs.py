@@ -26,7 +26,6 @@ Heuristic, and why:
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from qtip_triton.spec import TrellisSpec
 KINDS = ("gemv", "gemm", "decompress")
 GEMV_MAX_M = 2
 MMA_GEMV_MAX_M = 8
+MMA_MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands and fp32 accumulators
 GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
 
@@ -71,14 +71,22 @@ def can_implement(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> tuple
 def _mma_device() -> bool:
     """Whether compiled kernels here can use ``mma.sync`` m16n8k16 (sm_80 and newer). False under the
     interpreter, so the CPU tests keep the heuristic they were written against (they ask for mma by config)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not torch.cuda.is_available():
+    from qtip_triton.kernels.runners import interpreting  # runners imports the codegen, which imports this
+
+    if interpreting() or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(torch.cuda.current_device()) >= (8, 0)
+    return torch.cuda.get_device_capability(torch.cuda.current_device()) >= MMA_MIN_CAPABILITY
+
+
+def _mma_aligned(n: int) -> bool:
+    """Whether the word rows of an ``n``-input layer are 16-byte aligned, so Triton loads the mma gemv's
+    tile four words per lane (the layout it needs)."""
+    return (n // 16) % 4 == 0
 
 
 def _mma_default(spec: TrellisSpec, n: int, M: int) -> bool:
     """The heuristic uses the mma gemv at this M when this machine, the spec and the shape allow it."""
-    return 2 <= M <= MMA_GEMV_MAX_M and _mma_device() and mma_supported(spec) and bool(mma_space(spec, n, M))
+    return 2 <= M <= MMA_GEMV_MAX_M and _mma_aligned(n) and _mma_device() and mma_supported(spec)
 
 
 def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
@@ -208,7 +216,7 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     elements), BLOCK_N = 16 x num_warps (one 8-row word group per warp), the table in shared memory
     when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
     the gemm 15.2); the heuristic's choice for 2 <= M <= 8 on sm_80+ (:func:`default_config`)."""
-    if (n // 16) % 4:  # word rows not 16-byte aligned: Triton would not load the tile 4 words per lane
+    if not _mma_aligned(n):
         return []
     bm = 8 if M <= 8 else 16
     table = {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
