@@ -110,6 +110,12 @@ def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 7) -> in
     return split
 
 
+def _gemv_table(spec: TrellisSpec) -> dict[str, str]:
+    """The gemv default's table option: a code with a lookup table keeps it in kernel-owned shared memory
+    (run 4: no per-step table staging; 28.5 -> 26.8 us, 8192^2, 2-bit); computed codes have none."""
+    return {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
+
+
 def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
                    mma: bool | None = None) -> dict[str, Any]:
     """The heuristic config for one layer shape and batch size (see the module docstring).
@@ -123,11 +129,8 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
     if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
         # session 7 tune (H200): 64-row tiles with 4 warps were chosen most often; split as the plain gemv
-        cfg = {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 64, 256), "num_warps": 4,
-               "mma": True}
-        if get_code(spec.code).triton_decoder().table == "packed16":
-            cfg["table"] = "shared"
-        return cfg
+        return {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 64, 256), "num_warps": 4,
+                **_gemv_table(spec), "mma": True}
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
@@ -137,10 +140,8 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         if bm == 1 and m > 16384:  # run 4: 28672x8192 best at 64x512 (68 us) vs 32x512 (75 us)
             block_n = 64
         split = _split_for(m, n, block_n, block_k)
-        cfg = {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps}
-        if get_code(spec.code).triton_decoder().table == "packed16":
-            cfg["table"] = "shared"  # run 4: no per-step table staging; 28.5 -> 26.8 us (8192^2, 2-bit)
-        return cfg
+        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps,
+                **_gemv_table(spec)}
     if M > GEMM_MAX_M:
         # beyond the gemm's default range (the tuner's centre where it times the gemm against decompress):
         # the usual Hopper GEMM tile, 128 batch rows x 256 outputs x 64, 8 warps (223 registers, 96 KB shared
@@ -219,7 +220,7 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     if not _mma_aligned(n):
         return []
     bm = 8 if M <= 8 else 16
-    table = {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
+    table = _gemv_table(spec)
     out = []
     for nw in (2, 4, 8):
         for split in (1, 2, 4, 8, 16):
