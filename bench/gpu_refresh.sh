@@ -19,6 +19,7 @@
 #   GPU=h200 OUT=/tmp/out STEPS="fused tests" bash bench/gpu_refresh.sh     # kernels changed, no re-tune
 #   GPU=h200 OUT=/tmp/out STEPS="tall fusein fused tests" bash bench/gpu_refresh.sh
 #   GPU=h200 OUT=/tmp/out STEPS="tests" TESTS="tests/gpu/test_codes_gpu.py" bash bench/gpu_refresh.sh
+#   GPU=h200 OUT=/tmp/out STEPS="tests" PYTEST_N=8 bash bench/gpu_refresh.sh   # carry .devsite: ~90 s, not ~500
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
@@ -27,6 +28,9 @@ TUNE_MIN=${TUNE_MIN:-7}  # session 7: the mma family made 5 minutes too short fo
 STEPS=${STEPS:-autotune hadamard cold}
 want() { case " $STEPS " in *" $1 "*) return 0;; *) return 1;; esac; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# pytest-xdist for the GPU suite (PYTEST_N workers share the GPU; compilation is the suite's bottleneck):
+# `pip install --no-deps --target .devsite pytest-xdist execnet` here and send .devsite with `carry`
+[ -d .devsite ] && export PYTHONPATH="$PYTHONPATH:$PWD/.devsite"
 WORK="$OUT/work"
 mkdir -p "$WORK"
 LOG="$OUT/refresh.log"
@@ -86,7 +90,8 @@ if want tests; then
   step "GPU tests"
   # TESTS: test files or node ids to run instead of the whole GPU suite
   # shellcheck disable=SC2086
-  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
+  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
+    --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
     >"$WORK/gpu-tests.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests.log" >>"$LOG"
 fi
