@@ -189,17 +189,22 @@ def test_exl3_layout_with_128_blocks(gen):
 
 
 def test_large_batch_gemm_tiles_run(gen):
-    """The gemm's prefill-sized tiles (the tuner's centre beyond M = 64: 128 rows x 256 outputs, 8 warps, and
-    256 x 128) are in its space and right, on a layer smaller than one tile (ragged rows and batch)."""
+    """The gemm's prefill-sized tiles (the tuner's centre beyond M = 64: 128 rows x 256 outputs at M = 128,
+    256 x 128 with split-K from 256 on, 8 warps) are in its space and right, on a layer smaller than one
+    tile (ragged rows and batch)."""
     spec = TrellisSpec.parse("L16K2V2-hyb9")
+    at_128 = kernels.default_config("gemm", spec, 4096, 4096, 128)
+    assert at_128 == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
+    assert at_128 in kernels.config_space("gemm", spec, 4096, 4096, 128)
     default = kernels.default_config("gemm", spec, 4096, 4096, 256)
-    assert default == {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
+    assert default == {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 8}
     space = kernels.config_space("gemm", spec, 4096, 4096, 256)
-    assert default in space
-    assert {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8} in space
+    assert default in space and at_128 in space
     assert all(c["BLOCK_M"] * c["BLOCK_N"] <= c["num_warps"] * 32 * 128 for c in space)  # accumulators per thread
-    qw = random_qweight(gen, spec, 192, 128)
-    x = torch.randn(150, 128, generator=gen).half()
-    for cfg in (default, {**default, "BLOCK_M": 256, "BLOCK_N": 128}):
+    # too few k blocks for two splits: one
+    assert kernels.default_config("gemm", spec, 4096, 256, 256)["SPLIT_K"] == 1
+    qw = random_qweight(gen, spec, 192, 256)
+    x = torch.randn(150, 256, generator=gen).half()
+    for cfg in (at_128, {**default, "SPLIT_K": 1}, {**default, "BLOCK_K": 64}):
         y = kernels.launch("gemm", x, qw, cfg)
         assert _rel(y, qw.reference_forward(x.double())) <= TOL[torch.float16], cfg

@@ -144,9 +144,14 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
                 **_gemv_table(spec)}
     if M > GEMM_MAX_M:
         # beyond the gemm's default range (the tuner's centre where it times the gemm against decompress):
-        # the usual Hopper GEMM tile, 128 batch rows x 256 outputs x 64, 8 warps (223 registers, 96 KB shared
-        # on sm_90, no spills), so x is re-read m/256 times and each decode feeds 128 rows; the 64x128 tile
-        # lost to decompress + cuBLAS from M = 128 on (h200.yaml, sessions 3-7), this one is not timed yet
+        # 8-warp tiles of 32768 accumulators (<= 128 per thread; sm_90: 223-229 registers, no spills). From
+        # 256 rows on, all 256 rows in one tile so each weight is decoded once: on the H200 (2026-11-29,
+        # bench/results/h200-2026-11-29-session8-probe-gemm-bm256.md) 256x128x128 with split-K 2 took
+        # 8192^2 at M = 256 to 102 us against 118.9 for the best 128x256 tile, a tie with decompress +
+        # cuBLAS (100 us); at M = 128 the 128x256x64 tile
+        if M >= 256:
+            split = 2 if n // 128 >= 4 else 1
+            return {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": 8}
         return {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
     bm = max(16, min(_next_pow2(M), 64))
     # run 2 (H100, 8192x8192, M=1..16): 128x64 tiles with 4 warps and ~4 waves of programs were best

@@ -1,0 +1,13 @@
+#!/bin/bash
+# ncu profiles of three decode kernels (run from the checkout root on the device)
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+echo "ncu: $NCU"
+S="--section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats"
+prof() { name=$1; shift; timeout -k 5 120 $NCU --kernel-name regex:^kernel$ --launch-skip 2 --launch-count 1 $S \
+  python3 bench/ncu_target.py "$@" > "$OUT/ncu-$name.txt" 2>&1; echo "$name rc=$?"; }
+prof gemm-bm256-8192-m256 --shape 8192x8192 --K 2 --M 256 --kind gemm \
+  --config '{"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 8}'
+prof mma-22016x4096-m16 --shape 22016x4096 --K 2 --M 16 \
+  --config '{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1, "num_warps": 4, "table": "shared", "mma": true}'
+prof gemv-8192-m1 --shape 8192x8192 --K 2 --M 1 \
+  --config '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 4, "num_warps": 4, "table": "shared"}'
