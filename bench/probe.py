@@ -39,11 +39,12 @@ BLOCKS_GEMM = [(128, 64, 4), (64, 128, 4), (128, 128, 8), (64, 64, 4)]
 
 
 def candidates(kind: str, spec, m: int, n: int, M: int, tables: list[str], blocks: list[tuple[int, int, int]],
-               split_mults: list[float], prefetch: list[int], block_ms: list[int] | None = None) -> list[dict]:
+               split_mults: list[float], prefetch: list[int], block_ms: list[int] | None = None,
+               stages: list[int] | None = None) -> list[dict]:
     base = kernels.default_config(kind, spec, m, n, M, mma=False)  # the mma family is added by --mma
     out, seen = [], set()
-    for table, (bn, bk, nw), mult, pf, bm in itertools.product(tables, blocks, split_mults, prefetch,
-                                                                block_ms or [base["BLOCK_M"]]):
+    for table, (bn, bk, nw), mult, pf, bm, ns in itertools.product(tables, blocks, split_mults, prefetch,
+                                                                    block_ms or [base["BLOCK_M"]], stages or [0]):
         split = max(1, int(base["SPLIT_K"] * mult))
         if n // bk < split:
             continue
@@ -52,6 +53,8 @@ def candidates(kind: str, spec, m: int, n: int, M: int, tables: list[str], block
             cfg["table"] = table
         if pf:
             cfg["prefetch"] = pf
+        if ns:
+            cfg["num_stages"] = ns
         key = tuple(sorted(cfg.items()))
         if key not in seen:
             seen.add(key)
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", default=None, help="e.g. 64/256/4,128/128/8 (BLOCK_N/BLOCK_K/num_warps)")
     ap.add_argument("--prefetch", default="0", help="gemv prefetch depths, e.g. 0,1,2")
     ap.add_argument("--block-m", default=None, help="row blocks to try, e.g. 128,256 (default: the kind's default)")
+    ap.add_argument("--stages", default=None, help="software pipeline depths, e.g. 1,2 (default: Triton's)")
     ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
     ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
     ap.add_argument("--mma", action="store_true", help="gemv: also the tensor-core variant's configs (codegen/mma.py)")
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         cands = candidates(a.kind, qw.spec, m, n, M, tables, blocks, mults,
                            [int(v) for v in a.prefetch.split(",")] if a.kind == "gemv" else [0],
-                           [int(v) for v in a.block_m.split(",")] if a.block_m else None)
+                           [int(v) for v in a.block_m.split(",")] if a.block_m else None,
+                           [int(v) for v in a.stages.split(",")] if a.stages else None)
         if a.fuse_in and a.kind == "gemv":
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
         if a.mma and a.kind == "gemv" and mma_supported(qw.spec):

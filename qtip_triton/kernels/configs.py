@@ -148,7 +148,8 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         # 256 rows on, all 256 rows in one tile so each weight is decoded once: on the H200 (2026-11-29,
         # bench/results/h200-2026-11-29-session8-probe-gemm-bm256.md) 256x128x128 with split-K 2 took
         # 8192^2 at M = 256 to 102 us against 118.9 for the best 128x256 tile, a tie with decompress +
-        # cuBLAS (100 us); at M = 128 the 128x256x64 tile
+        # cuBLAS (100 us). At M = 128 a 256-row tile would be half empty, so 128x256x64 (it won 10 of 61
+        # M = 128 entries of h200.yaml, e.g. 57344x8192: 667 against decompress's 786 us).
         if M >= 256:
             split = 2 if n // 128 >= 4 else 1
             return {"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": split, "num_warps": 8}
