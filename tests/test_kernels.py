@@ -205,6 +205,6 @@ def test_large_batch_gemm_tiles_run(gen):
     assert kernels.default_config("gemm", spec, 4096, 256, 256)["SPLIT_K"] == 1
     qw = random_qweight(gen, spec, 192, 256)
     x = torch.randn(150, 256, generator=gen).half()
-    for cfg in (at_128, {**default, "SPLIT_K": 1}, {**default, "BLOCK_K": 64}):
+    for cfg in (at_128, {**default, "BLOCK_K": 64}):  # the second: 256 rows with split-K 2
         y = kernels.launch("gemm", x, qw, cfg)
         assert _rel(y, qw.reference_forward(x.double())) <= TOL[torch.float16], cfg

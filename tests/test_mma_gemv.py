@@ -32,7 +32,9 @@ def _cfg(bm: int, warps: int = 2, split: int = 1, **extra) -> dict:
 def test_mma_gemv_matches_float64(gen, K, dtype):
     qw = random_qweight(gen, TrellisSpec(16, K, 2, "hyb", 9), 96, 512, layout="qtip")  # 96 rows: a ragged block
     bias = torch.randn(96, generator=gen).to(dtype)
-    for M, bm, split in ((1, 8, 2), (5, 8, 1), (8, 8, 1), (11, 16, 2), (16, 16, 1), (19, 16, 1)):
+    # every batch shape in fp16; bf16 differs only in how x is rounded for the tensor cores: one per BLOCK_M
+    shapes = ((1, 8, 2), (5, 8, 1), (8, 8, 1), (11, 16, 2), (16, 16, 1), (19, 16, 1))
+    for M, bm, split in shapes if dtype == torch.float16 else shapes[::3]:  # split-K 2; a ragged 16-row block
         x = torch.randn(M, 512, generator=gen).to(dtype)
         y = linear(x, qw, bias, kind="gemv", config=_cfg(bm, split=split))
         ref = qw.reference_forward(x.double(), bias.double())
