@@ -11,7 +11,8 @@
 #      (with "fusein") transform + gemv vs the fuse_in gemv (bench/probe.py --fuse-in); (with "mma") the
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
-#      real-weight column, e.g. a tensor extracted here and sent with `carry`).
+#      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
+#      of the table at M = 1; (with "stages") the 256-row gemm's pipeline depth; (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -79,6 +80,25 @@ if want mma; then
   step "probe: the gemm kind at the same batch sizes (what the mma gemv replaces)"
   timeout -k 10 "${MMA_GEMM_S:-80}" python3 bench/probe.py --kind gemm --points 4096x4096:8,12288x4096:8,22016x4096:8,4096x11008:8,22016x4096:16 \
     --splits 1 --tag probe-gemm-m8 --time-limit "${MMA_GEMM_S:-80}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want tables; then
+  step "probe: lane copies of the table at M = 1 (the shared-memory pipe, NOTES session 8)"
+  timeout -k 10 "${TABLES_S:-150}" python3 bench/probe.py --points 8192x8192:1,4096x4096:1,28672x8192:1 \
+    --tables shared,shared4,shared16 --blocks 64/512/4,32/512/8 --splits 1,2 --tag probe-tables \
+    --time-limit "${TABLES_S:-150}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want stages; then
+  step "probe: software pipeline depth of the 256-row gemm at M = 256"
+  timeout -k 10 "${STAGES_S:-120}" python3 bench/probe.py --kind gemm --points 8192x8192:256,28672x8192:256 \
+    --block-m 256 --blocks 128/128/8,128/64/8 --splits 1,2 --stages 1,2,3 --tag probe-gemm-stages \
+    --time-limit "${STAGES_S:-120}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want ncu; then
+  step "ncu: the M = 1 gemv, the mma gemv at M = 16, the 256-row gemm"
+  OUT="$WORK" timeout -k 10 "${NCU_S:-300}" bash bench/ncu_profiles.sh >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want fused; then
