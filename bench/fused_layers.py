@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             if M <= 16 and all(mma_supported(qw.spec) for qw in packed.shards()):
                 mma_cfg = {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4,
                            "table": "shared", "mma": True}
-                h16 = [torch.randn(M, pw.in_features, device="cuda").half() for pw in pws]  # kernels.h_dtype
+                h16 = [torch.randn(M, pw.in_features, device="cuda", dtype=kernels.h_dtype("gemv", [mma_cfg], torch.float16))
+                       for pw in pws]
 
                 def decode_mma(pws=pws, h16=h16, cfg=mma_cfg):
                     for pw, h in zip(pws, h16, strict=True):

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(M, n, device="cuda").half()
         w16 = torch.randn(m, n, device="cuda").half()
         fp16 = time_us(lambda x=x, w16=w16: torch.matmul(x, w16.t()))
-        dtype = torch.float32 if a.kind == "gemv" else x.dtype
+        dtype = kernels.h_dtype(a.kind, [], x.dtype)  # the plain gemv's fp32, else x's dtype
         h = _transform_in(pw, x, dtype, a.kind)
         what = decompress(pw, kernels.default_config("decompress", qw.spec, m, n, M), torch.float32)
         h_nat = torch.empty_like(h)
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.mma and a.kind == "gemv" and mma_supported(qw.spec):
             cands += mma_space(qw.spec, n, M)
 
-        h16 = h.half()  # what kernels.h_dtype gives the mma gemv
+        # h in each dtype kernels.h_dtype may ask for, made once so that no cast is timed
+        h_in = {h.dtype: h, torch.float16: h.half()}
 
-        def run(cfg, pw=pw, h=h, h16=h16, x=x, dtype=dtype):
+        def run(cfg, pw=pw, h=h, h_in=h_in, x=x, dtype=dtype):
             if cfg.get("fuse_in"):
                 return decode_matmul(a.kind, pw, torch.empty_like(h), cfg, h_order="kernel", fuse_x=x)
-            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else (h16 if cfg.get("mma") else h)
+            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else h_in[kernels.h_dtype(a.kind, [cfg], x.dtype)]
             return decode_matmul(a.kind, pw, hh, cfg, h_order="kernel")
 
         for cfg in cands:
