@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, time_us, write_results  # noqa: E402
 from kernels import random_weight  # noqa: E402
 
-from qtip_triton import kernels  # noqa: E402
+from qtip_triton import kernels, linear  # noqa: E402
 from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
 from qtip_triton.kernels.configs import mma_space, mma_supported  # noqa: E402
 
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", default="0.5,1,2", help="multiples of the default SPLIT_K")
     ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
     ap.add_argument("--mma", action="store_true", help="gemv: also the tensor-core variant's configs (codegen/mma.py)")
+    ap.add_argument("--linear", action="store_true", help="also time the whole forward (linear(), as the tuner does)")
+    ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
+    ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="probe")
@@ -109,8 +112,19 @@ def main(argv: list[str] | None = None) -> int:
                            [int(v) for v in a.stages.split(",")] if a.stages else None)
         if a.fuse_in and a.kind == "gemv":
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
-        if a.mma and a.kind == "gemv" and mma_supported(qw.spec):
-            cands += mma_space(qw.spec, n, M)
+        if a.mma_only:
+            cands = []
+        if (a.mma or a.mma_only) and a.kind == "gemv" and mma_supported(qw.spec):
+            mma_c = mma_space(qw.spec, n, M)
+            # the --tables list's shared-memory modes (lane copies) for the mma gemv's table too
+            shared_tabs = [t for t in tables if t.startswith("shared")]
+            if shared_tabs:
+                mma_c = [{**c, "table": t} if str(c.get("table", "")).startswith("shared") else c
+                         for t in shared_tabs for c in mma_c]
+                mma_c = [c for i, c in enumerate(mma_c) if c not in mma_c[:i]]
+            if a.mma_splits:
+                mma_c = [c for c in mma_c if c["SPLIT_K"] in {int(v) for v in a.mma_splits.split(",")}]
+            cands += mma_c
 
         # h in each dtype kernels.h_dtype may ask for, made once so that no cast is timed
         h_in = {h.dtype: h, torch.float16: h.half()}
@@ -136,21 +150,25 @@ def main(argv: list[str] | None = None) -> int:
                     rec["us"] = time_us(lambda cfg=cfg: run(cfg))
                     rec["ratio"] = fp16 / rec["us"]
                     rec["status"] = "ok"
+                    if a.linear:  # the whole forward, as the autotuner times it (transforms, PDL, split-K sum)
+                        rec["linear_us"] = time_us(lambda cfg=cfg, x=x, qw=qw: linear(x, qw, kind=a.kind, config=cfg))
                     if best is None or rec["us"] < best["us"]:
                         best = rec
             except Exception as e:  # a config that fails to compile or launch is a result, not a crash
                 rec["status"] = f"error: {type(e).__name__}: {str(e)[:160]}"
             rows.append(rec)
-            print(f"{m}x{n} K={K} M={M} {cfg} -> {rec.get('us', float('nan')):.1f} us "
+            lin = f", linear {rec['linear_us']:.1f} us" if "linear_us" in rec else ""
+            print(f"{m}x{n} K={K} M={M} {cfg} -> {rec.get('us', float('nan')):.1f} us{lin} "
                   f"({rec.get('ratio', 0):.2f}x) {rec['status']}", flush=True)
         if best:
             print(f"BEST {m}x{n} K={K} M={M}: {best['us']:.1f} us = {best['ratio']:.2f}x fp16 "
                   f"({fp16:.1f} us) {best['config']}", flush=True)
     env = environment()
     lines = [f"# Config probe ({a.kind}) on {env.get('card', '?')}", "",
-             "| shape | K | M | config | µs | fp16 µs | ratio | status |", "|---|---|---|---|---|---|---|---|"]
+             "| shape | K | M | config | µs | linear µs | fp16 µs | ratio | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["m"], r["n"], r["K"], r["M"], r.get("us", 1e9))):
         lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | `{r['config']}` | {r.get('us', float('nan')):.1f} "
+                     f"| {r.get('linear_us', float('nan')):.1f} "
                      f"| {r['fp16_us']:.1f} | {r.get('ratio', 0):.2f} | {r['status']} |")
     jp, mp = write_results(a.out, a.tag, {"env": env, "rows": rows}, "\n".join(lines) + "\n")
     print(f"wrote {jp} and {mp}")

@@ -93,29 +93,62 @@ def table_replicas(opts: Mapping[str, Any]) -> int:
 SHARED_TABLE_HELPERS = '''
 @triton.jit
 def _smem_base(like, INTERPRET: tl.constexpr):
-    """Byte address of this lane's copy of the kernel-owned table in shared memory (the start of
-    Triton's dynamic shared memory, which this kernel uses for nothing else inside its k loop)."""
+    """Byte address of the kernel-owned table in shared memory (the start of Triton's dynamic shared
+    memory, which this kernel uses for nothing else inside its k loop)."""
     if INTERPRET:
         return (like * 0).to(tl.uint32)
     else:
-        return tl.inline_asm_elementwise(@BASE_ASM@, "=r,r", [like], dtype=tl.uint32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("mov.b32 $0, global_smem;", "=r,r", [like], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
-def _fill_table(tbl, TW: tl.constexpr, REP: tl.constexpr, seed, INTERPRET: tl.constexpr):
-    """Write REP interleaved copies of ``tbl`` (TW int32 words; word i of copy r at i*REP + r) to
-    the start of shared memory, then barrier.
+def _lane_copy(like, REP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Byte offset of this lane's copy inside an entry's REP interleaved words: (lane % REP) * 4.
+
+    Its bits sit below the entry offset's (entry * 4 * REP), so the lookup ORs them in: the mask and
+    the OR fold into one LOP3 and the uniform base stays in the LDS's immediate operand."""
+    if INTERPRET:
+        return (like * 0).to(tl.uint32)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 l; mov.u32 l, %laneid; and.b32 l, l, @REPM1@; shl.b32 $0, l, 2; }",
+            "=r,r", [like], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fill_table(tbl, TBL, TW: tl.constexpr, REP: tl.constexpr, seed, INTERPRET: tl.constexpr):
+    """Write REP interleaved copies of the TW-word table (word i of copy r at i*REP + r) to the start
+    of shared memory, then barrier.
 
     The dummy gather makes Triton size its dynamic shared memory for TW*REP words (its scratch
     buffer); its source is a splat of a run-time value (one register, not TW*REP) and its result
-    only feeds the fill so that it is not removed.
+    only feeds the fill so that it is not removed. With copies, the REP consecutive words of one
+    entry are written by 128-bit stores whose element e covers bytes [16e, 16e + 16): consecutive
+    lanes write consecutive 16-byte chunks, so no store conflicts (one scalar store per copy would
+    put the lanes of a warp on two banks: a 16-way conflict that cost more than the lookups saved).
     """
     if not INTERPRET:
-        z = tl.gather(tl.full([TW * REP], seed, tl.int32), tl.zeros([TW], dtype=tl.int32), 0)
-        for r in tl.static_range(REP):
+        if REP == 1:
+            z = tl.gather(tl.full([TW], seed, tl.int32), tl.zeros([TW], dtype=tl.int32), 0)
             tl.inline_asm_elementwise(
                 "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; st.shared.b32 [a], $2; mov.b32 $0, $3; }",
-                "=r,r,r,r", [(tl.arange(0, TW) * REP + r) * 4, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
+                "=r,r,r,r", [tl.arange(0, TW) * 4, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
+        elif REP == 2:
+            e = tl.arange(0, TW)
+            z = tl.gather(tl.full([TW * REP], seed, tl.int32), tl.zeros([TW], dtype=tl.int32), 0)
+            tl.inline_asm_elementwise(
+                "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; st.shared.v2.b32 [a], {$2, $2}; "
+                "mov.b32 $0, $3; }", "=r,r,r,r", [e * 8, tbl, z], dtype=tl.int32, is_pure=False, pack=1)
+        else:  # REP // 4 rounds of TW chunks (a few registers each): chunk e holds 4 copies of entry e // (REP // 4)
+            z = tl.gather(tl.full([TW * REP], seed, tl.int32), tl.zeros([TW], dtype=tl.int32), 0)
+            for c in tl.static_range(REP // 4):
+                e = c * TW + tl.arange(0, TW)
+                v = tl.load(TBL + e // (REP // 4))
+                tl.inline_asm_elementwise(
+                    "{ .reg .b32 a; mov.b32 a, global_smem; add.u32 a, a, $1; "
+                    "st.shared.v4.b32 [a], {$2, $2, $2, $2}; mov.b32 $0, $3; }",
+                    "=r,r,r,r", [e * 16, v, z], dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()
 
 
@@ -231,6 +264,8 @@ class _Emitter:
         if self.shared_table():
             rep = table_replicas(self.opts)
             off = f"({idx}).to(tl.uint32) * {4 * rep}"
+            if rep > 1:  # this lane's copy: low address bits the entry offset leaves clear
+                off = f"({off} | lcopy)"
             return f"_lds(sbase + {off}, TBL + ({idx}), INTERPRET)"
         if self.joined_gather():
             # placeholder: the generator gathers every state's entries of a k step in one tl.gather
@@ -302,11 +337,7 @@ class _Emitter:
         )
         if self.shared_table():
             rep = table_replicas(self.opts)
-            # one copy: a plain symbol address, which ptxas folds into every ld.shared
-            asm = ('"mov.b32 $0, global_smem;"' if rep == 1 else
-                   f'"{{ .reg .b32 l; mov.u32 l, %laneid; rem.u32 l, l, {rep}; shl.b32 l, l, 2; '
-                   'mov.b32 $0, global_smem; add.u32 $0, $0, l; }"')
-            helpers = SHARED_TABLE_HELPERS.replace("@BASE_ASM@", asm)
+            helpers = SHARED_TABLE_HELPERS.replace("@REPM1@", str(rep - 1))
             s(*helpers.splitlines(), "")
         if self.opts.get("mma"):
             s(*MMA_HELPERS.splitlines(), "")
@@ -391,7 +422,9 @@ class _Emitter:
         s("# no per-step table store or barriers (tl.gather re-stages its source at every call)")
         s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words()}))")
         s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
-        s(f"_fill_table(tbl, {self.table_words()}, {rep}, ITERS, INTERPRET)")
+        if rep > 1:
+            s(f"lcopy = _lane_copy(rows[:, None] * 0 + cols[None, :], {rep}, INTERPRET)")
+        s(f"_fill_table(tbl, TBL, {self.table_words()}, {rep}, ITERS, INTERPRET)")
 
     def dependency_sync(self) -> None:
         """PDL: everything above reads only the layer's constants (words' offsets, the code table);

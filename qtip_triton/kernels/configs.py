@@ -110,10 +110,17 @@ def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 7) -> in
     return split
 
 
-def _gemv_table(spec: TrellisSpec) -> dict[str, str]:
-    """The gemv default's table option: a code with a lookup table keeps it in kernel-owned shared memory
-    (run 4: no per-step table staging; 28.5 -> 26.8 us, 8192^2, 2-bit); computed codes have none."""
-    return {"table": "shared"} if get_code(spec.code).triton_decoder().table == "packed16" else {}
+def _gemv_table(spec: TrellisSpec, copies: int = 1) -> dict[str, str]:
+    """The gemv's table option: a code with a lookup table keeps it in kernel-owned shared memory
+    (run 4: no per-step table staging; 28.5 -> 26.8 us, 8192^2, 2-bit); computed codes have none.
+
+    ``copies`` > 1: that many lane-interleaved copies ("shared16": lanes l and l + 16 share one, so a
+    warp's 32 random lookups cost at most 2 shared-memory wavefronts instead of ~3.3). Session 9 (H200,
+    bench/results/h200-2026-11-29-session9-probe-tables.md): 8192^2 at M = 1 24.4 -> 21.0 us, 28672x8192
+    65.6 -> 54.7 us at 64x1024 tiles."""
+    if get_code(spec.code).triton_decoder().table != "packed16":
+        return {}
+    return {"table": "shared" if copies == 1 else f"shared{copies}"}
 
 
 def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
@@ -135,13 +142,13 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
         # (sm_90, ~11.6 instructions per decoded state), so many warps hide the load latency
-        block_n, block_k, warps = {1: (32, 512, 4), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
+        block_n, block_k, warps = {1: (64, 512, 4), 2: (128, 128, 8), 4: (64, 128, 4), 8: (64, 128, 8),
                                    16: (64, 64, 8)}[bm]
-        if bm == 1 and m > 16384:  # run 4: 28672x8192 best at 64x512 (68 us) vs 32x512 (75 us)
-            block_n = 64
+        if bm == 1 and n >= 8192:  # session 9 (H200): 1024-column steps amortize the 16-copy table's fill
+            block_k = 1024
         split = _split_for(m, n, block_n, block_k)
         return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps,
-                **_gemv_table(spec)}
+                **_gemv_table(spec, 16 if bm == 1 else 1)}
     if M > GEMM_MAX_M:
         # beyond the gemm's default range (the tuner's centre where it times the gemm against decompress):
         # 8-warp tiles of 32768 accumulators (<= 128 per thread; sm_90: 223-229 registers, no spills). From
@@ -182,12 +189,12 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
         [b for b in (16, 32, 64, 128, 256) if b <= max(16, _next_pow2(M))]
     for bm in bms:
         for bn in (32, 64, 128, 256):
-            for bk in (64, 128, 256, 512):
+            for bk in (64, 128, 256, 512, 1024):
                 # register budget: fp32 accumulator elements per program
                 acc = bn * bk * bm if kind == "gemv" else bn * bm
-                if kind == "gemv" and acc > 256 * 256:
+                if kind == "gemv" and (acc > 256 * 256 or (bk > 512 and bm > 1)):
                     continue
-                if kind == "gemm" and (acc > 128 * 256 or bn * bk > 128 * 256):
+                if kind == "gemm" and (acc > 128 * 256 or bn * bk > 128 * 256 or bk > 512):
                     continue
                 for split in (1, 2, 4, 8, 16):
                     if split > 1 and n // bk < 2 * split:
@@ -200,6 +207,8 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                         out.append(cfg)
                         if kind == "gemv" and tabled:
                             out.append({**cfg, "table": "shared"})
+                            if bm == 1:  # lane copies pay at one batch row (the tensor-core gemv takes 2-16)
+                                out.append({**cfg, "table": "shared16"})
     if kind == "gemv" and M <= 16 and mma_supported(spec):
         out.extend(mma_space(spec, n, M))
     return out
@@ -226,12 +235,15 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     if not _mma_aligned(n):
         return []
     bm = 8 if M <= 8 else 16
-    table = _gemv_table(spec)
+    tables = [_gemv_table(spec)]
+    if tables[0]:  # session 9 (H200): 16 lane copies won at 4-8 warps on the large shapes (22016x4096,
+        tables.append(_gemv_table(spec, 16))  # M = 16: 61.7 -> 53.9 us), lost at 2 warps and at 4096^2
     out = []
-    for nw in (2, 4, 8):
-        for split in (1, 2, 4, 8, 16):
-            if split > 1 and n // 256 < 2 * split:
-                continue
-            out.append({"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw,
-                        **table, "mma": True})
+    for table in tables:
+        for nw in (2, 4, 8):
+            for split in (1, 2, 4, 8, 16):
+                if split > 1 and n // 256 < 2 * split:
+                    continue
+                out.append({"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw,
+                            **table, "mma": True})
     return out
