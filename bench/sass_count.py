@@ -45,7 +45,7 @@ def _pointer_types(kind: str, spec: TrellisSpec) -> dict[str, str]:
     table = _TABLE_TYPES[get_code(spec.code).triton_decoder().table]
     if kind == "decompress":
         return {"W": "*i32", "TBL": table, "OUT": "*fp16"}
-    return {"W": "*i32", "TBL": table, "X": "*fp16", "Y": "*fp32"}
+    return {"W": "*i32", "TBL": table, "X": "*fp16", "Y": "*fp32", "CNT": "*i32"}
 
 
 def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90,
@@ -67,6 +67,10 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
         const["BLOCK_M"] = config["BLOCK_M"]
     if "PDL" in names:
         const["PDL"] = pdl
+    if "SPLIT_SUM" in names:  # split-K summed in the kernel, as runners.decode_matmul launches it by default
+        const["SPLIT_SUM"] = config.get("SPLIT_K", 1) > 1
+        if not const["SPLIT_SUM"]:
+            const["CNT"] = None
     if "Ctot" in names and fn.params[names.index("Ctot")].is_constexpr:
         const["Ctot"] = cols
     if config.get("fuse_in"):  # the input transform's operands (see kernels.runners._fused_input_args)
@@ -109,25 +113,30 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def loop_body(sass: str) -> list[str]:
     """Opcodes of the largest backward-branch loop in a SASS listing (the k loop; a kernel without a
-    loop, like decompress, gives the whole function)."""
+    loop, like decompress, gives the whole function). Branch targets may be labels (nvdisasm:
+    ``BRA `(.L_x_3)``) or addresses (cuobjdump: ``BRA 0x5f0``)."""
     lines = sass.splitlines()
     ops: list[tuple[int, str, str]] = []  # (line index, opcode, full text)
     labels: dict[str, int] = {}
+    at: dict[int, int] = {}  # instruction address -> index in ops
     for line in lines:
         lab = re.match(r"\s*\.(L_x_\d+):", line)
         if lab:
             labels[lab.group(1)] = len(ops)
             continue
-        ins = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\b(.*?);", line)
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\b(.*?);", line)
         if ins:
-            ops.append((len(ops), ins.group(1), ins.group(2)))
+            at[int(ins.group(1), 16)] = len(ops)
+            ops.append((len(ops), ins.group(2), ins.group(3)))
     best: tuple[int, int] | None = None
     for i, op, rest in ops:
+        if not op.startswith("BRA"):
+            continue
         tgt = re.search(r"`\(\.(L_x_\d+)\)", rest)
-        if op.startswith("BRA") and tgt and labels.get(tgt.group(1), i + 1) <= i:
-            start = labels[tgt.group(1)]
-            if best is None or i - start > best[1] - best[0]:
-                best = (start, i)
+        addr = re.match(r"\s*(?:!?U?P\w+\s*,\s*)?0x([0-9a-f]+)\s*$", rest)
+        start = labels.get(tgt.group(1)) if tgt else at.get(int(addr.group(1), 16)) if addr else None
+        if start is not None and start <= i and (best is None or i - start > best[1] - best[0]):
+            best = (start, i)
     body = ops[best[0]:best[1] + 1] if best else ops
     return [op.split(".")[0] for _, op, _ in body if op not in ("NOP",)]
 

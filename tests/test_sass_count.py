@@ -69,6 +69,22 @@ def test_loop_body_finds_the_backward_branch():
     assert sass_count.loop_body(listing) == ["IMAD", "LOP3", "BRA"]
 
 
+def test_loop_body_reads_cuobjdump_addresses():
+    """cuobjdump -sass prints branch targets as addresses, not labels: the largest loop is still found
+    (a listing without any loop would otherwise count the whole kernel, prologue and epilogue included)."""
+    sass_count = load_script("sass_count")
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R2, R3, RZ ;
+        /*0020*/                   LDS R4, [R2+UR4] ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   FADD R5, R5, R4 ;
+        /*0050*/               @P1 BRA 0x40 ;
+        /*0060*/                   EXIT ;
+"""
+    assert sass_count.loop_body(listing) == ["IMAD", "LDS", "BRA"]
+
+
 def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
     """The mma gemv (codegen/mma.py) for sm_90: one HMMA per four states, no shared-memory staging beyond the
     code table, fewer instructions per state than the CUDA-core gemv; Triton lays the word tile out as

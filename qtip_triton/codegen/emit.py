@@ -551,6 +551,49 @@ class _Emitter:
             s(f"tl.store(Y + pid_k * stride_ys + mrow[None, :] * stride_ym + ({row})[:, None], {value}, "
               "mask=rmask[:, None] & mmask[None, :])")
 
+    def split_sum(self) -> None:
+        """``SPLIT_SUM``: the split-K partials summed by the kernel itself (a "serial split-K" fix-up).
+
+        Why: the output transform otherwise reads every partial, and with few tokens it spreads one token
+        over column blocks that each re-read all of them, so its time grew ~3 µs per split at 8192 outputs
+        and ~6 at 28672 (H200, session 9: linear - kernel 18.5 / 30.4 / 48.5 µs at 2 / 4 / 8 splits). Here
+        each program counts itself in on its (row block, batch block)'s counter after its partial is
+        stored; the last one adds the partials in split order (the order the transform used: the results
+        are bit-identical), writes the sum to Y[0] and zeroes the counter for the next launch, so the
+        transform reads one partial. The counters (``CNT``, int32, zero between launches) belong to the
+        prepared weight; launches that share them must not run concurrently (one stream, as serving does).
+        """
+        p, s = self.plan, self.src
+        s("if SPLIT_SUM:")
+        s.indent()
+        s("# split-K summed here (see the generator's split_sum): the last program of this row block to")
+        s("# finish adds every split's partial, in split order, into Y[0]")
+        # the barrier orders every thread's partial stores before the arrival; the arrival's release
+        # (a GPU-scope fence by the one thread that counts, cumulative over what the barrier ordered)
+        # makes them visible to the program that arrives last, whose acquire precedes its reads
+        s("tl.debug_barrier()")
+        s("cnt = CNT + pid_m * tl.num_programs(0) + pid_r")
+        s("arrived = tl.atomic_add(cnt, 1, sem='acq_rel', scope='gpu')")
+        s("if arrived == tl.num_programs(1) - 1:")
+        s.indent()
+        s("fm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        for a in range(p.NA):
+            rc = p.rconst(a)
+            row = f"orow + {rc}" if rc else "orow"
+            s(f"fo{a} = fm[:, None] * stride_ym + ({row})[None, :]")
+            s(f"fk{a} = (fm < M)[:, None] & rmask[None, :]")
+            s(f"tot{a} = tl.load(Y + fo{a}, mask=fk{a}, other=0.0, cache_modifier='.cg')  # L2: not a stale L1 line")
+        s("for sp in range(1, tl.num_programs(1)):")
+        s.indent()
+        for a in range(p.NA):
+            s(f"tot{a} += tl.load(Y + sp * stride_ys + fo{a}, mask=fk{a}, other=0.0, cache_modifier='.cg')")
+        s.dedent()
+        for a in range(p.NA):
+            s(f"tl.store(Y + fo{a}, tot{a}, mask=fk{a})")
+        s("tl.atomic_xchg(cnt, 0, sem='relaxed', scope='gpu')  # zero again for the next launch")
+        s.dedent()
+        s.dedent()
+
     # -------------------------------------------------------------------------------- kinds
     def emit(self) -> str:
         self.header()
@@ -625,6 +668,7 @@ class _Emitter:
             for m in range(bm):
                 s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
                   f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
+        self.split_sum()
         s.dedent()
 
     def _gemv_signature(self, fuse_in: bool) -> None:
@@ -639,7 +683,7 @@ class _Emitter:
             s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
             s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
-        s("           PDL: tl.constexpr = 0):")
+        s("           CNT=None, SPLIT_SUM: tl.constexpr = False, PDL: tl.constexpr = 0):")
         s.indent()
 
     def _end_gemv_loop(self) -> None:
@@ -706,6 +750,7 @@ class _Emitter:
                 s(f"b = pid_m * {bm} + {n * MMA_ROWS + odd} + 2 * tcol")
                 s(f"tl.store(Y + pid_k * stride_ys + b * stride_ym + ({row})[:, None], "
                   f"tl.sum(tl.reshape(c{n}_{h}, [RB, 4, 4]), axis=2), mask=rmask[:, None] & (b < M))")
+        self.split_sum()
         s.dedent()
 
     def _input_transform(self, bm: int) -> None:
@@ -789,7 +834,7 @@ class _Emitter:
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym, shard_b1, shard_b2,")
         s("           stride_xg,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
-        s("           PDL: tl.constexpr = 0):")
+        s("           CNT=None, SPLIT_SUM: tl.constexpr = False, PDL: tl.constexpr = 0):")
         s.indent()
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores, tl.dot).')
         s("")
@@ -823,6 +868,7 @@ class _Emitter:
         s.dedent()
         for a in range(p.NA):
             self.store_rows(a, f"acc{a}", layout_m_first=False)
+        self.split_sum()
         s.dedent()
 
     def _decompress(self) -> None:

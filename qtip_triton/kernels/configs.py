@@ -147,8 +147,11 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         if bm == 1 and n >= 8192:  # session 9 (H200): 1024-column steps amortize the 16-copy table's fill
             block_k = 1024
         split = _split_for(m, n, block_n, block_k)
-        return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps,
-                **_gemv_table(spec, 16 if bm == 1 else 1)}
+        cfg = {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps,
+               **_gemv_table(spec, 16 if bm == 1 else 1)}
+        if bm == 1 and split > 1 and m >= 8192:  # session 9 (H200): the in-kernel split sum won at 8192^2 and
+            cfg["split_sum"] = True  # 28672x8192 (35.6 -> 33.1, 73.7 -> 68.2 µs), lost at 4096 outputs
+        return cfg
     if M > GEMM_MAX_M:
         # beyond the gemm's default range (the tuner's centre where it times the gemm against decompress):
         # 8-warp tiles of 32768 accumulators (<= 128 per thread; sm_90: 223-229 registers, no spills). From
@@ -204,11 +207,12 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                         if kind == "gemm" and acc > nw * 32 * 128:
                             continue
                         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": nw}
-                        out.append(cfg)
+                        variants = [cfg]
                         if kind == "gemv" and tabled:
-                            out.append({**cfg, "table": "shared"})
+                            variants.append({**cfg, "table": "shared"})
                             if bm == 1:  # lane copies pay at one batch row (the tensor-core gemv takes 2-16)
-                                out.append({**cfg, "table": "shared16"})
+                                variants.append({**cfg, "table": "shared16"})
+                        out += _with_split_sum(variants)
     if kind == "gemv" and M <= 16 and mma_supported(spec):
         out.extend(mma_space(spec, n, M))
     return out
@@ -244,6 +248,12 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
             for split in (1, 2, 4, 8, 16):
                 if split > 1 and n // 256 < 2 * split:
                     continue
-                out.append({"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw,
-                            **table, "mma": True})
+                out += _with_split_sum([{"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split,
+                                         "num_warps": nw, **table, "mma": True}])
     return out
+
+
+def _with_split_sum(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each config, and with split-K also its variant that sums the partials in the kernel (``split_sum``,
+    see kernels.runners.split_sum_in_kernel): which one wins depends on the layer and batch."""
+    return [v for c in configs for v in ([c, {**c, "split_sum": True}] if c["SPLIT_K"] > 1 else [c])]
