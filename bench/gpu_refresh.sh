@@ -41,8 +41,11 @@ trap finish EXIT
 step "device"; nvidia-smi -L >>"$LOG" 2>&1; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >>"$LOG" 2>&1
 if want autotune; then
   step "autotune $GPU (max $TUNE_MIN min)"
+  # TUNE_ARGS: extra flags, e.g. "--buckets 1-16 --replace" (merge into a copy of the shipped file, new entries win)
+  [ -n "${TUNE_ARGS:-}" ] && [ -s "autotune_configs/$GPU.yaml" ] && cp "autotune_configs/$GPU.yaml" "$OUT/$GPU.yaml"
+  # shellcheck disable=SC2086
   timeout -k 10 $(( TUNE_MIN * 60 + 60 )) python3 -m qtip_triton autotune --gpu "$GPU" --max-minutes "$TUNE_MIN" \
-    --out "$OUT/$GPU.yaml" --no-progress >>"$LOG" 2>&1
+    --out "$OUT/$GPU.yaml" --no-progress ${TUNE_ARGS:-} >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   if [ -s "$OUT/$GPU.yaml" ]; then
     rm -f "autotune_configs/$GPU.yaml"; cp "$OUT/$GPU.yaml" "autotune_configs/$GPU.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import random
 import warnings
@@ -113,6 +114,19 @@ def test_merge_keeps_faster(rng, tmp_path):
     for key, e in on_disk.entries.items():
         times = [f.entries[key].time_us for f in (a, b) if key in f.entries]
         assert e.time_us == min(times)
+
+
+def test_replace_takes_every_new_entry_and_keeps_the_others(rng, tmp_path):
+    a, b = random_file(rng, 30), random_file(rng, 30)
+    for key in list(a.entries)[:10]:  # same keys, the new ones slower than those on disk
+        b.entries[key] = dataclasses.replace(a.entries[key], time_us=a.entries[key].time_us * 2)
+    path = tmp_path / "h100.yaml"
+    st.save_merged(path, a)
+    merged = st.save_merged(path, b, replace=True)
+    assert st.load(path).entries == merged.entries
+    assert set(merged.entries) == set(a.entries) | set(b.entries)
+    for key, e in merged.entries.items():
+        assert e == (b.entries[key] if key in b.entries else a.entries[key])
 
 
 def _mutations():

@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None,
                    help="file to merge results into (default autotune_configs/<gpu>.yaml in a source checkout, "
                         "else the user cache)")
+    p.add_argument("--replace", action="store_true",
+                   help="entries tuned now replace those in --out whatever their recorded times (default: the "
+                        "faster entry stays; use this after a kernel change)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate; tune nothing")
     p.add_argument("--no-check", action="store_true", help="skip comparing each candidate's output to the default's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -145,7 +148,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
                   check=not args.no_check, quick=quick, screen=args.screen)
     entries = report.entries()
     if entries:
-        merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}))
+        merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),
+                             replace=args.replace)
         print(f"wrote {len(entries)} entries to {target} ({len(merged.entries)} in the file)", file=out)
     else:
         print("no entry was tuned; nothing written", file=out)

@@ -287,8 +287,12 @@ def lock_for(path: Path) -> FileLock:
     return FileLock(str(path) + ".lock", timeout=120)
 
 
-def save_merged(path: str | os.PathLike, new: TuneFile) -> TuneFile:
+def save_merged(path: str | os.PathLike, new: TuneFile, replace: bool = False) -> TuneFile:
     """Merge ``new`` into the file at ``path`` (faster entry wins) and write it atomically; returns the result.
+
+    ``replace``: every entry of ``new`` replaces the one on disk whatever their times (entries ``new``
+    lacks stay). Why: a time on disk may come from another run or an older kernel of the same config
+    version, so "faster wins" can keep a config whose recorded time the current kernels no longer give.
 
     Under a lock, so tuners in several processes can write the same file. An existing file for another
     GPU is refused (tune into another file); a corrupt or out-of-date one is set aside as
@@ -314,7 +318,7 @@ def save_merged(path: str | os.PathLike, new: TuneFile) -> TuneFile:
                 # entries already on disk that are faster stay
                 for key, entry in old.entries.items():
                     mine = merged.entries.get(key)
-                    if mine is None or entry.time_us < mine.time_us:
+                    if mine is None or (not replace and entry.time_us < mine.time_us):
                         merged.entries[key] = entry
             except StoreError as e:
                 stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
