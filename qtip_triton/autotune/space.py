@@ -130,11 +130,17 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
         for i, (fam_default, fam_space) in enumerate(_families(space, default)):
             # a kind out of reach still has its variants timed where its space lists them (e.g. the
             # gemv's mma configs up to M = 16, where the plain gemv is no contender)
-            if i == 0 and kind not in reachable:
+            # ... but not a family that differs from its kind's home only by launch options (split_sum)
+            if kind not in reachable and (i == 0 or _flags(fam_default or {}) - _flags(default or {}) <= _LAUNCH_FLAGS):
                 continue
             fam_budget = budget if i == 0 else max(2, budget // 3)
             out += [(kind, c) for c in prune(fam_space, fam_default, in_features, M, fam_budget)]
     return out
+
+
+# boolean options that change how a kernel is launched or finished, not which kernel it is: a family of them
+# is timed only where its kind is (the in-kernel split-K sum of a plain gemv at M = 16 would never win)
+_LAUNCH_FLAGS = frozenset({"split_sum"})
 
 
 def _flags(config: Mapping[str, Any]) -> frozenset[str]:
