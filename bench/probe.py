@@ -9,6 +9,7 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
     python bench/probe.py --points 8192x8192:1,28672x8192:1 --K 2 --tables gather,shared,shared4
     python bench/probe.py --points 4096x4096:1,4096x11008:1 --tables shared --fuse-in   # gemv + its input transform
     python bench/probe.py --points 22016x4096:8,4096x11008:16 --tables shared --mma      # + the tensor-core gemv
+    python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --hfma --linear  # + fp16x2
 
 ``--fuse-in`` (gemv): every config also runs with ``fuse_in`` (each program computes its slice of the input
 transform), and every time then includes the input transform (the separate launch for the others).
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
     ap.add_argument("--mma", action="store_true", help="gemv: also the tensor-core variant's configs (codegen/mma.py)")
     ap.add_argument("--linear", action="store_true", help="also time the whole forward (linear(), as the tuner does)")
+    ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
     ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
     ap.add_argument("--time-limit", type=float, default=300.0)
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                            [int(v) for v in a.stages.split(",")] if a.stages else None)
         if a.fuse_in and a.kind == "gemv":
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
+        if a.hfma and a.kind == "gemv":  # each plain gemv config also with fp16x2 multiply-adds
+            cands += [{**c, "hfma": True} for c in cands if not c.get("fuse_in")]
         if a.mma_only:
             cands = []
         if (a.mma or a.mma_only) and a.kind == "gemv" and mma_supported(qw.spec):

@@ -106,3 +106,14 @@ def test_prefill_gemm_tiles_fit_without_spills():
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 8}
         r, = compiled("L16K2V2-hyb9", config=cfg, kind="gemm")
         assert r["stack"] == 0 and r["local"] == 0 and r["reg"] <= 255 and r["shared_bytes"] <= 227 * 1024, r
+
+
+def test_hfma_gemv_multiplies_two_weights_per_instruction():
+    """The fp16x2 variant: one HFMA2 per decoded state in the k loop, no fp32 FMAs there, and fewer
+    instructions per state than the fp32 gemv with the same tile."""
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "table": "shared"}
+    fp32, = compiled("L16K2V2-hyb9", config=cfg)
+    half, = compiled("L16K2V2-hyb9", config={**cfg, "hfma": True})
+    assert half["opcodes"].get("HFMA2") == half["states_per_thread_iter"], half
+    assert "FFMA" not in half["opcodes"] and fp32["opcodes"].get("FFMA", 0) > 0
+    assert half["per_state"] < fp32["per_state"] - 1.5, (half["per_state"], fp32["per_state"])

@@ -70,6 +70,13 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             if fuse_in or extra["prefetch"]:
                 raise ValueError("config mma does not combine with fuse_in or prefetch")
             extra["mma"] = True
+        hfma = config.get("hfma", False)
+        if not isinstance(hfma, bool):
+            raise ValueError(f"config hfma={hfma!r} must be a bool (fp16x2 multiply-adds in the gemv)")
+        if hfma:  # only when on: every existing config keeps its source (and cache key)
+            if mma or fuse_in or extra["prefetch"]:
+                raise ValueError("config hfma does not combine with mma, fuse_in or prefetch")
+            extra["hfma"] = True
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -89,6 +96,27 @@ def table_replicas(opts: Mapping[str, Any]) -> int:
             return int(t[len(mode):])
     return 1
 
+
+HFMA_HELPERS = '''
+@triton.jit
+def _pack_f16x2(lo, hi):
+    """Two fp16 tensors as one uint32 each (``lo`` in bits 0-15)."""
+    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def _hfma2(a, b, c, INTERPRET: tl.constexpr):
+    """a * b + c on packed fp16x2 registers: one HFMA2 (two weights) on the GPU; the interpreter rounds
+    the exact fp32 product-sum to fp16 per half."""
+    if INTERPRET:
+        lo = (_f16_lo(a).to(tl.float32) * _f16_lo(b).to(tl.float32) + _f16_lo(c).to(tl.float32)).to(tl.float16)
+        hi = (_f16_hi(a).to(tl.float32) * _f16_hi(b).to(tl.float32) + _f16_hi(c).to(tl.float32)).to(tl.float16)
+        return _pack_f16x2(lo, hi)
+    else:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+
+'''
 
 SHARED_TABLE_HELPERS = '''
 @triton.jit
@@ -341,6 +369,8 @@ class _Emitter:
             s(*helpers.splitlines(), "")
         if self.opts.get("mma"):
             s(*MMA_HELPERS.splitlines(), "")
+        if self.opts.get("hfma"):
+            s(*HFMA_HELPERS.splitlines(), "")
         if self.dec.helpers:  # the code's own helpers (e.g. one dp4a for a byte sum)
             s("", *self.dec.helpers.strip("\n").splitlines(), "", "")
         s(
@@ -604,6 +634,9 @@ class _Emitter:
         if self.opts.get("mma"):
             self._gemv_mma()
             return
+        if self.opts.get("hfma"):
+            self._gemv_hfma()
+            return
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
         fuse_in = self.opts.get("fuse_in", False)
@@ -696,6 +729,56 @@ class _Emitter:
         if self.shared_table():
             s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
             s("    tl.debug_barrier()")
+
+    def _gemv_hfma(self) -> None:
+        """The CUDA-core gemv multiplying in fp16x2: one HFMA2 per decoded state (its two weights at once)."""
+        p, s = self.plan, self.src
+        bm = self.opts["BLOCK_M"]
+        self._gemv_signature(fuse_in=False)
+        s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (fp16x2 multiply-adds, fp32 sums).')
+        s("")
+        s("Each decoded state is one fp16x2 register holding the weights of two adjacent input columns; x of those")
+        s("columns is packed the same way, so one fma.rn.f16x2 multiplies both (no fp16 -> fp32 conversions, half the")
+        s("FMAs of the fp32 gemv). Per k step each row sums its 8 column pairs in fp16x2, then adds both halves to")
+        s("the fp32 accumulator: 8 products per fp16 partial (relative error ~3e-4 of the output's scale).")
+        s('"""')
+        s(f"tl.static_assert(BLOCK_M == {bm})")
+        self.prologue(split=True)
+        self.dependency_sync()
+        for m in range(bm):
+            s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
+            s(f"ok{m} = pid_m * {bm} + {m} < M")
+            for a in range(p.NA):
+                s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
+        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+        s("for it in range(ITERS):")
+        s.indent()
+        self.load_words()
+        self.decode_values(cast=None, emit_values=False)
+        pairs = packed_pairs(p, self.state_vals, "hfma")
+        for m in range(bm):
+            s(f"# batch row {m}: x of each class column pair packed as fp16x2, then the pairs' products in fp16x2")
+            for cc in range(p.NC):
+                off = f"x_off + {cc} * Ctot" if cc else "x_off"
+                mask = "wmask" if m == 0 else f"wmask & ok{m}"
+                first = f"tl.load(x{m} + {off})" if m == 0 else f"tl.load(x{m} + {off}, mask=ok{m}, other=0.0)"
+                s(f"xc{cc} = ({first} if EVEN else tl.load(x{m} + {off}, mask={mask}, other=0.0)).to(tl.float16)")
+            for j in range(p.NC // 2):
+                s(f"xp{j} = _pack_f16x2(xc{2 * j}, xc{2 * j + 1})")
+            for a in range(p.NA):
+                s(f"h{a} = tl.zeros([RB, CB], dtype=tl.uint32)")
+                for j in range(p.NC // 2):
+                    s(f"h{a} = _hfma2({pairs[a][j]}, xp{j}, h{a}, INTERPRET)")
+                s(f"acc{a}_{m} += _f16_lo_f32(h{a}, INTERPRET) + _f16_hi_f32(h{a}, INTERPRET)")
+        self._end_gemv_loop()
+        for a in range(p.NA):
+            rc = p.rconst(a)
+            row = f"orow + {rc}" if rc else "orow"
+            for m in range(bm):
+                s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
+                  f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
+        self.split_sum()
+        s.dedent()
 
     def _gemv_mma(self) -> None:
         """The gemv on tensor cores: one mma.sync per four decoded states (see codegen/mma.py)."""

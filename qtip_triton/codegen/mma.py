@@ -100,12 +100,13 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, RB: tl.constexpr, CB: tl.conste
 _HALF = re.compile(r"_f16_(lo|hi)\((\w+)\)")
 
 
-def packed_pairs(plan: TilePlan, vals: list[list[str]]) -> list[list[str]]:
+def packed_pairs(plan: TilePlan, vals: list[list[str]], what: str = "mma") -> list[list[str]]:
     """``[row class][class pair j]`` -> the variable holding the packed fp16x2 state whose low half is
     class column 2j and high half 2j+1, for the mma's A operand; ``vals[s]`` are the decoder's value
-    expressions of state ``s``. A clear error when the plan or the code does not give such registers."""
+    expressions of state ``s``. A clear error (naming the ``what`` config) when the plan or the code does not
+    give such registers."""
     if plan.NA != 2 or plan.NC != 16 or plan.GCN != 1:
-        raise ValueError(f"mma needs a tile of 2 row classes x 16 columns per group (QTIP's layout, V=2); "
+        raise ValueError(f"{what} needs a tile of 2 row classes x 16 columns per group (QTIP's layout, V=2); "
                          f"{plan.spec.name} in layout {plan.layout!r} has {plan.NA} x {plan.NC}")
     out = []
     for a, cls in enumerate(plan.classes):
@@ -113,13 +114,13 @@ def packed_pairs(plan: TilePlan, vals: list[list[str]]) -> list[list[str]]:
         for j in range(8):
             lo, hi = cls[2 * j], cls[2 * j + 1]
             if lo.s != hi.s or (lo.f, hi.f) != (0, 1):
-                raise ValueError(f"mma needs class columns {2 * j}, {2 * j + 1} of row class {a} in one state "
+                raise ValueError(f"{what} needs class columns {2 * j}, {2 * j + 1} of row class {a} in one state "
                                  f"(layout {plan.layout!r}: states {lo.s}, {hi.s})")
             m_lo = _HALF.fullmatch(vals[lo.s][0])
             m_hi = _HALF.fullmatch(vals[hi.s][1])
             if not (m_lo and m_hi and m_lo.group(1) == "lo" and m_hi.group(1) == "hi"
                     and m_lo.group(2) == m_hi.group(2)):
-                raise ValueError(f"mma needs a code that decodes a state into one fp16x2 register "
+                raise ValueError(f"{what} needs a code that decodes a state into one fp16x2 register "
                                  f"({plan.spec.code} gives {vals[lo.s]})")
             row.append(m_lo.group(2))
         out.append(row)

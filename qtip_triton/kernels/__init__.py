@@ -91,14 +91,14 @@ def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtyp
     """The dtype the input transform writes h in for decode kernels run with ``configs``.
 
     gemv: float32 (its multiply-adds are fp32: one 16-bit rounding less, half the bf16 error), but float16
-    when every config is the tensor-core variant (``mma``): the mma takes fp16 operands anyway, and the
+    when every config is the tensor-core (``mma``) or fp16x2 (``hfma``) variant: those take fp16 operands anyway, and the
     transform's round-to-nearest is the one the kernel would do, so results are bit-identical, while x,
     re-read by every row block of the layer, costs half the bytes (at M = 8 an fp32 x step is twice the
     bytes of the weight words it multiplies). Tensor-core kinds: x's dtype."""
     if kind != "gemv":
         return x_dtype
     cfgs = list(configs)
-    return torch.float16 if cfgs and all(c.get("mma") for c in cfgs) else torch.float32
+    return torch.float16 if cfgs and all(c.get("mma") or c.get("hfma") for c in cfgs) else torch.float32
 
 
 def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind: str | None = None) -> torch.Tensor:
