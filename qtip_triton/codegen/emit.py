@@ -656,12 +656,7 @@ class _Emitter:
             self._input_transform(bm)
             if self.shared_table():
                 self.shared_table_fill()
-        for m in range(bm):
-            s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
-            s(f"ok{m} = pid_m * {bm} + {m} < M")
-            for a in range(p.NA):
-                s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
-        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+        self._gemv_rows(bm)
         depth = self.opts.get("prefetch", 0)
         loads = self.word_loads()
         if depth:
@@ -695,6 +690,22 @@ class _Emitter:
                           f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
         self._end_gemv_loop()
+        self._store_gemv_rows(bm)
+
+    def _gemv_rows(self, bm: int) -> None:
+        """The CUDA-core gemvs' batch rows: x pointers, row masks, one fp32 accumulator per row and class."""
+        p, s = self.plan, self.src
+        for m in range(bm):
+            s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
+            s(f"ok{m} = pid_m * {bm} + {m} < M")
+            for a in range(p.NA):
+                s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
+        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+
+    def _store_gemv_rows(self, bm: int) -> None:
+        """Each row's partial (its accumulator summed over the tile's columns) into Y[pid_k], then the
+        optional in-kernel split sum; closes the kernel body."""
+        p, s = self.plan, self.src
         for a in range(p.NA):
             rc = p.rconst(a)
             row = f"orow + {rc}" if rc else "orow"
@@ -745,12 +756,7 @@ class _Emitter:
         s(f"tl.static_assert(BLOCK_M == {bm})")
         self.prologue(split=True)
         self.dependency_sync()
-        for m in range(bm):
-            s(f"x{m} = X + (pid_m * {bm} + {m}) * stride_xm")
-            s(f"ok{m} = pid_m * {bm} + {m} < M")
-            for a in range(p.NA):
-                s(f"acc{a}_{m} = tl.zeros([RB, CB], dtype=tl.float32)")
-        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+        self._gemv_rows(bm)
         s("for it in range(ITERS):")
         s.indent()
         self.load_words()
@@ -771,14 +777,7 @@ class _Emitter:
                     s(f"h{a} = _hfma2({pairs[a][j]}, xp{j}, h{a}, INTERPRET)")
                 s(f"acc{a}_{m} += _f16_lo_f32(h{a}, INTERPRET) + _f16_hi_f32(h{a}, INTERPRET)")
         self._end_gemv_loop()
-        for a in range(p.NA):
-            rc = p.rconst(a)
-            row = f"orow + {rc}" if rc else "orow"
-            for m in range(bm):
-                s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
-                  f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
-        self.split_sum()
-        s.dedent()
+        self._store_gemv_rows(bm)
 
     def _gemv_mma(self) -> None:
         """The gemv on tensor cores: one mma.sync per four decoded states (see codegen/mma.py)."""
