@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qtip_triton.codegen.mma import MMA_COLS, MMA_HELPERS, MMA_ROWS, packed_pairs
+from qtip_triton.codegen.mma import MMA_COLS, MMA_HELPERS, MMA_ROWS, PACK_HELPER, packed_pairs
 from qtip_triton.codegen.plan import TilePlan, make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
@@ -98,12 +98,6 @@ def table_replicas(opts: Mapping[str, Any]) -> int:
 
 
 HFMA_HELPERS = '''
-@triton.jit
-def _pack_f16x2(lo, hi):
-    """Two fp16 tensors as one uint32 each (``lo`` in bits 0-15)."""
-    return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
-
 @triton.jit
 def _hfma2(a, b, c, INTERPRET: tl.constexpr):
     """a * b + c on packed fp16x2 registers: one HFMA2 (two weights) on the GPU; the interpreter rounds
@@ -367,6 +361,8 @@ class _Emitter:
             rep = table_replicas(self.opts)
             helpers = SHARED_TABLE_HELPERS.replace("@REPM1@", str(rep - 1))
             s(*helpers.splitlines(), "")
+        if self.opts.get("mma") or self.opts.get("hfma"):
+            s(*PACK_HELPER.splitlines(), "")
         if self.opts.get("mma"):
             s(*MMA_HELPERS.splitlines(), "")
         if self.opts.get("hfma"):
@@ -607,19 +603,19 @@ class _Emitter:
         s("if arrived == tl.num_programs(1) - 1:")
         s.indent()
         s("fm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
+        s("fk = (fm < M)[:, None] & rmask[None, :]  # the rows this program wrote (every row class alike)")
         for a in range(p.NA):
             rc = p.rconst(a)
             row = f"orow + {rc}" if rc else "orow"
             s(f"fo{a} = fm[:, None] * stride_ym + ({row})[None, :]")
-            s(f"fk{a} = (fm < M)[:, None] & rmask[None, :]")
-            s(f"tot{a} = tl.load(Y + fo{a}, mask=fk{a}, other=0.0, cache_modifier='.cg')  # L2: not a stale L1 line")
+            s(f"tot{a} = tl.load(Y + fo{a}, mask=fk, other=0.0, cache_modifier='.cg')  # L2: not a stale L1 line")
         s("for sp in range(1, tl.num_programs(1)):")
         s.indent()
         for a in range(p.NA):
-            s(f"tot{a} += tl.load(Y + sp * stride_ys + fo{a}, mask=fk{a}, other=0.0, cache_modifier='.cg')")
+            s(f"tot{a} += tl.load(Y + sp * stride_ys + fo{a}, mask=fk, other=0.0, cache_modifier='.cg')")
         s.dedent()
         for a in range(p.NA):
-            s(f"tl.store(Y + fo{a}, tot{a}, mask=fk{a})")
+            s(f"tl.store(Y + fo{a}, tot{a}, mask=fk)")
         s("tl.atomic_xchg(cnt, 0, sem='relaxed', scope='gpu')  # zero again for the next launch")
         s.dedent()
         s.dedent()
@@ -682,15 +678,20 @@ class _Emitter:
         for a, cls in enumerate(p.classes):
             for j, vs in enumerate(cls):
                 for m in range(bm):
-                    off = f"x_off + {j} * Ctot" if j else "x_off"
-                    if m == 0:  # row pid_m * BLOCK_M always exists
-                        s(f"xv = tl.load(x{m} + {off}) if EVEN else tl.load(x{m} + {off}, mask=wmask, other=0.0)")
-                    else:
-                        s(f"xv = tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
-                          f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
+                    s(f"xv = {self._x_load(m, j)}")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
         self._end_gemv_loop()
         self._store_gemv_rows(bm)
+
+    @staticmethod
+    def _x_load(m: int, cc: int) -> str:
+        """The CUDA-core gemvs' load of batch row ``m``'s x at class column ``cc`` (row 0 of a block
+        always exists, so it needs no row mask)."""
+        off = f"x_off + {cc} * Ctot" if cc else "x_off"
+        if m == 0:
+            return f"tl.load(x{m} + {off}) if EVEN else tl.load(x{m} + {off}, mask=wmask, other=0.0)"
+        return (f"tl.load(x{m} + {off}, mask=ok{m}, other=0.0) if EVEN else "
+                f"tl.load(x{m} + {off}, mask=wmask & ok{m}, other=0.0)")
 
     def _gemv_rows(self, bm: int) -> None:
         """The CUDA-core gemvs' batch rows: x pointers, row masks, one fp32 accumulator per row and class."""
@@ -765,10 +766,7 @@ class _Emitter:
         for m in range(bm):
             s(f"# batch row {m}: x of each class column pair packed as fp16x2, then the pairs' products in fp16x2")
             for cc in range(p.NC):
-                off = f"x_off + {cc} * Ctot" if cc else "x_off"
-                mask = "wmask" if m == 0 else f"wmask & ok{m}"
-                first = f"tl.load(x{m} + {off})" if m == 0 else f"tl.load(x{m} + {off}, mask=ok{m}, other=0.0)"
-                s(f"xc{cc} = ({first} if EVEN else tl.load(x{m} + {off}, mask={mask}, other=0.0)).to(tl.float16)")
+                s(f"xc{cc} = ({self._x_load(m, cc)}).to(tl.float16)")
             for j in range(p.NC // 2):
                 s(f"xp{j} = _pack_f16x2(xc{2 * j}, xc{2 * j + 1})")
             for a in range(p.NA):

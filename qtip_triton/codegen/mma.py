@@ -40,13 +40,15 @@ from qtip_triton.codegen.plan import TilePlan
 MMA_COLS = 16
 MMA_ROWS = 8
 
-MMA_HELPERS = '''
+PACK_HELPER = '''
 @triton.jit
 def _pack_f16x2(lo, hi):
-    """Two fp16 tensors as one uint32 each (``lo`` in bits 0-15): an mma operand register."""
+    """Two fp16 tensors as one uint32 each (``lo`` in bits 0-15): an mma operand, or an fp16x2 FMA's."""
     return lo.to(tl.uint16, bitcast=True).to(tl.uint32) | (hi.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
 
+'''
 
+MMA_HELPERS = '''
 @triton.jit
 def _products(a, b, RB: tl.constexpr, CB: tl.constexpr):
     """[RB//8, 8 (g), 8 (n), 4 (e)]: for element e, sum over the 4 lanes t of row group g of the fp16x2
