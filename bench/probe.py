@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse-in", action="store_true", help="gemv: also the fused input transform; times include it")
     ap.add_argument("--mma", action="store_true", help="gemv: also the tensor-core variant's configs (codegen/mma.py)")
     ap.add_argument("--linear", action="store_true", help="also time the whole forward (linear(), as the tuner does)")
+    ap.add_argument("--split-sum", action="store_true",
+                    help="also each split-K config with its partials summed in the kernel (split_sum)")
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
     ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
         if a.hfma and a.kind == "gemv":  # each plain gemv config also with fp16x2 multiply-adds
             cands += [{**c, "hfma": True} for c in cands if not c.get("fuse_in")]
+        if a.split_sum:  # each split config also summed in the kernel (config split_sum)
+            cands += [{**c, "split_sum": True} for c in cands if c.get("SPLIT_K", 1) > 1]
         if a.mma_only:
             cands = []
         if (a.mma or a.mma_only) and a.kind == "gemv" and mma_supported(qw.spec):

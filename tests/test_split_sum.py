@@ -33,7 +33,8 @@ def _in_order(parts: torch.Tensor) -> torch.Tensor:
     return total
 
 
-@pytest.mark.parametrize("variant,split,M", [("gemv", 2, 3), ("gemv", 3, 1), ("mma", 2, 5), ("gemm", 4, 17)])
+@pytest.mark.parametrize("variant,split,M",
+                         [("gemv", 2, 3), ("gemv", 3, 1), ("gemv", 8, 2), ("mma", 2, 5), ("gemm", 4, 17)])
 def test_kernel_sum_equals_the_partials_in_split_order(gen, monkeypatch, variant, split, M):
     qw = random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 96, 1024, layout="qtip")  # 96: a ragged row block
     pw = prepare(qw)

@@ -32,6 +32,7 @@ TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "
 SHARED_TABLE_KINDS = ("gemv",)  # kinds with no Triton shared-memory use inside the k loop
 SOURCE_KEYS = ("table", "BLOCK_M", "prefetch")  # config keys that can change the text (last two: gemv only)
 GENERATOR_VERSION = "1"
+SUM_UNROLL = 4  # split-K partials the in-kernel sum loads per step (split_sum)
 
 
 def default_layout(spec: TrellisSpec) -> str:
@@ -596,12 +597,16 @@ class _Emitter:
         s("# finish adds every split's partial, in split order, into Y[0]")
         # the barrier orders every thread's partial stores before the arrival; the arrival's release
         # (a GPU-scope fence by the one thread that counts, cumulative over what the barrier ordered)
-        # makes them visible to the program that arrives last, whose acquire precedes its reads
+        # makes them visible to the program that arrives last. Only that program acquires: the
+        # exchange that zeroes the counter, then a barrier that orders every thread's reads after it
+        # (an acq_rel arrival made every program pay for an acquire that one needs)
         s("tl.debug_barrier()")
         s("cnt = CNT + pid_m * tl.num_programs(0) + pid_r")
-        s("arrived = tl.atomic_add(cnt, 1, sem='acq_rel', scope='gpu')")
+        s("arrived = tl.atomic_add(cnt, 1, sem='release', scope='gpu')")
         s("if arrived == tl.num_programs(1) - 1:")
         s.indent()
+        s("tl.atomic_xchg(cnt, 0, sem='acquire', scope='gpu')  # every split has arrived: zero it for the next launch")
+        s("tl.debug_barrier()")
         s("fm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         s("fk = (fm < M)[:, None] & rmask[None, :]  # the rows this program wrote (every row class alike)")
         for a in range(p.NA):
@@ -609,14 +614,22 @@ class _Emitter:
             row = f"orow + {rc}" if rc else "orow"
             s(f"fo{a} = fm[:, None] * stride_ym + ({row})[None, :]")
             s(f"tot{a} = tl.load(Y + fo{a}, mask=fk, other=0.0, cache_modifier='.cg')  # L2: not a stale L1 line")
-        s("for sp in range(1, tl.num_programs(1)):")
+        # SUM_UNROLL partials in flight per step (the loop is not pipelined, and each step otherwise waited
+        # one L2 round trip); past the last split a load gives -0.0, which leaves every sum unchanged
+        s("nsp = tl.num_programs(1)")
+        s(f"for sp in range(1, nsp, {SUM_UNROLL}):")
         s.indent()
         for a in range(p.NA):
-            s(f"tot{a} += tl.load(Y + sp * stride_ys + fo{a}, mask=fk, other=0.0, cache_modifier='.cg')")
+            for j in range(SUM_UNROLL):
+                sp = f"sp + {j}" if j else "sp"
+                s(f"p{a}_{j} = tl.load(Y + {'(' + sp + ')' if j else sp} * stride_ys + fo{a}, mask=fk & ({sp} < nsp), other=-0.0, "
+                  "cache_modifier='.cg')")
+        for a in range(p.NA):
+            for j in range(SUM_UNROLL):  # one add at a time, in split order: the transform's sum, bit for bit
+                s(f"tot{a} += p{a}_{j}")
         s.dedent()
         for a in range(p.NA):
             s(f"tl.store(Y + fo{a}, tot{a}, mask=fk)")
-        s("tl.atomic_xchg(cnt, 0, sem='relaxed', scope='gpu')  # zero again for the next launch")
         s.dedent()
         s.dedent()
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 CASES = [
     ("gemv", 1, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 1024, "num_warps": 4, "table": "shared16"}, (2, 4, 8)),
-    ("gemv", 8, {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "table": "shared", "mma": True}, (2, 4)),
+    ("gemv", 8, {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "table": "shared", "mma": True}, (2, 4, 16)),
     ("gemv", 3, {"BLOCK_M": 4, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "table": "shared"}, (3,)),
     ("gemm", 16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4}, (4, 8)),
 ]
