@@ -32,6 +32,10 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "both16": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16},
             "both16_w2": {"col_split": True, "unroll_splits": True, "rblk": 16, "cblk": 16, "num_warps": 2},
             "both_c16": {"col_split": True, "unroll_splits": True, "cblk": 16},
+            # more warps per program at one token: its ~1,400 instructions per warp issue one per ~6
+            # cycles on one warp per scheduler (ncu, H200, session 10)
+            "w8": {"num_warps": 8}, "w8_16": {"num_warps": 8, "rblk": 16, "cblk": 16},
+            "w8_c16": {"num_warps": 8, "cblk": 16}, "w16": {"num_warps": 16},
             "per_token": {"tall": False}, "tall": {"tall": True},
             # tall tiles of several tokens at CP = 128 (every Llama size but 4096 runs one token per tile)
             "tall_t2": {"tall": True, "tall_tokens": 2}, "tall_t4_bm32": {"tall": True, "tall_tokens": 4, "tall_bm": 32},
