@@ -106,7 +106,6 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     their signs, in one launch. Output groups: each group's own partials (X + g * stride_xg) and POST
     (+ g * stride_pg) into its columns of one fused output (stride_yg = n).
     """
-    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     pid = tl.program_id(0)
     g = pid // (ntok * blocks)
     pid = pid % (ntok * blocks)
@@ -121,6 +120,22 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     base = blk * nb  # offset of the block inside a row (also into PRE / POST / BIAS)
     j = tl.arange(0, CP)
     ri = r0 + tl.arange(0, RBLK)
+    if COL_SPLIT:
+        # one column block per program: its share of the layer's constants (B, POST, BIAS, DST) is loaded
+        # before the dependency wait, so that those loads overlap the previous kernel's end instead of
+        # adding a memory round trip after the products (a few tokens: the transform is a chain of them)
+        jc = tl.program_id(2) * CBLK + tl.arange(0, CBLK)
+        b_c = tl.load(B + j[:, None] * CP + jc[None, :])
+        oidx_c = ri[:, None] * COLS + jc[None, :]
+        omsk_c = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
+        if HAS_POST:
+            post_c = tl.load(POST + base + oidx_c, mask=omsk_c, other=0.0)
+        if HAS_BIAS:
+            bias_c = tl.load(BIAS + base + oidx_c, mask=omsk_c, other=0.0).to(tl.float32)
+        dst_c = base + oidx_c
+        if HAS_DST:
+            dst_c = tl.load(DST + dst_c, mask=omsk_c, other=0)
+    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     acc = tl.zeros([RBLK, CP], dtype=tl.float32)
     for k0 in range(0, RP, KBLK):
         ki = k0 + tl.arange(0, KBLK)
@@ -140,21 +155,28 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
             z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
         acc = _split_dot(a, z, acc, INTERPRET)
-    for c_blk in tl.static_range(0, 1 if COL_SPLIT else CP // CBLK):  # stage 2 by column blocks
-        c0 = tl.program_id(2) * CBLK if COL_SPLIT else c_blk * CBLK
-        jc = c0 + tl.arange(0, CBLK)
-        b = tl.load(B + j[:, None] * CP + jc[None, :])
-        out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
-        oidx = ri[:, None] * COLS + jc[None, :]
-        omsk = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
+    if COL_SPLIT:  # stage 2 for this program's column block, with the constants loaded above
+        out = _split_dot_rhs(acc, b_c, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
         if HAS_POST:
-            out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
+            out *= post_c
         if HAS_BIAS:
-            out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
-        dst = base + oidx
-        if HAS_DST:  # the consuming kernel's input order (a permutation of the row)
-            dst = tl.load(DST + dst, mask=omsk, other=0)
-        tl.store(Y + token * stride_ym + dst, out.to(Y.dtype.element_ty), mask=omsk)
+            out += bias_c
+        tl.store(Y + token * stride_ym + dst_c, out.to(Y.dtype.element_ty), mask=omsk_c)
+    else:
+        for c_blk in tl.static_range(0, CP // CBLK):  # stage 2 by column blocks
+            jc = c_blk * CBLK + tl.arange(0, CBLK)
+            b = tl.load(B + j[:, None] * CP + jc[None, :])
+            out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+            oidx = ri[:, None] * COLS + jc[None, :]
+            omsk = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
+            if HAS_POST:
+                out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
+            if HAS_BIAS:
+                out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
+            dst = base + oidx
+            if HAS_DST:  # the consuming kernel's input order (a permutation of the row)
+                dst = tl.load(DST + dst, mask=omsk, other=0)
+            tl.store(Y + token * stride_ym + dst, out.to(Y.dtype.element_ty), mask=omsk)
 
 
 @triton.jit
