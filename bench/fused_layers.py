@@ -13,7 +13,7 @@ For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4
 
 So op - kernels is what the transforms (and the launches around them) cost. The "whole layer" rows time
 the four ops back to back in one graph (as a decode step runs them), without and with programmatic
-dependent launch (``QTIP_TRITON_PDL=exit|early``, kernels/pdl.py), against the four fp16 matmuls. Writes
+dependent launch (``QTIP_TRITON_PDL=exit|early|auto``, kernels/pdl.py), against the four fp16 matmuls. Writes
 ``<out>/<card>-<date>-fused-layers.{json,md}``.
 
     PYTHONPATH=. python bench/fused_layers.py --out bench/results
@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, time_us, write_results  # noqa: E402
 
 LAYERS = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(11008, 4096)] * 2, "down": [(4096, 11008)]}
+
+PDL_MODES = ("off", "exit", "early", "auto")  # whole-layer columns (kernels/pdl.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.matmul(x, w.t())
 
         rec = {"M": M}
-        for mode in ("off", "exit", "early"):
+        for mode in PDL_MODES:
             os.environ[pdl.PDL_ENV] = mode
             try:
                 rec[f"pdl_{mode}"] = time_us(layer)
@@ -127,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 del os.environ[pdl.PDL_ENV]
         rec["fp16"] = time_us(layer16)
         chain.append(rec)
-        print(f"whole layer M={M}: no PDL {rec['pdl_off']:.1f} us, PDL exit {rec['pdl_exit']:.1f}, "
-              f"early {rec['pdl_early']:.1f}, fp16 {rec['fp16']:.1f}", flush=True)
+        print(f"whole layer M={M}: " + ", ".join(f"PDL {m} {rec[f'pdl_{m}']:.1f} us" for m in PDL_MODES)
+              + f", fp16 {rec['fp16']:.1f}", flush=True)
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
@@ -152,13 +154,14 @@ def main(argv: list[str] | None = None) -> int:
                      f"{totals[(M, 'kernels')]:.1f} | {cell(totals.get((M, 'kernels_mma')))} | "
                      f"{totals[(M, 'fp16')]:.1f} | {totals[(M, 'fp16')] / totals[(M, 'op')]:.2f} |")
     lines += ["", "Whole layer (the four ops in one graph, one timer floor) without programmatic dependent launch "
-              "and with it (QTIP_TRITON_PDL=exit / early, kernels/pdl.py):", "",
-              "| M | QTIP | PDL exit | PDL early | fp16 | fp16 / QTIP | fp16 / exit | fp16 / early |",
-              "|---|---|---|---|---|---|---|---|"]
+              "and with it (QTIP_TRITON_PDL=" + " / ".join(PDL_MODES[1:]) + ", kernels/pdl.py; auto is the default):",
+              "",
+              "| M | " + " | ".join(f"PDL {m}" for m in PDL_MODES) + " | fp16 | "
+              + " | ".join(f"fp16 / {m}" for m in PDL_MODES) + " |",
+              "|---|" + "---|" * (2 * len(PDL_MODES) + 1)]
     for r in chain:
-        lines.append(f"| {r['M']} | {r['pdl_off']:.1f} | {r['pdl_exit']:.1f} | {r['pdl_early']:.1f} | {r['fp16']:.1f} | "
-                     f"{r['fp16'] / r['pdl_off']:.2f} | {r['fp16'] / r['pdl_exit']:.2f} | "
-                     f"{r['fp16'] / r['pdl_early']:.2f} |")
+        lines.append(f"| {r['M']} | " + " | ".join(f"{r[f'pdl_{m}']:.1f}" for m in PDL_MODES) + f" | {r['fp16']:.1f} | "
+                     + " | ".join(f"{r['fp16'] / r[f'pdl_{m}']:.2f}" for m in PDL_MODES) + " |")
     jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
                                                    "whole_layer": chain},
                            "\n".join(lines) + "\n")

@@ -86,7 +86,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     switches ask and what runs here (a user comparing two machines' speeds starts from this)."""
     from qtip_triton.kernels import hadamard_gemm, pdl
 
-    names = {0: "off", 1: "exit", 2: "early"}
+    names = {0: "off", 1: "exit", 2: "early", pdl.AUTO: "auto (early for one token, exit for more)"}
     try:
         asked = names[pdl.mode()]
     except ValueError as e:  # a bad switch is reported, not raised, by info
@@ -98,7 +98,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     elif not pdl.triton_supports_pdl():
         active = "not used (this Triton has no launch_pdl option)"
     else:
-        active = "used" if asked in ("exit", "early") else "not used"
+        active = "used" if asked != "off" else "not used"
     try:
         rows = hadamard_gemm.min_rows()
         gemm = "off (Triton kernels for every batch)" if rows is None else f"from {rows} (token, block) rows"

@@ -20,14 +20,33 @@ SYNC = "grid_dependency_sync(PDL)"
 
 def test_modes_and_off_without_a_hopper_gpu(monkeypatch):
     monkeypatch.delenv(pdl.PDL_ENV, raising=False)
-    assert pdl.mode() == 1  # "exit" unless told otherwise
-    for raw, want in (("exit", 1), ("1", 1), ("early", 2), ("Early", 2), ("off", 0), ("0", 0)):
+    assert pdl.mode() == pdl.AUTO  # "auto" unless told otherwise
+    for raw, want in (("exit", 1), ("1", 1), ("early", 2), ("Early", 2), ("off", 0), ("0", 0), ("auto", pdl.AUTO)):
         monkeypatch.setenv(pdl.PDL_ENV, raw)
         assert pdl.mode() == want
     monkeypatch.setenv(pdl.PDL_ENV, "early")
     assert pdl.launch_args(torch.device("cpu")) == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl.enabled(torch.device("cuda", 0))  # the interpreter: decided before asking any GPU
+
+
+def test_auto_is_early_for_one_token_and_exit_for_more(monkeypatch):
+    """What a Hopper GPU would launch with (its capability and Triton's option faked here)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl, "triton_supports_pdl", lambda: True)
+    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
+    dev = torch.device("cuda", 0)
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    assert [pdl.enabled(dev, t) for t in (1, 2, 16, None)] == [2, 1, 1, 1]  # unknown tokens: exit
+    assert pdl.launch_args(dev, 1) == {"PDL": 2, "launch_pdl": True}
+    for raw, want in (("exit", 1), ("early", 2)):  # a fixed mode ignores the token count
+        monkeypatch.setenv(pdl.PDL_ENV, raw)
+        assert {pdl.enabled(dev, t) for t in (1, 2, None)} == {want}
+    monkeypatch.setenv(pdl.PDL_ENV, "off")
+    assert pdl.launch_args(dev, 1) == {}
+    monkeypatch.setattr(pdl, "_device_supports", lambda index: False)  # pre-Hopper: off whatever is asked
+    monkeypatch.setenv(pdl.PDL_ENV, "auto")
+    assert pdl.enabled(dev, 1) == 0
 
 
 def test_unknown_mode_is_a_clear_error(monkeypatch):
@@ -74,4 +93,8 @@ def test_hadamard_kernels_wait_first(name):
     src = inspect.getsource(getattr(had_kernels, name).fn)
     body = src[src.index('"""', src.index('"""') + 3) + 3:]  # after the docstring
     assert body.count(SYNC) == 1
-    assert body.index(SYNC) < _first(r"tl\.(load|store)\(", body)
+    # the layer's constants (A, B, PRE, POST, BIAS, DST) may load before the wait; activations and
+    # partials (X) and the output (Y, any store) may not
+    assert body.index(SYNC) < _first(r"tl\.load\(X\b|tl\.store\(", body)
+    early = re.findall(r"tl\.load\((\w+)", body[:body.index(SYNC)])
+    assert set(early) <= {"A", "B", "PRE", "POST", "BIAS", "DST"}, early

@@ -543,7 +543,7 @@ def transform(
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
-                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device))
+                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device, T))
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
@@ -553,7 +553,7 @@ def transform(
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
                                 n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
-                                **launch_args(x.device))
+                                **launch_args(x.device, T))
         return y
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
@@ -565,7 +565,7 @@ def transform(
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args, **launch_args(x.device))
+                       **args, **launch_args(x.device, T))
     return y
 
 
@@ -609,7 +609,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
                                 HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret,
-                                **launch_args(x.device))
+                                **launch_args(x.device, T))
         return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
@@ -619,5 +619,5 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
-                       **launch_args(x.device))
+                       **launch_args(x.device, T))
     return out

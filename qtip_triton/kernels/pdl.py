@@ -9,14 +9,18 @@ layer's constants (offsets, the code table written into shared memory) and then 
 writes are visible. Nothing that a previous kernel writes or reads may be touched before that wait
 (activations, partials, outputs), so correctness does not depend on which kernel ran before ours.
 
-Two modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (the default, or ``1``): each kernel waits, and the
-next one may be scheduled as this one's programs exit; ``early``: each kernel also calls
+Modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (or ``1``): each kernel waits, and the next one may be
+scheduled as this one's programs exit; ``early``: each kernel also calls
 ``griddepcontrol.launch_dependents`` right after its wait, so the next kernel may be scheduled once all
-of this kernel's programs are running; ``off`` (or ``0``). Measured on the H200 (2026-11-29,
+of this kernel's programs are running; ``auto`` (the default): ``early`` for launches of one token,
+``exit`` for more; ``off`` (or ``0``). Measured on the H200 (2026-11-29,
 bench/results/h200-2026-11-29-fused-layers-pdl-modes.md: one Llama-2-7B layer, K=2, the four ops in one
 CUDA graph, µs): off 131.9 / 203.4 / 212.3 at M = 1 / 8 / 16, exit 128.5 / 201.3 / 209.6, early
 128.7 / 240.2 / 264.4 (waiting programs of the next kernel take the SM slots the gemm's later programs
-need). In the interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the
+need). Session 10 (2026-11-29, the same bench): once the few-token transforms loaded their constants
+before the wait, early won at M = 1 (103.4 µs against exit's 116.6; fp16 126.2) and still lost at
+M = 8 / 16 (185.3 / 225.8 against 158.8 / 213.6), hence ``auto``. One token is its own Triton integer
+class and its own autotune bucket, so the two compiled variants never share a warm-up key. In the interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the
 kernels compile without the instructions.
 """
 
@@ -31,7 +35,9 @@ import triton
 import triton.language as tl
 
 PDL_ENV = "QTIP_TRITON_PDL"
-MODES = {"0": 0, "off": 0, "": 0, "1": 1, "exit": 1, "early": 2}
+AUTO = 3  # mode() value of "auto": early for one token, exit for more (resolved per launch by enabled())
+EARLY_MAX_TOKENS = 1  # auto: launches of at most this many tokens (rows of activations) use early
+MODES = {"0": 0, "off": 0, "": 0, "1": 1, "exit": 1, "early": 2, "auto": AUTO}
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,27 +56,34 @@ def _device_supports(index: int) -> bool:
 
 
 def mode() -> int:
-    """The requested mode (0 off, 1 exit, 2 early), from the environment (default exit); unknown values
-    are an error."""
-    raw = os.environ.get(PDL_ENV, "exit").strip().lower()
+    """The requested mode (0 off, 1 exit, 2 early, AUTO), from the environment (default auto); unknown
+    values are an error."""
+    raw = os.environ.get(PDL_ENV, "auto").strip().lower()
     if raw not in MODES:
-        raise ValueError(f"{PDL_ENV}={raw!r}: expected one of off, exit, early (or 0/1)")
+        raise ValueError(f"{PDL_ENV}={raw!r}: expected one of off, exit, early, auto (or 0/1)")
     return MODES[raw]
 
 
-def enabled(device: torch.device) -> int:
-    """The mode kernels launched on ``device`` use now (env read per call: tests and benchmarks flip it)."""
+def enabled(device: torch.device, tokens: int | None = None) -> int:
+    """The mode (0, 1 or 2) a kernel launched on ``device`` for ``tokens`` rows of activations uses now
+    (env read per call: tests and benchmarks flip it); ``auto`` resolves to early up to
+    ``EARLY_MAX_TOKENS`` tokens and to exit otherwise, also when ``tokens`` is unknown (None)."""
     m = mode()
     if not m or device.type != "cuda":
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not triton_supports_pdl():
         return 0
-    return m if _device_supports(device.index if device.index is not None else torch.cuda.current_device()) else 0
+    if not _device_supports(device.index if device.index is not None else torch.cuda.current_device()):
+        return 0
+    if m == AUTO:
+        return 2 if tokens is not None and tokens <= EARLY_MAX_TOKENS else 1
+    return m
 
 
-def launch_args(device: torch.device) -> dict[str, Any]:
-    """Extra launch keywords for a kernel that takes ``PDL: tl.constexpr`` (empty when PDL is off)."""
-    m = enabled(device)
+def launch_args(device: torch.device, tokens: int | None = None) -> dict[str, Any]:
+    """Extra launch keywords for a kernel that takes ``PDL: tl.constexpr`` (empty when PDL is off);
+    ``tokens``: the launch's rows of activations, which the ``auto`` mode decides by."""
+    m = enabled(device, tokens)
     return {"PDL": m, "launch_pdl": True} if m else {}
 
 
@@ -86,4 +99,4 @@ def grid_dependency_sync(PDL: tl.constexpr):
                                       is_pure=False, pack=1)
 
 
-__all__ = ["MODES", "PDL_ENV", "enabled", "mode", "grid_dependency_sync", "launch_args", "triton_supports_pdl"]
+__all__ = ["AUTO", "EARLY_MAX_TOKENS", "MODES", "PDL_ENV", "enabled", "mode", "grid_dependency_sync", "launch_args", "triton_supports_pdl"]

@@ -273,7 +273,7 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
         extra.update(CNT=cnt, SPLIT_SUM=True)
     compiled = mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2),
                                 ws.stride(0), ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM,
-                                **extra, **_launch_opts(config), **pdl.launch_args(ws.device))
+                                **extra, **_launch_opts(config), **pdl.launch_args(ws.device, M))
     if mma and not extra["INTERPRET"]:
         _require_mma_layout(compiled, config)
     return ws[:1] if cnt is not None else ws
