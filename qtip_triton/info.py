@@ -86,7 +86,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     switches ask and what runs here (a user comparing two machines' speeds starts from this)."""
     from qtip_triton.kernels import hadamard_gemm, pdl
 
-    names = {0: "off", 1: "exit", 2: "early", pdl.AUTO: "auto (early for one token, exit for more)"}
+    names = {0: "off", 1: "exit", 2: "early", pdl.AUTO: f"auto (early up to {pdl.EARLY_MAX_TOKENS} tokens, exit for more)"}
     try:
         asked = names[pdl.mode()]
     except ValueError as e:  # a bad switch is reported, not raised, by info

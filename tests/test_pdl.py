@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from qtip_triton.autotune.buckets import bucket_for
 from qtip_triton.codegen.emit import emit
 from qtip_triton.kernels import hadamard as had_kernels
 from qtip_triton.kernels import pdl
@@ -37,7 +38,9 @@ def test_auto_is_early_for_one_token_and_exit_for_more(monkeypatch):
     monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
     dev = torch.device("cuda", 0)
     monkeypatch.delenv(pdl.PDL_ENV, raising=False)
-    assert [pdl.enabled(dev, t) for t in (1, 2, 16, None)] == [2, 1, 1, 1]  # unknown tokens: exit
+    want = [2 if t is not None and t <= pdl.EARLY_MAX_TOKENS else 1 for t in (1, 2, 3, 16, None)]
+    assert [pdl.enabled(dev, t) for t in (1, 2, 3, 16, None)] == want  # unknown tokens: exit
+    assert want[0] == 2 and want[3:] == [1, 1]
     assert pdl.launch_args(dev, 1) == {"PDL": 2, "launch_pdl": True}
     for raw, want in (("exit", 1), ("early", 2)):  # a fixed mode ignores the token count
         monkeypatch.setenv(pdl.PDL_ENV, raw)
@@ -47,6 +50,13 @@ def test_auto_is_early_for_one_token_and_exit_for_more(monkeypatch):
     monkeypatch.setattr(pdl, "_device_supports", lambda index: False)  # pre-Hopper: off whatever is asked
     monkeypatch.setenv(pdl.PDL_ENV, "auto")
     assert pdl.enabled(dev, 1) == 0
+
+
+def test_auto_threshold_is_a_bucket_edge():
+    """The vLLM warm-up launches one batch size per (bucket, launch keys): every size of a bucket must get
+    the same PDL mode, so the threshold must be the top of a bucket."""
+    assert bucket_for(pdl.EARLY_MAX_TOKENS) == pdl.EARLY_MAX_TOKENS
+    assert bucket_for(pdl.EARLY_MAX_TOKENS + 1) > pdl.EARLY_MAX_TOKENS
 
 
 def test_unknown_mode_is_a_clear_error(monkeypatch):
