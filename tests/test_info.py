@@ -79,7 +79,7 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_PDL", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
     la = info.collect()["launch"]
-    assert la == {"pdl": "auto (early up to 2 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
+    assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
                   "hadamard_gemm": "off (Triton kernels for every batch)", "mma_gemv": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")

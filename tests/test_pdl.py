@@ -38,8 +38,8 @@ def test_auto_is_early_for_one_token_and_exit_for_more(monkeypatch):
     monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
     dev = torch.device("cuda", 0)
     monkeypatch.delenv(pdl.PDL_ENV, raising=False)
-    want = [2 if t is not None and t <= pdl.EARLY_MAX_TOKENS else 1 for t in (1, 2, 3, 16, None)]
-    assert [pdl.enabled(dev, t) for t in (1, 2, 3, 16, None)] == want  # unknown tokens: exit
+    want = [2 if t is not None and t <= pdl.EARLY_MAX_TOKENS else 1 for t in (1, 2, 4, 16, None)]
+    assert [pdl.enabled(dev, t) for t in (1, 2, 4, 16, None)] == want  # unknown tokens: exit
     assert want[0] == 2 and want[3:] == [1, 1]
     assert pdl.launch_args(dev, 1) == {"PDL": 2, "launch_pdl": True}
     for raw, want in (("exit", 1), ("early", 2)):  # a fixed mode ignores the token count

@@ -12,14 +12,14 @@ writes are visible. Nothing that a previous kernel writes or reads may be touche
 Modes, chosen by ``QTIP_TRITON_PDL``: ``exit`` (or ``1``): each kernel waits, and the next one may be
 scheduled as this one's programs exit; ``early``: each kernel also calls
 ``griddepcontrol.launch_dependents`` right after its wait, so the next kernel may be scheduled once all
-of this kernel's programs are running; ``auto`` (the default): ``early`` for launches of up to two
+of this kernel's programs are running; ``auto`` (the default): ``early`` for launches of up to four
 tokens, ``exit`` for more; ``off`` (or ``0``). Measured on the H200 (2026-11-29,
 bench/results/h200-2026-11-29-fused-layers-pdl-modes.md: one Llama-2-7B layer, K=2, the four ops in one
 CUDA graph, µs): off 131.9 / 203.4 / 212.3 at M = 1 / 8 / 16, exit 128.5 / 201.3 / 209.6, early
 128.7 / 240.2 / 264.4 (waiting programs of the next kernel take the SM slots the gemm's later programs
 need). Session 10 (2026-11-29, the same bench): once the few-token transforms loaded their constants
-before the wait, early won at M = 1 and 2 (103.9 / 122.9 µs against exit's 117.6 / 131.9; fp16 123.3)
-and still lost at M = 8 / 16 (186.4 / 226.5 against 160.1 / 212.9), hence ``auto``. The threshold is the
+before the wait, early won at M = 1, 2 and 4 (103.9 / 122.5 / 135.7 µs against exit's 117.6 / 130.8 /
+139.7; fp16 123-126) and still lost at M = 8 / 16 (186.4 / 226.5 against 160.1 / 212.9), hence ``auto``. The threshold is the
 upper edge of an autotune bucket (1, 2, 4, ...): the vLLM warm-up keys its launches by bucket, so every
 batch size of a bucket must use the same mode, or one of the two compiled variants could first compile
 during inference. In the interpreter, on pre-Hopper GPUs and with a Triton without the ``launch_pdl`` option the
@@ -38,7 +38,7 @@ import triton.language as tl
 
 PDL_ENV = "QTIP_TRITON_PDL"
 AUTO = 3  # mode() value of "auto": early for few tokens, exit for more (resolved per launch by enabled())
-EARLY_MAX_TOKENS = 2  # auto: launches of at most this many tokens use early; an autotune bucket's edge
+EARLY_MAX_TOKENS = 4  # auto: launches of at most this many tokens use early; an autotune bucket's edge
 MODES = {"0": 0, "off": 0, "": 0, "1": 1, "exit": 1, "early": 2, "auto": AUTO}
 
 
