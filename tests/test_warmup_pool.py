@@ -191,6 +191,11 @@ def test_marker_lets_the_next_process_skip_the_pool(tmp_path, gen, monkeypatch):
     monkeypatch.setattr(wp, "_machine", lambda device: ("H200", (9, 0)))
     wp.compile_ahead(qkv(gen), torch.float16, bias=False, max_m=MAX_M, reg=registry(tmp_path), workers=4, runner=run)
     assert len(run.requests) == 2
+    # so is another launch switch of ours (another PDL mode compiles other variants)
+    wp.reset()
+    monkeypatch.setenv("QTIP_TRITON_PDL", "exit")
+    wp.compile_ahead(qkv(gen), torch.float16, bias=False, max_m=MAX_M, reg=registry(tmp_path), workers=4, runner=run)
+    assert len(run.requests) == 3
 
 
 def test_bias_api_adds_a_zero_bias(gen):

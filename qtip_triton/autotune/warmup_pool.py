@@ -287,8 +287,9 @@ def marker_path(plan: Plan, device: torch.device, cache_dir: Path) -> Path:
     h = hashlib.sha256()
     h.update(repr(_machine(device)).encode())
     h.update(_kernel_sources_digest().encode())
-    h.update(repr(sorted((k, v) for k, v in os.environ.items() if k.startswith("TRITON_") and k != "TRITON_CACHE_DIR"))
-             .encode())
+    # Triton's switches, and ours (QTIP_TRITON_PDL, _SPLIT_SUM, ...: they pick other compiled variants)
+    h.update(repr(sorted((k, v) for k, v in os.environ.items()
+                         if k.startswith(("TRITON_", "QTIP_TRITON_")) and k != "TRITON_CACHE_DIR")).encode())
     for g in sorted(plan.groups, key=lambda g: repr((g.workload, g.bias))):
         h.update(repr((g.workload, g.bias, sorted(map(repr, g.jobs)))).encode())
     return cache_dir / MARKER_DIR / f"{h.hexdigest()[:32]}.done"

@@ -622,7 +622,8 @@ class _Emitter:
         for a in range(p.NA):
             for j in range(SUM_UNROLL):
                 sp = f"sp + {j}" if j else "sp"
-                s(f"p{a}_{j} = tl.load(Y + {'(' + sp + ')' if j else sp} * stride_ys + fo{a}, mask=fk & ({sp} < nsp), other=-0.0, "
+                split = f"({sp})" if j else sp
+                s(f"p{a}_{j} = tl.load(Y + {split} * stride_ys + fo{a}, mask=fk & ({sp} < nsp), other=-0.0, "
                   "cache_modifier='.cg')")
         for a in range(p.NA):
             for j in range(SUM_UNROLL):  # one add at a time, in split order: the transform's sum, bit for bit
