@@ -566,11 +566,15 @@ class _Emitter:
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
             s("n_off += CB")
 
+    def _orow(self, a: int) -> str:
+        """Row class ``a``'s output rows: the tile's ``orow`` plus the class's constant row offset."""
+        rc = self.plan.rconst(a)
+        return f"orow + {rc}" if rc else "orow"
+
     def store_rows(self, a: int, value: str, layout_m_first: bool) -> None:
         """Store class ``a``'s partial rows ([BLOCK_M, RB] or [RB, BLOCK_M]) into Y[pid_k]."""
-        p, s = self.plan, self.src
-        rc = p.rconst(a)
-        row = f"orow + {rc}" if rc else "orow"
+        s = self.src
+        row = self._orow(a)
         if layout_m_first:
             s(f"tl.store(Y + pid_k * stride_ys + mrow[:, None] * stride_ym + ({row})[None, :], {value}, "
               "mask=mmask[:, None] & rmask[None, :])")
@@ -610,8 +614,7 @@ class _Emitter:
         s("fm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)")
         s("fk = (fm < M)[:, None] & rmask[None, :]  # the rows this program wrote (every row class alike)")
         for a in range(p.NA):
-            rc = p.rconst(a)
-            row = f"orow + {rc}" if rc else "orow"
+            row = self._orow(a)
             s(f"fo{a} = fm[:, None] * stride_ym + ({row})[None, :]")
             s(f"tot{a} = tl.load(Y + fo{a}, mask=fk, other=0.0, cache_modifier='.cg')  # L2: not a stale L1 line")
         # SUM_UNROLL partials in flight per step (the loop is not pipelined, and each step otherwise waited
@@ -722,8 +725,7 @@ class _Emitter:
         optional in-kernel split sum; closes the kernel body."""
         p, s = self.plan, self.src
         for a in range(p.NA):
-            rc = p.rconst(a)
-            row = f"orow + {rc}" if rc else "orow"
+            row = self._orow(a)
             for m in range(bm):
                 s(f"tl.store(Y + pid_k * stride_ys + (pid_m * {bm} + {m}) * stride_ym + {row}, "
                   f"tl.sum(acc{a}_{m}, axis=1), mask=rmask & ok{m})")
@@ -839,8 +841,7 @@ class _Emitter:
         for n in range(nb):
             for h in range(4):
                 a, odd = h >> 1, h & 1
-                rc = p.rconst(a)
-                row = f"orow + {rc}" if rc else "orow"
+                row = self._orow(a)
                 s(f"b = pid_m * {bm} + {n * MMA_ROWS + odd} + 2 * tcol")
                 s(f"tl.store(Y + pid_k * stride_ys + b * stride_ym + ({row})[:, None], "
                   f"tl.sum(tl.reshape(c{n}_{h}, [RB, 4, 4]), axis=2), mask=rmask[:, None] & (b < M))")
@@ -966,7 +967,7 @@ class _Emitter:
         s.dedent()
 
     def _decompress(self) -> None:
-        p, s = self.plan, self.src
+        s = self.src
         s("@triton.jit")
         s("def kernel(W, TBL, OUT, Rtot, Ctot, stride_wq, stride_o, TR: tl.constexpr, TC: tl.constexpr,")
         s("           EVEN: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):")
@@ -982,7 +983,6 @@ class _Emitter:
         names = self.decode_values(cast=None)
         tiles = self._class_tiles(names, "OUT.dtype.element_ty", natural=True)
         for a, t in enumerate(tiles):
-            rc = p.rconst(a)
-            row = f"orow + {rc}" if rc else "orow"
+            row = self._orow(a)
             s(f"tl.store(OUT + ({row})[:, None] * stride_o + xcol[None, :], {t}, mask=rmask[:, None] & kmask[None, :])")
         s.dedent()
