@@ -108,3 +108,9 @@ def test_hadamard_kernels_wait_first(name):
     assert body.index(SYNC) < _first(r"tl\.load\(X\b|tl\.store\(", body)
     early = re.findall(r"tl\.load\((\w+)", body[:body.index(SYNC)])
     assert set(early) <= {"A", "B", "PRE", "POST", "BIAS", "DST"}, early
+    # ... also through the stage-2 helper: it is handed only constant pointers, and loads only from them
+    for args in re.findall(r"_stage2_constants\(([^)]*)", body[:body.index(SYNC)]):
+        assert [v.strip() for v in args.split(",")[:3]] == ["POST", "BIAS", "DST"], args
+        helper = inspect.getsource(had_kernels._stage2_constants.fn)
+        assert set(re.findall(r"tl\.load\((\w+)", helper)) == {"POST", "BIAS", "DST"}
+        assert "tl.store(" not in helper

@@ -87,6 +87,37 @@ def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _stage2_constants(POST, BIAS, DST, base, ri, jc, ROWS, COLS, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_DST: tl.constexpr):
+    """The layer constants stage 2 of rows ``ri`` x columns ``jc`` of one block applies after its product:
+    (POST, BIAS as fp32, the destination offsets, the store mask). POST / BIAS are 0.0 when absent (never
+    used then); the destination is the block's natural order unless ``HAS_DST`` (the consuming kernel's
+    input order, a permutation of the row)."""
+    oidx = ri[:, None] * COLS + jc[None, :]
+    omsk = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
+    post = 0.0
+    if HAS_POST:
+        post = tl.load(POST + base + oidx, mask=omsk, other=0.0)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
+    dst = base + oidx
+    if HAS_DST:
+        dst = tl.load(DST + dst, mask=omsk, other=0)
+    return post, bias, dst, omsk
+
+
+@triton.jit
+def _stage2_store(out, post, bias, dst, omsk, Y_ROW, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Y_ROW[dst] = post ⊙ out + bias, with the constants of :func:`_stage2_constants`."""
+    if HAS_POST:
+        out *= post
+    if HAS_BIAS:
+        out += bias
+    tl.store(Y_ROW + dst, out.to(Y_ROW.dtype.element_ty), mask=omsk)
+
+
+@triton.jit
 def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  ROWS, COLS, ntok, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
@@ -121,20 +152,13 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     j = tl.arange(0, CP)
     ri = r0 + tl.arange(0, RBLK)
     if COL_SPLIT:
-        # one column block per program: its share of the layer's constants (B, POST, BIAS, DST) is loaded
-        # before the dependency wait, so that those loads overlap the previous kernel's end instead of
-        # adding a memory round trip after the products (a few tokens: the transform is a chain of them)
+        # one column block per program: its share of the layer's constants is loaded before the
+        # dependency wait, so that those loads overlap the previous kernel's end instead of adding a
+        # memory round trip after the products (a few tokens: the transform is a chain of them)
         jc = tl.program_id(2) * CBLK + tl.arange(0, CBLK)
         b_c = tl.load(B + j[:, None] * CP + jc[None, :])
-        oidx_c = ri[:, None] * COLS + jc[None, :]
-        omsk_c = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
-        if HAS_POST:
-            post_c = tl.load(POST + base + oidx_c, mask=omsk_c, other=0.0)
-        if HAS_BIAS:
-            bias_c = tl.load(BIAS + base + oidx_c, mask=omsk_c, other=0.0).to(tl.float32)
-        dst_c = base + oidx_c
-        if HAS_DST:
-            dst_c = tl.load(DST + dst_c, mask=omsk_c, other=0)
+        post_c, bias_c, dst_c, omsk_c = _stage2_constants(POST, BIAS, DST, base, ri, jc, ROWS, COLS, HAS_POST,
+                                                          HAS_BIAS, HAS_DST)
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     acc = tl.zeros([RBLK, CP], dtype=tl.float32)
     for k0 in range(0, RP, KBLK):
@@ -157,26 +181,15 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         acc = _split_dot(a, z, acc, INTERPRET)
     if COL_SPLIT:  # stage 2 for this program's column block, with the constants loaded above
         out = _split_dot_rhs(acc, b_c, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
-        if HAS_POST:
-            out *= post_c
-        if HAS_BIAS:
-            out += bias_c
-        tl.store(Y + token * stride_ym + dst_c, out.to(Y.dtype.element_ty), mask=omsk_c)
+        _stage2_store(out, post_c, bias_c, dst_c, omsk_c, Y + token * stride_ym, HAS_POST, HAS_BIAS)
     else:
         for c_blk in tl.static_range(0, CP // CBLK):  # stage 2 by column blocks
             jc = c_blk * CBLK + tl.arange(0, CBLK)
             b = tl.load(B + j[:, None] * CP + jc[None, :])
             out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
-            oidx = ri[:, None] * COLS + jc[None, :]
-            omsk = (ri < ROWS)[:, None] & (jc < COLS)[None, :]
-            if HAS_POST:
-                out *= tl.load(POST + base + oidx, mask=omsk, other=0.0)
-            if HAS_BIAS:
-                out += tl.load(BIAS + base + oidx, mask=omsk, other=0.0).to(tl.float32)
-            dst = base + oidx
-            if HAS_DST:  # the consuming kernel's input order (a permutation of the row)
-                dst = tl.load(DST + dst, mask=omsk, other=0)
-            tl.store(Y + token * stride_ym + dst, out.to(Y.dtype.element_ty), mask=omsk)
+            post, bias, dst, omsk = _stage2_constants(POST, BIAS, DST, base, ri, jc, ROWS, COLS, HAS_POST, HAS_BIAS,
+                                                      HAS_DST)
+            _stage2_store(out, post, bias, dst, omsk, Y + token * stride_ym, HAS_POST, HAS_BIAS)
 
 
 @triton.jit
