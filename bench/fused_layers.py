@@ -38,6 +38,15 @@ LAYERS = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(11008, 40
 PDL_MODES = ("off", "exit", "early", "auto")  # whole-layer columns (kernels/pdl.py)
 
 
+def _h(M: int, n: int, kind: str, config: dict) -> torch.Tensor:
+    """A random h in the dtype and order the layers' input transform writes for this decode config."""
+    from qtip_triton import kernels
+    from qtip_triton.kernels import mma_layout
+
+    h = torch.randn(M, n, device="cuda", dtype=kernels.h_dtype(kind, [config], torch.float16))
+    return mma_layout.from_kernel_order(h) if kernels.h_order(kind, [config]) == "mma" else h
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=2)
@@ -76,26 +85,24 @@ def main(argv: list[str] | None = None) -> int:
                     del os.environ[env]
             chosen = [dispatch._select(qw, M) for qw in packed.shards()]
             pws = [kernels.prepare(qw) for qw in packed.shards()]
-            hs = [torch.randn(M, pw.in_features, device="cuda",
-                              dtype=kernels.h_dtype(k, [c], torch.float16)) for pw, (k, c) in zip(pws, chosen, strict=True)]
+            hs = [_h(M, pw.in_features, k, c) for pw, (k, c) in zip(pws, chosen, strict=True)]
 
             def decode_only(pws=pws, chosen=chosen, hs=hs):
                 for pw, (k, cfg), h in zip(pws, chosen, hs, strict=True):
                     if k == "decompress":
                         torch.matmul(h, kernels.decompress(pw, cfg, dtype=torch.float16).t())
                     else:
-                        kernels.decode_matmul(k, pw, h, cfg, h_order="kernel")
+                        kernels.decode_matmul(k, pw, h, cfg, h_order=kernels.h_order(k, [cfg]))
 
             rec["kernels"] = time_us(decode_only)
             if M <= 16 and all(mma_supported(qw.spec) for qw in packed.shards()):
                 mma_cfg = {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4,
                            "table": "shared", "mma": True}
-                h16 = [torch.randn(M, pw.in_features, device="cuda", dtype=kernels.h_dtype("gemv", [mma_cfg], torch.float16))
-                       for pw in pws]
+                h16 = [_h(M, pw.in_features, "gemv", mma_cfg) for pw in pws]
 
                 def decode_mma(pws=pws, h16=h16, cfg=mma_cfg):
                     for pw, h in zip(pws, h16, strict=True):
-                        kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel")
+                        kernels.decode_matmul("gemv", pw, h, cfg, h_order="mma")
 
                 rec["kernels_mma"] = time_us(decode_mma)
             rec["fp16"] = time_us(lambda x=x, w=w16: torch.matmul(x, w.t()))

@@ -63,10 +63,11 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, e
 
 def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
     """The decode-matmul part alone, on an already transformed input."""
-    h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind)
+    order = kernels.h_order(kind, [config])  # the mma gemv's h in its own layout, as the layers write it
+    h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)
     if kind == "decompress":
         return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
-    return lambda: decode_matmul(kind, pw, h, config, h_order="kernel")
+    return lambda: decode_matmul(kind, pw, h, config, h_order=order)
 
 
 TUNED = False  # --tuned: kind and config from the registry (the shipped autotune file), else the heuristic

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import random_weight  # noqa: E402
 
 from qtip_triton import linear  # noqa: E402
-from qtip_triton.kernels import _transform_in, decode_matmul, h_dtype, prepare  # noqa: E402
+from qtip_triton.kernels import _transform_in, decode_matmul, h_dtype, h_order, prepare  # noqa: E402
 
 
 def main() -> None:
@@ -45,9 +45,10 @@ def main() -> None:
         return
     pw = prepare(qw)
     cfg = json.loads(a.config)
-    h = _transform_in(pw, x, h_dtype(a.kind, [cfg], x.dtype), a.kind)
+    order = h_order(a.kind, [cfg])
+    h = _transform_in(pw, x, h_dtype(a.kind, [cfg], x.dtype), a.kind, order)
     for _ in range(4):
-        decode_matmul(a.kind, pw, h, cfg, h_order="kernel")
+        decode_matmul(a.kind, pw, h, cfg, h_order=order)
     torch.cuda.synchronize()
 
 

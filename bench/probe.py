@@ -32,7 +32,7 @@ from common import environment, time_us, write_results  # noqa: E402
 from kernels import random_weight  # noqa: E402
 
 from qtip_triton import kernels, linear  # noqa: E402
-from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
+from qtip_triton.kernels import _transform_in, decode_matmul, decompress, mma_layout, prepare  # noqa: E402
 from qtip_triton.kernels.configs import mma_space, mma_supported  # noqa: E402
 
 BLOCKS_GEMV = [(64, 256, 4), (128, 128, 8), (64, 128, 4), (128, 256, 8), (256, 128, 8), (32, 256, 4)]
@@ -81,9 +81,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="also each split-K config with its partials summed in the kernel (split_sum)")
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
-    ap.add_argument("--x-same-row", action="store_true",
-                    help="mma configs: also time each with every batch row reading row 0's h (row stride 0; the "
-                         "result is not checked): what the x loads' spread over 8 rows costs in L1 wavefronts")
     ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -137,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                 mma_c = [c for c in mma_c if c["SPLIT_K"] in {int(v) for v in a.mma_splits.split(",")}]
             cands += mma_c
 
-        # h in each dtype kernels.h_dtype may ask for, made once so that no cast is timed
-        h_in = {h.dtype: h, torch.float16: h.half()}
+        # h in each dtype and order the decode configs may ask for, made once so that no cast or copy is timed
+        h_in = {(h.dtype, "kernel"): h, (torch.float16, "kernel"): h.half(),
+                (torch.float16, "mma"): mma_layout.from_kernel_order(h.half())}
 
         def run(cfg, pw=pw, h=h, h_in=h_in, x=x, dtype=dtype):
             if cfg.get("fuse_in"):
                 return decode_matmul(a.kind, pw, torch.empty_like(h), cfg, h_order="kernel", fuse_x=x)
-            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else h_in[kernels.h_dtype(a.kind, [cfg], x.dtype)]
-            return decode_matmul(a.kind, pw, hh, cfg, h_order="kernel")
+            order = kernels.h_order(a.kind, [cfg])
+            hh = _transform_in(pw, x, dtype, a.kind) if a.fuse_in else h_in[kernels.h_dtype(a.kind, [cfg], x.dtype), order]
+            return decode_matmul(a.kind, pw, hh, cfg, h_order=order)
 
         for cfg in cands:
             if time.time() - t0 > a.time_limit:
@@ -161,11 +160,6 @@ def main(argv: list[str] | None = None) -> int:
                     rec["us"] = time_us(lambda cfg=cfg: run(cfg))
                     rec["ratio"] = fp16 / rec["us"]
                     rec["status"] = "ok"
-                    if a.x_same_row and cfg.get("mma"):
-                        hh = h_in[kernels.h_dtype(a.kind, [cfg], x.dtype)]
-                        h1 = hh[:1].expand(M, hh.shape[1])  # row stride 0: one row's cache lines for all
-                        rec["same_row_us"] = time_us(lambda cfg=cfg, h1=h1, pw=pw: decode_matmul(
-                            a.kind, pw, h1, cfg, h_order="kernel"))
                     if a.linear:  # the whole forward, as the autotuner times it (transforms, PDL, split-K sum)
                         rec["linear_us"] = time_us(lambda cfg=cfg, x=x, qw=qw: linear(x, qw, kind=a.kind, config=cfg))
                     if best is None or rec["us"] < best["us"]:
@@ -174,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                 rec["status"] = f"error: {type(e).__name__}: {str(e)[:160]}"
             rows.append(rec)
             lin = f", linear {rec['linear_us']:.1f} us" if "linear_us" in rec else ""
-            lin += f", x of one row {rec['same_row_us']:.1f} us" if "same_row_us" in rec else ""
             print(f"{m}x{n} K={K} M={M} {cfg} -> {rec.get('us', float('nan')):.1f} us{lin} "
                   f"({rec.get('ratio', 0):.2f}x) {rec['status']}", flush=True)
         if best:
@@ -182,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"({fp16:.1f} us) {best['config']}", flush=True)
     env = environment()
     lines = [f"# Config probe ({a.kind}) on {env.get('card', '?')}", "",
-             "| shape | K | M | config | µs | linear µs | x of one row µs | fp16 µs | ratio | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | K | M | config | µs | linear µs | fp16 µs | ratio | status |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["m"], r["n"], r["K"], r["M"], r.get("us", 1e9))):
         lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | `{r['config']}` | {r.get('us', float('nan')):.1f} "
-                     f"| {r.get('linear_us', float('nan')):.1f} | {r.get('same_row_us', float('nan')):.1f} "
+                     f"| {r.get('linear_us', float('nan')):.1f} "
                      f"| {r['fp16_us']:.1f} | {r.get('ratio', 0):.2f} | {r['status']} |")
     jp, mp = write_results(a.out, a.tag, {"env": env, "rows": rows}, "\n".join(lines) + "\n")
     print(f"wrote {jp} and {mp}")

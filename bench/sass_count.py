@@ -32,6 +32,7 @@ from qtip_triton.codegen.emit import default_layout
 from qtip_triton.codegen.mma import layout_ok
 from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codes import get_code
+from qtip_triton.kernels import mma_layout
 from qtip_triton.kernels.configs import default_config
 from qtip_triton.kernels.runners import fused_input_consts, k_split
 from qtip_triton.spec import TrellisSpec
@@ -73,6 +74,8 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
             const["CNT"] = None
     if "Ctot" in names and fn.params[names.index("Ctot")].is_constexpr:
         const["Ctot"] = cols
+    if "stride_xq" in names:  # the mma gemv's h (kernels/mma_layout.py): 4 x rows per quad, as at M = BLOCK_M
+        const["stride_xq"] = mma_layout.QUAD * mma_layout.rows_padded(config["BLOCK_M"])
     if config.get("fuse_in"):  # the input transform's operands (see kernels.runners._fused_input_args)
         ptrs.update(XN="*fp16", PRE="*fp32", HA="*bf16", HB="*bf16", DSTI="*i32", hscale="fp32")
         cb = TC * plan.GCN

@@ -137,8 +137,11 @@ def test_grouped_input_transform(gen, n, blocks):
         x.double() * pre[2].double(), blocks, True).float()).double()) < 1e-6
     with pytest.raises(ValueError, match="grouped pre"):
         transform(x, blocks, transpose=True, pre=pre[:, 1:], interpret=True)
-    with pytest.raises(ValueError, match="out= takes one"):
+    with pytest.raises(ValueError, match=r"out must be a \(3, 3, \d+\) view"):  # grouped: one (T, n) per group
         transform(x, blocks, transpose=True, pre=pre, interpret=True, out=torch.empty(3, n))
+    into = torch.zeros(3, 5, n)[:, 1:4]  # a strided (groups, T, n) view: each group's rows, written in place
+    transform(x, blocks, transpose=True, pre=pre, dst=dst, out_dtype=torch.float32, interpret=True, out=into)
+    assert torch.equal(into, y.float())
 
 
 @pytest.mark.parametrize("n,blocks", [(5120, 1), (1024, 1), (256, 2)])

@@ -180,3 +180,48 @@ def test_fused_and_sharded_launches_give_the_mma_gemv_fp16_h(gen):
         out = torch.empty(5, 96, dtype=torch.float16)
         run(out)
         assert float((out.double() - ref).norm() / ref.norm()) <= TOL[torch.float16]
+
+
+@pytest.mark.parametrize("M", [1, 5, 8, 11, 16])
+def test_the_input_transform_writes_h_in_mma_order(gen, M):
+    """h for the mma gemv (kernels/mma_layout.py: hq[q, m, e] = h[m, 4q + e], kernel-order h) written by the
+    input transform through its destination index and a row stride of 4, alone and for three shards at once,
+    is bit for bit the kernel-order transform rearranged."""
+    from qtip_triton.kernels import _transform_in, _transform_in_mma, mma_layout
+
+    qws = [random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 32, 512, layout="qtip") for _ in range(3)]
+    pws = [prepare(q) for q in qws]
+    x = torch.randn(M, 512, generator=gen).half()
+    kernel_order = _transform_in(pws[0], x, torch.float16, "gemv")
+    hq = _transform_in(pws[0], x, torch.float16, "gemv", order="mma")
+    assert hq.shape == (128, M, 4) and hq.stride() == (4 * mma_layout.rows_padded(M), 4, 1)
+    assert torch.equal(hq, mma_layout.from_kernel_order(kernel_order))
+    assert torch.equal(hq[5, M - 1], kernel_order[M - 1, 20:24])  # the definition, spelled out once
+    pre = torch.stack([pw.SU for pw in pws]).contiguous()
+    grouped = _transform_in_mma(x, pws[0], pre, torch.float16, (3,))
+    assert grouped.shape == (3, 128, M, 4)
+    for g, pw in enumerate(pws):
+        assert torch.equal(grouped[g], _transform_in(pw, x, torch.float16, "gemv", order="mma"))
+
+
+def test_mma_order_h_is_checked(gen):
+    from qtip_triton.kernels import mma_layout
+
+    pw = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 512, layout="qtip"))
+    h = torch.randn(3, 512, generator=gen).half()
+    hq = mma_layout.from_kernel_order(h)
+    assert torch.equal(kernels.decode_matmul("gemv", pw, hq, _cfg(8), h_order="mma"),
+                       kernels.decode_matmul("gemv", pw, h, _cfg(8), h_order="kernel"))
+    with pytest.raises(ValueError, match="only by the gemv's tensor-core variant"):
+        kernels.decode_matmul("gemv", pw, hq, {**_cfg(8), "mma": False}, h_order="mma")
+    with pytest.raises(ValueError, match="mma-order h for 512 inputs"):
+        kernels.decode_matmul("gemv", pw, h, _cfg(8), h_order="mma")  # a kernel-order h called mma-order
+    with pytest.raises(ValueError, match="mma-order h for 512 inputs"):
+        kernels.decode_matmul("gemv", pw, hq.transpose(0, 1), _cfg(8), h_order="mma")
+    with pytest.raises(ValueError, match="h_order must be"):
+        kernels.decode_matmul("gemv", pw, h, _cfg(8), h_order="quads")
+    with pytest.raises(ValueError, match="at least one row"):
+        mma_layout.rows_padded(0)
+    odd = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 16 * 18, layout="qtip"))
+    with pytest.raises(ValueError, match="divisible by 64"):  # class blocks of 18 word columns: not whole quads
+        kernels.decode_matmul("gemv", odd, torch.randn(2, 16 * 18, generator=gen), _cfg(8), h_order="kernel")

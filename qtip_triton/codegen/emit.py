@@ -732,13 +732,17 @@ class _Emitter:
         self.split_sum()
         s.dedent()
 
-    def _gemv_signature(self, fuse_in: bool) -> None:
-        """The gemv kernels' parameters (plain and mma alike; ``fuse_in`` adds the input transform's)."""
+    def _gemv_signature(self, fuse_in: bool, mma: bool = False) -> None:
+        """The gemv kernels' parameters (plain and mma alike; ``fuse_in`` adds the input transform's; the mma
+        gemv reads h in mma order, kernels/mma_layout.py, whose step is a quad of columns, not a row)."""
         s = self.src
         s("@triton.jit")
         # Ctot is a compile-time constant: x's class blocks sit Ctot apart, so every x load of a k step
         # is an immediate offset from one pointer (measured 16.5 -> 12.4 SASS per state at BLOCK_K=32)
-        s("def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, stride_xm, stride_ys, stride_ym,")
+        # the mma's quad stride (4 x rows per quad: 32 or 64) is a constant too, for the same immediate offsets
+        # (as a run-time value it cost 49 more registers at BLOCK_M 16: one address per class column)
+        xs = "stride_xq: tl.constexpr" if mma else "stride_xm"
+        s(f"def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, {xs}, stride_ys, stride_ym,")
         s("           shard_b1, shard_b2, stride_xg,")
         if fuse_in:
             s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
@@ -747,12 +751,12 @@ class _Emitter:
         s("           CNT=None, SPLIT_SUM: tl.constexpr = False, PDL: tl.constexpr = 0):")
         s.indent()
 
-    def _end_gemv_loop(self) -> None:
-        """Advance the gemv's offsets, close its k loop and, with the table in shared memory, wait for every
-        warp before Triton reuses that memory."""
+    def _end_gemv_loop(self, x_step: str = "CB") -> None:
+        """Advance the gemv's offsets (x's by ``x_step``), close its k loop and, with the table in shared
+        memory, wait for every warp before Triton reuses that memory."""
         s = self.src
         self.advance()
-        s("x_off += CB")
+        s(f"x_off += {x_step}")
         s.dedent()
         if self.shared_table():
             s("if not INTERPRET:  # every warp is done with the table before Triton reuses its shared memory")
@@ -798,11 +802,12 @@ class _Emitter:
         p, s = self.plan, self.src
         bm = self.opts["BLOCK_M"]
         nb = bm // MMA_ROWS
-        self._gemv_signature(fuse_in=False)
+        self._gemv_signature(fuse_in=False, mma=True)
         s('"""Y[pid_k, m, :] = partial Ŵ x[m] over this program\'s k range (tensor cores: mma.sync straight from')
         s("the decoded fp16x2 registers, no conversion, no shared-memory staging).")
         s("")
-        s(f"X is h in gemv order (as the CUDA-core gemv). Each [RB, {MMA_COLS}] word tile is laid out as lane (g, t) =")
+        s("X is h in mma order (kernels/mma_layout.py): gemv-order column j of batch row m at (j // 4) * stride_xq +")
+        s(f"4 m + j % 4, so a warp's x load spans few cache lines. Each [RB, {MMA_COLS}] word tile is laid out as lane (g, t) =")
         s("rows 8i + g, columns 4t..4t+3 (the launcher checks it in the compiled kernel); every element a lane holds")
         s(f"feeds four m16n8k16: A = its packed states, B = x of batch row (row % 8) at its columns ({nb} block(s)")
         s(f"of {MMA_ROWS} batch rows), C = row group g's outputs for batch rows 2t, 2t+1.")
@@ -815,10 +820,12 @@ class _Emitter:
         for n in range(nb):
             s(f"xrow{n} = pid_m * {bm} + {n * MMA_ROWS} + lane_b")
             s(f"xok{n} = (xrow{n} < M)[:, None]")
-            s(f"xp{n} = X + xrow{n}[:, None] * stride_xm")
+            s(f"xp{n} = X + xrow{n}[:, None] * 4  # batch rows sit 4 apart inside a quad of columns")
             for h in range(4):
                 s(f"c{n}_{h} = tl.zeros([RB, CB], dtype=tl.float32)")
-        s("x_off = rows[:, None] * 0 + cols[None, :]  # same shape and contiguity as the word offsets")
+        s("# the word tile's shape; each lane's 4 columns are one quad (contiguous), class columns (Ctot // 4) quads apart")
+        s("x_off = rows[:, None] * 0 + ((cols // 4) * stride_xq + cols % 4)[None, :]")
+        s("x_cls = (Ctot // 4) * stride_xq")
         s("for it in range(ITERS):")
         s.indent()
         self.load_words()
@@ -827,7 +834,7 @@ class _Emitter:
         for n in range(nb):
             s(f"# batch rows {n * MMA_ROWS}..{n * MMA_ROWS + MMA_ROWS - 1} of the block: x of every class column, as fp16")
             for cc in range(p.NC):
-                off = f"x_off + {cc} * Ctot" if cc else "x_off"
+                off = f"x_off + {cc} * x_cls" if cc else "x_off"
                 s(f"xc{cc} = (tl.load(xp{n} + {off}, mask=xok{n}, other=0.0) if EVEN else "
                   f"tl.load(xp{n} + {off}, mask=xok{n} & wmask, other=0.0)).to(tl.float16)")
             for q in range(4):
@@ -836,7 +843,7 @@ class _Emitter:
                 s(f"c{n}_0, c{n}_1, c{n}_2, c{n}_3 = _mma({pairs[0][P]}, {pairs[1][P]}, {pairs[0][Q]}, {pairs[1][Q]}, "
                   f"_pack_f16x2(xc{2 * P}, xc{2 * P + 1}), _pack_f16x2(xc{2 * Q}, xc{2 * Q + 1}), "
                   f"c{n}_0, c{n}_1, c{n}_2, c{n}_3, RB, CB, INTERPRET)")
-        self._end_gemv_loop()
+        self._end_gemv_loop(x_step="(CB // 4) * stride_xq")
         s("tcol = tl.arange(0, 4)[None, :]  # lane t of the row group: batch rows 2t and 2t + 1")
         for n in range(nb):
             for h in range(4):

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from qtip_triton.kernels import hadamard
+from qtip_triton.kernels import hadamard, mma_layout
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
     KINDS,
@@ -101,11 +101,34 @@ def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtyp
     return torch.float16 if cfgs and all(c.get("mma") or c.get("hfma") for c in cfgs) else torch.float32
 
 
-def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind: str | None = None) -> torch.Tensor:
-    """h = M_nᵀ (x ⊙ SU), written in the ``kind`` kernel's column order (natural order if None)."""
+def h_order(kind: str, configs: Iterable[Mapping[str, Any]]) -> str:
+    """The order the input transform writes h in for decode kernels run with ``configs``: "mma" (kernels/
+    mma_layout.py) when every config is the gemv's tensor-core variant, else the kernel's column order."""
+    cfgs = list(configs)
+    return "mma" if kind == "gemv" and cfgs and all(c.get("mma") for c in cfgs) else "kernel"
+
+
+def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind: str | None = None,
+                  order: str = "kernel") -> torch.Tensor:
+    """h = M_nᵀ (x ⊙ SU), written in the ``kind`` kernel's column order (natural order if None), or in mma
+    order (``order="mma"``: the (in // 4, M, 4) view of kernels/mma_layout.py)."""
+    if order == "mma":
+        return _transform_in_mma(x2, pw, pw.SU, dtype, ())
     dst = None if kind in (None, "decompress") else pw.input_index(kind)
     return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=dtype, dst=dst,
                               interpret=interpreting())
+
+
+def _transform_in_mma(x2: torch.Tensor, pw: PreparedWeight, pre: torch.Tensor, dtype: torch.dtype,
+                      lead: tuple[int, ...]) -> torch.Tensor:
+    """The input transform written straight into an mma-order buffer (``lead`` = () or (shards,), with
+    ``pre`` of one row per shard then): its destination index puts each column in its quad, and its
+    row stride of 4 interleaves the batch rows."""
+    M, n = x2.shape
+    hq, target = mma_layout.new_buffer(lead, M, n, dtype, x2.device)
+    hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pre, out_dtype=dtype,
+                       dst=pw.input_index_mma(mma_layout.rows_padded(M)), interpret=interpreting(), out=target)
+    return hq
 
 
 def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -154,12 +177,13 @@ def launch(
         h = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
         parts = decode_matmul(kind, pw, h, config, h_order="kernel", fuse_x=x2.contiguous())
         return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
-    h = _transform_in(pw, x2, h_dtype(kind, [config], x.dtype), kind)
+    order = h_order(kind, [config])
+    h = _transform_in(pw, x2, h_dtype(kind, [config], x.dtype), kind, order)
     if kind == "decompress":
         w = decompress(pw, config, dtype=x.dtype)
         parts = torch.matmul(h, w.t()).unsqueeze(0)
     else:
-        parts = decode_matmul(kind, pw, h, config, h_order="kernel")
+        parts = decode_matmul(kind, pw, h, config, h_order=order)
     y = _transform_out(pw, parts, bias, x.dtype, out)
     return y.reshape(*lead, pw.out_features)
 
@@ -177,7 +201,8 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
                    out: torch.Tensor, configs: list[Mapping[str, Any]]) -> torch.Tensor | None:
     """Check a fused layer's x, ``pre`` (the shards' SU stacked) and ``out`` ((rows of x, ``total``)), then
     run the one input-transform launch for all shards: h (shards, rows, in) in the ``kind`` kernel's
-    column order, or None when x has no rows."""
+    column order (in mma order, (shards, in // 4, rows, 4), when :func:`h_order` says so), or None when x
+    has no rows."""
     n = pws[0].in_features
     if pre.shape != (len(pws), n) or pre.dtype != torch.float32 or not pre.is_contiguous():
         raise ValueError(f"pre must be contiguous float32 ({len(pws)}, {n}), got {pre.dtype} {tuple(pre.shape)}")
@@ -186,6 +211,8 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
         raise ValueError(f"out must be ({x2.shape[0]}, {total}) {x.dtype}, got {out.dtype} {tuple(out.shape)}")
     if x2.shape[0] == 0:
         return None
+    if h_order(kind, configs) == "mma":
+        return _transform_in_mma(x2, pws[0], pre, h_dtype(kind, configs, x.dtype), (len(pws),))
     return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
                               out_dtype=h_dtype(kind, configs, x.dtype), interpret=interpreting())
 
@@ -232,17 +259,18 @@ def launch_shards(
     h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, configs)
     if h is None:
         return out
+    order = h_order(kind, configs)
     splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]
     if _one_output_launch(pws, post) and len(set(splits)) == 1:
-        parts = torch.empty(len(pws), splits[0], h.shape[1], pws[0].out_features, dtype=torch.float32, device=x.device)
-        sums = [decode_matmul(kind, pw, h[g], config, h_order="kernel", ws=parts[g])
+        parts = torch.empty(len(pws), splits[0], h.shape[-2], pws[0].out_features, dtype=torch.float32, device=x.device)
+        sums = [decode_matmul(kind, pw, h[g], config, h_order=order, ws=parts[g])
                 for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
         if len({p.shape[0] for p in sums}) > 1:  # split-K summed in some kernels only (counters made in capture)
             return _outputs_per_shard(pws, sums, x.dtype, out)
         hadamard.transform(parts[:, :sums[0].shape[0]], pws[0].blocks_out, transpose=False, post=post,
                            out_dtype=x.dtype, interpret=interpreting(), out=out)
         return out
-    parts = [decode_matmul(kind, pw, h[g], config, h_order="kernel")
+    parts = [decode_matmul(kind, pw, h[g], config, h_order=order)
              for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
     return _outputs_per_shard(pws, parts, x.dtype, out)
 
@@ -276,7 +304,8 @@ def launch_fused(
     h = _grouped_input(kind, x, pws, pre, fused.out_features, out, [config])
     if h is None:
         return out
-    parts = decode_matmul(kind, fused, h, config, h_order="kernel", shard_out=fused.shard_out)  # (splits, T, out)
+    parts = decode_matmul(kind, fused, h, config, h_order=h_order(kind, [config]),
+                          shard_out=fused.shard_out)  # (splits, T, out)
     if _one_output_launch(pws, post):
         S, T = parts.shape[:2]
         grouped = parts.view(S, T, G, fused.shard_out[0]).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy

@@ -479,8 +479,9 @@ def transform(
     per-token kernel's, the tall one uses ``TALL_WARPS``), timed on the GPU
     by ``bench/hadamard.py``. ``None`` (default) picks by size: column split while the row programs
     alone would leave most SMs idle, unrolled partial loads up to a decoding batch. ``out``: a (T, n)
-    view to write into (one shard's columns of a fused layer's output, so no concatenation follows);
-    its rows may be strided, its columns must not. ``tall``: the many-token kernel (several tokens per
+    (grouped: (groups, T, n)) view to write into (one shard's columns of a fused layer's output, so no
+    concatenation follows; or, with ``dst``, a buffer in another layout, kernels/mma_layout.py); its rows
+    and groups may be strided, its columns must not. ``tall``: the many-token kernel (several tokens per
     GEMM tile); ``None`` picks it from ``TALL_MIN_ROWS`` (output) or ``TALL_MIN_ROWS_INPUT`` (input)
     (token, block) rows on where A has at least ``TALL_MIN_RP`` rows, unless one of the
     small-batch variants above is given or ``QTIP_TRITON_NO_TALL_HADAMARD=1``. ``tall_tokens`` /
@@ -519,11 +520,10 @@ def transform(
     for name, v in (("rblk", rblk), ("cblk", cblk)):
         if v is not None and (v < 16 or v & (v - 1)):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    if groups and out is not None:
-        raise ValueError("out= takes one (T, n) result; grouped transforms return (groups, T, n)")
     if out is not None:
-        if out.shape != (T, n) or out.stride(1) != 1 or out.device != x.device:
-            raise ValueError(f"out must be a ({T}, {n}) view with unit column stride on {x.device}, "
+        want = (groups, T, n) if groups else (T, n)
+        if out.shape != want or out.stride(-1) != 1 or out.device != x.device:
+            raise ValueError(f"out must be a {want} view with unit column stride on {x.device}, "
                              f"got {tuple(out.shape)} strides {out.stride()} on {out.device}")
         if out_dtype is not None and out.dtype != out_dtype:
             raise ValueError(f"out is {out.dtype} but out_dtype={out_dtype}")
@@ -534,6 +534,10 @@ def transform(
         y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
     if T == 0:
         return y
+    if dst is not None and out is not None:  # dst may index a buffer in another layout: kernels only
+        if gemm:
+            raise ValueError("the two-GEMM transform writes dst into a (T, n) result, not into out=")
+        gemm = False
     if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)

@@ -24,6 +24,7 @@ import torch
 from qtip_triton.bitstream import get_layout
 from qtip_triton.codegen.plan import TilePlan, input_order, make_plan
 from qtip_triton.codes import get_code
+from qtip_triton.kernels import mma_layout
 from qtip_triton.spec import TILE, TrellisSpec
 from qtip_triton.weight import QuantizedWeight
 
@@ -54,6 +55,20 @@ class PreparedWeight:
         idx = self.cache.get(key)
         if idx is None:
             idx = input_order(self.plan, self.in_features, kind).to(device=self.device, dtype=torch.int32)
+            self.cache[key] = idx
+            if kind == "gemv" and self.in_features % mma_layout.QUAD == 0:
+                for rows in (8, 16):  # the mma gemv's buckets, made with the gemv's index (before any graph capture)
+                    self.input_index_mma(rows)
+        return idx
+
+    def input_index_mma(self, rows: int) -> torch.Tensor:
+        """int32 (in_features,): where each input column of batch row 0 goes in the mma gemv's h buffer of
+        ``rows`` rows per quad (kernels/mma_layout.py); row m adds 4 m."""
+        key = ("input_index_mma", rows)
+        idx = self.cache.get(key)
+        if idx is None:  # built on the host and copied, as the gemv's index
+            order = input_order(self.plan, self.in_features, "gemv")
+            idx = mma_layout.quad_index(order, rows).to(device=self.device)
             self.cache[key] = idx
         return idx
 

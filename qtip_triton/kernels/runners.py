@@ -19,7 +19,7 @@ import torch
 
 from qtip_triton.codegen.cache import load
 from qtip_triton.codegen.mma import MMA_COLS, layout_ok
-from qtip_triton.kernels import pdl
+from qtip_triton.kernels import mma_layout, pdl
 from qtip_triton.kernels.prepare import PreparedWeight
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
@@ -201,12 +201,24 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
 
     The kernels read h in their own column order (``pw.input_index(kind)``); the input Hadamard
     kernel writes it that way (``h_order="kernel"``); a natural-order h is permuted here first.
+    The tensor-core gemv (config ``mma``) reads h in mma order (``h_order="mma"``: (in // 4, M, 4) or per
+    shard, see kernels/mma_layout.py), as the layers' input transform writes it for such configs; given
+    in another order it is rearranged here (a copy).
 
     ``fuse_x`` with a ``fuse_in`` gemv config: the natural activations; each program computes its own
     slice of the input transform into ``h``, which is then only scratch (its contents are ignored).
     """
     if kind not in ("gemv", "gemm"):
         raise ValueError(f"decode_matmul runs kinds 'gemv' and 'gemm', got {kind!r}")
+    mma = kind == "gemv" and bool(config.get("mma", False))
+    if h_order == "mma":
+        if not mma:
+            raise ValueError("h in mma order is read only by the gemv's tensor-core variant (config mma)")
+        M = mma_layout.check(h, pw.in_features)
+        if h.dtype not in ACT_DTYPES + (torch.float32,):
+            raise ValueError(f"the mma gemv takes float16, bfloat16 or float32 activations, got {h.dtype}")
+        return _launch_decode(kind, pw, h, config, M, h.stride(-3), h.stride(0) if h.dim() == 4 else 0,
+                              h.dim() == 4, ws, shard_out, None)
     if h.dim() not in (2, 3) or h.shape[-1] != pw.in_features:
         raise ValueError(f"h must be (M, {pw.in_features}) or (shards, M, {pw.in_features}), got {tuple(h.shape)}")
     if h.dim() == 3 and h_order != "kernel":
@@ -222,9 +234,22 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
         perm[:, pw.input_index(kind).long()] = h
         h = perm
     elif h_order != "kernel":
-        raise ValueError(f"h_order must be 'natural' or 'kernel', got {h_order!r}")
+        raise ValueError(f"h_order must be 'natural', 'kernel' or 'mma', got {h_order!r}")
+    if mma:  # a caller's h (tests, benches): rearranged, as the layers' input transform writes it
+        h = mma_layout.from_kernel_order(h)
+        return _launch_decode(kind, pw, h, config, h.shape[-2], h.stride(-3), h.stride(0) if h.dim() == 4 else 0,
+                              h.dim() == 4, ws, shard_out, None)
     if h.stride(-1) != 1:
         h = h.contiguous()
+    return _launch_decode(kind, pw, h, config, h.shape[-2], h.stride(-2), h.stride(0) if h.dim() == 3 else 0,
+                          h.dim() == 3, ws, shard_out, fuse_x)
+
+
+def _launch_decode(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any], M: int,
+                   stride_x: int, stride_xg: int, sharded: bool, ws: torch.Tensor | None,
+                   shard_out: Sequence[int] | None, fuse_x: torch.Tensor | None) -> torch.Tensor:
+    """The decode launch on a checked h: ``stride_x`` is its row stride (mma order: its quad stride),
+    ``stride_xg`` its shard stride when ``sharded``."""
     TR, TC = _blocks(config)
     bm_lo, bm_hi = (1, 16) if kind == "gemv" else (16, 256)
     if kind == "gemv" and config.get("BLOCK_M") not in (1, 2, 4, 8, 16):
@@ -236,9 +261,8 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     plan = pw.plan
     mod = load(pw.spec, kind, config, layout=pw.layout)
     G, Rtot, Ctot = pw.words.shape
-    M = h.shape[-2]
     RB = TR * plan.GRN
-    shards = h.shape[0] if h.dim() == 3 else 1
+    shards = h.shape[0] if sharded else 1
     if shards == 1:
         bounds = (Rtot + 1, Rtot + 1)  # no boundary: every row block reads h
     else:
@@ -250,11 +274,10 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
                              f"(of {pw.out_features}; at most 3 shards, multiples of 16)")
         if any(b % RB for b in bounds if b <= Rtot):
             raise ValueError(f"shard boundaries {bounds} (word rows) do not split into row blocks of {RB}")
-    stride_xg = h.stride(0) if h.dim() == 3 else 0
     CB = TC * plan.GCN
     mma = kind == "gemv" and bool(config.get("mma", False))
     if mma:
-        _check_mma(config, CB, RB)
+        _check_mma(config, CB, RB, Ctot)
     nblk = _cdiv(Ctot, CB)
     iters, splits = k_split(nblk, split)
     if ws is None:
@@ -266,14 +289,14 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     # no masks when every program's row block and every k step is full
     extra = {"INTERPRET": interpreting(), "EVEN": Rtot % RB == 0 and Ctot % CB == 0 and nblk % iters == 0}
     fused: list[Any] = []
-    if fuse_in:
+    if fuse_x is not None:
         fused, consts = _fused_input_args(pw, fuse_x, h, config, iters * CB * 16 // plan.GCN)
         extra.update(consts)
     in_kernel = split_sum_in_kernel(config)  # checked even without a split: a bad value is an error
     cnt = split_counters(pw, grid[0] * grid[2]) if splits > 1 and in_kernel else None
     if cnt is not None:
         extra.update(CNT=cnt, SPLIT_SUM=True)
-    compiled = mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), h.stride(-2),
+    compiled = mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), stride_x,
                                 ws.stride(0), ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM,
                                 **extra, **_launch_opts(config), **pdl.launch_args(ws.device, M))
     if mma and not extra["INTERPRET"]:
@@ -284,10 +307,14 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
 _MMA_LAYOUT_CHECKED: dict[int, str] = {}  # id of a compiled kernel -> "" (ok) or why not
 
 
-def _check_mma(config: Mapping[str, Any], cols: int, rows: int) -> None:
+def _check_mma(config: Mapping[str, Any], cols: int, rows: int, ctot: int) -> None:
     """The shapes under which the mma gemv's lane arrangement holds (codegen/mma.py): 16 word columns per
-    k step and one 8-row group per warp (Triton then lays the tile out as the mma needs)."""
+    k step and one 8-row group per warp (Triton then lays the tile out as the mma needs), and class blocks
+    of whole quads of h (kernels/mma_layout.py: word columns a multiple of 4)."""
     warps = config.get("num_warps", 4)
+    if ctot % 4:
+        raise ValueError(f"config mma needs in_features divisible by 64 (whole quads of h per class block), "
+                         f"got {ctot * 16}")
     if cols != MMA_COLS:
         raise ValueError(f"config mma needs {MMA_COLS} word columns per k step (BLOCK_K=256 in QTIP's layout), "
                          f"got {cols}")

@@ -58,3 +58,21 @@ def test_untuned_layers_get_the_mma_gemv_from_two_to_eight_rows():
         ref = reference(qw, w64, x)
         y = linear(x.half(), qw)
         assert float((y.double() - ref).norm() / ref.norm()) < TOL[torch.float16], M
+
+
+@pytest.mark.parametrize("n", [4096, 11008, 8192, 14336])
+def test_the_input_transform_writes_mma_order_h_on_the_gpu(n):
+    """The GPU transform kernels (every launch variant they pick from 1 to 16 tokens) write the mma gemv's
+    h (kernels/mma_layout.py) bit for bit as the kernel-order h rearranged, alone and for three shards."""
+    from qtip_triton.kernels import _transform_in, _transform_in_mma, mma_layout
+
+    qw, _ = weight(256, n, 2)
+    pw = kernels.prepare(qw)
+    pre = torch.stack([pw.SU, pw.SU.flip(0), -pw.SU]).contiguous()
+    for M in (1, 3, 8, 9, 16):
+        x = torch.randn(M, n, device="cuda").half()
+        want = mma_layout.from_kernel_order(_transform_in(pw, x, torch.float16, "gemv"))
+        assert torch.equal(_transform_in(pw, x, torch.float16, "gemv", order="mma"), want), M
+        grouped = _transform_in_mma(x, pw, pre, torch.float16, (3,))
+        assert torch.equal(grouped[0], want), M
+        assert grouped.shape == (3, n // 4, M, 4)
