@@ -222,6 +222,11 @@ def test_mma_order_h_is_checked(gen):
         kernels.decode_matmul("gemv", pw, h, _cfg(8), h_order="quads")
     with pytest.raises(ValueError, match="at least one row"):
         mma_layout.rows_padded(0)
+    # one quad stride (a compile-time constant of the kernel) per autotune bucket (b/2, b], as warmed at load
+    from qtip_triton.autotune.buckets import warm_rows
+    for b in (1, 2, 4, 8, 16, 32, 64, 128):
+        assert {mma_layout.rows_padded(M) for M in range(b // 2 + 1, b + 1)} == \
+            {mma_layout.rows_padded(M) for M in warm_rows(b)} == {max(8, b)}
     odd = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 16 * 18, layout="qtip"))
     with pytest.raises(ValueError, match="divisible by 64"):  # class blocks of 18 word columns: not whole quads
         kernels.decode_matmul("gemv", odd, torch.randn(2, 16 * 18, generator=gen), _cfg(8), h_order="kernel")

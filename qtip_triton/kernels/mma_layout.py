@@ -22,11 +22,15 @@ QUAD = 4  # kernel-order columns per quad: one 8-byte fp16 load per lane
 
 
 def rows_padded(M: int) -> int:
-    """Rows per quad in the buffer: 8 up to one mma's batch block, else a multiple of 8. The input index
-    depends on it, so few values keep few cached indices (8 and 16 cover every mma bucket)."""
+    """Rows per quad in the buffer: the power of two at or above M, at least 8 (one mma's batch block).
+
+    Why powers of two: the kernel's quad stride (4 R) is a compile-time constant, so every R is a binary of
+    its own; with R a power of two all M of an autotune bucket (b/2, b] share one, the one the load-time
+    warm-up compiles (autotune.buckets.warm_rows). The input index depends on R too: 8 and 16 cover every
+    bucket the mma gemv is tuned for."""
     if M < 1:
         raise ValueError(f"an mma-order h needs at least one row, got {M}")
-    return max(8, -(-M // 8) * 8)
+    return max(8, 1 << (M - 1).bit_length())
 
 
 def quad_index(order: torch.Tensor, rows: int) -> torch.Tensor:
