@@ -10,6 +10,7 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
     python bench/probe.py --points 4096x4096:1,4096x11008:1 --tables shared --fuse-in   # gemv + its input transform
     python bench/probe.py --points 22016x4096:8,4096x11008:16 --tables shared --mma      # + the tensor-core gemv
     python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --hfma --linear  # + fp16x2
+    python bench/probe.py --points 8192x8192:16 --tables shared16 --mma-only --maxnreg 96,104   # register caps
 
 ``--fuse-in`` (gemv): every config also runs with ``fuse_in`` (each program computes its slice of the input
 transform), and every time then includes the input transform (the separate launch for the others).
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also each split-K config with its partials summed in the kernel (split_sum)")
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
+    ap.add_argument("--maxnreg", default=None,
+                    help="mma configs: also each with these register caps, e.g. 96,104 (config maxnreg)")
     ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 mma_c = [c for i, c in enumerate(mma_c) if c not in mma_c[:i]]
             if a.mma_splits:
                 mma_c = [c for c in mma_c if c["SPLIT_K"] in {int(v) for v in a.mma_splits.split(",")}]
+            if a.maxnreg:
+                mma_c += [{**c, "maxnreg": int(r)} for r in a.maxnreg.split(",") for c in mma_c]
             cands += mma_c
 
         # h in each dtype and order the decode configs may ask for, made once so that no cast or copy is timed

@@ -89,6 +89,8 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
     opts = {"num_warps": config.get("num_warps", 4)}
     if "num_stages" in config:
         opts["num_stages"] = config["num_stages"]
+    if "maxnreg" in config:
+        opts["maxnreg"] = config["maxnreg"]
     if pdl:
         opts["launch_pdl"] = True
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

@@ -230,3 +230,15 @@ def test_mma_order_h_is_checked(gen):
     odd = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 16 * 18, layout="qtip"))
     with pytest.raises(ValueError, match="divisible by 64"):  # class blocks of 18 word columns: not whole quads
         kernels.decode_matmul("gemv", odd, torch.randn(2, 16 * 18, generator=gen), _cfg(8), h_order="kernel")
+
+
+def test_a_register_cap_is_a_launch_option(gen):
+    """``maxnreg`` (for probes; not in the tuner's space) changes nothing the interpreter computes, and a bad
+    value is a clear error; tests/test_sass_count.py checks that ptxas gets it."""
+    pw = prepare(random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 64, 512, layout="qtip"))
+    h = torch.randn(3, 512, generator=gen).half()
+    assert torch.equal(kernels.decode_matmul("gemv", pw, h, _cfg(8, maxnreg=96), h_order="kernel"),
+                       kernels.decode_matmul("gemv", pw, h, _cfg(8), h_order="kernel"))
+    for bad in (100, 16, 256, True, "96"):
+        with pytest.raises(ValueError, match="maxnreg"):
+            kernels.decode_matmul("gemv", pw, h, _cfg(8, maxnreg=bad), h_order="kernel")

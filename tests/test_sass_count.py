@@ -94,6 +94,8 @@ def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
     assert r["mma_layout"] == [True, ""], r
     assert r["opcodes"].get("HMMA", 0) * 4 == r["states_per_thread_iter"], r
     assert r["per_state"] < 12 and r["stack"] == 0 and r["shared_bytes"] <= 4096, r
+    capped, = compiled("L16K2V2-hyb9", config={**good, "BLOCK_M": 16, "maxnreg": 104})  # 125 uncapped
+    assert capped["reg"] <= 104 and capped["stack"] == 0, capped
     bad, = compiled("L16K2V2-hyb9", config={**good, "num_warps": 8})  # half a row group per warp
     ok, why = bad["mma_layout"]
     assert not ok and "threadsPerWarp" in why, bad

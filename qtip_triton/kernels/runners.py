@@ -94,6 +94,11 @@ def _launch_opts(config: Mapping[str, Any]) -> dict[str, int]:
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
             raise ValueError(f"config num_stages={stages!r} must be an int in [1, 8]")
         opts["num_stages"] = stages
+    regs = config.get("maxnreg")
+    if regs is not None:  # a register cap per thread (ptxas .maxnreg): more programs per SM, or spills
+        if isinstance(regs, bool) or not isinstance(regs, int) or not 32 <= regs <= 255 or regs % 8:
+            raise ValueError(f"config maxnreg={regs!r} must be a multiple of 8 in [32, 255]")
+        opts["maxnreg"] = regs
     return opts
 
 
