@@ -182,7 +182,7 @@ def test_fused_and_sharded_launches_give_the_mma_gemv_fp16_h(gen):
         assert float((out.double() - ref).norm() / ref.norm()) <= TOL[torch.float16]
 
 
-@pytest.mark.parametrize("M", [1, 5, 8, 11, 16])
+@pytest.mark.parametrize("M", [1, 5, 11])  # 8 rows per quad (one row, a partial block), 16 (a partial second)
 def test_the_input_transform_writes_h_in_mma_order(gen, M):
     """h for the mma gemv (kernels/mma_layout.py: hq[q, m, e] = h[m, 4q + e], kernel-order h) written by the
     input transform through its destination index and a row stride of 4, alone and for three shards at once,
