@@ -6,7 +6,8 @@ every x load of a warp touches eight 128-byte lines, and x, not the table lookup
 wavefronts at 16 batch rows (H200, 2026-11-29: with every row reading one row's h the M = 16 kernel went
 from 38.0 to 26.7 us at 8192^2, `bench/results/h200-2026-11-29-session11-probe-xrow.md`). Here the four
 columns of a quad sit together for all batch rows, so a warp's load covers 256 contiguous bytes at up to 8
-rows and four half-used lines at 16.
+rows (8192^2 M = 8: 29.8 -> 25.7 us) and four half-used lines at 16 (no measurable gain there: a load still
+spans 8 sectors, and x's bytes, not its lines, count).
 
 The layout, as a tensor: ``hq[q, m, e] = h[m, 4q + e]`` (h in the kernel's column order), shape
 (in // 4, M, 4); the buffer holds ``R = rows_padded(M)`` rows per quad, so ``hq`` is a view with strides
