@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "stages") the 256-row gemm's pipeline depth; (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "stages") the 256-row gemm's pipeline depth; (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -97,6 +97,13 @@ if want hfma; then
   timeout -k 10 "${HFMA_S:-150}" python3 bench/probe.py --linear --hfma --points 8192x8192:1,4096x4096:1,28672x8192:1,4096x11008:1 \
     --tables shared,shared16 --blocks 64/1024/4,64/512/4,32/1024/4 --splits 0.5,1,2 --tag probe-hfma \
     --time-limit "${HFMA_S:-150}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want regcap; then
+  step "probe: the mma gemv at M = 16 with register caps (config maxnreg) against none"
+  timeout -k 10 "${REGCAP_S:-120}" python3 bench/probe.py --mma-only --mma-splits 2,4 --maxnreg 96,104 \
+    --points 8192x8192:16,22016x4096:16,4096x11008:16 --tables shared16 --tag probe-regcap \
+    --time-limit "${REGCAP_S:-120}" --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want splitsum; then
