@@ -56,9 +56,6 @@ class PreparedWeight:
         if idx is None:
             idx = input_order(self.plan, self.in_features, kind).to(device=self.device, dtype=torch.int32)
             self.cache[key] = idx
-            if kind == "gemv" and self.in_features % mma_layout.QUAD == 0:
-                for rows in (8, 16):  # the mma gemv's buckets, made with the gemv's index (before any graph capture)
-                    self.input_index_mma(rows)
         return idx
 
     def input_index_mma(self, rows: int) -> torch.Tensor:
@@ -66,7 +63,7 @@ class PreparedWeight:
         ``rows`` rows per quad (kernels/mma_layout.py); row m adds 4 m."""
         key = ("input_index_mma", rows)
         idx = self.cache.get(key)
-        if idx is None:  # built on the host and copied, as the gemv's index
+        if idx is None:  # built on the host and copied at first use (the load-time warm-up), as input_index
             order = input_order(self.plan, self.in_features, "gemv")
             idx = mma_layout.quad_index(order, rows).to(device=self.device)
             self.cache[key] = idx

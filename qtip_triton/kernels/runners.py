@@ -219,11 +219,9 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     if h_order == "mma":
         if not mma:
             raise ValueError("h in mma order is read only by the gemv's tensor-core variant (config mma)")
-        M = mma_layout.check(h, pw.in_features)
         if h.dtype not in ACT_DTYPES + (torch.float32,):
             raise ValueError(f"the mma gemv takes float16, bfloat16 or float32 activations, got {h.dtype}")
-        return _launch_decode(kind, pw, h, config, M, h.stride(-3), h.stride(0) if h.dim() == 4 else 0,
-                              h.dim() == 4, ws, shard_out, None)
+        return _launch_mma(kind, pw, h, config, ws, shard_out)
     if h.dim() not in (2, 3) or h.shape[-1] != pw.in_features:
         raise ValueError(f"h must be (M, {pw.in_features}) or (shards, M, {pw.in_features}), got {tuple(h.shape)}")
     if h.dim() == 3 and h_order != "kernel":
@@ -241,13 +239,19 @@ def decode_matmul(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappin
     elif h_order != "kernel":
         raise ValueError(f"h_order must be 'natural', 'kernel' or 'mma', got {h_order!r}")
     if mma:  # a caller's h (tests, benches): rearranged, as the layers' input transform writes it
-        h = mma_layout.from_kernel_order(h)
-        return _launch_decode(kind, pw, h, config, h.shape[-2], h.stride(-3), h.stride(0) if h.dim() == 4 else 0,
-                              h.dim() == 4, ws, shard_out, None)
+        return _launch_mma(kind, pw, mma_layout.from_kernel_order(h), config, ws, shard_out)
     if h.stride(-1) != 1:
         h = h.contiguous()
     return _launch_decode(kind, pw, h, config, h.shape[-2], h.stride(-2), h.stride(0) if h.dim() == 3 else 0,
                           h.dim() == 3, ws, shard_out, fuse_x)
+
+
+def _launch_mma(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any],
+                ws: torch.Tensor | None, shard_out: Sequence[int] | None) -> torch.Tensor:
+    """The decode launch on an mma-order h (checked here): its quad stride stands for the row stride."""
+    M = mma_layout.check(h, pw.in_features)
+    return _launch_decode(kind, pw, h, config, M, h.stride(-3), h.stride(0) if h.dim() == 4 else 0, h.dim() == 4,
+                          ws, shard_out, None)
 
 
 def _launch_decode(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any], M: int,
