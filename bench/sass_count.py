@@ -34,7 +34,7 @@ from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.kernels import mma_layout
 from qtip_triton.kernels.configs import default_config
-from qtip_triton.kernels.runners import fused_input_consts, k_split
+from qtip_triton.kernels.runners import _launch_opts, fused_input_consts, k_split
 from qtip_triton.spec import TrellisSpec
 
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -86,11 +86,7 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
                                                                     "z_cols", "hscale")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    opts = {"num_warps": config.get("num_warps", 4)}
-    if "num_stages" in config:
-        opts["num_stages"] = config["num_stages"]
-    if "maxnreg" in config:
-        opts["maxnreg"] = config["maxnreg"]
+    opts: dict[str, Any] = _launch_opts(config)  # num_warps, num_stages, maxnreg: as the launcher passes them
     if pdl:
         opts["launch_pdl"] = True
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
