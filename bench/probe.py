@@ -33,6 +33,7 @@ from common import environment, time_us, write_results  # noqa: E402
 from kernels import random_weight  # noqa: E402
 
 from qtip_triton import kernels, linear  # noqa: E402
+from qtip_triton.codegen.emit import mma_row_groups  # noqa: E402
 from qtip_triton.kernels import _transform_in, decode_matmul, decompress, mma_layout, prepare  # noqa: E402
 from qtip_triton.kernels.configs import mma_space, mma_supported  # noqa: E402
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--maxnreg", default=None,
                     help="mma configs: also each with these register caps, e.g. 96,104 (config maxnreg)")
     ap.add_argument("--mma-splits", default=None, help="mma configs: only these SPLIT_K values, e.g. 1,2")
+    ap.add_argument("--mma-warps", default=None, help="mma configs: only these num_warps, e.g. 2,4")
+    ap.add_argument("--mma-groups", default=None,
+                    help="mma configs: only these 8-row word groups per warp (BLOCK_N / 16 / num_warps), e.g. 1,2")
     ap.add_argument("--time-limit", type=float, default=300.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--tag", default="probe")
@@ -135,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
                 mma_c = [c for i, c in enumerate(mma_c) if c not in mma_c[:i]]
             if a.mma_splits:
                 mma_c = [c for c in mma_c if c["SPLIT_K"] in {int(v) for v in a.mma_splits.split(",")}]
+            if a.mma_warps:
+                mma_c = [c for c in mma_c if c["num_warps"] in {int(v) for v in a.mma_warps.split(",")}]
+            if a.mma_groups:
+                mma_c = [c for c in mma_c if mma_row_groups(c) in {int(v) for v in a.mma_groups.split(",")}]
             if a.maxnreg:
                 mma_c += [{**c, "maxnreg": int(r)} for r in a.maxnreg.split(",") for c in mma_c]
             cands += mma_c

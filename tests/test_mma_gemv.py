@@ -22,8 +22,9 @@ pytestmark = pytest.mark.skipif(
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
-def _cfg(bm: int, warps: int = 2, split: int = 1, **extra) -> dict:
-    return {"BLOCK_M": bm, "BLOCK_N": 16 * warps, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": warps,
+def _cfg(bm: int, warps: int = 2, split: int = 1, groups: int = 1, **extra) -> dict:
+    """``groups``: 8-row word groups per warp (past one they share x's registers)."""
+    return {"BLOCK_M": bm, "BLOCK_N": 16 * warps * groups, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": warps,
             "table": "shared", "mma": True, **extra}
 
 
@@ -40,6 +41,21 @@ def test_mma_gemv_matches_float64(gen, K, dtype):
         ref = qw.reference_forward(x.double(), bias.double())
         err = float((y.double() - ref).norm() / ref.norm())
         assert y.shape == (M, 96) and err <= TOL[dtype], (M, bm, err)
+
+
+def test_row_groups_sharing_x_give_the_same_results(gen):
+    """2 or 4 row groups per warp read x once and repeat it in registers (codegen/mma.py): the same mma
+    sequence per element, so the same partials bit for bit as one group per warp, here with ragged row
+    blocks (96 rows) and a ragged last k split (768 inputs: 3 k steps over 2 splits), where x is masked."""
+    qw = random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 96, 768, layout="qtip")
+    pw = prepare(qw)
+    for M, bm in ((1, 8), (13, 16)):
+        h = torch.randn(M, 768, generator=gen)
+        want = kernels.decode_matmul("gemv", pw, h, _cfg(bm, warps=2, split=2), h_order="natural")
+        for warps, groups in ((2, 2), (1, 4)) if bm == 8 else ((2, 2),):
+            got = kernels.decode_matmul("gemv", pw, h, _cfg(bm, warps=warps, split=2, groups=groups),
+                                        h_order="natural")
+            assert torch.equal(got, want), (M, warps, groups)
 
 
 def test_mma_gemv_reads_partials_like_the_gemv(gen):
@@ -70,8 +86,10 @@ def test_launch_shapes_the_mma_needs(gen):
     h = torch.randn(2, 512, generator=gen)
     with pytest.raises(ValueError, match="BLOCK_K=256"):
         kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_K": 128}, h_order="natural")
-    with pytest.raises(ValueError, match="16 x num_warps"):
-        kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_N": 64}, h_order="natural")
+    with pytest.raises(ValueError, match="16 x num_warps x 1 or 2 or 4"):
+        kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_N": 16, "num_warps": 2}, h_order="natural")
+    with pytest.raises(ValueError, match="8-row word groups per warp"):
+        kernels.decode_matmul("gemv", pw, h, {**_cfg(8), "BLOCK_N": 256}, h_order="natural")  # 8 per warp
 
 
 def test_only_layouts_with_packed_pairs_get_mma():
@@ -82,7 +100,10 @@ def test_only_layouts_with_packed_pairs_get_mma():
     spec = TrellisSpec.parse("L16K2V2-hyb9")
     for M, bm in ((1, 8), (8, 8), (16, 16)):
         mma = [c for c in config_space("gemv", spec, 4096, 4096, M) if c.get("mma")]
-        assert mma and all(c["BLOCK_M"] == bm and c["BLOCK_N"] == 16 * c["num_warps"] for c in mma)
+        assert mma and all(c["BLOCK_M"] == bm for c in mma)
+        groups = {c["BLOCK_N"] // (16 * c["num_warps"]) for c in mma}
+        assert all(c["BLOCK_N"] % (16 * c["num_warps"]) == 0 for c in mma)
+        assert groups == {1, 2}, (M, groups)  # 4 (probes only) lost to 2 on the H200
     assert not [c for c in config_space("gemv", spec, 4096, 4096, 32) if c.get("mma")]
 
 
@@ -242,3 +263,30 @@ def test_a_register_cap_is_a_launch_option(gen):
     for bad in (100, 16, 256, True, "96"):
         with pytest.raises(ValueError, match="maxnreg"):
             kernels.decode_matmul("gemv", pw, h, _cfg(8, maxnreg=bad), h_order="kernel")
+
+
+def _ttgir(layout: str, name: str = "#blocked") -> str:
+    """A compiled kernel's TTGIR reduced to what the layout check reads: one layout and one mma on it."""
+    return (f"{name} = {layout}\n"
+            '%1:4 = tt.elementwise_inline_asm "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0}" '
+            f"%a : tensor<64x16xi32, {name}> -> (tensor<64x16xf32, {name}>, tensor<64x16xf32, {name}>)\n")
+
+
+def test_the_layout_check_accepts_only_the_mma_placement():
+    """The launcher refuses an mma gemv that Triton laid out otherwise (its results would be wrong): the
+    blocked layout of one row group per warp, and the linear layout Triton gives row groups that share x."""
+    from qtip_triton.codegen.mma import layout_ok
+
+    blocked = "#ttg.blocked<{{sizePerThread = [1, 4], threadsPerWarp = [{}], warpsPerCTA = [4, 1], order = [1, 0]}}>"
+    assert layout_ok(_ttgir(blocked.format("8, 4"))) == (True, "")
+    ok, why = layout_ok(_ttgir(blocked.format("4, 8")))
+    assert not ok and "threadsPerWarp (4, 8)" in why
+    linear = ("#ttg.linear<{{register = [{}], lane = [{}], warp = [[8, 0], [16, 0]], block = []}}>")
+    good_lanes = "[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]"
+    assert layout_ok(_ttgir(linear.format("[32, 0], [0, 1], [0, 2]", good_lanes), "#linear")) == (True, "")
+    for reg, lanes in (("[4, 0], [0, 1], [0, 2]", good_lanes),  # a register holding a row of the same group
+                       ("[32, 0], [0, 1], [0, 4]", good_lanes),  # columns not a quad
+                       ("[32, 0], [0, 1], [0, 2]", "[0, 4], [1, 0], [0, 8], [2, 0], [4, 0]")):  # lanes swapped
+        ok, why = layout_ok(_ttgir(linear.format(reg, lanes), "#linear"))
+        assert not ok and "#linear" in why, (reg, lanes)
+    assert layout_ok("") == (False, "no mma.sync found in the compiled kernel")

@@ -21,7 +21,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from qtip_triton.codegen.mma import MMA_COLS, MMA_HELPERS, MMA_ROWS, PACK_HELPER, packed_pairs
+from qtip_triton.codegen.mma import (
+    MMA_COLS,
+    MMA_HELPERS,
+    MMA_ROW_GROUPS,
+    MMA_ROWS,
+    PACK_HELPER,
+    ROWS_REPEAT_HELPERS,
+    packed_pairs,
+)
 from qtip_triton.codegen.plan import TilePlan, make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.spec import TrellisSpec
@@ -71,6 +79,9 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             if fuse_in or extra["prefetch"]:
                 raise ValueError("config mma does not combine with fuse_in or prefetch")
             extra["mma"] = True
+            groups = mma_row_groups(config)
+            if groups > 1:  # only when above one: every existing config keeps its source (and cache key)
+                extra["mma_groups"] = groups
         hfma = config.get("hfma", False)
         if not isinstance(hfma, bool):
             raise ValueError(f"config hfma={hfma!r} must be a bool (fp16x2 multiply-adds in the gemv)")
@@ -87,6 +98,24 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
     if table.startswith("shared") and kind not in SHARED_TABLE_KINDS:
         raise ValueError(f"table={table!r} is only for kinds {SHARED_TABLE_KINDS}, not {kind!r}")
     return {"table": table, **extra}
+
+
+def mma_row_groups(config: Mapping[str, Any]) -> int:
+    """8-row word groups per warp of an mma gemv config: BLOCK_N / (16 x num_warps), 1, 2 or 4.
+
+    Why it shapes the source: a warp's row groups multiply the same x, so with more than one the kernel
+    loads x for one group and repeats it in registers (codegen/mma.py); the other groups read no x."""
+    bn, warps = config.get("BLOCK_N"), config.get("num_warps", 4)
+    if bn is None:  # source options (emit's input) carry the count itself
+        groups = config.get("mma_groups", 1)
+        if groups not in MMA_ROW_GROUPS or isinstance(groups, bool):
+            raise ValueError(f"mma_groups={groups!r} must be one of {MMA_ROW_GROUPS}")
+        return groups
+    if (isinstance(bn, bool) or isinstance(warps, bool) or not isinstance(bn, int) or not isinstance(warps, int)
+            or warps < 1 or bn % (16 * warps) or bn // (16 * warps) not in MMA_ROW_GROUPS):
+        raise ValueError(f"config mma needs BLOCK_N = 16 x num_warps x {' or '.join(map(str, MMA_ROW_GROUPS))} "
+                         f"(8-row word groups per warp), got BLOCK_N={bn!r} with num_warps={warps!r}")
+    return bn // (16 * warps)
 
 
 def table_replicas(opts: Mapping[str, Any]) -> int:
@@ -366,6 +395,8 @@ class _Emitter:
             s(*PACK_HELPER.splitlines(), "")
         if self.opts.get("mma"):
             s(*MMA_HELPERS.splitlines(), "")
+        if self.opts.get("mma_groups", 1) > 1:
+            s(*ROWS_REPEAT_HELPERS.splitlines(), "")
         if self.opts.get("hfma"):
             s(*HFMA_HELPERS.splitlines(), "")
         if self.dec.helpers:  # the code's own helpers (e.g. one dp4a for a byte sum)
@@ -816,7 +847,15 @@ class _Emitter:
         s(f"tl.static_assert(TC * {p.GCN} == {MMA_COLS})  # {MMA_COLS} word columns per k step: 4 lanes x 4 elements")
         self.prologue(split=True)
         self.dependency_sync()
-        s(f"lane_b = rows % {MMA_ROWS}  # the batch row whose x this lane brings to the mma (its row in the row group)")
+        ng = self.opts.get("mma_groups", 1)
+        if ng > 1:
+            s(f"# the {ng} row groups of a warp multiply the same x: it is loaded for the first (XR rows, one group per")
+            s("# warp) and repeated in registers for the others (_rows_repeat), so they issue no x loads of their own")
+            s(f"XR: tl.constexpr = RB // {ng}")
+            s("xr = tl.arange(0, XR)")
+            s(f"lane_b = xr % {MMA_ROWS}  # the batch row whose x this lane brings to the mma (its row in the row group)")
+        else:
+            s(f"lane_b = rows % {MMA_ROWS}  # the batch row whose x this lane brings to the mma (its row in the row group)")
         for n in range(nb):
             s(f"xrow{n} = pid_m * {bm} + {n * MMA_ROWS} + lane_b")
             s(f"xok{n} = (xrow{n} < M)[:, None]")
@@ -824,7 +863,8 @@ class _Emitter:
             for h in range(4):
                 s(f"c{n}_{h} = tl.zeros([RB, CB], dtype=tl.float32)")
         s("# the word tile's shape; each lane's 4 columns are one quad (contiguous), class columns (Ctot // 4) quads apart")
-        s("x_off = rows[:, None] * 0 + ((cols // 4) * stride_xq + cols % 4)[None, :]")
+        s(f"x_off = {'xr' if ng > 1 else 'rows'}[:, None] * 0 + ((cols // 4) * stride_xq + cols % 4)[None, :]")
+
         s("x_cls = (Ctot // 4) * stride_xq")
         s("for it in range(ITERS):")
         s.indent()
@@ -832,11 +872,16 @@ class _Emitter:
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals)
         for n in range(nb):
+            if ng > 1 and n == 0:
+                s("xcols = (cols < Ctot)[None, :]  # x does not depend on the word rows: only its columns can run past the end")
             s(f"# batch rows {n * MMA_ROWS}..{n * MMA_ROWS + MMA_ROWS - 1} of the block: x of every class column, as fp16")
             for cc in range(p.NC):
                 off = f"x_off + {cc} * x_cls" if cc else "x_off"
-                s(f"xc{cc} = (tl.load(xp{n} + {off}, mask=xok{n}, other=0.0) if EVEN else "
-                  f"tl.load(xp{n} + {off}, mask=xok{n} & wmask, other=0.0)).to(tl.float16)")
+                load = (f"tl.load(xp{n} + {off}, mask=xok{n}, other=0.0) if EVEN else "
+                        f"tl.load(xp{n} + {off}, mask=xok{n} & {'xcols' if ng > 1 else 'wmask'}, other=0.0)")
+                if ng > 1:
+                    load = f"_rows_repeat({load}, {ng})"
+                s(f"xc{cc} = ({load}).to(tl.float16)")
             for q in range(4):
                 P, Q = q, q + 4
                 s(f"# mma {q}: class pairs ({2 * P}, {2 * P + 1}) and ({2 * Q}, {2 * Q + 1}), rows of class 0 and 1")

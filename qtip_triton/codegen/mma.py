@@ -39,6 +39,8 @@ from qtip_triton.codegen.plan import TilePlan
 # words per k step of one program (the tile's column count) and batch rows per mma
 MMA_COLS = 16
 MMA_ROWS = 8
+# 8-row word groups per warp (config BLOCK_N = 16 x num_warps x groups); past one they share x's registers
+MMA_ROW_GROUPS = (1, 2, 4)
 
 PACK_HELPER = '''
 @triton.jit
@@ -99,6 +101,28 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, RB: tl.constexpr, CB: tl.conste
 
 '''
 
+ROWS_REPEAT_HELPERS = '''
+@triton.jit
+def _rows_twice(x):
+    """[R, C] -> [2R, C], row r + R = row r. Triton lays the copy out in the registers of the lanes that
+    hold the original (the join's new dimension stays in registers), so this moves no data."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.permute(tl.join(x, x), (2, 0, 1)), [2 * R, C])
+
+
+@triton.jit
+def _rows_repeat(x, TIMES: tl.constexpr):
+    """[R, C] -> [TIMES * R, C] (TIMES 1, 2 or 4), row r + jR = row r: x of one row group per warp, given to
+    the warp's other row groups without loading it again."""
+    if TIMES >= 2:
+        x = _rows_twice(x)
+    if TIMES >= 4:
+        x = _rows_twice(x)
+    return x
+
+'''
+
 _HALF = re.compile(r"_f16_(lo|hi)\((\w+)\)")
 
 
@@ -133,15 +157,45 @@ _BLOCKED = re.compile(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, 
                       r"\[([\d, ]+)\], warpsPerCTA = \[([\d, ]+)\], order = \[([\d, ]+)\]")
 
 
+_LINEAR = re.compile(r"(#linear\d*) = #ttg\.linear<\{register = (\[[\[\]\d, ]*\]), lane = (\[[\[\]\d, ]*\]), "
+                     r"warp = (\[[\[\]\d, ]*\]), block")
+# lane (g, t) = lane bits t0 t1 g0 g1 g2 -> columns 4t, rows g: what every mma operand tensor's lanes must hold
+_MMA_LANES = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+
+
+def _bases(text: str) -> list[list[int]]:
+    return [[int(v) for v in b.split(",")] for b in re.findall(r"\[(\d+, \d+)\]", text)]
+
+
+def _linear_ok(register: list[list[int]], lane: list[list[int]], warp: list[list[int]]) -> bool:
+    """A linear layout (as ``_rows_repeat``'s tensors get) that places [R, 16] as the mma needs: the lanes as
+    above, each lane's registers its quad's columns 1 and 2 plus whole row groups (rows 8 apart or more),
+    the warps whole row groups (or copies of one)."""
+    def row_group(b: list[int]) -> bool:
+        return b[1] == 0 and b[0] >= 8 and b[0] & (b[0] - 1) == 0
+    cols = [b for b in register if b[0] == 0]
+    return (lane == _MMA_LANES and sorted(cols) == [[0, 1], [0, 2]]
+            and all(row_group(b) for b in register if b[0] != 0)
+            and all(b == [0, 0] or row_group(b) for b in warp))
+
+
 def layout_ok(ttgir: str) -> tuple[bool, str]:
     """Whether every mma in a compiled kernel's TTGIR runs on [RB, 16] tensors laid out as lane (g, t) =
-    rows 8i + g, columns 4t..4t+3 (sizePerThread [1, 4], threadsPerWarp [8, 4], warps along rows)."""
+    rows 8i + g, columns 4t..4t+3: sizePerThread [1, 4], threadsPerWarp [8, 4], warps along rows, or the
+    same placement written as a linear layout (row groups of a warp that share x, ``_rows_repeat``)."""
     layouts = {m.group(1): tuple(tuple(int(v) for v in m.group(k).split(",")) for k in range(2, 6))
                for m in _BLOCKED.finditer(ttgir)}
-    used = re.findall(r"mma\.sync[^\n]*?->\s*\(?tensor<(\d+)x(\d+)xf32, (#blocked\d*)>", ttgir)
+    linear = {m.group(1): tuple(_bases(m.group(k)) for k in range(2, 5)) for m in _LINEAR.finditer(ttgir)}
+    used = re.findall(r"mma\.sync[^\n]*?->\s*\(?tensor<(\d+)x(\d+)xf32, (#(?:blocked|linear)\d*)>", ttgir)
     if not used:
         return False, "no mma.sync found in the compiled kernel"
     for rows, cols, name in used:
+        if name.startswith("#linear"):
+            reg, lane, warp = linear.get(name, ([], [], []))
+            if int(cols) != MMA_COLS or not _linear_ok(reg, lane, warp):
+                return False, (f"mma operands of {rows}x{cols} laid out as {name}: registers {reg}, lanes {lane}, "
+                               f"warps {warp}")
+            continue
         spt, tpw, wpc, order = layouts.get(name, ((), (), (), ()))
         if int(cols) != MMA_COLS or spt != (1, 4) or tpw != (8, 4) or order != (1, 0) or wpc[1:] != (1,):
             return False, (f"mma operands of {rows}x{cols} laid out as {name}: sizePerThread {spt}, threadsPerWarp "

@@ -135,8 +135,9 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
     if kind == "decompress":
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
     if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
-        # session 7 tune (H200): 64-row tiles with 4 warps were chosen most often; split as the plain gemv
-        return {"BLOCK_M": 8, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 64, 256), "num_warps": 4,
+        # session 12 probe (H200, h200-2026-11-30-probe-groups.md): 4 warps of two 8-row groups each, which
+        # share x's registers (8192^2 M = 8 27.6 -> 22.8 us against one group per warp); split as the plain gemv
+        return {"BLOCK_M": 8, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 128, 256), "num_warps": 4,
                 **_gemv_table(spec), "mma": True}
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
@@ -233,8 +234,8 @@ def mma_supported(spec: TrellisSpec) -> bool:
 
 def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     """The mma gemv's configs: 8 or 16 batch rows, BLOCK_K 256 (16 word columns: four lanes x four
-    elements), BLOCK_N = 16 x num_warps (one 8-row word group per warp), the table in shared memory
-    when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
+    elements), BLOCK_N = 16 x num_warps x 1 or 2 (8-row word groups per warp: past one they share x's
+    registers, codegen/mma.py), the table in shared memory when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
     the gemm 15.2); the heuristic's choice for 2 <= M <= 8 on sm_80+ (:func:`default_config`)."""
     if not _mma_aligned(n):
         return []
@@ -245,11 +246,16 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     out = []
     for table in tables:
         for nw in (2, 4, 8):
-            for split in (1, 2, 4, 8, 16):
-                if split > 1 and n // 256 < 2 * split:
+            # 4 groups per warp (MMA_ROW_GROUPS) lost to 2 at every probed point (session 12); 16 batch rows
+            # in 4 groups take 254 registers
+            for groups in (1, 2):
+                if 16 * nw * groups > 256:
                     continue
-                out += _with_split_sum([{"BLOCK_M": bm, "BLOCK_N": 16 * nw, "BLOCK_K": 256, "SPLIT_K": split,
-                                         "num_warps": nw, **table, "mma": True}])
+                for split in (1, 2, 4, 8, 16):
+                    if split > 1 and n // 256 < 2 * split:
+                        continue
+                    out += _with_split_sum([{"BLOCK_M": bm, "BLOCK_N": 16 * nw * groups, "BLOCK_K": 256,
+                                             "SPLIT_K": split, "num_warps": nw, **table, "mma": True}])
     return out
 
 

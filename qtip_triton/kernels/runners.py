@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load
-from qtip_triton.codegen.mma import MMA_COLS, layout_ok
+from qtip_triton.codegen.mma import MMA_COLS, MMA_ROW_GROUPS, layout_ok
 from qtip_triton.kernels import mma_layout, pdl
 from qtip_triton.kernels.prepare import PreparedWeight
 
@@ -318,7 +318,7 @@ _MMA_LAYOUT_CHECKED: dict[int, str] = {}  # id of a compiled kernel -> "" (ok) o
 
 def _check_mma(config: Mapping[str, Any], cols: int, rows: int, ctot: int) -> None:
     """The shapes under which the mma gemv's lane arrangement holds (codegen/mma.py): 16 word columns per
-    k step and one 8-row group per warp (Triton then lays the tile out as the mma needs), and class blocks
+    k step and 1, 2 or 4 8-row groups per warp (Triton then lays the tile out as the mma needs), and class blocks
     of whole quads of h (kernels/mma_layout.py: word columns a multiple of 4)."""
     warps = config.get("num_warps", 4)
     if ctot % 4:
@@ -327,9 +327,9 @@ def _check_mma(config: Mapping[str, Any], cols: int, rows: int, ctot: int) -> No
     if cols != MMA_COLS:
         raise ValueError(f"config mma needs {MMA_COLS} word columns per k step (BLOCK_K=256 in QTIP's layout), "
                          f"got {cols}")
-    if rows != 8 * warps:
-        raise ValueError(f"config mma needs BLOCK_N = 16 x num_warps (one 8-row group of words per warp), got "
-                         f"BLOCK_N={config.get('BLOCK_N')} with num_warps={warps}")
+    if not any(rows == 8 * warps * g for g in MMA_ROW_GROUPS):
+        raise ValueError(f"config mma needs BLOCK_N = 16 x num_warps x {' or '.join(map(str, MMA_ROW_GROUPS))} "
+                         f"(8-row word groups per warp), got BLOCK_N={config.get('BLOCK_N')} with num_warps={warps}")
 
 
 def _require_mma_layout(compiled: Any, config: Mapping[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """GPU tests of the gemv's tensor-core variant (config ``mma``, codegen/mma.py) at Llama layer shapes: the
 real ``mma.sync`` against the float64 reference for M = 1..16, K = 2/3/4, fp16 and bf16, every
-BLOCK_N/num_warps pairing the tuner may pick, and the compiled layout accepted by the launcher's check."""
+BLOCK_N/num_warps pairing the tuner may pick (1, 2 or 4 row groups per warp sharing x), and the compiled
+layout accepted by the launcher's check."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from qtip_triton import kernels, linear
 pytestmark = pytest.mark.gpu
 
 
-def _cfg(bm: int, warps: int, split: int) -> dict:
-    return {"BLOCK_M": bm, "BLOCK_N": 16 * warps, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": warps,
+def _cfg(bm: int, warps: int, split: int, groups: int = 1) -> dict:
+    """``groups``: 8-row word groups per warp (past one they share x's registers, codegen/mma.py)."""
+    return {"BLOCK_M": bm, "BLOCK_N": 16 * warps * groups, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": warps,
             "table": "shared", "mma": True}
 
 
@@ -30,11 +32,15 @@ def test_mma_gemv_matches_reference(shape, K):
         ref = reference(qw, w64, x)
         for dtype, tol in TOL.items():
             # every pairing in fp16; bf16 (the same kernel but for the x load) with one, to bound compile time
-            pairs = ((2, 4), (4, 2), (8, 1)) if dtype == torch.float16 else ((4, 2),)
-            for warps, split in pairs:
-                y = linear(x.to(dtype), qw, kind="gemv", config=_cfg(bm, warps, split))
+            # (warps, split, row groups per warp); 4 groups (not in the tuner's space) with 8-row blocks only
+            pairs = ((2, 4, 1), (4, 2, 1), (8, 1, 1), (2, 2, 2), (4, 1, 2), (8, 2, 2)) if dtype == torch.float16 \
+                else ((4, 2, 1), (4, 2, 2))
+            if bm == 8 and dtype == torch.float16:
+                pairs += ((2, 2, 4),)
+            for warps, split, groups in pairs:
+                y = linear(x.to(dtype), qw, kind="gemv", config=_cfg(bm, warps, split, groups))
                 err = float((y.double() - ref).norm() / ref.norm())
-                assert err < tol, (shape, K, M, dtype, warps, split, err)
+                assert err < tol, (shape, K, M, dtype, warps, split, groups, err)
 
 
 def test_mma_gemv_agrees_with_the_cuda_core_gemv():
