@@ -86,7 +86,7 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
     la = info.collect()["launch"]
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
-    assert la["mma_gemv"] == "the untuned choice for 2-8 rows"
+    assert la["mma_gemv"] == "the untuned choice for 2-16 rows"
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))
     assert "needs sm80+" in info.collect()["launch"]["mma_gemv"]
     monkeypatch.setattr(info, "current_device", lambda: H200)

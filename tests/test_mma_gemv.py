@@ -143,27 +143,30 @@ def test_mma_gemv_decodes_fused_shards_in_one_launch(gen):
     assert torch.equal(together, alone)
 
 
-def test_on_sm80_the_heuristic_runs_the_mma_gemv_for_two_to_eight_rows(gen, monkeypatch):
+def test_on_sm80_the_heuristic_runs_the_mma_gemv_for_two_to_sixteen_rows(gen, monkeypatch):
     """What an untuned layer gets on a GPU with mma.sync (faked here; the interpreter runs the config):
-    the mma gemv for 2 <= M <= 8, a config the tuner's space holds, and results within the fp16 bound."""
+    the mma gemv for 2 <= M <= 16 (8 or 16 batch rows per program), a config the tuner's space holds,
+    and results within the fp16 bound."""
     from qtip_triton.kernels import configs
 
     monkeypatch.setattr(configs, "_mma_device", lambda: True)
     spec = TrellisSpec.parse("L16K2V2-hyb9")
-    assert [kernels.default_kind(spec, 4096, 4096, M) for M in (1, 2, 8, 9, 16)] == \
-        ["gemv", "gemv", "gemv", "gemm", "gemm"]
-    for m, n, M in ((4096, 4096, 8), (22016, 4096, 4), (4096, 11008, 2)):
+    assert [kernels.default_kind(spec, 4096, 4096, M) for M in (1, 2, 8, 9, 16, 17)] == \
+        ["gemv", "gemv", "gemv", "gemv", "gemv", "gemm"]
+    for m, n, M in ((4096, 4096, 8), (22016, 4096, 4), (4096, 11008, 2), (8192, 8192, 16), (4096, 4096, 9)):
         cfg = kernels.default_config("gemv", spec, m, n, M)
         assert cfg.get("mma") is True and cfg in config_space("gemv", spec, m, n, M), cfg
+        assert cfg["BLOCK_M"] == (8 if M <= 8 else 16), cfg
     assert not kernels.default_config("gemv", spec, 4096, 4096, 1).get("mma")  # the CUDA-core gemv keeps M = 1
     assert not kernels.default_config("gemv", spec, 4096, 4096, 8, mma=False).get("mma")  # asked for by name
     assert not kernels.default_config("gemv", TrellisSpec.parse("L16K2V1-hyb9"), 4096, 4096, 8).get("mma")
     assert kernels.default_kind(spec, 4096, 4112, 8) == "gemm"  # 257 word columns: not 16-byte aligned
     qw = random_qweight(gen, spec, 64, 1024, layout="qtip")
-    x = torch.randn(5, 1024, generator=gen).half()
-    y = linear(x, qw)
-    ref = qw.reference_forward(x.double())
-    assert float((y.double() - ref).norm() / ref.norm()) <= TOL[torch.float16]
+    for M in (5, 12):
+        x = torch.randn(M, 1024, generator=gen).half()
+        y = linear(x, qw)
+        ref = qw.reference_forward(x.double())
+        assert float((y.double() - ref).norm() / ref.norm()) <= TOL[torch.float16], M
 
 
 def test_mma_gemv_takes_h_in_fp16_with_identical_results(gen):

@@ -864,7 +864,6 @@ class _Emitter:
                 s(f"c{n}_{h} = tl.zeros([RB, CB], dtype=tl.float32)")
         s("# the word tile's shape; each lane's 4 columns are one quad (contiguous), class columns (Ctot // 4) quads apart")
         s(f"x_off = {'xr' if ng > 1 else 'rows'}[:, None] * 0 + ((cols // 4) * stride_xq + cols % 4)[None, :]")
-
         s("x_cls = (Ctot // 4) * stride_xq")
         s("for it in range(ITERS):")
         s.indent()

@@ -12,9 +12,11 @@ Heuristic, and why:
 
 * kind: ``gemv`` for M <= 2 (decode is the cost; CUDA-core multiply-adds are cheaper than a padded
   tensor-core tile; at M=4 the gemm with a 16-row tile measured faster than the 4-row gemv, run 2);
-  on a GPU with ``mma.sync`` (sm_80+) the gemv's tensor-core variant for 2 <= M <= 8 (``mma``,
+  on a GPU with ``mma.sync`` (sm_80+) the gemv's tensor-core variant for 2 <= M <= 16 (``mma``,
   codegen/mma.py; session 7, H200, K=2, M=8: 22016x4096 44 us against the gemm's 69, 4096x4096 13.6
-  against 17.3; at M=16 it only ties the gemm, so the gemm keeps 9..64), ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows through ``tl.dot``), then
+  against 17.3; at M=16 it tied the gemm until two row groups per warp shared x, session 12: then the
+  autotuner chose it for 46 of 56 M=16 entries), ``gemm`` up to M = 64 (one decode feeds BLOCK_M rows
+  through ``tl.dot``), then
   ``decompress`` + cuBLAS (the decode is amortized over many rows, cuBLAS is the better matmul);
 * ``SPLIT_K``: gemv about eight programs per SM (measured: 4 -> 8 per SM took the 8192x8192
   2-bit gemv from 41 to 29 us; run 4, 32x512 tiles: 4 splits = 7.8 programs per SM best, 26.8 us),
@@ -35,7 +37,7 @@ from qtip_triton.spec import TrellisSpec
 
 KINDS = ("gemv", "gemm", "decompress")
 GEMV_MAX_M = 2
-MMA_GEMV_MAX_M = 8
+MMA_GEMV_MAX_M = 16
 MMA_MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands and fp32 accumulators
 GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
@@ -97,7 +99,7 @@ def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
     return "decompress"
 
 
-def _split_for(m: int, n: int, block_n: int, block_k: int, waves: int = 7) -> int:
+def _split_for(m: int, n: int, block_n: int, block_k: int, waves: float = 7) -> int:
     """Smallest power-of-two split giving >= ``waves`` programs per SM, keeping >= 2 k steps per split.
 
     Run 3 (H100, 8192x8192, 2-bit, M=1): SPLIT_K 4 -> 8 (4 -> 8 programs per SM) took 41 -> 29 us.
@@ -137,8 +139,11 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
     if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
         # session 12 probe (H200, h200-2026-11-30-probe-groups.md): 4 warps of two 8-row groups each, which
         # share x's registers (8192^2 M = 8 27.6 -> 22.8 us against one group per warp); split as the plain gemv
-        return {"BLOCK_M": 8, "BLOCK_N": 128, "BLOCK_K": 256, "SPLIT_K": _split_for(m, n, 128, 256), "num_warps": 4,
-                **_gemv_table(spec), "mma": True}
+        # 16 batch rows: fewer programs (about 1.5 per SM) were best (8192^2 split 4 31.6 us against split 8
+        # 36.4; 22016x4096 split 2; 4096^2 split 8)
+        waves = 7 if M <= 8 else 1.5
+        return {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 128, "BLOCK_K": 256,
+                "SPLIT_K": _split_for(m, n, 128, 256, waves), "num_warps": 4, **_gemv_table(spec), "mma": True}
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
@@ -236,7 +241,7 @@ def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     """The mma gemv's configs: 8 or 16 batch rows, BLOCK_K 256 (16 word columns: four lanes x four
     elements), BLOCK_N = 16 x num_warps x 1 or 2 (8-row word groups per warp: past one they share x's
     registers, codegen/mma.py), the table in shared memory when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
-    the gemm 15.2); the heuristic's choice for 2 <= M <= 8 on sm_80+ (:func:`default_config`)."""
+    the gemm 15.2); the heuristic's choice for 2 <= M <= 16 on sm_80+ (:func:`default_config`)."""
     if not _mma_aligned(n):
         return []
     bm = 8 if M <= 8 else 16

@@ -53,13 +53,14 @@ def test_mma_gemv_agrees_with_the_cuda_core_gemv():
     assert float((a - b).norm() / b.norm()) < 2e-3  # x in fp16 for the tensor cores, fp32 accumulation
 
 
-def test_untuned_layers_get_the_mma_gemv_from_two_to_eight_rows():
+def test_untuned_layers_get_the_mma_gemv_from_two_to_sixteen_rows():
     """The heuristic's choice on this GPU (sm_80+), run through the default dispatch at a shape no
     shipped autotune file lists, against the float64 reference."""
     qw, w64 = weight(2048, 6144, 3)
-    assert kernels.default_kind(qw.spec, 2048, 6144, 8) == "gemv"
-    assert kernels.default_config("gemv", qw.spec, 2048, 6144, 8).get("mma") is True
-    for M in (2, 5, 8):
+    for M in (8, 16):
+        assert kernels.default_kind(qw.spec, 2048, 6144, M) == "gemv"
+        assert kernels.default_config("gemv", qw.spec, 2048, 6144, M).get("mma") is True
+    for M in (2, 5, 8, 13, 16):
         x = torch.randn(M, 6144, device="cuda")
         ref = reference(qw, w64, x)
         y = linear(x.half(), qw)
