@@ -1,0 +1,168 @@
+"""Floors under each cell of a kernel table: what the decode's instructions, its table reads and the weights'
+bytes allow on the card that ran it, beside the measured time, and whether the PERF.md bar fits above them.
+
+Why: issue 7 asks, for every cell whose target is not met, for the instruction/bandwidth floor that explains
+it and the gap left. Three floors, each a lower bound on the decode-matmul kernel alone (no transforms):
+
+* issue: the compiled k loop's SASS instructions per decoded state (``bench/sass_count.py``, sm_90, the very
+  config the table ran) x states / (32 lanes x 4 schedulers x SMs x clock);
+* table reads: ``ld.shared`` per state x the shared-memory wavefronts one warp-wide random read costs
+  (Nsight Compute, NOTES session 9: 3.34 for one copy of the table, 2.00 with 16 lane copies; other modes
+  are counted at 1, a lower bound) x states / 32 / (SMs x clock), one wavefront per SM per cycle;
+* DRAM: the packed weights, m x n x K / 8 bytes, at the card's bandwidth.
+
+The bar is met when fp16 / measured >= the PERF.md ratio. When it is not, the bar's time (fp16 / ratio) is set
+against the largest floor: above it the bar is reachable in principle (the verdict gives how much faster the
+kernel must get and how close to the floor that is); below it the bar cannot be met with this decode's
+instruction count. x loads, latency and occupancy are not floors: they are what the gap is made of.
+
+    python bench/floors.py --results bench/results/h200-2026-11-30-session12-kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sass_count, a sibling script
+
+# per card: SMs, SM clock (GHz, boost), DRAM bandwidth (TB/s) and where that figure comes from
+CARDS: dict[str, dict[str, Any]] = {
+    "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)"},
+    "h200": {"sms": 132, "ghz": 1.98, "tbs": 4.8, "tbs_source": "data sheet"},
+}
+# PERF.md targets: batch M -> ratio against fp16 for K = 2, 3, 4
+BARS: dict[int, tuple[float, float, float]] = {1: (4.0, 3.5, 3.0), 4: (3.5, 3.0, 2.5), 16: (2.5, 2.2, 2.0),
+                                               64: (1.3, 1.2, 1.1), 256: (0.9, 0.9, 0.9), 2048: (0.9, 0.9, 0.9)}
+# shared-memory wavefronts per warp-wide random table read, by table mode (measured, NOTES session 9)
+WAVEFRONTS = {"shared": 3.34, "shared16": 2.0, "shared32": 2.0}
+
+
+def card_key(name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"h200"``; a clear error for a card without figures here."""
+    for key in CARDS:
+        if key in name.lower():
+            return key
+    raise ValueError(f"no floor figures for card {name!r}; known: {', '.join(CARDS)} (pass --card)")
+
+
+def bar_for(M: int, K: int) -> float | None:
+    """The PERF.md ratio for this batch and K, or None where the table sets none."""
+    ratios = BARS.get(M)
+    return ratios[K - 2] if ratios and 2 <= K <= 4 else None
+
+
+def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Mapping[str, Any]) -> dict[str, Any]:
+    """The floors (µs) and verdict of one table row; ``counts`` are its loop's SASS per state and LDS per state
+    (None for kinds without a decode loop to count, e.g. decompress + cuBLAS)."""
+    m, n, K, M = row["m"], row["n"], row["K"], row["M"]
+    V = int(str(row["spec"]).split("V")[1].split("-")[0])
+    states = m * n / V
+    clock = card["ghz"] * 1e9
+    out: dict[str, Any] = {"dram_us": m * n * K / 8 / (card["tbs"] * 1e12) * 1e6}
+    if counts is not None:
+        out["issue_us"] = states * counts["per_state"] / 32 / (4 * card["sms"] * clock) * 1e6
+        wf = WAVEFRONTS.get(str(row.get("config", {}).get("table", "")), 1.0)
+        out["table_us"] = states * counts["lds_per_state"] / 32 * wf / (card["sms"] * clock) * 1e6
+    named = {k: v for k, v in out.items() if k in ("issue_us", "table_us", "dram_us")}
+    bound = max(named, key=named.get)
+    out["bound"] = bound[:-3]
+    out["floor_us"] = named[bound]
+    kernel = row["kernel_us"]
+    out["of_floor"] = kernel / out["floor_us"]
+    bar = bar_for(M, K)
+    out["bar"] = bar
+    if bar is None:
+        out["verdict"] = "no bar at this M"
+    elif row["fp16_us"] / kernel >= bar:
+        out["verdict"] = "met"
+    else:
+        bar_us = row["fp16_us"] / bar
+        if bar_us < out["floor_us"]:
+            out["verdict"] = (f"below the {out['bound']} floor: the bar needs {bar_us:.1f} µs, the floor is "
+                              f"{out['floor_us']:.1f} (at most {row['fp16_us'] / out['floor_us']:.2f}x)")
+        else:
+            out["verdict"] = (f"needs {kernel / bar_us:.2f}x faster ({bar_us:.1f} µs = "
+                              f"{bar_us / out['floor_us']:.2f}x the {out['bound']} floor)")
+    return out
+
+
+def loop_counts(row: Mapping[str, Any]) -> dict[str, float] | None:
+    """SASS per state and LDS per state of the row's kernel, compiled for sm_90 (None for decompress)."""
+    if row["kind"] not in ("gemv", "gemm"):
+        return None
+    import sass_count
+
+    r = sass_count.count(row["spec"], row["kind"], dict(row["config"]), row["m"], row["n"], row["M"])
+    return {"per_state": r["per_state"], "lds_per_state": r["opcodes"].get("LDS", 0) / r["states_per_thread_iter"]}
+
+
+def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any]) -> str:
+    lines = [f"# Floors under the kernel table — {card_name}", "",
+             f"{card['sms']} SMs at {card['ghz']} GHz, DRAM {card['tbs']} TB/s ({card['tbs_source']}). Kernel alone "
+             "(decode-matmul, no transforms); floors are lower bounds: issue = loop SASS per state, table = "
+             "shared-memory wavefronts of the code-table reads, DRAM = packed weights. `x floor` = measured / "
+             "largest floor.", "",
+             "| out x in | K | M | kind | SASS/state | µs | fp16 µs | ratio | issue µs | table µs | DRAM µs "
+             "| x floor | bar | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["floors"]
+        per = f"{r['counts']['per_state']:.1f}" if r.get("counts") else "—"
+
+        def us(key: str, f=f) -> str:
+            return f"{f[key]:.1f}" if key in f else "—"
+        bar = f"{f['bar']:.1f}x" if f["bar"] else "—"
+        lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {per} | {r['kernel_us']:.1f} "
+                     f"| {r['fp16_us']:.1f} | {r['fp16_us'] / r['kernel_us']:.2f} | {us('issue_us')} | {us('table_us')} "
+                     f"| {us('dram_us')} | {f['of_floor']:.1f} | {bar} | {f['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(results: Path, card_name: str | None, counter: Callable[[Mapping[str, Any]], dict[str, float] | None],
+        progress: bool = True) -> tuple[list[dict[str, Any]], str, str]:
+    """Rows of ``results`` with their counts and floors, the card's name and the markdown table."""
+    data = json.loads(results.read_text())
+    name = card_name or data.get("env", {}).get("card", "")
+    card = CARDS[card_key(name)]
+    rows, cache = [], {}
+    todo = [r for r in data["rows"] if "kernel_us" in r]
+    for i, r in enumerate(todo):
+        key = json.dumps([r["spec"], r["kind"], r["config"], r["m"], r["n"], r["M"]], sort_keys=True)
+        if key not in cache:
+            if progress:
+                print(f"[{i + 1}/{len(todo)}] compiling {r['spec']} {r['kind']} {r['m']}x{r['n']} M={r['M']}",
+                      file=sys.stderr, flush=True)
+            cache[key] = counter(r)
+        rows.append({**r, "counts": cache[key], "floors": floors(r, cache[key], card)})
+    return rows, name, table(rows, name, card)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, required=True, help="a bench/kernels.py JSON")
+    ap.add_argument("--card", default=None, help=f"card figures to use ({', '.join(CARDS)}; default: the results' card)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write <results stem>-floors.{json,md} into this folder (default: print the table)")
+    a = ap.parse_args(argv)
+    if not a.results.is_file():
+        ap.error(f"--results {a.results}: no such file")
+    rows, name, md = run(a.results, a.card, loop_counts)
+    if a.out is None:
+        print(md)
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = a.results.stem + "-floors"
+    (a.out / f"{stem}.json").write_text(json.dumps({"card": name, "card_figures": CARDS[card_key(name)],
+                                                    "rows": rows}, indent=1))
+    (a.out / f"{stem}.md").write_text(md)
+    print(f"wrote {a.out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

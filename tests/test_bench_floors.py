@@ -1,0 +1,88 @@
+"""bench/floors.py: the floors under a kernel table's cells and the verdict against the PERF.md bars, on
+made-up rows and counts (the arithmetic and the three verdicts), and once through the real sm_90 compile."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+from tests.bench_scripts import load_script
+
+floors = load_script("floors")
+H200 = floors.CARDS["h200"]
+
+
+def _row(**kw) -> dict:
+    row = {"m": 8192, "n": 8192, "spec": "L16K2V2-hyb9", "K": 2, "M": 1, "kind": "gemv",
+           "config": {"table": "shared16"}, "kernel_us": 20.0, "fp16_us": 50.0}
+    return {**row, **kw}
+
+
+def test_floors_are_the_instruction_table_and_byte_bounds():
+    f = floors.floors(_row(), {"per_state": 10.0, "lds_per_state": 1.0}, H200)
+    states = 8192 * 8192 / 2
+    clock = 1.98e9
+    assert f["issue_us"] == pytest.approx(states * 10 / 32 / (4 * 132 * clock) * 1e6)
+    assert f["table_us"] == pytest.approx(states * 1.0 / 32 * 2.0 / (132 * clock) * 1e6)  # 16 copies: 2 wavefronts
+    assert f["dram_us"] == pytest.approx(8192 * 8192 * 2 / 8 / 4.8e12 * 1e6)
+    assert f["bound"] == "issue" and f["floor_us"] == f["issue_us"] and f["of_floor"] == pytest.approx(20 / f["issue_us"])
+    one_copy = floors.floors(_row(config={"table": "shared"}), {"per_state": 10.0, "lds_per_state": 1.0}, H200)
+    assert one_copy["table_us"] == pytest.approx(f["table_us"] * 3.34 / 2.0) and one_copy["bound"] == "table"
+    assert "issue_us" not in floors.floors(_row(kind="decompress", M=256), None, H200)  # cuBLAS: bytes only
+
+
+def test_the_verdict_sets_the_bar_against_the_largest_floor():
+    counts = {"per_state": 10.0, "lds_per_state": 1.0}  # issue floor ~10.0 µs at 8192^2
+    assert floors.floors(_row(kernel_us=12.0), counts, H200)["verdict"] == "met"  # 50 / 12 >= 4.0
+    reachable = floors.floors(_row(kernel_us=20.0), counts, H200)["verdict"]  # bar 12.5 µs, above the floor
+    assert reachable.startswith("needs 1.60x faster (12.5 µs") and "issue floor" in reachable
+    below = floors.floors(_row(fp16_us=30.0), counts, H200)["verdict"]  # bar 7.5 µs, under the floor
+    assert below.startswith("below the issue floor: the bar needs 7.5 µs")
+    assert floors.floors(_row(M=2), counts, H200)["verdict"] == "no bar at this M"
+    assert [floors.bar_for(16, k) for k in (2, 3, 4)] == [2.5, 2.2, 2.0] and floors.bar_for(8, 2) is None
+
+
+def test_unknown_cards_are_a_clear_error():
+    assert floors.card_key("NVIDIA H100 80GB HBM3") == "h100"
+    with pytest.raises(ValueError, match="no floor figures for card 'Tesla T4'"):
+        floors.card_key("Tesla T4")
+
+
+def test_a_table_counts_each_kernel_once(tmp_path):
+    rows = [_row(), _row(), _row(M=16, kernel_us=40.0)]
+    res = tmp_path / "h200-kernels.json"
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows + [{"m": 1, "status": "error"}]}))
+    seen = []
+
+    def counter(r):
+        seen.append(r["M"])
+        return {"per_state": 8.0, "lds_per_state": 1.0}
+    out, card, md = floors.run(res, None, counter, progress=False)
+    assert seen == [1, 16] and card == "NVIDIA H200" and len(out) == 3
+    assert md.count("\n| 8192x8192 |") == 3 and "4.8 TB/s (data sheet)" in md
+
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(not (BIN / "cuobjdump").exists(), reason="the Triton wheel has no NVIDIA tools")
+def test_the_script_compiles_the_rows_kernels(tmp_path):
+    """End to end on one small row: its gemv compiled for sm_90 (bench/sass_count.py), floors written."""
+    res = tmp_path / "h200-2026-11-30.json"
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4, "table": "shared16"}
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"},
+                               "rows": [_row(m=1024, n=1024, config=cfg, kernel_us=5.0, fp16_us=6.0)]}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parents[1] / "bench" / "floors.py"
+    out = subprocess.run([sys.executable, str(script), "--results", str(res), "--out", str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads((tmp_path / "h200-2026-11-30-floors.json").read_text())["rows"][0]
+    assert 5 < got["counts"]["per_state"] < 20 and got["counts"]["lds_per_state"] == pytest.approx(1.0, abs=0.1)
+    assert got["floors"]["bound"] in ("issue", "table") and "needs" in got["floors"]["verdict"]
