@@ -39,7 +39,7 @@ CARDS: dict[str, dict[str, Any]] = {
 BARS: dict[int, tuple[float, float, float]] = {1: (4.0, 3.5, 3.0), 4: (3.5, 3.0, 2.5), 16: (2.5, 2.2, 2.0),
                                                64: (1.3, 1.2, 1.1), 256: (0.9, 0.9, 0.9), 2048: (0.9, 0.9, 0.9)}
 # shared-memory wavefronts per warp-wide random table read, by table mode (measured, NOTES session 9)
-WAVEFRONTS = {"shared": 3.34, "shared16": 2.0, "shared32": 2.0}
+WAVEFRONTS = {"shared": 3.34, "shared16": 2.0}
 
 
 def card_key(name: str) -> str:
