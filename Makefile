@@ -24,7 +24,7 @@ lint: install
 # CPU test suite: Triton kernels run in the interpreter, vLLM on its CPU classes.
 test: install
 	$(PY) -m ruff check qtip_triton tests bench
-	TRITON_INTERPRET=1 VLLM_TARGET_DEVICE=cpu $(PY) -m pytest -q -m "not gpu"
+	TRITON_INTERPRET=1 VLLM_TARGET_DEVICE=cpu $(PY) -m pytest -q -m "not gpu" -n 2 --dist loadgroup
 
 # On a CUDA machine (the device): kernels compiled for real.
 test-gpu:

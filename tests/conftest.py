@@ -9,6 +9,7 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+VLLM_ENGINE_FILES = {"test_e2e_tp.py"}  # outside tests/vllm, yet starting vLLM engines (bench/e2e_tp.py)
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,12 @@ def gen() -> torch.Generator:
 
 
 def pytest_collection_modifyitems(config, items):
+    # under `pytest -n N --dist loadgroup` (make test) one worker runs every test that starts vLLM engines,
+    # one after another: two engines (tensor-parallel ones start several processes) never run side by side
+    for item in items:
+        path = Path(str(item.fspath))
+        if "vllm" in path.parts or path.name in VLLM_ENGINE_FILES:
+            item.add_marker(pytest.mark.xdist_group("vllm"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
