@@ -30,6 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sass_count, a sibling script
 
+from qtip_triton.spec import TrellisSpec  # noqa: E402
+
 # per card: SMs, SM clock (GHz, boost), DRAM bandwidth (TB/s) and where that figure comes from
 CARDS: dict[str, dict[str, Any]] = {
     "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)"},
@@ -60,8 +62,7 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
     """The floors (µs) and verdict of one table row; ``counts`` are its loop's SASS per state and LDS per state
     (None for kinds without a decode loop to count, e.g. decompress + cuBLAS)."""
     m, n, K, M = row["m"], row["n"], row["K"], row["M"]
-    V = int(str(row["spec"]).split("V")[1].split("-")[0])
-    states = m * n / V
+    states = m * n / TrellisSpec.parse(row["spec"]).V
     clock = card["ghz"] * 1e9
     out: dict[str, Any] = {"dram_us": m * n * K / 8 / (card["tbs"] * 1e12) * 1e6}
     if counts is not None:

@@ -870,9 +870,9 @@ class _Emitter:
         self.load_words()
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals)
+        if ng > 1:
+            s("xcols = (cols < Ctot)[None, :]  # x does not depend on the word rows: only its columns can run past the end")
         for n in range(nb):
-            if ng > 1 and n == 0:
-                s("xcols = (cols < Ctot)[None, :]  # x does not depend on the word rows: only its columns can run past the end")
             s(f"# batch rows {n * MMA_ROWS}..{n * MMA_ROWS + MMA_ROWS - 1} of the block: x of every class column, as fp16")
             for cc in range(p.NC):
                 off = f"x_off + {cc} * x_cls" if cc else "x_off"

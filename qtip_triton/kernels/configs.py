@@ -138,9 +138,9 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
     if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
         # session 12 probe (H200, h200-2026-11-30-probe-groups.md): 4 warps of two 8-row groups each, which
-        # share x's registers (8192^2 M = 8 27.6 -> 22.8 us against one group per warp); split as the plain gemv
-        # 16 batch rows: fewer programs (about 1.5 per SM) were best (8192^2 split 4 31.6 us against split 8
-        # 36.4; 22016x4096 split 2; 4096^2 split 8)
+        # share x's registers (8192^2 M = 8 27.6 -> 22.8 us against one group per warp). Split: about 7
+        # programs per SM up to 8 rows, as the plain gemv; at 16 rows about 1.5 were best (8192^2 split 4
+        # 31.6 us against split 8 36.4; 22016x4096 split 2; 4096^2 split 8)
         waves = 7 if M <= 8 else 1.5
         return {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 128, "BLOCK_K": 256,
                 "SPLIT_K": _split_for(m, n, 128, 256, waves), "num_warps": 4, **_gemv_table(spec), "mma": True}
@@ -240,8 +240,8 @@ def mma_supported(spec: TrellisSpec) -> bool:
 def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
     """The mma gemv's configs: 8 or 16 batch rows, BLOCK_K 256 (16 word columns: four lanes x four
     elements), BLOCK_N = 16 x num_warps x 1 or 2 (8-row word groups per warp: past one they share x's
-    registers, codegen/mma.py), the table in shared memory when the code has one. sm_90: 10.1 SASS per state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5,
-    the gemm 15.2); the heuristic's choice for 2 <= M <= 16 on sm_80+ (:func:`default_config`)."""
+    registers, codegen/mma.py), the table in shared memory when the code has one. sm_90: 10.1 SASS per
+    state, 58 registers at 64 x 256 (the CUDA-core gemv 13.5, the gemm 15.2); the heuristic's choice for 2 <= M <= 16 on sm_80+ (:func:`default_config`)."""
     if not _mma_aligned(n):
         return []
     bm = 8 if M <= 8 else 16

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load
-from qtip_triton.codegen.mma import MMA_COLS, MMA_ROW_GROUPS, layout_ok
+from qtip_triton.codegen.emit import mma_row_groups
+from qtip_triton.codegen.mma import MMA_COLS, layout_ok
 from qtip_triton.kernels import mma_layout, pdl
 from qtip_triton.kernels.prepare import PreparedWeight
 
@@ -327,9 +328,8 @@ def _check_mma(config: Mapping[str, Any], cols: int, rows: int, ctot: int) -> No
     if cols != MMA_COLS:
         raise ValueError(f"config mma needs {MMA_COLS} word columns per k step (BLOCK_K=256 in QTIP's layout), "
                          f"got {cols}")
-    if not any(rows == 8 * warps * g for g in MMA_ROW_GROUPS):
-        raise ValueError(f"config mma needs BLOCK_N = 16 x num_warps x {' or '.join(map(str, MMA_ROW_GROUPS))} "
-                         f"(8-row word groups per warp), got BLOCK_N={config.get('BLOCK_N')} with num_warps={warps}")
+    if rows != 8 * warps * mma_row_groups(config):  # the groups count raises its own error for a bad BLOCK_N
+        raise ValueError(f"config mma needs 8-row word groups per warp, got {rows} word rows with num_warps={warps}")
 
 
 def _require_mma_layout(compiled: Any, config: Mapping[str, Any]) -> None:
