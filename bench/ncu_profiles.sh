@@ -2,6 +2,7 @@
 # Nsight Compute profiles of three decode kernels, one device call (~60 s), from the checkout root:
 #   OUT=/tmp/out bash bench/ncu_profiles.sh
 #   OUT=/tmp/out PROFILES=linear bash bench/ncu_profiles.sh   # every kernel of whole M = 1 forwards instead
+#   OUT=/tmp/out PROFILES=linear LINEAR_POINTS="28672x8192:2 4096x4096:16" bash bench/ncu_profiles.sh
 # Why these three: the M = 1 gemv (issue 7's headline cell), the tensor-core gemv at M = 16 and the
 # 256-row gemm at M = 256 -- the kernels whose distance from their instruction floor bench/NOTES.md
 # tracks. Each writes $OUT/ncu-<name>.txt with speed of light, occupancy, launch, scheduler and
@@ -29,9 +30,10 @@ prof_linear() {
   echo "linear $name rc=$?"
 }
 if [ "${PROFILES:-decode}" = linear ]; then
-  prof_linear 8192-m1 --shape 8192x8192 --K 2 --M 1
-  prof_linear 4096-m1 --shape 4096x4096 --K 2 --M 1
-  prof_linear 4096x11008-m1 --shape 4096x11008 --K 2 --M 1
+  # LINEAR_POINTS: OUTxIN:M points (K = 2), e.g. "28672x8192:2 4096x4096:16"
+  for point in ${LINEAR_POINTS:-8192x8192:1 4096x4096:1 4096x11008:1}; do
+    prof_linear "${point%%:*}-m${point##*:}" --shape "${point%%:*}" --K 2 --M "${point##*:}"
+  done
   exit 0
 fi
 prof gemm-bm256-8192-m256 --shape 8192x8192 --K 2 --M 256 --kind gemm \

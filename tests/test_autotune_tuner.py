@@ -199,3 +199,32 @@ def test_autotune_command_compiles_in_parallel_first(tmp_path):
         (t.spec.name, t.out_features, t.in_features, t.m_bucket, k, config_key(c)) for t, cands, _ in planned
         for k, c in cands}
     assert "compiled" in out.getvalue() and len(store.load(tmp_path / "h100.yaml").entries) == 12
+
+
+def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():
+    """The in-kernel split sum is a twin of each chosen config, not a family with a budget of its own: the
+    config that wins must be timed both ways (H200 session 13: the tuned split-8 mma gemv without it left the
+    output transform 31 us of re-reading partials at 28672x8192 M = 2)."""
+    from qtip_triton.autotune.kernel_api import load_kernel_api
+    from qtip_triton.kernels.configs import config_space, default_config
+
+    api = load_kernel_api()
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    for (m, n), M in (((28672, 8192), 2), ((8192, 8192), 1), ((4096, 4096), 16), ((8192, 8192), 64)):
+        got = candidates(api, spec, m, n, M, 6)
+        keys = {(k, config_key(c)) for k, c in got}
+        assert len(keys) == len(got), "a config listed twice"
+        for kind, c in got:
+            base = {k: v for k, v in c.items() if k != "split_sum"}
+            twin = {**base, "split_sum": True}
+            space = {config_key(s) for s in config_space(kind, spec, m, n, M)}
+            assert config_key(c) in space
+            assert (kind, config_key(base)) in keys
+            assert (config_key(twin) in space) == (base.get("SPLIT_K", 1) > 1)
+            if config_key(twin) in space:
+                assert (kind, config_key(twin)) in keys, (m, n, M, kind, c)
+        home = api.default_kind(spec, m, n, M)
+        assert got[[k for k, _ in got].index(home)][1] == default_config(home, spec, m, n, M)
+    # the fake package has no launch flags: its candidates are the pruned configs, one each
+    fake = FakeAPI()
+    assert all("split_sum" not in c for _, c in candidates(fake, SPECS[0], 64, 96, 16, 6))

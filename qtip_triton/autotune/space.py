@@ -111,7 +111,8 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
                max_candidates: int, reach: int = 2) -> list[tuple[str, Config]]:
     """``(kind, config)`` candidates for one task: ``max_candidates`` for the heuristic's kind at M,
     ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`),
-    and as many again for each source variant of a kind (:func:`_families`), in reach or not."""
+    and as many again for each source variant of a kind (:func:`_families`), in reach or not. Each chosen
+    config also brings its launch-flag twins (:data:`_LAUNCH_FLAGS`) where the space lists them."""
     main = api.default_kind(spec, out_features, in_features, M)
     reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
     if main is None or main not in api.kinds():
@@ -127,19 +128,25 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
         except (ValueError, TypeError, NotImplementedError):
             default = None
         budget = max_candidates if kind == main or main is None else max(2, max_candidates // 3)
+        listed = {config_key(c) for c in space}
         for i, (fam_default, fam_space) in enumerate(_families(space, default)):
             # a kind out of reach still has its variants timed where its space lists them (e.g. the
-            # gemv's mma configs up to M = 16, where the plain gemv is no contender)
-            # ... but not a family that differs from its kind's home only by launch options (split_sum)
-            if kind not in reachable and (i == 0 or _flags(fam_default or {}) - _flags(default or {}) <= _LAUNCH_FLAGS):
+            # gemv's mma configs up to M = 16, where the plain gemv is no contender), not its home family
+            if kind not in reachable and i == 0:
                 continue
             fam_budget = budget if i == 0 else max(2, budget // 3)
-            out += [(kind, c) for c in prune(fam_space, fam_default, in_features, M, fam_budget)]
+            for c in prune(fam_space, fam_default, in_features, M, fam_budget):
+                out += [(kind, t) for t in _twins(c, default if i == 0 else None) if config_key(t) in listed]
     return out
 
 
-# boolean options that change how a kernel is launched or finished, not which kernel it is: a family of them
-# is timed only where its kind is (the in-kernel split-K sum of a plain gemv at M = 16 would never win)
+# boolean options that change how a kernel is launched or finished, not which kernel it is (the in-kernel
+# split-K sum). They do not make a family of their own: a family shares its budget out by the knobs that
+# shape the decode, and every config chosen is timed with each of these on and off. Why: which one wins
+# depends on the config's split (session 13, H200: at 28672x8192 M = 2 the tuned mma gemv at split 8
+# without the in-kernel sum left the output transform 31 us of re-reading 8 partials, against 11.5 us
+# for one partial at M = 1), and a family of its own got two configs near the heuristic's, not the
+# twin of the config that won.
 _LAUNCH_FLAGS = frozenset({"split_sum"})
 
 
@@ -147,16 +154,36 @@ def _flags(config: Mapping[str, Any]) -> frozenset[str]:
     return frozenset(k for k, v in config.items() if v is True)
 
 
+def _base(config: Mapping[str, Any]) -> Config:
+    """The config with its launch flags off (absent)."""
+    return {k: v for k, v in config.items() if k not in _LAUNCH_FLAGS}
+
+
+def _twins(config: Config, default: Config | None) -> list[Config]:
+    """``config`` (flags off) and each launch flag on; the default's own flags first when it is this config."""
+    base = _base(config)
+    twins = [base] + [{**base, flag: True} for flag in sorted(_LAUNCH_FLAGS)]
+    if default is not None and config_key(_base(default)) == config_key(base):
+        dkey = config_key(default)
+        twins.sort(key=lambda c: config_key(c) != dkey)
+    return twins
+
+
 def _families(space: list[Config], default: Config | None) -> list[tuple[Config | None, list[Config]]]:
-    """The space split by source variant (the set of boolean options that are on, e.g. ``mma``): the
-    default's family first, then each other with its own centre, the member closest to the default.
+    """The space, launch flags off, split by source variant (the set of boolean options that are on,
+    e.g. ``mma``): the default's family first, then each other with its own centre, the member closest
+    to the default.
 
     Why: a variant differs from the default in several keys at once, so one prune would treat all of
     it as "far" and might time none of it; each family gets its own share of the budget instead."""
+    default = _base(default) if default is not None else None
     home = _flags(default) if default is not None else frozenset()
     groups: dict[frozenset[str], list[Config]] = {}
-    for c in space:
-        groups.setdefault(_flags(c), []).append(c)
+    seen: set[tuple] = set()
+    for c in map(_base, space):
+        if config_key(c) not in seen:
+            seen.add(config_key(c))
+            groups.setdefault(_flags(c), []).append(c)
     out: list[tuple[Config | None, list[Config]]] = [(default, groups.pop(home, []))]
     for _, members in sorted(groups.items(), key=lambda kv: sorted(kv[0])):
         centre = members[0] if default is None else min(members, key=lambda c: len(_differing(c, default)))
