@@ -158,6 +158,11 @@ def test_on_sm80_the_heuristic_runs_the_mma_gemv_for_two_to_sixteen_rows(gen, mo
         assert cfg.get("mma") is True and cfg in config_space("gemv", spec, m, n, M), cfg
         assert cfg["BLOCK_M"] == (8 if M <= 8 else 16), cfg
     assert not kernels.default_config("gemv", spec, 4096, 4096, 1).get("mma")  # the CUDA-core gemv keeps M = 1
+    # the in-kernel split sum where the retune chose it: split mma configs with >= 8192 outputs up to 8 rows
+    summed = {(m, M): kernels.default_config("gemv", spec, m, 8192, M).get("split_sum", False)
+              for m in (4096, 8192, 28672) for M in (2, 8, 16)}
+    assert summed == {(m, M): m >= 8192 and M <= 8 for m, M in summed}, summed
+    assert all(kernels.default_config("gemv", spec, 8192, 8192, M)["SPLIT_K"] > 1 for M in (2, 8))
     assert not kernels.default_config("gemv", spec, 4096, 4096, 8, mma=False).get("mma")  # asked for by name
     assert not kernels.default_config("gemv", TrellisSpec.parse("L16K2V1-hyb9"), 4096, 4096, 8).get("mma")
     assert kernels.default_kind(spec, 4096, 4112, 8) == "gemm"  # 257 word columns: not 16-byte aligned

@@ -142,8 +142,14 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         # programs per SM up to 8 rows, as the plain gemv; at 16 rows about 1.5 were best (8192^2 split 4
         # 31.6 us against split 8 36.4; 22016x4096 split 2; 4096^2 split 8)
         waves = 7 if M <= 8 else 1.5
-        return {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 128, "BLOCK_K": 256,
-                "SPLIT_K": _split_for(m, n, 128, 256, waves), "num_warps": 4, **_gemv_table(spec), "mma": True}
+        cfg = {"BLOCK_M": 8 if M <= 8 else 16, "BLOCK_N": 128, "BLOCK_K": 256,
+               "SPLIT_K": _split_for(m, n, 128, 256, waves), "num_warps": 4, **_gemv_table(spec), "mma": True}
+        if M <= 8 and cfg["SPLIT_K"] > 1 and m >= 8192:
+            # session 13 retune (H200, every config timed with and without it): the in-kernel sum won 36 of
+            # 39 split mma entries with >= 8192 outputs at M = 2-8 (the output transform otherwise re-reads
+            # every partial: 28672x8192 M = 2 forward 90.0 -> 79.7 us), 8 of 16 below, 3 of 10 at M = 16
+            cfg["split_sum"] = True
+        return cfg
     if kind == "gemv":
         bm = min(_next_pow2(M), 16)
         # few words per thread per k step: BLOCK_M=1 at 128x128 with 8 warps compiles to 48 registers
