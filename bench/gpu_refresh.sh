@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -111,6 +111,12 @@ if want groups; then
   timeout -k 10 "${GROUPS_S:-300}" python3 bench/probe.py --mma-only --mma-splits "${GROUPS_SPLITS:-2,4,8}" \
     --points "${GROUPS_POINTS:-8192x8192:16,22016x4096:16,4096x11008:16,4096x4096:16,8192x8192:8,22016x4096:8,4096x4096:8}" \
     --tables shared16 --tag probe-groups --time-limit "${GROUPS_S:-300}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want zb; then
+  step "hadamard: the column split in the A · (Z · B_c) order against the default, decoding batch sizes (session 13)"
+  timeout -k 10 "${ZB_S:-150}" python3 bench/hadamard.py --variants default,col_split,zb_first --T 1,2,4,16 \
+    --n 4096,8192,11008,14336,28672 --tag zb --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want splitsum; then

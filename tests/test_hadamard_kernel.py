@@ -80,19 +80,21 @@ def test_factor_and_errors():
         transform(torch.zeros(1, 96), 1, transpose=False, pre=torch.ones(95), interpret=True)
 
 
-@pytest.mark.parametrize("col_split,unroll,rblk,cblk", [(True, False, None, None), (False, True, None, None),
-                                                        (True, True, None, None), (True, True, 16, 16),
-                                                        (False, False, 16, 64)])
+@pytest.mark.parametrize("col_split,unroll,rblk,cblk,zb", [(True, False, None, None, None), (False, True, None, None, None),
+                                                           (True, True, None, None, None), (True, True, 16, 16, None),
+                                                           (False, False, 16, 64, None), (None, True, None, None, True),
+                                                           (True, False, 16, 16, True)])
 @pytest.mark.parametrize("n,blocks", [(5120, 1), (4096, 2), (2752, 1)])
-def test_small_batch_launch_variants(gen, col_split, unroll, rblk, cblk, n, blocks):
-    """Column-split grid and unrolled split-K loads give the same transform, partial sums, scales, bias and
-    destination permutation included."""
+def test_small_batch_launch_variants(gen, col_split, unroll, rblk, cblk, zb, n, blocks):
+    """Column-split grid, unrolled split-K loads and the A · (Z · B_c) order give the same transform, partial
+    sums, scales, bias and destination permutation included."""
     parts = torch.randn(3, 2, n, generator=gen)
     su, sv, bias = (torch.randn(n, generator=gen) for _ in range(3))
     dst = torch.randperm(n, generator=gen).to(torch.int32)
     for transpose in (False, True):
         y = transform(parts, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
-                      dst=dst, interpret=True, col_split=col_split, unroll_splits=unroll, rblk=rblk, cblk=cblk)
+                      dst=dst, interpret=True, col_split=col_split, unroll_splits=unroll, rblk=rblk, cblk=cblk,
+                      zb_first=zb)
         ref = _reference(parts.double().sum(0) * su.double(), blocks, transpose) * sv.double() + bias.double()
         placed = torch.empty_like(ref)
         placed[:, dst.long()] = ref
@@ -263,3 +265,23 @@ def test_tall_kernel_is_chosen_by_size(gen, monkeypatch):
     transform(torch.cat([x, x]), 1, transpose=False, interpret=True)
     transform(torch.cat([x, x]), 1, transpose=False, interpret=True, tall=True)  # an explicit choice wins
     assert launched == ["per-token", "per-token", "tall"]
+
+
+def test_zb_first_order_for_grouped_shards_and_its_errors(gen):
+    """The A · (Z · B_c) order through the grouped launches a fused layer makes (input shards sharing x,
+    output shards into one wide output), and a clear error where it does not apply."""
+    n, G = 2752, 3  # 172 x 16: A of 172 rows (padded 256), several row blocks
+    x = torch.randn(2, n, generator=gen).half()
+    su = torch.randn(G, n, generator=gen)
+    y = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True, zb_first=True)
+    for g in range(G):
+        assert _rel(y[g], _reference(x.double() * su[g].double(), 1, True)) < 1e-6
+    parts = torch.randn(G, 2, 2, n, generator=gen)
+    sv = torch.randn(G, n, generator=gen)
+    y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, interpret=True, zb_first=True)
+    for g in range(G):
+        ref = _reference(parts[g].double().sum(0), 1, False) * sv[g].double()
+        assert _rel(y[:, g * n:(g + 1) * n], ref) < 1e-6
+    for bad in ({"col_split": False}, {"tall": True}, {"gemm": True}):
+        with pytest.raises(ValueError, match="zb_first"):
+            transform(x.float(), 1, transpose=False, interpret=True, zb_first=True, **bad)

@@ -122,14 +122,17 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
                  ROWS, COLS, ntok, n, stride_yg, stride_dg, stride_xg, stride_pg, RP: tl.constexpr, CP: tl.constexpr, RBLK: tl.constexpr,
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
-                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                 COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = 0,
+                 ZB_FIRST: tl.constexpr = False):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
 
     ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
     spreads over RP/RBLK x CP/CBLK programs instead of RP/RBLK (its A · Z is recomputed per column
     block: cheap next to a launch that would otherwise run on one or a few SMs). ``NSPLIT`` > 0: the
     number of split-K partials is a compile-time constant, so their loads are unrolled and in flight
-    together instead of one dependent round trip each.
+    together instead of one dependent round trip each. ``ZB_FIRST`` (with ``COL_SPLIT``): the product is
+    taken as A · (Z · B_c) instead of (A · Z) · B_c, so a column program no longer computes the whole A · Z
+    for its CBLK columns of B (n = 4096, CBLK = 32: 327K instead of 524K multiply-adds per program).
 
     Groups (grid axis 0 = groups x tokens x blocks): the same x transformed with each group's own
     PRE (row g of a (groups, n) tensor) and DST (row g, or one shared row: stride_dg = 0) into
@@ -160,7 +163,11 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         post_c, bias_c, dst_c, omsk_c = _stage2_constants(POST, BIAS, DST, base, ri, jc, ROWS, COLS, HAS_POST,
                                                           HAS_BIAS, HAS_DST)
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
-    acc = tl.zeros([RBLK, CP], dtype=tl.float32)
+    if ZB_FIRST:
+        tl.static_assert(COL_SPLIT, "ZB_FIRST takes the column split's B block")
+        acc = tl.zeros([RBLK, CBLK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([RBLK, CP], dtype=tl.float32)
     for k0 in range(0, RP, KBLK):
         ki = k0 + tl.arange(0, KBLK)
         idx = ki[:, None] * COLS + j[None, :]
@@ -178,8 +185,14 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         if HAS_PRE:
             z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
-        acc = _split_dot(a, z, acc, INTERPRET)
-    if COL_SPLIT:  # stage 2 for this program's column block, with the constants loaded above
+        if ZB_FIRST:  # this k block's rows of Z · B_c, then A's columns of them
+            zb = _split_dot_rhs(z, b_c, tl.zeros([KBLK, CBLK], dtype=tl.float32), INTERPRET)
+            acc = _split_dot(a, zb, acc, INTERPRET)
+        else:
+            acc = _split_dot(a, z, acc, INTERPRET)
+    if ZB_FIRST:
+        _stage2_store(acc * scale, post_c, bias_c, dst_c, omsk_c, Y + token * stride_ym, HAS_POST, HAS_BIAS)
+    elif COL_SPLIT:  # stage 2 for this program's column block, with the constants loaded above
         out = _split_dot_rhs(acc, b_c, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
         _stage2_store(out, post_c, bias_c, dst_c, omsk_c, Y + token * stride_ym, HAS_POST, HAS_BIAS)
     else:
@@ -464,6 +477,7 @@ def transform(
     tall_tokens: int | None = None,
     tall_bm: int | None = None,
     gemm: bool | None = None,
+    zb_first: bool | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -489,7 +503,14 @@ def transform(
     of two; default ``TALL_BN`` // CP, i.e. one token at CP = 128, and ``TALL_BM``), for
     ``bench/hadamard.py``. ``gemm``: the two-GEMM torch path for many tokens (kernels/hadamard_gemm.py);
     ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
+    ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
+    ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed).
     """
+    if zb_first:
+        if col_split is False or tall or gemm:
+            raise ValueError("zb_first is a variant of the per-token kernel's column split: not with "
+                             "col_split=False, tall or gemm")
+        col_split = True
     if tall_tokens is not None or tall_bm is not None:  # bench options: no per-call cost when unused
         for name, v, lo, hi in (("tall_tokens", tall_tokens, 1, 16), ("tall_bm", tall_bm, 16, 128)):
             if v is not None and (v < lo or v > hi or v & (v - 1)):
@@ -502,7 +523,7 @@ def transform(
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
-                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm)
+                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=bool(zb_first))
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -538,7 +559,7 @@ def transform(
         if gemm:
             raise ValueError("the two-GEMM transform writes dst into a (T, n) result, not into out=")
         gemm = False
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm, zb_first)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
@@ -564,7 +585,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk), transpose, rp):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, zb_first), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
@@ -582,15 +603,16 @@ def transform(
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args, **launch_args(x.device, T))
+                       **args, **launch_args(x.device, T), ZB_FIRST=bool(zb_first))
     return y
+
 
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
-                    gemm: bool | None = None) -> torch.Tensor:
+                    gemm: bool | None = None, zb_first: bool = False) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -610,7 +632,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
     if T == 0:
         return out
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile, zb_first or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=None, post=post, bias=None, dst=None, y=out)
     a, b = _matrices(nb, transpose, x.device)
     if a is None:  # Sylvester-only blocks: one launch per group
@@ -620,7 +642,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits), transpose, rp):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, zb_first or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
@@ -636,5 +658,5 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
-                       **launch_args(x.device, T))
+                       **launch_args(x.device, T), ZB_FIRST=bool(zb_first))
     return out

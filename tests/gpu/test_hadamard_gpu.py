@@ -32,3 +32,21 @@ def test_transform_kernels_match_float64(n, T):
         assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-3, tall
         y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, tall=tall)
         assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4, tall  # bf16 hi + lo: ~16 bits
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("T", [1, 4, 16])
+def test_zb_first_order_matches_float64(n, T):
+    """The A · (Z · B_c) launch variant (bf16 hi + lo products in the other order) at decoding batch sizes."""
+    g = torch.Generator(device="cuda")
+    g.seed()
+    x = torch.randn(T, n, generator=g, device="cuda").half()
+    su = torch.randn(n, generator=g, device="cuda")
+    parts = torch.randn(4, T, n, generator=g, device="cuda")
+    sv = torch.randn(n, generator=g, device="cuda")
+    ref_in = _reference(x.double() * su.double(), 1, True)
+    ref_out = _reference(parts.double().sum(0), 1, False) * sv.double()
+    y = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, zb_first=True)
+    assert float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-4
+    y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, zb_first=True)
+    assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4
