@@ -285,3 +285,13 @@ def test_zb_first_order_for_grouped_shards_and_its_errors(gen):
     for bad in ({"col_split": False}, {"tall": True}, {"gemm": True}):
         with pytest.raises(ValueError, match="zb_first"):
             transform(x.float(), 1, transpose=False, interpret=True, zb_first=True, **bad)
+
+
+def test_an_explicit_zb_first_false_keeps_the_default_choices(gen, monkeypatch):
+    """``zb_first=False`` is the default launch, not a small-batch variant that would turn off the tall kernel."""
+    from qtip_triton.kernels import hadamard as had
+
+    seen = []
+    monkeypatch.setattr(had, "_use_tall", lambda tall, rows, variant, *a: seen.append(variant) or False)
+    transform(torch.randn(2, 1024, generator=gen), 1, transpose=False, interpret=True, zb_first=False)
+    assert seen and all(v is None for v in seen[0])

@@ -504,7 +504,8 @@ def transform(
     ``bench/hadamard.py``. ``gemm``: the two-GEMM torch path for many tokens (kernels/hadamard_gemm.py);
     ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
     ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
-    ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed).
+    ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed; blocks of at most 128
+    have no A and ignore it).
     """
     if zb_first:
         if col_split is False or tall or gemm:
@@ -559,7 +560,8 @@ def transform(
         if gemm:
             raise ValueError("the two-GEMM transform writes dst into a (T, n) result, not into out=")
         gemm = False
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm, zb_first)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm,
+                                         zb_first or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
@@ -585,7 +587,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, zb_first), transpose, rp):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, zb_first or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
@@ -605,7 +607,6 @@ def transform(
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
                        **args, **launch_args(x.device, T), ZB_FIRST=bool(zb_first))
     return y
-
 
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
