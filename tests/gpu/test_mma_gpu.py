@@ -65,6 +65,16 @@ def test_untuned_layers_get_the_mma_gemv_from_two_to_sixteen_rows():
         ref = reference(qw, w64, x)
         y = linear(x.half(), qw)
         assert float((y.double() - ref).norm() / ref.norm()) < TOL[torch.float16], M
+    # from 8192 outputs up to 8 rows the split mma gemv sums its partials in the kernel (session 13)
+    qw, w64 = weight(8192, 6144, 3)
+    for M in (2, 5, 8):
+        cfg = kernels.default_config("gemv", qw.spec, 8192, 6144, M)
+        assert cfg.get("mma") is True and cfg.get("split_sum") is True, cfg
+        x = torch.randn(M, 6144, device="cuda")
+        ref = reference(qw, w64, x)
+        for _ in range(2):  # the counters must be back at zero for the second launch
+            y = linear(x.half(), qw)
+            assert float((y.double() - ref).norm() / ref.norm()) < TOL[torch.float16], M
 
 
 @pytest.mark.parametrize("n", [4096, 11008, 8192, 14336])
