@@ -42,7 +42,7 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "tall_t2_bm32": {"tall": True, "tall_tokens": 2, "tall_bm": 32},
             # two fp32 GEMMs through torch/cuBLAS over all (token, block) rows (kernels/hadamard_gemm.py)
             "gemm": {"gemm": True},
-            # A · (Z · B_c) under the column split (session 13: sm_90 SASS 1664 -> 1392 per warp at 4096 input,
+            # A · (Z · B_c) under the column split (session 13: sm_90 SASS 1104 -> 848 per warp at 4096 input,
             # 80 instead of 128 HMMA; no fewer at 11008, more tensor work from 28672's 256-row A)
             "zb_first": {"zb_first": True}}
 

@@ -130,7 +130,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     ROWS and COLS are compile-time constants (one variant per block size): with COLS known, a row of Z's
     mask is uniform over whole vectors, so the loads of x, the partials and the scales vectorize (sm_90,
     n = 4096: 77 -> 19 global loads and 1664 -> 1104 instructions per warp for the input transform,
-    141 -> 39 and 2120 -> 1176 for the output transform of 4 partials; 11008 output 1232 -> 784). The
+    141 -> 39 and 2120 -> 1184 for the output transform of 4 partials; 11008 output 1232 -> 792). The
     transform of a few tokens is a chain of dependent instructions, one per ~5-6 cycles per warp (ncu,
     session 10), so the count is its time.
 
@@ -520,7 +520,7 @@ def transform(
         if col_split is False or tall or gemm:
             raise ValueError("zb_first is a variant of the per-token kernel's column split: not with "
                              "col_split=False, tall or gemm")
-        col_split = True
+        col_split = True  # a small-batch variant: so neither the tall kernel nor the two GEMMs are picked
     if tall_tokens is not None or tall_bm is not None:  # bench options: no per-call cost when unused
         for name, v, lo, hi in (("tall_tokens", tall_tokens, 1, 16), ("tall_bm", tall_bm, 16, 128)):
             if v is not None and (v < lo or v > hi or v & (v - 1)):
@@ -569,8 +569,7 @@ def transform(
         if gemm:
             raise ValueError("the two-GEMM transform writes dst into a (T, n) result, not into out=")
         gemm = False
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm,
-                                         zb_first or None)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
@@ -596,7 +595,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, zb_first or None), transpose, rp):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
@@ -642,7 +641,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
     if T == 0:
         return out
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile, zb_first or None)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=None, post=post, bias=None, dst=None, y=out)
     a, b = _matrices(nb, transpose, x.device)
     if a is None:  # Sylvester-only blocks: one launch per group
@@ -652,7 +651,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, zb_first or None), transpose, rp):
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,

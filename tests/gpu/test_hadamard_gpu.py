@@ -14,19 +14,26 @@ pytestmark = pytest.mark.gpu
 SIZES = [4096, 5120, 8192, 11008, 13824, 14336, 28672]
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("T", [1, 128, 2048])
-def test_transform_kernels_match_float64(n, T):
+def _case(n: int, T: int, splits: int):
+    """Fresh random x, SU, split-K partials, SV and destination order for ``n`` features and ``T`` tokens, with
+    the float64 input transform (placed at the destinations) and output transform they must give."""
     g = torch.Generator(device="cuda")
     g.seed()
     x = torch.randn(T, n, generator=g, device="cuda").half()
     su = torch.randn(n, generator=g, device="cuda")
-    parts = torch.randn(3, T, n, generator=g, device="cuda")
+    parts = torch.randn(splits, T, n, generator=g, device="cuda")
     sv = torch.randn(n, generator=g, device="cuda")
     dst = torch.randperm(n, generator=g, device="cuda").to(torch.int32)
     ref_in = torch.empty(T, n, dtype=torch.float64, device="cuda")
     ref_in[:, dst.long()] = _reference(x.double() * su.double(), 1, True)
     ref_out = _reference(parts.double().sum(0), 1, False) * sv.double()
+    return x, su, parts, sv, dst, ref_in, ref_out
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("T", [1, 128, 2048])
+def test_transform_kernels_match_float64(n, T):
+    x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 3)
     for tall in (False, True):
         y = transform(x, 1, transpose=True, pre=su, dst=dst, tall=tall)
         assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-3, tall
@@ -38,15 +45,8 @@ def test_transform_kernels_match_float64(n, T):
 @pytest.mark.parametrize("T", [1, 4, 16])
 def test_zb_first_order_matches_float64(n, T):
     """The A · (Z · B_c) launch variant (bf16 hi + lo products in the other order) at decoding batch sizes."""
-    g = torch.Generator(device="cuda")
-    g.seed()
-    x = torch.randn(T, n, generator=g, device="cuda").half()
-    su = torch.randn(n, generator=g, device="cuda")
-    parts = torch.randn(4, T, n, generator=g, device="cuda")
-    sv = torch.randn(n, generator=g, device="cuda")
-    ref_in = _reference(x.double() * su.double(), 1, True)
-    ref_out = _reference(parts.double().sum(0), 1, False) * sv.double()
-    y = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, zb_first=True)
+    x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 4)
+    y = transform(x, 1, transpose=True, pre=su, dst=dst, out_dtype=torch.float32, zb_first=True)
     assert float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-4
     y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, zb_first=True)
     assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4
