@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -117,6 +117,13 @@ if want zb; then
   step "hadamard: the column split in the A · (Z · B_c) order against the default, decoding batch sizes (session 13)"
   timeout -k 10 "${ZB_S:-150}" python3 bench/hadamard.py --variants default,col_split,zb_first --T 1,2,4,16 \
     --n 4096,8192,11008,14336,28672 --tag zb --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want stacked; then
+  step "hadamard: the stacked many-token kernel against the shipped choice, decoding and prefill cases (session 14)"
+  timeout -k 10 "${STACKED_S:-240}" python3 bench/hadamard.py --variants default,tall,stacked,stacked64 \
+    --T 16,64,128,256,2048 --n 4096,8192,14336 --cases input,output,input_natural,output_fp16 --tag stacked \
+    --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want splitsum; then

@@ -44,7 +44,13 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "gemm": {"gemm": True},
             # A · (Z · B_c) under the column split (session 13: sm_90 SASS 1104 -> 848 per warp at 4096 input,
             # 80 instead of 128 HMMA; no fewer at 11008, more tensor work from 28672's 256-row A)
-            "zb_first": {"zb_first": True}}
+            "zb_first": {"zb_first": True},
+            # several tokens stacked along the rows of one tile, two full-size products per program
+            # (session 14; blocks whose A pads to at most 128 rows: 4096, 5120, 8192, 13824, 14336)
+            "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64}}
+# What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
+# split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.
+CASES = ("input", "output", "input_natural", "output_fp16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", default="1,4,16,64,256", help="token counts")
     ap.add_argument("--splits", type=int, default=4, help="split-K partials summed by the output transform")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="variants to time (default: all)")
+    ap.add_argument("--cases", default="input,output",
+                    help=f"transforms to time, of {', '.join(CASES)} (input/output: as the small-batch decode kernels "
+                         "use them; input_natural/output_fp16: as the prefill path does)")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. 'tall')")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     variants = {k: VARIANTS[k] for k in a.variants.split(",")}
+    wanted = a.cases.split(",")
+    if set(wanted) - set(CASES):
+        ap.error(f"unknown cases {sorted(set(wanted) - set(CASES))}; known: {', '.join(CASES)}")
     if not torch.cuda.is_available():
         print("bench/hadamard.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -72,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         dst = torch.randperm(n, device="cuda").to(torch.int32)
         x = torch.randn(T, n, device="cuda").half()
         parts = torch.randn(a.splits, T, n, device="cuda")
+        part16 = parts[:1].half()
         cases = {
             "input": lambda kw, x=x, su=su, dst=dst: transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32,
                                                                dst=dst, **kw),
             "output": lambda kw, p=parts, sv=sv: transform(p, 1, transpose=False, post=sv, out_dtype=torch.float16,
                                                            **kw),
+            "input_natural": lambda kw, x=x, su=su: transform(x, 1, transpose=True, pre=su, **kw),
+            "output_fp16": lambda kw, p=part16, sv=sv: transform(p, 1, transpose=False, post=sv, **kw),
         }
-        for which, fn in cases.items():
+        for which in wanted:
+            fn = cases[which]
             ref = fn({})
             rec = {"n": n, "T": T, "transform": which}
             for name, kw in variants.items():
@@ -94,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"n={n} T={T} {which}: " + ", ".join(f"{k} {rec[k]:.1f} us" for k in variants), flush=True)
     env = environment()
     lines = [f"# Hadamard transform launch variants — {env.get('card', '?')}", "",
-             "Median µs of CUDA-graph replays, L2 flushed. input: fp16 x, SU, kernel-order destination; "
-             f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out. Floor (one trivial kernel "
+             "Median µs of CUDA-graph replays, L2 flushed. input: fp16 x, SU, kernel-order destination, fp32 out; "
+             f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out; input_natural: fp16 x, SU, fp16 out in "
+             "natural order; output_fp16: one fp16 partial, SV, fp16 out (the last two as the prefill path runs them). "
+             "Floor (one trivial kernel "
              f"through the same timer): {floor:.1f} µs. Variants: " + "; ".join(
                  f"{k} = {v or 'as shipped'}" for k, v in variants.items()), "",
              "| n | T | transform | " + " | ".join(variants) + " |", "|---|---|---|" + "---|" * len(variants)]

@@ -169,23 +169,31 @@ def test_grouped_output_transform(gen, n, blocks, S):
         transform(parts, blocks, transpose=False, bias=post[0], interpret=True)
 
 
-@pytest.mark.parametrize("n,blocks,T", [(2752, 1, 5), (5120, 1, 3), (4096, 2, 3), (768, 3, 4), (96, 1, 7)])
-def test_tall_kernel_matches_reference(gen, n, blocks, T):
-    """The many-token kernel (several tokens per GEMM tile, T not a multiple of the tile): partial sums,
-    scales, bias and the destination order as the per-token kernel, both directions."""
+TALL = {"tall": True}
+STACKED = {"stacked": True}
+
+
+@pytest.mark.parametrize("n,blocks,T,kw", [
+    (2752, 1, 5, TALL), (5120, 1, 3, TALL), (4096, 2, 3, TALL), (768, 3, 4, TALL), (96, 1, 7, TALL),
+    (4096, 1, 5, STACKED), (5120, 1, 3, STACKED), (768, 3, 4, STACKED), (1536, 2, 7, {**STACKED, "stack_rows": 64}),
+    (4096, 1, 3, {**STACKED, "stack_rows": 32})])
+def test_many_token_kernels_match_reference(gen, n, blocks, T, kw):
+    """The many-token kernels (several tokens per GEMM tile, T x blocks not a multiple of the tile; tall: side
+    by side, stacked: along the rows, other tile heights): partial sums, scales, bias and the destination order
+    as the per-token kernel, both directions."""
     parts = torch.randn(3, T, n, generator=gen)
     su, sv, bias = (torch.randn(n, generator=gen) for _ in range(3))
     dst = torch.randperm(n, generator=gen).to(torch.int32)
     for transpose in (False, True):
         y = transform(parts, blocks, transpose=transpose, pre=su, post=sv, bias=bias, out_dtype=torch.float32,
-                      dst=dst, interpret=True, tall=True)
+                      dst=dst, interpret=True, **kw)
         ref = _reference(parts.double().sum(0) * su.double(), blocks, transpose) * sv.double() + bias.double()
         placed = torch.empty_like(ref)
         placed[:, dst.long()] = ref
         assert _rel(y, placed) < 1e-6
     x16 = parts[0].half()  # an fp16 input transform into a strided view of a wider output
     wide = torch.full((T, n + 8), 3.0, dtype=torch.float16)
-    transform(x16, blocks, transpose=True, pre=su, interpret=True, tall=True, out=wide[:, 8:])
+    transform(x16, blocks, transpose=True, pre=su, interpret=True, out=wide[:, 8:], **kw)
     assert _rel(wide[:, 8:], _reference(x16.double() * su.double(), blocks, True)) < 1e-3
     assert (wide[:, :8] == 3).all()
 
@@ -214,20 +222,21 @@ def test_tall_tile_must_be_a_power_of_two(kw):
         transform(torch.zeros(2, 256), 1, transpose=False, interpret=True, tall=True, **kw)
 
 
-def test_tall_kernel_groups(gen):
+@pytest.mark.parametrize("n,kw", [(2752, TALL), (4096, STACKED)], ids=["tall", "stacked"])
+def test_many_token_kernel_groups(gen, n, kw):
     """Grouped input (own pre and destination per group) and grouped output (own partials and post, into
-    one wide output) through the many-token kernel."""
-    n, T = 2752, 5
+    one wide output) through the many-token kernels (the stacked one: 4 tokens per tile, a ragged last one)."""
+    T = 5
     x = torch.randn(T, n, generator=gen)
     pre = torch.randn(3, n, generator=gen)
     dst = torch.stack([torch.randperm(n, generator=gen) for _ in range(3)]).to(torch.int32)
-    y = transform(x, 1, transpose=True, pre=pre, dst=dst, out_dtype=torch.float32, interpret=True, tall=True)
+    y = transform(x, 1, transpose=True, pre=pre, dst=dst, out_dtype=torch.float32, interpret=True, **kw)
     for g in range(3):
         placed = torch.empty(T, n, dtype=torch.float64)
         placed[:, dst[g].long()] = _reference(x.double() * pre[g].double(), 1, True)
         assert _rel(y[g], placed) < 1e-6
     parts = torch.randn(3, 2, T, n, generator=gen)
-    wide = transform(parts, 1, transpose=False, post=pre, out_dtype=torch.float32, interpret=True, tall=True)
+    wide = transform(parts, 1, transpose=False, post=pre, out_dtype=torch.float32, interpret=True, **kw)
     for g in range(3):
         ref = _reference(parts[g].double().sum(0), 1, False) * pre[g].double()
         assert _rel(wide[:, g * n:(g + 1) * n], ref) < 1e-6

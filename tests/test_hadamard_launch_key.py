@@ -23,9 +23,10 @@ class _Recorder:
 @pytest.fixture
 def launches(monkeypatch):
     calls: list = []
-    for name in ("_had1_kernel", "_had2_kernel", "_had2_tall_kernel"):
+    for name in ("_had1_kernel", "_had2_kernel", "_had2_tall_kernel", "_had2_stack_kernel"):
         monkeypatch.setattr(had, name, _Recorder(name, calls))
     monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
     return calls
 
 
@@ -35,6 +36,8 @@ def observed(call, T: int, blocks: int) -> tuple:
         return ("had1", row_class(T * blocks))
     if name == "_had2_tall_kernel":
         return ("tall", row_class(T * blocks))
+    if name == "_had2_stack_kernel":
+        return ("stacked", row_class(T * blocks))
     return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, row_class(T))
 
 
@@ -43,6 +46,20 @@ def observed(call, T: int, blocks: int) -> tuple:
 @pytest.mark.parametrize("transpose", [True, False])
 def test_launch_key_matches_the_launch(launches, n, blocks, groups, transpose):
     """Input transforms (transpose, grouped SU) and output ones (partials, grouped when the shards are equal)."""
+    _check_keys(launches, n, blocks, groups, transpose)
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (14336, 1), (8192, 2), (128, 1)])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_launch_key_matches_the_launch_with_the_stacked_kernel_on(launches, monkeypatch, n, blocks, groups, transpose):
+    """QTIP_TRITON_HADAMARD_STACKED=N: the stacked kernel from N rows where A is small enough, the usual choice
+    elsewhere, and the key says which."""
+    monkeypatch.setenv(had.STACK_ENV, "64")
+    _check_keys(launches, n, blocks, groups, transpose)
+
+
+def _check_keys(launches, n: int, blocks: int, groups: int, transpose: bool) -> None:
     for T in (1, 2, 3, 15, 16, 17, 31, 32, 33, 63, 64, 65, 80, 127, 128, 129, 200, 256, 300, 1023, 1024, 1025):
         launches.clear()
         if transpose:
@@ -59,9 +76,13 @@ def test_launch_key_matches_the_launch(launches, n, blocks, groups, transpose):
 
 def test_launch_key_follows_the_measured_thresholds_and_the_no_tall_switch(monkeypatch):
     monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
     assert had.launch_key(11008, 1, 256)[0] == "tall"  # output transform from TALL_MIN_ROWS
     assert had.launch_key(11008, 1, 256, transpose=True)[0] == "had2"  # input: from TALL_MIN_ROWS_INPUT
     assert had.launch_key(11008, 1, 2048, transpose=True)[0] == "tall"
     assert had.launch_key(4096, 1, 2048)[0] == "had2"  # A of 32 rows: the per-token kernel always won
     monkeypatch.setenv(had.NO_TALL_ENV, "1")
     assert had.launch_key(11008, 1, 256)[0] == "had2"
+    monkeypatch.setenv(had.STACK_ENV, "128")
+    assert had.launch_key(4096, 1, 128)[0] == "stacked" and had.launch_key(4096, 1, 127)[0] == "had2"
+    assert had.launch_key(11008, 1, 2048)[0] == "had2"  # A of 256 padded rows: never stacked

@@ -59,6 +59,19 @@ TALL_BM = 64  # rows of A per program
 # spills; 4 warps reach 242-255 registers and spill for fp32 partials.
 TALL_WARPS = 8
 
+# Tokens stacked along the rows of one tile (``_had2_stack_kernel``): for blocks whose A has at most
+# STACK_MAX_RP padded rows, STACK_ROWS // RP tokens' Z views sit on top of each other, so each program
+# runs two full [STACK_ROWS, CP] x [., CP] products instead of one token's slivers (the per-token kernel)
+# or one token per tile at CP = 128 (the tall kernel: 4096, 8192, 14336). Off unless asked for
+# (``stacked=True`` or QTIP_TRITON_HADAMARD_STACKED=N rows) until timed: bench/hadamard.py --variants stacked.
+# sm_90 compile (bench/sass_hadamard.py, 2048 tokens): 128 rows x 8 warps 186-255 registers, 96 KB shared
+# (wgmma), one program per SM; 64 rows x 8 warps 125 (output) to 175 (input, with SU and the destination
+# order) registers.
+STACK_ROWS = 128
+STACK_MAX_RP = 128
+STACK_WARPS = 8
+STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
+
 
 @triton.jit
 def _split_dot(a, b, acc, INTERPRET: tl.constexpr):
@@ -214,6 +227,17 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
 
 
 @triton.jit
+def _group_tile(X, Y, PRE, POST, DST, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg, TT: tl.constexpr):
+    """(first logical row of this program's tile; X, Y, PRE, POST, DST moved to its group): grid axis 0 of the
+    many-token kernels is groups x tiles of TT (token, block) rows, groups as in ``_had2_kernel``."""
+    pid = tl.program_id(0)
+    tiles = tl.cdiv(nrows, TT)
+    g = pid // tiles
+    return ((pid % tiles) * TT, X + g * stride_xg, Y + g * stride_yg, PRE + g * n, POST + g * stride_pg,
+            DST + g * stride_dg)
+
+
+@triton.jit
 def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                       ROWS: tl.constexpr, COLS: tl.constexpr, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
                       RP: tl.constexpr,
@@ -232,15 +256,8 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
     """
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     BN: tl.constexpr = TT * CP
-    pid = tl.program_id(0)
-    tiles = tl.cdiv(nrows, TT)
-    g = pid // tiles
-    lr0 = (pid % tiles) * TT
-    PRE += g * n
-    DST += g * stride_dg
-    Y += g * stride_yg
-    X += g * stride_xg
-    POST += g * stride_pg
+    lr0, X, Y, PRE, POST, DST = _group_tile(X, Y, PRE, POST, DST, nrows, n, stride_yg, stride_dg, stride_xg,
+                                            stride_pg, TT)
     jn = tl.arange(0, BN)  # tile column = (token of the tile, column of its Z view)
     lr = lr0 + jn // CP  # logical row: token * blocks + block
     c = jn % CP
@@ -283,6 +300,55 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
         if HAS_DST:
             dst = tl.load(DST + oidx, mask=omsk, other=0)
         tl.store(Y + (tokq * stride_ym)[:, None] + dst, out.to(Y.dtype.element_ty), mask=omsk)
+
+
+@triton.jit
+def _had2_stack_kernel(X, Y, AT, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
+                       ROWS: tl.constexpr, COLS: tl.constexpr, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
+                       RP: tl.constexpr, CP: tl.constexpr, TT: tl.constexpr, HAS_PRE: tl.constexpr,
+                       HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
+                       INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
+    """TT (token, block) rows per program, their Z views stacked into one [TT·RP, CP] tile: Y = A · (Z · B).
+
+    Why: for A of at most 128 padded rows (n = 4096, 5120, 8192, 13824, 14336) a token's whole transform
+    fits one tile, but the per-token kernel splits it into 32-row slivers and dependent small dots per
+    program, and the tall kernel (tokens side by side along columns) holds one token per tile at CP = 128.
+    Here stage 1 is one [TT·RP, CP] x [CP, CP] product for all TT tokens (B acts on rows, so stacking is
+    free) and stage 2 one [TT·RP, TT·RP] x [TT·RP, CP] product with AT = I_TT ⊗ A (A on the diagonal
+    blocks, built once on the host), so every program runs the same two full-size products whatever the
+    block size. Row q of the tile is row q % RP of token q // RP's Z view in both stages, so one set of
+    offsets serves the loads and the stores. The same arguments as ``_had2_tall_kernel`` (groups alike).
+    """
+    grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
+    BR: tl.constexpr = TT * RP
+    lr0, X, Y, PRE, POST, DST = _group_tile(X, Y, PRE, POST, DST, nrows, n, stride_yg, stride_dg, stride_xg,
+                                            stride_pg, TT)
+    q = tl.arange(0, BR)  # tile row = (token of the tile, row of its Z view)
+    lr = lr0 + q // RP  # logical row: token * blocks + block
+    r = q % RP
+    tok = lr // blocks
+    base = (lr % blocks) * nb  # offset of the block inside its row (also into PRE / POST / BIAS)
+    j = tl.arange(0, CP)
+    idx = base[:, None] + r[:, None] * COLS + j[None, :]
+    msk = ((lr < nrows) & (r < ROWS))[:, None] & (j < COLS)[None, :]
+    xp = X + (tok * stride_xm)[:, None] + idx
+    z = tl.zeros([BR, CP], dtype=tl.float32)
+    for s in range(nsplit):
+        z += tl.load(xp + s * stride_xs, mask=msk, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        z *= tl.load(PRE + idx, mask=msk, other=0.0)
+    b = tl.load(B + j[:, None] * CP + j[None, :])
+    w = _split_dot_rhs(z, b, tl.zeros([BR, CP], dtype=tl.float32), INTERPRET)  # Z · B, every token's rows at once
+    at = tl.load(AT + q[:, None] * BR + q[None, :])
+    out = _split_dot(at, w, tl.zeros([BR, CP], dtype=tl.float32), INTERPRET) * scale  # (I ⊗ A) · (Z · B)
+    if HAS_POST:
+        out *= tl.load(POST + idx, mask=msk, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(BIAS + idx, mask=msk, other=0.0).to(tl.float32)
+    dst = idx
+    if HAS_DST:
+        dst = tl.load(DST + idx, mask=msk, other=0)
+    tl.store(Y + (tok * stride_ym)[:, None] + dst, out.to(Y.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -432,6 +498,49 @@ def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
     return lo is not None and rows >= lo
 
 
+def stack_min_rows() -> int | None:
+    """(token, block) rows from which :func:`transform` takes the stacked kernel by default
+    (``QTIP_TRITON_HADAMARD_STACKED``; unset or 0: never)."""
+    raw = os.environ.get(STACK_ENV, "").strip()
+    if not raw or raw == "0":
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{STACK_ENV}={raw!r}: expected a row count (0 or unset: off)")
+    return int(raw)
+
+
+def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int) -> bool:
+    """Whether ``rows`` (token, block) rows per group take ``_had2_stack_kernel``: ``stacked`` if given (a clear
+    error where A has more than ``STACK_MAX_RP`` padded rows), else from ``QTIP_TRITON_HADAMARD_STACKED`` rows
+    on (off by default) where A is small enough and no other launch variant was asked for."""
+    if stacked is not None:
+        if stacked and rp > STACK_MAX_RP:
+            raise ValueError(f"the stacked Hadamard kernel takes blocks whose row factor pads to at most "
+                             f"{STACK_MAX_RP} rows, this one pads to {rp}")
+        return bool(stacked)
+    if rp > STACK_MAX_RP or any(v is not None for v in variant):
+        return False
+    lo = stack_min_rows()
+    return lo is not None and rows >= lo
+
+
+def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device) -> torch.Tensor:
+    """I_tt ⊗ A in bf16 (A as :func:`_matrices` pads it): the stacked kernel's stage-2 matrix, cached."""
+    key = ("stack", nb, transpose, tt, str(device))
+    hit = _MATS.get(key)
+    if hit is None:
+        a, _ = _matrices(nb, transpose, device)
+        hit = _MATS[key] = (torch.block_diag(*([a.float()] * tt)).to(torch.bfloat16).contiguous(), None)
+    return hit[0]
+
+
+def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None) -> tuple[tuple[int], dict]:
+    """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
+    the tile's rows (None: ``STACK_ROWS``), at least A's."""
+    tt = max(rp, stack_rows or STACK_ROWS) // rp
+    return (groups * triton.cdiv(rows, tt),), dict(RP=rp, CP=cp, TT=tt, num_warps=STACK_WARPS)
+
+
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
     """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
     blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
@@ -447,6 +556,8 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     if kh * p1 == 1:
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
+    if _use_stacked(None, rows, (), rp):
+        return ("stacked", row_class(rows))
     if _use_tall(None, rows, (), transpose, rp):
         return ("tall", row_class(rows))
     # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
@@ -487,6 +598,8 @@ def transform(
     tall_bm: int | None = None,
     gemm: bool | None = None,
     zb_first: bool | None = None,
+    stacked: bool | None = None,
+    stack_rows: int | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -514,8 +627,16 @@ def transform(
     ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
     ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
     ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed; blocks of at most 128
-    have no A and ignore it).
+    have no A and ignore it). ``stacked``: the many-token kernel with several tokens stacked along the rows of
+    one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore it);
+    ``None``: from ``QTIP_TRITON_HADAMARD_STACKED`` rows on (off unless set) when no other variant is given.
+    ``stack_rows``: that kernel's tile rows (a power of two in [16, 128], at least A's padded rows; default
+    ``STACK_ROWS``), for ``bench/hadamard.py``.
     """
+    if stacked and (tall or gemm or zb_first):
+        raise ValueError("stacked is a kernel of its own: not with tall, gemm or zb_first")
+    if stack_rows is not None and (stack_rows < 16 or stack_rows > STACK_MAX_RP or stack_rows & (stack_rows - 1)):
+        raise ValueError(f"stack_rows must be a power of two in [16, {STACK_MAX_RP}], got {stack_rows}")
     if zb_first:
         if col_split is False or tall or gemm:
             raise ValueError("zb_first is a variant of the per-token kernel's column split: not with "
@@ -533,7 +654,8 @@ def transform(
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
-                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=bool(zb_first))
+                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=bool(zb_first),
+                               stacked=stacked, stack_rows=stack_rows)
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -569,7 +691,8 @@ def transform(
         if gemm:
             raise ValueError("the two-GEMM transform writes dst into a (T, n) result, not into out=")
         gemm = False
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)):
+    variant = (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)
+    if _use_gemm(gemm, T * blocks, (*variant, stacked or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
@@ -595,7 +718,16 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk), transpose, rp):
+    if _use_stacked(stacked, T * blocks, variant, rp):
+        grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
+        _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device), b,
+                                 pre if pre is not None else dummy, post if post is not None else dummy,
+                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
+                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
+                                 n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
+                                 **launch_args(x.device, T))
+        return y
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
@@ -621,7 +753,8 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
-                    gemm: bool | None = None, zb_first: bool = False) -> torch.Tensor:
+                    gemm: bool | None = None, zb_first: bool = False, stacked: bool | None = None,
+                    stack_rows: int | None = None) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -641,7 +774,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
     if T == 0:
         return out
-    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile)):
+    if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile, stacked or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=None, post=post, bias=None, dst=None, y=out)
     a, b = _matrices(nb, transpose, x.device)
     if a is None:  # Sylvester-only blocks: one launch per group
@@ -651,7 +784,15 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
-    if _use_tall(tall, T * blocks, (col_split, unroll_splits), transpose, rp):
+    if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp):
+        grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows)
+        _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device), b, x,
+                                 post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
+                                 out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0, x.stride(0),
+                                 n if post is not None else 0, **consts, HAS_PRE=False, HAS_POST=post is not None,
+                                 HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **launch_args(x.device, T))
+        return out
+    if _use_tall(tall, T * blocks, (col_split, unroll_splits, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,

@@ -50,3 +50,19 @@ def test_zb_first_order_matches_float64(n, T):
     assert float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-4
     y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, zb_first=True)
     assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("n", [4096, 5120, 8192, 13824, 14336])
+@pytest.mark.parametrize("T", [1, 5, 128, 2048])
+@pytest.mark.parametrize("rows", [None, 64])
+def test_stacked_kernel_matches_float64(n, T, rows):
+    """The stacked many-token kernel (wgmma-sized tiles on sm_90; every size whose A pads to at most 128 rows),
+    a ragged last tile at T = 5, both directions, grouped output into one wide tensor."""
+    x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 3)
+    y = transform(x, 1, transpose=True, pre=su, dst=dst, out_dtype=torch.float32, stacked=True, stack_rows=rows)
+    assert float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-4
+    y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, stacked=True, stack_rows=rows)
+    assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4
+    wide = transform(torch.stack([parts, -parts]), 1, transpose=False, post=torch.stack([sv, sv]),
+                     out_dtype=torch.float32, stacked=True, stack_rows=rows)
+    assert float((wide[:, n:].double() + ref_out).norm() / ref_out.norm()) < 1e-4

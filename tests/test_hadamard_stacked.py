@@ -1,0 +1,60 @@
+"""The stacked many-token Hadamard kernel (several tokens' Z views along the rows of one tile, interpreter): its
+errors and when the dispatch takes it (its results against float64: tests/test_hadamard_kernel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton import kernels
+from qtip_triton.kernels import hadamard as had
+from qtip_triton.kernels.hadamard import transform
+from tests.test_hadamard_kernel import _rel
+
+pytestmark = pytest.mark.skipif(
+    not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
+)
+
+
+def test_stacked_kernel_errors():
+    x = torch.zeros(2, 2752)  # 2752 = 172 x 16: A pads to 256 rows, more than one tile holds
+    with pytest.raises(ValueError, match="at most 128"):
+        transform(x, 1, transpose=False, interpret=True, stacked=True)
+    for kw in ({"tall": True}, {"gemm": True}, {"zb_first": True}):
+        with pytest.raises(ValueError, match="stacked is a kernel of its own"):
+            transform(torch.zeros(2, 4096), 1, transpose=False, interpret=True, stacked=True, **kw)
+    for rows in (8, 48, 256):
+        with pytest.raises(ValueError, match="stack_rows must be a power of two"):
+            transform(torch.zeros(2, 4096), 1, transpose=False, interpret=True, stacked=True, stack_rows=rows)
+
+
+class _Spy:
+    def __init__(self, name, kernel, launched):
+        self.name, self.kernel, self.launched = name, kernel, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(self.name)
+        return self.kernel[grid]
+
+
+def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
+    """Off by default; QTIP_TRITON_HADAMARD_STACKED=N takes it from N (token, block) rows where A has at most 128
+    padded rows, unless another launch variant is asked for; blocks without A (<= 128) ignore it. Same results."""
+    launched: list[str] = []
+    for name, label in (("_had2_stack_kernel", "stacked"), ("_had2_kernel", "per-token"),
+                        ("_had2_tall_kernel", "tall"), ("_had1_kernel", "had1")):
+        monkeypatch.setattr(had, name, _Spy(label, getattr(had, name), launched))
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    x = torch.randn(8, 4096, generator=gen)
+    plain = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    monkeypatch.setenv(had.STACK_ENV, "8")
+    stacked = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    transform(x[:7], 1, transpose=False, interpret=True)  # below the threshold
+    transform(x, 1, transpose=False, interpret=True, col_split=True)  # an explicit variant wins
+    transform(torch.randn(8, 2752, generator=gen), 1, transpose=False, interpret=True, tall=False)  # A: 256 rows
+    transform(torch.randn(8, 128, generator=gen), 1, transpose=False, interpret=True, stacked=True)  # no A
+    assert launched == ["per-token", "stacked", "per-token", "per-token", "per-token", "had1"]
+    assert _rel(stacked, plain.double()) < 1e-6
+    monkeypatch.setenv(had.STACK_ENV, "many")
+    with pytest.raises(ValueError, match="expected a row count"):
+        transform(x, 1, transpose=False, interpret=True)
