@@ -46,7 +46,7 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             # 80 instead of 128 HMMA; no fewer at 11008, more tensor work from 28672's 256-row A)
             "zb_first": {"zb_first": True},
             # several tokens stacked along the rows of one tile, two full-size products per program
-            # (session 14; blocks whose A pads to at most 128 rows: 4096, 5120, 8192, 13824, 14336)
+            # (session 14; every Llama size: A pads to at most 256 rows)
             "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
 # split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.

@@ -85,4 +85,5 @@ def test_launch_key_follows_the_measured_thresholds_and_the_no_tall_switch(monke
     assert had.launch_key(11008, 1, 256)[0] == "had2"
     monkeypatch.setenv(had.STACK_ENV, "128")
     assert had.launch_key(4096, 1, 128)[0] == "stacked" and had.launch_key(4096, 1, 127)[0] == "had2"
-    assert had.launch_key(11008, 1, 2048)[0] == "had2"  # A of 256 padded rows: never stacked
+    assert had.launch_key(11008, 1, 2048)[0] == "stacked"  # A of 256 padded rows: one token per tile
+    assert had.launch_key(44032, 1, 2048)[0] == "had2"  # A of 512 padded rows: never stacked

@@ -17,13 +17,13 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_stacked_kernel_errors():
-    x = torch.zeros(2, 2752)  # 2752 = 172 x 16: A pads to 256 rows, more than one tile holds
-    with pytest.raises(ValueError, match="at most 128"):
+    x = torch.zeros(2, 44032)  # 44032 = 172 x 256: A = hadK ⊗ H_2 pads to 512 rows
+    with pytest.raises(ValueError, match="at most 256"):
         transform(x, 1, transpose=False, interpret=True, stacked=True)
     for kw in ({"tall": True}, {"gemm": True}, {"zb_first": True}):
         with pytest.raises(ValueError, match="stacked is a kernel of its own"):
             transform(torch.zeros(2, 4096), 1, transpose=False, interpret=True, stacked=True, **kw)
-    for rows in (8, 48, 256):
+    for rows in (8, 48, 512):
         with pytest.raises(ValueError, match="stack_rows must be a power of two"):
             transform(torch.zeros(2, 4096), 1, transpose=False, interpret=True, stacked=True, stack_rows=rows)
 
@@ -38,7 +38,7 @@ class _Spy:
 
 
 def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
-    """Off by default; QTIP_TRITON_HADAMARD_STACKED=N takes it from N (token, block) rows where A has at most 128
+    """Off by default; QTIP_TRITON_HADAMARD_STACKED=N takes it from N (token, block) rows where A has at most 256
     padded rows, unless another launch variant is asked for; blocks without A (<= 128) ignore it. Same results."""
     launched: list[str] = []
     for name, label in (("_had2_stack_kernel", "stacked"), ("_had2_kernel", "per-token"),
@@ -51,7 +51,7 @@ def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
     stacked = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
     transform(x[:7], 1, transpose=False, interpret=True)  # below the threshold
     transform(x, 1, transpose=False, interpret=True, col_split=True)  # an explicit variant wins
-    transform(torch.randn(8, 2752, generator=gen), 1, transpose=False, interpret=True, tall=False)  # A: 256 rows
+    transform(torch.randn(8, 2752, generator=gen), 1, transpose=False, interpret=True, tall=False)  # so does tall=False
     transform(torch.randn(8, 128, generator=gen), 1, transpose=False, interpret=True, stacked=True)  # no A
     assert launched == ["per-token", "stacked", "per-token", "per-token", "per-token", "had1"]
     assert _rel(stacked, plain.double()) < 1e-6

@@ -38,5 +38,5 @@ def test_one_token_and_stacked_transforms_compile_for_sm90():
 
 
 def test_a_size_the_stacked_kernel_does_not_take_is_reported():
-    rows = compiled("--n", "11008", "--T", "16", "--variants", "stacked", "--direction", "output")
-    assert len(rows) == 1 and "at most 128" in rows[0]["error"], rows
+    rows = compiled("--n", "44032", "--T", "16", "--variants", "stacked", "--direction", "output")
+    assert len(rows) == 1 and "at most 256" in rows[0]["error"], rows

@@ -60,15 +60,18 @@ TALL_BM = 64  # rows of A per program
 TALL_WARPS = 8
 
 # Tokens stacked along the rows of one tile (``_had2_stack_kernel``): for blocks whose A has at most
-# STACK_MAX_RP padded rows, STACK_ROWS // RP tokens' Z views sit on top of each other, so each program
+# STACK_ROWS padded rows, STACK_ROWS // RP tokens' Z views sit on top of each other, so each program
 # runs two full [STACK_ROWS, CP] x [., CP] products instead of one token's slivers (the per-token kernel)
-# or one token per tile at CP = 128 (the tall kernel: 4096, 8192, 14336). Off unless asked for
-# (``stacked=True`` or QTIP_TRITON_HADAMARD_STACKED=N rows) until timed: bench/hadamard.py --variants stacked.
+# or one token per tile at CP = 128 (the tall kernel: 4096, 8192, 14336); A of 256 padded rows (11008,
+# 28672) takes one token per program in 64-row slices. Off unless asked for (``stacked=True`` or
+# QTIP_TRITON_HADAMARD_STACKED=N rows) until timed: bench/hadamard.py --variants stacked.
 # sm_90 compile (bench/sass_hadamard.py, 2048 tokens): 128 rows x 8 warps 186-255 registers, 96 KB shared
 # (wgmma), one program per SM; 64 rows x 8 warps 125 (output) to 175 (input, with SU and the destination
 # order) registers.
 STACK_ROWS = 128
-STACK_MAX_RP = 128
+STACK_MAX_RP = 256
+STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
+STACK_CB = 64  # ... and columns of Y per program
 STACK_WARPS = 8
 STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 
@@ -305,50 +308,58 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
 @triton.jit
 def _had2_stack_kernel(X, Y, AT, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                        ROWS: tl.constexpr, COLS: tl.constexpr, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
-                       RP: tl.constexpr, CP: tl.constexpr, TT: tl.constexpr, HAS_PRE: tl.constexpr,
-                       HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
+                       RP: tl.constexpr, CP: tl.constexpr, TT: tl.constexpr, KC: tl.constexpr, CB: tl.constexpr,
+                       HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
                        INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
-    """TT (token, block) rows per program, their Z views stacked into one [TT·RP, CP] tile: Y = A · (Z · B).
+    """TT (token, block) rows per program, their Z views stacked into one [TT·RP, CP] tile: Y = A · (Z · B), CB
+    columns of Y per program (grid axis 1).
 
-    Why: for A of at most 128 padded rows (n = 4096, 5120, 8192, 13824, 14336) a token's whole transform
-    fits one tile, but the per-token kernel splits it into 32-row slivers and dependent small dots per
-    program, and the tall kernel (tokens side by side along columns) holds one token per tile at CP = 128.
-    Here stage 1 is one [TT·RP, CP] x [CP, CP] product for all TT tokens (B acts on rows, so stacking is
-    free) and stage 2 one [TT·RP, TT·RP] x [TT·RP, CP] product with AT = I_TT ⊗ A (A on the diagonal
-    blocks, built once on the host), so every program runs the same two full-size products whatever the
-    block size. Row q of the tile is row q % RP of token q // RP's Z view in both stages, so one set of
-    offsets serves the loads and the stores. The same arguments as ``_had2_tall_kernel`` (groups alike).
+    Why: the per-token kernel splits a token's transform into 32-row slivers and dependent small dots per
+    program, and the tall kernel (tokens side by side along columns) holds one token per tile at CP = 128 and
+    re-reads Z once per 64-row block of A. Here Z · B acts on rows, so stacking tokens costs nothing, and
+    stage 2 is AT · W with AT = I_TT ⊗ A (A on the diagonal blocks, built once on the host): every program
+    runs full-size products whatever the block size. Both stages go KC rows of the tile at a time (W_k =
+    Z_k · B_c, then acc += AT[:, k] · W_k), so Z is read once per column block and AT streams through in
+    [TT·RP, KC] slices: A of 256 padded rows (11008, 28672) takes TT = 1 and KC = 64. Row q of the tile is
+    row q % RP of token q // RP's Z view in both stages, so one set of offsets serves the loads and the
+    stores. The same leading arguments as ``_had2_tall_kernel`` (groups alike).
     """
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     BR: tl.constexpr = TT * RP
     lr0, X, Y, PRE, POST, DST = _group_tile(X, Y, PRE, POST, DST, nrows, n, stride_yg, stride_dg, stride_xg,
                                             stride_pg, TT)
-    q = tl.arange(0, BR)  # tile row = (token of the tile, row of its Z view)
-    lr = lr0 + q // RP  # logical row: token * blocks + block
-    r = q % RP
-    tok = lr // blocks
-    base = (lr % blocks) * nb  # offset of the block inside its row (also into PRE / POST / BIAS)
     j = tl.arange(0, CP)
-    idx = base[:, None] + r[:, None] * COLS + j[None, :]
-    msk = ((lr < nrows) & (r < ROWS))[:, None] & (j < COLS)[None, :]
-    xp = X + (tok * stride_xm)[:, None] + idx
-    z = tl.zeros([BR, CP], dtype=tl.float32)
-    for s in range(nsplit):
-        z += tl.load(xp + s * stride_xs, mask=msk, other=0.0).to(tl.float32)
-    if HAS_PRE:
-        z *= tl.load(PRE + idx, mask=msk, other=0.0)
-    b = tl.load(B + j[:, None] * CP + j[None, :])
-    w = _split_dot_rhs(z, b, tl.zeros([BR, CP], dtype=tl.float32), INTERPRET)  # Z · B, every token's rows at once
-    at = tl.load(AT + q[:, None] * BR + q[None, :])
-    out = _split_dot(at, w, tl.zeros([BR, CP], dtype=tl.float32), INTERPRET) * scale  # (I ⊗ A) · (Z · B)
+    jc = tl.program_id(1) * CB + tl.arange(0, CB)
+    b_c = tl.load(B + j[:, None] * CP + jc[None, :])
+    q = tl.arange(0, BR)  # tile row = (token of the tile, row of its Z view)
+    acc = tl.zeros([BR, CB], dtype=tl.float32)
+    for k0 in tl.static_range(0, BR, KC):
+        qk = k0 + tl.arange(0, KC)
+        lrk = lr0 + qk // RP  # logical row: token * blocks + block
+        rk = qk % RP
+        idx = ((lrk % blocks) * nb + rk * COLS)[:, None] + j[None, :]
+        msk = ((lrk < nrows) & (rk < ROWS))[:, None] & (j < COLS)[None, :]
+        xp = X + ((lrk // blocks) * stride_xm)[:, None] + idx
+        z = tl.zeros([KC, CP], dtype=tl.float32)
+        for s in range(nsplit):
+            z += tl.load(xp + s * stride_xs, mask=msk, other=0.0).to(tl.float32)
+        if HAS_PRE:
+            z *= tl.load(PRE + idx, mask=msk, other=0.0)
+        w = _split_dot_rhs(z, b_c, tl.zeros([KC, CB], dtype=tl.float32), INTERPRET)  # these rows of Z · B
+        acc = _split_dot(tl.load(AT + q[:, None] * BR + qk[None, :]), w, acc, INTERPRET)  # (I ⊗ A)[:, k] · W_k
+    acc *= scale
+    lr = lr0 + q // RP
+    r = q % RP
+    oidx = ((lr % blocks) * nb + r * COLS)[:, None] + jc[None, :]
+    omsk = ((lr < nrows) & (r < ROWS))[:, None] & (jc < COLS)[None, :]
     if HAS_POST:
-        out *= tl.load(POST + idx, mask=msk, other=0.0)
+        acc *= tl.load(POST + oidx, mask=omsk, other=0.0)
     if HAS_BIAS:
-        out += tl.load(BIAS + idx, mask=msk, other=0.0).to(tl.float32)
-    dst = idx
+        acc += tl.load(BIAS + oidx, mask=omsk, other=0.0).to(tl.float32)
+    dst = oidx
     if HAS_DST:
-        dst = tl.load(DST + idx, mask=msk, other=0)
-    tl.store(Y + (tok * stride_ym)[:, None] + dst, out.to(Y.dtype.element_ty), mask=msk)
+        dst = tl.load(DST + oidx, mask=omsk, other=0)
+    tl.store(Y + ((lr // blocks) * stride_ym)[:, None] + dst, acc.to(Y.dtype.element_ty), mask=omsk)
 
 
 @triton.jit
@@ -534,11 +545,14 @@ def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device) -> torch
     return hit[0]
 
 
-def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None) -> tuple[tuple[int], dict]:
+def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
-    the tile's rows (None: ``STACK_ROWS``), at least A's."""
-    tt = max(rp, stack_rows or STACK_ROWS) // rp
-    return (groups * triton.cdiv(rows, tt),), dict(RP=rp, CP=cp, TT=tt, num_warps=STACK_WARPS)
+    the tile's rows (None: ``STACK_ROWS``), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
+    products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program."""
+    br = max(rp, stack_rows or STACK_ROWS)
+    kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, STACK_CB))
+    return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
+                                                                  num_warps=STACK_WARPS)
 
 
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
@@ -630,7 +644,7 @@ def transform(
     have no A and ignore it). ``stacked``: the many-token kernel with several tokens stacked along the rows of
     one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore it);
     ``None``: from ``QTIP_TRITON_HADAMARD_STACKED`` rows on (off unless set) when no other variant is given.
-    ``stack_rows``: that kernel's tile rows (a power of two in [16, 128], at least A's padded rows; default
+    ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     ``STACK_ROWS``), for ``bench/hadamard.py``.
     """
     if stacked and (tall or gemm or zb_first):
