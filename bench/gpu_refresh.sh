@@ -121,8 +121,8 @@ if want zb; then
 fi
 if want stacked; then
   step "hadamard: the stacked many-token kernel against the shipped choice, decoding and prefill cases (session 14)"
-  timeout -k 10 "${STACKED_S:-240}" python3 bench/hadamard.py --variants default,tall,stacked,stacked64 \
-    --T 16,64,128,256,2048 --n 4096,8192,14336 --cases input,output,input_natural,output_fp16 --tag stacked \
+  timeout -k 10 "${STACKED_S:-300}" python3 bench/hadamard.py --variants default,tall,stacked,stacked64,stacked1 \
+    --T 1,4,16,64,256,2048 --n 4096,8192,11008,14336,28672 --cases input,output,input_natural,output_fp16 --tag stacked \
     --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi

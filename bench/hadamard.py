@@ -47,7 +47,9 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "zb_first": {"zb_first": True},
             # several tokens stacked along the rows of one tile, two full-size products per program
             # (session 14; every Llama size: A pads to at most 256 rows)
-            "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64}}
+            "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64},
+            # one token per tile: a one-token transform as one program of two products (decoding sizes)
+            "stacked1": {"stacked": True, "stack_rows": 16}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
 # split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.
 CASES = ("input", "output", "input_natural", "output_fp16")

@@ -40,7 +40,7 @@ KERNELS = ("_had2_kernel", "_had2_tall_kernel", "_had2_stack_kernel", "_had1_ker
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {}, "per_token": {"tall": False}, "col_split": {"col_split": True}, "zb_first": {"zb_first": True},
     "tall": {"tall": True}, "stacked": {"stacked": True},
-    "stacked64": {"stacked": True, "stack_rows": 64},
+    "stacked64": {"stacked": True, "stack_rows": 64}, "stacked1": {"stacked": True, "stack_rows": 16},
 }
 _PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 _LAUNCH_KEYS = ("num_warps", "num_stages", "launch_pdl")
