@@ -10,7 +10,11 @@ CUDA graphs, and measures decode:
     ms/step = (t(prompt, short + N new tokens) - t(prompt, short new tokens)) / N, best of ``--reps``
 
 at each batch size (greedy, ``ignore_eos``, token-id prompts of ``--prompt-len``), so prefill and
-start-up cancel. Results are rewritten after every configuration (a time-out keeps what finished)
+start-up cancel. With ``--prefill-len P`` it also times prefill, the path of large batches (decompress +
+cuBLAS and the many-token transforms):
+
+    prefill ms = t(one prompt of P tokens, 1 new token) - t(one prompt of 16 tokens, 1 new token), best of ``--reps``
+ Results are rewritten after every configuration (a time-out keeps what finished)
 to ``$OUT/e2e_vllm-<card>-<date>.json`` and ``.md``; the table's ratios compare each QTIP row with
 the fp16 row of the same shape and batch.
 
@@ -85,9 +89,9 @@ def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
     llm = LLM(**kw)
     res: dict = {"shape": shape, "format": fmt, "init_s": round(time.perf_counter() - t0, 1)}
     try:
-        def generate(batch: int, n_new: int) -> tuple[float, list]:
+        def generate(batch: int, n_new: int, prompt_len: int = a.prompt_len) -> tuple[float, list]:
             sp = SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True, detokenize=False)
-            prompts = [{"prompt_token_ids": [(7 * i + 13 * b) % 30000 + 100 for i in range(a.prompt_len)]}
+            prompts = [{"prompt_token_ids": [(7 * i + 13 * b) % 30000 + 100 for i in range(prompt_len)]}
                        for b in range(batch)]
             t = time.perf_counter()
             outs = llm.generate(prompts, sp, use_tqdm=False)
@@ -109,6 +113,13 @@ def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
             step = min(steps)
             res[f"b{batch}"] = {"ms_per_step": round(step * 1e3, 3), "tok_s_per_seq": round(1 / step, 1),
                                 "tok_s_total": round(batch / step, 1)}
+        if a.prefill_len:
+            for n in (16, a.prefill_len):  # warm both prompt lengths
+                generate(1, 1, n)
+            short = min(generate(1, 1, 16)[0] for _ in range(a.reps))
+            full = min(generate(1, 1, a.prefill_len)[0] for _ in range(a.reps))
+            res["prefill"] = {"tokens": a.prefill_len, "ms": round((full - short) * 1e3, 2),
+                              "tok_s": round(a.prefill_len / max(full - short, 1e-9), 1)}
     finally:
         shutdown(llm)
     return res
@@ -166,8 +177,13 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
              f"Random weights (load_format=dummy), {'eager' if a.eager else 'torch.compile + CUDA graphs'}, "
              f"{a.attn}, prompt {a.prompt_len} tokens, decode ms/step = (t({a.short}+{a.decode_tokens}) - "
              f"t({a.short})) / {a.decode_tokens}, best of {a.reps}. x fp16 = QTIP tok/s / fp16 tok/s.", ""]
+    pre = any("prefill" in r for r in results)
     head = "| shape | weights | init s |" + "".join(f" b{b} ms/step | b{b} tok/s | b{b} x fp16 |" for b in a.batches)
-    lines += [head, "|" + "---|" * (3 + 3 * len(a.batches))]
+    if pre:
+        lines[2] += (f" Prefill: one prompt of {getattr(a, 'prefill_len', '?')} tokens, ms = t(prompt, 1 new token) - "
+                     "t(16-token prompt, 1 new token).")
+        head += " prefill ms | prefill tok/s | prefill x fp16 |"
+    lines += [head, "|" + "---|" * (3 + 3 * len(a.batches) + 3 * pre)]
     fp16 = {r["shape"]: r for r in results if r["format"] == "fp16" and "error" not in r}
     for r in results:
         name = "fp16" if r["format"] == "fp16" else f"QTIP K={r['format']}"
@@ -180,6 +196,10 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
             base = fp16.get(r["shape"], {}).get(f"b{b}")
             ratio = f"{cell['tok_s_total'] / base['tok_s_total']:.2f}" if cell and base else "-"
             row += f" {cell['ms_per_step'] if cell else '-'} | {cell['tok_s_total'] if cell else '-'} | {ratio} |"
+        if pre:
+            cell, base = r.get("prefill"), fp16.get(r["shape"], {}).get("prefill")
+            ratio = f"{cell['tok_s'] / base['tok_s']:.2f}" if cell and base else "-"
+            row += f" {cell['ms'] if cell else '-'} | {cell['tok_s'] if cell else '-'} | {ratio} |"
         lines.append(row)
     skipped = [f"{s}/{f}" for s, f in getattr(a, "skipped", [])]
     if skipped:
@@ -216,6 +236,8 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--short", type=int, default=16, help="new tokens of the short run subtracted out")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--prefill-len", type=int, default=0,
+                    help="also time the prefill of one prompt of this many tokens (0: off; below --max-model-len)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (quick runs)")
     ap.add_argument("--eager", action="store_true", help="no torch.compile / CUDA graphs")
@@ -230,6 +252,8 @@ def main() -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.batches = [int(b) for b in a.batches.split(",")]
+    if a.prefill_len and not 16 < a.prefill_len < a.max_model_len:
+        ap.error(f"--prefill-len must be between 16 and --max-model-len ({a.max_model_len}), got {a.prefill_len}")
     a.model_root = a.model_root or tempfile.mkdtemp(prefix="e2e_vllm_models_")
     if a.child:
         child_main(a)

@@ -65,3 +65,10 @@ def test_markdown_report(e2e):
     assert "| llama2-7b | QTIP K=2 | 70.0 | 4.0 | 250.0 | 2.00 | 6.0 | 1333.3 | 1.50 |" in md
     assert "| llama3-8b | QTIP K=3 | failed: RuntimeError: boom |" in md
     assert "Skipped for time: llama3-8b/4" in md
+    assert "prefill" not in md  # no column unless measured
+    a.prefill_len = 1024
+    results[0]["prefill"] = {"tokens": 1024, "ms": 40.0, "tok_s": 25600.0}
+    results[1]["prefill"] = {"tokens": 1024, "ms": 80.0, "tok_s": 12800.0}
+    md = e2e.markdown(results, {"date": "2026-11-28 10:00", "card": "H100"}, a)
+    assert "| llama2-7b | QTIP K=2 | 70.0 | 4.0 | 250.0 | 2.00 | 6.0 | 1333.3 | 1.50 | 80.0 | 12800.0 | 0.50 |" in md
+    assert "one prompt of 1024 tokens" in md and "| prefill ms | prefill tok/s | prefill x fp16 |" in md
