@@ -44,7 +44,7 @@ def test_source_option():
     spec = TrellisSpec.parse("L16K2V2-hyb9")
     assert "fuse_in" not in source_options(spec, {"BLOCK_M": 1}, "gemv")  # unchanged source when off
     src = emit(spec, "gemv", {"BLOCK_M": 1, "fuse_in": True})
-    assert "from qtip_triton.kernels.hadamard import _split_dot, _split_dot_rhs" in src
+    assert "from qtip_triton.kernels.hadamard_jit import _split_dot, _split_dot_rhs" in src
     assert "tl.debug_barrier()  # the whole program's h is written before any of it is read" in src
     with pytest.raises(ValueError, match="fuse_in='yes' must be a bool"):
         source_options(spec, {"BLOCK_M": 1, "fuse_in": "yes"}, "gemv")

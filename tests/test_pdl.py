@@ -12,7 +12,7 @@ import torch
 
 from qtip_triton.autotune.buckets import bucket_for
 from qtip_triton.codegen.emit import emit
-from qtip_triton.kernels import hadamard as had_kernels
+from qtip_triton.kernels import hadamard_jit as had_kernels
 from qtip_triton.kernels import pdl
 from qtip_triton.spec import TrellisSpec
 
@@ -98,7 +98,7 @@ def test_generated_kernels_wait_before_touching_shared_data(spec, kind, config):
         assert body.index("_fill_table(") < sync or config.get("fuse_in")
 
 
-@pytest.mark.parametrize("name", ["_had2_kernel", "_had2_tall_kernel", "_had1_kernel"])
+@pytest.mark.parametrize("name", ["_had2_kernel", "_had2_tall_kernel", "_had2_stack_kernel", "_had1_kernel"])
 def test_hadamard_kernels_wait_first(name):
     src = inspect.getsource(getattr(had_kernels, name).fn)
     body = src[src.index('"""', src.index('"""') + 3) + 3:]  # after the docstring

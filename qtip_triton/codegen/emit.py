@@ -351,7 +351,7 @@ class _Emitter:
             "import triton.language as tl",
             "",
             "from qtip_triton.kernels.pdl import grid_dependency_sync",
-            *(["", "from qtip_triton.kernels.hadamard import _split_dot, _split_dot_rhs"]
+            *(["", "from qtip_triton.kernels.hadamard_jit import _split_dot, _split_dot_rhs"]
               if self.opts.get("fuse_in") else []),
             "",
             "",
