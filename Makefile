@@ -30,9 +30,11 @@ test: install
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu
 
-# The README's main job: a small trellis sweep that finishes on a 2-core CPU.
+# The README's main job: a small trellis sweep that finishes on a 2-core CPU. --fresh: measured now, not resumed
+# from a saved run; into build/ so the committed results (bench/results/sweep-cpu/) stay as they are.
+SWEEP_OUT ?= build/sweep-cpu
 sweep: install
-	$(PY) -m qtip_triton.cli sweep
+	$(PY) -m qtip_triton.cli sweep --fresh --out $(SWEEP_OUT)
 
 distortion: install
 	$(PY) bench/distortion.py
