@@ -84,7 +84,7 @@ def _plugin() -> dict[str, Any]:
 def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     """Programmatic dependent launch, the prefill transform path and the tensor-core gemv: what the
     switches ask and what runs here (a user comparing two machines' speeds starts from this)."""
-    from qtip_triton.kernels import hadamard_gemm, pdl
+    from qtip_triton.kernels import hadamard, hadamard_gemm, pdl
 
     names = {0: "off", 1: "exit", 2: "early", pdl.AUTO: f"auto (early up to {pdl.EARLY_MAX_TOKENS} tokens, exit for more)"}
     try:
@@ -104,6 +104,11 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         gemm = "off (Triton kernels for every batch)" if rows is None else f"from {rows} (token, block) rows"
     except ValueError as e:
         gemm = f"invalid ({e})"
+    try:
+        rows = hadamard.stack_min_rows()
+        stacked = "off" if rows is None else f"from {rows} (token, block) rows"
+    except ValueError as e:
+        stacked = f"invalid ({e})"
     from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY
 
     if device is None:
@@ -112,7 +117,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         mma = f"not used (mma.sync needs sm80+, this is sm{device.capability[0]}{device.capability[1]})"
     else:
         mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
-    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "mma_gemv": mma}
+    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "hadamard_stacked": stacked, "mma_gemv": mma}
 
 
 def collect() -> dict[str, Any]:
@@ -158,7 +163,7 @@ def render(facts: dict[str, Any]) -> str:
     lines.append(f"vLLM plugin ({p['group']}): {plug}; vllm {p['vllm'] or 'not installed'}")
     la = facts["launch"]
     lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
-                 f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}")
+                 f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}; stacked Hadamard kernel: {la['hadamard_stacked']}")
     lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))

@@ -73,18 +73,22 @@ def test_other_gpus(monkeypatch, tmp_path, name, status):
 
 
 def test_launch_switches_are_reported(monkeypatch):
-    """What the PDL and GEMM-transform switches ask, and whether this machine can do it; a bad value is shown,
+    """What the PDL, GEMM-transform and stacked-transform switches ask, and whether this machine can do it; a bad value is shown,
     not raised."""
     monkeypatch.setattr(info, "current_device", lambda: None)
     monkeypatch.delenv("QTIP_TRITON_PDL", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
-                  "hadamard_gemm": "off (Triton kernels for every batch)", "mma_gemv": "not used (no CUDA GPU)"}
+                  "hadamard_gemm": "off (Triton kernels for every batch)", "hadamard_stacked": "off",
+                  "mma_gemv": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     la = info.collect()["launch"]
+    assert la["hadamard_stacked"] == "from 256 (token, block) rows"
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
     assert la["mma_gemv"] == "the untuned choice for 2-16 rows"
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))
@@ -93,6 +97,8 @@ def test_launch_switches_are_reported(monkeypatch):
     assert info.collect()["launch"]["pdl_active"] == "used"
     monkeypatch.setenv("QTIP_TRITON_PDL", "sometimes")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "lots")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "-1")
     la = info.collect()["launch"]
     assert la["pdl"].startswith("invalid") and la["hadamard_gemm"].startswith("invalid")
+    assert la["hadamard_stacked"].startswith("invalid")
     assert "programmatic dependent launch: invalid" in info.render(info.collect())
