@@ -14,6 +14,10 @@ start-up cancel. With ``--prefill-len P`` it also times prefill, the path of lar
 cuBLAS and the many-token transforms):
 
     prefill ms = t(one prompt of P tokens, 1 new token) - t(one prompt of 16 tokens, 1 new token), best of ``--reps``
+
+With ``--profile-batch B`` the engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and one decode at
+batch B is profiled (``torch.profiler``, the long run minus the short one): GPU µs per step by kernel and by
+group (``bench/kernel_profile.py``), to say where a step's time goes in the real engine.
  Results are rewritten after every configuration (a time-out keeps what finished)
 to ``$OUT/e2e_vllm-<card>-<date>.json`` and ``.md``; the table's ratios compare each QTIP row with
 the fp16 row of the same shape and batch.
@@ -113,6 +117,8 @@ def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
             step = min(steps)
             res[f"b{batch}"] = {"ms_per_step": round(step * 1e3, 3), "tok_s_per_seq": round(1 / step, 1),
                                 "tok_s_total": round(batch / step, 1)}
+        if a.profile_batch:
+            res[f"profile_b{a.profile_batch}"] = profile_decode(generate, a)
         if a.prefill_len:
             for n in (16, a.prefill_len):  # warm both prompt lengths
                 generate(1, 1, n)
@@ -123,6 +129,25 @@ def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
     finally:
         shutdown(llm)
     return res
+
+
+def profile_decode(generate, a: argparse.Namespace) -> dict:
+    """GPU time per decode step by kernel at batch ``a.profile_batch``: the profiled long run minus the short one."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from kernel_profile import kernel_times, per_step
+
+    regions = {}
+    for label, n_new in (("short", a.short), ("long", a.short + a.decode_tokens)):
+        generate(a.profile_batch, n_new)  # warm outside the profile
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            generate(a.profile_batch, n_new)
+        regions[label] = kernel_times(prof.events())
+    if not regions["long"]:
+        return {"error": "no CUDA kernels recorded: the engine must run in this process "
+                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0)"}
+    return per_step(regions["long"], regions["short"], a.decode_tokens)
 
 
 def shutdown(llm) -> None:
@@ -204,6 +229,20 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
     skipped = [f"{s}/{f}" for s, f in getattr(a, "skipped", [])]
     if skipped:
         lines += ["", f"Skipped for time: {', '.join(skipped)}"]
+    profiled = [r for r in results if any(k.startswith("profile_b") for k in r)]
+    if profiled:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernel_profile import markdown as profile_markdown
+
+        lines += ["", "## Where a decode step's GPU time goes (torch.profiler, engine in-process)", ""]
+        for r in profiled:
+            for key in (k for k in r if k.startswith("profile_b")):
+                name = "fp16" if r["format"] == "fp16" else f"QTIP K={r['format']}"
+                title = f"{r['shape']}, {name}, batch {key[len('profile_b'):]}"
+                if "error" in r[key]:
+                    lines += [f"### {title}", "", r[key]["error"], ""]
+                else:
+                    lines += profile_markdown(title, r[key])
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +275,8 @@ def main() -> int:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--short", type=int, default=16, help="new tokens of the short run subtracted out")
     ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--profile-batch", type=int, default=0,
+                    help="profile one decode at this batch (one of --batches): GPU time per step by kernel (0: off)")
     ap.add_argument("--prefill-len", type=int, default=0,
                     help="also time the prefill of one prompt of this many tokens (0: off; below --max-model-len)")
     ap.add_argument("--reps", type=int, default=2)
@@ -252,6 +293,10 @@ def main() -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.batches = [int(b) for b in a.batches.split(",")]
+    if a.profile_batch and a.profile_batch not in a.batches:
+        ap.error(f"--profile-batch must be one of --batches {a.batches}, got {a.profile_batch}")
+    if a.profile_batch:  # torch.profiler sees the kernels of its own process only
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if a.prefill_len and not 16 < a.prefill_len < a.max_model_len:
         ap.error(f"--prefill-len must be between 16 and --max-model-len ({a.max_model_len}), got {a.prefill_len}")
     a.model_root = a.model_root or tempfile.mkdtemp(prefix="e2e_vllm_models_")

@@ -9,6 +9,8 @@
 #   bash bench/e2e_vllm_device.sh                          # all shapes x fp16,K2,K3,K4, batches 1,8,16
 #   bash bench/e2e_vllm_device.sh --shapes llama3-8b       # any bench/e2e_vllm.py option passes through
 #   QUICK=1 bash bench/e2e_vllm_device.sh                  # first a ~1 min eager plugin check on a tiny model
+#   bash bench/e2e_vllm_device.sh --shapes llama2-7b --formats fp16,2 --batches 1,16 --profile-batch 1 \
+#        --prefill-len 1024                                # + GPU time per kernel of a decode step, + prefill
 #   SCRIPT=bench/e2e_logits.py bash bench/e2e_vllm_device.sh   # another bench script, same setup
 #                                                          # (bench/e2e_logits_device.sh does this)
 #

@@ -72,3 +72,10 @@ def test_markdown_report(e2e):
     md = e2e.markdown(results, {"date": "2026-11-28 10:00", "card": "H100"}, a)
     assert "| llama2-7b | QTIP K=2 | 70.0 | 4.0 | 250.0 | 2.00 | 6.0 | 1333.3 | 1.50 | 80.0 | 12800.0 | 0.50 |" in md
     assert "one prompt of 1024 tokens" in md and "| prefill ms | prefill tok/s | prefill x fp16 |" in md
+    assert "Where a decode step" not in md
+    results[1]["profile_b1"] = {"total_us": 3300.0, "groups": {"qtip decode": {"us": 2100.0, "calls": 224.0}},
+                                "kernels": [{"kernel": "kernel", "group": "qtip decode", "us": 2100.0, "calls": 224.0}]}
+    results[0]["profile_b1"] = {"error": "no CUDA kernels recorded"}
+    md = e2e.markdown(results, {"date": "2026-11-28 10:00", "card": "H100"}, a)
+    assert "### llama2-7b, QTIP K=2, batch 1" in md and "| qtip decode | 2100.0 | 224 |" in md
+    assert "### llama2-7b, fp16, batch 1\n\nno CUDA kernels recorded" in md
