@@ -9,7 +9,7 @@ import torch
 from qtip_triton import kernels
 from qtip_triton.kernels import hadamard as had
 from qtip_triton.kernels.hadamard import transform
-from tests.test_hadamard_kernel import _rel
+from tests.test_hadamard_kernel import _reference, _rel
 
 pytestmark = pytest.mark.skipif(
     not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
@@ -58,3 +58,14 @@ def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
     monkeypatch.setenv(had.STACK_ENV, "many")
     with pytest.raises(ValueError, match="expected a row count"):
         transform(x, 1, transpose=False, interpret=True)
+
+
+def test_stacked_kernel_takes_bf16_activations(gen):
+    """A bf16 model's x (and a bf16 result): the kernel reads any 16-bit input into fp32 and writes y's dtype."""
+    x = torch.randn(6, 4096, generator=gen).bfloat16()
+    su = torch.randn(4096, generator=gen)
+    ref = _reference(x.double() * su.double(), 1, True)
+    y = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True, stacked=True)
+    assert _rel(y, ref) < 1e-6
+    y16 = transform(x, 1, transpose=True, pre=su, interpret=True, stacked=True)
+    assert y16.dtype == torch.bfloat16 and _rel(y16, ref) < 1e-2
