@@ -67,9 +67,9 @@ TALL_WARPS = 8
 # or one token per tile at CP = 128 (the tall kernel: 4096, 8192, 14336); A of 256 padded rows (11008,
 # 28672) takes one token per program in 64-row slices. Off unless asked for (``stacked=True`` or
 # QTIP_TRITON_HADAMARD_STACKED=N rows) until timed: bench/hadamard.py --variants stacked.
-# sm_90 compile (bench/sass_hadamard.py, 2048 tokens): 128 rows x 8 warps 186-255 registers, 96 KB shared
-# (wgmma), one program per SM; 64 rows x 8 warps 125 (output) to 175 (input, with SU and the destination
-# order) registers.
+# sm_90 compile (bench/sass_hadamard.py, 2048 tokens, every Llama size): wgmma, no spills; 128-row tiles
+# 184-255 registers and 96 KB shared (one program per SM), 64-row tiles 125 (output) to 175 (input, with SU
+# and the destination order) registers; A of 256 rows, one token per program, 170-255 registers, 56-64 KB.
 STACK_ROWS = 128
 STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
