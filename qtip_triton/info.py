@@ -109,6 +109,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         stacked = "off" if rows is None else f"from {rows} (token, block) rows"
     except ValueError as e:
         stacked = f"invalid ({e})"
+    zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if os.environ.get(hadamard.ZB_ENV, "") not in ("", "0") else "off"
     from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY
 
     if device is None:
@@ -117,7 +118,8 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         mma = f"not used (mma.sync needs sm80+, this is sm{device.capability[0]}{device.capability[1]})"
     else:
         mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
-    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "hadamard_stacked": stacked, "mma_gemv": mma}
+    return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "hadamard_stacked": stacked, "hadamard_zb_first": zb,
+            "mma_gemv": mma}
 
 
 def collect() -> dict[str, Any]:
@@ -163,7 +165,8 @@ def render(facts: dict[str, Any]) -> str:
     lines.append(f"vLLM plugin ({p['group']}): {plug}; vllm {p['vllm'] or 'not installed'}")
     la = facts["launch"]
     lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
-                 f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}; stacked Hadamard kernel: {la['hadamard_stacked']}")
+                 f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}; stacked Hadamard kernel: {la['hadamard_stacked']}; "
+                 f"A · (Z · B) order at few tokens: {la['hadamard_zb_first']}")
     lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))

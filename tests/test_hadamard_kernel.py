@@ -304,3 +304,28 @@ def test_an_explicit_zb_first_false_keeps_the_default_choices(gen, monkeypatch):
     monkeypatch.setattr(had, "_use_tall", lambda tall, rows, variant, *a: seen.append(variant) or False)
     transform(torch.randn(2, 1024, generator=gen), 1, transpose=False, interpret=True, zb_first=False)
     assert seen and all(v is None for v in seen[0])
+
+
+def test_zb_first_switch_makes_it_the_default_where_a_is_small(gen, monkeypatch):
+    """QTIP_TRITON_HADAMARD_ZB_FIRST=1: the column-split launches of A with at most 32 padded rows run the
+    A · (Z · B_c) order unless the call says otherwise; same results as the default order."""
+    from qtip_triton.kernels import hadamard as had
+
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid, kernel=had._had2_kernel):
+            run = kernel[grid]
+            return lambda *a, **kw: seen.append(kw["ZB_FIRST"]) or run(*a, **kw)
+
+    monkeypatch.setattr(had, "_had2_kernel", Spy())
+    x = torch.randn(2, 4096, generator=gen)
+    su = torch.randn(4096, generator=gen)
+    monkeypatch.delenv(had.ZB_ENV, raising=False)
+    plain = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True)
+    monkeypatch.setenv(had.ZB_ENV, "1")
+    zb = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True)
+    transform(x, 1, transpose=True, pre=su, interpret=True, zb_first=False)  # the call's choice wins
+    transform(torch.randn(2, 2752, generator=gen), 1, transpose=False, interpret=True)  # A: 256 padded rows
+    assert seen == [False, True, False, False]
+    assert _rel(zb, plain.double()) < 1e-6

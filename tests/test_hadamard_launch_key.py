@@ -27,6 +27,7 @@ def launches(monkeypatch):
         monkeypatch.setattr(had, name, _Recorder(name, calls))
     monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
     monkeypatch.delenv(had.STACK_ENV, raising=False)
+    monkeypatch.delenv(had.ZB_ENV, raising=False)
     return calls
 
 
@@ -38,7 +39,7 @@ def observed(call, T: int, blocks: int) -> tuple:
         return ("tall", row_class(T * blocks))
     if name == "_had2_stack_kernel":
         return ("stacked", row_class(T * blocks))
-    return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, row_class(T))
+    return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, row_class(T), kw["ZB_FIRST"])
 
 
 @pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (14336, 1), (1024, 1), (8192, 2), (128, 1)])
@@ -57,6 +58,17 @@ def test_launch_key_matches_the_launch_with_the_stacked_kernel_on(launches, monk
     elsewhere, and the key says which."""
     monkeypatch.setenv(had.STACK_ENV, "64")
     _check_keys(launches, n, blocks, groups, transpose)
+
+
+@pytest.mark.parametrize("n,blocks", [(4096, 1), (11008, 1), (8192, 2)])
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("transpose", [True, False])
+def test_launch_key_matches_the_launch_with_zb_first_on(launches, monkeypatch, n, blocks, groups, transpose):
+    """QTIP_TRITON_HADAMARD_ZB_FIRST=1: column-split launches with A of at most 32 padded rows take the
+    A · (Z · B_c) order (a compiled variant of its own), the others do not, and the key says which."""
+    monkeypatch.setenv(had.ZB_ENV, "1")
+    _check_keys(launches, n, blocks, groups, transpose)
+    assert had.launch_key(4096, 1, 1, 3, transpose)[-1] is True and had.launch_key(11008, 1, 1, 3, transpose)[-1] is False
 
 
 def _check_keys(launches, n: int, blocks: int, groups: int, transpose: bool) -> None:

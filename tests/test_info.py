@@ -79,9 +79,11 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_PDL", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
                   "hadamard_gemm": "off (Triton kernels for every batch)", "hadamard_stacked": "off",
+                  "hadamard_zb_first": "off",
                   "mma_gemv": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
@@ -89,6 +91,8 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     la = info.collect()["launch"]
     assert la["hadamard_stacked"] == "from 256 (token, block) rows"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_ZB_FIRST", "1")
+    assert info.collect()["launch"]["hadamard_zb_first"] == "on where A has at most 32 rows"
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
     assert la["mma_gemv"] == "the untuned choice for 2-16 rows"
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))

@@ -76,6 +76,12 @@ STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows
 STACK_CB = 64  # ... and columns of Y per program
 STACK_WARPS = 8
 STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
+# The column split in the A · (Z · B_c) order (``ZB_FIRST``) as the default where A has at most ZB_MAX_RP padded
+# rows: sm_90 compile at 4096 (A of 32 rows), 4 tokens, 1814 -> 992 SASS per warp (input), 255 -> 140 registers;
+# at 8192 / 5120 (64 rows) 1033 -> 1173 and 124 -> 255 registers, at 11008 729 -> 828 (bench/NOTES.md, session
+# 14). Off unless QTIP_TRITON_HADAMARD_ZB_FIRST=1 until timed.
+ZB_ENV = "QTIP_TRITON_HADAMARD_ZB_FIRST"
+ZB_MAX_RP = 32
 
 
 def _next_pow2(x: int) -> int:
@@ -181,6 +187,12 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp:
     return rp >= TALL_MIN_RP and rows >= (TALL_MIN_ROWS_INPUT if transpose else TALL_MIN_ROWS)
 
 
+def _default_zb(col_split: bool, rp: int) -> bool:
+    """Whether a column-split launch with A of ``rp`` padded rows takes the A · (Z · B_c) order when the call does
+    not say (``QTIP_TRITON_HADAMARD_ZB_FIRST``, off by default)."""
+    return col_split and rp <= ZB_MAX_RP and os.environ.get(ZB_ENV, "") not in ("", "0")
+
+
 def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
     """Whether ``rows`` (token, block) rows take the two-GEMM path (kernels/hadamard_gemm.py): ``gemm`` if
     given, else from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off by default) unless a kernel variant was
@@ -261,7 +273,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
     _, col_split, nsplit, _ = _had2_launch(max(groups, 1) * rows, tokens, 2, rp, cp, min(rp, 32), min(cp, 32),
                                            None, None)
-    return ("had2", col_split, nsplit > 0, row_class(tokens))
+    return ("had2", col_split, nsplit > 0, row_class(tokens), _default_zb(col_split, rp))
 
 
 def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int,
@@ -325,7 +337,8 @@ def transform(
     ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
     ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
     ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed; blocks of at most 128
-    have no A and ignore it). ``stacked``: the many-token kernel with several tokens stacked along the rows of
+    have no A and ignore it; ``None``: on where ``QTIP_TRITON_HADAMARD_ZB_FIRST=1`` and A has at most ``ZB_MAX_RP``
+    padded rows, for column-split launches). ``stacked``: the many-token kernel with several tokens stacked along the rows of
     one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore it);
     ``None``: from ``QTIP_TRITON_HADAMARD_STACKED`` rows on (off unless set) when no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
@@ -352,7 +365,7 @@ def transform(
     if out_groups:
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
-                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=bool(zb_first),
+                               tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=zb_first,
                                stacked=stacked, stack_rows=stack_rows)
     S, T, n = x.shape
     nb = _block_size(n, blocks)
@@ -443,7 +456,8 @@ def transform(
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args, **launch_args(x.device, T), ZB_FIRST=bool(zb_first))
+                       **args, **launch_args(x.device, T),
+                       ZB_FIRST=bool(zb_first) if zb_first is not None else _default_zb(col_split, rp))
     return y
 
 
@@ -451,7 +465,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                     out_dtype: torch.dtype | None, interpret: bool, col_split: bool | None,
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
-                    gemm: bool | None = None, zb_first: bool = False, stacked: bool | None = None,
+                    gemm: bool | None = None, zb_first: bool | None = None, stacked: bool | None = None,
                     stack_rows: int | None = None) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
@@ -506,5 +520,6 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
-                       **launch_args(x.device, T), ZB_FIRST=bool(zb_first))
+                       **launch_args(x.device, T),
+                       ZB_FIRST=bool(zb_first) if zb_first is not None else _default_zb(col_split, rp))
     return out
