@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--M", default="1,8,16")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. 'zb' for a run with a switch set)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in chain:
         lines.append(f"| {r['M']} | " + " | ".join(f"{r[f'pdl_{m}']:.1f}" for m in PDL_MODES) + f" | {r['fp16']:.1f} | "
                      + " | ".join(f"{r['fp16'] / r[f'pdl_{m}']:.2f}" for m in PDL_MODES) + " |")
-    jp, mp = write_results(a.out, "fused-layers", {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
+    jp, mp = write_results(a.out, "fused-layers" + (f"-{a.tag}" if a.tag else ""), {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
                                                    "whole_layer": chain},
                            "\n".join(lines) + "\n")
     print("\n".join(lines))
