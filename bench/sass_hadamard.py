@@ -9,6 +9,10 @@ ones the dispatch picks (launch variants included), then compiles each recorded 
 with the specializations a real launch gets (integer arguments divisible by 16 and pointers marked so,
 ones as constants) and reads the cubin with the ``cuobjdump`` that comes with Triton.
 
+The instruction count is static: a loop body counts once. The per-token and tall kernels loop over A's rows
+in 32-row steps (RP / 32 times at run time: once at 4096, twice at 8192, 8 times at 11008 and 28672) and
+over split-K partials; the stacked kernel's slices are unrolled. Compare variants of one size, not sizes.
+
     python bench/sass_hadamard.py --n 4096,11008 --T 1,16,2048
     python bench/sass_hadamard.py --n 4096 --T 2048 --variants default,stacked --direction input
 """
@@ -165,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
+    print("SASS: static instructions per warp (a loop body counts once; see the module docstring).\n")
     print("| n | T | transform | variant | kernel | programs | warps | SASS | HMMA | LDG | registers | stack | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
