@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end vLLM decode speed of QTIP Llama models vs fp16 (GPU; one device call runs everything).
 
-For each model shape (Llama-2-7B, Llama-3-8B) and weight format (fp16, QTIP K = 2, 3, 4) it writes a
+For each model shape (Llama-2-7B, Llama-3-8B) and weight format (fp16, QTIP K = 2, 3, 4, optionally with
+not-yet-default switches: ``2+zb``, ``2+stacked``) it writes a
 config.json (QTIP ones carry ``quip_params`` and ``quantization_config``, so the ``qtip`` plugin is
 picked up through its entry point in every vLLM process), starts ``vllm.LLM`` with
 ``load_format="dummy"`` (random weights: the plugin fills valid random trellises), torch.compile and
@@ -55,6 +56,40 @@ SHAPES = {
                  num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
 }
 FORMATS = ("fp16", "2", "3", "4")
+# A QTIP format may carry switches that are not yet defaults, e.g. "2+zb": the same engine with these environment
+# variables set while it is built and run (kernels/hadamard.py reads them per call; the warm-up compiles for them),
+# so one device call compares them.
+SWITCHES = {"zb": {"QTIP_TRITON_HADAMARD_ZB_FIRST": "1"}, "stacked": {"QTIP_TRITON_HADAMARD_STACKED": "128"}}
+
+
+def split_format(fmt: str) -> tuple[str, list[str]]:
+    """("2", ["zb"]) for "2+zb"; a clear error for an unknown base format or switch."""
+    base, *opts = fmt.split("+")
+    if base not in FORMATS or any(o not in SWITCHES for o in opts) or (opts and base == "fp16"):
+        raise ValueError(f"format {fmt!r}: expected one of {FORMATS}, QTIP ones optionally with "
+                         f"+{'/+'.join(SWITCHES)}")
+    return base, opts
+
+
+def format_name(fmt: str) -> str:
+    base, opts = split_format(fmt)
+    return "fp16" if base == "fp16" else f"QTIP K={base}" + "".join(f" +{o}" for o in opts)
+
+
+@contextlib.contextmanager
+def switches(fmt: str):
+    """The format's environment switches set for the duration (restored after)."""
+    env = {k: v for o in split_format(fmt)[1] for k, v in SWITCHES[o].items()}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def quip_params(K: int) -> dict:
@@ -69,6 +104,7 @@ def write_model(root: Path, shape: str, fmt: str, layers: int | None) -> Path:
         cfg["num_hidden_layers"] = layers
     cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="float16", hidden_act="silu",
                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    fmt = split_format(fmt)[0]  # switches change how it runs, not the model
     if fmt != "fp16":
         qp = quip_params(int(fmt))
         cfg["quip_params"] = qp
@@ -80,7 +116,12 @@ def write_model(root: Path, shape: str, fmt: str, layers: int | None) -> Path:
 
 
 def run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
-    """Start one engine, time decode at each batch size, tear the engine down."""
+    """Start one engine (with the format's switches set), time decode at each batch size, tear it down."""
+    with switches(fmt):
+        return _run_config(shape, fmt, a)
+
+
+def _run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
     from vllm import LLM, SamplingParams
 
     model = write_model(Path(a.model_root), shape, fmt, a.layers)
@@ -211,7 +252,7 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
     lines += [head, "|" + "---|" * (3 + 3 * len(a.batches) + 3 * pre)]
     fp16 = {r["shape"]: r for r in results if r["format"] == "fp16" and "error" not in r}
     for r in results:
-        name = "fp16" if r["format"] == "fp16" else f"QTIP K={r['format']}"
+        name = format_name(r["format"])
         if "error" in r:
             lines.append(f"| {r['shape']} | {name} | failed: {r['error'][:80]} |")
             continue
@@ -237,7 +278,7 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
         lines += ["", "## Where a decode step's GPU time goes (torch.profiler, engine in-process)", ""]
         for r in profiled:
             for key in (k for k in r if k.startswith("profile_b")):
-                name = "fp16" if r["format"] == "fp16" else f"QTIP K={r['format']}"
+                name = format_name(r["format"])
                 title = f"{r['shape']}, {name}, batch {key[len('profile_b'):]}"
                 if "error" in r[key]:
                     lines += [f"### {title}", "", r[key]["error"], ""]
@@ -274,7 +315,9 @@ def run_isolated(shape: str, fmt: str, a: argparse.Namespace, argv: list[str], t
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b", help=f"comma list of {sorted(SHAPES)}")
-    ap.add_argument("--formats", default=",".join(FORMATS), help="comma list of fp16 and QTIP K (2,3,4)")
+    ap.add_argument("--formats", default=",".join(FORMATS),
+                    help=f"comma list of fp16 and QTIP K (2,3,4), a QTIP one optionally with switches: "
+                         f"{', '.join(f'+{k} ({v})' for k, v in SWITCHES.items())}, e.g. 2+zb")
     ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--short", type=int, default=16, help="new tokens of the short run subtracted out")
@@ -309,9 +352,14 @@ def main() -> int:
         return 0
     shapes = [s for s in a.shapes.split(",") if s]
     formats = [f for f in a.formats.split(",") if f]
-    bad = [s for s in shapes if s not in SHAPES] + [f for f in formats if f not in FORMATS]
+    bad = [s for s in shapes if s not in SHAPES]
     if bad:
-        ap.error(f"unknown shapes/formats {bad}; shapes: {sorted(SHAPES)}, formats: {FORMATS}")
+        ap.error(f"unknown shapes {bad}; shapes: {sorted(SHAPES)}")
+    for f in formats:
+        try:
+            split_format(f)
+        except ValueError as e:
+            ap.error(str(e))
 
     t_start = time.perf_counter()
     env = environment()

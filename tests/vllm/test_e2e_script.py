@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,18 @@ def test_markdown_report(e2e):
     assert "### llama2-7b, QTIP K=2, batch 1" in md and "| qtip decode | 2100.0 | 224 |" in md
     assert "Kernel time 3300 µs of the measured 4000 µs per step (82 %)." in md
     assert "### llama2-7b, fp16, batch 1\n\nno CUDA kernels recorded" in md
+
+
+def test_formats_with_switches(e2e, tmp_path, monkeypatch):
+    """"2+zb": the K = 2 model with QTIP_TRITON_HADAMARD_ZB_FIRST=1 set while its engine is built and run, and
+    restored after; unknown switches and switches on fp16 are refused."""
+    assert e2e.split_format("2+zb+stacked") == ("2", ["zb", "stacked"]) and e2e.format_name("4+zb") == "QTIP K=4 +zb"
+    for bad in ("5", "2+fast", "fp16+zb"):
+        with pytest.raises(ValueError, match="format"):
+            e2e.split_format(bad)
+    assert e2e.write_model(tmp_path, "tiny", "2+zb", layers=1) == e2e.write_model(tmp_path, "tiny", "2", layers=1)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "7")
+    with e2e.switches("2+zb+stacked"):
+        assert os.environ["QTIP_TRITON_HADAMARD_ZB_FIRST"] == "1" and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "128"
+    assert "QTIP_TRITON_HADAMARD_ZB_FIRST" not in os.environ and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "7"
