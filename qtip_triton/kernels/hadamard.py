@@ -160,14 +160,16 @@ def _block_size(n: int, blocks: int) -> int:
 
 
 def _had2_launch(rows: int, T: int, S: int, rp: int, cp: int, rblk: int, cblk: int, col_split: bool | None,
-                 unroll_splits: bool | None) -> tuple[tuple[int, int, int], bool, int, dict]:
+                 unroll_splits: bool | None, rows_a: int | None = None) -> tuple[tuple[int, int, int], bool, int, dict]:
     """Grid, column split, partials per round trip (NSPLIT) and launch options of ``_had2_kernel`` for
-    ``rows`` (groups x tokens x blocks) rows; ``None`` choices are picked by size (module constants)."""
+    ``rows`` (groups x tokens x blocks) rows; ``None`` choices are picked by size (module constants).
+    ``rows_a``: A's rows before padding (default ``rp``): row blocks wholly in the zero padding get no program
+    (11008 = 172 x 64: 6 of 8; the column-split choice still counts ``rp``, as it was measured)."""
     if col_split is None:  # spread few programs over column blocks too (H200, bench/hadamard.py, 2026-11-28)
         col_split = rows * (rp // rblk) <= COL_SPLIT_MAX_PROGRAMS
     if unroll_splits is None:
         unroll_splits = T <= UNROLL_MAX_TOKENS
-    grid = (rows, rp // rblk, cp // cblk if col_split else 1)
+    grid = (rows, triton.cdiv(rows_a or rp, rblk), cp // cblk if col_split else 1)
     nsplit = min(S, UNROLL_SPLITS) if (unroll_splits and S > 1) else 0
     # Unrolled partial loads must not be software-pipelined: the pipeliner stages every partial's
     # KBLK x CP fp32 tile in shared memory per stage (16 partials at 8192: 266 KB, over the 227 KB
@@ -450,7 +452,7 @@ def transform(
     kblk = min(rp, 32)
     cblk = min(cp, cblk or 32)
     grid, col_split, nsplit_c, stages = _had2_launch(max(groups, 1) * T * blocks, T, S, rp, cp, rblk, cblk,
-                                                     col_split, unroll_splits)
+                                                     col_split, unroll_splits, kh * p1)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                        ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
@@ -514,7 +516,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
-                                                     unroll_splits)
+                                                     unroll_splits, kh * p1)
     _had2_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
                        out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T, n, n, 0, x.stride(0),
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,

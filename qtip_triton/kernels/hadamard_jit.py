@@ -88,9 +88,12 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     transform of a few tokens is a chain of dependent instructions, one per ~5-6 cycles per warp (ncu,
     session 10), so the count is its time.
 
+    Row blocks (grid axis 1: cdiv(ROWS, RBLK)) and k blocks wholly in A's zero padding are not run (11008 =
+    172 x 64 pads A to 256 rows: 6 of 8 of each).
+
     ``COL_SPLIT``: each program also takes one CBLK block of columns (grid axis 2), so a single token
-    spreads over RP/RBLK x CP/CBLK programs instead of RP/RBLK (its A · Z is recomputed per column
-    block: cheap next to a launch that would otherwise run on one or a few SMs). ``NSPLIT`` > 0: the
+    spreads over cdiv(ROWS, RBLK) x CP/CBLK programs instead of cdiv(ROWS, RBLK) (its A · Z is recomputed
+    per column block: cheap next to a launch that would otherwise run on one or a few SMs). ``NSPLIT`` > 0: the
     number of split-K partials is a compile-time constant, so their loads are unrolled and in flight
     together instead of one dependent round trip each. ``ZB_FIRST`` (with ``COL_SPLIT``): the product is
     taken as A · (Z · B_c) instead of (A · Z) · B_c, so a column program no longer computes the whole A · Z
@@ -130,7 +133,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
         acc = tl.zeros([RBLK, CBLK], dtype=tl.float32)
     else:
         acc = tl.zeros([RBLK, CP], dtype=tl.float32)
-    for k0 in range(0, RP, KBLK):
+    for k0 in range(0, ROWS, KBLK):  # k blocks wholly in A's zero padding add nothing (11008: 6 of 8)
         ki = k0 + tl.arange(0, KBLK)
         idx = ki[:, None] * COLS + j[None, :]
         msk = (ki < ROWS)[:, None] & (j < COLS)[None, :]
