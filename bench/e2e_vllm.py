@@ -286,8 +286,9 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
                 lines += profile_markdown(title, r[key])
                 step = r.get(f"b{key[len('profile_b'):]}", {}).get("ms_per_step")
                 if step:  # kernels overlap under PDL, so this can pass 100 %; far below it, the GPU waits
+                    busy = r[key]["total_us"] / (step * 10)  # µs over ms x 1000, in per cent
                     lines.insert(len(lines) - 1, f"Kernel time {r[key]['total_us']:.0f} µs of the measured "
-                                                 f"{step * 1e3:.0f} µs per step ({r[key]['total_us'] / (step * 10):.0f} %).")
+                                                 f"{step * 1e3:.0f} µs per step ({busy:.0f} %).")
     return "\n".join(lines) + "\n"
 
 

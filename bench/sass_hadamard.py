@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print("SASS: static instructions per warp (a loop body counts once; see the module docstring).\n")
-    print("| n | T | transform | variant | kernel | programs | warps | SASS | HMMA | LDG | registers | stack | shared B |")
+    print("| n | T | transform | variant | kernel | programs | warps | SASS | HMMA | LDG | registers | stack "
+          "| shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

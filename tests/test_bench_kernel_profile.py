@@ -26,7 +26,8 @@ def test_groups_of_kernel_names():
 
 
 def test_kernel_times_keep_cuda_kernels_only():
-    events = [_ev("kernel", 10.0), _ev("kernel", 12.5), _ev("_had2_kernel", 4.0), _ev("cudaLaunchKernel", 99.0, "DeviceType.CPU"),
+    events = [_ev("kernel", 10.0), _ev("kernel", 12.5), _ev("_had2_kernel", 4.0),
+              _ev("cudaLaunchKernel", 99.0, "DeviceType.CPU"),
               SimpleNamespace(name="old", device_type="DeviceType.CUDA", cuda_time_total=2.0),
               SimpleNamespace(name="kernel", device_type="DeviceType.CUDA", device_time_total=0.0,
                               time_range=SimpleNamespace(elapsed_us=lambda: 7.5))]

@@ -243,7 +243,8 @@ def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device) -> torch
     return hit[0]
 
 
-def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None) -> tuple[tuple[int, int], dict]:
+def _stack_launch(rows: int, groups: int, rp: int, cp: int,
+                  stack_rows: int | None = None) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
     the tile's rows (None: ``STACK_ROWS``), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
     products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program."""
@@ -340,8 +341,9 @@ def transform(
     ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
     ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed; blocks of at most 128
     have no A and ignore it; ``None``: on where ``QTIP_TRITON_HADAMARD_ZB_FIRST=1`` and A has at most ``ZB_MAX_RP``
-    padded rows, for column-split launches). ``stacked``: the many-token kernel with several tokens stacked along the rows of
-    one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore it);
+    padded rows, for column-split launches). ``stacked``: the many-token kernel with several tokens stacked along
+    the rows of one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore
+    it);
     ``None``: from ``QTIP_TRITON_HADAMARD_STACKED`` rows on (off unless set) when no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     ``STACK_ROWS``), for ``bench/hadamard.py``.
