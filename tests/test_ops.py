@@ -159,11 +159,20 @@ def test_equal_shards_decode_in_one_launch(gen, monkeypatch, M, dtype, tol):
     assert not kernels.fused_is_current(fused, [kernels.prepare(q) for q in packed.shards()])
     y3 = qtip_linear(x.to(dtype), packed, bias.to(dtype))
     assert (384, 3) not in launched and rel(y3, fused_reference(qws, x, bias)) < tol
-    # different tables: no fused decode (the kernel reads one table)
+    # each shard its own code table (QTIP's tlut per linear): still one decode launch, the tables stacked and
+    # each shard's row blocks reading their own (swapping two tables must change the result)
     other = [random_qweight(gen, HYB[2], 128, 64) for _ in range(2)]
+    assert not torch.equal(other[0].table, other[1].table)
     p2 = PackedShards.from_qweights(other, key="t.twotables")
     p2.register()
-    assert (p2._fused is None) == (not torch.equal(other[0].table, other[1].table))
+    assert p2._fused is not None and p2._fused.table.shape[0] == 2 and p2._fused.table.dim() == 2
+    launched.clear()
+    y2 = qtip_linear(x.to(dtype), p2)
+    if M < 40:
+        assert launched == [(256, 3)], launched
+    assert rel(y2, fused_reference(other, x)) < tol
+    other[0].table, other[1].table = other[1].table, other[0].table
+    assert rel(y2, fused_reference(other, x)) > 1e-2
 
 
 @pytest.mark.parametrize("M", [1, 6])
@@ -172,9 +181,7 @@ def test_unequal_shards_decode_in_one_launch(gen, monkeypatch, M):
     each shard read its own h), then one output transform per shard over its columns of the partials."""
     from qtip_triton import kernels
 
-    qws = [random_qweight(gen, HYB[2], m, 64) for m in (128, 64, 64)]
-    for qw in qws[1:]:
-        qw.table = qws[0].table
+    qws = [random_qweight(gen, HYB[2], m, 64) for m in (128, 64, 64)]  # each with its own code table
     packed = PackedShards.from_qweights(qws, key="t.unequal")
     packed.register()
     assert packed._fused is not None and packed._fused.shard_out == (128, 64, 64)

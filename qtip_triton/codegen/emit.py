@@ -429,8 +429,10 @@ class _Emitter:
             s("pid_m = tl.program_id(2)")
             s("col0 = pid_k * ITERS * CB")
             s("# fused shards decoded in one launch (up to 3, word rows split at b1 <= b2): this row block's")
-            s("# shard reads its own h (its own SU)")
-            s("X += ((pid_r * RB >= shard_b1).to(tl.int32) + (pid_r * RB >= shard_b2).to(tl.int32)) * stride_xg")
+            s("# shard reads its own h (its own SU) and its own code table (0 apart when they share one)")
+            s("shard = (pid_r * RB >= shard_b1).to(tl.int32) + (pid_r * RB >= shard_b2).to(tl.int32)")
+            s("X += shard * stride_xg")
+            s("TBL += shard * stride_tg")
         else:
             s("pid_k = tl.program_id(1)")
             s("col0 = pid_k * CB")
@@ -774,7 +776,7 @@ class _Emitter:
         # (as a run-time value it cost 49 more registers at BLOCK_M 16: one address per class column)
         xs = "stride_xq: tl.constexpr" if mma else "stride_xm"
         s(f"def kernel(W, TBL, X, Y, M, Rtot, Ctot: tl.constexpr, ITERS, stride_wq, {xs}, stride_ys, stride_ym,")
-        s("           shard_b1, shard_b2, stride_xg,")
+        s("           shard_b1, shard_b2, stride_xg, stride_tg,")
         if fuse_in:
             s("           XN, PRE, HA, HB, DSTI, stride_xn, z_rows, z_cols, hscale, HRP: tl.constexpr,")
             s("           HCP: tl.constexpr, HRB: tl.constexpr, HKB: tl.constexpr,")
@@ -978,7 +980,7 @@ class _Emitter:
         p, s = self.plan, self.src
         s("@triton.jit")
         s("def kernel(W, TBL, X, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_xm, stride_ys, stride_ym, shard_b1, shard_b2,")
-        s("           stride_xg,")
+        s("           stride_xg, stride_tg,")
         s("           TR: tl.constexpr, TC: tl.constexpr, BLOCK_M: tl.constexpr, EVEN: tl.constexpr, INTERPRET: tl.constexpr,")
         s("           CNT=None, SPLIT_SUM: tl.constexpr = False, PDL: tl.constexpr = 0):")
         s.indent()

@@ -39,7 +39,7 @@ class PreparedWeight:
     layout: str
     plan: TilePlan
     words: torch.Tensor  # int32 (G, Rtot, Ctot)
-    table: torch.Tensor  # int32 (hyb) / float32 (lut) / dummy
+    table: torch.Tensor  # int32 (hyb) / float32 (lut) / dummy; (shards, words) for fused shards of their own tables
     SU: torch.Tensor  # float32 (n,)
     SV: torch.Tensor  # float32 (m,)
     blocks_in: int
@@ -172,8 +172,10 @@ def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
     shards' own words become views into it: no second copy of the weights.
 
     None unless there are 2 or 3 shards of one spec, layout, plan, in_features, transform blocks and
-    device with equal code tables (the decode kernel reads one table). SU/SV stay per shard (the
-    transforms are grouped or per shard).
+    device with code tables of one shape. Equal tables stay one (W,) table; different ones (QTIP gives every
+    linear its own ``tlut``, and the dummy-weight fill draws one per shard) are stacked (shards, W), and each
+    shard's row blocks read their own (the kernel offsets TBL by the shard's stride, as it does h). SU/SV stay
+    per shard (the transforms are grouped or per shard).
     """
     if not 2 <= len(pws) <= 3:
         return None
@@ -181,11 +183,13 @@ def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
     same = all(
         pw.spec == p0.spec and pw.layout == p0.layout and pw.plan == p0.plan and pw.in_features == p0.in_features
         and pw.blocks_in == p0.blocks_in and pw.device == p0.device and pw.words.shape[::2] == p0.words.shape[::2]
-        and pw.table.shape == p0.table.shape and bool(torch.equal(pw.table, p0.table))
+        and pw.table.shape == p0.table.shape and pw.table.dtype == p0.table.dtype and pw.table.dim() == 1
         for pw in pws
     )
     if not same:
         return None
+    shared = all(bool(torch.equal(pw.table, p0.table)) for pw in pws)
+    table = p0.table if shared else torch.stack([pw.table for pw in pws]).contiguous()
     words = torch.cat([pw.words for pw in pws], dim=1).contiguous()
     r0 = 0
     for pw in pws:
@@ -194,7 +198,7 @@ def fuse_shards(pws: list[PreparedWeight]) -> PreparedWeight | None:
         r0 += rows
     return PreparedWeight(
         spec=p0.spec, out_features=sum(pw.out_features for pw in pws), in_features=p0.in_features, layout=p0.layout,
-        plan=p0.plan, words=words, table=p0.table, SU=p0.SU, SV=torch.cat([pw.SV for pw in pws]),
+        plan=p0.plan, words=words, table=table, SU=p0.SU, SV=torch.cat([pw.SV for pw in pws]),
         blocks_in=p0.blocks_in, blocks_out=p0.blocks_out, shard_out=tuple(pw.out_features for pw in pws),
     )
 

@@ -306,8 +306,12 @@ def _launch_decode(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappi
     cnt = split_counters(pw, grid[0] * grid[2]) if splits > 1 and in_kernel else None
     if cnt is not None:
         extra.update(CNT=cnt, SPLIT_SUM=True)
+    # a fused weight's shards may each have their own code table, stacked (shards, words): row blocks of shard g
+    # read table g (kernels/prepare.fuse_shards); one table: 0 apart
+    stride_tg = pw.table.stride(0) if pw.table.dim() == 2 else 0
     compiled = mod.kernel[grid](pw.words, pw.table, h, ws, M, Rtot, Ctot, iters, pw.words.stride(0), stride_x,
-                                ws.stride(0), ws.stride(1), *bounds, stride_xg, *fused, TR=TR, TC=TC, BLOCK_M=BM,
+                                ws.stride(0), ws.stride(1), *bounds, stride_xg, stride_tg, *fused, TR=TR, TC=TC,
+                                BLOCK_M=BM,
                                 **extra, **_launch_opts(config), **pdl.launch_args(ws.device, M))
     if mma and not extra["INTERPRET"]:
         _require_mma_layout(compiled, config)

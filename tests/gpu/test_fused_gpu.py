@@ -17,14 +17,17 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LAYERS = {"qkv": (3, 4096, 4096), "gate_up": (2, 11008, 4096)}
 
 
-def shards(count: int, m: int, n: int, K: int) -> list[QuantizedWeight]:
-    """Random QTIP-layout shards on the GPU sharing one code table (as a checkpoint's fused layer does)."""
+def shards(count: int, m: int, n: int, K: int, own_tables: bool = False) -> list[QuantizedWeight]:
+    """Random QTIP-layout shards on the GPU sharing one code table, or (``own_tables``) each with its own, as
+    QTIP checkpoints give every linear its own ``tlut`` (the fused decode then reads table g in shard g)."""
     g = torch.Generator(device="cuda")
     g.seed()
     spec = TrellisSpec(16, K, 2, "hyb", 9)
     table = torch.randn(512, 2, generator=g, device="cuda").half()
     out = []
     for _ in range(count):
+        if own_tables:
+            table = torch.randn(512, 2, generator=g, device="cuda").half()
         words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device="cuda",
                               dtype=torch.int64)
         out.append(QuantizedWeight(spec, m, n, get_layout("qtip").pack(words, spec),
@@ -33,13 +36,14 @@ def shards(count: int, m: int, n: int, K: int) -> list[QuantizedWeight]:
     return out
 
 
+@pytest.mark.parametrize("own_tables", [False, True], ids=["one_table", "own_tables"])
 @pytest.mark.parametrize("K", [2, 4])
 @pytest.mark.parametrize("layer", sorted(LAYERS))
-def test_fused_layer_matches_reference(layer, K, monkeypatch):
-    qws = shards(*LAYERS[layer], K)
-    packed = PackedShards.from_qweights(qws, key=f"gpu.{layer}.{K}")
+def test_fused_layer_matches_reference(layer, K, own_tables, monkeypatch):
+    qws = shards(*LAYERS[layer], K, own_tables)
+    packed = PackedShards.from_qweights(qws, key=f"gpu.{layer}.{K}.{own_tables}")
     packed.register()
-    assert packed._fused is not None
+    assert packed._fused is not None and packed._fused.table.dim() == (2 if own_tables else 1)
     decodes = []
     real = kernels.decode_matmul
     monkeypatch.setattr(kernels, "decode_matmul", lambda kind, pw, h, *a, **k: decodes.append(h.dim()) or
