@@ -189,11 +189,18 @@ def test_unequal_shards_decode_in_one_launch(gen, monkeypatch, M):
     real = kernels.decode_matmul
     monkeypatch.setattr(kernels, "decode_matmul", lambda kind, pw, h, *a, **k: launched.append(
         (pw.out_features, h.dim())) or real(kind, pw, h, *a, **k))
+    outputs = []
+    real_t = kernels.hadamard.transform
+    monkeypatch.setattr(kernels.hadamard, "transform", lambda x, *a, **k: (
+        outputs.append(x.dim()) if not k.get("transpose", True) else None) or real_t(x, *a, **k))
     x = torch.randn(M, 64, generator=gen)
     y = qtip_linear(x.half(), packed)
     kind, cfg = dispatch._select_shape(qws[0].spec, 256, 64, M)
     fits = kernels.shard_blocks_ok(packed._fused, (128, 64, 64), cfg)  # M=6's gemm rows (64) straddle k|v
     assert (launched == [(256, 3)]) == fits, (launched, cfg)
+    if fits:  # q's output transform alone, then k and v as one grouped call (their partials as (2, S, T, 64);
+        # blocks of 64 have no A, so that call then runs one Sylvester launch per group: the two 3-D calls after)
+        assert outputs == [3, 4, 3, 3], outputs
     assert rel(y, fused_reference(qws, x)) < 3e-3
     twin = PackedShards.from_qweights(qws, key="t.unequal2")
     twin.SU = twin.SU[[0, 2, 1]].contiguous()  # k and v swap their input signs: must change v's and k's output
@@ -372,3 +379,27 @@ def test_fused_had_block_shards(gen):
     full_width = torch.ops.qtip_triton.qtip_linear(x, *tensors, None, *meta[:-1], [0, 0])
     assert rel(full_width, fused_reference(qws, x)) > 1e-2
     torch.library.opcheck(torch.ops.qtip_triton.qtip_linear.default, (x, *tensors, None, *meta))
+
+
+def test_unequal_shards_group_their_equal_outputs(gen, monkeypatch):
+    """Llama-3-like q/k/v whose blocks have an A factor (out 512, 256, 256): after the one fused decode, q's output
+    transform runs alone and k and v share ONE grouped launch (each its own SV), matching float64."""
+    from qtip_triton import kernels
+
+    qws = [random_qweight(gen, HYB[2], m, 64) for m in (512, 256, 256)]
+    packed = PackedShards.from_qweights(qws, key="t.runs")
+    packed.register()
+    calls = []
+    real_t = kernels.hadamard.transform
+    monkeypatch.setattr(kernels.hadamard, "transform", lambda x, *a, **k: (
+        calls.append(x.dim()) if not k.get("transpose", True) else None) or real_t(x, *a, **k))
+    launches = []
+    real_k = kernels.hadamard._had2_kernel
+    monkeypatch.setattr(kernels.hadamard, "_had2_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or real_k[grid]})())
+    x = torch.randn(1, 64, generator=gen)
+    y = qtip_linear(x.half(), packed)
+    assert calls == [3, 4], calls
+    # two output launches (in = 64 has no A: its input transform is the Sylvester kernel): q's, then k and v's
+    assert [g[0] for g in launches] == [1, 2], launches
+    assert rel(y, fused_reference(qws, x)) < 3e-3

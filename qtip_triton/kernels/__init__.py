@@ -225,6 +225,38 @@ def _one_output_launch(pws: list[PreparedWeight], post: torch.Tensor | None) -> 
             and post.is_contiguous() and all(pw.out_features == m0 and pw.blocks_out == pws[0].blocks_out for pw in pws))
 
 
+def _equal_runs(pws: list[PreparedWeight]) -> list[tuple[int, int]]:
+    """(first shard, count) of each run of consecutive shards equal in out_features and output transform blocks:
+    Llama-3's q/k/v (4096, 1024, 1024) -> [(0, 1), (1, 2)]."""
+    runs: list[tuple[int, int]] = []
+    for i, pw in enumerate(pws):
+        if runs and (pw.out_features, pw.blocks_out) == (pws[runs[-1][0]].out_features, pws[runs[-1][0]].blocks_out):
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def _outputs_by_runs(pws: list[PreparedWeight], sv: torch.Tensor, parts: torch.Tensor, dtype: torch.dtype,
+                     out: torch.Tensor) -> torch.Tensor:
+    """The output transforms of unequal shards from one decode's partials ``parts`` (S, T, sum out): one grouped
+    launch per run of equal shards (``sv``: their SV concatenated, float32), one launch per lone shard.
+
+    Why: at decoding batch sizes each transform is a launch of a few microseconds whatever its size, and
+    Llama-3's k and v are equal (1024 each) though q is not: three launches become two."""
+    col = 0
+    for first, count in _equal_runs(pws):
+        pw, width = pws[first], pws[first].out_features * count
+        if count > 1:
+            grouped = parts[:, :, col:col + width].unflatten(-1, (count, pw.out_features)).permute(2, 0, 1, 3)
+            hadamard.transform(grouped, pw.blocks_out, transpose=False, post=sv[col:col + width].view(count, -1),
+                               out_dtype=dtype, interpret=interpreting(), out=out[:, col:col + width])
+        else:
+            _transform_out(pw, parts[:, :, col:col + width], None, dtype, out[:, col:col + width])
+        col += width
+    return out
+
+
 def _outputs_per_shard(pws: list[PreparedWeight], parts: list[torch.Tensor], dtype: torch.dtype,
                        out: torch.Tensor) -> torch.Tensor:
     """Each shard's output transform of its partials into its columns of ``out``."""
@@ -287,8 +319,9 @@ def launch_fused(
 ) -> torch.Tensor:
     """A fused layer in few launches: the grouped input transform (each shard's SU), ONE decode kernel over
     the stacked words (:func:`fuse_shards`; each shard's rows read its own h) and the output transforms
-    into ``out``: one grouped launch with ``post`` (the shards' SV stacked; equal shards), else one per
-    shard reading its columns of the partials (Llama-3's q/k/v: 4096, 1024, 1024).
+    into ``out``: one grouped launch with ``post`` (the shards' SV stacked; equal shards), else one per run
+    of equal shards reading their columns of the partials (Llama-3's q/k/v, 4096, 1024, 1024: q alone, then k
+    and v grouped).
 
     Why: at decoding batch sizes a launch costs about what a small layer's work does; Llama-2's q/k/v
     otherwise take 1 + 3 + 1 launches and gate/up 1 + 2 + 1.
@@ -312,6 +345,8 @@ def launch_fused(
         hadamard.transform(grouped, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
                            interpret=interpreting(), out=out)
         return out
+    if fused.SV.dtype == torch.float32 and fused.SV.is_contiguous():
+        return _outputs_by_runs(pws, fused.SV, parts, x.dtype, out)
     ends = itertools.accumulate(fused.shard_out)
     return _outputs_per_shard(pws, [parts[:, :, e - m:e] for m, e in zip(fused.shard_out, ends, strict=True)],
                               x.dtype, out)

@@ -17,7 +17,7 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LAYERS = {"qkv": (3, 4096, 4096), "gate_up": (2, 11008, 4096)}
 
 
-def shards(count: int, m: int, n: int, K: int, own_tables: bool = False) -> list[QuantizedWeight]:
+def shards(count: int, m: int | list[int], n: int, K: int, own_tables: bool = False) -> list[QuantizedWeight]:
     """Random QTIP-layout shards on the GPU sharing one code table, or (``own_tables``) each with its own, as
     QTIP checkpoints give every linear its own ``tlut`` (the fused decode then reads table g in shard g)."""
     g = torch.Generator(device="cuda")
@@ -25,14 +25,15 @@ def shards(count: int, m: int, n: int, K: int, own_tables: bool = False) -> list
     spec = TrellisSpec(16, K, 2, "hyb", 9)
     table = torch.randn(512, 2, generator=g, device="cuda").half()
     out = []
-    for _ in range(count):
+    for i in range(count):
+        rows = m[i] if isinstance(m, list) else m
         if own_tables:
             table = torch.randn(512, 2, generator=g, device="cuda").half()
-        words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device="cuda",
+        words = torch.randint(0, 1 << 32, (rows // 16, n // 16, spec.words_per_tile), generator=g, device="cuda",
                               dtype=torch.int64)
-        out.append(QuantizedWeight(spec, m, n, get_layout("qtip").pack(words, spec),
+        out.append(QuantizedWeight(spec, rows, n, get_layout("qtip").pack(words, spec),
                                    torch.randn(n, generator=g, device="cuda"),
-                                   torch.randn(m, generator=g, device="cuda") * 0.05, table))
+                                   torch.randn(rows, generator=g, device="cuda") * 0.05, table))
     return out
 
 
@@ -69,3 +70,19 @@ def test_fused_layer_matches_reference(layer, K, own_tables, monkeypatch):
         monkeypatch.delenv(dispatch.NO_FUSED_DECODE_ENV)
         monkeypatch.delenv(dispatch.NO_SHARED_INPUT_ENV)
         assert float((y2.double() - ref).norm() / ref.norm()) < TOL[torch.float16]
+
+
+def test_llama3_qkv_with_own_tables_matches_reference():
+    """Llama-3-8B's q/k/v (4096, 1024, 1024), each with its own code table: one fused decode where the row blocks
+    allow it, q's output transform alone and k/v's grouped, against float64 at decoding batch sizes."""
+    qws = shards(3, [4096, 1024, 1024], 4096, 2, own_tables=True)
+    packed = PackedShards.from_qweights(qws, key="gpu.llama3.qkv")
+    packed.register()
+    assert packed._fused is not None and packed._fused.table.dim() == 2
+    w64 = [qw.decode().double() for qw in qws]
+    for M in (1, 4, 16):
+        x = torch.randn(M, 4096, device="cuda")
+        ref = torch.cat([qw.output_transform(qw.input_transform(x.double()) @ w.t()) for qw, w in zip(qws, w64, strict=True)],
+                        dim=-1)
+        y = qtip_linear(x.half(), packed)
+        assert float((y.double() - ref).norm() / ref.norm()) < TOL[torch.float16], M
