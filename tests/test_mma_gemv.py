@@ -128,13 +128,17 @@ def test_the_tuner_times_mma_configs_next_to_the_plain_gemv():
     assert not [c for k, c in got if c.get("mma")]  # no fp16x2 states: no mma family
 
 
-def test_mma_gemv_decodes_fused_shards_in_one_launch(gen):
-    """Stacked shards (fused q/k/v, gate/up): each row block reads its own shard's h, as in the plain gemv."""
+@pytest.mark.parametrize("own_tables", [False, True], ids=["one_table", "own_tables"])
+def test_mma_gemv_decodes_fused_shards_in_one_launch(gen, own_tables):
+    """Stacked shards (fused q/k/v, gate/up): each row block reads its own shard's h, as in the plain gemv, and
+    its own code table when the shards have their own (bit for bit as each shard alone)."""
     qws = [random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 32, 512, layout="qtip") for _ in range(3)]
-    for qw in qws[1:]:
-        qw.table = qws[0].table
+    if not own_tables:
+        for qw in qws[1:]:
+            qw.table = qws[0].table
     pws = [prepare(q) for q in qws]
     fused = kernels.fuse_shards(pws)
+    assert fused.table.dim() == (2 if own_tables else 1)
     h = torch.randn(3, 5, 512, generator=gen)
     cfg = _cfg(8, warps=2, split=2)
     assert kernels.shard_blocks_ok(fused, (32, 32, 32), cfg)
