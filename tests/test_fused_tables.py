@@ -42,3 +42,14 @@ def test_fused_decode_reads_each_shards_own_table(gen, spec_name, kind, cfg):
     alone = torch.cat([kernels.decode_matmul(kind, pw, h[g], cfg, h_order="kernel").sum(0)
                        for g, pw in enumerate(pws)], -1)
     assert torch.equal(together, alone)
+
+
+def test_a_fused_weight_with_own_tables_refuses_unsharded_use(gen):
+    """Without per-shard h every row block would read shard 0's table: a clear error, not wrong numbers."""
+    qws = [random_qweight(gen, TrellisSpec.parse("L16K2V2-hyb9"), 32, 256) for _ in range(2)]
+    fused = kernels.fuse_shards([prepare(q) for q in qws])
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 2}
+    with pytest.raises(ValueError, match="per-shard h"):
+        kernels.decode_matmul("gemv", fused, torch.randn(1, 256, generator=gen), cfg, h_order="kernel")
+    with pytest.raises(ValueError, match="per-shard tables"):
+        kernels.decompress(fused, {"BLOCK_N": 32, "BLOCK_K": 128})

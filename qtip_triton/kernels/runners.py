@@ -107,6 +107,9 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
     """Ŵ (out x in) decoded by the generated ``decompress`` kernel, bit-exact in ``dtype``."""
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"decompress writes float16, bfloat16 or float32, got {dtype}")
+    if pw.table.dim() != 1:
+        raise ValueError("decompress takes one weight's code table; a fused weight with per-shard tables decodes "
+                         "only through the gemv/gemm kinds (kernels.launch_fused)")
     TR, TC = _blocks(config)
     plan = pw.plan
     mod = load(pw.spec, "decompress", config, layout=pw.layout)
@@ -273,6 +276,9 @@ def _launch_decode(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mappi
     G, Rtot, Ctot = pw.words.shape
     RB = TR * plan.GRN
     shards = h.shape[0] if sharded else 1
+    if pw.table.dim() == 2 and pw.table.shape[0] != shards:  # per-shard tables: the rows must know their shard
+        raise ValueError(f"this fused weight has {pw.table.shape[0]} shards with their own code tables: decode it "
+                         f"with per-shard h ({pw.table.shape[0]}, M, in), got {tuple(h.shape)}")
     if shards == 1:
         bounds = (Rtot + 1, Rtot + 1)  # no boundary: every row block reads h
     else:
