@@ -3,7 +3,8 @@
 For Llama-2-7B's layers (fused q/k/v 3 x 4096x4096, o, fused gate/up 2 x 11008x4096, down) and M in
 {1, 8, 16}, times with CUDA-graph replay and L2 flushed (bench/common.py):
 
-* ``op``: the custom op as vLLM calls it (fused shards: grouped transforms and one decode launch);
+* ``op``: the custom op as vLLM calls it (fused shards: grouped transforms and one decode launch; each shard has
+  its own code table, as in QTIP checkpoints and vLLM's dummy fill, since 2026-12-05: earlier runs shared one);
 * ``op_shard_decode``: ``QTIP_TRITON_NO_FUSED_DECODE=1`` (grouped transforms, one decode launch per shard);
 * ``op_per_shard``: ``QTIP_TRITON_NO_SHARED_INPUT=1`` (every shard on its own: three launches each);
 * ``kernels``: only the decode kernels of the shards (the registry's kind and config, h given);
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, totals, layer_ops = [], {}, []
     for name, shapes in LAYERS.items():
         qws = [random_weight(spec, m, n, default_layout(spec, m, n), seed=i) for i, (m, n) in enumerate(shapes)]
+        for i, qw in enumerate(qws):  # each shard its own code table, as QTIP checkpoints (a tlut per linear)
+            qw.table = qw.table * (1.0 + 0.01 * i)  # and vLLM's dummy fill have: the fused decode reads table g
         packed = PackedShards.from_qweights(qws, key=f"bench.{name}")
         packed.register()
         w16 = torch.randn(sum(m for m, _ in shapes), shapes[0][1], device="cuda", dtype=torch.float16) * 0.02
