@@ -46,6 +46,11 @@ def test_bench_model_runs_with_dummy_weights(e2e, tmp_path, monkeypatch):
     model, vc = build_model(e2e.write_model(tmp_path, "small", "2", layers=2), dtype="float16", load=False,
                             load_format="dummy")
     assert model.model.layers[1].mlp.down_proj.qtip_packed.specs == "L16K2V2-hyb9"
+    # the dummy fill gives every shard its own code table (as QTIP checkpoints do): the fused layers must still
+    # decode their shards in one launch (until 2026-12-05 they silently fell back to one launch per shard)
+    for layer in (model.model.layers[1].self_attn.qkv_proj, model.model.layers[1].mlp.gate_up_proj):
+        fused = layer.qtip_packed._fused
+        assert fused is not None and fused.table.dim() == 2, layer
     out = logits(model, vc, torch.arange(1, 9))
     assert out.shape == (8, 512) and torch.isfinite(out).all()
 
