@@ -109,7 +109,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
         stacked = "off" if rows is None else f"from {rows} (token, block) rows"
     except ValueError as e:
         stacked = f"invalid ({e})"
-    zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if os.environ.get(hadamard.ZB_ENV, "") not in ("", "0") else "off"
+    zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if hadamard.zb_first_on() else "off"
     from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY
 
     if device is None:

@@ -228,12 +228,11 @@ def _one_output_launch(pws: list[PreparedWeight], post: torch.Tensor | None) -> 
 def _equal_runs(pws: list[PreparedWeight]) -> list[tuple[int, int]]:
     """(first shard, count) of each run of consecutive shards equal in out_features and output transform blocks:
     Llama-3's q/k/v (4096, 1024, 1024) -> [(0, 1), (1, 2)]."""
-    runs: list[tuple[int, int]] = []
-    for i, pw in enumerate(pws):
-        if runs and (pw.out_features, pw.blocks_out) == (pws[runs[-1][0]].out_features, pws[runs[-1][0]].blocks_out):
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
+    runs, first = [], 0
+    for _, run in itertools.groupby(pws, key=lambda pw: (pw.out_features, pw.blocks_out)):
+        count = len(list(run))
+        runs.append((first, count))
+        first += count
     return runs
 
 
@@ -345,8 +344,4 @@ def launch_fused(
         hadamard.transform(grouped, pws[0].blocks_out, transpose=False, post=post, out_dtype=x.dtype,
                            interpret=interpreting(), out=out)
         return out
-    if fused.SV.dtype == torch.float32 and fused.SV.is_contiguous():
-        return _outputs_by_runs(pws, fused.SV, parts, x.dtype, out)
-    ends = itertools.accumulate(fused.shard_out)
-    return _outputs_per_shard(pws, [parts[:, :, e - m:e] for m, e in zip(fused.shard_out, ends, strict=True)],
-                              x.dtype, out)
+    return _outputs_by_runs(pws, fused.SV, parts, x.dtype, out)  # fused.SV: the shards' float32 SV concatenated

@@ -189,10 +189,15 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp:
     return rp >= TALL_MIN_RP and rows >= (TALL_MIN_ROWS_INPUT if transpose else TALL_MIN_ROWS)
 
 
+def zb_first_on() -> bool:
+    """Whether ``QTIP_TRITON_HADAMARD_ZB_FIRST`` asks for the A · (Z · B_c) order by default (off unless set)."""
+    return os.environ.get(ZB_ENV, "") not in ("", "0")
+
+
 def _default_zb(col_split: bool, rp: int) -> bool:
     """Whether a column-split launch with A of ``rp`` padded rows takes the A · (Z · B_c) order when the call does
-    not say (``QTIP_TRITON_HADAMARD_ZB_FIRST``, off by default)."""
-    return col_split and rp <= ZB_MAX_RP and os.environ.get(ZB_ENV, "") not in ("", "0")
+    not say (:func:`zb_first_on`)."""
+    return col_split and rp <= ZB_MAX_RP and zb_first_on()
 
 
 def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
