@@ -228,3 +228,61 @@ def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():
     # the fake package has no launch flags: its candidates are the pruned configs, one each
     fake = FakeAPI()
     assert all("split_sum" not in c for _, c in candidates(fake, SPECS[0], 64, 96, 16, 6))
+
+
+def _seed_file(api, entries: dict) -> store.TuneFile:
+    """A tune file from another GPU holding ``entries``: {(spec, out, in, bucket): (kind, config)}."""
+    h200 = DeviceInfo("NVIDIA H200", (9, 0), 132)
+    return store.TuneFile(store.Header(h200, VERS), {
+        store.EntryKey(s, o, i, b): store.Entry(store.EntryKey(s, o, i, b), k, c, 10.0) for (s, o, i, b), (k, c)
+        in entries.items()})
+
+
+def test_seeded_plan_times_the_seed_winners_near_each_task():
+    """``--seed``: a task the seed file covers times the default and the seed's winners of its bucket and the
+    neighbouring ones (only configs this GPU's space lists); a task it lacks keeps the full pruned space."""
+    api, spec = FakeAPI(), SPECS[0]
+    g = [c for c in api.config_space("gemv", spec, 64, 96, 1) if c != api.default_config("gemv", spec, 64, 96, 1)]
+    foreign = {**g[0], "BLOCK_N": 48}  # not in this space: dropped
+    seed = _seed_file(api, {(spec.name, 64, 96, 1): ("gemv", g[0]), (spec.name, 64, 96, 2): ("gemv", g[1]),
+                            (spec.name, 64, 96, 4): ("gemv", g[2]), (spec.name, 64, 96, 8): ("gemv", foreign),
+                            (spec.name, 64, 96, 32): ("gemm", api.config_space("gemm", spec, 64, 96, 32)[3])})
+    tasks = make_tasks([spec], [(64, 96), (96, 64)], [1, 2, 4, 16, 32, 256])
+    by_task = {(t.out_features, t.m_bucket): (cands, d) for t, cands, d in plan(tasks, api, 4, seed.entries)}
+    key = lambda kc: (kc[0], config_key(kc[1]))  # noqa: E731
+    cands, default = by_task[(64, 1)]
+    assert list(map(key, cands)) == [key(default), ("gemv", config_key(g[0])), ("gemv", config_key(g[1]))]
+    cands, default = by_task[(64, 2)]  # own bucket first, then 1 and 4
+    assert list(map(key, cands)) == [key(default)] + [("gemv", config_key(c)) for c in (g[1], g[0], g[2])]
+    cands, _ = by_task[(64, 4)]  # bucket 8's foreign config is not timed
+    assert [config_key(c) for _, c in cands[1:]] == [config_key(g[2]), config_key(g[1])]
+    cands, _ = by_task[(64, 16)]  # bucket 32's gemm winner is the 16-row task's neighbour
+    assert key(cands[1]) == key(("gemm", api.config_space("gemm", spec, 64, 96, 32)[3])) and len(cands) == 2
+    for b in (256,):  # nothing seeded near: the full space, as without a seed
+        assert by_task[(64, b)][0] == plan(make_tasks([spec], [(64, 96)], [b]), api, 4)[0][1]
+    for b in (1, 2, 4, 16, 32, 256):  # another shape: unseeded
+        assert by_task[(96, b)][0] == plan(make_tasks([spec], [(96, 64)], [b]), api, 4)[0][1]
+
+
+def test_seeded_autotune_command(tmp_path):
+    """The command with ``--seed``: fewer timings, the winner among the seeded candidates, a clear error for a
+    seed file that cannot be read."""
+    api, spec = FakeAPI(seed=5), SPECS[0]
+    fast = api.config_space("gemv", spec, 64, 96, 1)[-1]
+    seed_path = tmp_path / "h200.yaml"
+    seed_path.write_text(store.dumps(_seed_file(api, {(spec.name, 64, 96, 1): ("gemv", fast)})))
+    fast_api = FakeAPI(seed=5, fast=[fast])
+    out = io.StringIO()
+    args = _args(tmp_path, seed=seed_path)
+    assert cmd_autotune.autotune(args, fast_api, fake_bench(fast_api), WORKLOAD, H100, VERS, out=out) == 0
+    assert "seeded from" in out.getvalue() and "NVIDIA H200" in out.getvalue()
+    tf = store.load(tmp_path / "h100.yaml")
+    assert tf.header.device == H100  # the new file is this GPU's, whatever measured the seed
+    assert tf.entries[store.EntryKey(spec.name, 64, 96, 1)].config == fast
+    seeded = [r for r in fast_api.log if (r[1], r[2], r[3], r[5]) == (spec.name, 64, 96, 1)]
+    assert {r[4] for r in seeded} == {config_key(api.default_config("gemv", spec, 64, 96, 1)), config_key(fast)}
+    (tmp_path / "bad.yaml").write_text("format: something-else\n")
+    for bad in (tmp_path / "bad.yaml", tmp_path / "missing.yaml"):
+        with pytest.raises(ValueError, match="--seed"):
+            cmd_autotune.autotune(_args(tmp_path, seed=bad), api, fake_bench(api), WORKLOAD, H100, VERS,
+                                  out=io.StringIO())

@@ -21,7 +21,8 @@ from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, check_gpu_
 from qtip_triton.autotune.kernel_api import KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
 from qtip_triton.autotune.shapes import resolve as resolve_shapes
-from qtip_triton.autotune.store import Header, TuneFile, save_merged
+from qtip_triton.autotune.store import Header, StoreError, TuneFile, save_merged
+from qtip_triton.autotune.store import load as load_tune_file
 from qtip_triton.autotune.tuner import TuneReport, Workload, make_tasks, plan, tune
 from qtip_triton.spec import TrellisSpec
 
@@ -56,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace", action="store_true",
                    help="entries tuned now replace those in --out whatever their recorded times (default: the "
                         "faster entry stays; use this after a kernel change)")
+    p.add_argument("--seed", type=Path, default=None,
+                   help="another GPU's tune file (e.g. autotune_configs/h200.yaml): a task it covers times only "
+                        "the default and that file's winners for its M bucket and the neighbouring ones, so a "
+                        "first file for a new GPU takes minutes; tasks it lacks get the full space")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate; tune nothing")
     p.add_argument("--no-check", action="store_true", help="skip comparing each candidate's output to the default's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -71,6 +76,17 @@ def parse_specs(args: argparse.Namespace) -> list[TrellisSpec]:
     if not ks:
         raise ValueError("--bits selects no K")
     return [TrellisSpec(16, k, 2, "hyb", 9) for k in ks]
+
+
+def load_seed(path: Path, out) -> dict:
+    """The entries of a ``--seed`` file (any GPU's: its configs are checked against this one's space, task by
+    task); a file that cannot be read or parsed is an error here, not a silent full tune."""
+    try:
+        tf = load_tune_file(path)
+    except (OSError, StoreError) as e:
+        raise ValueError(f"--seed {path}: {e}") from None
+    print(f"seeded from {path} ({tf.header.device.name}, {len(tf.entries)} entries)", file=out)
+    return dict(tf.entries)
 
 
 def default_out(device_short: str) -> Path:
@@ -117,7 +133,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     shapes = resolve_shapes(args.shapes)
     buckets = parse_buckets(args.buckets)
     tasks = make_tasks(specs, shapes, buckets)
-    planned = plan(tasks, api, args.max_candidates)
+    seed = load_seed(args.seed, out) if args.seed is not None else None
+    planned = plan(tasks, api, args.max_candidates, seed)
     n_cands = sum(len(c) for _, c, _ in planned)
     variants = {(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in planned for k, c in cands}
     per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S
@@ -145,7 +162,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
               f"({len(errors)} failed to compile)", file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                   deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
-                  check=not args.no_check, quick=quick, screen=args.screen)
+                  check=not args.no_check, quick=quick, screen=args.screen, seed=seed)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),

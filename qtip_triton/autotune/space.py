@@ -203,3 +203,34 @@ def check_config(api: KernelAPI, kind: str, config: Mapping[str, Any], spec, out
     if config_key(config) not in {config_key(c) for c in space}:
         return False, f"config {dict(config)} is not in {kind}'s config space for this shape and M={M}"
     return True, None
+
+
+def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
+                      seed: Mapping[Any, Any]) -> list[tuple[str, Config]] | None:
+    """``(kind, config)`` candidates taken from another tune file's winners (``seed``: its entries by
+    :class:`~qtip_triton.autotune.store.EntryKey`): this task's winner and those of the neighbouring M
+    buckets of the same spec and shape, each with its launch-flag twins; only what this GPU's space lists.
+    None when ``seed`` has no usable winner here (the task then gets the full space).
+
+    Why: a full tune of the shipped set is ~10 000 timings (more than one 10-minute device call); another
+    GPU of the same architecture mostly picks among the same few configs, so its winners make a first
+    file for a new GPU in a fraction of that, and a full tune can replace it later (``--replace``).
+    """
+    from qtip_triton.autotune.store import EntryKey
+
+    i = M_BUCKETS.index(M) if M in M_BUCKETS else None
+    near = [M] if i is None else [M_BUCKETS[j] for j in (i, i - 1, i + 1) if 0 <= j < len(M_BUCKETS)]
+    out: list[tuple[str, Config]] = []
+    seen: set[tuple] = set()
+    for b in near:
+        entry = seed.get(EntryKey(spec.name, out_features, in_features, b))
+        if entry is None or not check_config(api, entry.kind, _base(entry.config), spec, out_features,
+                                             in_features, M)[0]:
+            continue
+        listed = {config_key(c) for c in api.config_space(entry.kind, spec, out_features, in_features, M)}
+        for twin in _twins(dict(entry.config), dict(entry.config) if b == M else None):
+            key = (entry.kind, config_key(twin))
+            if key not in seen and config_key(twin) in listed:
+                seen.add(key)
+                out.append((entry.kind, twin))
+    return out or None

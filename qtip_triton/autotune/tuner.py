@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
 from qtip_triton.autotune.space import candidates as space_candidates
+from qtip_triton.autotune.space import seeded_candidates
 from qtip_triton.autotune.store import Entry, EntryKey
 from qtip_triton.spec import TrellisSpec
 
@@ -212,12 +213,19 @@ def make_tasks(specs: Iterable[TrellisSpec], shapes: Iterable[tuple[int, int]], 
     return [Task(spec, o, i, b) for (o, i) in shapes for spec in specs for b in buckets]
 
 
-def plan(tasks: list[Task], api: KernelAPI, max_candidates: int) -> list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]:
-    """Each task with its candidates (default first) and its default choice; pure Python, no GPU."""
+def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[EntryKey, Entry] | None = None,
+         ) -> list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]:
+    """Each task with its candidates (default first) and its default choice; pure Python, no GPU.
+    With ``seed`` (another tune file's entries), a task it covers times only the default and the seed's
+    winners near it (:func:`~qtip_triton.autotune.space.seeded_candidates`)."""
     out = []
     for t in tasks:
         default = default_choice(api, t.spec, t.out_features, t.in_features, t.m_bucket)
-        cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates)
+        cands = None
+        if seed is not None:
+            cands = seeded_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, seed)
+        if cands is None:
+            cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates)
         if default is not None:
             dk = (default[0], config_key(default[1]))
             cands = [default] + [c for c in cands if (c[0], config_key(c[1])) != dk]
@@ -238,17 +246,18 @@ def tune(
     check: bool = True,
     quick: Bench | None = None,
     screen: float = 3.0,
+    seed: Mapping[EntryKey, Entry] | None = None,
 ) -> TuneReport:
     """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time.
 
     With ``quick`` (e.g. :func:`single_run_timer`), a candidate whose single run is more than
     ``screen`` times the best median so far is dropped without a full measurement (the default
-    config, timed first, is always measured in full).
+    config, timed first, is always measured in full). ``seed``: as for :func:`plan`.
     """
     from tqdm.auto import tqdm
 
     start = clock()
-    planned = plan(tasks, api, max_candidates)
+    planned = plan(tasks, api, max_candidates, seed)
     broken: dict[tuple, str] = {}  # (kind, spec, config) -> compile error, shape-independent
     results: list[TaskResult] = []
     skipped: list[Task] = []
