@@ -21,6 +21,8 @@
 #   GPU=h200 OUT=/tmp/out STEPS="tall fusein fused tests" bash bench/gpu_refresh.sh
 #   GPU=h200 OUT=/tmp/out STEPS="tests" TESTS="tests/gpu/test_codes_gpu.py" bash bench/gpu_refresh.sh
 #   GPU=h200 OUT=/tmp/out STEPS="tests" PYTEST_N=8 bash bench/gpu_refresh.sh   # carry .devsite: ~90 s, not ~500
+#   GPU=h100 OUT=/tmp/out STEPS="autotune tests" TUNE_MIN=4 TUNE_ARGS="--seed autotune_configs/h200.yaml" \
+#     PYTEST_N=8 bash bench/gpu_refresh.sh   # a first file for a new GPU from the H200's winners (a third of the timings)
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
