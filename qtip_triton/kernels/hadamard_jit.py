@@ -183,7 +183,7 @@ def _group_tile(X, Y, PRE, POST, DST, nrows, n, stride_yg, stride_dg, stride_xg,
 
 @triton.jit
 def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
-                      ROWS: tl.constexpr, COLS: tl.constexpr, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
+                      ROWS, COLS, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
                       RP: tl.constexpr,
                       CP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, TT: tl.constexpr, CB2: tl.constexpr,
                       HAS_PRE: tl.constexpr,
@@ -197,6 +197,12 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
     (BM·TT, CP) rows (one per (row of A, token)) and multiplies them by B, CB2 columns at a time
     (fewer live registers). Grid axis 0 is groups x token tiles, axis 1 the row blocks of A; groups
     work as in ``_had2_kernel``.
+
+    ROWS and COLS are runtime arguments here, unlike the per-token kernel: with them compile-time constants
+    (0afb6d4) the H200 computed wrong output transforms (fp32 partials) wherever the k loop runs twice or
+    more (5120-28672 features; 4096's single step passed) and then illegal addresses, while the
+    interpreter agreed with float64 (session 15, bench/NOTES.md). This kernel runs from 128 tokens, where
+    the vectorized loads that change bought were never the cost.
     """
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     BN: tl.constexpr = TT * CP
