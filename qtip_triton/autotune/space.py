@@ -16,6 +16,7 @@ from typing import Any
 
 from qtip_triton.autotune.buckets import M_BUCKETS
 from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
+from qtip_triton.autotune.store import Entry, EntryKey
 
 _ROW_BLOCK_KEYS = ("BLOCK_M", "BLOCK_SIZE_M")
 _SPLIT_KEYS = ("SPLIT_K", "SPLITK")
@@ -206,20 +207,18 @@ def check_config(api: KernelAPI, kind: str, config: Mapping[str, Any], spec, out
 
 
 def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
-                      seed: Mapping[Any, Any]) -> list[tuple[str, Config]] | None:
-    """``(kind, config)`` candidates taken from another tune file's winners (``seed``: its entries by
-    :class:`~qtip_triton.autotune.store.EntryKey`): this task's winner and those of the neighbouring M
-    buckets of the same spec and shape, each with its launch-flag twins; only what this GPU's space lists.
+                      seed: Mapping[EntryKey, Entry]) -> list[tuple[str, Config]] | None:
+    """``(kind, config)`` candidates taken from another tune file's winners (``seed``: its entries by key):
+    this task's winner and those of the neighbouring M buckets of the same spec and shape, each with its
+    launch-flag twins; only what this GPU's space lists.
     None when ``seed`` has no usable winner here (the task then gets the full space).
 
     Why: a full tune of the shipped set is ~10 000 timings (more than one 10-minute device call); another
     GPU of the same architecture mostly picks among the same few configs, so its winners make a first
     file for a new GPU in a fraction of that, and a full tune can replace it later (``--replace``).
     """
-    from qtip_triton.autotune.store import EntryKey
-
-    i = M_BUCKETS.index(M) if M in M_BUCKETS else None
-    near = [M] if i is None else [M_BUCKETS[j] for j in (i, i - 1, i + 1) if 0 <= j < len(M_BUCKETS)]
+    i = M_BUCKETS.index(M)  # a task's M is a bucket (buckets.parse_buckets)
+    near = [M_BUCKETS[j] for j in (i, i - 1, i + 1) if 0 <= j < len(M_BUCKETS)]
     out: list[tuple[str, Config]] = []
     seen: set[tuple] = set()
     for b in near:

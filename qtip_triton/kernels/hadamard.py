@@ -194,9 +194,11 @@ def zb_first_on() -> bool:
     return os.environ.get(ZB_ENV, "") not in ("", "0")
 
 
-def _default_zb(col_split: bool, rp: int) -> bool:
-    """Whether a column-split launch with A of ``rp`` padded rows takes the A · (Z · B_c) order when the call does
-    not say (:func:`zb_first_on`)."""
+def _zb_first(zb_first: bool | None, col_split: bool, rp: int) -> bool:
+    """Whether a launch with A of ``rp`` padded rows takes the A · (Z · B_c) order: ``zb_first`` if the call says,
+    else for column-split launches where :func:`zb_first_on` and A has at most ``ZB_MAX_RP`` rows."""
+    if zb_first is not None:
+        return bool(zb_first)
     return col_split and rp <= ZB_MAX_RP and zb_first_on()
 
 
@@ -281,7 +283,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
     _, col_split, nsplit, _ = _had2_launch(max(groups, 1) * rows, tokens, 2, rp, cp, min(rp, 32), min(cp, 32),
                                            None, None)
-    return ("had2", col_split, nsplit > 0, row_class(tokens), _default_zb(col_split, rp))
+    return ("had2", col_split, nsplit > 0, row_class(tokens), _zb_first(None, col_split, rp))
 
 
 def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int,
@@ -466,7 +468,7 @@ def transform(
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
                        **args, **launch_args(x.device, T),
-                       ZB_FIRST=bool(zb_first) if zb_first is not None else _default_zb(col_split, rp))
+                       ZB_FIRST=_zb_first(zb_first, col_split, rp))
     return y
 
 
@@ -530,5 +532,5 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
                        **launch_args(x.device, T),
-                       ZB_FIRST=bool(zb_first) if zb_first is not None else _default_zb(col_split, rp))
+                       ZB_FIRST=_zb_first(zb_first, col_split, rp))
     return out
