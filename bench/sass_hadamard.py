@@ -15,6 +15,10 @@ over split-K partials; the stacked kernel's slices are unrolled. Compare variant
 
     python bench/sass_hadamard.py --n 4096,11008 --T 1,16,2048
     python bench/sass_hadamard.py --n 4096 --T 2048 --variants default,stacked --direction input
+
+The "PTX" column hashes the kernel's PTX without its debug sections and line markers, so two checkouts can be
+compared without a GPU: equal hashes mean the same machine code from the same compiler (session 16 showed
+this way that the tall kernel's fix restores the exact code that passed on the H200 before 0afb6d4).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -120,6 +125,18 @@ def compile_launch(fn, args: tuple, kw: dict[str, Any], arch: int = 90):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts), opts["num_warps"]
 
 
+def ptx_hash(ptx: str) -> str:
+    """A short hash of the PTX's code: debug sections, ``.loc``/``.file`` lines, comments and the debug labels
+    (``$L__tmpN``, numbered by source position) left out, so a moved or commented line does not change it."""
+    code = []
+    for line in ptx.split(".section")[0].splitlines():
+        s = line.strip()
+        if not s or s.startswith((".loc", ".file", "//")) or re.fullmatch(r"\$L__tmp\d+:", s):
+            continue
+        code.append(re.sub(r"\$L__tmp\d+", "L", line))
+    return hashlib.sha256("\n".join(code).encode()).hexdigest()[:12]
+
+
 def count(n: int, T: int, direction: str, variant_name: str, splits: int = 4, pdl: int = 0) -> list[dict[str, Any]]:
     """One row per kernel launch of that transform."""
     rows = []
@@ -135,7 +152,7 @@ def count(n: int, T: int, direction: str, variant_name: str, splits: int = 4, pd
         rows.append({"n": n, "T": T, "direction": direction, "variant": variant_name, "kernel": name,
                      "grid": list(grid), "programs": programs, "warps": warps, "instructions": sum(mix.values()),
                      "shared_bytes": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
-                     "opcodes": dict(mix.most_common())})
+                     "ptx": ptx_hash(kernel.asm["ptx"]), "opcodes": dict(mix.most_common())})
     return rows
 
 
@@ -171,16 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print("SASS: static instructions per warp (a loop body counts once; see the module docstring).\n")
     print("| n | T | transform | variant | kernel | programs | warps | SASS | HMMA | LDG | registers | stack "
-          "| shared B |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| shared B | PTX |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['n']} | {r['T']} | {r['direction']} | {r['variant']} | — ({r['error']}) | | | | | | | | |")
+            print(f"| {r['n']} | {r['T']} | {r['direction']} | {r['variant']} | — ({r['error']}) | | | | | | | | | |")
             continue
         ops = r["opcodes"]
         print(f"| {r['n']} | {r['T']} | {r['direction']} | {r['variant']} | {r['kernel']} | {r['programs']} | "
               f"{r['warps']} | {r['instructions']} | {ops.get('HMMA', 0)} | {ops.get('LDG', 0)} | {r.get('reg')} | "
-              f"{r.get('stack')} | {r['shared_bytes']} |")
+              f"{r.get('stack')} | {r['shared_bytes']} | {r['ptx']} |")
     return 0
 
 
