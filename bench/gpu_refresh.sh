@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=1 (compare with "fused"); (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -117,7 +117,7 @@ if want groups; then
 fi
 if want zb; then
   step "hadamard: the column split in the A · (Z · B_c) order against the default, decoding batch sizes (session 13)"
-  timeout -k 10 "${ZB_S:-150}" python3 bench/hadamard.py --variants default,col_split,zb_first --T 1,2,4,16 \
+  timeout -k 10 "${ZB_S:-150}" python3 bench/hadamard.py --variants default,az_first,zb_first --T 1,2,4,16 \
     --n 4096,8192,11008,14336,28672 --tag zb --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
@@ -125,6 +125,13 @@ if want stacked; then
   step "hadamard: the stacked many-token kernel against the shipped choice, decoding and prefill cases (session 14)"
   timeout -k 10 "${STACKED_S:-300}" python3 bench/hadamard.py --variants default,tall,stacked,stacked64,stacked1 \
     --T 1,4,16,64,256,2048 --n 4096,8192,11008,14336,28672 --cases input,output,input_natural,output_fp16 --tag stacked \
+    --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want defaults; then
+  step "hadamard: the shipped choice (stacked from 128-1024 rows by direction, A · (Z · B_c) at 4096) against each kernel (session 16)"
+  timeout -k 10 "${DEFAULTS_S:-150}" python3 bench/hadamard.py --variants default,per_token,tall,stacked \
+    --T 1,128,256,2048 --n 4096,8192,11008,14336,28672 --cases input,output,input_natural,output_fp16 --tag defaults \
     --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
@@ -157,9 +164,9 @@ if want fused; then
   echo "rc=$?" >>"$LOG"
 fi
 if want fusedzb; then
-  step "fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=1 (the A · (Z · B_c) order at A of 32 rows; session 14)"
-  QTIP_TRITON_HADAMARD_ZB_FIRST=1 timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --M 1,2,4,8,16 \
-    --tag zb --out "$WORK" >>"$LOG" 2>&1
+  step "fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (without the A · (Z · B_c) order at A of 32 rows, the default since session 16)"
+  QTIP_TRITON_HADAMARD_ZB_FIRST=0 timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --M 1,2,4,8,16 \
+    --tag nozb --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want tests; then

@@ -45,6 +45,9 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             # A · (Z · B_c) under the column split (session 13: sm_90 SASS 1104 -> 848 per warp at 4096 input,
             # 80 instead of 128 HMMA; no fewer at 11008, more tensor work from 28672's 256-row A)
             "zb_first": {"zb_first": True},
+            # the column split in the (A · Z) · B_c order (what col_split ran before ZB_FIRST became the default at
+            # A of 32 rows, session 16)
+            "az_first": {"col_split": True, "zb_first": False},
             # several tokens stacked along the rows of one tile, two full-size products per program
             # (session 14; every Llama size: A pads to at most 256 rows)
             "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64},

@@ -105,8 +105,14 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     except ValueError as e:
         gemm = f"invalid ({e})"
     try:
-        rows = hadamard.stack_min_rows()
-        stacked = "off" if rows is None else f"from {rows} (token, block) rows"
+        rows = hadamard.stack_override()
+        if rows is None:
+            stacked = (f"outputs from {hadamard.STACK_MIN_ROWS_OUTPUT} (token, block) rows "
+                       f"({hadamard.STACK_MIN_ROWS_OUTPUT_SMALL_A} where A has 32 rows), natural-order inputs from "
+                       f"{hadamard.STACK_MIN_ROWS_NATURAL}, kernel-order inputs from {hadamard.STACK_MIN_ROWS_INPUT} "
+                       "where A has 64+ rows")
+        else:
+            stacked = "off" if rows == 0 else f"from {rows} (token, block) rows"
     except ValueError as e:
         stacked = f"invalid ({e})"
     zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if hadamard.zb_first_on() else "off"

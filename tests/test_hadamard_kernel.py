@@ -306,9 +306,9 @@ def test_an_explicit_zb_first_false_keeps_the_default_choices(gen, monkeypatch):
     assert seen and all(v is None for v in seen[0])
 
 
-def test_zb_first_switch_makes_it_the_default_where_a_is_small(gen, monkeypatch):
-    """QTIP_TRITON_HADAMARD_ZB_FIRST=1: the column-split launches of A with at most 32 padded rows run the
-    A · (Z · B_c) order unless the call says otherwise; same results as the default order."""
+def test_zb_first_is_the_default_where_a_is_small_unless_switched_off(gen, monkeypatch):
+    """The column-split launches of A with at most 32 padded rows run the A · (Z · B_c) order unless the call
+    says otherwise or QTIP_TRITON_HADAMARD_ZB_FIRST=0; same results as the other order."""
     from qtip_triton.kernels import hadamard as had
 
     seen = []
@@ -321,9 +321,9 @@ def test_zb_first_switch_makes_it_the_default_where_a_is_small(gen, monkeypatch)
     monkeypatch.setattr(had, "_had2_kernel", Spy())
     x = torch.randn(2, 4096, generator=gen)
     su = torch.randn(4096, generator=gen)
-    monkeypatch.delenv(had.ZB_ENV, raising=False)
+    monkeypatch.setenv(had.ZB_ENV, "0")
     plain = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True)
-    monkeypatch.setenv(had.ZB_ENV, "1")
+    monkeypatch.delenv(had.ZB_ENV, raising=False)
     zb = transform(x, 1, transpose=True, pre=su, out_dtype=torch.float32, interpret=True)
     transform(x, 1, transpose=True, pre=su, interpret=True, zb_first=False)  # the call's choice wins
     transform(torch.randn(2, 2752, generator=gen), 1, transpose=False, interpret=True)  # A: 256 padded rows

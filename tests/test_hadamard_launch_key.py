@@ -77,7 +77,11 @@ def _check_keys(launches, n: int, blocks: int, groups: int, transpose: bool) -> 
         if transpose:
             pre = torch.ones(groups, n) if groups > 1 else torch.ones(n)
             x = torch.zeros(2, T, n)  # two split-K partials: the unrolled-partials choice shows in NSPLIT
-            had.transform(x, blocks, transpose=True, pre=pre)
+            had.transform(x, blocks, transpose=True, pre=pre, dst=torch.arange(n, dtype=torch.int32))
+            want = had.launch_key(n, blocks, T, groups, transpose, dst=True)  # a decode kernel's order
+            assert {observed(c, T, blocks) for c in launches} == {want}, (n, T, "dst")
+            launches.clear()
+            had.transform(x, blocks, transpose=True, pre=pre)  # natural order (the decompress kind's)
         elif groups > 1:
             had.transform(torch.zeros(groups, 2, T, n), blocks, transpose=False, post=torch.ones(groups, n))
         else:
@@ -88,7 +92,7 @@ def _check_keys(launches, n: int, blocks: int, groups: int, transpose: bool) -> 
 
 def test_launch_key_follows_the_measured_thresholds_and_the_no_tall_switch(monkeypatch):
     monkeypatch.delenv(had.NO_TALL_ENV, raising=False)
-    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    monkeypatch.setenv(had.STACK_ENV, "0")  # the tall kernel's own thresholds (the stacked one takes over unset)
     assert had.launch_key(11008, 1, 256)[0] == "tall"  # output transform from TALL_MIN_ROWS
     assert had.launch_key(11008, 1, 256, transpose=True)[0] == "had2"  # input: from TALL_MIN_ROWS_INPUT
     assert had.launch_key(11008, 1, 2048, transpose=True)[0] == "tall"

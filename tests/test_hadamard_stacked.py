@@ -38,13 +38,13 @@ class _Spy:
 
 
 def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
-    """Off by default; QTIP_TRITON_HADAMARD_STACKED=N takes it from N (token, block) rows where A has at most 256
-    padded rows, unless another launch variant is asked for; blocks without A (<= 128) ignore it. Same results."""
+    """QTIP_TRITON_HADAMARD_STACKED=N takes it from N (token, block) rows where A has at most 256 padded rows, 0
+    never, unless another launch variant is asked for; blocks without A (<= 128) ignore it. Same results."""
     launched: list[str] = []
     for name, label in (("_had2_stack_kernel", "stacked"), ("_had2_kernel", "per-token"),
                         ("_had2_tall_kernel", "tall"), ("_had1_kernel", "had1")):
         monkeypatch.setattr(had, name, _Spy(label, getattr(had, name), launched))
-    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    monkeypatch.setenv(had.STACK_ENV, "0")
     x = torch.randn(8, 4096, generator=gen)
     plain = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
     monkeypatch.setenv(had.STACK_ENV, "8")
@@ -58,6 +58,25 @@ def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
     monkeypatch.setenv(had.STACK_ENV, "many")
     with pytest.raises(ValueError, match="expected a row count"):
         transform(x, 1, transpose=False, interpret=True)
+
+
+def test_stacked_kernel_default_thresholds_follow_direction_order_and_size(monkeypatch):
+    """Unset, the measured thresholds: outputs from 128 rows (256 where A has 32 rows), natural-order inputs from
+    256, inputs into a decode kernel's order from 1024 where A has 64+ rows and never at 32; A of more than 256
+    rows never; the tall kernel keeps what is left (input transforms of A with 512 rows)."""
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    key = had.launch_key
+    assert key(8192, 1, 128)[0] == "stacked" and key(8192, 1, 127)[0] == "had2"  # A of 64 padded rows
+    assert key(11008, 1, 128)[0] == "stacked"  # A of 256: one token per tile
+    assert key(4096, 1, 256)[0] == "stacked" and key(4096, 1, 255)[0] == "had2"  # A of 32
+    assert key(4096, 1, 256, transpose=True)[0] == "stacked" and key(4096, 1, 255, transpose=True)[0] == "had2"
+    assert key(4096, 1, 8192, transpose=True, dst=True)[0] == "had2"
+    assert key(8192, 1, 1024, transpose=True, dst=True)[0] == "stacked"
+    assert key(8192, 1, 1023, transpose=True, dst=True)[0] == "had2"
+    assert key(44032, 1, 2048)[0] == "tall" and key(44032, 1, 2048, transpose=True, dst=True)[0] == "tall"
+    assert had.stack_min_rows(True, True, 32) is None and had.stack_min_rows(False, False, 512) is None
+    monkeypatch.setenv(had.STACK_ENV, "0")
+    assert key(11008, 1, 2048)[0] == "tall"
 
 
 def test_stacked_kernel_takes_bf16_activations(gen):

@@ -82,8 +82,10 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
-                  "hadamard_gemm": "off (Triton kernels for every batch)", "hadamard_stacked": "off",
-                  "hadamard_zb_first": "off",
+                  "hadamard_gemm": "off (Triton kernels for every batch)",
+                  "hadamard_stacked": "outputs from 128 (token, block) rows (256 where A has 32 rows), natural-order "
+                                      "inputs from 256, kernel-order inputs from 1024 where A has 64+ rows",
+                  "hadamard_zb_first": "on where A has at most 32 rows",
                   "mma_gemv": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
@@ -91,8 +93,11 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     la = info.collect()["launch"]
     assert la["hadamard_stacked"] == "from 256 (token, block) rows"
-    monkeypatch.setenv("QTIP_TRITON_HADAMARD_ZB_FIRST", "1")
-    assert info.collect()["launch"]["hadamard_zb_first"] == "on where A has at most 32 rows"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_ZB_FIRST", "0")
+    assert info.collect()["launch"]["hadamard_zb_first"] == "off"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "0")
+    assert info.collect()["launch"]["hadamard_stacked"] == "off"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
     assert la["mma_gemv"] == "the untuned choice for 2-16 rows"
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))

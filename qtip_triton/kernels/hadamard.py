@@ -65,8 +65,7 @@ TALL_WARPS = 8
 # STACK_ROWS padded rows, STACK_ROWS // RP tokens' Z views sit on top of each other, so each program
 # runs two full [STACK_ROWS, CP] x [., CP] products instead of one token's slivers (the per-token kernel)
 # or one token per tile at CP = 128 (the tall kernel: 4096, 8192, 14336); A of 256 padded rows (11008,
-# 28672) takes one token per program in 64-row slices. Off unless asked for (``stacked=True`` or
-# QTIP_TRITON_HADAMARD_STACKED=N rows) until timed: bench/hadamard.py --variants stacked.
+# 28672) takes one token per program in 64-row slices.
 # sm_90 compile (bench/sass_hadamard.py, 2048 tokens, every Llama size): wgmma, no spills; 128-row tiles
 # 184-255 registers and 96 KB shared (one program per SM), 64-row tiles 125 (output) to 175 (input, with SU
 # and the destination order) registers; A of 256 rows, one token per program, 170-255 registers, 56-64 KB.
@@ -76,10 +75,28 @@ STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows
 STACK_CB = 64  # ... and columns of Y per program
 STACK_WARPS = 8
 STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
-# The column split in the A · (Z · B_c) order (``ZB_FIRST``) as the default where A has at most ZB_MAX_RP padded
+# Where it is the default (H200, bench/results/h200-2026-12-05-hadamard-stacked.md, 1..2048 tokens, against the
+# per-token and tall kernels; QTIP_TRITON_HADAMARD_STACKED=N overrides with one threshold, 0 turns it off):
+# - output transforms: it beat the tall kernel at every measured size from 64 tokens (11008 at 256: 83.3 -> 43.7
+#   us, 28672 at 2048: 1337 -> 902) and the per-token kernel from 256 tokens, so it replaces the tall kernel
+#   from its 128 rows; with A of 32 rows (4096, where the tall kernel never won) from 256 rows (4 fp32
+#   partials at 256 tokens: 18.6 -> 20.6 us, one fp16 partial 15.9 -> 13.7; at 2048 91 -> 79 and 60 -> 40);
+# - input transforms in natural order (the prefill path): faster at every size from 256 tokens (14336: 45.2 ->
+#   22.4 us; 4096 at 2048: 72 -> 41), slower at 64;
+# - input transforms into a decode kernel's order (SU, scattered stores): slower at 256 tokens at 4 of 5 sizes
+#   (28672: 201 -> 213 us), faster at 2048 where A has 64+ rows (11008: 720 -> 447), slower at 4096 (155 ->
+#   164): from the tall kernel's 1024 rows where A has 64+ rows, never at 32.
+STACK_MIN_ROWS_OUTPUT = 128
+STACK_MIN_ROWS_OUTPUT_SMALL_A = 256  # output transforms of A with fewer than 64 padded rows
+STACK_MIN_ROWS_NATURAL = 256  # input transforms without a destination order
+STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
+# The column split in the A · (Z · B_c) order (``ZB_FIRST``), the default where A has at most ZB_MAX_RP padded
 # rows: sm_90 compile at 4096 (A of 32 rows), 4 tokens, 1814 -> 992 SASS per warp (input), 255 -> 140 registers;
 # at 8192 / 5120 (64 rows) 1033 -> 1173 and 124 -> 255 registers, at 11008 729 -> 828 (bench/NOTES.md, session
-# 14). Off unless QTIP_TRITON_HADAMARD_ZB_FIRST=1 until timed.
+# 14). Timed on the H200 (bench/results/h200-2026-12-05-hadamard-zb.md, 1-16 tokens): 4096 input 10.2 -> 9.4 us,
+# output 9.7 -> 9.3; slower at 8192, 14336 and 28672 (28672 output 20.5 -> 26.0); one Llama-2-7B layer's four
+# ops at one token 99.9 -> 94.4 us (h200-2026-12-05-fused-layers-zb.md). QTIP_TRITON_HADAMARD_ZB_FIRST=0 turns
+# it off.
 ZB_ENV = "QTIP_TRITON_HADAMARD_ZB_FIRST"
 ZB_MAX_RP = 32
 
@@ -190,8 +207,8 @@ def _use_tall(tall: bool | None, rows: int, variant: tuple, transpose: bool, rp:
 
 
 def zb_first_on() -> bool:
-    """Whether ``QTIP_TRITON_HADAMARD_ZB_FIRST`` asks for the A · (Z · B_c) order by default (off unless set)."""
-    return os.environ.get(ZB_ENV, "") not in ("", "0")
+    """Whether the A · (Z · B_c) order is the default where A is small (``QTIP_TRITON_HADAMARD_ZB_FIRST=0``: not)."""
+    return os.environ.get(ZB_ENV, "").strip() != "0"
 
 
 def _zb_first(zb_first: bool | None, col_split: bool, rp: int) -> bool:
@@ -214,21 +231,37 @@ def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
     return lo is not None and rows >= lo
 
 
-def stack_min_rows() -> int | None:
-    """(token, block) rows from which :func:`transform` takes the stacked kernel by default
-    (``QTIP_TRITON_HADAMARD_STACKED``; unset or 0: never)."""
+def stack_override() -> int | None:
+    """``QTIP_TRITON_HADAMARD_STACKED`` as a row count: None when unset (the measured thresholds apply), 0 for off,
+    else the one threshold for every transform."""
     raw = os.environ.get(STACK_ENV, "").strip()
-    if not raw or raw == "0":
+    if not raw:
         return None
     if not raw.isdigit():
-        raise ValueError(f"{STACK_ENV}={raw!r}: expected a row count (0 or unset: off)")
+        raise ValueError(f"{STACK_ENV}={raw!r}: expected a row count (0: off; unset: the measured thresholds)")
     return int(raw)
 
 
-def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int) -> bool:
+def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
+    """(token, block) rows from which :func:`transform` takes the stacked kernel by default for A of ``rp`` padded
+    rows (``transpose``: an input transform, ``dst``: with a destination order); None: never. The measured
+    thresholds (``STACK_MIN_ROWS_*``) unless ``QTIP_TRITON_HADAMARD_STACKED`` says otherwise."""
+    override = stack_override()
+    if override is not None:
+        return override or None
+    if rp > STACK_MAX_RP:
+        return None
+    if not transpose:
+        return STACK_MIN_ROWS_OUTPUT if rp >= 64 else STACK_MIN_ROWS_OUTPUT_SMALL_A
+    if not dst:
+        return STACK_MIN_ROWS_NATURAL
+    return STACK_MIN_ROWS_INPUT if rp >= 64 else None
+
+
+def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int, transpose: bool, dst: bool) -> bool:
     """Whether ``rows`` (token, block) rows per group take ``_had2_stack_kernel``: ``stacked`` if given (a clear
-    error where A has more than ``STACK_MAX_RP`` padded rows), else from ``QTIP_TRITON_HADAMARD_STACKED`` rows
-    on (off by default) where A is small enough and no other launch variant was asked for."""
+    error where A has more than ``STACK_MAX_RP`` padded rows), else from :func:`stack_min_rows` rows on where A
+    is small enough and no other launch variant was asked for."""
     if stacked is not None:
         if stacked and rp > STACK_MAX_RP:
             raise ValueError(f"the stacked Hadamard kernel takes blocks whose row factor pads to at most "
@@ -236,7 +269,7 @@ def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int) -> bo
         return bool(stacked)
     if rp > STACK_MAX_RP or any(v is not None for v in variant):
         return False
-    lo = stack_min_rows()
+    lo = stack_min_rows(transpose, dst, rp)
     return lo is not None and rows >= lo
 
 
@@ -261,10 +294,11 @@ def _stack_launch(rows: int, groups: int, rp: int, cp: int,
                                                                   num_warps=STACK_WARPS)
 
 
-def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False) -> tuple:
+def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False, dst: bool = False) -> tuple:
     """Which compiled variant :func:`transform` launches for ``tokens`` rows of ``n`` features in ``blocks``
     blocks (``groups`` grouped transforms), by default choices: the kernel, its token-dependent constants
-    and Triton's classes of the token-dependent integer arguments (``transpose``: an input transform). Two token counts with the same key
+    and Triton's classes of the token-dependent integer arguments (``transpose``: an input transform, ``dst``:
+    with a destination order). Two token counts with the same key
     reuse one compiled kernel; the load-time warm-up (:mod:`qtip_triton.vllm.warmup`) launches one token
     count per key so that no transform compiles during inference. The split-K partial count is not in
     the key: it is fixed per M bucket, and the warm-up covers every bucket."""
@@ -276,7 +310,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     if kh * p1 == 1:
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
-    if _use_stacked(None, rows, (), rp):
+    if _use_stacked(None, rows, (), rp, transpose, dst):
         return ("stacked", row_class(rows))
     if _use_tall(None, rows, (), transpose, rp):
         return ("tall", row_class(rows))
@@ -346,12 +380,12 @@ def transform(
     ``bench/hadamard.py``. ``gemm``: the two-GEMM torch path for many tokens (kernels/hadamard_gemm.py);
     ``None``: from ``QTIP_TRITON_HADAMARD_GEMM`` rows on (off unless set) when no kernel variant is given.
     ``zb_first``: the per-token kernel with the column split, in the A · (Z · B_c) order (``_had2_kernel``'s
-    ``ZB_FIRST``; a launch variant for ``bench/hadamard.py``, off by default until timed; blocks of at most 128
-    have no A and ignore it; ``None``: on where ``QTIP_TRITON_HADAMARD_ZB_FIRST=1`` and A has at most ``ZB_MAX_RP``
-    padded rows, for column-split launches). ``stacked``: the many-token kernel with several tokens stacked along
-    the rows of one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP`` padded rows; blocks without A ignore
-    it);
-    ``None``: from ``QTIP_TRITON_HADAMARD_STACKED`` rows on (off unless set) when no other variant is given.
+    ``ZB_FIRST``; blocks of at most 128 have no A and ignore it; ``None``: for column-split launches where A has at
+    most ``ZB_MAX_RP`` padded rows, unless ``QTIP_TRITON_HADAMARD_ZB_FIRST=0``). ``stacked``: the many-token kernel
+    with several tokens stacked along the rows of one tile (``_had2_stack_kernel``; A of at most ``STACK_MAX_RP``
+    padded rows; blocks without A ignore it); ``None``: from :func:`stack_min_rows` (token, block) rows on (the
+    measured thresholds by direction and destination order, or ``QTIP_TRITON_HADAMARD_STACKED=N``; 0: off) when
+    no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     ``STACK_ROWS``), for ``bench/hadamard.py``.
     """
@@ -440,7 +474,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_stacked(stacked, T * blocks, variant, rp):
+    if _use_stacked(stacked, T * blocks, variant, rp, transpose, dst is not None):
         grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
@@ -507,7 +541,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
-    if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp):
+    if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp, transpose, False):
         grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows)
         _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device), b, x,
                                  post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),

@@ -122,18 +122,21 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
 
     G = len(shards)
     q0 = shards[0]
-    transforms = {(q0.in_features, q0.blocks("in"), G, True)}  # (n, blocks, groups, input transform)
+    # (n, blocks, groups, input transform, destination order): the input transform writes a decode kernel's order
+    # or, for the decompress kind, the natural one (their kernels switch at other token counts): both keys count
+    transforms = {(q0.in_features, q0.blocks("in"), G, True, d) for d in (False, True)}
     for qw in shards:  # grouped output transforms (equal shards) and per-shard ones: both possible
-        transforms |= {(qw.out_features, qw.blocks("out"), G, False), (qw.out_features, qw.blocks("out"), 1, False)}
+        n_out, b_out = qw.out_features, qw.blocks("out")
+        transforms |= {(n_out, b_out, G, False, False), (n_out, b_out, 1, False, False)}
     try:
-        for n, blocks, _, _ in transforms:
+        for n, blocks, *_ in transforms:
             had._block_size(n, blocks)
     except ValueError:  # the reference transform serves this layer: nothing of it compiles
         transforms = set()
     order = sorted(transforms)
     seen: dict[tuple, int] = {}
     for M in range(1, min(max_m, MAX_WARM_TOKENS) + 1):
-        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g, t) for n, b, g, t in order))
+        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g, t, d) for n, b, g, t, d in order))
         seen.setdefault(key, M)
     return sorted(seen.values())
 
