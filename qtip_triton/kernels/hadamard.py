@@ -81,14 +81,14 @@ STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 #   us, 28672 at 2048: 1337 -> 902) and the per-token kernel from 256 tokens, so it replaces the tall kernel
 #   from its 128 rows; with A of 32 rows (4096, where the tall kernel never won) from 256 rows (4 fp32
 #   partials at 256 tokens: 18.6 -> 20.6 us, one fp16 partial 15.9 -> 13.7; at 2048 91 -> 79 and 60 -> 40);
-# - input transforms in natural order (the prefill path): faster at every size from 256 tokens (14336: 45.2 ->
-#   22.4 us; 4096 at 2048: 72 -> 41), slower at 64;
+# - input transforms in natural order (the prefill path): faster at every size from 128 tokens (14336 at 128:
+#   27.8 -> 13.8 us, h200-2026-12-05-hadamard-defaults.md; 4096 at 2048: 72 -> 41), slower at 64 at 3 of 5 sizes;
 # - input transforms into a decode kernel's order (SU, scattered stores): slower at 256 tokens at 4 of 5 sizes
 #   (28672: 201 -> 213 us), faster at 2048 where A has 64+ rows (11008: 720 -> 447), slower at 4096 (155 ->
 #   164): from the tall kernel's 1024 rows where A has 64+ rows, never at 32.
 STACK_MIN_ROWS_OUTPUT = 128
 STACK_MIN_ROWS_OUTPUT_SMALL_A = 256  # output transforms of A with fewer than 64 padded rows
-STACK_MIN_ROWS_NATURAL = 256  # input transforms without a destination order
+STACK_MIN_ROWS_NATURAL = 128  # input transforms without a destination order
 STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
 # The column split in the A · (Z · B_c) order (``ZB_FIRST``), the default where A has at most ZB_MAX_RP padded
 # rows: sm_90 compile at 4096 (A of 32 rows), 4 tokens, 1814 -> 992 SASS per warp (input), 255 -> 140 registers;
