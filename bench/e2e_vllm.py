@@ -149,15 +149,16 @@ def _run_config(shape: str, fmt: str, a: argparse.Namespace) -> dict:
         res["distinct_sample_tokens"] = len(set(sample))
         for batch in a.batches:
             generate(batch, a.short)  # warm this batch size
-            steps = []
+            steps, runs = [], []
             for _ in range(a.reps):
                 t_short, _ = generate(batch, a.short)
                 t_long, outs = generate(batch, a.short + a.decode_tokens)
                 assert all(len(o.outputs[0].token_ids) == a.short + a.decode_tokens for o in outs)
                 steps.append((t_long - t_short) / a.decode_tokens)
+                runs.append({"short_s": round(t_short, 4), "long_s": round(t_long, 4)})
             step = min(steps)
             res[f"b{batch}"] = {"ms_per_step": round(step * 1e3, 3), "tok_s_per_seq": round(1 / step, 1),
-                                "tok_s_total": round(batch / step, 1)}
+                                "tok_s_total": round(batch / step, 1), "runs": runs}
         if a.profile_batch:
             res[f"profile_b{a.profile_batch}"] = profile_decode(generate, a)
         if a.prefill_len:
@@ -267,6 +268,11 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
             ratio = f"{cell['tok_s'] / base['tok_s']:.2f}" if cell and base else "-"
             row += f" {cell['ms'] if cell else '-'} | {cell['tok_s'] if cell else '-'} | {ratio} |"
         lines.append(row)
+    suspect = implausible_steps(results, a.batches)
+    if suspect:
+        lines += ["", "**Suspect:** " + "; ".join(suspect) + ". A decode step of more sequences does the same "
+                  "weight reads and more of everything else, so it cannot be faster than one sequence's: rerun "
+                  "(e.g. --reps 3) before quoting those cells (each batch's short and long runs are in the JSON)."]
     skipped = [f"{s}/{f}" for s, f in getattr(a, "skipped", [])]
     if skipped:
         lines += ["", f"Skipped for time: {', '.join(skipped)}"]
@@ -290,6 +296,23 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
                     lines.insert(len(lines) - 1, f"Kernel time {r[key]['total_us']:.0f} µs of the measured "
                                                  f"{step * 1e3:.0f} µs per step ({busy:.0f} %).")
     return "\n".join(lines) + "\n"
+
+
+def implausible_steps(results: list[dict], batches: list[int], slack: float = 0.9) -> list[str]:
+    """Cells whose ms/step at a batch above the smallest is below ``slack`` x that of the smallest batch (H200
+    run 13, 2026-12-05: batch 16 at 2.35 ms/step against batch 1's 4.40 for fp16, in one call)."""
+    out = []
+    first = min(batches, default=None)
+    for r in results:
+        base = r.get(f"b{first}") if "error" not in r else None
+        if not base:
+            continue
+        for b in batches:
+            cell = r.get(f"b{b}")
+            if b > first and cell and cell["ms_per_step"] < slack * base["ms_per_step"]:
+                out.append(f"{r['shape']} {format_name(r['format'])} batch {b} at {cell['ms_per_step']} ms/step "
+                           f"against batch {first}'s {base['ms_per_step']}")
+    return out
 
 
 def child_main(a: argparse.Namespace) -> None:

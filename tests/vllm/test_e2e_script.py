@@ -72,6 +72,12 @@ def test_markdown_report(e2e):
     assert "| llama3-8b | QTIP K=3 | failed: RuntimeError: boom |" in md
     assert "Skipped for time: llama3-8b/4" in md
     assert "prefill" not in md  # no column unless measured
+    assert "Suspect" not in md
+    results[0]["b8"] = {"ms_per_step": 5.0, "tok_s_per_seq": 200.0, "tok_s_total": 1600.0}  # below b1's 8.0
+    md = e2e.markdown(results, {"date": "2026-11-28 10:00", "card": "H100"}, a)
+    assert "**Suspect:** llama2-7b fp16 batch 8 at 5.0 ms/step against batch 1's 8.0." in md
+    assert "QTIP K=2 batch 8" not in md  # 6.0 against 4.0 is plausible
+    results[0]["b8"] = {"ms_per_step": 9.0, "tok_s_per_seq": 111.1, "tok_s_total": 888.9}
     a.prefill_len = 1024
     results[0]["prefill"] = {"tokens": 1024, "ms": 40.0, "tok_s": 25600.0}
     results[1]["prefill"] = {"tokens": 1024, "ms": 80.0, "tok_s": 12800.0}
