@@ -2,7 +2,7 @@
 """End-to-end vLLM decode speed of QTIP Llama models vs fp16 (GPU; one device call runs everything).
 
 For each model shape (Llama-2-7B, Llama-3-8B) and weight format (fp16, QTIP K = 2, 3, 4, optionally with
-not-yet-default switches: ``2+zb``, ``2+stacked``) it writes a
+switches that turn a default off for comparison: ``2+nozb``, ``2+nostacked``) it writes a
 config.json (QTIP ones carry ``quip_params`` and ``quantization_config``, so the ``qtip`` plugin is
 picked up through its entry point in every vLLM process), starts ``vllm.LLM`` with
 ``load_format="dummy"`` (random weights: the plugin fills valid random trellises), torch.compile and
@@ -45,6 +45,15 @@ import time
 import traceback
 from pathlib import Path
 
+BENCH_DIR = str(Path(__file__).resolve().parent)
+
+
+def _sibling_scripts_importable() -> None:
+    """bench/ on sys.path once (kernel_profile, common are scripts beside this one, not package modules)."""
+    if BENCH_DIR not in sys.path:
+        sys.path.insert(0, BENCH_DIR)
+
+
 # hidden, intermediate, layers, heads, kv heads, vocab (+ rope settings of the real models)
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -56,14 +65,14 @@ SHAPES = {
                  num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
 }
 FORMATS = ("fp16", "2", "3", "4")
-# A QTIP format may carry switches that are not yet defaults, e.g. "2+zb": the same engine with these environment
-# variables set while it is built and run (kernels/hadamard.py reads them per call; the warm-up compiles for them),
-# so one device call compares them.
-SWITCHES = {"zb": {"QTIP_TRITON_HADAMARD_ZB_FIRST": "1"}, "stacked": {"QTIP_TRITON_HADAMARD_STACKED": "128"}}
+# A QTIP format may carry switches, e.g. "2+nozb": the same engine with these environment variables set while it is
+# built and run (kernels/hadamard.py reads them per call; the warm-up compiles for them), so one device call
+# compares a default with what it replaced (both were opt-in "zb" / "stacked" until session 16 made them defaults).
+SWITCHES = {"nozb": {"QTIP_TRITON_HADAMARD_ZB_FIRST": "0"}, "nostacked": {"QTIP_TRITON_HADAMARD_STACKED": "0"}}
 
 
 def split_format(fmt: str) -> tuple[str, list[str]]:
-    """("2", ["zb"]) for "2+zb"; a clear error for an unknown base format or switch."""
+    """("2", ["nozb"]) for "2+nozb"; a clear error for an unknown base format or switch."""
     base, *opts = fmt.split("+")
     if base not in FORMATS or any(o not in SWITCHES for o in opts) or (opts and base == "fp16"):
         raise ValueError(f"format {fmt!r}: expected one of {FORMATS}, QTIP ones optionally with "
@@ -177,7 +186,7 @@ def profile_decode(generate, a: argparse.Namespace) -> dict:
     """GPU time per decode step by kernel at batch ``a.profile_batch``: the profiled long run minus the short one."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _sibling_scripts_importable()
     from kernel_profile import kernel_times, per_step
 
     regions = {}
@@ -227,7 +236,7 @@ def environment() -> dict:
     except Exception as e:  # report what is known
         env["env_error"] = repr(e)
     with contextlib.suppress(Exception):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        _sibling_scripts_importable()
         from common import source_rev
 
         env["qtip_triton_rev"] = source_rev()
@@ -278,7 +287,7 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
         lines += ["", f"Skipped for time: {', '.join(skipped)}"]
     profiled = [r for r in results if any(k.startswith("profile_b") for k in r)]
     if profiled:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        _sibling_scripts_importable()
         from kernel_profile import markdown as profile_markdown
 
         lines += ["", "## Where a decode step's GPU time goes (torch.profiler, engine in-process)", ""]
@@ -341,7 +350,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="llama2-7b,llama3-8b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--formats", default=",".join(FORMATS),
                     help=f"comma list of fp16 and QTIP K (2,3,4), a QTIP one optionally with switches: "
-                         f"{', '.join(f'+{k} ({v})' for k, v in SWITCHES.items())}, e.g. 2+zb")
+                         f"{', '.join(f'+{k} ({v})' for k, v in SWITCHES.items())}, e.g. 2+nozb")
     ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--short", type=int, default=16, help="new tokens of the short run subtracted out")

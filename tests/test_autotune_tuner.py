@@ -99,6 +99,19 @@ def test_tuner_picks_fastest_skips_broken_and_wrong():
     assert len(entries) == len(tasks) and all(e.speedup >= 1 for e in entries)
 
 
+def test_tuner_times_the_plan_it_is_given():
+    """The command plans once (to print the plan's size) and hands that plan to the tuner: a plan cut to each task's
+    default alone is what gets timed, with no candidate of a fresh plan slipping in."""
+    tasks = make_tasks(SPECS[:1], SHAPES[:1], [1, 16])
+    api = FakeAPI()
+    defaults_only = [(t, cands[:1], d) for t, cands, d in plan(tasks, api, 4)]
+    report = tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=4, progress=False, planned=defaults_only)
+    assert [(r.kind, config_key(r.config)) for r in report.results] == \
+        [(d[0], config_key(d[1])) for _, _, d in defaults_only]
+    assert sum(api.launches.values()) >= len(tasks) and all(
+        (k, key) in {(d[0], config_key(d[1])) for _, _, d in defaults_only} for k, key in api.launches)
+
+
 def test_tuner_deadline():
     tasks = make_tasks(SPECS, SHAPES, [1, 16, 256])
     api, clock = FakeAPI(), FakeClock()

@@ -213,8 +213,11 @@ def make_tasks(specs: Iterable[TrellisSpec], shapes: Iterable[tuple[int, int]], 
     return [Task(spec, o, i, b) for (o, i) in shapes for spec in specs for b in buckets]
 
 
+Planned = list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]
+
+
 def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[EntryKey, Entry] | None = None,
-         ) -> list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]:
+         ) -> Planned:
     """Each task with its candidates (default first) and its default choice; pure Python, no GPU.
     With ``seed`` (another tune file's entries), a task it covers times only the default and the seed's
     winners near it (:func:`~qtip_triton.autotune.space.seeded_candidates`)."""
@@ -247,17 +250,20 @@ def tune(
     quick: Bench | None = None,
     screen: float = 3.0,
     seed: Mapping[EntryKey, Entry] | None = None,
+    planned: Planned | None = None,
 ) -> TuneReport:
     """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time.
 
     With ``quick`` (e.g. :func:`single_run_timer`), a candidate whose single run is more than
     ``screen`` times the best median so far is dropped without a full measurement (the default
-    config, timed first, is always measured in full). ``seed``: as for :func:`plan`.
+    config, timed first, is always measured in full). ``seed``: as for :func:`plan`. ``planned``: that plan,
+    when the caller already made it (the command prints its size first), instead of planning again.
     """
     from tqdm.auto import tqdm
 
     start = clock()
-    planned = plan(tasks, api, max_candidates, seed)
+    if planned is None:
+        planned = plan(tasks, api, max_candidates, seed)
     broken: dict[tuple, str] = {}  # (kind, spec, config) -> compile error, shape-independent
     results: list[TaskResult] = []
     skipped: list[Task] = []

@@ -95,15 +95,16 @@ def test_markdown_report(e2e):
 
 
 def test_formats_with_switches(e2e, tmp_path, monkeypatch):
-    """"2+zb": the K = 2 model with QTIP_TRITON_HADAMARD_ZB_FIRST=1 set while its engine is built and run, and
+    """"2+nozb": the K = 2 model with QTIP_TRITON_HADAMARD_ZB_FIRST=0 set while its engine is built and run, and
     restored after; unknown switches and switches on fp16 are refused."""
-    assert e2e.split_format("2+zb+stacked") == ("2", ["zb", "stacked"]) and e2e.format_name("4+zb") == "QTIP K=4 +zb"
-    for bad in ("5", "2+fast", "fp16+zb"):
+    assert e2e.split_format("2+nozb+nostacked") == ("2", ["nozb", "nostacked"])
+    assert e2e.format_name("4+nozb") == "QTIP K=4 +nozb"
+    for bad in ("5", "2+fast", "fp16+nozb", "2+zb"):
         with pytest.raises(ValueError, match="format"):
             e2e.split_format(bad)
-    assert e2e.write_model(tmp_path, "tiny", "2+zb", layers=1) == e2e.write_model(tmp_path, "tiny", "2", layers=1)
+    assert e2e.write_model(tmp_path, "tiny", "2+nozb", layers=1) == e2e.write_model(tmp_path, "tiny", "2", layers=1)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "7")
-    with e2e.switches("2+zb+stacked"):
-        assert os.environ["QTIP_TRITON_HADAMARD_ZB_FIRST"] == "1" and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "128"
+    with e2e.switches("2+nozb+nostacked"):
+        assert os.environ["QTIP_TRITON_HADAMARD_ZB_FIRST"] == "0" and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "0"
     assert "QTIP_TRITON_HADAMARD_ZB_FIRST" not in os.environ and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "7"
