@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("qtip_triton.checkpoint", "quantize a Hugging Face Llama-family model into a QTIP checkpoint"),
     "codegen": ("qtip_triton.codegen.cmd", "print the generated Triton kernel for a trellis spec and kernel kind"),
     "sweep": ("qtip_triton.research.sweep", "distortion, real-weight error and kernel speed over a grid of trellis specs"),
+    "selftest": ("qtip_triton.selftest", "check this machine's compiled kernels against the float64 reference"),
     "info": ("qtip_triton.info", "versions, GPU, which kernels run, which autotune files apply and why, the vLLM plugin"),
 }
 
