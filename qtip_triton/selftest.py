@@ -5,8 +5,8 @@ computes without any error (in this project's history a change that only made tw
 constants gave wrong Hadamard transforms on an H200 under Triton 3.6 while the interpreter agreed with float64).
 The repository's GPU suite catches that for us; this catches it for a user after an install, a Triton upgrade or
 on a new GPU, before serving. It checks what serving runs: the decompress kernel bit for bit against the
-reference decoder, ``linear`` at decoding and prefill batch sizes with the shipped or tuned configs (every
-kind the dispatch picks), and each Hadamard transform kernel (per-token, tall, stacked, and the default choice)
+reference decoder, ``linear`` at decoding and prefill batch sizes with the configs the registry hands out (at
+1-256 tokens: the gemv, its tensor-core variant, gemm and decompress kinds), and each Hadamard transform kernel (per-token, tall, stacked, and the default choice)
 in both directions. Without a GPU it runs the same checks through Triton's interpreter on small shapes
 (``TRITON_INTERPRET=1``).
 """
@@ -30,7 +30,7 @@ from qtip_triton.spec import TrellisSpec
 GPU_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 CPU_SHAPES = ((256, 512),)
 CPU_EXTRA_SIZES = (1376,)  # 172 x 8: a Hadamard block with a hadK factor, as Llama's 11008 = 172 x 64 has
-GPU_TOKENS = (1, 4, 16, 256)
+GPU_TOKENS = (1, 4, 16, 64, 256)  # gemv, mma gemv, gemm and decompress kinds with the shipped configs
 CPU_TOKENS = (1, 16)
 TOL_LINEAR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative error, as the test suite bounds it
 TOL_INPUT = 1e-3  # fp16 result of an input transform
@@ -141,7 +141,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="trellis specs (default: the QTIP 2/3/4-bit ones)")
     p.add_argument("--shapes", type=_shapes, default=None,
                    help="OUTxIN layer shapes (default: Llama-2-7B's on a GPU, 256x512 in the interpreter)")
-    p.add_argument("--tokens", type=_ints, default=None, help="batch sizes (default: 1,4,16,256 on a GPU)")
+    p.add_argument("--tokens", type=_ints, default=None, help="batch sizes (default: 1,4,16,64,256 on a GPU)")
     p.add_argument("--bf16", action="store_true", help="also bf16 activations")
     p.add_argument("--quick", action="store_true", help="2-bit only, the first shape")
 
