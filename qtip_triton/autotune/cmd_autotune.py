@@ -162,7 +162,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
               f"({len(errors)} failed to compile)", file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                   deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
-                  check=not args.no_check, quick=quick, screen=args.screen, seed=seed, planned=planned)
+                  check=not args.no_check, quick=quick, screen=args.screen, planned=planned)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),

@@ -246,11 +246,11 @@ def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
     """(token, block) rows from which :func:`transform` takes the stacked kernel by default for A of ``rp`` padded
     rows (``transpose``: an input transform, ``dst``: with a destination order); None: never. The measured
     thresholds (``STACK_MIN_ROWS_*``) unless ``QTIP_TRITON_HADAMARD_STACKED`` says otherwise."""
+    if rp > STACK_MAX_RP:
+        return None
     override = stack_override()
     if override is not None:
         return override or None
-    if rp > STACK_MAX_RP:
-        return None
     if not transpose:
         return STACK_MIN_ROWS_OUTPUT if rp >= 64 else STACK_MIN_ROWS_OUTPUT_SMALL_A
     if not dst:
@@ -267,7 +267,7 @@ def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int, trans
             raise ValueError(f"the stacked Hadamard kernel takes blocks whose row factor pads to at most "
                              f"{STACK_MAX_RP} rows, this one pads to {rp}")
         return bool(stacked)
-    if rp > STACK_MAX_RP or any(v is not None for v in variant):
+    if any(v is not None for v in variant):
         return False
     lo = stack_min_rows(transpose, dst, rp)
     return lo is not None and rows >= lo
