@@ -49,6 +49,28 @@ def disabled_from_env() -> frozenset[str]:
 
 
 @dataclass(frozen=True)
+class LayerGeometry:
+    """What a layer's transforms compile by, beside the decode kernel's (spec, shape, config): the feature
+    counts and how many blocks each transform is block-diagonal over (1 for a whole QTIP matrix)."""
+
+    in_features: int
+    out_features: int
+    blocks_in: int = 1
+    blocks_out: int = 1
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight) -> LayerGeometry:
+        return cls(qw.in_features, qw.out_features, qw.blocks("in"), qw.blocks("out"))
+
+
+def launch_class(bucket: int, rows: int) -> tuple:
+    """What a warm-up launch at ``rows`` reaches beyond its selection: the row class, and for a row count
+    :meth:`Registry.launches` added for the transforms (not one of ``warm_rows(bucket)``) the count itself,
+    so that warm-up bookkeeping and ``precompile``'s deduplication keep those launches apart."""
+    return (row_class(rows),) if rows in warm_rows(bucket) else (row_class(rows), rows)
+
+
+@dataclass(frozen=True)
 class Request:
     """What a layer asks for: a spec, its shape and a batch size (M rows of x)."""
 
@@ -301,10 +323,10 @@ class Registry:
         plan = self.plan(qw.spec, qw.out_features, qw.in_features, max_m)
         if warm:
             device = qw.trellis.device
-            for _, sel, rows in self.launches(plan):
+            for b, sel, rows in self.launches(plan, LayerGeometry.of(qw)):
                 for dtype in dtypes:
                     wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
-                            row_class(rows), dtype, bias)
+                            *launch_class(b, rows), dtype, bias)
                     if wkey in self._warm:
                         continue
                     x = torch.randn(rows, qw.in_features, device=device).to(dtype)
@@ -333,18 +355,31 @@ class Registry:
                                                        [b for b, _ in missing], "; ".join(reasons)))
         return plan
 
-    @staticmethod
-    def launches(plan: Mapping[int, Selection]) -> list[tuple[int, Selection, int]]:
+    def launches(self, plan: Mapping[int, Selection],
+                 geometry: LayerGeometry | None = None) -> list[tuple[int, Selection, int]]:
         """``(bucket, selection, rows)`` of every launch that reaches a compiled variant of ``plan``.
 
         Triton compiles a separate binary per class of an integer argument (``== 1``, a multiple of 16,
         other: :func:`~qtip_triton.autotune.buckets.row_class`), so each bucket's selection is launched
         at one row count of every class the bucket spans (:func:`~qtip_triton.autotune.buckets.warm_rows`);
-        a selection borrowed from another bucket is launched at *this* bucket's rows. The reference
-        kernel compiles nothing and is left out. The one list both :meth:`prepare` (warming) and
-        ``precompile`` (filling Triton's cache) follow.
+        a selection borrowed from another bucket is launched at *this* bucket's rows. With the layer's
+        ``geometry``, also at each row count where the forward's transforms switch variants inside the
+        bucket (the kernel package's ``transform_rows``; :func:`launch_class` tells those apart). The
+        reference kernel compiles nothing and is left out. The one list both :meth:`prepare` (warming)
+        and ``precompile`` (filling Triton's cache) follow.
         """
-        return [(b, sel, rows) for b, sel in plan.items() if sel.kind != REFERENCE for rows in warm_rows(b)]
+        extra = getattr(self.api, "transform_rows", None) if geometry is not None else None
+        out = []
+        for b, sel in plan.items():
+            if sel.kind == REFERENCE:
+                continue
+            rows = set(warm_rows(b))
+            if extra is not None:
+                lo = b if b <= 2 else b // 2 + 1
+                rows.update(extra(sel.kind, geometry.in_features, geometry.out_features, geometry.blocks_in,
+                                  geometry.blocks_out, lo, b))
+            out += [(b, sel, r) for r in sorted(rows)]
+        return out
 
 
 # ------------------------------------------------------------------------------------------ default instance

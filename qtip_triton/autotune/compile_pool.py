@@ -29,6 +29,7 @@ class CompileJob:
     M: int
     kind: str
     config: tuple  # config_key(config): hashable and picklable
+    variant: tuple = ()  # more that selects compiled variants at this M (the transforms: Registry.launch_class)
 
     @property
     def layer_key(self) -> tuple[str, int, int]:
@@ -36,8 +37,9 @@ class CompileJob:
 
 
 def variant_key(job: CompileJob) -> tuple:
-    """What Triton compiles separately, shape aside: kernel kind, spec, config and the row-count class."""
-    return job.kind, job.spec, job.config, row_class(job.M)
+    """What Triton compiles separately, shape aside: kernel kind, spec, config and the row-count class (and the
+    job's ``variant``: a row count chosen for the transforms' own variants)."""
+    return (job.kind, job.spec, job.config, row_class(job.M)) + job.variant
 
 
 def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJob]:
@@ -56,8 +58,9 @@ def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJ
     return out
 
 
-def make_job(spec, out_features: int, in_features: int, M: int, kind: str, config: Config) -> CompileJob:
-    return CompileJob(getattr(spec, "name", spec), out_features, in_features, M, kind, config_key(config))
+def make_job(spec, out_features: int, in_features: int, M: int, kind: str, config: Config,
+             variant: tuple = ()) -> CompileJob:
+    return CompileJob(getattr(spec, "name", spec), out_features, in_features, M, kind, config_key(config), variant)
 
 
 def resolve(path: str) -> Callable[..., Any]:

@@ -14,7 +14,10 @@ Contract asked of ``qtip_triton.kernels`` (names it must export):
 - ``prepare(qw)`` (optional): load-time work on a layer (repacking etc.); may return the object to
   pass to ``launch`` instead of ``qw``.
 - optional: ``can_implement(kind, spec, m, n, M) -> (ok, reason)``, ``default_kind(spec, m, n, M)``,
-  ``CONFIG_VERSION`` (str; bump when a config key changes meaning: older tuned files go stale).
+  ``CONFIG_VERSION`` (str; bump when a config key changes meaning: older tuned files go stale),
+  ``transform_rows(kind, in_features, out_features, blocks_in, blocks_out, lo, hi) -> tuple[int, ...]``
+  (row counts in ``lo..hi`` at which a launch's other kernels, e.g. its transforms, switch variants:
+  warmed and precompiled beside each bucket's own rows).
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ class ModuleKernelAPI:
 
     def launch(self, kind, x, qw, config, bias=None):
         return self.module.launch(kind, x, qw, dict(config), bias)
+
+    def transform_rows(self, kind, in_features, out_features, blocks_in, blocks_out, lo, hi) -> tuple[int, ...]:
+        fn = getattr(self.module, "transform_rows", None)
+        return () if fn is None else tuple(fn(kind, in_features, out_features, blocks_in, blocks_out, lo, hi))
 
     def prepare(self, qw):
         """The kernel package's load-time work; returns what to launch with (``qw`` itself if nothing changed)."""

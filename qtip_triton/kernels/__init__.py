@@ -26,12 +26,14 @@ under ``TRITON_INTERPRET=1`` (tests); :func:`kernels_available` says why not els
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
+from qtip_triton.autotune.buckets import row_class
 from qtip_triton.kernels import hadamard, mma_layout
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
@@ -72,6 +74,7 @@ __all__ = [
     "kernels_available",
     "launch",
     "prepare",
+    "transform_rows",
 ]
 
 
@@ -99,6 +102,38 @@ def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtyp
         return x_dtype
     cfgs = list(configs)
     return torch.float16 if cfgs and all(c.get("mma") or c.get("hfma") for c in cfgs) else torch.float32
+
+
+@functools.lru_cache(maxsize=4096)
+def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int,
+                   lo: int, hi: int) -> tuple[int, ...]:
+    """Row counts in ``lo..hi`` that reach every compiled variant of the two transforms a ``kind`` launch on
+    a (``out_features`` x ``in_features``) layer makes: the smallest M of each distinct pair of
+    :func:`hadamard.launch_key` (input transform into the kernel's order, natural order for decompress;
+    output transform), with M's row class.
+
+    Why: the transforms switch kernels at token counts of their own (stacked from 128-1024 rows by
+    direction, the column split, the tall kernel), not at the decode kernel's buckets, so warming one M per
+    row class left some to compile on first use: a precompiled cache still compiled 73 files of them in a
+    fresh process's first forwards (H100, 2026-12-05, ``bench/cold_start.py``). ``()`` when the reference
+    transform serves the layer (nothing of it compiles).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if not 1 <= lo <= hi:
+        raise ValueError(f"expected 1 <= lo <= hi, got {lo}..{hi}")
+    try:
+        hadamard.launch_key(in_features, blocks_in, lo)
+        hadamard.launch_key(out_features, blocks_out, lo)
+    except ValueError:  # no Hadamard kernel for this size
+        return ()
+    dst = kind != "decompress"
+    first: dict[tuple, int] = {}
+    for M in range(lo, hi + 1):
+        key = (row_class(M), hadamard.launch_key(in_features, blocks_in, M, transpose=True, dst=dst),
+               hadamard.launch_key(out_features, blocks_out, M))
+        first.setdefault(key, M)
+    return tuple(sorted(first.values()))
 
 
 def h_order(kind: str, configs: Iterable[Mapping[str, Any]]) -> str:

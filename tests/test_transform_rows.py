@@ -1,0 +1,91 @@
+"""Warm-up and precompile reach the transforms' own variants: the row counts where a forward's Hadamard
+transforms switch kernels inside an M bucket are launched beside the bucket's row classes.
+
+Why: a fresh process on a precompiled cache still compiled 73 files of transform variants in its first
+forwards (H100, 2026-12-05, bench/cold_start.py), because one M per row class reached the decode kernel's
+variants but not the transforms' (stacked from 128 rows, tall, column split)."""
+
+from __future__ import annotations
+
+import pytest
+from test_registry import H100, VERS, write
+
+from qtip_triton import kernels
+from qtip_triton import registry as reg
+from qtip_triton.autotune import cmd_precompile as pc
+from qtip_triton.autotune import store as st
+from qtip_triton.autotune.buckets import bucket_for, buckets_upto, row_class, warm_rows
+from qtip_triton.autotune.kernel_api import load_kernel_api
+from qtip_triton.autotune.lookup import ConfigStore
+from qtip_triton.kernels import hadamard
+from qtip_triton.spec import TrellisSpec
+
+SPEC = TrellisSpec(16, 2, 2, "hyb", 9)
+LLAMA = [(12288, 4096), (4096, 11008), (28672, 8192)]  # out x in
+
+
+def transform_key(kind: str, out_f: int, in_f: int, M: int) -> tuple:
+    return (row_class(M), hadamard.launch_key(in_f, 1, M, transpose=True, dst=kind != "decompress"),
+            hadamard.launch_key(out_f, 1, M))
+
+
+def bucket_range(b: int) -> range:
+    return range(b, b + 1) if b <= 2 else range(b // 2 + 1, b + 1)
+
+
+@pytest.mark.parametrize("kind", ["gemv", "decompress"])
+@pytest.mark.parametrize("shape", LLAMA)
+def test_every_row_count_meets_a_warmed_variant(kind, shape):
+    out_f, in_f = shape
+    for b in buckets_upto(512):
+        rows = kernels.transform_rows(kind, in_f, out_f, 1, 1, bucket_range(b)[0], b)
+        assert set(rows) <= set(bucket_range(b))
+        keys = [transform_key(kind, out_f, in_f, r) for r in rows]
+        assert len(set(keys)) == len(keys), (b, rows)  # one row count per variant, no more
+        for M in bucket_range(b):
+            assert transform_key(kind, out_f, in_f, M) in keys, (b, M)
+
+
+def test_the_transforms_switch_inside_buckets():
+    """Not vacuous: at Llama shapes some buckets hold more transform variants than row classes (the stacked
+    output transform starts at 128 rows, inside bucket 128, whose row classes 65 and 80 miss it)."""
+    extra = {b: set(kernels.transform_rows("gemv", 4096, 12288, 1, 1, bucket_range(b)[0], b)) - set(warm_rows(b))
+             for b in buckets_upto(256)}
+    assert 128 in extra[128]
+    assert hadamard.launch_key(12288, 1, 128)[0] == "stacked" != hadamard.launch_key(12288, 1, 80)[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown kernel kind"):
+        kernels.transform_rows("gemx", 4096, 4096, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="lo <= hi"):
+        kernels.transform_rows("gemv", 4096, 4096, 1, 1, 5, 4)
+    assert kernels.transform_rows("gemv", 4096, 97, 1, 1, 1, 8) == ()  # no Hadamard kernel for 97: reference
+
+
+def test_registry_launches_cover_every_row_count(tmp_path):
+    """prepare()'s launch list (with the layer's geometry) reaches, for every M up to max_m, M's decode
+    variant (bucket selection, row class) and M's transform variants."""
+    store = ConfigStore(H100, VERS, user_dir=tmp_path / "user", shipped=tmp_path / "shipped")
+    r = reg.Registry(load_kernel_api(), device=H100, store=store)
+    out_f, in_f = 12288, 4096
+    with pytest.warns(st.AutotuneWarning):  # no tuned file: heuristic defaults
+        plan = r.plan(SPEC, out_f, in_f, 256)
+    launched = {(b, transform_key(sel.kind, out_f, in_f, rows))
+                for b, sel, rows in r.launches(plan, reg.LayerGeometry(in_f, out_f))}
+    for M in range(1, 257):
+        b = bucket_for(M)
+        assert (b, transform_key(plan[b].kind, out_f, in_f, M)) in launched, M
+    # without the geometry only the row classes are launched (the kernel-agnostic list)
+    assert len(r.launches(plan)) < len(r.launches(plan, reg.LayerGeometry(in_f, out_f)))
+
+
+def test_precompile_keeps_the_transform_rows(tmp_path):
+    """precompile's jobs carry the transform row counts, and its per-shape dedupe does not fold them into the
+    bucket's row-class job."""
+    write(tmp_path / "t.yaml", [st.Entry(st.EntryKey(SPEC.name, 12288, 4096, 128), "decompress", {"BLOCK_N": 64,
+                                         "BLOCK_K": 256, "num_warps": 4}, 1.0, "decompress", 1.0)])
+    plan = pc.plan_precompile([st.load(tmp_path / "t.yaml")], load_kernel_api(), max_m=128)
+    assert {j.M for j in plan.jobs if bucket_for(j.M) == 128} == {65, 80, 128}
+    (job,) = [j for j in plan.variants if j.M == 128]  # same config and row class as 80, kept apart
+    assert job.variant == (128,) and [j.variant for j in plan.jobs if j.M == 80] == [()]
