@@ -64,7 +64,9 @@ def _autotune(device: DeviceInfo | None, versions: SoftwareVersions) -> dict[str
     shipped = shipped_dir()
     for path in sorted(shipped.glob("*.yaml")) if shipped.is_dir() else []:
         files.append({"source": "shipped", **_judge(path, device, versions)})
-    used = [f for f in files if f["status"] in ("exact", "family")]
+    # in the registry's lookup order (autotune/lookup.py): the user cache, then exact files, then same-family ones
+    used = sorted((f for f in files if f["status"] in ("exact", "family")),
+                  key=lambda f: (f["source"] != "user cache", f["status"] != "exact"))
     if device is None:
         verdict = "no CUDA GPU: autotune files are not used"
     elif used:

@@ -1,6 +1,7 @@
 """qtip-triton info: versions, device, kernel path, which autotune files apply and why, plugin, switches."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,10 +44,12 @@ def test_which_files_apply_and_why(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(info, "current_versions", shipped_versions)
     facts = info.collect()
-    files = {f["source"]: f for f in facts["autotune"]["files"]}
+    files = {Path(f["path"]).name if f["source"] == "shipped" else f["source"]: f for f in facts["autotune"]["files"]}
     assert files["user cache"]["status"] == "absent"
-    assert files["shipped"]["status"] == "exact" and files["shipped"]["entries"] == 819
-    assert facts["autotune"]["verdict"] == "configs from shipped h200.yaml (exact)"
+    assert files["h200.yaml"]["status"] == "exact" and files["h200.yaml"]["entries"] == 819
+    assert files["h100.yaml"]["status"] == "family"
+    # the registry's lookup order: the exact file before the same-family one, whatever their names' order
+    assert facts["autotune"]["verdict"] == "configs from shipped h200.yaml (exact), then shipped h100.yaml (family)"
     # a corrupt user cache is named and ignored; a Triton upgrade makes the shipped file out of date
     (tmp_path / "autotune").mkdir()
     (tmp_path / "autotune" / "h200.yaml").write_text("format: [not, a, tune, file")
@@ -54,21 +57,25 @@ def test_which_files_apply_and_why(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(info, "current_versions", lambda: SoftwareVersions("9.9.0", v.torch, v.package, v.kernels))
     assert cli.main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
-    user, shipped = facts["autotune"]["files"]
+    user, *shipped = facts["autotune"]["files"]
     assert user["source"] == "user cache" and user["status"] == "ignored" and "unreadable" in user["why"]
-    assert shipped["status"] == "ignored" and "out of date: tuned with Triton" in shipped["why"]
+    assert shipped and all(f["status"] == "ignored" and "out of date: tuned with Triton" in f["why"] for f in shipped)
     assert "no autotune file applies" in facts["autotune"]["verdict"] and "--gpu h200" in facts["autotune"]["verdict"]
     assert facts["device"] == {"name": "NVIDIA H200", "short": "h200", "family": "sm90", "sm_count": 132}
 
 
-@pytest.mark.parametrize("name,status", [("NVIDIA H100 80GB HBM3", "family"), ("NVIDIA A100-SXM4-80GB", "ignored")])
-def test_other_gpus(monkeypatch, tmp_path, name, status):
-    cap = (9, 0) if "H100" in name else (8, 0)
+@pytest.mark.parametrize("name,statuses", [
+    ("NVIDIA H100 80GB HBM3", {"h100.yaml": "exact", "h200.yaml": "family"}),
+    ("NVIDIA H200", {"h100.yaml": "family", "h200.yaml": "exact"}),
+    ("NVIDIA A100-SXM4-80GB", {"h100.yaml": "ignored", "h200.yaml": "ignored"}),
+])
+def test_other_gpus(monkeypatch, tmp_path, name, statuses):
+    cap = (8, 0) if "A100" in name else (9, 0)
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo(name, cap, 132 if cap == (9, 0) else 108))
     monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(info, "current_versions", shipped_versions)
     shipped = [f for f in info.collect()["autotune"]["files"] if f["source"] == "shipped"]
-    assert [f["status"] for f in shipped] == [status]
+    assert {Path(f["path"]).name: f["status"] for f in shipped} == statuses
     assert current_versions().package == info.__version__
 
 
