@@ -42,9 +42,12 @@ def init_dist(world_size: int = 1, rank: int = 0, init_file: str | None = None) 
     stack = contextlib.ExitStack()
     stack.enter_context(set_current_vllm_config(VllmConfig()))
     if init_file is None:
+        import shutil
         import tempfile
 
-        init_file = os.path.join(tempfile.mkdtemp(), "dist")
+        init_dir = tempfile.mkdtemp(prefix="qtip_dist_")
+        stack.callback(shutil.rmtree, init_dir, ignore_errors=True)  # closed with the groups' context
+        init_file = os.path.join(init_dir, "dist")
     init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
                                  distributed_init_method=f"file://{init_file}", backend="gloo")
     initialize_model_parallel(tensor_model_parallel_size=world_size)
@@ -137,12 +140,19 @@ def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_
 
 def run_tp(jobs: list[dict], world_size: int = 2, timeout: float = 600) -> dict[str, dict]:
     """Run ``jobs`` on ``world_size`` spawned processes sharing one vLLM import each."""
+    import shutil
     import tempfile
 
     import torch.multiprocessing as mp
 
-    out_dir = tempfile.mkdtemp()
-    ctx = mp.get_context("spawn")
+    out_dir = tempfile.mkdtemp(prefix="qtip_tp_")
+    try:
+        return _run_tp_in(out_dir, jobs, world_size, timeout, mp.get_context("spawn"))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the rendezvous file and each rank's results
+
+
+def _run_tp_in(out_dir: str, jobs: list[dict], world_size: int, timeout: float, ctx) -> dict[str, dict]:
     procs = [ctx.Process(target=tp_worker, args=(r, world_size, os.path.join(out_dir, "dist"), jobs, out_dir))
              for r in range(world_size)]
     for p in procs:
