@@ -55,6 +55,18 @@ def test_the_transforms_switch_inside_buckets():
     assert hadamard.launch_key(12288, 1, 128)[0] == "stacked" != hadamard.launch_key(12288, 1, 80)[0]
 
 
+def test_switches_flipped_in_process_are_honoured(monkeypatch):
+    """The rows follow the transforms' switches as they are now, not as they were at the first call (cached)."""
+    default = kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128)
+    assert 128 in default  # the stacked output transform starts there
+    monkeypatch.setenv(hadamard.STACK_ENV, "0")  # neither the stacked nor the tall kernel: per-token at 65-128
+    monkeypatch.setenv(hadamard.NO_TALL_ENV, "1")
+    assert 128 not in kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128)
+    monkeypatch.delenv(hadamard.STACK_ENV)
+    monkeypatch.delenv(hadamard.NO_TALL_ENV)
+    assert kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128) == default
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown kernel kind"):
         kernels.transform_rows("gemx", 4096, 4096, 1, 1, 1, 1)

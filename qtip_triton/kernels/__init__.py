@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -104,7 +105,6 @@ def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtyp
     return torch.float16 if cfgs and all(c.get("mma") or c.get("hfma") for c in cfgs) else torch.float32
 
 
-@functools.lru_cache(maxsize=4096)
 def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int,
                    lo: int, hi: int) -> tuple[int, ...]:
     """Row counts in ``lo..hi`` that reach every compiled variant of the two transforms a ``kind`` launch on
@@ -122,6 +122,15 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
         raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     if not 1 <= lo <= hi:
         raise ValueError(f"expected 1 <= lo <= hi, got {lo}..{hi}")
+    # the launch choices read QTIP_TRITON_* switches at every call (a benchmark flips them between engines in
+    # one process), so they are part of the cache key; a layer geometry costs ~6 µs per row count otherwise
+    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
+    return _transform_rows(kind, in_features, out_features, blocks_in, blocks_out, lo, hi, switches)
+
+
+@functools.lru_cache(maxsize=4096)
+def _transform_rows(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int, lo: int, hi: int,
+                    switches: tuple) -> tuple[int, ...]:
     try:
         hadamard.launch_key(in_features, blocks_in, lo)
         hadamard.launch_key(out_features, blocks_out, lo)
