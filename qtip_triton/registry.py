@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, buckets_upto, row_class, warm_rows
+from qtip_triton.autotune.buckets import M_BUCKETS, bucket_for, bucket_rows, buckets_upto, row_class, warm_rows
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, current_device, current_versions
 from qtip_triton.autotune.kernel_api import KernelAPI, KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
@@ -375,9 +375,8 @@ class Registry:
                 continue
             rows = set(warm_rows(b))
             if extra is not None:
-                lo = b if b <= 2 else b // 2 + 1
                 rows.update(extra(sel.kind, geometry.in_features, geometry.out_features, geometry.blocks_in,
-                                  geometry.blocks_out, lo, b))
+                                  geometry.blocks_out, bucket_rows(b).start, b))
             out += [(b, sel, r) for r in sorted(rows)]
         return out
 

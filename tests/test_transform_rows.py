@@ -14,7 +14,7 @@ from qtip_triton import kernels
 from qtip_triton import registry as reg
 from qtip_triton.autotune import cmd_precompile as pc
 from qtip_triton.autotune import store as st
-from qtip_triton.autotune.buckets import bucket_for, buckets_upto, row_class, warm_rows
+from qtip_triton.autotune.buckets import bucket_for, bucket_rows, buckets_upto, row_class, warm_rows
 from qtip_triton.autotune.kernel_api import load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
 from qtip_triton.kernels import hadamard
@@ -29,27 +29,23 @@ def transform_key(kind: str, out_f: int, in_f: int, M: int) -> tuple:
             hadamard.launch_key(out_f, 1, M))
 
 
-def bucket_range(b: int) -> range:
-    return range(b, b + 1) if b <= 2 else range(b // 2 + 1, b + 1)
-
-
 @pytest.mark.parametrize("kind", ["gemv", "decompress"])
 @pytest.mark.parametrize("shape", LLAMA)
 def test_every_row_count_meets_a_warmed_variant(kind, shape):
     out_f, in_f = shape
     for b in buckets_upto(512):
-        rows = kernels.transform_rows(kind, in_f, out_f, 1, 1, bucket_range(b)[0], b)
-        assert set(rows) <= set(bucket_range(b))
+        rows = kernels.transform_rows(kind, in_f, out_f, 1, 1, bucket_rows(b)[0], b)
+        assert set(rows) <= set(bucket_rows(b))
         keys = [transform_key(kind, out_f, in_f, r) for r in rows]
         assert len(set(keys)) == len(keys), (b, rows)  # one row count per variant, no more
-        for M in bucket_range(b):
+        for M in bucket_rows(b):
             assert transform_key(kind, out_f, in_f, M) in keys, (b, M)
 
 
 def test_the_transforms_switch_inside_buckets():
     """Not vacuous: at Llama shapes some buckets hold more transform variants than row classes (the stacked
     output transform starts at 128 rows, inside bucket 128, whose row classes 65 and 80 miss it)."""
-    extra = {b: set(kernels.transform_rows("gemv", 4096, 12288, 1, 1, bucket_range(b)[0], b)) - set(warm_rows(b))
+    extra = {b: set(kernels.transform_rows("gemv", 4096, 12288, 1, 1, bucket_rows(b)[0], b)) - set(warm_rows(b))
              for b in buckets_upto(256)}
     assert 128 in extra[128]
     assert hadamard.launch_key(12288, 1, 128)[0] == "stacked" != hadamard.launch_key(12288, 1, 80)[0]

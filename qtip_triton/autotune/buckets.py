@@ -73,11 +73,17 @@ def row_class(rows: int) -> str:
     return "one" if rows == 1 else ("div16" if rows % 16 == 0 else "other")
 
 
+def bucket_rows(bucket: int) -> range:
+    """The row counts a bucket serves: (bucket/2, bucket] (bucket 1 and 2: themselves). The last bucket also
+    serves every M above it (:func:`bucket_for` caps at 4096); warm-ups stop at the bucket itself."""
+    return range(bucket, bucket + 1) if bucket <= 2 else range(bucket // 2 + 1, bucket + 1)
+
+
 def warm_rows(bucket: int) -> tuple[int, ...]:
     """Row counts that reach every compiled variant a bucket can hit: one M of each :func:`row_class`
     present in (bucket/2, bucket], the smallest (cheapest to launch)."""
     if bucket <= 2:
         return (bucket,)
-    lo = bucket // 2 + 1
+    lo = bucket_rows(bucket).start
     first16 = -(-lo // 16) * 16
     return (lo, first16) if first16 <= bucket else (lo,)
