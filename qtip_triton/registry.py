@@ -70,6 +70,13 @@ def launch_class(bucket: int, rows: int) -> tuple:
     return (row_class(rows),) if rows in warm_rows(bucket) else (row_class(rows), rows)
 
 
+def warm_key(sel: Selection, qw: QuantizedWeight, bucket: int, rows: int, dtype: torch.dtype, bias: bool) -> tuple:
+    """What one warm-up launch of :meth:`Registry.prepare` compiled (its ``_warm`` set), so that the vLLM compile
+    pool (``autotune/warmup_pool.py``) skips exactly what this process has already warmed."""
+    return (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), *launch_class(bucket, rows),
+            dtype, bias)
+
+
 @dataclass(frozen=True)
 class Request:
     """What a layer asks for: a spec, its shape and a batch size (M rows of x)."""
@@ -325,8 +332,7 @@ class Registry:
             device = qw.trellis.device
             for b, sel, rows in self.launches(plan, LayerGeometry.of(qw)):
                 for dtype in dtypes:
-                    wkey = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config),
-                            *launch_class(b, rows), dtype, bias)
+                    wkey = warm_key(sel, qw, b, rows, dtype, bias)
                     if wkey in self._warm:
                         continue
                     x = torch.randn(rows, qw.in_features, device=device).to(dtype)

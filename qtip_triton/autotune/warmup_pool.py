@@ -53,11 +53,17 @@ from typing import Any
 
 import torch
 
-from qtip_triton.autotune.buckets import row_class
-from qtip_triton.autotune.compile_pool import CompileJob, compile_all, dedupe, default_workers, make_job, resolve
-from qtip_triton.autotune.kernel_api import config_key
+from qtip_triton.autotune.compile_pool import (
+    CompileJob,
+    compile_all,
+    dedupe,
+    default_workers,
+    make_job,
+    resolve,
+    variant_key,
+)
 from qtip_triton.autotune.tuner import RandomWorkload
-from qtip_triton.registry import LayerGeometry, launch_class
+from qtip_triton.registry import LayerGeometry, launch_class, warm_key
 
 JOBS_ENV = "QTIP_TRITON_WARMUP_JOBS"
 TIMEOUT_ENV = "QTIP_TRITON_WARMUP_TIMEOUT"
@@ -221,8 +227,7 @@ def _layer_key(qw, dtype, bias: bool, max_m: int, wl: ShardWorkload) -> tuple:
 
 
 def _variant_key(job: CompileJob, wl: ShardWorkload, bias: bool) -> tuple:
-    return (job.kind, job.spec, job.config, row_class(job.M), *job.variant, job.out_features, job.in_features, wl,
-            bias)
+    return (*variant_key(job), job.out_features, job.in_features, wl, bias)
 
 
 def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int) -> Plan:
@@ -243,11 +248,10 @@ def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: 
         layers += 1
         plan = reg.plan(qw.spec, qw.out_features, qw.in_features, max_m)
         for b, sel, rows in reg.launches(plan, LayerGeometry.of(qw)):
-            cls = launch_class(b, rows)
-            warm = (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), *cls, dtype, bias)
-            if warm in getattr(reg, "_warm", ()):
+            if warm_key(sel, qw, b, rows, dtype, bias) in getattr(reg, "_warm", ()):
                 continue
-            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config), cls[1:])
+            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config),
+                           launch_class(b, rows)[1:])
             if _variant_key(job, wl, bias) in _submitted:
                 continue
             groups.setdefault((wl, bias), Group(wl, bias)).jobs.append(job)

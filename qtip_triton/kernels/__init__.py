@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from qtip_triton.autotune.buckets import row_class
 from qtip_triton.kernels import hadamard, mma_layout
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
@@ -131,18 +130,10 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
 @functools.lru_cache(maxsize=4096)
 def _transform_rows(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int, lo: int, hi: int,
                     switches: tuple) -> tuple[int, ...]:
-    try:
-        hadamard.launch_key(in_features, blocks_in, lo)
-        hadamard.launch_key(out_features, blocks_out, lo)
-    except ValueError:  # no Hadamard kernel for this size
+    transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
+    if not hadamard.has_kernels(transforms):
         return ()
-    dst = kind != "decompress"
-    first: dict[tuple, int] = {}
-    for M in range(lo, hi + 1):
-        key = (row_class(M), hadamard.launch_key(in_features, blocks_in, M, transpose=True, dst=dst),
-               hadamard.launch_key(out_features, blocks_out, M))
-        first.setdefault(key, M)
-    return tuple(sorted(first.values()))
+    return tuple(hadamard.first_tokens(transforms, range(lo, hi + 1)))
 
 
 def h_order(kind: str, configs: Iterable[Mapping[str, Any]]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterable
 
 import torch
 import triton
@@ -318,6 +319,32 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     _, col_split, nsplit, _ = _had2_launch(max(groups, 1) * rows, tokens, 2, rp, cp, min(rp, 32), min(cp, 32),
                                            None, None)
     return ("had2", col_split, nsplit > 0, row_class(tokens), _zb_first(None, col_split, rp))
+
+
+Transform = tuple[int, int, int, bool, bool]  # launch_key's (n, blocks, groups, transpose, dst)
+
+
+def has_kernels(transforms: Iterable[Transform]) -> bool:
+    """Whether every one of ``transforms`` runs a kernel of ours (False: the reference transform serves a size
+    without a Hadamard factorisation, and nothing of it compiles)."""
+    try:
+        for n, blocks, *_ in transforms:
+            _block_size(n, blocks)
+    except ValueError:
+        return False
+    return True
+
+
+def first_tokens(transforms: Iterable[Transform], tokens: Iterable[int],
+                 extra: Callable[[int], tuple] = lambda T: ()) -> list[int]:
+    """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, every transform's
+    :func:`launch_key` at T): one launch per compiled variant, what the warm-ups (``kernels.transform_rows``,
+    the vLLM op warm-up) launch so that no transform compiles during inference."""
+    order = sorted(transforms)
+    first: dict[tuple, int] = {}
+    for T in tokens:
+        first.setdefault((*extra(T), row_class(T), *(launch_key(n, b, T, g, t, d) for n, b, g, t, d in order)), T)
+    return sorted(first.values())
 
 
 def _tall_launch(rows: int, groups: int, rows_a: int, rp: int, cp: int,

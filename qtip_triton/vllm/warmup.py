@@ -117,7 +117,7 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
     128 (token, block) rows, 64 row programs) and Triton compiles a variant per integer class, so a
     prefill of, e.g., 135 tokens launched a transform that no power of two had compiled (a JIT stall
     seen in vLLM on the H200, 2026-11-29)."""
-    from qtip_triton.autotune.buckets import bucket_for, row_class
+    from qtip_triton.autotune.buckets import bucket_for
     from qtip_triton.kernels import hadamard as had
 
     G = len(shards)
@@ -128,17 +128,9 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
     for qw in shards:  # grouped output transforms (equal shards) and per-shard ones: both possible
         n_out, b_out = qw.out_features, qw.blocks("out")
         transforms |= {(n_out, b_out, G, False, False), (n_out, b_out, 1, False, False)}
-    try:
-        for n, blocks, *_ in transforms:
-            had._block_size(n, blocks)
-    except ValueError:  # the reference transform serves this layer: nothing of it compiles
+    if not had.has_kernels(transforms):  # the reference transform serves this layer: nothing of it compiles
         transforms = set()
-    order = sorted(transforms)
-    seen: dict[tuple, int] = {}
-    for M in range(1, min(max_m, MAX_WARM_TOKENS) + 1):
-        key = (bucket_for(M), row_class(M), *(had.launch_key(n, b, M, g, t, d) for n, b, g, t, d in order))
-        seen.setdefault(key, M)
-    return sorted(seen.values())
+    return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=lambda M: (bucket_for(M),))
 
 
 def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False) -> None:
