@@ -88,14 +88,24 @@ def linear_checks(specs: list[TrellisSpec], shapes, tokens, device: torch.device
                                 TOL_LINEAR[dt])
 
 
+def transform_variants(n: int) -> list[str]:
+    """The transform kernels (``TRANSFORM_VARIANTS``) that apply to blocks of ``n``: blocks without A (Sylvester
+    only) run one kernel whatever is asked, and A of more than ``STACK_MAX_RP`` padded rows is never stacked."""
+    from qtip_triton.kernels import hadamard as had
+
+    kh, p1, _ = had.factor(n)
+    if kh * p1 == 1:
+        return ["default"]
+    rp = had.padded_sizes(n)[0]
+    return [name for name in TRANSFORM_VARIANTS if name != "stacked" or rp <= had.STACK_MAX_RP]
+
+
 def transform_checks(sizes, tokens, device: torch.device, interpret: bool) -> Iterator[Check]:
     """Each transform kernel that applies to a size, input (SU, a destination order, fp16 out) and output (3 fp32
     split-K partials, SV, fp32 out) directions, against float64."""
     from qtip_triton.kernels import hadamard as had
 
     for n in sizes:
-        kh, p1, _ = had.factor(n)
-        rp = 0 if kh * p1 == 1 else had.padded_sizes(n)[0]  # 0: Sylvester-only blocks, no A
         for T in tokens:
             g = _generator(device)
             x = torch.randn(T, n, generator=g, device=device).half()
@@ -106,9 +116,8 @@ def transform_checks(sizes, tokens, device: torch.device, interpret: bool) -> It
             ref_in = torch.empty(T, n, dtype=torch.float64, device=device)
             ref_in[:, dst.long()] = ref_hadamard.apply_mt(x.double() * su.double())
             ref_out = ref_hadamard.apply_m(parts.double().sum(0)) * sv.double()
-            for name, kw in TRANSFORM_VARIANTS.items():
-                if name != "default" and (rp == 0 or (name == "stacked" and rp > had.STACK_MAX_RP)):
-                    continue  # blocks without A run one kernel whatever is asked; A of 512+ rows is never stacked
+            for name in transform_variants(n):
+                kw = TRANSFORM_VARIANTS[name]
                 y = had.transform(x, 1, transpose=True, pre=su, dst=dst, interpret=interpret, **kw)
                 yield Check(f"hadamard input {name}", f"n={n} T={T}", _rel(y, ref_in), TOL_INPUT)
                 y = had.transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, interpret=interpret,
@@ -174,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
           f"transforms at {sizes}", flush=True)
     start = time.monotonic()
     checks: list[Check] = []
-    total = len(specs) * len(shapes) * (1 + len(tokens) * len(dtypes)) + len(sizes) * len(tokens) * 8
+    total = (len(specs) * len(shapes) * (1 + len(tokens) * len(dtypes))
+             + sum(2 * len(tokens) * len(transform_variants(n)) for n in sizes))
     with tqdm(total=total, unit="check", disable=os.environ.get("QTIP_TRITON_NO_PROGRESS") == "1") as bar:
         for c in itertools.chain(linear_checks(specs, shapes, tokens, device, dtypes),
                                  transform_checks(sizes, tokens, device, interpret)):
