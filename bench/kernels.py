@@ -9,6 +9,8 @@ For each layer shape (out x in), K in {2, 3, 4} (L16 V2 hyb9, QTIP layout, rando
 * ratios fp16 / ours.
 
 Every number is the median of CUDA-graph replays with L2 flushed before each call (bench/common.py).
+``--rotate`` also times each of the three as back-to-back calls over weight copies that together
+exceed the L2 three times (``*_rot_us``, ``ratio_*_rot``; bench/common.py says why both).
 Writes ``<out>/<card>-<date>.{json,md}`` and prints the table. ``--explore`` also times a set of
 configs per kind at a few (shape, M) points, to pick better heuristics.
 
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, time_us, write_results  # noqa: E402
+from common import environment, rotation_copies, time_rotated_us, time_us, write_results  # noqa: E402
 
 from qtip_triton import QuantizedWeight, TrellisSpec, kernels  # noqa: E402
 from qtip_triton.bitstream import get_layout  # noqa: E402
@@ -74,7 +76,9 @@ TUNED = False  # --tuned: kind and config from the registry (the shipped autotun
 
 
 def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, config: dict | None = None,
-                full: bool = True) -> dict:
+                full: bool = True, rotation: tuple[list, list[torch.Tensor]] | None = None) -> dict:
+    """One (shape, K, M) cell; ``rotation`` = (prepared weight copies, fp16 weight copies) adds the
+    rotated times, each copy list starting with ``pw`` / ``w16``."""
     m, n = qw.out_features, qw.in_features
     if kind is None and TUNED:
         from qtip_triton.registry import lookup_config
@@ -93,7 +97,22 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     rec["ratio_kernel"] = rec["fp16_us"] / rec["kernel_us"]
     if full:
         rec["ratio_linear"] = rec["fp16_us"] / rec["linear_us"]
+    if rotation is not None:
+        pws, w16s = rotation
+        rec["copies"] = [len(pws), len(w16s)]
+        rec["kernel_rot_us"] = time_rotated_us([kernel_fn(kind, p, x, config) for p in pws])
+        if full:
+            rec["linear_rot_us"] = time_rotated_us([lambda p=p: kernels.launch(kind, x, p, config) for p in pws])
+        rec["fp16_rot_us"] = time_rotated_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s])
+        rec["ratio_kernel_rot"] = rec["fp16_rot_us"] / rec["kernel_rot_us"]
+        if full:
+            rec["ratio_linear_rot"] = rec["fp16_rot_us"] / rec["linear_rot_us"]
     return rec
+
+
+def weight_bytes(qw: QuantizedWeight) -> int:
+    """Bytes a decode kernel streams for ``qw``: its packed trellis."""
+    return qw.trellis.numel() * qw.trellis.element_size()
 
 
 def explore_configs(kind: str, m: int, n: int, M: int, spec, small: bool = False) -> list[dict]:
@@ -147,6 +166,19 @@ def markdown(env: dict, rows: list[dict], explore: list[dict]) -> str:
                      f"{r['kernel_us']:.1f} | "
                      f"{r.get('linear_us', float('nan')):.1f} | {r['fp16_us']:.1f} | {r['ratio_kernel']:.2f} | "
                      f"{r.get('ratio_linear', float('nan')):.2f} |")
+    rotated = [r for r in rows if "kernel_rot_us" in r]
+    if rotated:
+        lines += ["", "## Rotated weights (back-to-back calls in one graph, copies > 3x L2)", "",
+                  "Each call reads its own weight copy from DRAM; the L2 is not flushed, so no dirty lines "
+                  "are written back during the call and no graph launch falls between calls (as layers run "
+                  "in a served model). Copies: ours / fp16.", "",
+                  "| out x in | K | M | kind | copies | kernel µs | linear µs | fp16 µs | fp16/kernel | fp16/linear |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rotated:
+            lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {r['copies'][0]} / "
+                         f"{r['copies'][1]} | {r['kernel_rot_us']:.1f} | {r.get('linear_rot_us', float('nan')):.1f} | "
+                         f"{r['fp16_rot_us']:.1f} | {r['ratio_kernel_rot']:.2f} | "
+                         f"{r.get('ratio_linear_rot', float('nan')):.2f} |")
     if explore:
         lines += ["", "## Config exploration (kernel only)", "",
                   "| out x in | K | M | kind | config | kernel µs | fp16/kernel |", "|---|---|---|---|---|---|---|"]
@@ -170,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--explore-M", default="1,4,16,256", help="batch sizes explored with --explore")
     ap.add_argument("--small-explore", action="store_true", help="a handful of alternative configs only")
     ap.add_argument("--explore-K", default="2", help="K values explored with --explore")
+    ap.add_argument("--rotate", action="store_true",
+                    help="also time back-to-back calls over weight copies > 3x L2 (no flush; bench/common.py)")
     ap.add_argument("--exl3", default=None,
                     help="EXL3 codes (e.g. mcg,mul1): time L16 V1 exl3-layout weights instead of QTIP's hyb9")
     args = ap.parse_args(argv)
@@ -199,16 +233,23 @@ def main(argv: list[str] | None = None) -> int:
         qw = random_weight(m, n, K, exl3_code=code)
         pw = prepare(qw)
         w16 = torch.randn(m, n, device="cuda").half()
+        rotation = None
+        if args.rotate:
+            pws = [pw] + [prepare(random_weight(m, n, K, seed=i, exl3_code=code))
+                          for i in range(1, rotation_copies(weight_bytes(qw)))]
+            w16s = [w16] + [torch.randn(m, n, device="cuda").half() for _ in range(1, rotation_copies(w16.nbytes))]
+            rotation = (pws, w16s)
         for M in Ms:
             try:
-                rows.append(bench_point(qw, pw, M, w16))
+                rows.append(bench_point(qw, pw, M, w16, rotation=rotation))
             except Exception as e:  # keep the rest of the table; the failure is recorded
                 rows.append({"m": m, "n": n, "K": K, "M": M, "kind": "?", "error": repr(e)[:300],
                              "kernel_us": float("nan"), "fp16_us": float("nan"), "ratio_kernel": float("nan")})
             r = rows[-1]
             print(f"{m}x{n} K={K} M={M} {r['kind']}: kernel {r['kernel_us']:.1f} linear {r.get('linear_us', 0):.1f} "
-                  f"fp16 {r['fp16_us']:.1f} -> {r['ratio_kernel']:.2f}x / {r.get('ratio_linear', 0):.2f}x",
-                  file=sys.stderr, flush=True)
+                  f"fp16 {r['fp16_us']:.1f} -> {r['ratio_kernel']:.2f}x / {r.get('ratio_linear', 0):.2f}x"
+                  + (f"; rotated {r['ratio_kernel_rot']:.2f}x / {r.get('ratio_linear_rot', 0):.2f}x"
+                     if "ratio_kernel_rot" in r else ""), file=sys.stderr, flush=True)
         explore_k = [int(v) for v in args.explore_K.split(",")]
         if args.explore and (m, n) == (8192, 8192) and K in explore_k:
             for M in [int(v) for v in args.explore_M.split(",")]:
@@ -225,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                             explore.append({"m": m, "n": n, "K": K, "M": M, "kind": kind, "config": cfg,
                                             "error": repr(e)[:300], "kernel_us": float("nan"),
                                             "ratio_kernel": float("nan")})
-        del qw, pw, w16
+        del qw, pw, w16, rotation
         torch.cuda.empty_cache()
     payload = {"env": env, "rows": rows, "explore": explore, "seconds": time.time() - t0}
     md = markdown(env, rows, explore)
