@@ -177,12 +177,18 @@ def child_main(a: argparse.Namespace) -> int:
                     rec["prepare_s"] = time.perf_counter() - t0
                     f1 = count_files(cache)
                     per = []
+                    compiled_at: dict[str, list[str]] = {}  # bucket -> kernels its first forward compiled
                     for b in buckets(a.max_m):
                         x = torch.randn(b, lay["in"], device=device).half()
+                        before = kernel_names(cache)
                         t0 = time.perf_counter()
                         prepared(x)
                         sync()
                         per.append(time.perf_counter() - t0)
+                        new = sorted(kernel_names(cache) - before)
+                        if new:
+                            compiled_at[str(b)] = [n.split("/", 1)[1] for n in new]
+                    rec["compiled_at"] = compiled_at
                     rec["forward_s"], rec["forward_max_s"] = sum(per), max(per)
                     f2 = count_files(cache)
                 rec["new_files_prepare"], rec["new_files_forward"] = f1 - f0, f2 - f1
@@ -204,6 +210,15 @@ def count_files(root: Path) -> int:
     """Files in a Triton cache dir (a new one = something was compiled)."""
     root = Path(root)
     return sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+def kernel_names(root: Path) -> set[str]:
+    """Compiled kernels in a Triton cache dir, as ``<cache entry>/<kernel name>`` (from the binaries' names)."""
+    root = Path(root)
+    if not root.is_dir():
+        return set()
+    return {f"{p.parent.name[:8]}/{p.stem}" for p in root.rglob("*.cubin")} | {
+        f"{p.parent.name[:8]}/{p.stem}" for p in root.rglob("*.hsaco")}
 
 
 def source_class(source: str, kind: str) -> str:
@@ -432,6 +447,10 @@ def markdown(report: dict[str, Any]) -> str:
             borrowed = [f"{b}: {k} {src}" for b, (k, src) in x["plan"].items() if not src.endswith(f"M<={b}")]
             lines += [f"JIT despite the cache in {x['spec']} {x['layer']}: buckets served by another bucket's "
                       f"entry or the heuristic: {'; '.join(borrowed) or 'none'}."]
+            at = x.get("compiled_at") or {}
+            if at:
+                lines += ["  First forwards that compiled (M: kernels): "
+                          + "; ".join(f"{b}: {', '.join(names)}" for b, names in at.items()) + "."]
     for name, ph in report["phases"].items():
         if ph.get("log_tail"):
             lines += ["", f"`{name}` process output (tail):", "", "```", ph["log_tail"].strip()[-800:], "```"]
