@@ -63,18 +63,11 @@ class LayerGeometry:
         return cls(qw.in_features, qw.out_features, qw.blocks("in"), qw.blocks("out"))
 
 
-def launch_class(bucket: int, rows: int) -> tuple:
-    """What a warm-up launch at ``rows`` reaches beyond its selection: the row class, and for a row count
-    :meth:`Registry.launches` added for the transforms (not one of ``warm_rows(bucket)``) the count itself,
-    so that warm-up bookkeeping and ``precompile``'s deduplication keep those launches apart."""
-    return (row_class(rows),) if rows in warm_rows(bucket) else (row_class(rows), rows)
-
-
-def warm_key(sel: Selection, qw: QuantizedWeight, bucket: int, rows: int, dtype: torch.dtype, bias: bool) -> tuple:
+def warm_key(sel: Selection, qw: QuantizedWeight, variant: tuple, dtype: torch.dtype, bias: bool) -> tuple:
     """What one warm-up launch of :meth:`Registry.prepare` compiled (its ``_warm`` set), so that the vLLM compile
-    pool (``autotune/warmup_pool.py``) skips exactly what this process has already warmed."""
-    return (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), *launch_class(bucket, rows),
-            dtype, bias)
+    pool (``autotune/warmup_pool.py``) skips exactly what this process has already warmed; ``variant``: the
+    launch's :meth:`Registry.launch_variant`."""
+    return (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), *variant, dtype, bias)
 
 
 @dataclass(frozen=True)
@@ -330,9 +323,11 @@ class Registry:
         plan = self.plan(qw.spec, qw.out_features, qw.in_features, max_m)
         if warm:
             device = qw.trellis.device
-            for b, sel, rows in self.launches(plan, LayerGeometry.of(qw)):
+            geometry = LayerGeometry.of(qw)
+            for b, sel, rows in self.launches(plan, geometry):
+                variant = self.launch_variant(sel, rows, geometry)
                 for dtype in dtypes:
-                    wkey = warm_key(sel, qw, b, rows, dtype, bias)
+                    wkey = warm_key(sel, qw, variant, dtype, bias)
                     if wkey in self._warm:
                         continue
                     x = torch.randn(rows, qw.in_features, device=device).to(dtype)
@@ -370,7 +365,7 @@ class Registry:
         at one row count of every class the bucket spans (:func:`~qtip_triton.autotune.buckets.warm_rows`);
         a selection borrowed from another bucket is launched at *this* bucket's rows. With the layer's
         ``geometry``, also at each row count where the forward's transforms switch variants inside the
-        bucket (the kernel package's ``transform_rows``; :func:`launch_class` tells those apart). The
+        bucket (the kernel package's ``transform_rows``; :meth:`launch_variant` tells those apart). The
         reference kernel compiles nothing and is left out. The one list both :meth:`prepare` (warming)
         and ``precompile`` (filling Triton's cache) follow.
         """
@@ -385,6 +380,18 @@ class Registry:
                                   geometry.blocks_out, bucket_rows(b).start, b))
             out += [(b, sel, r) for r in sorted(rows)]
         return out
+
+
+    def launch_variant(self, sel: Selection, rows: int, geometry: LayerGeometry | None = None) -> tuple:
+        """What tells the compiled variants of a launch of ``sel`` at ``rows`` apart beyond its selection: the row
+        class, and with the layer's ``geometry`` the kernel package's ``launch_variant`` (PDL mode, transform
+        variants). The key by which ``prepare``, the vLLM compile pool and ``precompile`` deduplicate launches;
+        the row class alone folded launches of one config from different buckets that reach different
+        compiled kernels (bench/jit_audit.py, H100, 2026-12-05)."""
+        fn = getattr(self.api, "launch_variant", None) if geometry is not None else None
+        extra = () if fn is None or sel.kind == REFERENCE else fn(
+            sel.kind, geometry.in_features, geometry.out_features, geometry.blocks_in, geometry.blocks_out, rows)
+        return (row_class(rows), *extra)
 
 
 # ------------------------------------------------------------------------------------------ default instance

@@ -7,6 +7,9 @@ variants but not the transforms' (stacked from 128 rows, tall, column split)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 from test_registry import H100, VERS, write
 
@@ -15,9 +18,9 @@ from qtip_triton import registry as reg
 from qtip_triton.autotune import cmd_precompile as pc
 from qtip_triton.autotune import store as st
 from qtip_triton.autotune.buckets import bucket_for, bucket_rows, buckets_upto, row_class, warm_rows
-from qtip_triton.autotune.kernel_api import load_kernel_api
+from qtip_triton.autotune.kernel_api import config_key, load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
-from qtip_triton.kernels import hadamard
+from qtip_triton.kernels import hadamard, pdl
 from qtip_triton.spec import TrellisSpec
 
 SPEC = TrellisSpec(16, 2, 2, "hyb", 9)
@@ -96,4 +99,75 @@ def test_precompile_keeps_the_transform_rows(tmp_path):
     plan = pc.plan_precompile([st.load(tmp_path / "t.yaml")], load_kernel_api(), max_m=128)
     assert {j.M for j in plan.jobs if bucket_for(j.M) == 128} == {65, 80, 128}
     (job,) = [j for j in plan.variants if j.M == 128]  # same config and row class as 80, kept apart
-    assert job.variant == (128,) and [j.variant for j in plan.jobs if j.M == 80] == [()]
+    (job80,) = [j for j in plan.jobs if j.M == 80]
+    assert job.variant != job80.variant and job.variant[0] == job80.variant[0] == pdl.launch_side(80)
+
+
+SHIPPED = Path(kernels.__file__).parents[1] / "autotune_configs"
+# layers whose first forwards compiled despite prepare() on the H100 (bench/jit_audit.py, 2026-12-05): buckets
+# sharing one config folded by the row class alone (4 and 8: PDL early / exit; 64..256: the stacked transform)
+JIT_AUDIT = [("L16K2V2-hyb9", 22016, 4096), ("L16K3V2-hyb9", 4096, 4096), ("L16K2V2-hyb9", 4096, 4096),
+             ("L16K4V2-hyb9", 22016, 4096)]
+
+
+def _shipped_registry(tmp_path):
+    store = ConfigStore(H100, VERS, user_dir=tmp_path / "user", shipped=SHIPPED)
+    return reg.Registry(load_kernel_api(), device=H100, store=store)
+
+
+@pytest.mark.parametrize(("spec", "out_f", "in_f"), JIT_AUDIT)
+def test_deduplicated_warm_up_reaches_every_batch_size(tmp_path, spec, out_f, in_f, monkeypatch):
+    """prepare()'s bookkeeping (warm_key of each launch, skipping keys already warmed) leaves no M up to max_m
+    whose launch has a key nobody warmed, with the shipped H100 plan, where buckets share configs."""
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)  # auto: early up to 4 tokens
+    r = _shipped_registry(tmp_path)
+    ts = TrellisSpec.parse(spec)
+    plan = r.plan(ts, out_f, in_f, 256)
+    assert all(s.source.startswith("shipped") for s in plan.values())
+    geo = reg.LayerGeometry(in_f, out_f)
+    layer = SimpleNamespace(spec=ts, out_features=out_f, in_features=in_f)
+
+    def compiled(sel, M):  # what a launch compiles: selection, row class, PDL mode and transform variants
+        return (sel.kind, config_key(sel.config), row_class(M),
+                *kernels.launch_variant(sel.kind, in_f, out_f, 1, 1, M))
+
+    keys, launched = set(), set()
+    for _, sel, rows in r.launches(plan, geo):  # prepare()'s loop: skip a launch whose warm key is done
+        key = reg.warm_key(sel, layer, r.launch_variant(sel, rows, geo), "fp16", False)
+        if key not in keys:
+            keys.add(key)
+            launched.add(compiled(sel, rows))
+    for M in range(1, 257):
+        assert compiled(plan[bucket_for(M)], M) in launched, M
+
+
+def test_launch_variant_tells_apart_what_the_row_class_folded(tmp_path, monkeypatch):
+    """Not vacuous: the two launches the H100 audit found compiling share a config and a row class with a
+    launch of another bucket, and differ in their variant (PDL mode; the stacked transform's row class)."""
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    r = _shipped_registry(tmp_path)
+    plan = r.plan(TrellisSpec.parse("L16K2V2-hyb9"), 22016, 4096, 256)
+    assert plan[2].config == plan[8].config  # one config: the old key folded M = 5 (exit) into M = 2 (early)
+    geo = reg.LayerGeometry(4096, 22016)
+    assert row_class(2) == row_class(5) and r.launch_variant(plan[2], 2, geo) != r.launch_variant(plan[8], 5, geo)
+    plan = r.plan(TrellisSpec.parse("L16K2V2-hyb9"), 4096, 4096, 256)
+    geo = reg.LayerGeometry(4096, 4096)
+    sel = plan[256]
+    assert sel.kind == "decompress" and hadamard.launch_key(4096, 1, 200, transpose=True) == ("stacked", "other")
+    folded = [b for b in buckets_upto(128) if plan[b].kind == sel.kind and plan[b].config == sel.config
+              and r.launch_variant(plan[b], bucket_rows(b)[0], geo) != r.launch_variant(sel, 200, geo)]
+    assert folded  # a smaller bucket's 'other' row count launched the same config without the stacked kernel
+
+
+def test_launch_variant_follows_the_pdl_switch(monkeypatch):
+    monkeypatch.setenv(pdl.PDL_ENV, "exit")
+    assert kernels.launch_variant("gemv", 4096, 4096, 1, 1, 3)[0] == kernels.launch_variant("gemv", 4096, 4096, 1, 1,
+                                                                                              5)[0] == 1
+    monkeypatch.setenv(pdl.PDL_ENV, "auto")
+    assert kernels.launch_variant("gemv", 4096, 4096, 1, 1, 4)[0] == 2
+    assert kernels.launch_variant("gemv", 4096, 4096, 1, 1, 5)[0] == 1
+    with pytest.raises(ValueError, match="unknown kernel kind"):
+        kernels.launch_variant("gemx", 4096, 4096, 1, 1, 1)
+    with pytest.raises(ValueError, match="rows >= 1"):
+        kernels.launch_variant("gemv", 4096, 4096, 1, 1, 0)
+    assert kernels.launch_variant("gemv", 4096, 97, 1, 1, 3) == (2,)  # reference transforms: only the PDL mode

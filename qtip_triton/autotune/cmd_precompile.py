@@ -33,7 +33,7 @@ from qtip_triton.autotune.device import DeviceInfo, check_gpu_name, current_devi
 from qtip_triton.autotune.kernel_api import KernelAPI, KernelsUnavailable, load_kernel_api
 from qtip_triton.autotune.lookup import ConfigStore
 from qtip_triton.autotune.store import AutotuneWarning, StoreError, TuneFile, load
-from qtip_triton.registry import HEURISTIC, REFERENCE, LayerGeometry, Registry, Request, launch_class
+from qtip_triton.registry import HEURISTIC, REFERENCE, LayerGeometry, Registry, Request
 from qtip_triton.spec import TrellisSpec
 
 DEFAULT_MAX_M = 256  # the vLLM warm-up's default (qtip_triton.vllm.warmup.DEFAULT_MAX_M): decode batches
@@ -152,8 +152,10 @@ def plan_precompile(files: Iterable[TuneFile | tuple[str, TuneFile]], api: Kerne
                 for bucket, sel in layer_plan.items():
                     plan.selections[REFERENCE if sel.kind == REFERENCE else origin(sel.source, bucket)] += 1
                 # the workers launch random QTIP-layout layers: whole-matrix transforms (one block each side)
-                for bucket, sel, rows in reg.launches(layer_plan, LayerGeometry(in_f, out_f)):
-                    job = make_job(spec, out_f, in_f, rows, sel.kind, dict(sel.config), launch_class(bucket, rows)[1:])
+                geometry = LayerGeometry(in_f, out_f)
+                for bucket, sel, rows in reg.launches(layer_plan, geometry):
+                    job = make_job(spec, out_f, in_f, rows, sel.kind, dict(sel.config),
+                                   reg.launch_variant(sel, rows, geometry)[1:])
                     plan.launches.append(PlannedLaunch(label, bucket, sel.source, job))
         for w in caught:
             if issubclass(w.category, AutotuneWarning):

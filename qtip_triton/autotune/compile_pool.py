@@ -29,7 +29,7 @@ class CompileJob:
     M: int
     kind: str
     config: tuple  # config_key(config): hashable and picklable
-    variant: tuple = ()  # more that selects compiled variants at this M (the transforms: Registry.launch_class)
+    variant: tuple = ()  # more that selects compiled variants at this M (PDL mode, transforms: Registry.launch_variant)
 
     @property
     def layer_key(self) -> tuple[str, int, int]:

@@ -17,7 +17,10 @@ Contract asked of ``qtip_triton.kernels`` (names it must export):
   ``CONFIG_VERSION`` (str; bump when a config key changes meaning: older tuned files go stale),
   ``transform_rows(kind, in_features, out_features, blocks_in, blocks_out, lo, hi) -> tuple[int, ...]``
   (row counts in ``lo..hi`` at which a launch's other kernels, e.g. its transforms, switch variants:
-  warmed and precompiled beside each bucket's own rows).
+  warmed and precompiled beside each bucket's own rows), and
+  ``launch_variant(kind, in_features, out_features, blocks_in, blocks_out, rows) -> tuple`` (what else
+  than the config and the row class tells the compiled variants of a launch of ``rows`` apart: the key
+  warm-ups deduplicate by).
 """
 
 from __future__ import annotations
@@ -98,6 +101,10 @@ class ModuleKernelAPI:
     def transform_rows(self, kind, in_features, out_features, blocks_in, blocks_out, lo, hi) -> tuple[int, ...]:
         fn = getattr(self.module, "transform_rows", None)
         return () if fn is None else tuple(fn(kind, in_features, out_features, blocks_in, blocks_out, lo, hi))
+
+    def launch_variant(self, kind, in_features, out_features, blocks_in, blocks_out, rows) -> tuple:
+        fn = getattr(self.module, "launch_variant", None)
+        return () if fn is None else tuple(fn(kind, in_features, out_features, blocks_in, blocks_out, rows))
 
     def prepare(self, qw):
         """The kernel package's load-time work; returns what to launch with (``qw`` itself if nothing changed)."""

@@ -63,7 +63,7 @@ from qtip_triton.autotune.compile_pool import (
     variant_key,
 )
 from qtip_triton.autotune.tuner import RandomWorkload
-from qtip_triton.registry import LayerGeometry, launch_class, warm_key
+from qtip_triton.registry import LayerGeometry, warm_key
 
 JOBS_ENV = "QTIP_TRITON_WARMUP_JOBS"
 TIMEOUT_ENV = "QTIP_TRITON_WARMUP_TIMEOUT"
@@ -247,11 +247,12 @@ def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: 
         seen.add(lkey)
         layers += 1
         plan = reg.plan(qw.spec, qw.out_features, qw.in_features, max_m)
-        for b, sel, rows in reg.launches(plan, LayerGeometry.of(qw)):
-            if warm_key(sel, qw, b, rows, dtype, bias) in getattr(reg, "_warm", ()):
+        geometry = LayerGeometry.of(qw)
+        for _bucket, sel, rows in reg.launches(plan, geometry):
+            variant = reg.launch_variant(sel, rows, geometry)
+            if warm_key(sel, qw, variant, dtype, bias) in getattr(reg, "_warm", ()):
                 continue
-            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config),
-                           launch_class(b, rows)[1:])
+            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config), variant[1:])
             if _variant_key(job, wl, bias) in _submitted:
                 continue
             groups.setdefault((wl, bias), Group(wl, bias)).jobs.append(job)

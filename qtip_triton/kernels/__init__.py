@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from qtip_triton.kernels import hadamard, mma_layout
+from qtip_triton.kernels import hadamard, mma_layout, pdl
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
     KINDS,
@@ -74,6 +74,7 @@ __all__ = [
     "kernels_available",
     "launch",
     "prepare",
+    "launch_variant",
     "transform_rows",
 ]
 
@@ -130,10 +131,35 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
 @functools.lru_cache(maxsize=4096)
 def _transform_rows(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int, lo: int, hi: int,
                     switches: tuple) -> tuple[int, ...]:
-    transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
-    if not hadamard.has_kernels(transforms):
+    transforms = _transforms(kind, in_features, out_features, blocks_in, blocks_out)
+    if not transforms:
         return ()
     return tuple(hadamard.first_tokens(transforms, range(lo, hi + 1)))
+
+
+def launch_variant(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int,
+                   rows: int) -> tuple:
+    """What selects the compiled variants a ``kind`` launch of ``rows`` tokens reaches, beyond its config and
+    the decode kernel's row class: the PDL mode (:func:`pdl.launch_side`) and each transform's
+    :func:`hadamard.launch_key`. Two launches of one config with equal row classes and equal variants
+    compile nothing new for each other, so warm-ups may deduplicate by it; with the row class alone they
+    folded a launch at 129 tokens (the stacked kernel's 'other' class) into one at 33 (per-token kernel)
+    and a 5-token launch (PDL exit) into a 3-token one (early), and both compiled in a fresh process's
+    first forwards (H100, 2026-12-05, bench/jit_audit.py)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
+    if rows < 1:
+        raise ValueError(f"expected rows >= 1, got {rows}")
+    transforms = _transforms(kind, in_features, out_features, blocks_in, blocks_out)
+    keys = tuple(hadamard.launch_key(n, b, rows, g, t, d) for n, b, g, t, d in transforms)
+    return (pdl.launch_side(rows), *keys)
+
+
+def _transforms(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int) -> list[tuple]:
+    """The (n, blocks, groups, transpose, dst) of a ``kind`` launch's two transforms (:func:`hadamard.launch_key`'s
+    arguments); [] when the reference transform serves the layer (nothing of it compiles)."""
+    transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
+    return transforms if hadamard.has_kernels(transforms) else []
 
 
 def h_order(kind: str, configs: Iterable[Mapping[str, Any]]) -> str:

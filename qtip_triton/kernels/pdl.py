@@ -66,6 +66,16 @@ def mode() -> int:
     return MODES[raw]
 
 
+def launch_side(tokens: int) -> int:
+    """The mode a launch of ``tokens`` rows takes where PDL is available (:func:`enabled` without the device
+    checks): the constexpr that tells its compiled variants apart. Why: warm-ups that deduplicate launches of one
+    config across buckets must keep a launch of up to ``EARLY_MAX_TOKENS`` tokens (early) apart from a larger
+    one (exit); folding them left the exit variant to compile in a fresh process's first forward at 5 tokens
+    (H100, 2026-12-05, bench/jit_audit.py)."""
+    m = mode()
+    return (2 if tokens <= EARLY_MAX_TOKENS else 1) if m == AUTO else m
+
+
 def enabled(device: torch.device, tokens: int | None = None) -> int:
     """The mode (0, 1 or 2) a kernel launched on ``device`` for ``tokens`` rows of activations uses now
     (env read per call: tests and benchmarks flip it); ``auto`` resolves to early up to
@@ -101,4 +111,5 @@ def grid_dependency_sync(PDL: tl.constexpr):
                                       is_pure=False, pack=1)
 
 
-__all__ = ["AUTO", "EARLY_MAX_TOKENS", "MODES", "PDL_ENV", "enabled", "mode", "grid_dependency_sync", "launch_args", "triton_supports_pdl"]
+__all__ = ["AUTO", "EARLY_MAX_TOKENS", "MODES", "PDL_ENV", "enabled", "mode", "grid_dependency_sync", "launch_args",
+           "launch_side", "triton_supports_pdl"]
