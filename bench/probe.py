@@ -11,6 +11,10 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
     python bench/probe.py --points 22016x4096:8,4096x11008:16 --tables shared --mma      # + the tensor-core gemv
     python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --hfma --linear  # + fp16x2
     python bench/probe.py --points 8192x8192:16 --tables shared16 --mma-only --maxnreg 96,104   # register caps
+    python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --early --rotate  # early words
+
+``--rotate``: also the rotated time of each config and of fp16 (back-to-back calls over weight copies > 3x L2 in
+one CUDA graph, bench/common.py), the timing under which programmatic dependent launch overlaps neighbours.
 
 ``--fuse-in`` (gemv): every config also runs with ``fuse_in`` (each program computes its slice of the input
 transform), and every time then includes the input transform (the separate launch for the others).
@@ -29,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, time_us, write_results  # noqa: E402
+from common import environment, rotation_copies, time_rotated_us, time_us, write_results  # noqa: E402
 from kernels import random_weight  # noqa: E402
 
 from qtip_triton import kernels, linear  # noqa: E402
@@ -82,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-sum", action="store_true",
                     help="also each split-K config with its partials summed in the kernel (split_sum)")
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
+    ap.add_argument("--early", action="store_true",
+                    help="gemv: also each plain config with its first k step's words loaded before the table fill")
+    ap.add_argument("--rotate", action="store_true", help="also rotated times (weight copies > 3x L2, no flush)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
     ap.add_argument("--maxnreg", default=None,
                     help="mma configs: also each with these register caps, e.g. 96,104 (config maxnreg)")
@@ -125,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             cands += [{**c, "fuse_in": True, "num_stages": 1} for c in cands]
         if a.hfma and a.kind == "gemv":  # each plain gemv config also with fp16x2 multiply-adds
             cands += [{**c, "hfma": True} for c in cands if not c.get("fuse_in")]
+        if a.early and a.kind == "gemv":  # each plain gemv config also with the first step's words loaded early
+            cands += [{**c, "early_words": True} for c in cands
+                      if not (c.get("fuse_in") or c.get("hfma") or c.get("prefetch"))]
         if a.split_sum:  # each split config also summed in the kernel (config split_sum)
             cands += [{**c, "split_sum": True} for c in cands if c.get("SPLIT_K", 1) > 1]
         if a.mma_only:
@@ -151,6 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         h_in = {(h.dtype, "kernel"): h, (torch.float16, "kernel"): h.half(),
                 (torch.float16, "mma"): mma_layout.from_kernel_order(h.half())}
 
+        pws, fp16_rot = [pw], None
+        if a.rotate:  # weight copies for the rotated times (the same h: only the weights must miss the L2)
+            pws += [prepare(random_weight(m, n, K, seed=i)) for i in range(1, rotation_copies(qw.trellis.nbytes))]
+            w16s = [w16] + [torch.randn(m, n, device="cuda").half() for _ in range(1, rotation_copies(w16.nbytes))]
+            fp16_rot = time_rotated_us([lambda x=x, w=w: torch.matmul(x, w.t()) for w in w16s])
+            del w16s
+
         def run(cfg, pw=pw, h=h, h_in=h_in, x=x, dtype=dtype):
             if cfg.get("fuse_in"):
                 return decode_matmul(a.kind, pw, torch.empty_like(h), cfg, h_order="kernel", fuse_x=x)
@@ -172,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     rec["us"] = time_us(lambda cfg=cfg: run(cfg))
                     rec["ratio"] = fp16 / rec["us"]
+                    if fp16_rot is not None:
+                        rec["fp16_rot_us"] = fp16_rot
+                        rec["rot_us"] = time_rotated_us([lambda cfg=cfg, p=p: run(cfg, pw=p) for p in pws])
+                        rec["ratio_rot"] = fp16_rot / rec["rot_us"]
                     rec["status"] = "ok"
                     if a.linear:  # the whole forward, as the autotuner times it (transforms, PDL, split-K sum)
                         rec["linear_us"] = time_us(lambda cfg=cfg, x=x, qw=qw: linear(x, qw, kind=a.kind, config=cfg))
@@ -181,18 +202,26 @@ def main(argv: list[str] | None = None) -> int:
                 rec["status"] = f"error: {type(e).__name__}: {str(e)[:160]}"
             rows.append(rec)
             lin = f", linear {rec['linear_us']:.1f} us" if "linear_us" in rec else ""
+            lin += f", rotated {rec['rot_us']:.1f} us ({rec['ratio_rot']:.2f}x)" if "rot_us" in rec else ""
             print(f"{m}x{n} K={K} M={M} {cfg} -> {rec.get('us', float('nan')):.1f} us{lin} "
                   f"({rec.get('ratio', 0):.2f}x) {rec['status']}", flush=True)
         if best:
             print(f"BEST {m}x{n} K={K} M={M}: {best['us']:.1f} us = {best['ratio']:.2f}x fp16 "
                   f"({fp16:.1f} us) {best['config']}", flush=True)
     env = environment()
-    lines = [f"# Config probe ({a.kind}) on {env.get('card', '?')}", "",
-             "| shape | K | M | config | µs | linear µs | fp16 µs | ratio | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Config probe ({a.kind}) on {env.get('card', '?')}", ""]
+    rot_cols = any("rot_us" in r for r in rows)
+    if rot_cols:
+        lines += ["Rotated: back-to-back calls over weight copies > 3x L2 in one CUDA graph (bench/common.py).", ""]
+    lines += ["| shape | K | M | config | µs | linear µs | fp16 µs | ratio | status |"
+              + (" rotated µs | fp16 rotated µs | rotated ratio |" if rot_cols else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if rot_cols else "")]
     for r in sorted(rows, key=lambda r: (r["m"], r["n"], r["K"], r["M"], r.get("us", 1e9))):
         lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | `{r['config']}` | {r.get('us', float('nan')):.1f} "
                      f"| {r.get('linear_us', float('nan')):.1f} "
-                     f"| {r['fp16_us']:.1f} | {r.get('ratio', 0):.2f} | {r['status']} |")
+                     f"| {r['fp16_us']:.1f} | {r.get('ratio', 0):.2f} | {r['status']} |"
+                     + (f" {r.get('rot_us', float('nan')):.1f} | {r.get('fp16_rot_us', float('nan')):.1f} | "
+                        f"{r.get('ratio_rot', 0):.2f} |" if rot_cols else ""))
     jp, mp = write_results(a.out, a.tag, {"env": env, "rows": rows}, "\n".join(lines) + "\n")
     print(f"wrote {jp} and {mp}")
     return 0

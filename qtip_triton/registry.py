@@ -381,7 +381,6 @@ class Registry:
             out += [(b, sel, r) for r in sorted(rows)]
         return out
 
-
     def launch_variant(self, sel: Selection, rows: int, geometry: LayerGeometry | None = None) -> tuple:
         """What tells the compiled variants of a launch of ``sel`` at ``rows`` apart beyond its selection: the row
         class, and with the layer's ``geometry`` the kernel package's ``launch_variant`` (PDL mode, transform

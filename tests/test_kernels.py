@@ -65,13 +65,15 @@ CASES = [
     ("gemv", 1, {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2, "table": "shared"}),
     ("gemv", 3, {"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "table": "shared32"}),
     ("gemv", 1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2, "table": "shared", "prefetch": 2}),
+    ("gemv", 2, {"BLOCK_M": 2, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "table": "shared16", "early_words": True}),
     ("gemm", 20, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}),
     ("gemm", 260, {"BLOCK_M": 256, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}),
     ("decompress", 9, DEC),
 ]
 
 
-@pytest.mark.parametrize("kind,M,config", CASES, ids=[c[0] + str(c[1]) + c[2].get("table", "") + f"pf{int(c[2].get('prefetch', 0))}" for c in CASES])
+@pytest.mark.parametrize("kind,M,config", CASES, ids=[c[0] + str(c[1]) + c[2].get("table", "") + f"pf{int(c[2].get('prefetch', 0))}"
+                                              + ("ew" if c[2].get("early_words") else "") for c in CASES])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("name,layout", [("L16K2V2-hyb9", "qtip"), ("L16K4V2-hyb9", "qtip"), ("L12K3V1-3inst", "tile")])
 def test_linear_matches_float64(gen, kind, M, config, dtype, name, layout):

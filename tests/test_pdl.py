@@ -86,6 +86,7 @@ TOUCH = r"tl\.(load|store)\((X|XN|Y|OUT|x\d)\b|tl\.store\("
     ("L16K2V2-hyb9", "gemm", {}),
     ("L16K4V2-hyb9", "decompress", {}),
     ("L16K2V2-hyb9", "gemv", {"BLOCK_M": 1, "table": "shared", "fuse_in": True}),
+    ("L16K2V2-hyb9", "gemv", {"BLOCK_M": 1, "table": "shared16", "early_words": True}),
 ])
 def test_generated_kernels_wait_before_touching_shared_data(spec, kind, config):
     src = emit(TrellisSpec.parse(spec), kind, config)

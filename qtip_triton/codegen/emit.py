@@ -89,6 +89,14 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             if mma or fuse_in or extra["prefetch"]:
                 raise ValueError("config hfma does not combine with mma, fuse_in or prefetch")
             extra["hfma"] = True
+        early = config.get("early_words", False)
+        if not isinstance(early, bool):
+            raise ValueError(f"config early_words={early!r} must be a bool (first k step's words loaded before the "
+                             "table fill and the PDL wait)")
+        if early:  # only when on: every existing config keeps its source (and cache key)
+            if mma or hfma or fuse_in or extra["prefetch"]:
+                raise ValueError("config early_words does not combine with mma, hfma, fuse_in or prefetch")
+            extra["early_words"] = True
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -696,7 +704,16 @@ class _Emitter:
         s(f"tl.static_assert(BLOCK_M == {bm})")
         # fuse_in: the transform's dots use Triton's shared memory, where the shared table lives: the
         # table is written after them (found on the H200: the table written first read back as NaNs)
-        self.prologue(split=True, defer_table=fuse_in)
+        early = self.opts.get("early_words", False)
+        loads = self.word_loads()
+        self.prologue(split=True, defer_table=fuse_in or early)
+        if early:
+            s("# the first k step's words are constants of the layer: their loads are issued before the table")
+            s("# fill and the PDL wait, so their DRAM latency overlaps both (and the previous kernel's tail);")
+            s("# each later step's words are loaded at the end of the step before, once its words are dead")
+            self._prefetch_loads(loads, "_nx", "0")
+            if self.shared_table():
+                self.shared_table_fill()
         self.dependency_sync()
         if fuse_in:
             self._input_transform(bm)
@@ -704,7 +721,6 @@ class _Emitter:
                 self.shared_table_fill()
         self._gemv_rows(bm)
         depth = self.opts.get("prefetch", 0)
-        loads = self.word_loads()
         if depth:
             s(f"# software pipelining: the words of the next {depth} k step(s) are in flight while this one is")
             s("# decoded (the compiler may sink a load to the end of the loop body, so depth 2 still leaves a")
@@ -722,6 +738,10 @@ class _Emitter:
                     s(f"{name}_nx{d} = {name}_nx{d + 1}")
             s(f"nxt = tl.minimum(it + {depth}, ITERS - 1) * CB - it * CB  # offset of the step loaded now")
             self._prefetch_loads(loads, f"_nx{depth}", "nxt")
+        elif early:
+            s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+            for name, _ in loads:
+                s(f"{name} = {name}_nx.to(tl.uint32, bitcast=True)")
         else:
             self.load_words()
         names = self.decode_values(cast="tl.float32")
@@ -730,6 +750,9 @@ class _Emitter:
                 for m in range(bm):
                     s(f"xv = {self._x_load(m, j)}")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
+        if early:
+            s("nxt = tl.minimum(it + 1, ITERS - 1) * CB - it * CB  # the next step's words (the last re-reads its own)")
+            self._prefetch_loads(loads, "_nx", "nxt")
         self._end_gemv_loop()
         self._store_gemv_rows(bm)
 
