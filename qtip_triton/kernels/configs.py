@@ -1,12 +1,24 @@
 """Kernel configs: the untuned heuristic (``default_config``) and the space the autotuner searches.
 
 Config keys (all kinds): ``BLOCK_N`` output rows per program, ``BLOCK_K`` input columns per k step
-(both powers of two >= 16), ``num_warps``, optional ``num_stages``, optional ``table``
-(``"gather"``: the HYB table is staged in shared memory by ``tl.gather`` at every k step;
-``"shared"``, gemv only: written once to kernel-owned shared memory and read with ``ld.shared``;
-``"global"``: read through L1 by pointer).
-``gemv``/``gemm`` add ``BLOCK_M`` (batch rows per program) and ``SPLIT_K`` (k splits; their fp32
-partials are summed inside the output Hadamard kernel).
+(both powers of two >= 16), ``num_warps``, optional ``num_stages`` (Triton's pipeline depth), optional
+``maxnreg`` (a register cap per thread: more programs per SM, or spills), optional ``table``: how a small
+code table (HYB's 512 words) is read --
+
+* ``"gather"`` / ``"gatherR"``: staged in shared memory by ``tl.gather`` at every k step (R = 2, 4, 8
+  interleaved copies);
+* ``"shared"`` / ``"sharedR"``, gemv only: written once to kernel-owned shared memory and read with
+  ``ld.shared``, R = 2-32 interleaved copies read by lane (``shared16``: at most 2-way bank conflicts);
+* ``"global"``: read through L1 by pointer (codes with a large or no table always are).
+
+``gemv``/``gemm`` add ``BLOCK_M`` (batch rows per program), ``SPLIT_K`` (k splits) and ``split_sum``
+(bool: the split's fp32 partials summed by the last program of each row block, else by the output
+Hadamard kernel). ``gemv`` only, each off by default and a source variant of its own (codegen/emit.py
+checks the combinations): ``prefetch`` (0-2 k steps of words loaded ahead), ``fuse_in`` (the input
+transform inside the gemv), ``mma`` (tensor cores straight from the decoded registers; BLOCK_M 8 or 16,
+``BLOCK_N`` = 16 x num_warps x 1/2/4 row groups per warp, codegen/mma.py), ``hfma`` (fp16x2
+multiply-adds) and ``early_words`` (the first k step's words loaded before the table fill and the PDL
+wait; not in the tuner's space until timed). ``decompress`` takes the block keys and a gather or global ``table``.
 
 Heuristic, and why:
 
