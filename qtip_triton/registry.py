@@ -63,11 +63,12 @@ class LayerGeometry:
         return cls(qw.in_features, qw.out_features, qw.blocks("in"), qw.blocks("out"))
 
 
-def warm_key(sel: Selection, qw: QuantizedWeight, variant: tuple, dtype: torch.dtype, bias: bool) -> tuple:
-    """What one warm-up launch of :meth:`Registry.prepare` compiled (its ``_warm`` set), so that the vLLM compile
-    pool (``autotune/warmup_pool.py``) skips exactly what this process has already warmed; ``variant``: the
+def warm_key(sel: Selection, qw: QuantizedWeight, rows: int, variant: tuple, dtype: torch.dtype, bias: bool) -> tuple:
+    """What one warm-up launch of :meth:`Registry.prepare` at ``rows`` compiled (its ``_warm`` set), so that the vLLM
+    compile pool (``autotune/warmup_pool.py``) skips exactly what this process has already warmed; ``variant``: the
     launch's :meth:`Registry.launch_variant`."""
-    return (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), *variant, dtype, bias)
+    return (sel.kind, qw.spec, qw.out_features, qw.in_features, config_key(sel.config), row_class(rows), *variant,
+            dtype, bias)
 
 
 @dataclass(frozen=True)
@@ -324,10 +325,10 @@ class Registry:
         if warm:
             device = qw.trellis.device
             geometry = LayerGeometry.of(qw)
-            for b, sel, rows in self.launches(plan, geometry):
+            for _bucket, sel, rows in self.launches(plan, geometry):
                 variant = self.launch_variant(sel, rows, geometry)
                 for dtype in dtypes:
-                    wkey = warm_key(sel, qw, variant, dtype, bias)
+                    wkey = warm_key(sel, qw, rows, variant, dtype, bias)
                     if wkey in self._warm:
                         continue
                     x = torch.randn(rows, qw.in_features, device=device).to(dtype)
@@ -382,15 +383,17 @@ class Registry:
         return out
 
     def launch_variant(self, sel: Selection, rows: int, geometry: LayerGeometry | None = None) -> tuple:
-        """What tells the compiled variants of a launch of ``sel`` at ``rows`` apart beyond its selection: the row
-        class, and with the layer's ``geometry`` the kernel package's ``launch_variant`` (PDL mode, transform
-        variants). The key by which ``prepare``, the vLLM compile pool and ``precompile`` deduplicate launches;
-        the row class alone folded launches of one config from different buckets that reach different
-        compiled kernels (bench/jit_audit.py, H100, 2026-12-05)."""
+        """What tells the compiled variants of a launch of ``sel`` at ``rows`` apart beyond its selection and the
+        row class: with the layer's ``geometry``, the kernel package's ``launch_variant`` (PDL mode, transform
+        variants); () without. With the row class (``warm_key``, ``CompileJob``'s ``variant_key``) the key by
+        which ``prepare``, the vLLM compile pool and ``precompile`` deduplicate launches; the row class alone
+        folded launches of one config from different buckets that reach different compiled kernels
+        (bench/jit_audit.py, H100, 2026-12-05)."""
         fn = getattr(self.api, "launch_variant", None) if geometry is not None else None
-        extra = () if fn is None or sel.kind == REFERENCE else fn(
-            sel.kind, geometry.in_features, geometry.out_features, geometry.blocks_in, geometry.blocks_out, rows)
-        return (row_class(rows), *extra)
+        if fn is None or sel.kind == REFERENCE:
+            return ()
+        return tuple(fn(sel.kind, geometry.in_features, geometry.out_features, geometry.blocks_in,
+                        geometry.blocks_out, rows))
 
 
 # ------------------------------------------------------------------------------------------ default instance

@@ -133,7 +133,7 @@ def test_deduplicated_warm_up_reaches_every_batch_size(tmp_path, spec, out_f, in
 
     keys, launched = set(), set()
     for _, sel, rows in r.launches(plan, geo):  # prepare()'s loop: skip a launch whose warm key is done
-        key = reg.warm_key(sel, layer, r.launch_variant(sel, rows, geo), "fp16", False)
+        key = reg.warm_key(sel, layer, rows, r.launch_variant(sel, rows, geo), "fp16", False)
         if key not in keys:
             keys.add(key)
             launched.add(compiled(sel, rows))

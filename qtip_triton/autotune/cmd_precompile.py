@@ -155,7 +155,7 @@ def plan_precompile(files: Iterable[TuneFile | tuple[str, TuneFile]], api: Kerne
                 geometry = LayerGeometry(in_f, out_f)
                 for bucket, sel, rows in reg.launches(layer_plan, geometry):
                     job = make_job(spec, out_f, in_f, rows, sel.kind, dict(sel.config),
-                                   reg.launch_variant(sel, rows, geometry)[1:])
+                                   reg.launch_variant(sel, rows, geometry))
                     plan.launches.append(PlannedLaunch(label, bucket, sel.source, job))
         for w in caught:
             if issubclass(w.category, AutotuneWarning):

@@ -250,9 +250,9 @@ def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: 
         geometry = LayerGeometry.of(qw)
         for _bucket, sel, rows in reg.launches(plan, geometry):
             variant = reg.launch_variant(sel, rows, geometry)
-            if warm_key(sel, qw, variant, dtype, bias) in getattr(reg, "_warm", ()):
+            if warm_key(sel, qw, rows, variant, dtype, bias) in getattr(reg, "_warm", ()):
                 continue
-            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config), variant[1:])
+            job = make_job(qw.spec, qw.out_features, qw.in_features, rows, sel.kind, dict(sel.config), variant)
             if _variant_key(job, wl, bias) in _submitted:
                 continue
             groups.setdefault((wl, bias), Group(wl, bias)).jobs.append(job)
