@@ -730,18 +730,15 @@ class _Emitter:
                 self._prefetch_loads(loads, f"_nx{d}", step)
         s("for it in range(ITERS):")
         s.indent()
-        if depth:
+        if depth or early:  # this step's words are in flight already (loaded ahead, or early / by the step before)
             s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
             for name, _ in loads:
-                s(f"{name} = {name}_nx1.to(tl.uint32, bitcast=True)")
+                s(f"{name} = {name}{'_nx1' if depth else '_nx'}.to(tl.uint32, bitcast=True)")
                 for d in range(1, depth):
                     s(f"{name}_nx{d} = {name}_nx{d + 1}")
-            s(f"nxt = tl.minimum(it + {depth}, ITERS - 1) * CB - it * CB  # offset of the step loaded now")
-            self._prefetch_loads(loads, f"_nx{depth}", "nxt")
-        elif early:
-            s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
-            for name, _ in loads:
-                s(f"{name} = {name}_nx.to(tl.uint32, bitcast=True)")
+            if depth:
+                s(f"nxt = tl.minimum(it + {depth}, ITERS - 1) * CB - it * CB  # offset of the step loaded now")
+                self._prefetch_loads(loads, f"_nx{depth}", "nxt")
         else:
             self.load_words()
         names = self.decode_values(cast="tl.float32")
