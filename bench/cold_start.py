@@ -217,8 +217,7 @@ def kernel_names(root: Path) -> set[str]:
     root = Path(root)
     if not root.is_dir():
         return set()
-    return {f"{p.parent.name[:8]}/{p.stem}" for p in root.rglob("*.cubin")} | {
-        f"{p.parent.name[:8]}/{p.stem}" for p in root.rglob("*.hsaco")}
+    return {f"{p.parent.name[:8]}/{p.stem}" for p in root.rglob("*") if p.suffix in (".cubin", ".hsaco")}
 
 
 def source_class(source: str, kind: str) -> str:

@@ -34,19 +34,25 @@ def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, r
 
     fn()
     torch.cuda.synchronize()
-    run = fn
-    if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()  # warm the allocator on the capture stream
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        run = g.replay
+    run = _capture([fn], 1).replay if graph else fn
     ms = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     return float(ms) * 1000.0
+
+
+def _capture(fns: list[Callable[[], Any]], calls: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``calls`` back-to-back calls cycling over ``fns`` (each run once on the capture stream
+    first, so that allocator growth stays out of the graph)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()  # warm the allocator on the capture stream
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    return g
 
 
 def rotation_copies(nbytes: int, *, l2_multiple: int = 3, minimum: int = 2) -> int:
@@ -67,16 +73,7 @@ def time_rotated_us(fns: list[Callable[[], Any]], *, min_calls: int = 24, reps: 
         fn()
     torch.cuda.synchronize()
     calls = len(fns) * -(-min_calls // len(fns))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()  # warm the allocator on the capture stream
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
+    g = _capture(fns, calls)
     g.replay()
     g.replay()
     torch.cuda.synchronize()

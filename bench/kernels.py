@@ -110,9 +110,15 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     return rec
 
 
-def weight_bytes(qw: QuantizedWeight) -> int:
-    """Bytes a decode kernel streams for ``qw``: its packed trellis."""
-    return qw.trellis.numel() * qw.trellis.element_size()
+def weight_copies(qw: QuantizedWeight, pw, w16: torch.Tensor, exl3_code: str | None = None
+                  ) -> tuple[list, list[torch.Tensor]]:
+    """The rotated timing's weights (bench/common.py ``rotation_copies`` of each): prepared copies of a layer like
+    ``qw`` starting with ``pw``, and fp16 ones starting with ``w16``."""
+    m, n, K = qw.out_features, qw.in_features, qw.spec.K
+    pws = [pw] + [prepare(random_weight(m, n, K, seed=i, exl3_code=exl3_code))
+                  for i in range(1, rotation_copies(qw.trellis.nbytes))]
+    w16s = [w16] + [torch.randn(m, n, device="cuda").half() for _ in range(1, rotation_copies(w16.nbytes))]
+    return pws, w16s
 
 
 def explore_configs(kind: str, m: int, n: int, M: int, spec, small: bool = False) -> list[dict]:
@@ -233,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         qw = random_weight(m, n, K, exl3_code=code)
         pw = prepare(qw)
         w16 = torch.randn(m, n, device="cuda").half()
-        rotation = None
-        if args.rotate:
-            pws = [pw] + [prepare(random_weight(m, n, K, seed=i, exl3_code=code))
-                          for i in range(1, rotation_copies(weight_bytes(qw)))]
-            w16s = [w16] + [torch.randn(m, n, device="cuda").half() for _ in range(1, rotation_copies(w16.nbytes))]
-            rotation = (pws, w16s)
+        rotation = weight_copies(qw, pw, w16, code) if args.rotate else None
         for M in Ms:
             try:
                 rows.append(bench_point(qw, pw, M, w16, rotation=rotation))

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, rotation_copies, time_rotated_us, time_us, write_results  # noqa: E402
-from kernels import random_weight  # noqa: E402
+from common import environment, time_rotated_us, time_us, write_results  # noqa: E402
+from kernels import random_weight, weight_copies  # noqa: E402
 
 from qtip_triton import kernels, linear  # noqa: E402
 from qtip_triton.codegen.emit import mma_row_groups  # noqa: E402
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pws, fp16_rot = [pw], None
         if a.rotate:  # weight copies for the rotated times (the same h: only the weights must miss the L2)
-            pws += [prepare(random_weight(m, n, K, seed=i)) for i in range(1, rotation_copies(qw.trellis.nbytes))]
-            w16s = [w16] + [torch.randn(m, n, device="cuda").half() for _ in range(1, rotation_copies(w16.nbytes))]
+            pws, w16s = weight_copies(qw, pw, w16)
             fp16_rot = time_rotated_us([lambda x=x, w=w: torch.matmul(x, w.t()) for w in w16s])
             del w16s
 
