@@ -118,8 +118,6 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
     fresh process's first forwards (H100, 2026-12-05, ``bench/cold_start.py``). ``()`` when the reference
     transform serves the layer (nothing of it compiles).
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     if not 1 <= lo <= hi:
         raise ValueError(f"expected 1 <= lo <= hi, got {lo}..{hi}")
     # the launch choices read QTIP_TRITON_* switches at every call (a benchmark flips them between engines in
@@ -146,8 +144,6 @@ def launch_variant(kind: str, in_features: int, out_features: int, blocks_in: in
     folded a launch at 129 tokens (the stacked kernel's 'other' class) into one at 33 (per-token kernel)
     and a 5-token launch (PDL exit) into a 3-token one (early), and both compiled in a fresh process's
     first forwards (H100, 2026-12-05, bench/jit_audit.py)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     if rows < 1:
         raise ValueError(f"expected rows >= 1, got {rows}")
     transforms = _transforms(kind, in_features, out_features, blocks_in, blocks_out)
@@ -158,6 +154,8 @@ def launch_variant(kind: str, in_features: int, out_features: int, blocks_in: in
 def _transforms(kind: str, in_features: int, out_features: int, blocks_in: int, blocks_out: int) -> list[tuple]:
     """The (n, blocks, groups, transpose, dst) of a ``kind`` launch's two transforms (:func:`hadamard.launch_key`'s
     arguments); [] when the reference transform serves the layer (nothing of it compiles)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
     return transforms if hadamard.has_kernels(transforms) else []
 
