@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -97,8 +97,22 @@ fi
 if want early; then
   step "probe: the gemv with its first k step's words loaded before the table fill (early_words), flushed and rotated (session 18)"
   timeout -k 10 "${EARLY_S:-200}" python3 bench/probe.py --linear --early --rotate --points 8192x8192:1,28672x8192:1,4096x4096:1 \
-    --tables shared16 --blocks 64/1024/4,64/512/4 --splits 0.5,1 --tag probe-early --time-limit "${EARLY_S:-200}" \
+    --tables shared16 --blocks "${EARLY_BLOCKS:-64/1024/4,64/512/4}" --splits "${EARLY_SPLITS:-0.5,1}" --tag probe-early --time-limit "${EARLY_S:-200}" \
     --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want l2; then
+  step "probe: words prefetched into L2 ahead (l2_prefetch 1, 2) at M = 1 (plain and early words), flushed and rotated (session 19)"
+  timeout -k 10 "${L2_S:-200}" python3 bench/probe.py --linear --early --l2 1,2 --rotate --points "${L2_POINTS:-8192x8192:1,28672x8192:1,4096x4096:1}" \
+    --tables shared16 --blocks "${L2_BLOCKS:-64/1024/4,64/512/4}" --splits "${L2_SPLITS:-0.5,1}" --tag probe-l2 --time-limit "${L2_S:-200}" \
+    --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  step "probe: the mma gemv at M = 16 and the gemm at M = 64 with l2_prefetch 1, rotated"
+  timeout -k 10 "${L2MMA_S:-120}" python3 bench/probe.py --linear --mma-only --l2 1 --rotate --points 8192x8192:16,28672x8192:16,4096x4096:16 \
+    --tables shared16 --mma-splits 1,2 --tag probe-l2-mma --time-limit "${L2MMA_S:-120}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  timeout -k 10 "${L2GEMM_S:-90}" python3 bench/probe.py --kind gemm --linear --l2 1,2 --rotate --points 8192x8192:64,28672x8192:64 \
+    --splits 1 --tag probe-l2-gemm --time-limit "${L2GEMM_S:-90}" --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want hfma; then

@@ -12,6 +12,7 @@ error must be <= 1e-3, else the row says ``wrong`` and is not timed). Timing as 
     python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --hfma --linear  # + fp16x2
     python bench/probe.py --points 8192x8192:16 --tables shared16 --mma-only --maxnreg 96,104   # register caps
     python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --early --rotate  # early words
+    python bench/probe.py --points 8192x8192:1 --tables shared16 --blocks 64/1024/4 --l2 1,2 --rotate  # L2 prefetch
 
 ``--rotate``: also the rotated time of each config and of fp16 (back-to-back calls over weight copies > 3x L2 in
 one CUDA graph, bench/common.py), the timing under which programmatic dependent launch overlaps neighbours.
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--early", action="store_true",
                     help="gemv: also each plain config with its first k step's words loaded before the table fill")
+    ap.add_argument("--l2", default=None,
+                    help="gemv/gemm: also each config (mma included) with these l2_prefetch depths, e.g. 1,2 "
+                         "(k steps of words requested into L2 ahead)")
     ap.add_argument("--rotate", action="store_true", help="also rotated times (weight copies > 3x L2, no flush)")
     ap.add_argument("--mma-only", action="store_true", help="gemv: only the tensor-core variant's configs")
     ap.add_argument("--maxnreg", default=None,
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.maxnreg:
                 mma_c += [{**c, "maxnreg": int(r)} for r in a.maxnreg.split(",") for c in mma_c]
             cands += mma_c
+        if a.l2 and a.kind in ("gemv", "gemm"):  # each config also with its words prefetched into L2 ahead
+            cands += [{**c, "l2_prefetch": int(d)} for d in a.l2.split(",") for c in cands if not c.get("fuse_in")]
 
         # h in each dtype and order the decode configs may ask for, made once so that no cast or copy is timed
         h_in = {(h.dtype, "kernel"): h, (torch.float16, "kernel"): h.half(),

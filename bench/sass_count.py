@@ -152,10 +152,13 @@ def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: i
     mix = collections.Counter(body)
     # griddepcontrol.wait / .launch_dependents (programmatic dependent launch) compile to these
     pdl_ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("ACQBULK", "PREEXIT")}
+    # prefetch.global.L2 (config l2_prefetch) compiles to CCTL.E.PF2: how many, and how many before the PDL wait
+    wait = sass.find("ACQBULK")
+    l2 = {"total": sass.count("CCTL.E.PF2"), "before_wait": sass[:wait].count("CCTL.E.PF2") if wait >= 0 else 0}
     return {"spec": spec.name, "kind": kind, "config": cfg, "shape": f"{m}x{n}", "states_per_thread_iter": per_iter,
             "loop_instructions": len(body), "per_state": len(body) / per_iter if kind != "decompress" else None,
             "shared_bytes": kernel.metadata.shared, **_resources(kernel.asm["cubin"]),
-            "opcodes": dict(mix.most_common()), "pdl_ops": pdl_ops,
+            "opcodes": dict(mix.most_common()), "pdl_ops": pdl_ops, "l2_prefetches": l2,
             **({"mma_layout": list(layout_ok(kernel.asm["ttgir"]))} if cfg.get("mma") else {})}
 
 

@@ -38,9 +38,12 @@ KINDS = ("gemv", "gemm", "decompress")
 TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "shared4", "shared8", "shared16",
                "shared32", "global")
 SHARED_TABLE_KINDS = ("gemv",)  # kinds with no Triton shared-memory use inside the k loop
-SOURCE_KEYS = ("table", "BLOCK_M", "prefetch")  # config keys that can change the text (last two: gemv only)
+SOURCE_KEYS = ("table", "BLOCK_M", "prefetch", "l2_prefetch")  # config keys that can change the text (BLOCK_M,
+# prefetch: gemv only; l2_prefetch: gemv and gemm)
 GENERATOR_VERSION = "1"
 SUM_UNROLL = 4  # split-K partials the in-kernel sum loads per step (split_sum)
+L2_PREFETCH_KINDS = ("gemv", "gemm")  # kinds with a k loop over word steps
+L2_PREFETCH_MAX = 8  # k steps of words an l2_prefetch config may prefetch ahead
 
 
 def default_layout(spec: TrellisSpec) -> str:
@@ -97,6 +100,15 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             if mma or hfma or fuse_in or extra["prefetch"]:
                 raise ValueError("config early_words does not combine with mma, hfma, fuse_in or prefetch")
             extra["early_words"] = True
+    if kind in L2_PREFETCH_KINDS:
+        l2 = config.get("l2_prefetch", 0)
+        if isinstance(l2, bool) or not isinstance(l2, int) or not 0 <= l2 <= L2_PREFETCH_MAX:
+            raise ValueError(f"config l2_prefetch={l2!r} must be an int in [0, {L2_PREFETCH_MAX}] (k steps of words "
+                             "prefetched into L2 ahead)")
+        if l2:  # only when on: every existing config keeps its source (and cache key)
+            extra["l2_prefetch"] = l2
+    elif config.get("l2_prefetch"):
+        raise ValueError(f"config l2_prefetch is only for kinds {L2_PREFETCH_KINDS}, not {kind!r}")
     dec = get_code(spec.code).triton_decoder()
     table = config.get("table", "gather")
     if table not in TABLE_MODES:
@@ -147,6 +159,17 @@ def _hfma2(a, b, c, INTERPRET: tl.constexpr):
     else:
         return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32,
                                          is_pure=True, pack=1)
+
+'''
+
+L2_PREFETCH_HELPER = '''
+@triton.jit
+def _prefetch_l2(ptrs, INTERPRET: tl.constexpr):
+    """Ask the L2 for the 128-byte lines holding ``ptrs`` (prefetch.global.L2: no register result, nothing
+    to wait for). A hint only: results never depend on it, so the interpreter skips it."""
+    if not INTERPRET:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 '''
 
@@ -407,6 +430,8 @@ class _Emitter:
             s(*ROWS_REPEAT_HELPERS.splitlines(), "")
         if self.opts.get("hfma"):
             s(*HFMA_HELPERS.splitlines(), "")
+        if self.opts.get("l2_prefetch"):
+            s(*L2_PREFETCH_HELPER.splitlines(), "")
         if self.dec.helpers:  # the code's own helpers (e.g. one dp4a for a byte sum)
             s("", *self.dec.helpers.strip("\n").splitlines(), "", "")
         s(
@@ -421,11 +446,13 @@ class _Emitter:
             "",
         )
 
-    def prologue(self, split: bool, defer_table: bool = False) -> None:
+    def prologue(self, split: bool, defer_table: bool = False, l2_head: bool = True) -> None:
         """Program coordinates, offsets of words, next-group words, x columns and output rows.
 
         ``defer_table``: the caller writes the shared-memory table itself (``shared_table_fill``) after
         code that uses Triton's shared memory (``fuse_in``'s dots), which would overwrite it.
+        ``l2_head``: with ``l2_prefetch``, its first prefetches go here, before the table fill (False: the
+        caller issues them itself, after loads that must go first).
         """
         p, s = self.plan, self.src
         s(f"RB: tl.constexpr = TR * {p.GRN}  # rows of the word matrix per program (tile rows x group rows)")
@@ -468,6 +495,8 @@ class _Emitter:
             if p.gc_bits:
                 n_off += f" + ({_deposit('gn', [(i - gb, k) for k, i in enumerate(p.gc_bits)])})"
             s(f"n_off = {n_off}")
+        if split and l2_head:
+            self.l2_prefetch_head()
         if self.shared_table() and not defer_table:
             self.shared_table_fill()
         if self.joined_gather():
@@ -479,6 +508,58 @@ class _Emitter:
                 s("# so random entries spread over more shared-memory banks")
                 s(f"tbl = tl.load(TBL + tl.arange(0, {self.table_words() * rep}) // {rep})")
                 s(f"rep = (tl.arange(0, CB) % {rep})[None, :]")
+
+    def _l2_prefetch_words(self, step: str) -> None:
+        """Prefetch into L2 the lines of k step ``step`` (absolute, from the program's first) of every word slot."""
+        s = self.src
+        slots = sorted({w.slot for w in self.plan.windows} | {w.slot + 1 for w in self.plan.windows
+                                                              if w.spills and w.slot + 1 < self.plan.G})
+        for q in slots:
+            base = f"W + {q} * stride_wq + pf_off" if q else "W + pf_off"
+            s(f"_prefetch_l2({base} + {step} * CB, INTERPRET)")
+            s("if not PF_ALIGNED:")
+            s(f"    _prefetch_l2({base.replace('pf_off', 'pf_end')} + {step} * CB, INTERPRET)")
+
+    def l2_prefetch_head(self) -> None:
+        """``l2_prefetch`` = D: the words of k steps 1..D are requested into L2 before the table fill and the
+        PDL wait (they are constants of the layer); the k loop keeps D steps requested ahead.
+
+        Why: at M = 1 a layer that fills the GPU in one wave (8192x8192: every program 2 k steps) has all
+        programs load their step at the same moment, then compute while DRAM idles, then load again. A
+        prefetch has no register result: the whole program's words stream into L2 from its first cycle
+        at no register cost (a register prefetch of the next step costs a step's words in registers), and
+        the step's own loads then hit L2. Next-group words (``wn``) lie in the same rows and columns."""
+        d = self.opts.get("l2_prefetch", 0)
+        if not d:
+            return
+        s = self.src
+        s(f"# L2 prefetch of the next {d} k step(s) of words: one prefetch.global.L2 per 128-byte line of each")
+        s("# word row's CB words (plus the row's last word when rows may straddle a line: PF_ALIGNED)")
+        s("PFL: tl.constexpr = (CB + 31) // 32  # prefetches per word row and k step")
+        if self.kind == "gemv":  # Ctot is a compile-time constant there
+            s("PF_ALIGNED: tl.constexpr = (Ctot % 32 == 0) and (CB % 32 == 0)")
+        else:
+            s("PF_ALIGNED: tl.constexpr = False  # Ctot is a run-time value: always prefetch each row's last word")
+        s("pf_off = rows[:, None] * Ctot + col0 + tl.arange(0, PFL)[None, :] * 32")
+        s("pf_end = rows * Ctot + col0 + (CB - 1)")
+        s(f"for pf in tl.static_range(1, {d + 1}):")
+        s.indent()
+        s("if pf < ITERS:")
+        s.indent()
+        self._l2_prefetch_words("pf")
+        s.dedent()
+        s.dedent()
+
+    def l2_prefetch_step(self, it: str = "it") -> None:
+        """At the top of k step ``it``: request step it + D + 1, so D steps stay requested ahead."""
+        d = self.opts.get("l2_prefetch", 0)
+        if not d:
+            return
+        s = self.src
+        s(f"if {it} + {d + 1} < ITERS:  # keep {d} k step(s) of words requested into L2 ahead")
+        s.indent()
+        self._l2_prefetch_words(f"({it} + {d + 1})")
+        s.dedent()
 
     def shared_table_fill(self) -> None:
         """Write the code table to the start of shared memory (the k loop reads it with ld.shared)."""
@@ -706,12 +787,13 @@ class _Emitter:
         # table is written after them (found on the H200: the table written first read back as NaNs)
         early = self.opts.get("early_words", False)
         loads = self.word_loads()
-        self.prologue(split=True, defer_table=fuse_in or early)
+        self.prologue(split=True, defer_table=fuse_in or early, l2_head=not early)
         if early:
             s("# the first k step's words are constants of the layer: their loads are issued before the table")
             s("# fill and the PDL wait, so their DRAM latency overlaps both (and the previous kernel's tail);")
             s("# each later step's words are loaded at the end of the step before, once its words are dead")
             self._prefetch_loads(loads, "_nx", "0")
+            self.l2_prefetch_head()
             if self.shared_table():
                 self.shared_table_fill()
         self.dependency_sync()
@@ -730,6 +812,7 @@ class _Emitter:
                 self._prefetch_loads(loads, f"_nx{d}", step)
         s("for it in range(ITERS):")
         s.indent()
+        self.l2_prefetch_step()
         if depth or early:  # this step's words are in flight already (loaded ahead, or early / by the step before)
             s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
             for name, _ in loads:
@@ -833,6 +916,7 @@ class _Emitter:
         self._gemv_rows(bm)
         s("for it in range(ITERS):")
         s.indent()
+        self.l2_prefetch_step()
         self.load_words()
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals, "hfma")
@@ -889,6 +973,7 @@ class _Emitter:
         s("x_cls = (Ctot // 4) * stride_xq")
         s("for it in range(ITERS):")
         s.indent()
+        self.l2_prefetch_step()
         self.load_words()
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals)
@@ -1015,8 +1100,9 @@ class _Emitter:
         for a in range(p.NA):
             s(f"acc{a} = tl.zeros([RB, BLOCK_M], dtype=tl.float32)")
         s(f"xk = col0 * {p.NC} + tl.arange(0, BK)  # X is h in gemm order: tile columns contiguous")
-        s("for _ in range(ITERS):")
+        s(f"for {'it' if self.opts.get('l2_prefetch') else '_'} in range(ITERS):")
         s.indent()
+        self.l2_prefetch_step()
         self.load_words()
         s("xt = tl.load(X + mrow[None, :] * stride_xm + xk[:, None], mask=(xk < n_in)[:, None] & mmask[None, :], "
           "other=0.0)")
