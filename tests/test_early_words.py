@@ -37,8 +37,27 @@ def test_early_words_give_the_plain_gemv_partials(gen, name, out_f, in_f, table)
         assert torch.equal(got, want), (M, bm, bk, split)
 
 
+@pytest.mark.parametrize("name", ["L16K2V2-hyb9", "L16K4V2-hyb9"])
+def test_early_words_give_the_plain_hfma_partials(gen, name):
+    """The fp16x2 gemv (hfma) takes the same early loads as the plain one."""
+    spec = TrellisSpec.parse(name)
+    pw = prepare(random_qweight(gen, spec, 64, 1024, layout="qtip"))
+    for M, bm, bk, split in ((1, 1, 256, 1), (3, 2, 256, 2)):
+        h = torch.randn(M, 1024, generator=gen)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 2, "table": "shared16",
+               "hfma": True}
+        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
+        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="natural")
+        assert torch.equal(got, want), (M, bm, bk, split)
+
+
 def test_early_words_load_only_weights_before_the_wait():
-    src = emit(TrellisSpec.parse("L16K2V2-hyb9"), "gemv", {"table": "shared16", "early_words": True})
+    for variant in ({}, {"hfma": True}):
+        _early_before_the_wait(emit(TrellisSpec.parse("L16K2V2-hyb9"), "gemv",
+                                    {"table": "shared16", "early_words": True, **variant}))
+
+
+def _early_before_the_wait(src: str) -> None:
     body = src[src.index("def kernel("):]
     sync = body.index(SYNC)
     early = re.findall(r"tl\.load\((\w+)", body[:sync])
@@ -57,7 +76,6 @@ def test_plain_configs_keep_their_source():
 @pytest.mark.parametrize("config,match", [
     ({"early_words": "yes"}, "must be a bool"),
     ({"early_words": True, "prefetch": 1}, "prefetch"),
-    ({"early_words": True, "hfma": True}, "hfma"),
     ({"early_words": True, "BLOCK_M": 8, "mma": True}, "mma"),
     ({"early_words": True, "fuse_in": True}, "fuse_in"),
 ])

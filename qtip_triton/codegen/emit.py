@@ -97,8 +97,8 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             raise ValueError(f"config early_words={early!r} must be a bool (first k step's words loaded before the "
                              "table fill and the PDL wait)")
         if early:  # only when on: every existing config keeps its source (and cache key)
-            if mma or hfma or fuse_in or extra["prefetch"]:
-                raise ValueError("config early_words does not combine with mma, hfma, fuse_in or prefetch")
+            if mma or fuse_in or extra["prefetch"]:
+                raise ValueError("config early_words does not combine with mma, fuse_in or prefetch")
             extra["early_words"] = True
     if kind in L2_PREFETCH_KINDS:
         l2 = config.get("l2_prefetch", 0)
@@ -789,13 +789,7 @@ class _Emitter:
         loads = self.word_loads()
         self.prologue(split=True, defer_table=fuse_in or early, l2_head=not early)
         if early:
-            s("# the first k step's words are constants of the layer: their loads are issued before the table")
-            s("# fill and the PDL wait, so their DRAM latency overlaps both (and the previous kernel's tail);")
-            s("# each later step's words are loaded at the end of the step before, once its words are dead")
-            self._prefetch_loads(loads, "_nx", "0")
-            self.l2_prefetch_head()
-            if self.shared_table():
-                self.shared_table_fill()
+            self._early_words_head(loads)
         self.dependency_sync()
         if fuse_in:
             self._input_transform(bm)
@@ -831,10 +825,33 @@ class _Emitter:
                     s(f"xv = {self._x_load(m, j)}")
                     s(f"acc{a}_{m} += {names[(vs.s, vs.f)]} * xv.to(tl.float32)")
         if early:
-            s("nxt = tl.minimum(it + 1, ITERS - 1) * CB - it * CB  # the next step's words (the last re-reads its own)")
-            self._prefetch_loads(loads, "_nx", "nxt")
+            self._early_words_next(loads)
         self._end_gemv_loop()
         self._store_gemv_rows(bm)
+
+    def _early_words_head(self, loads: list[tuple[str, str]]) -> None:
+        """``early_words``: the first k step's words (into ``<name>_nx``), then the L2 prefetches and the table
+        fill, all before the PDL wait (the caller's prologue deferred the last two)."""
+        s = self.src
+        s("# the first k step's words are constants of the layer: their loads are issued before the table")
+        s("# fill and the PDL wait, so their DRAM latency overlaps both (and the previous kernel's tail);")
+        s("# each later step's words are loaded at the end of the step before, once its words are dead")
+        self._prefetch_loads(loads, "_nx", "0")
+        self.l2_prefetch_head()
+        if self.shared_table():
+            self.shared_table_fill()
+
+    def _early_words_take(self, loads: list[tuple[str, str]]) -> None:
+        """``early_words``, top of a k step: this step's words are the ones loaded early or by the step before."""
+        s = self.src
+        s("wmask = rmask[:, None] & (cols < Ctot)[None, :]")
+        for name, _ in loads:
+            s(f"{name} = {name}_nx.to(tl.uint32, bitcast=True)")
+
+    def _early_words_next(self, loads: list[tuple[str, str]]) -> None:
+        """``early_words``, end of a k step (its words are dead): load the next step's."""
+        self.src("nxt = tl.minimum(it + 1, ITERS - 1) * CB - it * CB  # the next step's words (the last re-reads its own)")
+        self._prefetch_loads(loads, "_nx", "nxt")
 
     @staticmethod
     def _x_load(m: int, cc: int) -> str:
@@ -911,13 +928,20 @@ class _Emitter:
         s("the fp32 accumulator: 8 products per fp16 partial (relative error ~3e-4 of the output's scale).")
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
-        self.prologue(split=True)
+        early = self.opts.get("early_words", False)
+        loads = self.word_loads()
+        self.prologue(split=True, defer_table=early, l2_head=not early)
+        if early:
+            self._early_words_head(loads)
         self.dependency_sync()
         self._gemv_rows(bm)
         s("for it in range(ITERS):")
         s.indent()
         self.l2_prefetch_step()
-        self.load_words()
+        if early:
+            self._early_words_take(loads)
+        else:
+            self.load_words()
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals, "hfma")
         for m in range(bm):
@@ -931,6 +955,8 @@ class _Emitter:
                 for j in range(p.NC // 2):
                     s(f"h{a} = _hfma2({pairs[a][j]}, xp{j}, h{a}, INTERPRET)")
                 s(f"acc{a}_{m} += _f16_lo_f32(h{a}, INTERPRET) + _f16_hi_f32(h{a}, INTERPRET)")
+        if early:
+            self._early_words_next(loads)
         self._end_gemv_loop()
         self._store_gemv_rows(bm)
 

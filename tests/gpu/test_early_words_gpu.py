@@ -31,6 +31,18 @@ def test_early_words_give_the_plain_partials(shape, split_sum):
         assert torch.equal(got, want), (shape, M, bk, split)
 
 
+@pytest.mark.parametrize("shape", [(8192, 8192), (28672, 8192)])
+def test_early_words_give_the_plain_hfma_partials(shape):
+    qw, _ = weight(*shape, 2)
+    pw = kernels.prepare(qw)
+    for M, bn, bk, split in ((1, 32, 1024, 2), (1, 64, 1024, 2), (2, 64, 512, 4)):
+        h = torch.randn(M, shape[1], device="cuda")
+        cfg = {**_cfg(bk, split, split_sum=True, hfma=True), "BLOCK_N": bn}
+        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
+        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="kernel")
+        assert torch.equal(got, want), (shape, M, bn, bk, split)
+
+
 def test_early_words_in_a_graph_with_pdl(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
     qw, _ = weight(8192, 8192, 2)
