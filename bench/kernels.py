@@ -63,10 +63,16 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, e
     return QuantizedWeight(spec, m, n, trellis, SU, SV, table, layout="qtip")
 
 
-def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict):
-    """The decode-matmul part alone, on an already transformed input."""
+def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict, h: torch.Tensor | None = None):
+    """The decode-matmul part alone, on an already transformed input (``h``: that input, made from ``pw`` if None).
+
+    The rotated timing passes every weight copy the same ``h``: in a served model the decode reads an h that the
+    input transform has just written, so it sits in the L2 while the weights stream from DRAM. An h per copy
+    would be evicted by the rotation and read from DRAM at every call (measured on the H100, session 19: 8192^2
+    M = 1, 64x2048 tiles, 18.4 against 14.9 µs)."""
     order = kernels.h_order(kind, [config])  # the mma gemv's h in its own layout, as the layers write it
-    h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)
+    if h is None:
+        h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)
     if kind == "decompress":
         return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
     return lambda: decode_matmul(kind, pw, h, config, h_order=order)
@@ -100,7 +106,9 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     if rotation is not None:
         pws, w16s = rotation
         rec["copies"] = [len(pws), len(w16s)]
-        rec["kernel_rot_us"] = time_rotated_us([kernel_fn(kind, p, x, config) for p in pws])
+        order = kernels.h_order(kind, [config])
+        h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)  # one h, hot like a layer's
+        rec["kernel_rot_us"] = time_rotated_us([kernel_fn(kind, p, x, config, h) for p in pws])
         if full:
             rec["linear_rot_us"] = time_rotated_us([lambda p=p: kernels.launch(kind, x, p, config) for p in pws])
         rec["fp16_rot_us"] = time_rotated_us([lambda w=w: torch.matmul(x, w.t()) for w in w16s])
@@ -195,6 +203,22 @@ def markdown(env: dict, rows: list[dict], explore: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pinned_configs(items: list[str]) -> dict[tuple[int, int], tuple[str, dict]]:
+    """``--config OUTxIN=JSON`` values: (out, in) -> (kind, config); a clear error for a malformed one."""
+    pinned = {}
+    for item in items:
+        shape, sep, text = item.partition("=")
+        try:
+            m, n = (int(v) for v in shape.lower().split("x"))
+            cfg = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"--config {item!r}: expected OUTxIN=JSON ({e})") from None
+        if not sep or not isinstance(cfg, dict):
+            raise SystemExit(f"--config {item!r}: expected OUTxIN=JSON with a JSON object")
+        pinned[(m, n)] = (cfg.pop("kind", "gemv"), cfg)
+    return pinned
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
@@ -210,9 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--explore-K", default="2", help="K values explored with --explore")
     ap.add_argument("--rotate", action="store_true",
                     help="also time back-to-back calls over weight copies > 3x L2 (no flush; bench/common.py)")
+    ap.add_argument("--config", action="append", default=[], metavar="OUTxIN=JSON",
+                    help="time this config at every M of that shape instead of the registry's or the heuristic's "
+                         '(repeatable; the JSON may name its "kind", gemv if not), e.g. '
+                         '8192x8192=\'{"BLOCK_N": 64, "BLOCK_K": 2048, "num_warps": 8, "SPLIT_K": 1, "BLOCK_M": 1}\'')
     ap.add_argument("--exl3", default=None,
                     help="EXL3 codes (e.g. mcg,mul1): time L16 V1 exl3-layout weights instead of QTIP's hyb9")
     args = ap.parse_args(argv)
+    pinned = pinned_configs(args.config)
     global TUNED
     TUNED = args.tuned
     if not torch.cuda.is_available():
@@ -228,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     env = environment()
     env["configs"] = "registry (autotune file)" if TUNED else "heuristic defaults"
+    if pinned:
+        env["configs"] += "; pinned by --config: " + ", ".join(f"{m}x{n} {k} {c}" for (m, n), (k, c) in pinned.items())
     rows: list[dict] = []
     explore: list[dict] = []
     codes = [None] if not args.exl3 else args.exl3.split(",")
@@ -242,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         rotation = weight_copies(qw, pw, w16, code) if args.rotate else None
         for M in Ms:
             try:
-                rows.append(bench_point(qw, pw, M, w16, rotation=rotation))
+                kind, cfg = pinned.get((m, n), (None, None))
+                rows.append(bench_point(qw, pw, M, w16, kind, cfg, rotation=rotation))
             except Exception as e:  # keep the rest of the table; the failure is recorded
                 rows.append({"m": m, "n": n, "K": K, "M": M, "kind": "?", "error": repr(e)[:300],
                              "kernel_us": float("nan"), "fp16_us": float("nan"), "ratio_kernel": float("nan")})
