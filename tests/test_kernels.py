@@ -158,7 +158,7 @@ def test_configs_contract():
             assert space, (kind, M)
             default = kernels.default_config(kind, spec, 4096, 4096, M)
             keys = set(default)
-            assert all(set(c) <= keys | {"num_stages", "table", "mma", "split_sum"} for c in space)
+            assert all(set(c) <= keys | {"num_stages", "table", "mma", "split_sum", "hfma", "early_words"} for c in space)
     assert kernels.default_kind(spec, 4096, 4096, 1) == "gemv"
     assert kernels.default_kind(spec, 4096, 4096, 64) == "gemm"
     assert kernels.default_kind(spec, 4096, 4096, 256) == "decompress"

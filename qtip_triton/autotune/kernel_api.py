@@ -20,7 +20,8 @@ Contract asked of ``qtip_triton.kernels`` (names it must export):
   warmed and precompiled beside each bucket's own rows), and
   ``launch_variant(kind, in_features, out_features, blocks_in, blocks_out, rows) -> tuple`` (what else
   than the config and the row class tells the compiled variants of a launch of ``rows`` apart: the key
-  warm-ups deduplicate by).
+  warm-ups deduplicate by), and ``REDUCED_PRECISION_KEYS`` (config keys that trade accuracy for speed: the
+  tuner leaves configs with one of them on out of its candidates unless asked).
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class ModuleKernelAPI:
         except (ValueError, TypeError, NotImplementedError) as e:
             return False, str(e)
         return (True, None) if space else (False, f"{kind} has no valid config for {spec} {m}x{n} at M={M}")
+
+    def reduced_precision_keys(self) -> tuple[str, ...]:
+        return tuple(getattr(self.module, "REDUCED_PRECISION_KEYS", ()))
 
     def default_kind(self, spec, m, n, M):
         fn = getattr(self.module, "default_kind", None)

@@ -108,12 +108,19 @@ def kinds_in_reach(api: KernelAPI, spec, out_features: int, in_features: int, M:
     return kinds
 
 
+def reduced_precision(api: KernelAPI, config: Mapping[str, Any]) -> bool:
+    """Whether ``config`` turns on a key the kernel package lists as trading accuracy for speed."""
+    keys = getattr(api, "reduced_precision_keys", None)
+    return any(config.get(k) for k in (keys() if keys is not None else ()))
+
+
 def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
-               max_candidates: int, reach: int = 2) -> list[tuple[str, Config]]:
+               max_candidates: int, reach: int = 2, allow_reduced_precision: bool = False) -> list[tuple[str, Config]]:
     """``(kind, config)`` candidates for one task: ``max_candidates`` for the heuristic's kind at M,
     ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`),
     and as many again for each source variant of a kind (:func:`_families`), in reach or not. Each chosen
-    config also brings its launch-flag twins (:data:`_LAUNCH_FLAGS`) where the space lists them."""
+    config also brings its launch-flag twins (:data:`_LAUNCH_FLAGS`) where the space lists them.
+    Configs of reduced precision (:func:`reduced_precision`) only with ``allow_reduced_precision``."""
     main = api.default_kind(spec, out_features, in_features, M)
     reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
     if main is None or main not in api.kinds():
@@ -124,6 +131,8 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
         if not ok:
             continue
         space = api.config_space(kind, spec, out_features, in_features, M)
+        if not allow_reduced_precision:
+            space = [c for c in space if not reduced_precision(api, c)]
         try:
             default = api.default_config(kind, spec, out_features, in_features, M)
         except (ValueError, TypeError, NotImplementedError):
@@ -207,7 +216,8 @@ def check_config(api: KernelAPI, kind: str, config: Mapping[str, Any], spec, out
 
 
 def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
-                      seed: Mapping[EntryKey, Entry]) -> list[tuple[str, Config]] | None:
+                      seed: Mapping[EntryKey, Entry], allow_reduced_precision: bool = False,
+                      ) -> list[tuple[str, Config]] | None:
     """``(kind, config)`` candidates taken from another tune file's winners (``seed``: its entries by key):
     this task's winner and those of the neighbouring M buckets of the same spec and shape, each with its
     launch-flag twins; only what this GPU's space lists.
@@ -225,6 +235,8 @@ def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int,
         entry = seed.get(EntryKey(spec.name, out_features, in_features, b))
         if entry is None or not check_config(api, entry.kind, _base(entry.config), spec, out_features,
                                              in_features, M)[0]:
+            continue
+        if reduced_precision(api, entry.config) and not allow_reduced_precision:
             continue
         listed = {config_key(c) for c in api.config_space(entry.kind, spec, out_features, in_features, M)}
         for twin in _twins(dict(entry.config), dict(entry.config) if b == M else None):

@@ -217,18 +217,21 @@ Planned = list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]
 
 
 def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[EntryKey, Entry] | None = None,
-         ) -> Planned:
+         allow_reduced_precision: bool = False) -> Planned:
     """Each task with its candidates (default first) and its default choice; pure Python, no GPU.
     With ``seed`` (another tune file's entries), a task it covers times only the default and the seed's
-    winners near it (:func:`~qtip_triton.autotune.space.seeded_candidates`)."""
+    winners near it (:func:`~qtip_triton.autotune.space.seeded_candidates`). ``allow_reduced_precision``: also
+    configs that trade accuracy for speed (the kernel package's ``REDUCED_PRECISION_KEYS``)."""
     out = []
     for t in tasks:
         default = default_choice(api, t.spec, t.out_features, t.in_features, t.m_bucket)
         cands = None
         if seed is not None:
-            cands = seeded_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, seed)
+            cands = seeded_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, seed,
+                                      allow_reduced_precision=allow_reduced_precision)
         if cands is None:
-            cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates)
+            cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates,
+                                     allow_reduced_precision=allow_reduced_precision)
         if default is not None:
             dk = (default[0], config_key(default[1]))
             cands = [default] + [c for c in cands if (c[0], config_key(c[1])) != dk]

@@ -38,6 +38,7 @@ from qtip_triton.kernels import hadamard, mma_layout, pdl
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
     KINDS,
+    REDUCED_PRECISION_KEYS,
     can_implement,
     config_space,
     default_config,
@@ -64,6 +65,7 @@ __all__ = [
     "can_share_input",
     "CONFIG_VERSION",
     "KINDS",
+    "REDUCED_PRECISION_KEYS",
     "PreparedWeight",
     "can_implement",
     "config_space",

@@ -55,6 +55,11 @@ MMA_GEMV_MAX_M = 16
 MMA_MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands and fp32 accumulators
 GEMM_MAX_M = 64
 CONFIG_VERSION = "1"
+# config keys that trade accuracy for speed: the tuner times configs with one of these on only when asked
+# (``qtip-triton autotune --fp16-accumulation``); the registry serves them once stored, like any config.
+# hfma: fp16x2 multiply-adds, 8 products per fp16 partial (relative error ~5e-4 of the output against ~2e-7).
+REDUCED_PRECISION_KEYS = ("hfma",)
+GEMV_WIDE_BLOCK_K = 2048  # BLOCK_K past 1024: one-row gemv only, 8 warps (session 19: 64x2048x8 tiles)
 
 
 @functools.cache
@@ -216,19 +221,26 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
     tabled = get_code(spec.code).triton_decoder().table == "packed16"
     bms = [b for b in (1, 2, 4, 8, 16) if b <= _next_pow2(M)] if kind == "gemv" else \
         [b for b in (16, 32, 64, 128, 256) if b <= max(16, _next_pow2(M))]
+    fp16x2 = kind == "gemv" and hfma_supported(spec)
     for bm in bms:
         for bn in (32, 64, 128, 256):
-            for bk in (64, 128, 256, 512, 1024):
+            for bk in (64, 128, 256, 512, 1024, GEMV_WIDE_BLOCK_K):
                 # register budget: fp32 accumulator elements per program
                 acc = bn * bk * bm if kind == "gemv" else bn * bm
-                if kind == "gemv" and (acc > 256 * 256 or (bk > 512 and bm > 1)):
+                if kind == "gemv" and (acc > 256 * 256 * 2 or (bk > 512 and bm > 1)):
                     continue
                 if kind == "gemm" and (acc > 128 * 256 or bn * bk > 128 * 256 or bk > 512):
                     continue
                 for split in (1, 2, 4, 8, 16):
-                    if split > 1 and n // bk < 2 * split:
+                    # at least two k steps per split; one for 2048-column steps (4096-wide layers, split 2:
+                    # session 19's fastest 4096^2 kernel)
+                    if split > 1 and n // bk < (1 if bk > 1024 else 2) * split:
                         continue
                     for nw in (4, 8):
+                        # gemv: at most 512 fp32 accumulators per thread (64x1024 tiles with 4 warps; past
+                        # that, and for 2048-column steps, 8 warps)
+                        if kind == "gemv" and (acc > nw * 32 * 512 or (bk > 1024 and nw < 8)):
+                            continue
                         # gemm: at most 128 fp32 accumulators per thread (128x256 tiles need 8 warps)
                         if kind == "gemm" and acc > nw * 32 * 128:
                             continue
@@ -238,10 +250,26 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
                             variants.append({**cfg, "table": "shared"})
                             if bm == 1:  # lane copies pay at one batch row (the tensor-core gemv takes 2-16)
                                 variants.append({**cfg, "table": "shared16"})
+                                if fp16x2:  # reduced precision (REDUCED_PRECISION_KEYS): tuned only when asked
+                                    variants += [{**cfg, "table": "shared16", "hfma": True},
+                                                 {**cfg, "table": "shared16", "hfma": True, "early_words": True}]
                         out += _with_split_sum(variants)
     if kind == "gemv" and M <= 16 and mma_supported(spec):
         out.extend(mma_space(spec, n, M))
     return out
+
+
+@functools.cache
+def hfma_supported(spec: TrellisSpec) -> bool:
+    """Whether the fp16x2 gemv (config ``hfma``) can be generated for ``spec`` in its default layout (as for
+    the mma gemv: a state decodes into one fp16x2 register of two adjacent input columns)."""
+    from qtip_triton.codegen.emit import default_layout, emit
+
+    try:
+        emit(spec, "gemv", {"hfma": True, "table": "shared16"}, layout=default_layout(spec))
+    except ValueError:
+        return False
+    return True
 
 
 @functools.cache
