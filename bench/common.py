@@ -6,7 +6,8 @@
 call starts with a cold L2 (decode-size weights fit in the 50 MB L2; without the flush the number
 would be fiction). The median is reported in microseconds.
 
-``time_rotated_us(fns)`` is the second, serving-like way: one CUDA graph of back-to-back calls that
+``time_rotated_us(fns)`` (qtip_triton/autotune/rotation.py, which the tuner's ``--timer rotated`` shares) is
+the second, serving-like way: one CUDA graph of back-to-back calls that
 cycle over several weight copies, together at least three times the L2, so every call reads its
 weights from DRAM, as a layer does after the previous layers' weights went through the L2. Why a
 second method: the flush zeroes 256 MB before each call, which leaves the L2 full of dirty lines
@@ -27,6 +28,9 @@ from typing import Any
 
 import torch
 
+from qtip_triton.autotune.rotation import capture_calls as _capture
+from qtip_triton.autotune.rotation import rotation_copies, time_rotated_us  # noqa: F401  (re-exported)
+
 
 def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, rep_ms: int = 40) -> float:
     """Median time of one call of ``fn`` in µs (CUDA graph replay, L2 flushed before each call)."""
@@ -37,56 +41,6 @@ def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, r
     run = _capture([fn], 1).replay if graph else fn
     ms = triton.testing.do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     return float(ms) * 1000.0
-
-
-def _capture(fns: list[Callable[[], Any]], calls: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``calls`` back-to-back calls cycling over ``fns`` (each run once on the capture stream
-    first, so that allocator growth stays out of the graph)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()  # warm the allocator on the capture stream
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    return g
-
-
-def rotation_copies(nbytes: int, *, l2_multiple: int = 3, minimum: int = 2) -> int:
-    """How many copies of an ``nbytes`` weight make a rotation that no L2 can hold between two uses."""
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or 50 * 2**20
-    return max(minimum, -(-l2_multiple * l2 // max(1, nbytes)))
-
-
-def time_rotated_us(fns: list[Callable[[], Any]], *, min_calls: int = 24, reps: int = 15) -> float:
-    """Median time per call (µs) of back-to-back calls cycling over ``fns`` in one CUDA graph.
-
-    ``fns[i]`` must read weight copy i (see ``rotation_copies``); inputs may stay in the L2, as
-    activations do in serving. Each replay is timed by events around it and divided by its calls.
-    """
-    if not fns:
-        raise ValueError("time_rotated_us needs at least one callable")
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    calls = len(fns) * -(-min_calls // len(fns))
-    g = _capture(fns, calls)
-    g.replay()
-    g.replay()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        per_call.append(start.elapsed_time(end) * 1000.0 / calls)
-    per_call.sort()
-    return float(per_call[len(per_call) // 2])
 
 
 def source_rev() -> str:

@@ -43,9 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
-    p.add_argument("--timer", choices=("graph", "do_bench", "cudagraph"), default="graph",
-                   help="graph: CUDA-graph replay with L2 flushed before each run (default); do_bench: uncaptured "
-                        "calls (includes Python launch overhead); cudagraph: replay without flush")
+    p.add_argument("--timer", choices=("graph", "rotated", "do_bench", "cudagraph"), default="graph",
+                   help="graph: CUDA-graph replay with L2 flushed before each run (default); rotated: back-to-back "
+                        "calls over weight copies > 3x L2 in one graph, as layers run in a served model (its times are "
+                        "lower than graph's: tune into a file of its own or with --replace); do_bench: "
+                        "uncaptured calls (includes Python launch overhead); cudagraph: replay without flush")
     p.add_argument("--screen", type=float, default=3.0,
                    help="skip the full timing of a candidate whose single run is this many times slower than "
                         "the best so far (default 3; 0 times everything)")
@@ -130,7 +132,8 @@ def summarize(report: TuneReport, out=None) -> float | None:
 
 
 def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: DeviceInfo | None,
-             versions: SoftwareVersions, *, clock=time.monotonic, out=None, compile_fn=None, quick=None) -> int:
+             versions: SoftwareVersions, *, clock=time.monotonic, out=None, compile_fn=None, quick=None,
+             rotated=None, copies=None) -> int:
     """The command with everything GPU-specific injected (tests pass fakes)."""
     out = out or sys.stdout
     specs = parse_specs(args)
@@ -167,7 +170,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
               f"({len(errors)} failed to compile)", file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                   deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
-                  check=not args.no_check, quick=quick, screen=args.screen, planned=planned)
+                  check=not args.no_check, quick=quick, screen=args.screen, planned=planned, rotated=rotated,
+                  copies=copies)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),
@@ -197,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         cuda_graph_timer,
         do_bench_timer,
         graph_flush_timer,
+        graph_rotated_timer,
         graph_single_timer,
         single_run_timer,
     )
@@ -209,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"qtip-triton autotune: {e}", file=sys.stderr)
             return 2
     bench = {"graph": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),
+             "rotated": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),  # unused: the rotated timer times
              "do_bench": lambda: do_bench_timer(args.warmup_ms, args.rep_ms),
              "cudagraph": lambda: cuda_graph_timer(args.rep_ms)}[args.timer]()
     workload = RandomWorkload("cuda")
@@ -219,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return autotune(args, api, bench, workload, device, current_versions(), compile_fn=compile_fn,
-                        quick=graph_single_timer() if args.timer == "graph" else single_run_timer())
+                        quick=graph_single_timer() if args.timer in ("graph", "rotated") else single_run_timer(),
+                        rotated=graph_rotated_timer() if args.timer == "rotated" else None)
     except ValueError as e:
         print(f"qtip-triton autotune: {e}", file=sys.stderr)
         return 2

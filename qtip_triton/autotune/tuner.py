@@ -11,6 +11,7 @@ win); the loop stops at ``deadline_s`` and returns what it finished, listing wha
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +25,8 @@ from qtip_triton.autotune.store import Entry, EntryKey
 from qtip_triton.spec import TrellisSpec
 
 Bench = Callable[[Callable[[], Any]], float]  # runs fn repeatedly, returns microseconds
+# runs fns[i] (the same launch on weight copy i) back to back, cycling, returns microseconds per call
+RotatedBench = Callable[[list[Callable[[], Any]]], float]
 
 # Exceptions that depend only on (kind, spec, config), not on the shape: never retry those.
 _COMPILE_ERRORS = ("CompilationError", "OutOfResources", "PTXASError", "CompileTimeAssertionFailure")
@@ -66,6 +69,19 @@ def cuda_graph_timer(rep_ms: float = 6.0) -> Bench:
         from triton.testing import do_bench_cudagraph
 
         return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")) * 1e3
+
+    return bench
+
+
+def graph_rotated_timer(min_calls: int = 24, reps: int = 15) -> RotatedBench:
+    """Back-to-back calls over weight copies (together >= 3 L2s) in one CUDA graph, no flush: each call reads its
+    weights from DRAM and its input from the L2, as a layer of a served model does
+    (:mod:`qtip_triton.autotune.rotation` says why this ranks configs closer to serving than the flush)."""
+
+    def bench(fns: list[Callable[[], Any]]) -> float:
+        from qtip_triton.autotune.rotation import time_rotated_us
+
+        return time_rotated_us(fns, min_calls=min_calls, reps=reps)
 
     return bench
 
@@ -172,6 +188,10 @@ class Workload:
         """M rows of activations for ``layer`` (the QuantizedWeight from :meth:`layer`)."""
         raise NotImplementedError
 
+    def weight_bytes(self, layer) -> int:
+        """Bytes of ``layer``'s weights that a forward streams (what a rotation must cycle through)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot say a layer's weight bytes (needed by a rotated timer)")
+
     def rel_error(self, out, ref) -> float:
         """‖out − ref‖ / ‖ref‖ (inf if anything is not finite)."""
         out, ref = out.float(), ref.float()
@@ -195,6 +215,9 @@ class RandomWorkload(Workload):
         from qtip_triton.autotune.workload import random_input
 
         return random_input(layer, M, self.dtype)
+
+    def weight_bytes(self, layer) -> int:
+        return int(layer.trellis.nbytes)
 
 
 def default_choice(api: KernelAPI, spec, out_features: int, in_features: int, M: int) -> tuple[str, Config] | None:
@@ -254,6 +277,8 @@ def tune(
     screen: float = 3.0,
     seed: Mapping[EntryKey, Entry] | None = None,
     planned: Planned | None = None,
+    rotated: RotatedBench | None = None,
+    copies: Callable[[int], int] | None = None,
 ) -> TuneReport:
     """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time.
 
@@ -261,6 +286,9 @@ def tune(
     ``screen`` times the best median so far is dropped without a full measurement (the default
     config, timed first, is always measured in full). ``seed``: as for :func:`plan`. ``planned``: that plan,
     when the caller already made it (the command prints its size first), instead of planning again.
+    ``rotated`` (e.g. :func:`graph_rotated_timer`): time each candidate with it instead of ``bench``, over
+    ``copies(weight bytes)`` prepared copies of the layer (default: :func:`~qtip_triton.autotune.rotation.
+    rotation_copies`), all fed the same input; the output check and the screen use the first copy.
     """
     from tqdm.auto import tqdm
 
@@ -270,7 +298,9 @@ def tune(
     broken: dict[tuple, str] = {}  # (kind, spec, config) -> compile error, shape-independent
     results: list[TaskResult] = []
     skipped: list[Task] = []
-    layer_key, raw, layer = None, None, None
+    layer_key, raw, layer, rotation = None, None, None, []
+    if rotated is not None and copies is None:
+        from qtip_triton.autotune.rotation import rotation_copies as copies
     bar = tqdm(total=sum(len(c) for _, c, _ in planned), unit="cfg", desc="autotune", disable=not progress)
     try:
         for task, cands, default in planned:
@@ -280,8 +310,12 @@ def tune(
                 continue
             lk = (task.spec, task.out_features, task.in_features)
             if lk != layer_key:
-                layer_key, raw, layer = lk, None, None  # free the previous layer before building the next
+                # free the previous layer (and its copies) before building the next
+                layer_key, raw, layer, rotation = lk, None, None, []
                 raw, layer = prepared_layer(api, workload, lk)
+                if rotated is not None:
+                    n_copies = copies(workload.weight_bytes(raw))
+                    rotation = [layer] + [prepared_layer(api, workload, lk)[1] for _ in range(n_copies - 1)]
             x = workload.inputs(raw, task.m_bucket)
             res = TaskResult(task, default_kind=default[0] if default else None)
             ref = None
@@ -313,7 +347,10 @@ def tune(
                         if q_us > screen * res.time_us:
                             res.screened += 1
                             continue
-                    t_us = float(bench(run))
+                    if rotated is not None:
+                        t_us = float(rotated([functools.partial(run, layer=copy) for copy in rotation]))
+                    else:
+                        t_us = float(bench(run))
                     if not math.isfinite(t_us) or t_us <= 0:
                         raise ValueError(f"timer returned {t_us!r}")
                 except Exception as e:  # a candidate may fail in any way; skip it and say why
