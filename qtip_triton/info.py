@@ -40,6 +40,16 @@ def _kernels(device: DeviceInfo | None) -> str:
     return "torch reference path on the CPU (no CUDA GPU; TRITON_INTERPRET=1 runs the Triton kernels interpreted)"
 
 
+def _reduced_precision_entries(tf) -> int:
+    """Entries whose config trades accuracy for speed (``autotune --fp16-accumulation`` chose them): a user who
+    reads "N entries" should also learn that some of them sum in fp16."""
+    try:
+        from qtip_triton.kernels.configs import REDUCED_PRECISION_KEYS
+    except ImportError:  # the kernel package cannot be imported here (no Triton): nothing to name
+        return 0
+    return sum(1 for e in tf.entries.values() if any(e.config.get(k) for k in REDUCED_PRECISION_KEYS))
+
+
 def _judge(path: Path, device: DeviceInfo | None, versions: SoftwareVersions) -> dict[str, Any]:
     """One autotune file: what it was tuned on, and whether (and how) it applies here."""
     row: dict[str, Any] = {"path": str(path)}
@@ -48,7 +58,8 @@ def _judge(path: Path, device: DeviceInfo | None, versions: SoftwareVersions) ->
     except (StoreError, OSError) as e:
         return {**row, "status": "ignored", "why": f"unreadable: {e}"}
     h = tf.header
-    row.update(tuned_on=str(h.device), triton=h.versions.triton, date=h.date, entries=len(tf.entries))
+    row.update(tuned_on=str(h.device), triton=h.versions.triton, date=h.date, entries=len(tf.entries),
+               reduced_precision=_reduced_precision_entries(tf))
     if device is None:
         return {**row, "status": "not used", "why": "no CUDA GPU here"}
     status, why = compatibility(h, device, versions)
@@ -160,7 +171,8 @@ def render(facts: dict[str, Any]) -> str:
         "autotune files (lookup order):",
     ]
     for f in facts["autotune"]["files"]:
-        tuned = f" [{f['tuned_on']}, Triton {f['triton']}, {f['entries']} entries]" if "entries" in f else ""
+        fp16 = f", {f['reduced_precision']} with fp16 accumulation" if f.get("reduced_precision") else ""
+        tuned = f" [{f['tuned_on']}, Triton {f['triton']}, {f['entries']} entries{fp16}]" if "entries" in f else ""
         lines.append(f"  {f['source']} {f['path']}: {f['status']} ({f['why']}){tuned}")
     if not facts["autotune"]["files"]:
         lines.append("  none found")

@@ -118,3 +118,21 @@ def test_launch_switches_are_reported(monkeypatch):
     assert la["pdl"].startswith("invalid") and la["hadamard_gemm"].startswith("invalid")
     assert la["hadamard_stacked"].startswith("invalid")
     assert "programmatic dependent launch: invalid" in info.render(info.collect())
+
+
+def test_fp16_accumulation_entries_are_named(monkeypatch, tmp_path, capsys):
+    """A user cache tuned with --fp16-accumulation says how many of its entries sum in fp16."""
+    from qtip_triton.autotune.store import Entry, EntryKey, Header, TuneFile, save_merged
+
+    monkeypatch.setattr(info, "current_device", lambda: H200)
+    monkeypatch.setenv("QTIP_TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(info, "current_versions", shipped_versions)
+    plain = {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 1024, "SPLIT_K": 2, "num_warps": 4, "table": "shared16"}
+    entries = [Entry(EntryKey("L16K2V2-hyb9", 4096, 4096, 1), "gemv", {**plain, "hfma": True}, 10.0),
+               Entry(EntryKey("L16K2V2-hyb9", 8192, 8192, 1), "gemv", plain, 20.0)]
+    save_merged(tmp_path / "autotune" / "h200.yaml", TuneFile(Header(H200, shipped_versions()), {e.key: e for e in entries}))
+    facts = info.collect()
+    user = next(f for f in facts["autotune"]["files"] if f["source"] == "user cache")
+    assert user["entries"] == 2 and user["reduced_precision"] == 1
+    assert cli.main(["info"]) == 0
+    assert "2 entries, 1 with fp16 accumulation]" in capsys.readouterr().out
