@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the default and that file's winners for its M bucket and the neighbouring ones, so a "
                         "first file for a new GPU takes minutes; tasks it lacks get the full space")
     p.add_argument("--fp16-accumulation", action="store_true",
-                   help="also time configs that sum products in fp16 (the fp16x2 gemv at one batch row: 6-20%% faster "
+                   help="also time configs that sum products in fp16 (the fp16x2 gemv at one batch row: 4-13%% faster "
                         "M = 1 forwards on the H100, relative error ~5e-4 of the output instead of ~2e-7); the "
                         "entries they win are served like any other")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate; tune nothing")
