@@ -512,9 +512,7 @@ class _Emitter:
     def _l2_prefetch_words(self, step: str) -> None:
         """Prefetch into L2 the lines of k step ``step`` (absolute, from the program's first) of every word slot."""
         s = self.src
-        slots = sorted({w.slot for w in self.plan.windows} | {w.slot + 1 for w in self.plan.windows
-                                                              if w.spills and w.slot + 1 < self.plan.G})
-        for q in slots:
+        for q in self.word_slots():
             base = f"W + {q} * stride_wq + pf_off" if q else "W + pf_off"
             s(f"_prefetch_l2({base} + {step} * CB, INTERPRET)")
             s("if not PF_ALIGNED:")
@@ -580,11 +578,16 @@ class _Emitter:
         the activations, partials and outputs are touched only after the previous kernels finish."""
         self.src("grid_dependency_sync(PDL)  # programmatic dependent launch (kernels/pdl.py)")
 
+    def word_slots(self) -> list[int]:
+        """The word slots (planes ``stride_wq`` apart) a k step reads: each window's, and the next one where a
+        window spills into it (a spill past the last slot reads the next group's word 0 instead: ``wn``)."""
+        p = self.plan
+        return sorted({w.slot for w in p.windows} | {w.slot + 1 for w in p.windows if w.spills and w.slot + 1 < p.G})
+
     def word_loads(self) -> list[tuple[str, str]]:
         """(variable, offset expression) of every word tensor a k step reads."""
         p = self.plan
-        used = sorted({w.slot for w in p.windows} | {w.slot + 1 for w in p.windows if w.spills and w.slot + 1 < p.G})
-        loads = [(f"w{q}", "w_off" if q == 0 else f"w_off + {q} * stride_wq") for q in used]
+        loads = [(f"w{q}", "w_off" if q == 0 else f"w_off + {q} * stride_wq") for q in self.word_slots()]
         if any(w.spills and w.slot + 1 == p.G for w in p.windows):
             loads.append(("wn", "n_off"))
         return loads
