@@ -17,6 +17,7 @@ kernel must get and how close to the floor that is); below it the bar cannot be 
 instruction count. x loads, latency and occupancy are not floors: they are what the gap is made of.
 
     python bench/floors.py --results bench/results/h200-2026-11-30-session12-kernels.json
+    python bench/floors.py --rotated --results bench/results/h100-80gb-hbm3-2026-12-05-session19-tuned-k2.json
 """
 
 from __future__ import annotations
@@ -102,9 +103,19 @@ def loop_counts(row: Mapping[str, Any]) -> dict[str, float] | None:
     return {"per_state": r["per_state"], "lds_per_state": r["opcodes"].get("LDS", 0) / r["states_per_thread_iter"]}
 
 
-def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any]) -> str:
+def rotated_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The row with its rotated times in place of the flushed ones (None when it has none): the floors are the
+    same, the measured kernel and fp16 are what layers see in serving (bench/common.py says why)."""
+    if "kernel_rot_us" not in row or "fp16_rot_us" not in row:
+        return None
+    return {**row, "kernel_us": row["kernel_rot_us"], "fp16_us": row["fp16_rot_us"]}
+
+
+def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], rotated: bool = False) -> str:
+    timing = ("Times: rotated (back-to-back calls over weight copies > 3x L2, no flush), kernel and fp16 alike. "
+              if rotated else "Times: L2 flushed before each call. ")
     lines = [f"# Floors under the kernel table — {card_name}", "",
-             f"{card['sms']} SMs at {card['ghz']} GHz, DRAM {card['tbs']} TB/s ({card['tbs_source']}). Kernel alone "
+             timing + f"{card['sms']} SMs at {card['ghz']} GHz, DRAM {card['tbs']} TB/s ({card['tbs_source']}). Kernel alone "
              "(decode-matmul, no transforms); floors are lower bounds: issue = loop SASS per state, table = "
              "shared-memory wavefronts of the code-table reads, DRAM = packed weights. `x floor` = measured / "
              "largest floor.", "",
@@ -125,13 +136,18 @@ def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any]) -
 
 
 def run(results: Path, card_name: str | None, counter: Callable[[Mapping[str, Any]], dict[str, float] | None],
-        progress: bool = True) -> tuple[list[dict[str, Any]], str, str]:
-    """Rows of ``results`` with their counts and floors, the card's name and the markdown table."""
+        progress: bool = True, rotated: bool = False) -> tuple[list[dict[str, Any]], str, str]:
+    """Rows of ``results`` with their counts and floors, the card's name and the markdown table (``rotated``: the
+    rows' rotated times, rows without them left out)."""
     data = json.loads(results.read_text())
     name = card_name or data.get("env", {}).get("card", "")
     card = CARDS[card_key(name)]
     rows, cache = [], {}
     todo = [r for r in data["rows"] if "kernel_us" in r]
+    if rotated:
+        todo = [r for r in map(rotated_row, todo) if r is not None]
+        if not todo:
+            raise ValueError(f"{results}: no row has rotated times (bench/kernels.py --rotate)")
     for i, r in enumerate(todo):
         key = json.dumps([r["spec"], r["kind"], r["config"], r["m"], r["n"], r["M"]], sort_keys=True)
         if key not in cache:
@@ -140,7 +156,7 @@ def run(results: Path, card_name: str | None, counter: Callable[[Mapping[str, An
                       file=sys.stderr, flush=True)
             cache[key] = counter(r)
         rows.append({**r, "counts": cache[key], "floors": floors(r, cache[key], card)})
-    return rows, name, table(rows, name, card)
+    return rows, name, table(rows, name, card, rotated)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--card", default=None, help=f"card figures to use ({', '.join(CARDS)}; default: the results' card)")
     ap.add_argument("--out", type=Path, default=None,
                     help="write <results stem>-floors.{json,md} into this folder (default: print the table)")
+    ap.add_argument("--rotated", action="store_true",
+                    help="measure the cells by their rotated times (bench/kernels.py --rotate) instead of the flushed")
     a = ap.parse_args(argv)
     if not a.results.is_file():
         ap.error(f"--results {a.results}: no such file")
-    rows, name, md = run(a.results, a.card, loop_counts)
+    try:
+        rows, name, md = run(a.results, a.card, loop_counts, rotated=a.rotated)
+    except ValueError as e:
+        ap.error(str(e))
     if a.out is None:
         print(md)
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.results.stem + "-floors"
+    stem = a.results.stem + ("-floors-rotated" if a.rotated else "-floors")
     (a.out / f"{stem}.json").write_text(json.dumps({"card": name, "card_figures": CARDS[card_key(name)],
                                                     "rows": rows}, indent=1))
     (a.out / f"{stem}.md").write_text(md)

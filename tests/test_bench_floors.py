@@ -68,6 +68,22 @@ def test_a_table_counts_each_kernel_once(tmp_path):
     assert md.count("\n| 8192x8192 |") == 3 and "4.8 TB/s (data sheet)" in md
 
 
+def test_rotated_times_replace_the_flushed_ones(tmp_path):
+    rows = [_row(kernel_rot_us=15.0, fp16_rot_us=48.0), _row(M=16)]  # the second was not timed rotated
+    res = tmp_path / "h200-kernels.json"
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows}))
+    counts = {"per_state": 8.0, "lds_per_state": 1.0}
+    out, _, md = floors.run(res, None, lambda r: counts, progress=False, rotated=True)
+    assert len(out) == 1 and out[0]["kernel_us"] == 15.0 and out[0]["fp16_us"] == 48.0
+    assert out[0]["floors"]["of_floor"] == pytest.approx(15.0 / out[0]["floors"]["floor_us"])
+    assert md.count("\n| 8192x8192 |") == 1 and "Times: rotated" in md and "| 15.0 | 48.0 | 3.20 |" in md
+    flushed = floors.run(res, None, lambda r: counts, progress=False)[2]
+    assert "Times: L2 flushed" in flushed and flushed.count("\n| 8192x8192 |") == 2
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": [_row()]}))
+    with pytest.raises(ValueError, match="no row has rotated times"):
+        floors.run(res, None, lambda r: counts, progress=False, rotated=True)
+
+
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
