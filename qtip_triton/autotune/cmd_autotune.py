@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"qtip-triton autotune: {e}", file=sys.stderr)
             return 2
     bench = {"graph": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),
-             "rotated": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),  # unused: the rotated timer times
+             "rotated": lambda: graph_flush_timer(args.warmup_ms, args.rep_ms),  # not called: rotated= times all
              "do_bench": lambda: do_bench_timer(args.warmup_ms, args.rep_ms),
              "cudagraph": lambda: cuda_graph_timer(args.rep_ms)}[args.timer]()
     workload = RandomWorkload("cuda")
