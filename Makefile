@@ -42,8 +42,9 @@ distortion: install
 bench:
 	$(PYTHON) bench/kernels.py
 
+# ARGS: more autotune options, e.g. make autotune GPU=h100 ARGS="--timer rotated --fp16-accumulation --out my.yaml"
 autotune:
-	$(PYTHON) -m qtip_triton.cli autotune --gpu $(GPU)
+	$(PYTHON) -m qtip_triton.cli autotune --gpu $(GPU) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
