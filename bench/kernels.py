@@ -63,6 +63,12 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, e
     return QuantizedWeight(spec, m, n, trellis, SU, SV, table, layout="qtip")
 
 
+def kernel_input(kind: str, pw, x: torch.Tensor, config: dict) -> torch.Tensor:
+    """h = the input transform of ``x`` in the dtype and order the ``kind`` kernel with ``config`` reads (the mma
+    gemv's h in its own layout, as the layers write it)."""
+    return _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, kernels.h_order(kind, [config]))
+
+
 def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict, h: torch.Tensor | None = None):
     """The decode-matmul part alone, on an already transformed input (``h``: that input, made from ``pw`` if None).
 
@@ -70,9 +76,9 @@ def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict, h: torch.Tensor | No
     input transform has just written, so it sits in the L2 while the weights stream from DRAM. An h per copy
     would be evicted by the rotation and read from DRAM at every call (measured on the H100, session 19: 8192^2
     M = 1, 64x2048 tiles, 18.4 against 14.9 µs)."""
-    order = kernels.h_order(kind, [config])  # the mma gemv's h in its own layout, as the layers write it
+    order = kernels.h_order(kind, [config])
     if h is None:
-        h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)
+        h = kernel_input(kind, pw, x, config)
     if kind == "decompress":
         return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
     return lambda: decode_matmul(kind, pw, h, config, h_order=order)
@@ -106,8 +112,7 @@ def bench_point(qw, pw, M: int, w16: torch.Tensor, kind: str | None = None, conf
     if rotation is not None:
         pws, w16s = rotation
         rec["copies"] = [len(pws), len(w16s)]
-        order = kernels.h_order(kind, [config])
-        h = _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, order)  # one h, hot like a layer's
+        h = kernel_input(kind, pw, x, config)  # one h for every copy, hot like a layer's
         rec["kernel_rot_us"] = time_rotated_us([kernel_fn(kind, p, x, config, h) for p in pws])
         if full:
             rec["linear_rot_us"] = time_rotated_us([lambda p=p: kernels.launch(kind, x, p, config) for p in pws])

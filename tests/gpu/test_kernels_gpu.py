@@ -36,6 +36,32 @@ def weight(m: int, n: int, K: int) -> tuple[QuantizedWeight, torch.Tensor]:
     return _last["qw"], _last["w64"]
 
 
+def one_row_gemv(bk: int, split: int, **extra) -> dict:
+    """The one-row gemv config of the M = 1 variant tests (64 rows, 4 warps, 16 table copies)."""
+    return {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "table": "shared16",
+            **extra}
+
+
+def assert_variant_in_pdl_graph(monkeypatch, cfg: dict, variant: dict) -> None:
+    """``cfg`` with ``variant``'s keys on, three launches captured in one CUDA graph with PDL ``early``, gives
+    ``cfg``'s partials bit for bit (8192^2, K = 2, one row)."""
+    monkeypatch.setenv("QTIP_TRITON_PDL", "early")
+    qw, _ = weight(8192, 8192, 2)
+    pw = kernels.prepare(qw)
+    h = torch.randn(1, 8192, device="cuda")
+    want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
+    other = {**cfg, **variant}
+    kernels.decode_matmul("gemv", pw, h, other, h_order="kernel")  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [kernels.decode_matmul("gemv", pw, h, other, h_order="kernel") for _ in range(3)]
+    graph.replay()
+    torch.cuda.synchronize()
+    for out in outs:
+        assert torch.equal(out, want)
+
+
 def reference(qw: QuantizedWeight, w64: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return qw.output_transform(qw.input_transform(x.double()) @ w64.t())
 

@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_gpu import weight
+from test_kernels_gpu import assert_variant_in_pdl_graph, one_row_gemv, weight
 
 from qtip_triton import kernels
 from qtip_triton.kernels import mma_layout
 
 pytestmark = pytest.mark.gpu
-
-
-def _gemv(bk: int, split: int, **extra) -> dict:
-    return {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 4, "table": "shared16",
-            **extra}
 
 
 @pytest.mark.parametrize("shape", [(8192, 8192), (4096, 11008), (28672, 8192)])
@@ -27,7 +22,7 @@ def test_l2_prefetch_gives_the_plain_gemv_partials(shape, split_sum):
     for M, bk, split, extra in ((1, 1024, 4, {}), (1, 512, 2, {}), (2, 512, 4, {"early_words": True}),
                                 (1, 256, 1, {"early_words": True})):
         h = torch.randn(M, shape[1], device="cuda")
-        cfg = _gemv(bk, split, split_sum=split_sum, **extra)
+        cfg = one_row_gemv(bk, split, split_sum=split_sum, **extra)
         want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
         for depth in (1, 3):
             got = kernels.decode_matmul("gemv", pw, h, {**cfg, "l2_prefetch": depth}, h_order="kernel")
@@ -49,19 +44,5 @@ def test_l2_prefetch_gives_the_plain_tensor_core_partials(shape):
 
 
 def test_l2_prefetch_in_a_graph_with_pdl(monkeypatch):
-    monkeypatch.setenv("QTIP_TRITON_PDL", "early")
-    qw, _ = weight(8192, 8192, 2)
-    pw = kernels.prepare(qw)
-    h = torch.randn(1, 8192, device="cuda")
-    cfg = _gemv(1024, 4, split_sum=True)
-    want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
-    pref = {**cfg, "l2_prefetch": 1, "early_words": True}
-    kernels.decode_matmul("gemv", pw, h, pref, h_order="kernel")  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = [kernels.decode_matmul("gemv", pw, h, pref, h_order="kernel") for _ in range(3)]
-    graph.replay()
-    torch.cuda.synchronize()
-    for out in outs:
-        assert torch.equal(out, want)
+    assert_variant_in_pdl_graph(monkeypatch, one_row_gemv(1024, 4, split_sum=True),
+                                {"l2_prefetch": 1, "early_words": True})
