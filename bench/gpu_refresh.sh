@@ -125,12 +125,14 @@ if want rotune; then
     --buckets 1,2,4,8,16 --timer rotated --out "$WORK/rotcache/autotune/$GPU.yaml" --max-minutes "${ROTUNE_MIN:-5}" \
     --no-progress ${ROTUNE_ARGS:-} >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
+  if [ "${ROTUNE_TABLES:-1}" = 1 ]; then  # ROTUNE_TABLES=0: the tune only (the tables in a later call)
   QTIP_TRITON_CACHE_DIR="$WORK/rotcache" BENCH_TAG=rotated-tune timeout -k 10 150 python3 bench/kernels.py --tuned --rotate \
     --K 2 --M 1,4,16 --time-limit 120 --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   BENCH_TAG=shipped-tune timeout -k 10 150 python3 bench/kernels.py --tuned --rotate --K 2 --M 1,4,16 --time-limit 120 \
     --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
+  fi
 fi
 if want timeline; then
   step "timeline: each kernel of a rotated forward and the gaps between them (torch.profiler), K = 2, M = 1, 4, 16"
