@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also each split-K config with its partials summed in the kernel (split_sum)")
     ap.add_argument("--hfma", action="store_true", help="gemv: also each config with fp16x2 multiply-adds (hfma)")
     ap.add_argument("--early", action="store_true",
-                    help="gemv: also each plain config with its first k step's words loaded before the table fill")
+                    help="gemv: also each plain and mma config with its first k step's words loaded before the table fill")
     ap.add_argument("--l2", default=None,
                     help="gemv/gemm: also each config (mma included) with these l2_prefetch depths, e.g. 1,2 "
                          "(k steps of words requested into L2 ahead)")
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 mma_c = [c for c in mma_c if mma_row_groups(c) in {int(v) for v in a.mma_groups.split(",")}]
             if a.maxnreg:
                 mma_c += [{**c, "maxnreg": int(r)} for r in a.maxnreg.split(",") for c in mma_c]
+            if a.early:  # each mma config also with the first step's words loaded early
+                mma_c += [{**c, "early_words": True} for c in mma_c]
             cands += mma_c
         if a.l2 and a.kind in ("gemv", "gemm"):  # each config also with its words prefetched into L2 ahead
             cands += [{**c, "l2_prefetch": int(d)} for d in a.l2.split(",") for c in cands if not c.get("fuse_in")]

@@ -51,8 +51,23 @@ def test_early_words_give_the_plain_hfma_partials(gen, name):
         assert torch.equal(got, want), (M, bm, bk, split)
 
 
+@pytest.mark.parametrize("name,in_f", [("L16K2V2-hyb9", 1024), ("L16K4V2-hyb9", 768)])
+def test_early_words_give_the_plain_mma_partials(gen, name, in_f):
+    """The tensor-core gemv (mma) takes the same early loads: 8 and 16 batch rows, 1 and 2 row groups per warp,
+    ragged batches (M below the block), split-K and a ragged last split (768 inputs: 3 k steps over 2)."""
+    spec = TrellisSpec.parse(name)
+    pw = prepare(random_qweight(gen, spec, 96, in_f, layout="qtip"))  # 96 rows: a ragged row block
+    for M, bm, bn, nw, split in ((3, 8, 32, 2, 1), (8, 8, 64, 2, 2), (13, 16, 32, 1, 2)):
+        h = torch.randn(M, in_f, generator=gen)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw, "table": "shared16",
+               "mma": True}
+        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
+        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="natural")
+        assert torch.equal(got, want), (M, bm, bn, nw, split)
+
+
 def test_early_words_load_only_weights_before_the_wait():
-    for variant in ({}, {"hfma": True}):
+    for variant in ({}, {"hfma": True}, {"BLOCK_M": 8, "BLOCK_N": 64, "num_warps": 2, "mma": True}):
         _early_before_the_wait(emit(TrellisSpec.parse("L16K2V2-hyb9"), "gemv",
                                     {"table": "shared16", "early_words": True, **variant}))
 
@@ -76,7 +91,6 @@ def test_plain_configs_keep_their_source():
 @pytest.mark.parametrize("config,match", [
     ({"early_words": "yes"}, "must be a bool"),
     ({"early_words": True, "prefetch": 1}, "prefetch"),
-    ({"early_words": True, "BLOCK_M": 8, "mma": True}, "mma"),
     ({"early_words": True, "fuse_in": True}, "fuse_in"),
 ])
 def test_bad_early_words_configs_are_clear_errors(config, match):

@@ -97,8 +97,8 @@ def source_options(spec: TrellisSpec, config: Mapping[str, Any] | None, kind: st
             raise ValueError(f"config early_words={early!r} must be a bool (first k step's words loaded before the "
                              "table fill and the PDL wait)")
         if early:  # only when on: every existing config keeps its source (and cache key)
-            if mma or fuse_in or extra["prefetch"]:
-                raise ValueError("config early_words does not combine with mma, fuse_in or prefetch")
+            if fuse_in or extra["prefetch"]:
+                raise ValueError("config early_words does not combine with fuse_in or prefetch")
             extra["early_words"] = True
     if kind in L2_PREFETCH_KINDS:
         l2 = config.get("l2_prefetch", 0)
@@ -980,7 +980,11 @@ class _Emitter:
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
         s(f"tl.static_assert(TC * {p.GCN} == {MMA_COLS})  # {MMA_COLS} word columns per k step: 4 lanes x 4 elements")
-        self.prologue(split=True)
+        early = self.opts.get("early_words", False)
+        loads = self.word_loads()
+        self.prologue(split=True, defer_table=early, l2_head=not early)
+        if early:
+            self._early_words_head(loads)
         self.dependency_sync()
         ng = self.opts.get("mma_groups", 1)
         if ng > 1:
@@ -1003,7 +1007,10 @@ class _Emitter:
         s("for it in range(ITERS):")
         s.indent()
         self.l2_prefetch_step()
-        self.load_words()
+        if early:
+            self._early_words_take(loads)
+        else:
+            self.load_words()
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals)
         if ng > 1:
@@ -1023,6 +1030,8 @@ class _Emitter:
                 s(f"c{n}_0, c{n}_1, c{n}_2, c{n}_3 = _mma({pairs[0][P]}, {pairs[1][P]}, {pairs[0][Q]}, {pairs[1][Q]}, "
                   f"_pack_f16x2(xc{2 * P}, xc{2 * P + 1}), _pack_f16x2(xc{2 * Q}, xc{2 * Q + 1}), "
                   f"c{n}_0, c{n}_1, c{n}_2, c{n}_3, RB, CB, INTERPRET)")
+        if early:
+            self._early_words_next(loads)
         self._end_gemv_loop(x_step="(CB // 4) * stride_xq")
         s("tcol = tl.arange(0, 4)[None, :]  # lane t of the row group: batch rows 2t and 2t + 1")
         for n in range(nb):

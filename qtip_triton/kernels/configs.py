@@ -18,8 +18,8 @@ checks the combinations): ``prefetch`` (0-2 k steps of words loaded ahead), ``fu
 transform inside the gemv), ``mma`` (tensor cores straight from the decoded registers; BLOCK_M 8 or 16,
 ``BLOCK_N`` = 16 x num_warps x 1/2/4 row groups per warp, codegen/mma.py), ``hfma`` (fp16x2
 multiply-adds: reduced precision, ``REDUCED_PRECISION_KEYS``, tuned only with ``--fp16-accumulation``) and
-``early_words`` (the first k step's words loaded before the table fill and the PDL wait; plain or hfma; in the
-space only beside hfma: alone it gained in some tiles and lost in others, session 19). ``gemv`` (mma too) and
+``early_words`` (the first k step's words loaded before the table fill and the PDL wait; plain, hfma or mma; in
+the space only beside hfma: alone it gained in some tiles and lost in others, session 19; mma: session 20). ``gemv`` (mma too) and
 ``gemm``: ``l2_prefetch`` (0-8: the words of that many k steps ahead requested into L2; not in the space: it
 lost or tied everywhere but a few mma cells, session 19). ``decompress`` takes the block keys and a gather or
 global ``table``.
