@@ -40,3 +40,19 @@ def test_early_words_give_the_plain_hfma_partials(shape):
 
 def test_early_words_in_a_graph_with_pdl(monkeypatch):
     assert_variant_in_pdl_graph(monkeypatch, one_row_gemv(1024, 4), {"early_words": True})
+
+
+@pytest.mark.parametrize("shape", [(8192, 8192), (28672, 8192), (4096, 11008)])
+def test_early_words_give_the_plain_mma_partials(shape):
+    """The tensor-core gemv with early words: 8 and 16 batch rows, 1 and 2 row groups per warp, the split summed
+    by the transform and in the kernel, h in kernel order (the launcher's mma-order copy)."""
+    qw, _ = weight(*shape, 2)
+    pw = kernels.prepare(qw)
+    for M, bm, bn, nw, split, ssum in ((4, 8, 128, 4, 8, True), (8, 8, 64, 4, 4, False), (16, 16, 128, 4, 4, False),
+                                       (13, 16, 64, 4, 2, True)):
+        h = torch.randn(M, shape[1], device="cuda")
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw, "table": "shared16",
+               "mma": True, "split_sum": ssum}
+        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
+        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="kernel")
+        assert torch.equal(got, want), (shape, M, bm, bn, split, ssum)
