@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, time_us, write_results  # noqa: E402
+from common import environment, time_rotated_us, time_us, write_results  # noqa: E402
 
 from qtip_triton.kernels.hadamard import transform  # noqa: E402
 
@@ -55,7 +55,8 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "stacked1": {"stacked": True, "stack_rows": 16}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
 # split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.
-CASES = ("input", "output", "input_natural", "output_fp16")
+# input16: the input transform as the mma gemv (2-16 tokens) takes it, fp16 into a scattered destination.
+CASES = ("input", "output", "input_natural", "output_fp16", "input16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"transforms to time, of {', '.join(CASES)} (input/output: as the small-batch decode kernels "
                          "use them; input_natural/output_fp16: as the prefill path does)")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. 'tall')")
+    ap.add_argument("--timer", choices=("flushed", "chain"), default="flushed",
+                    help="flushed: one call per graph replay after an L2 flush (a 4-5 µs floor); chain: 48 calls back "
+                         "to back in one graph, each waiting for the one before (PDL as shipped), input hot in L2: "
+                         "what one transform adds to a forward's critical path")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     a = ap.parse_args(argv)
     unknown = set(a.variants.split(",")) - set(VARIANTS)
@@ -81,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/hadamard.py needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
+    timer = time_us if a.timer == "flushed" else (lambda fn: time_rotated_us([fn], min_calls=48))
     tiny = torch.zeros(1, device="cuda")
-    floor = time_us(tiny.zero_)  # one trivial kernel through the same timer: the launch + timing floor
+    floor = timer(tiny.zero_)  # one trivial kernel through the same timer: the launch + timing floor
     print(f"floor (one trivial kernel): {floor:.1f} us", flush=True)
     for n, T in itertools.product([int(v) for v in a.n.split(",")], [int(v) for v in a.T.split(",")]):
         su, sv = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            **kw),
             "input_natural": lambda kw, x=x, su=su: transform(x, 1, transpose=True, pre=su, **kw),
             "output_fp16": lambda kw, p=part16, sv=sv: transform(p, 1, transpose=False, post=sv, **kw),
+            "input16": lambda kw, x=x, su=su, dst=dst: transform(x, 1, transpose=True, pre=su, out_dtype=torch.float16,
+                                                                 dst=dst, **kw),
         }
         for which in wanted:
             fn = cases[which]
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     out = fn(kw)
                     err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                    rec[name] = time_us(lambda fn=fn, kw=kw: fn(kw)) if err < 1e-3 else float("nan")
+                    rec[name] = timer(lambda fn=fn, kw=kw: fn(kw)) if err < 1e-3 else float("nan")
                     rec[f"{name}_err"] = err
                 except Exception as e:  # a failing variant is a result
                     rec[name] = float("nan")
@@ -115,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"n={n} T={T} {which}: " + ", ".join(f"{k} {rec[k]:.1f} us" for k in variants), flush=True)
     env = environment()
     lines = [f"# Hadamard transform launch variants — {env.get('card', '?')}", "",
-             "Median µs of CUDA-graph replays, L2 flushed. input: fp16 x, SU, kernel-order destination, fp32 out; "
+             ("Median µs of CUDA-graph replays, L2 flushed. " if a.timer == "flushed" else
+              "Median µs per call of 48 calls back to back in one CUDA graph (each waits for the one before; PDL as "
+              "shipped; input hot in L2). ") +
+             "input: fp16 x, SU, kernel-order destination, fp32 out; input16: the same with fp16 out; "
              f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out; input_natural: fp16 x, SU, fp16 out in "
              "natural order; output_fp16: one fp16 partial, SV, fp16 out (the last two as the prefill path runs them). "
              "Floor (one trivial kernel "
