@@ -18,6 +18,13 @@ instruction count. x loads, latency and occupancy are not floors: they are what 
 
     python bench/floors.py --results bench/results/h200-2026-11-30-session12-kernels.json
     python bench/floors.py --rotated --results bench/results/h100-80gb-hbm3-2026-12-05-session19-tuned-k2.json
+    python bench/floors.py --timeline --results bench/results/h100-80gb-hbm3-2026-12-05-session20-tl3-base.json
+
+``--timeline`` reads a ``bench/forward_timeline.py`` JSON instead and sets the bar against the whole forward: its
+decode kernel's work (the decode's end minus the later of its start and the input transform's end, from the
+GPU's own records) has the floors above, and the rest of the forward's span is what the two Hadamard transforms
+add to the critical path, as measured. Their sum is the best forward this three-launch structure allows with
+the transforms as they run; a bar under it cannot be met by a faster decode alone.
 """
 
 from __future__ import annotations
@@ -111,6 +118,82 @@ def rotated_row(row: Mapping[str, Any]) -> dict[str, Any] | None:
     return {**row, "kernel_us": row["kernel_rot_us"], "fp16_us": row["fp16_rot_us"]}
 
 
+def critical_path(trace: Mapping[str, Any]) -> dict[str, float]:
+    """A traced forward [input transform, decode, output transform] (``bench/forward_timeline.py``'s per-position
+    medians) split into the decode kernel's work and the rest of the span, which the transforms add."""
+    d, g = trace["dur_us"], trace["gap_after_us"]
+    if len(d) != 3:
+        raise ValueError(f"expected a forward of 3 kernels (input transform, decode, output transform), got {len(d)}")
+    start = d[0] + g[0]  # the decode's start, counted from the input transform's
+    decode = start + d[1] - max(start, d[0])  # it waits for the input transform before its work
+    return {"decode_us": decode, "transforms_us": trace["span_us"] - decode, "span_us": trace["span_us"]}
+
+
+def forward_floors(row: Mapping[str, Any], counts: Mapping[str, float] | None,
+                   card: Mapping[str, Any]) -> dict[str, Any]:
+    """The bar against one traced forward (a ``bench/forward_timeline.py`` row): the decode's floors, the
+    transforms' measured share and the verdict."""
+    cp = critical_path(row["ours"])
+    fp16 = row["fp16"]["span_us"]
+    spec = row.get("spec") or f"L16K{row['K']}V2-hyb9"  # what forward_timeline's random weights are
+    kern = floors({**row, "spec": spec, "kernel_us": cp["decode_us"], "fp16_us": fp16}, counts, card)
+    out = {**cp, "fp16_us": fp16, "kernel_floor_us": kern["floor_us"], "bound": kern["bound"],
+           "best_us": cp["transforms_us"] + kern["floor_us"], "bar": kern["bar"]}
+    bar = kern["bar"]
+    if bar is None:
+        out["verdict"] = "no bar at this M"
+    elif fp16 / cp["span_us"] >= bar:
+        out["verdict"] = "met"
+    else:
+        bar_us = fp16 / bar
+        if bar_us < out["best_us"]:
+            out["verdict"] = (f"below this structure's floor: the bar needs {bar_us:.1f} µs, transforms "
+                              f"{cp['transforms_us']:.1f} + decode {kern['bound']} floor {kern['floor_us']:.1f} = "
+                              f"{out['best_us']:.1f} (at most {fp16 / out['best_us']:.2f}x)")
+        else:
+            need = bar_us - cp["transforms_us"]
+            out["verdict"] = (f"needs the decode {cp['decode_us'] / need:.2f}x faster ({need:.1f} µs = "
+                              f"{need / kern['floor_us']:.2f}x its {kern['bound']} floor)")
+    return out
+
+
+def forward_table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any]) -> str:
+    lines = [f"# Floors under the traced forwards — {card_name}", "",
+             "Rotated forwards back to back in one CUDA graph (bench/forward_timeline.py). decode = the decode "
+             "kernel's work after the input transform is done; transforms = the rest of the span (both Hadamard "
+             "launches on the critical path, as measured); best = transforms + the decode's largest floor "
+             f"({card['sms']} SMs at {card['ghz']} GHz, DRAM {card['tbs']} TB/s).", "",
+             "| out x in | K | M | span µs | decode µs | transforms µs | decode floor µs | best µs | fp16 µs "
+             "| ratio | best ratio | bar | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["forward"]
+        bar = f"{f['bar']:.1f}x" if f["bar"] else "—"
+        lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {f['span_us']:.1f} | {f['decode_us']:.1f} "
+                     f"| {f['transforms_us']:.1f} | {f['kernel_floor_us']:.1f} ({f['bound']}) | {f['best_us']:.1f} "
+                     f"| {f['fp16_us']:.1f} | {f['fp16_us'] / f['span_us']:.2f} | {f['fp16_us'] / f['best_us']:.2f} "
+                     f"| {bar} | {f['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_timeline(results: Path, card_name: str | None,
+                 counter: Callable[[Mapping[str, Any]], dict[str, float] | None]) -> tuple[list[dict[str, Any]], str, str]:
+    """Rows of a ``bench/forward_timeline.py`` JSON with their decode counts and forward floors."""
+    data = json.loads(results.read_text())
+    name = card_name or data.get("env", {}).get("card", "")
+    card = CARDS[card_key(name)]
+    rows = []
+    for r in data.get("rows", []):
+        if "error" in r.get("ours", {}) or "error" in r.get("fp16", {"error": 1}):
+            continue
+        r = {**r, "spec": r.get("spec") or f"L16K{r['K']}V2-hyb9"}
+        counts = counter(r)
+        rows.append({**r, "counts": counts, "forward": forward_floors(r, counts, card)})
+    if not rows:
+        raise ValueError(f"{results}: no traced forward (bench/forward_timeline.py JSON expected)")
+    return rows, name, forward_table(rows, name, card)
+
+
 def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], rotated: bool = False) -> str:
     timing = ("Times: rotated (back-to-back calls over weight copies > 3x L2, no flush), kernel and fp16 alike. "
               if rotated else "Times: L2 flushed before each call. ")
@@ -167,18 +250,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="write <results stem>-floors.{json,md} into this folder (default: print the table)")
     ap.add_argument("--rotated", action="store_true",
                     help="measure the cells by their rotated times (bench/kernels.py --rotate) instead of the flushed")
+    ap.add_argument("--timeline", action="store_true",
+                    help="--results is a bench/forward_timeline.py JSON: the bar against the whole traced forward")
     a = ap.parse_args(argv)
     if not a.results.is_file():
         ap.error(f"--results {a.results}: no such file")
+    if a.timeline and a.rotated:
+        ap.error("--timeline forwards are rotated already: no --rotated")
     try:
-        rows, name, md = run(a.results, a.card, loop_counts, rotated=a.rotated)
+        if a.timeline:
+            rows, name, md = run_timeline(a.results, a.card, loop_counts)
+        else:
+            rows, name, md = run(a.results, a.card, loop_counts, rotated=a.rotated)
     except ValueError as e:
         ap.error(str(e))
     if a.out is None:
         print(md)
         return 0
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.results.stem + ("-floors-rotated" if a.rotated else "-floors")
+    stem = a.results.stem + ("-forward-floors" if a.timeline else "-floors-rotated" if a.rotated else "-floors")
     (a.out / f"{stem}.json").write_text(json.dumps({"card": name, "card_figures": CARDS[card_key(name)],
                                                     "rows": rows}, indent=1))
     (a.out / f"{stem}.md").write_text(md)

@@ -111,7 +111,8 @@ def point(m: int, n: int, K: int, M: int, pinned: dict, calls: int, replays: int
     x = torch.randn(M, n, device="cuda").half()
     ours = [lambda p=p: kernels.launch(kind, x, p, config) for p in pws]
     fp16 = [lambda w=w: torch.matmul(x, w.t()) for w in w16s]
-    rec: dict = {"m": m, "n": n, "K": K, "M": M, "kind": kind, "config": config, "copies": [len(pws), len(w16s)]}
+    rec: dict = {"m": m, "n": n, "spec": qw.spec.name, "K": K, "M": M, "kind": kind, "config": config,
+                 "copies": [len(pws), len(w16s)]}
     for label, fns in (("ours", ours), ("fp16", fp16)):
         for fn in fns:
             fn()

@@ -84,6 +84,48 @@ def test_rotated_times_replace_the_flushed_ones(tmp_path):
         floors.run(res, None, lambda r: counts, progress=False, rotated=True)
 
 
+def _traced(M: int = 1, ours=((7.0, 20.0, 18.0), (-4.0, -16.0, -2.0), 24.0), fp16_span: float = 45.0) -> dict:
+    """A forward_timeline row: per-position durations and gaps of [input transform, decode, output transform]."""
+    (d, g, span) = ours
+    return {"m": 8192, "n": 8192, "spec": "L16K2V2-hyb9", "K": 2, "M": M, "kind": "gemv",
+            "config": {"table": "shared16"}, "ours": {"dur_us": list(d), "gap_after_us": list(g), "span_us": span},
+            "fp16": {"dur_us": [fp16_span - 0.3], "gap_after_us": [0.3], "span_us": fp16_span}}
+
+
+def test_the_critical_path_splits_a_forward_into_decode_and_transforms():
+    # PDL early: the decode starts 3 µs into the 7 µs input transform and ends at 23; its work is 23 - 7 = 16
+    cp = floors.critical_path(_traced()["ours"])
+    assert cp["decode_us"] == pytest.approx(16.0) and cp["transforms_us"] == pytest.approx(8.0)
+    # serial (exit): the decode starts after the input transform, all of its duration is work
+    serial = floors.critical_path({"dur_us": [7.0, 26.0, 6.5], "gap_after_us": [0.2, 0.2, 0.2], "span_us": 40.3})
+    assert serial["decode_us"] == pytest.approx(26.0) and serial["transforms_us"] == pytest.approx(14.3)
+    with pytest.raises(ValueError, match="3 kernels"):
+        floors.critical_path({"dur_us": [1.0, 2.0], "gap_after_us": [0.0, 0.0], "span_us": 3.0})
+
+
+def test_the_forward_verdict_counts_the_transforms():
+    counts = {"per_state": 10.0, "lds_per_state": 1.0}  # issue floor ~10.0 µs at 8192^2 on the H200 figures
+    below = floors.forward_floors(_traced(), counts, H200)  # bar 45 / 4 = 11.25 µs < 8 + 10.0
+    assert below["best_us"] == pytest.approx(8.0 + below["kernel_floor_us"])
+    assert below["verdict"].startswith("below this structure's floor: the bar needs 11.2 µs, transforms 8.0")
+    fast = _traced(ours=((3.0, 9.0, 3.0), (-1.0, -1.0, -1.0), 11.0), fp16_span=60.0)  # decode 9 - 1 = 8 µs
+    assert floors.forward_floors(fast, counts, H200)["verdict"] == "met"  # 60 / 11 >= 4.0
+    reachable = floors.forward_floors(_traced(fp16_span=90.0), counts, H200)["verdict"]  # bar 22.5: decode 14.5
+    assert reachable.startswith("needs the decode 1.10x faster (14.5 µs")
+    assert floors.forward_floors(_traced(M=8), counts, H200)["verdict"] == "no bar at this M"
+
+
+def test_a_timeline_file_gets_a_forward_table(tmp_path):
+    res = tmp_path / "h200-timeline.json"
+    rows = [_traced(), _traced(M=16), {**_traced(), "ours": {"error": "not a whole number per forward"}}]
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows}))
+    out, card, md = floors.run_timeline(res, None, lambda r: {"per_state": 8.0, "lds_per_state": 1.0})
+    assert len(out) == 2 and card == "NVIDIA H200" and md.count("\n| 8192x8192 |") == 2
+    res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows[2:]}))
+    with pytest.raises(ValueError, match="no traced forward"):
+        floors.run_timeline(res, None, lambda r: None)
+
+
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
