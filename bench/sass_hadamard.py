@@ -50,6 +50,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {}, "per_token": {"tall": False}, "col_split": {"col_split": True}, "zb_first": {"zb_first": True},
     "tall": {"tall": True}, "stacked": {"stacked": True},
     "stacked64": {"stacked": True, "stack_rows": 64}, "stacked1": {"stacked": True, "stack_rows": 16},
+    # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs; session 20)
+    "f16": {"f16_dots": True}, "zb_first_f16": {"zb_first": True, "f16_dots": True},
+    "tall_f16": {"tall": True, "f16_dots": True}, "stacked_f16": {"stacked": True, "f16_dots": True},
 }
 _PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 _LAUNCH_KEYS = ("num_warps", "num_stages", "launch_pdl")

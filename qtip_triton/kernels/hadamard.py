@@ -100,6 +100,11 @@ STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
 # it off.
 ZB_ENV = "QTIP_TRITON_HADAMARD_ZB_FIRST"
 ZB_MAX_RP = 32
+# One fp16 dot per product instead of two bf16 ones (hi + lo) where the output is fp16 (``transform(f16_dots=)``):
+# half the tensor-core work and no hi/lo splits, at ~11 bits for the products' operands instead of ~16, which an
+# fp16 output keeps anyway (its own rounding is 11 bits). Opt-in until timed (written in session 20, when no GPU
+# was lent): QTIP_TRITON_HADAMARD_F16=1 turns it on for every fp16-output transform.
+F16_ENV = "QTIP_TRITON_HADAMARD_F16"
 
 
 def _next_pow2(x: int) -> int:
@@ -142,8 +147,17 @@ def padded_sizes(nb: int) -> tuple[int, int]:
     return max(16, _next_pow2(kh * p1)), max(16, p2)
 
 
-def _matrices(nb: int, transpose: bool, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(A or None, B) in bf16 on ``device``: A = hadK(ᵀ) ⊗ H_P1 zero-padded, B = H_P2 zero-padded."""
+def _matrices(nb: int, transpose: bool, device: torch.device,
+              dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(A or None, B) in bf16 (or ``dtype``: fp16 for ``f16_dots``; both hold ±1/0 exactly) on ``device``:
+    A = hadK(ᵀ) ⊗ H_P1 zero-padded, B = H_P2 zero-padded."""
+    if dtype != torch.bfloat16:
+        key = (nb, transpose, str(device), dtype)
+        hit = _MATS.get(key)
+        if hit is None:
+            a, b = _matrices(nb, transpose, device)
+            hit = _MATS[key] = (b.to(dtype), None if a is None else a.to(dtype))
+        return hit[1], hit[0]
     key = (nb, transpose, str(device))
     hit = _MATS.get(key)
     if hit is not None:
@@ -274,14 +288,39 @@ def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int, trans
     return lo is not None and rows >= lo
 
 
-def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device) -> torch.Tensor:
-    """I_tt ⊗ A in bf16 (A as :func:`_matrices` pads it): the stacked kernel's stage-2 matrix, cached."""
-    key = ("stack", nb, transpose, tt, str(device))
+def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device,
+               dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """I_tt ⊗ A in bf16 or ``dtype`` (A as :func:`_matrices` pads it): the stacked kernel's stage-2 matrix, cached."""
+    key = ("stack", nb, transpose, tt, str(device), dtype)
     hit = _MATS.get(key)
     if hit is None:
         a, _ = _matrices(nb, transpose, device)
-        hit = _MATS[key] = (torch.block_diag(*([a.float()] * tt)).to(torch.bfloat16).contiguous(), None)
+        hit = _MATS[key] = (torch.block_diag(*([a.float()] * tt)).to(dtype).contiguous(), None)
     return hit[0]
+
+
+def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype) -> bool:
+    """Whether a transform writing ``out_dtype`` takes one fp16 dot per product: ``f16_dots`` if given (a clear
+    error for another output dtype), else ``QTIP_TRITON_HADAMARD_F16=1`` for fp16 outputs."""
+    if f16_dots:
+        if out_dtype != torch.float16:
+            raise ValueError(f"f16_dots rounds the products' operands to fp16: only for float16 outputs, not {out_dtype}")
+        return True
+    if f16_dots is None:
+        raw = os.environ.get(F16_ENV, "").strip()
+        if raw not in ("", "0", "1"):
+            raise ValueError(f"{F16_ENV}={raw!r}: expected 1 (on for fp16 outputs) or 0/unset (off)")
+        return raw == "1" and out_dtype == torch.float16
+    return False
+
+
+def _f16_scales(f16: bool, fan_in: int, scale: float) -> tuple[float, float]:
+    """(MID, final scale): with ``f16``, the first product's result is scaled by 1/sqrt(its fan-in) before it is
+    rounded to fp16 for the second (no larger than the output can get), and the final scale is what remains."""
+    if not f16:
+        return 1.0, scale
+    mid = 1.0 / math.sqrt(fan_in)
+    return mid, scale / mid
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int,
@@ -381,6 +420,7 @@ def transform(
     zb_first: bool | None = None,
     stacked: bool | None = None,
     stack_rows: int | None = None,
+    f16_dots: bool | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -415,6 +455,8 @@ def transform(
     no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     ``STACK_ROWS``), for ``bench/hadamard.py``.
+    ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
+    ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for every float16 output; the two-GEMM path ignores it).
     """
     if stacked and (tall or gemm or zb_first):
         raise ValueError("stacked is a kernel of its own: not with tall, gemm or zb_first")
@@ -438,7 +480,7 @@ def transform(
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
                                tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=zb_first,
-                               stacked=stacked, stack_rows=stack_rows)
+                               stacked=stacked, stack_rows=stack_rows, f16_dots=f16_dots)
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -468,6 +510,7 @@ def transform(
         y = torch.empty(groups, T, n, dtype=out_dtype or x.dtype, device=x.device)
     else:
         y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
+    f16 = _use_f16(f16_dots, y.dtype)
     if T == 0:
         return y
     if dst is not None and out is not None:  # dst may index a buffer in another layout: kernels only
@@ -477,12 +520,12 @@ def transform(
     variant = (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)
     if _use_gemm(gemm, T * blocks, (*variant, stacked or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
-    a, b = _matrices(nb, transpose, x.device)
+    a, b = _matrices(nb, transpose, x.device, torch.float16 if f16 else torch.bfloat16)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
         for g in range(groups):
             d = None if dst is None else (dst[g] if dst.dim() == 2 else dst)
             transform(x, blocks, transpose=transpose, pre=pre[g], post=post, bias=bias, dst=d, interpret=interpret,
-                      out=y[g], out_dtype=y.dtype)
+                      out=y[g], out_dtype=y.dtype, f16_dots=f16)
         return y
     dummy = x  # never read: the HAS_* flags are off
     args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
@@ -497,40 +540,49 @@ def transform(
         grid = (triton.cdiv(nrows, rblk),)
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
-                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device, T))
+                           ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device, T),
+                           **({"F16": True} if f16 else {}))
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_stacked(stacked, T * blocks, variant, rp, transpose, dst is not None):
         grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
-        _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device), b,
+        mid, sc = _f16_scales(f16, p2, scale)  # Z · B first
+        _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
                                  bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                                 ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
+                                 ym, sc, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
                                  n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
-                                 **launch_args(x.device, T))
+                                 **launch_args(x.device, T), **_f16_args(f16, mid))
         return y
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
+        mid, sc = _f16_scales(f16, kh * p1, scale)  # A · Z first
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                                ym, scale, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
+                                ym, sc, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
                                 n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
-                                **launch_args(x.device, T))
+                                **launch_args(x.device, T), **_f16_args(f16, mid))
         return y
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
     cblk = min(cp, cblk or 32)
     grid, col_split, nsplit_c, stages = _had2_launch(max(groups, 1) * T * blocks, T, S, rp, cp, rblk, cblk,
                                                      col_split, unroll_splits, kh * p1)
+    zb = _zb_first(zb_first, col_split, rp)
+    mid, sc = _f16_scales(f16, p2 if zb else kh * p1, scale)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
-                       ym, scale, kh * p1, p2, T, n, y.stride(0) if groups else 0,
+                       ym, sc, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args, **launch_args(x.device, T),
-                       ZB_FIRST=_zb_first(zb_first, col_split, rp))
+                       **args, **launch_args(x.device, T), ZB_FIRST=zb, **_f16_args(f16, mid))
     return y
+
+
+def _f16_args(f16: bool, mid: float) -> dict:
+    """The kernels' ``F16`` / ``MID`` constants: none when off, so the sources compiled without them stay the same."""
+    return {"F16": True, "MID": mid} if f16 else {}
 
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
@@ -538,7 +590,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
                     gemm: bool | None = None, zb_first: bool | None = None, stacked: bool | None = None,
-                    stack_rows: int | None = None) -> torch.Tensor:
+                    stack_rows: int | None = None, f16_dots: bool | None = None) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -556,42 +608,48 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
             out_dtype is not None and out.dtype != out_dtype):
         raise ValueError(f"out must be a ({T}, {G * n}) view with unit column stride on {x.device}"
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
+    f16 = _use_f16(f16_dots, out.dtype)
     if T == 0:
         return out
     if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile, stacked or None)):
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=None, post=post, bias=None, dst=None, y=out)
-    a, b = _matrices(nb, transpose, x.device)
+    a, b = _matrices(nb, transpose, x.device, torch.float16 if f16 else torch.bfloat16)
     if a is None:  # Sylvester-only blocks: one launch per group
         for g in range(G):
             transform(x[g], blocks, transpose=transpose, post=None if post is None else post[g], interpret=interpret,
-                      out=out[:, g * n:(g + 1) * n], out_dtype=out.dtype)
+                      out=out[:, g * n:(g + 1) * n], out_dtype=out.dtype, f16_dots=f16)
         return out
     kh, p1, p2 = factor(nb)
     rp, cp = a.shape[0], b.shape[0]
+    scale = 1.0 / math.sqrt(nb)
     if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp, transpose, False):
         grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows)
-        _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device), b, x,
+        mid, sc = _f16_scales(f16, p2, scale)
+        _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b, x,
                                  post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
-                                 out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0, x.stride(0),
+                                 out.stride(0), sc, kh * p1, p2, T * blocks, n, n, 0, x.stride(0),
                                  n if post is not None else 0, **consts, HAS_PRE=False, HAS_POST=post is not None,
-                                 HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **launch_args(x.device, T))
+                                 HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **launch_args(x.device, T),
+                                 **_f16_args(f16, mid))
         return out
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
+        mid, sc = _f16_scales(f16, kh * p1, scale)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
-                                x.stride(2), out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T * blocks, n, n, 0,
+                                x.stride(2), out.stride(0), sc, kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
                                 HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret,
-                                **launch_args(x.device, T))
+                                **launch_args(x.device, T), **_f16_args(f16, mid))
         return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
                                                      unroll_splits, kh * p1)
+    zb = _zb_first(zb_first, col_split, rp)
+    mid, sc = _f16_scales(f16, p2 if zb else kh * p1, scale)
     _had2_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
-                       out.stride(0), 1.0 / math.sqrt(nb), kh * p1, p2, T, n, n, 0, x.stride(0),
+                       out.stride(0), sc, kh * p1, p2, T, n, n, 0, x.stride(0),
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
-                       **launch_args(x.device, T),
-                       ZB_FIRST=_zb_first(zb_first, col_split, rp))
+                       **launch_args(x.device, T), ZB_FIRST=zb, **_f16_args(f16, mid))
     return out

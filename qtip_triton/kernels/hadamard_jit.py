@@ -15,9 +15,15 @@ from qtip_triton.kernels.pdl import grid_dependency_sync
 
 
 @triton.jit
-def _split_dot(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b with b (fp32) carried as bf16 hi + lo; a is exact in bf16 (±1/0)."""
-    if INTERPRET:
+def _split_dot(a, b, acc, INTERPRET: tl.constexpr, F16: tl.constexpr = False):
+    """acc + a @ b with b (fp32) carried as bf16 hi + lo; a is exact in bf16 (±1/0). ``F16``: one dot with b
+    rounded to fp16 (a is exact in fp16 too), for transforms whose output is fp16 (``transform(f16_dots=)``)."""
+    if F16:
+        if INTERPRET:  # the interpreter's 16-bit dots are not the hardware's: fp16 operands, fp32 products
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float16).to(tl.float32), acc)
+        else:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif INTERPRET:
         acc = tl.dot(a.to(tl.float32), b, acc)
     else:
         b_hi = b.to(tl.bfloat16)
@@ -28,9 +34,15 @@ def _split_dot(a, b, acc, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr):
-    """acc + a @ b with a (fp32) carried as bf16 hi + lo; b is exact in bf16 (±1/0)."""
-    if INTERPRET:
+def _split_dot_rhs(a, b, acc, INTERPRET: tl.constexpr, F16: tl.constexpr = False):
+    """acc + a @ b with a (fp32) carried as bf16 hi + lo; b is exact in bf16 (±1/0). ``F16``: as in
+    :func:`_split_dot`, a rounded to fp16."""
+    if F16:
+        if INTERPRET:
+            acc = tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    elif INTERPRET:
         acc = tl.dot(a, b.to(tl.float32), acc)
     else:
         a_hi = a.to(tl.bfloat16)
@@ -78,7 +90,7 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
                  KBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr,
                  COL_SPLIT: tl.constexpr = False, NSPLIT: tl.constexpr = 0, PDL: tl.constexpr = 0,
-                 ZB_FIRST: tl.constexpr = False):
+                 ZB_FIRST: tl.constexpr = False, F16: tl.constexpr = False, MID: tl.constexpr = 1.0):
     """One (token, block) x RBLK rows of Y = A · Z · B per program; Z is the block viewed ROWS x COLS.
 
     ROWS and COLS are compile-time constants (one variant per block size): with COLS known, a row of Z's
@@ -98,6 +110,9 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
     together instead of one dependent round trip each. ``ZB_FIRST`` (with ``COL_SPLIT``): the product is
     taken as A · (Z · B_c) instead of (A · Z) · B_c, so a column program no longer computes the whole A · Z
     for its CBLK columns of B (n = 4096, CBLK = 32: 327K instead of 524K multiply-adds per program).
+    ``F16`` (fp16 outputs only): every product is one fp16 dot instead of two bf16 ones (hi + lo), with the
+    first product's result scaled by ``MID`` (1/sqrt of its fan-in: no larger than the output can get) before
+    it is rounded for the second; ``scale`` is then the rest of the normalisation.
 
     Groups (grid axis 0 = groups x tokens x blocks): the same x transformed with each group's own
     PRE (row g of a (groups, n) tensor) and DST (row g, or one shared row: stride_dg = 0) into
@@ -151,20 +166,24 @@ def _had2_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stride_xs
             z *= tl.load(PRE + base + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
         if ZB_FIRST:  # this k block's rows of Z · B_c, then A's columns of them
-            zb = _split_dot_rhs(z, b_c, tl.zeros([KBLK, CBLK], dtype=tl.float32), INTERPRET)
-            acc = _split_dot(a, zb, acc, INTERPRET)
+            zb = _split_dot_rhs(z, b_c, tl.zeros([KBLK, CBLK], dtype=tl.float32), INTERPRET, F16)
+            if F16:
+                zb = zb * MID
+            acc = _split_dot(a, zb, acc, INTERPRET, F16)
         else:
-            acc = _split_dot(a, z, acc, INTERPRET)
+            acc = _split_dot(a, z, acc, INTERPRET, F16)
+    if F16 and not ZB_FIRST:
+        acc = acc * MID  # A · Z at the output's scale before stage 2 rounds it to fp16
     if ZB_FIRST:
         _stage2_store(acc * scale, post_c, bias_c, dst_c, omsk_c, Y + token * stride_ym, HAS_POST, HAS_BIAS)
     elif COL_SPLIT:  # stage 2 for this program's column block, with the constants loaded above
-        out = _split_dot_rhs(acc, b_c, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+        out = _split_dot_rhs(acc, b_c, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET, F16) * scale
         _stage2_store(out, post_c, bias_c, dst_c, omsk_c, Y + token * stride_ym, HAS_POST, HAS_BIAS)
     else:
         for c_blk in tl.static_range(0, CP // CBLK):  # stage 2 by column blocks
             jc = c_blk * CBLK + tl.arange(0, CBLK)
             b = tl.load(B + j[:, None] * CP + jc[None, :])
-            out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+            out = _split_dot_rhs(acc, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET, F16) * scale
             post, bias, dst, omsk = _stage2_constants(POST, BIAS, DST, base, ri, jc, ROWS, COLS, HAS_POST, HAS_BIAS,
                                                       HAS_DST)
             _stage2_store(out, post, bias, dst, omsk, Y + token * stride_ym, HAS_POST, HAS_BIAS)
@@ -188,8 +207,10 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
                       CP: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, TT: tl.constexpr, CB2: tl.constexpr,
                       HAS_PRE: tl.constexpr,
                       HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
-                      INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
-    """BM rows of Y = A · Z · B for TT (token, block) rows at once (the many-token path).
+                      INTERPRET: tl.constexpr, PDL: tl.constexpr = 0, F16: tl.constexpr = False,
+                      MID: tl.constexpr = 1.0):
+    """BM rows of Y = A · Z · B for TT (token, block) rows at once (the many-token path); ``F16`` / ``MID`` as in
+    ``_had2_kernel``.
 
     Stage 1 is one GEMM tile: A[BM rows] · [Z_t0 | Z_t0+1 | ...] where the TT blocks' Z views
     (ROWS x COLS each) sit side by side, so A is read once per TT tokens and each dot is
@@ -227,7 +248,9 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
         if HAS_PRE:
             z *= tl.load(PRE + idx, mask=msk, other=0.0)
         a = tl.load(A + ri[:, None] * RP + ki[None, :])
-        acc = _split_dot(a, z, acc, INTERPRET)
+        acc = _split_dot(a, z, acc, INTERPRET, F16)
+    if F16:
+        acc = acc * MID
     rows2 = tl.reshape(acc, (BM * TT, CP))  # row q = r * TT + t: token t's row r of A · Z
     q = tl.arange(0, BM * TT)
     rq = tl.program_id(1) * BM + q // TT
@@ -239,7 +262,7 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
     for c0 in tl.static_range(0, CP, CB2):  # stage 2 by column blocks: B never sits whole in registers
         jc = c0 + tl.arange(0, CB2)
         b = tl.load(B + kc[:, None] * CP + jc[None, :])
-        out = _split_dot_rhs(rows2, b, tl.zeros([BM * TT, CB2], dtype=tl.float32), INTERPRET) * scale
+        out = _split_dot_rhs(rows2, b, tl.zeros([BM * TT, CB2], dtype=tl.float32), INTERPRET, F16) * scale
         oidx = rowq[:, None] + jc[None, :]
         omsk = rowok[:, None] & (jc < COLS)[None, :]
         if HAS_POST:
@@ -255,7 +278,8 @@ def _had2_tall_kernel(X, Y, A, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, stri
 @triton.jit
 def _stack_slice(X, AT, PRE, b_c, acc, lr0, q, k0: tl.constexpr, nb, blocks, nsplit, stride_xs, stride_xm, nrows,
                  ROWS: tl.constexpr, COLS: tl.constexpr, RP: tl.constexpr, CP: tl.constexpr, KC: tl.constexpr,
-                 CB: tl.constexpr, BR: tl.constexpr, HAS_PRE: tl.constexpr, INTERPRET: tl.constexpr):
+                 CB: tl.constexpr, BR: tl.constexpr, HAS_PRE: tl.constexpr, INTERPRET: tl.constexpr,
+                 F16: tl.constexpr = False, MID: tl.constexpr = 1.0):
     """One KC-row slice of ``_had2_stack_kernel``'s tile: W_k = Z_k · B_c, then acc + (I ⊗ A)[:, k] · W_k."""
     j = tl.arange(0, CP)
     qk = k0 + tl.arange(0, KC)
@@ -269,8 +293,10 @@ def _stack_slice(X, AT, PRE, b_c, acc, lr0, q, k0: tl.constexpr, nb, blocks, nsp
         z += tl.load(xp + s * stride_xs, mask=msk, other=0.0).to(tl.float32)
     if HAS_PRE:
         z *= tl.load(PRE + idx, mask=msk, other=0.0)
-    w = _split_dot_rhs(z, b_c, tl.zeros([KC, CB], dtype=tl.float32), INTERPRET)  # these rows of Z · B
-    return _split_dot(tl.load(AT + q[:, None] * BR + qk[None, :]), w, acc, INTERPRET)  # (I ⊗ A)[:, k] · W_k
+    w = _split_dot_rhs(z, b_c, tl.zeros([KC, CB], dtype=tl.float32), INTERPRET, F16)  # these rows of Z · B
+    if F16:
+        w = w * MID
+    return _split_dot(tl.load(AT + q[:, None] * BR + qk[None, :]), w, acc, INTERPRET, F16)  # (I ⊗ A)[:, k] · W_k
 
 
 @triton.jit
@@ -278,9 +304,10 @@ def _had2_stack_kernel(X, Y, AT, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, st
                        ROWS: tl.constexpr, COLS: tl.constexpr, nrows, n, stride_yg, stride_dg, stride_xg, stride_pg,
                        RP: tl.constexpr, CP: tl.constexpr, TT: tl.constexpr, KC: tl.constexpr, CB: tl.constexpr,
                        HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr,
-                       INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
+                       INTERPRET: tl.constexpr, PDL: tl.constexpr = 0, F16: tl.constexpr = False,
+                       MID: tl.constexpr = 1.0):
     """TT (token, block) rows per program, their Z views stacked into one [TT·RP, CP] tile: Y = A · (Z · B), CB
-    columns of Y per program (grid axis 1).
+    columns of Y per program (grid axis 1); ``F16`` / ``MID`` as in ``_had2_kernel`` (MID for Z · B's fan-in).
 
     Why: the per-token kernel splits a token's transform into 32-row slivers and dependent small dots per
     program, and the tall kernel (tokens side by side along columns) holds one token per tile at CP = 128 and
@@ -304,7 +331,7 @@ def _had2_stack_kernel(X, Y, AT, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, st
     for k0 in tl.static_range(0, BR, KC):
         if TT > 1 or k0 < ROWS:  # with one token per tile, a slice past A's last row holds only zeros (11008: 1 of 4)
             acc = _stack_slice(X, AT, PRE, b_c, acc, lr0, q, k0, nb, blocks, nsplit, stride_xs, stride_xm, nrows,
-                               ROWS, COLS, RP, CP, KC, CB, BR, HAS_PRE, INTERPRET)
+                               ROWS, COLS, RP, CP, KC, CB, BR, HAS_PRE, INTERPRET, F16, MID)
     acc *= scale
     lr = lr0 + q // RP
     r = q % RP
@@ -323,8 +350,10 @@ def _had2_stack_kernel(X, Y, AT, B, PRE, POST, BIAS, DST, nb, blocks, nsplit, st
 @triton.jit
 def _had1_kernel(X, Y, B, PRE, POST, BIAS, DST, nb, nrows, blocks, nsplit, stride_xs, stride_xm, stride_ym, scale,
                  CP: tl.constexpr, RBLK: tl.constexpr, CBLK: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0):
-    """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128)."""
+                 HAS_BIAS: tl.constexpr, HAS_DST: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = 0,
+                 F16: tl.constexpr = False):
+    """RBLK (token, block) rows per program: y = (z · H_nb) * scale for Sylvester-only blocks (nb <= 128); ``F16``:
+    one fp16 dot (fp16 outputs only)."""
     grid_dependency_sync(PDL)  # nothing before it touches data of another kernel (kernels/pdl.py)
     r = tl.program_id(0) * RBLK + tl.arange(0, RBLK)
     token = r // blocks
@@ -340,7 +369,7 @@ def _had1_kernel(X, Y, B, PRE, POST, BIAS, DST, nb, nrows, blocks, nsplit, strid
     for c0 in tl.static_range(0, CP, CBLK):  # by column blocks: B never sits whole in registers
         jc = c0 + tl.arange(0, CBLK)
         b = tl.load(B + j[:, None] * CP + jc[None, :])
-        out = _split_dot_rhs(z, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET) * scale
+        out = _split_dot_rhs(z, b, tl.zeros([RBLK, CBLK], dtype=tl.float32), INTERPRET, F16) * scale
         omsk = (r < nrows)[:, None] & (jc < nb)[None, :]
         if HAS_POST:
             out *= tl.load(POST + base[:, None] + jc[None, :], mask=omsk, other=0.0)

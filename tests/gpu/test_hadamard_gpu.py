@@ -66,3 +66,17 @@ def test_stacked_kernel_matches_float64(n, T, rows):
     wide = transform(torch.stack([parts, -parts]), 1, transpose=False, post=torch.stack([sv, sv]),
                      out_dtype=torch.float32, stacked=True, stack_rows=rows)
     assert float((wide[:, n:].double() + ref_out).norm() / ref_out.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("T", [1, 16, 2048])
+def test_f16_dots_match_float64(n, T):
+    """One fp16 dot per product (``f16_dots``, fp16 outputs) on the hardware's tensor cores, in every kernel the
+    dispatch picks at this size and batch and in both product orders of the per-token kernel: fp16's accuracy
+    (the hi + lo default keeps ~16 bits; this ~11, as the fp16 output does)."""
+    x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 4)
+    for kw in ({}, {"zb_first": True}) if T <= 16 else ({}, {"tall": True}, {"stacked": True}):
+        y = transform(x, 1, transpose=True, pre=su, dst=dst, out_dtype=torch.float16, f16_dots=True, **kw)
+        assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 2e-3, kw
+        y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float16, f16_dots=True, **kw)
+        assert torch.isfinite(y).all() and float((y.double() - ref_out).norm() / ref_out.norm()) < 2e-3, kw
