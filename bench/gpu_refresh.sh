@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -138,6 +138,25 @@ if want timeline; then
   step "timeline: each kernel of a rotated forward and the gaps between them (torch.profiler), K = 2, M = 1, 4, 16"
   timeout -k 10 "${TIMELINE_S:-150}" python3 bench/forward_timeline.py --shapes "${TIMELINE_SHAPES:-8192x8192,28672x8192,4096x4096}" \
     --M "${TIMELINE_M:-1,4,16}" --tag "${TIMELINE_TAG:-timeline}" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want pending20; then
+  step "session 20's experiments (no GPU was lent after its first calls): kernel boundary cost, transform variants chained (f16_dots), forwards with QTIP_TRITON_HADAMARD_F16=1, the mma gemv with early words"
+  timeout -k 10 40 python3 bench/pdl_chain.py --out "$WORK" --elements 8192,131072 --tag pdl-chain >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  timeout -k 10 "${P20_HAD_S:-120}" python3 bench/hadamard.py --timer chain --n 4096,8192,11008,28672 --T 1,16,256,2048 \
+    --cases input16,output,input_natural,output_fp16 --variants default,f16 --tag chain-f16 --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  for f16 in 0 1; do
+    QTIP_TRITON_HADAMARD_F16=$f16 timeout -k 10 "${P20_TL_S:-60}" python3 bench/forward_timeline.py \
+      --shapes 8192x8192,28672x8192,4096x11008 --M 1,4,16 --tag "timeline-f16-$f16" --out "$WORK" >>"$LOG" 2>&1
+    echo "rc=$?" >>"$LOG"
+    QTIP_TRITON_HADAMARD_F16=$f16 BENCH_TAG="prefill-f16-$f16" timeout -k 10 "${P20_PF_S:-90}" python3 bench/kernels.py \
+      --tuned --rotate --K 2 --M 256,2048 --shapes 8192x8192,4096x11008,28672x8192 --time-limit 75 --out "$WORK" >>"$LOG" 2>&1
+    echo "rc=$?" >>"$LOG"
+  done
+  timeout -k 10 "${P20_MMA_S:-150}" python3 bench/probe.py --points 8192x8192:16,28672x8192:16,8192x8192:8 --K 2 --mma-only \
+    --early --tables shared16 --mma-warps 4 --mma-splits 4,8 --rotate --time-limit 130 --out "$WORK" --tag probe-mma-early >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want hfma; then

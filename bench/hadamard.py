@@ -52,7 +52,9 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             # (session 14; every Llama size: A pads to at most 256 rows)
             "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64},
             # one token per tile: a one-token transform as one program of two products (decoding sizes)
-            "stacked1": {"stacked": True, "stack_rows": 16}}
+            "stacked1": {"stacked": True, "stack_rows": 16},
+            # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs only: the fp32 cases fail it)
+            "f16": {"f16_dots": True}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
 # split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.
 # input16: the input transform as the mma gemv (2-16 tokens) takes it, fp16 into a scattered destination.
