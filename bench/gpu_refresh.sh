@@ -144,19 +144,19 @@ if want pending20; then
   step "session 20's experiments (no GPU was lent after its first calls): kernel boundary cost, transform variants chained (f16_dots), forwards with QTIP_TRITON_HADAMARD_F16=1, the mma gemv with early words"
   timeout -k 10 40 python3 bench/pdl_chain.py --out "$WORK" --elements 8192,131072 --tag pdl-chain >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
-  timeout -k 10 "${P20_HAD_S:-120}" python3 bench/hadamard.py --timer chain --n 4096,8192,11008,28672 --T 1,16,256,2048 \
+  timeout -k 10 "${P20_HAD_S:-100}" python3 bench/hadamard.py --timer chain --n 4096,8192,11008,28672 --T 1,16,256,2048 \
     --cases input16,output,input_natural,output_fp16 --variants default,f16 --tag chain-f16 --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   for f16 in 0 1; do
-    QTIP_TRITON_HADAMARD_F16=$f16 timeout -k 10 "${P20_TL_S:-60}" python3 bench/forward_timeline.py \
+    QTIP_TRITON_HADAMARD_F16=$f16 timeout -k 10 "${P20_TL_S:-50}" python3 bench/forward_timeline.py \
       --shapes 8192x8192,28672x8192,4096x11008 --M 1,4,16 --tag "timeline-f16-$f16" --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
-    QTIP_TRITON_HADAMARD_F16=$f16 BENCH_TAG="prefill-f16-$f16" timeout -k 10 "${P20_PF_S:-90}" python3 bench/kernels.py \
-      --tuned --rotate --K 2 --M 256,2048 --shapes 8192x8192,4096x11008,28672x8192 --time-limit 75 --out "$WORK" >>"$LOG" 2>&1
+    QTIP_TRITON_HADAMARD_F16=$f16 BENCH_TAG="prefill-f16-$f16" timeout -k 10 "${P20_PF_S:-80}" python3 bench/kernels.py \
+      --tuned --rotate --K 2 --M 256,2048 --shapes 8192x8192,4096x11008,28672x8192 --time-limit 65 --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
   done
-  timeout -k 10 "${P20_MMA_S:-150}" python3 bench/probe.py --points 8192x8192:16,28672x8192:16,8192x8192:8 --K 2 --mma-only \
-    --early --tables shared16 --mma-warps 4 --mma-splits 4,8 --rotate --time-limit 130 --out "$WORK" --tag probe-mma-early >>"$LOG" 2>&1
+  timeout -k 10 "${P20_MMA_S:-130}" python3 bench/probe.py --points 8192x8192:16,28672x8192:16,8192x8192:8 --K 2 --mma-only \
+    --early --tables shared16 --mma-warps 4 --mma-splits 4,8 --rotate --time-limit 110 --out "$WORK" --tag probe-mma-early >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want hfma; then
