@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qtip_triton import hadamard, kernels
+from qtip_triton import kernels
 from qtip_triton.kernels import hadamard as had
 from qtip_triton.kernels.hadamard import transform
+from tests.test_hadamard_kernel import _reference, _rel
 
 pytestmark = pytest.mark.skipif(
     not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
@@ -18,16 +19,6 @@ pytestmark = pytest.mark.skipif(
 
 # fp16 output rounding alone is ~3e-4 relative; operands rounded to fp16 in both products add about as much
 F16_TOL = 2e-3
-
-
-def _reference(x64: torch.Tensor, blocks: int, transpose: bool) -> torch.Tensor:
-    parts = x64.reshape(*x64.shape[:-1], blocks, x64.shape[-1] // blocks)
-    fn = hadamard.apply_mt if transpose else hadamard.apply_m
-    return fn(parts).reshape(x64.shape)
-
-
-def _rel(y, ref) -> float:
-    return float((y.double() - ref).norm() / ref.norm())
 
 
 KERNELS = [  # (T, launch keywords): which kernel and product order runs
