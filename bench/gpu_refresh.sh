@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "pending20b") one-token tiles with two programs per SM inside traced forwards, and a rotated fp16x2-admitting retune of M <= 2; (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -157,6 +157,22 @@ if want pending20; then
   done
   timeout -k 10 "${P20_MMA_S:-130}" python3 bench/probe.py --points 8192x8192:16,28672x8192:16,8192x8192:8 --K 2 --mma-only \
     --early --tables shared16 --mma-warps 4 --mma-splits 4,8 --rotate --time-limit 110 --out "$WORK" --tag probe-mma-early >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+fi
+if want pending20b; then
+  step "session 20's one-token tile probes inside traced forwards (two programs per SM with 2048-column steps), then a rotated K = 2 retune of M <= 2 with the fp16x2 gemv admitted"
+  for cfg in '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}' \
+             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true, "maxnreg": 128}' \
+             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 1024, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}'; do
+    tag="tl-pin-$(echo "$cfg" | md5sum | cut -c1-6)"
+    timeout -k 10 40 python3 bench/forward_timeline.py --shapes 8192x8192,28672x8192 --M 1 --config "8192x8192=$cfg" \
+      --config "28672x8192=$cfg" --tag "$tag" --out "$WORK" >>"$LOG" 2>&1
+    echo "rc=$? $tag $cfg" >>"$LOG"
+  done
+  mkdir -p "$WORK/rotcache16/autotune"
+  QTIP_TRITON_CACHE_DIR="$WORK/rotcache16" timeout -k 10 "${P20B_TUNE_S:-300}" python3 -m qtip_triton autotune --gpu "$GPU" \
+    --bits 2 --buckets 1,2 --timer rotated --fp16-accumulation --out "$WORK/rotcache16/autotune/$GPU.yaml" \
+    --max-minutes 4.5 --no-progress >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want hfma; then
