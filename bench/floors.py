@@ -182,16 +182,22 @@ def run_timeline(results: Path, card_name: str | None,
     data = json.loads(results.read_text())
     name = card_name or data.get("env", {}).get("card", "")
     card = CARDS[card_key(name)]
-    rows = []
+    rows, skipped = [], []
     for r in data.get("rows", []):
         if "error" in r.get("ours", {}) or "error" in r.get("fp16", {"error": 1}):
+            continue
+        if len(r["ours"].get("dur_us", [])) != 3:  # e.g. decompress + cuBLAS at M >= 256: no decode kernel to floor
+            skipped.append(f"{r['m']}x{r['n']} K={r['K']} M={r['M']} ({len(r['ours'].get('dur_us', []))} kernels)")
             continue
         r = {**r, "spec": r.get("spec") or f"L16K{r['K']}V2-hyb9"}
         counts = counter(r)
         rows.append({**r, "counts": counts, "forward": forward_floors(r, counts, card)})
     if not rows:
-        raise ValueError(f"{results}: no traced forward (bench/forward_timeline.py JSON expected)")
-    return rows, name, forward_table(rows, name, card)
+        raise ValueError(f"{results}: no traced three-kernel forward (bench/forward_timeline.py JSON expected)")
+    md = forward_table(rows, name, card)
+    if skipped:
+        md += "\nNot three-kernel forwards (input transform, decode, output transform), left out: " + ", ".join(skipped) + "\n"
+    return rows, name, md
 
 
 def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], rotated: bool = False) -> str:

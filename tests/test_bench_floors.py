@@ -117,12 +117,14 @@ def test_the_forward_verdict_counts_the_transforms():
 
 def test_a_timeline_file_gets_a_forward_table(tmp_path):
     res = tmp_path / "h200-timeline.json"
-    rows = [_traced(), _traced(M=16), {**_traced(), "ours": {"error": "not a whole number per forward"}}]
+    prefill = _traced(M=256, ours=((9.0, 60.0, 1.5, 9.0), (0.2, 0.2, 0.2, 0.2), 80.0))  # decompress + cuBLAS
+    rows = [_traced(), _traced(M=16), {**_traced(), "ours": {"error": "not a whole number per forward"}}, prefill]
     res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows}))
     out, card, md = floors.run_timeline(res, None, lambda r: {"per_state": 8.0, "lds_per_state": 1.0})
     assert len(out) == 2 and card == "NVIDIA H200" and md.count("\n| 8192x8192 |") == 2
+    assert "left out: 8192x8192 K=2 M=256 (4 kernels)" in md
     res.write_text(json.dumps({"env": {"card": "NVIDIA H200"}, "rows": rows[2:]}))
-    with pytest.raises(ValueError, match="no traced forward"):
+    with pytest.raises(ValueError, match="no traced three-kernel forward"):
         floors.run_timeline(res, None, lambda r: None)
 
 
