@@ -12,7 +12,8 @@ blocks of up to 128, e.g. EXL3's 128-wide blocks) only Z·B remains and many blo
 
 Precision: each product operand is split into bf16 hi + lo parts (two dots), which keeps ~16 mantissa
 bits and fp32's range; accumulation is fp32. The CPU interpreter multiplies in fp32 instead (its bf16
-dot is wrong).
+dot is wrong). Opt-in for fp16 outputs (``f16_dots``, ``F16_ENV``): one fp16 dot per product, ~11 bits, as
+the output keeps anyway.
 
 The kernels themselves are in :mod:`qtip_triton.kernels.hadamard_jit`; this module picks one per call.
 """
