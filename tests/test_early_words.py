@@ -14,12 +14,14 @@ from test_weight import random_qweight
 from qtip_triton import TrellisSpec, kernels
 from qtip_triton.codegen.emit import emit
 from qtip_triton.kernels.prepare import prepare
+from tests.partials import assert_same_partials
 
 pytestmark = pytest.mark.skipif(
     not kernels.kernels_available("cpu")[0], reason="CPU kernel tests need TRITON_INTERPRET=1 (make test sets it)"
 )
 
 SYNC = "grid_dependency_sync(PDL)"
+EARLY = {"early_words": True}
 
 
 @pytest.mark.parametrize("name,out_f,in_f", [("L16K2V2-hyb9", 64, 1024), ("L16K3V2-hyb9", 96, 768),
@@ -32,9 +34,7 @@ def test_early_words_give_the_plain_gemv_partials(gen, name, out_f, in_f, table)
     for M, bm, bk, split in ((1, 1, 256, 1), (1, 1, 256, 2), (3, 2, 512, 1), (2, 2, 64, 2)):
         h = torch.randn(M, in_f, generator=gen)
         cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 2, "table": table}
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="natural")
-        assert torch.equal(got, want), (M, bm, bk, split)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="natural", where=(M, bm, bk, split))
 
 
 @pytest.mark.parametrize("name", ["L16K2V2-hyb9", "L16K4V2-hyb9"])
@@ -46,9 +46,7 @@ def test_early_words_give_the_plain_hfma_partials(gen, name):
         h = torch.randn(M, 1024, generator=gen)
         cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": split, "num_warps": 2, "table": "shared16",
                "hfma": True}
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="natural")
-        assert torch.equal(got, want), (M, bm, bk, split)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="natural", where=(M, bm, bk, split))
 
 
 @pytest.mark.parametrize("name,in_f", [("L16K2V2-hyb9", 1024), ("L16K4V2-hyb9", 768)])
@@ -61,9 +59,7 @@ def test_early_words_give_the_plain_mma_partials(gen, name, in_f):
         h = torch.randn(M, in_f, generator=gen)
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw, "table": "shared16",
                "mma": True}
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="natural")
-        assert torch.equal(got, want), (M, bm, bn, nw, split)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="natural", where=(M, bm, bn, nw, split))
 
 
 def test_early_words_load_only_weights_before_the_wait():

@@ -13,6 +13,7 @@ from test_weight import random_qweight
 from qtip_triton import TrellisSpec, kernels
 from qtip_triton.codegen.emit import emit
 from qtip_triton.kernels.prepare import prepare
+from tests.partials import assert_same_partials
 from tests.test_sass_count import BIN, compiled
 
 interpreted = pytest.mark.skipif(
@@ -39,9 +40,8 @@ def test_l2_prefetch_gives_the_plain_gemv_partials(gen, name, out_f, in_f, varia
     for M, bm, bk, split, depth in ((1, 1, 128, 1, 1), (1, 1, 256, 2, 2), (3, 2, 64, 1, 3), (2, 2, 64, 2, 8)):
         h = torch.randn(M, in_f, generator=gen)
         cfg = _gemv(bm, bk, split, **variant)
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="natural")
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "l2_prefetch": depth}, h_order="natural")
-        assert torch.equal(got, want), (M, bm, bk, split, depth)
+        assert_same_partials("gemv", pw, h, cfg, [{"l2_prefetch": depth}], h_order="natural",
+                             where=(M, bm, bk, split))
 
 
 @interpreted
@@ -53,9 +53,7 @@ def test_l2_prefetch_gives_the_plain_tensor_core_partials(gen, kind, cfg):
     spec = TrellisSpec.parse("L16K2V2-hyb9")
     pw = prepare(random_qweight(gen, spec, 64, 1024, layout="qtip"))  # 4 k steps of 256 (mma) or 8 of 64 a split
     h = torch.randn(5, 1024, generator=gen).to(torch.float16)
-    want = kernels.decode_matmul(kind, pw, h, cfg, h_order="natural")
-    got = kernels.decode_matmul(kind, pw, h, {**cfg, "l2_prefetch": 1}, h_order="natural")
-    assert torch.equal(got, want)
+    assert_same_partials(kind, pw, h, cfg, [{"l2_prefetch": 1}], h_order="natural")
 
 
 def test_prefetches_go_before_the_fill_and_the_wait_and_ahead_in_the_loop():

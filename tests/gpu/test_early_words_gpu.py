@@ -9,8 +9,10 @@ import torch
 from test_kernels_gpu import assert_variant_in_pdl_graph, one_row_gemv, weight
 
 from qtip_triton import kernels
+from tests.partials import assert_same_partials
 
 pytestmark = pytest.mark.gpu
+EARLY = {"early_words": True}
 
 
 @pytest.mark.parametrize("shape", [(8192, 8192), (4096, 11008), (11008, 4096)])
@@ -21,9 +23,7 @@ def test_early_words_give_the_plain_partials(shape, split_sum):
     for M, bk, split in ((1, 1024, 4), (1, 512, 2), (2, 512, 4)):
         h = torch.randn(M, shape[1], device="cuda")
         cfg = one_row_gemv(bk, split, split_sum=split_sum)
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="kernel")
-        assert torch.equal(got, want), (shape, M, bk, split)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="kernel", where=(shape, M, bk, split))
 
 
 @pytest.mark.parametrize("shape", [(8192, 8192), (28672, 8192)])
@@ -33,13 +33,11 @@ def test_early_words_give_the_plain_hfma_partials(shape):
     for M, bn, bk, split in ((1, 32, 1024, 2), (1, 64, 1024, 2), (2, 64, 512, 4)):
         h = torch.randn(M, shape[1], device="cuda")
         cfg = {**one_row_gemv(bk, split, split_sum=True, hfma=True), "BLOCK_N": bn}
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="kernel")
-        assert torch.equal(got, want), (shape, M, bn, bk, split)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="kernel", where=(shape, M, bn, bk, split))
 
 
 def test_early_words_in_a_graph_with_pdl(monkeypatch):
-    assert_variant_in_pdl_graph(monkeypatch, one_row_gemv(1024, 4), {"early_words": True})
+    assert_variant_in_pdl_graph(monkeypatch, one_row_gemv(1024, 4), EARLY)
 
 
 @pytest.mark.parametrize("shape", [(8192, 8192), (28672, 8192), (4096, 11008)])
@@ -53,6 +51,4 @@ def test_early_words_give_the_plain_mma_partials(shape):
         h = torch.randn(M, shape[1], device="cuda")
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": nw, "table": "shared16",
                "mma": True, "split_sum": ssum}
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
-        got = kernels.decode_matmul("gemv", pw, h, {**cfg, "early_words": True}, h_order="kernel")
-        assert torch.equal(got, want), (shape, M, bm, bn, split, ssum)
+        assert_same_partials("gemv", pw, h, cfg, [EARLY], h_order="kernel", where=(shape, M, bm, bn, split, ssum))

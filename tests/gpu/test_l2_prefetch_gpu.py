@@ -10,6 +10,7 @@ from test_kernels_gpu import assert_variant_in_pdl_graph, one_row_gemv, weight
 
 from qtip_triton import kernels
 from qtip_triton.kernels import mma_layout
+from tests.partials import assert_same_partials
 
 pytestmark = pytest.mark.gpu
 
@@ -23,10 +24,8 @@ def test_l2_prefetch_gives_the_plain_gemv_partials(shape, split_sum):
                                 (1, 256, 1, {"early_words": True})):
         h = torch.randn(M, shape[1], device="cuda")
         cfg = one_row_gemv(bk, split, split_sum=split_sum, **extra)
-        want = kernels.decode_matmul("gemv", pw, h, cfg, h_order="kernel").clone()
-        for depth in (1, 3):
-            got = kernels.decode_matmul("gemv", pw, h, {**cfg, "l2_prefetch": depth}, h_order="kernel")
-            assert torch.equal(got, want), (shape, M, bk, split, extra, depth)
+        assert_same_partials("gemv", pw, h, cfg, [{"l2_prefetch": 1}, {"l2_prefetch": 3}], h_order="kernel",
+                             where=(shape, M, bk, split, extra))
 
 
 @pytest.mark.parametrize("shape", [(8192, 8192), (11008, 4096)])
@@ -38,9 +37,7 @@ def test_l2_prefetch_gives_the_plain_tensor_core_partials(shape):
            "mma": True}
     gemm = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 2, "num_warps": 4}
     for kind, cfg, hh, order in (("gemv", mma, mma_layout.from_kernel_order(h), "mma"), ("gemm", gemm, h, "kernel")):
-        want = kernels.decode_matmul(kind, pw, hh, cfg, h_order=order).clone()
-        got = kernels.decode_matmul(kind, pw, hh, {**cfg, "l2_prefetch": 2}, h_order=order)
-        assert torch.equal(got, want), kind
+        assert_same_partials(kind, pw, hh, cfg, [{"l2_prefetch": 2}], h_order=order, where=(kind,))
 
 
 def test_l2_prefetch_in_a_graph_with_pdl(monkeypatch):
