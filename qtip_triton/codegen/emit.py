@@ -788,12 +788,7 @@ class _Emitter:
         s(f"tl.static_assert(BLOCK_M == {bm})")
         # fuse_in: the transform's dots use Triton's shared memory, where the shared table lives: the
         # table is written after them (found on the H200: the table written first read back as NaNs)
-        early = self.opts.get("early_words", False)
-        loads = self.word_loads()
-        self.prologue(split=True, defer_table=fuse_in or early, l2_head=not early)
-        if early:
-            self._early_words_head(loads)
-        self.dependency_sync()
+        early, loads = self._gemv_head(defer_table=fuse_in)
         if fuse_in:
             self._input_transform(bm)
             if self.shared_table():
@@ -831,6 +826,27 @@ class _Emitter:
             self._early_words_next(loads)
         self._end_gemv_loop()
         self._store_gemv_rows(bm)
+
+    def _gemv_head(self, defer_table: bool = False) -> tuple[bool, list[tuple[str, str]]]:
+        """A gemv variant's set-up through the PDL wait: the prologue, and with ``early_words`` the first k step's
+        words, the L2 prefetches and the table fill before the wait (``defer_table``: the caller fills the table
+        itself, after code that uses Triton's shared memory). Returns (early words on, the word loads)."""
+        early = self.opts.get("early_words", False)
+        loads = self.word_loads()
+        self.prologue(split=True, defer_table=defer_table or early, l2_head=not early)
+        if early:
+            self._early_words_head(loads)
+        self.dependency_sync()
+        return early, loads
+
+    def _step_words(self, early: bool, loads: list[tuple[str, str]]) -> None:
+        """Top of a k step (gemvs without a register prefetch): the L2 prefetches ahead, then this step's words,
+        loaded early or by the step before (``early``) or now."""
+        self.l2_prefetch_step()
+        if early:
+            self._early_words_take(loads)
+        else:
+            self.load_words()
 
     def _early_words_head(self, loads: list[tuple[str, str]]) -> None:
         """``early_words``: the first k step's words (into ``<name>_nx``), then the L2 prefetches and the table
@@ -931,20 +947,11 @@ class _Emitter:
         s("the fp32 accumulator: 8 products per fp16 partial (relative error ~3e-4 of the output's scale).")
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
-        early = self.opts.get("early_words", False)
-        loads = self.word_loads()
-        self.prologue(split=True, defer_table=early, l2_head=not early)
-        if early:
-            self._early_words_head(loads)
-        self.dependency_sync()
+        early, loads = self._gemv_head()
         self._gemv_rows(bm)
         s("for it in range(ITERS):")
         s.indent()
-        self.l2_prefetch_step()
-        if early:
-            self._early_words_take(loads)
-        else:
-            self.load_words()
+        self._step_words(early, loads)
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals, "hfma")
         for m in range(bm):
@@ -980,12 +987,7 @@ class _Emitter:
         s('"""')
         s(f"tl.static_assert(BLOCK_M == {bm})")
         s(f"tl.static_assert(TC * {p.GCN} == {MMA_COLS})  # {MMA_COLS} word columns per k step: 4 lanes x 4 elements")
-        early = self.opts.get("early_words", False)
-        loads = self.word_loads()
-        self.prologue(split=True, defer_table=early, l2_head=not early)
-        if early:
-            self._early_words_head(loads)
-        self.dependency_sync()
+        early, loads = self._gemv_head()
         ng = self.opts.get("mma_groups", 1)
         if ng > 1:
             s(f"# the {ng} row groups of a warp multiply the same x: it is loaded for the first (XR rows, one group per")
@@ -1006,11 +1008,7 @@ class _Emitter:
         s("x_cls = (Ctot // 4) * stride_xq")
         s("for it in range(ITERS):")
         s.indent()
-        self.l2_prefetch_step()
-        if early:
-            self._early_words_take(loads)
-        else:
-            self.load_words()
+        self._step_words(early, loads)
         self.decode_values(cast=None, emit_values=False)
         pairs = packed_pairs(p, self.state_vals)
         if ng > 1:
