@@ -315,13 +315,17 @@ def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype) -> bool:
     return False
 
 
-def _f16_scales(f16: bool, fan_in: int, scale: float) -> tuple[float, float]:
-    """(MID, final scale): with ``f16``, the first product's result is scaled by 1/sqrt(its fan-in) before it is
-    rounded to fp16 for the second (no larger than the output can get), and the final scale is what remains."""
+def _f16_launch(f16: bool, scale: float, fan_in: int | None = None) -> tuple[float, dict]:
+    """(final scale, kernel constants) of a launch with or without ``f16_dots``. Off: ``scale`` and no constants, so
+    the sources compiled without the option stay as they were. On: ``F16``, and for two-product kernels (``fan_in``:
+    the first product's) ``MID`` = 1/sqrt(fan_in), by which the first product's result is scaled before it is
+    rounded to fp16 for the second (no larger than the output can get); the final scale is what remains."""
     if not f16:
-        return 1.0, scale
+        return scale, {}
+    if fan_in is None:
+        return scale, {"F16": True}
     mid = 1.0 / math.sqrt(fan_in)
-    return mid, scale / mid
+    return scale / mid, {"F16": True, "MID": mid}
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int,
@@ -542,28 +546,28 @@ def transform(
         _had1_kernel[grid](x, y, b, pre if pre is not None else dummy, post if post is not None else dummy,
                            bias if bias is not None else dummy, dst_arg, nb, nrows, blocks, S, x.stride(0), x.stride(1),
                            ym, scale, CP=cp, RBLK=rblk, CBLK=min(cp, 32), num_warps=4, **args, **launch_args(x.device, T),
-                           **({"F16": True} if f16 else {}))
+                           **_f16_launch(f16, scale)[1])
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_stacked(stacked, T * blocks, variant, rp, transpose, dst is not None):
         grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
-        mid, sc = _f16_scales(f16, p2, scale)  # Z · B first
+        sc, f16c = _f16_launch(f16, scale, p2)  # Z · B first
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
                                  bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                  ym, sc, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
                                  n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
-                                 **launch_args(x.device, T), **_f16_args(f16, mid))
+                                 **launch_args(x.device, T), **f16c)
         return y
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, rblk, cblk, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, max(groups, 1), kh * p1, rp, cp, (tall_tokens, tall_bm))
-        mid, sc = _f16_scales(f16, kh * p1, scale)  # A · Z first
+        sc, f16c = _f16_launch(f16, scale, kh * p1)  # A · Z first
         _had2_tall_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                                 bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                                 ym, sc, kh * p1, p2, T * blocks, n, y.stride(0) if groups else 0,
                                 n if dst is not None and dst.dim() == 2 else 0, 0, 0, **consts, **args,
-                                **launch_args(x.device, T), **_f16_args(f16, mid))
+                                **launch_args(x.device, T), **f16c)
         return y
     rblk = min(rp, rblk or 32)
     kblk = min(rp, 32)
@@ -571,19 +575,14 @@ def transform(
     grid, col_split, nsplit_c, stages = _had2_launch(max(groups, 1) * T * blocks, T, S, rp, cp, rblk, cblk,
                                                      col_split, unroll_splits, kh * p1)
     zb = _zb_first(zb_first, col_split, rp)
-    mid, sc = _f16_scales(f16, p2 if zb else kh * p1, scale)
+    sc, f16c = _f16_launch(f16, scale, p2 if zb else kh * p1)
     _had2_kernel[grid](x, y, a, b, pre if pre is not None else dummy, post if post is not None else dummy,
                        bias if bias is not None else dummy, dst_arg, nb, blocks, S, x.stride(0), x.stride(1),
                        ym, sc, kh * p1, p2, T, n, y.stride(0) if groups else 0,
                        n if dst is not None and dst.dim() == 2 else 0, 0, 0, RP=rp, CP=cp, RBLK=rblk,
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
-                       **args, **launch_args(x.device, T), ZB_FIRST=zb, **_f16_args(f16, mid))
+                       **args, **launch_args(x.device, T), ZB_FIRST=zb, **f16c)
     return y
-
-
-def _f16_args(f16: bool, mid: float) -> dict:
-    """The kernels' ``F16`` / ``MID`` constants: none when off, so the sources compiled without them stay the same."""
-    return {"F16": True, "MID": mid} if f16 else {}
 
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,
@@ -625,32 +624,32 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     scale = 1.0 / math.sqrt(nb)
     if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp, transpose, False):
         grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows)
-        mid, sc = _f16_scales(f16, p2, scale)
+        sc, f16c = _f16_launch(f16, scale, p2)
         _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b, x,
                                  post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
                                  out.stride(0), sc, kh * p1, p2, T * blocks, n, n, 0, x.stride(0),
                                  n if post is not None else 0, **consts, HAS_PRE=False, HAS_POST=post is not None,
                                  HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **launch_args(x.device, T),
-                                 **_f16_args(f16, mid))
+                                 **f16c)
         return out
     if _use_tall(tall, T * blocks, (col_split, unroll_splits, stacked or None), transpose, rp):
         grid, consts = _tall_launch(T * blocks, G, kh * p1, rp, cp, tile)
-        mid, sc = _f16_scales(f16, kh * p1, scale)
+        sc, f16c = _f16_launch(f16, scale, kh * p1)
         _had2_tall_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1),
                                 x.stride(2), out.stride(0), sc, kh * p1, p2, T * blocks, n, n, 0,
                                 x.stride(0), n if post is not None else 0, **consts, HAS_PRE=False,
                                 HAS_POST=post is not None, HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret,
-                                **launch_args(x.device, T), **_f16_args(f16, mid))
+                                **launch_args(x.device, T), **f16c)
         return out
     rblk, kblk, cblk = min(rp, 32), min(rp, 32), min(cp, 32)
     grid, col_split, nsplit_c, stages = _had2_launch(G * T * blocks, T, S, rp, cp, rblk, cblk, col_split,
                                                      unroll_splits, kh * p1)
     zb = _zb_first(zb_first, col_split, rp)
-    mid, sc = _f16_scales(f16, p2 if zb else kh * p1, scale)
+    sc, f16c = _f16_launch(f16, scale, p2 if zb else kh * p1)
     _had2_kernel[grid](x, out, a, b, x, post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),
                        out.stride(0), sc, kh * p1, p2, T, n, n, 0, x.stride(0),
                        n if post is not None else 0, RP=rp, CP=cp, RBLK=rblk, KBLK=kblk, CBLK=cblk, num_warps=4,
                        COL_SPLIT=col_split, NSPLIT=nsplit_c, HAS_PRE=False, HAS_POST=post is not None,
                        HAS_BIAS=False, HAS_DST=False, INTERPRET=interpret, **stages,
-                       **launch_args(x.device, T), ZB_FIRST=zb, **_f16_args(f16, mid))
+                       **launch_args(x.device, T), ZB_FIRST=zb, **f16c)
     return out
