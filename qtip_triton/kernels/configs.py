@@ -261,30 +261,29 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
     return out
 
 
+def _gemv_generates(spec: TrellisSpec, config: dict[str, Any]) -> bool:
+    """Whether the gemv source variant that ``config`` selects can be generated for ``spec`` in its default layout."""
+    from qtip_triton.codegen.emit import default_layout, emit
+
+    try:
+        emit(spec, "gemv", config, layout=default_layout(spec))
+    except ValueError:
+        return False
+    return True
+
+
 @functools.cache
 def hfma_supported(spec: TrellisSpec) -> bool:
     """Whether the fp16x2 gemv (config ``hfma``) can be generated for ``spec`` in its default layout (as for
     the mma gemv: a state decodes into one fp16x2 register of two adjacent input columns)."""
-    from qtip_triton.codegen.emit import default_layout, emit
-
-    try:
-        emit(spec, "gemv", {"hfma": True, "table": "shared16"}, layout=default_layout(spec))
-    except ValueError:
-        return False
-    return True
+    return _gemv_generates(spec, {"hfma": True, "table": "shared16"})
 
 
 @functools.cache
 def mma_supported(spec: TrellisSpec) -> bool:
     """Whether the gemv's tensor-core variant (codegen/mma.py) can be generated for ``spec`` in its
     default layout (QTIP's layout with a code that decodes a state into one fp16x2 register)."""
-    from qtip_triton.codegen.emit import default_layout, emit
-
-    try:
-        emit(spec, "gemv", {"BLOCK_M": 8, "mma": True}, layout=default_layout(spec))
-    except ValueError:
-        return False
-    return True
+    return _gemv_generates(spec, {"BLOCK_M": 8, "mma": True})
 
 
 def mma_space(spec: TrellisSpec, n: int, M: int) -> list[dict[str, Any]]:
