@@ -42,6 +42,32 @@ def test_decompress_qtip_bit_exact(gen, K):
     pw = prepare(qw)
     assert torch.equal(runners.decompress(pw, DEC, torch.float32), ref)
     assert torch.equal(runners.decompress(pw, {"BLOCK_N": 64, "BLOCK_K": 64}, torch.float16), ref.half())
+    for table in ("shared", "shared16"):  # the table in shared memory (the interpreter reads it from global)
+        assert torch.equal(runners.decompress(pw, {**DEC, "table": table}, torch.float32), ref)
+
+
+@pytest.mark.parametrize("name,layout", [("L16K2V2-hyb9", "qtip"), ("L12K3V1-3inst", "tile"), ("L16K2V1-mcg", "exl3")])
+def test_decompress_rows_are_slabs_of_the_whole(gen, name, layout):
+    """Row slabs decoded into one reused buffer (the chunked prefill path) equal the whole matrix's rows."""
+    qw = random_qweight(gen, TrellisSpec.parse(name), 96, 64, layout=layout)
+    pw = prepare(qw)
+    whole = runners.decompress(pw, DEC, torch.float32)
+    assert torch.equal(whole, qw.decode())
+    buf = torch.full((32, 64), float("nan"))
+    for r0 in (0, 32, 64):
+        got = runners.decompress(pw, DEC, torch.float32, rows=(r0, r0 + 32), out=buf)
+        assert got is buf and torch.equal(buf, whole[r0:r0 + 32])
+    assert torch.equal(runners.decompress(pw, DEC, torch.float32, rows=(16, 80)), whole[16:80])
+
+
+def test_decompress_rows_bad_input(gen):
+    pw = prepare(random_qweight(gen, TrellisSpec(16, 2, 2, "hyb", 9), 64, 32, layout="qtip"))
+    for rows in ((0, 8), (8, 32), (32, 16), (0, 80), (-16, 16)):
+        with pytest.raises(ValueError, match="rows="):
+            runners.decompress(pw, DEC, torch.float32, rows=rows)
+    for out in (torch.empty(16, 32), torch.empty(32, 32, dtype=torch.float16), torch.empty(32, 64)[:, ::2]):
+        with pytest.raises(ValueError, match="out must be"):
+            runners.decompress(pw, DEC, torch.float32, rows=(0, 32), out=out)
 
 
 @pytest.mark.parametrize("name", _generic_specs())

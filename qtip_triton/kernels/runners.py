@@ -103,8 +103,14 @@ def _launch_opts(config: Mapping[str, Any]) -> dict[str, int]:
     return opts
 
 
-def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Ŵ (out x in) decoded by the generated ``decompress`` kernel, bit-exact in ``dtype``."""
+def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype = torch.float16, *,
+               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ (out x in) decoded by the generated ``decompress`` kernel, bit-exact in ``dtype``.
+
+    ``rows`` = (r0, r1), multiples of 16: only output rows r0..r1 - 1, so that a prefill can decode Ŵ one slab
+    at a time into a buffer small enough to stay in the L2 for the matmul that reads it (``out``: that
+    buffer, (r1 - r0, in) with unit column stride, in ``dtype``; a new tensor if None).
+    """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"decompress writes float16, bfloat16 or float32, got {dtype}")
     if pw.table.dim() != 1:
@@ -112,13 +118,22 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
                          "only through the gemv/gemm kinds (kernels.launch_fused)")
     TR, TC = _blocks(config)
     plan = pw.plan
+    r0, r1 = (0, pw.out_features) if rows is None else rows
+    if not (0 <= r0 < r1 <= pw.out_features and r0 % 16 == 0 and r1 % 16 == 0):
+        raise ValueError(f"rows={rows!r}: need 0 <= r0 < r1 <= {pw.out_features}, both multiples of 16 (tile rows)")
+    if out is None:
+        out = torch.empty(r1 - r0, pw.in_features, dtype=dtype, device=pw.device)
+    elif (out.shape != (r1 - r0, pw.in_features) or out.dtype != dtype or out.device != pw.device
+          or out.stride(1) != 1):
+        raise ValueError(f"out must be a ({r1 - r0}, {pw.in_features}) {dtype} matrix on {pw.device} with unit column "
+                         f"stride, got {tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
     mod = load(pw.spec, "decompress", config, layout=pw.layout)
-    G, Rtot, Ctot = pw.words.shape
-    out = torch.empty(pw.out_features, pw.in_features, dtype=dtype, device=pw.device)
+    words = pw.words[:, r0 // 16 * plan.GRN:r1 // 16 * plan.GRN]  # tile rows r0 / 16 ..: a view, same strides
+    _, Rtot, Ctot = words.shape
     RB, CB = TR * plan.GRN, TC * plan.GCN
     grid = (_cdiv(Rtot, RB), _cdiv(Ctot, CB))
     even = Rtot % RB == 0 and Ctot % CB == 0
-    mod.kernel[grid](pw.words, pw.table, out, Rtot, Ctot, pw.words.stride(0), out.stride(0), TR=TR, TC=TC,
+    mod.kernel[grid](words, pw.table, out, Rtot, Ctot, words.stride(0), out.stride(0), TR=TR, TC=TC,
                      EVEN=even, INTERPRET=interpreting(), **_launch_opts(config), **pdl.launch_args(out.device))
     return out
 
