@@ -79,20 +79,6 @@ def col_slabs(m: int, n: int, K: int, copies: int, h: torch.Tensor, cfg: dict, k
     return [lambda s=s: run(s) for s in slabs]
 
 
-TABLE_CONFIGS = [
-    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4},  # the shipped default: the table gathered per program
-    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "table": "shared"},
-    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "table": "shared16"},
-    {"BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "table": "shared16"},
-    {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 8, "table": "shared16"},
-    {"BLOCK_N": 128, "BLOCK_K": 256, "num_warps": 8, "table": "shared4"},
-]
-
-
-def _label(cfg: dict) -> str:
-    return f"{cfg['BLOCK_N']}x{cfg['BLOCK_K']}x{cfg['num_warps']} {cfg.get('table', 'gather')}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="8192x8192,4096x11008,28672x8192")
@@ -100,9 +86,6 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--rows", default="512,1024,2048,4096", help="row slab heights")
     ap.add_argument("--cols", default="1024,2048", help="column slab widths (emulated)")
-    ap.add_argument("--tables", action="store_true",
-                    help="instead: each of TABLE_CONFIGS (code table gathered or in shared memory) decoding alone, "
-                         "whole + matmul, and by --rows slabs (transposed)")
     ap.add_argument("--tag", default="chunked-decompress")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
@@ -113,29 +96,19 @@ def main() -> None:
         qw = random_weight(m, n, args.K)
         pws = [prepare(qw)] + [prepare(random_weight(m, n, args.K, seed=i))
                                for i in range(1, rotation_copies(qw.trellis.nbytes))]
-        if args.tables:
-            full = torch.empty(m, n, dtype=torch.float16, device="cuda")
-            rec = {"m": m, "n": n, "K": args.K, "M": 0, "copies": [len(pws), copies_16], "us": {}}
-            for cfg in TABLE_CONFIGS:  # the decode alone, into one reused buffer (writes reach DRAM)
-                rec["us"][f"decode only {_label(cfg)}"] = time_rotated_us(
-                    [lambda p=p, c=cfg, o=full: decompress(p, c, torch.float16, out=o) for p in pws])
-            print(m, n, {k: round(v, 1) for k, v in rec["us"].items()}, flush=True)
-            rows.append(rec)
+        full = torch.empty(m, n, dtype=torch.float16, device="cuda")
+        dcfg = default_config("decompress", qw.spec, m, n, 256)
+        rec = {"m": m, "n": n, "K": args.K, "M": 0, "copies": [len(pws), copies_16], "us": {}}
+        # the decode alone into one reused buffer: every write reaches DRAM, so this is its write-bound floor
+        rec["us"]["decode only"] = time_rotated_us([lambda p=p, o=full, c=dcfg: decompress(p, c, torch.float16, out=o)
+                                                    for p in pws])
+        rows.append(rec)
         for M in _ints(args.M):
             x = torch.randn(M, n, device="cuda").half()
             cfg = default_config("decompress", qw.spec, m, n, M)
             h = kernel_input("decompress", pws[0], x, cfg)
             rec = {"m": m, "n": n, "K": args.K, "M": M, "copies": [len(pws), copies_16], "us": {}}
             rec["us"]["fp16"] = time_rotated_us([lambda w=w, x=x: torch.matmul(x, w.t()) for w in w16s])
-            if args.tables:
-                for tc in TABLE_CONFIGS:
-                    rec["us"][f"whole {_label(tc)}"] = time_rotated_us([kernel_fn("decompress", p, x, tc, h) for p in pws])
-                    for nc in _ints(args.rows):
-                        if nc < m:
-                            rec["us"][f"rows {nc} T {_label(tc)}"] = time_rotated_us(row_slabs(pws, h, tc, nc, True))
-                print(m, n, M, {k: round(v, 1) for k, v in rec["us"].items()}, flush=True)
-                rows.append(rec)
-                continue
             rec["us"]["whole"] = time_rotated_us([kernel_fn("decompress", p, x, cfg, h) for p in pws])
             kind, tcfg = lookup_config(qw.spec, m, n, M)
             if kind != "decompress":
@@ -162,8 +135,7 @@ def main() -> None:
              f"torch {env['torch']}, triton {env['triton']}, rev {env['qtip_triton_rev']}. Rotated µs per call (weight "
              "copies > 3x L2, h hot); `whole` = decompress Ŵ + torch.matmul (the shipped decompress kind); `rows N` = "
              "N-row slabs into one buffer, each multiplied at once (`T`: into an (out, M) result); `cols N` = N-column "
-             "slabs (emulated), added in fp32; `decode only` = the decompress kernel alone (M 0). Configs: BLOCK_N x "
-             "BLOCK_K x warps, code table. Ratio = fp16 / ours.", "",
+             "slabs (emulated), added in fp32; `decode only` = the decompress kernel alone (M 0). Ratio = fp16 / ours.", "",
              "| out x in | K | M | variant | µs | fp16 µs | fp16 / ours |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         f16 = r["us"].get("fp16")

@@ -37,7 +37,7 @@ from qtip_triton.spec import TrellisSpec
 KINDS = ("gemv", "gemm", "decompress")
 TABLE_MODES = ("gather", "gather2", "gather4", "gather8", "shared", "shared2", "shared4", "shared8", "shared16",
                "shared32", "global")
-SHARED_TABLE_KINDS = ("gemv", "decompress")  # kinds with no Triton shared-memory use inside the k loop
+SHARED_TABLE_KINDS = ("gemv",)  # kinds with no Triton shared-memory use inside the k loop
 SOURCE_KEYS = ("table", "BLOCK_M", "prefetch", "l2_prefetch")  # config keys that can change the text (BLOCK_M,
 # prefetch: gemv only; l2_prefetch: gemv and gemm)
 GENERATOR_VERSION = "1"
@@ -571,8 +571,7 @@ class _Emitter:
         s("sbase = _smem_base(rows[:, None] * 0 + cols[None, :], INTERPRET)")
         if rep > 1:
             s(f"lcopy = _lane_copy(rows[:, None] * 0 + cols[None, :], {rep}, INTERPRET)")
-        seed = "Ctot" if self.kind == "decompress" else "ITERS"  # any run-time int (decompress has no k loop)
-        s(f"_fill_table(tbl, TBL, {self.table_words()}, {rep}, {seed}, INTERPRET)")
+        s(f"_fill_table(tbl, TBL, {self.table_words()}, {rep}, ITERS, INTERPRET)")
 
     def dependency_sync(self) -> None:
         """PDL: everything above reads only the layer's constants (words' offsets, the code table);
@@ -1177,10 +1176,6 @@ class _Emitter:
         s("xcol = pid_k * BK + tl.arange(0, BK)")
         s("kmask = xcol < n_in")
         names = self.decode_values(cast=None)
-        if self.shared_table():
-            s("# the permute below may stage through the shared memory that holds the table: every warp's")
-            s("# lookups end first")
-            s("tl.debug_barrier()")
         tiles = self._class_tiles(names, "OUT.dtype.element_ty", natural=True)
         for a, t in enumerate(tiles):
             row = self._orow(a)
