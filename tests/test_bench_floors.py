@@ -34,7 +34,11 @@ def test_floors_are_the_instruction_table_and_byte_bounds():
     assert f["bound"] == "issue" and f["floor_us"] == f["issue_us"] and f["of_floor"] == pytest.approx(20 / f["issue_us"])
     one_copy = floors.floors(_row(config={"table": "shared"}), {"per_state": 10.0, "lds_per_state": 1.0}, H200)
     assert one_copy["table_us"] == pytest.approx(f["table_us"] * 3.34 / 2.0) and one_copy["bound"] == "table"
-    assert "issue_us" not in floors.floors(_row(kind="decompress", M=256), None, H200)  # cuBLAS: bytes only
+    dec = floors.floors(_row(kind="decompress", M=256, kernel_us=100.0), None, H200)  # cuBLAS: bytes only
+    assert "issue_us" not in dec and "what_us" not in f
+    assert dec["what_us"] == pytest.approx(50.0 + 8192 * 8192 * 2 / 4.8e12 * 1e6)  # fp16's matmul + writing Ŵ
+    assert dec["bound"] == "Ŵ round trip" and dec["floor_us"] == dec["what_us"]
+    assert dec["verdict"].startswith("below the Ŵ round trip floor: the bar needs 55.6 µs")  # 50 / 0.9
 
 
 def test_the_verdict_sets_the_bar_against_the_largest_floor():
