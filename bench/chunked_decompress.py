@@ -9,6 +9,9 @@ matmul. Row slabs keep each output element's whole dot in one cuBLAS call (the s
 keep cuBLAS's grid as wide as the whole matmul's but add each slab's partial in fp32 (``addmm(out_dtype=)``),
 and are emulated here by separate weights of the slab's width (the decompress kernel reads whole word rows).
 
+Outcome on the H100 (bench/NOTES.md, session 21): slabs lost at every M (narrow cuBLAS calls), and the decompress
+kernel alone turned out bound by its writes of Ŵ (8192^2: 58 µs), not by its decode.
+
 Rotated timing (bench/common.py) over weight copies > 3x L2; fp16 ``torch.matmul`` in the same run. GPU only.
 
     python bench/chunked_decompress.py --shapes 8192x8192,4096x11008 --M 64,256,2048 --rows 1024,2048
