@@ -42,9 +42,10 @@ def _shapes(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in p.split("x")) for p in s.split(",") if p]  # type: ignore[misc]
 
 
-def row_slabs(pws, h: torch.Tensor, cfg: dict, nc: int, transposed: bool) -> list:
-    """One callable per weight copy: row slabs of ``nc`` rows into one shared buffer, each multiplied at once
-    (``transposed``: Ŵ_slab · hᵀ into rows of an (out, M) result; else h · Ŵ_slabᵀ into columns of (M, out))."""
+def row_slabs(pws, h: torch.Tensor, cfg: dict, nc: int, transposed: bool) -> tuple[list, torch.Tensor]:
+    """(one callable per weight copy, the result they write): row slabs of ``nc`` rows into one shared buffer, each
+    multiplied at once (``transposed``: Ŵ_slab · hᵀ into rows of an (out, M) result; else h · Ŵ_slabᵀ into columns
+    of (M, out))."""
     m, n = pws[0].out_features, pws[0].in_features
     buf = torch.empty(nc, n, dtype=h.dtype, device=h.device)
     y = torch.empty((m, h.shape[0]) if transposed else (h.shape[0], m), dtype=h.dtype, device=h.device)
@@ -60,7 +61,7 @@ def row_slabs(pws, h: torch.Tensor, cfg: dict, nc: int, transposed: bool) -> lis
             else:
                 torch.mm(h, b.t(), out=y[:, r0:r1])
 
-    return [lambda p=p: run(p) for p in pws]
+    return [lambda p=p: run(p) for p in pws], y
 
 
 def col_slabs(m: int, n: int, K: int, copies: int, h: torch.Tensor, cfg: dict, kc: int) -> list:
@@ -122,7 +123,7 @@ def main() -> None:
                     for tr in (False, True):
                         key = f"rows {nc}{' T' if tr else ''}"
                         try:
-                            rec["us"][key] = time_rotated_us(row_slabs(pws, h, cfg, nc, tr))
+                            rec["us"][key] = time_rotated_us(row_slabs(pws, h, cfg, nc, tr)[0])
                         except Exception as e:  # noqa: BLE001  (a probe: record and go on)
                             rec["us"][key] = f"{type(e).__name__}: {str(e)[:120]}"
             for kc in _ints(args.cols):
