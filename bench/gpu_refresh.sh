@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "pending20b") one-token tiles with two programs per SM inside traced forwards, and a rotated fp16x2-admitting retune of M <= 2; (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "pending20b") one-token tiles with two programs per SM inside traced forwards, and a rotated fp16x2-admitting retune of M <= 2; (with "pending21") the one-token f16_dots output transform by launch variant, and one-token fp32 tiles with 2048-column steps in traced forwards; (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -174,6 +174,23 @@ if want pending20b; then
     --bits 2 --buckets 1,2 --timer rotated --fp16-accumulation --out "$WORK/rotcache16/autotune/$GPU.yaml" \
     --max-minutes 4.5 --no-progress >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
+fi
+if want pending21; then
+  step "session 21's open points: which launch variant the one-token f16_dots output transform of fp32 partials is slow in, and one-token fp32 tiles with 2048-column steps inside traced forwards"
+  timeout -k 10 60 python3 bench/hadamard.py --n 8192,28672,4096 --T 1,2 --cases output,output_fp16 \
+    --variants default,f16,zb_first,zb_first_f16,col_split,per_token --splits 4 --tag t1-output-variants --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  timeout -k 10 40 python3 bench/hadamard.py --n 8192,28672 --T 1 --cases output --variants default,f16 --splits 1 \
+    --tag t1-output-split1 --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  for cfg in '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16"}' \
+             '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}' \
+             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}'; do
+    tag="tl-fp32-$(echo "$cfg" | md5sum | cut -c1-6)"
+    timeout -k 10 40 python3 bench/forward_timeline.py --shapes 8192x8192,28672x8192 --M 1 --config "8192x8192=$cfg" \
+      --config "28672x8192=$cfg" --tag "$tag" --out "$WORK" >>"$LOG" 2>&1
+    echo "rc=$? $tag $cfg" >>"$LOG"
+  done
 fi
 if want hfma; then
   step "probe: the fp16x2 gemv (hfma) against the fp32 one at M = 1, kernel and whole forward (NOTES session 9)"
