@@ -83,6 +83,11 @@ def test_f16_dots_errors_and_switch(gen, monkeypatch):
     monkeypatch.setenv(had.F16_ENV, "1")
     assert had._use_f16(None, torch.float16) and not had._use_f16(None, torch.float32)
     assert not had._use_f16(False, torch.float16)  # an explicit False wins over the switch
+    # the switch leaves few-token fp32 partials (one-token output transforms) on the hi + lo pair: slower there
+    few, many = had.F16_ENV_FP32_MIN_TOKENS - 1, had.F16_ENV_FP32_MIN_TOKENS
+    assert not had._use_f16(None, torch.float16, torch.float32, 1) and not had._use_f16(None, torch.float16, torch.float32, few)
+    assert had._use_f16(None, torch.float16, torch.float32, many) and had._use_f16(None, torch.float16, torch.float16, 1)
+    assert had._use_f16(True, torch.float16, torch.float32, 1)  # asked for explicitly: on
     monkeypatch.setenv(had.F16_ENV, "yes")
     with pytest.raises(ValueError, match="expected 1"):
         had._use_f16(None, torch.float16)
@@ -98,3 +103,19 @@ def test_the_default_is_the_hi_lo_pair(gen):
                                     f16_dots=False))
     y16 = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True, f16_dots=True)
     assert _rel(y, ref) < _rel(y16, ref) < F16_TOL
+
+
+def test_the_switch_skips_few_token_fp32_partials(gen, monkeypatch):
+    """QTIP_TRITON_HADAMARD_F16=1 through ``transform`` itself: one-token fp32 partials (the decode's output
+    transform, slower with one fp16 dot on the H100) keep the hi + lo pair; more tokens, or fp16 input, switch."""
+    monkeypatch.setenv(had.F16_ENV, "1")
+    few = torch.randn(4, 1, 1024, generator=gen)
+    many = torch.randn(4, had.F16_ENV_FP32_MIN_TOKENS, 1024, generator=gen)
+    for parts, f16 in ((few, False), (many, True)):
+        y = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True)
+        want = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True, f16_dots=f16)
+        other = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True, f16_dots=not f16)
+        assert torch.equal(y, want) and not torch.equal(y, other)
+    x16 = torch.randn(1, 1024, generator=gen).half()
+    y = transform(x16, 1, transpose=True, out_dtype=torch.float16, interpret=True)
+    assert torch.equal(y, transform(x16, 1, transpose=True, out_dtype=torch.float16, interpret=True, f16_dots=True))

@@ -103,9 +103,13 @@ ZB_ENV = "QTIP_TRITON_HADAMARD_ZB_FIRST"
 ZB_MAX_RP = 32
 # One fp16 dot per product instead of two bf16 ones (hi + lo) where the output is fp16 (``transform(f16_dots=)``):
 # half the tensor-core work and no hi/lo splits, at ~11 bits for the products' operands instead of ~16, which an
-# fp16 output keeps anyway (its own rounding is 11 bits). Opt-in until timed (written in session 20, when no GPU
-# was lent): QTIP_TRITON_HADAMARD_F16=1 turns it on for every fp16-output transform.
+# fp16 output keeps anyway (its own rounding is 11 bits). Opt-in (a precision choice): QTIP_TRITON_HADAMARD_F16=1
+# turns it on for fp16-output transforms. Timed on the H100 (bench/NOTES.md, session 21): prefill transforms 22-37 %
+# faster, few-token ones ~1 µs, except the output transform of fp32 split-K partials at one token, 2x slower at 8192
+# and 28672 outputs and no faster at 4 tokens: the switch leaves fp32 inputs of up to F16_ENV_FP32_MIN_TOKENS - 1
+# tokens on the hi + lo pair (``f16_dots=True`` still forces it).
 F16_ENV = "QTIP_TRITON_HADAMARD_F16"
+F16_ENV_FP32_MIN_TOKENS = 8
 
 
 def _next_pow2(x: int) -> int:
@@ -300,9 +304,11 @@ def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device,
     return hit[0]
 
 
-def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype) -> bool:
+def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype, in_dtype: torch.dtype | None = None,
+             tokens: int | None = None) -> bool:
     """Whether a transform writing ``out_dtype`` takes one fp16 dot per product: ``f16_dots`` if given (a clear
-    error for another output dtype), else ``QTIP_TRITON_HADAMARD_F16=1`` for fp16 outputs."""
+    error for another output dtype), else ``QTIP_TRITON_HADAMARD_F16=1`` for fp16 outputs, except fp32 inputs
+    (``in_dtype``: split-K partials) of fewer than ``F16_ENV_FP32_MIN_TOKENS`` ``tokens``, where it measured slower."""
     if f16_dots:
         if out_dtype != torch.float16:
             raise ValueError(f"f16_dots rounds the products' operands to fp16: only for float16 outputs, not {out_dtype}")
@@ -311,6 +317,8 @@ def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype) -> bool:
         raw = os.environ.get(F16_ENV, "").strip()
         if raw not in ("", "0", "1"):
             raise ValueError(f"{F16_ENV}={raw!r}: expected 1 (on for fp16 outputs) or 0/unset (off)")
+        if in_dtype == torch.float32 and tokens is not None and tokens < F16_ENV_FP32_MIN_TOKENS:
+            return False
         return raw == "1" and out_dtype == torch.float16
     return False
 
@@ -461,7 +469,8 @@ def transform(
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     ``STACK_ROWS``), for ``bench/hadamard.py``.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
-    ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for every float16 output; the two-GEMM path ignores it).
+    ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for float16 outputs, except fp32 partials of fewer than
+    ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
     """
     if stacked and (tall or gemm or zb_first):
         raise ValueError("stacked is a kernel of its own: not with tall, gemm or zb_first")
@@ -515,7 +524,7 @@ def transform(
         y = torch.empty(groups, T, n, dtype=out_dtype or x.dtype, device=x.device)
     else:
         y = torch.empty(T, n, dtype=out_dtype or x.dtype, device=x.device)
-    f16 = _use_f16(f16_dots, y.dtype)
+    f16 = _use_f16(f16_dots, y.dtype, x.dtype, T)
     if T == 0:
         return y
     if dst is not None and out is not None:  # dst may index a buffer in another layout: kernels only
@@ -608,7 +617,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
             out_dtype is not None and out.dtype != out_dtype):
         raise ValueError(f"out must be a ({T}, {G * n}) view with unit column stride on {x.device}"
                          f"{'' if out_dtype is None else f' in {out_dtype}'}, got {tuple(out.shape)} {out.dtype}")
-    f16 = _use_f16(f16_dots, out.dtype)
+    f16 = _use_f16(f16_dots, out.dtype, x.dtype, T)
     if T == 0:
         return out
     if _use_gemm(gemm, T * blocks, (col_split, unroll_splits, tall, *tile, stacked or None)):
