@@ -107,9 +107,10 @@ def decompress(pw: PreparedWeight, config: Mapping[str, Any], dtype: torch.dtype
                rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Ŵ (out x in) decoded by the generated ``decompress`` kernel, bit-exact in ``dtype``.
 
-    ``rows`` = (r0, r1), multiples of 16: only output rows r0..r1 - 1, so that a prefill can decode Ŵ one slab
-    at a time into a buffer small enough to stay in the L2 for the matmul that reads it (``out``: that
-    buffer, (r1 - r0, in) with unit column stride, in ``dtype``; a new tensor if None).
+    ``rows`` = (r0, r1), multiples of 16: only output rows r0..r1 - 1, so that Ŵ can be decoded a slab at a time
+    into one reused buffer (``out``: (r1 - r0, in) with unit column stride, in ``dtype``; a new tensor if None),
+    which bounds the temporary fp16 Ŵ of a large layer (470 MB at 28672x8192). Not faster: slabs small enough to
+    stay in the L2 lost to the whole matrix on the H100 (bench/chunked_decompress.py, NOTES session 21).
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"decompress writes float16, bfloat16 or float32, got {dtype}")
