@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--rows", default="512,1024,2048,4096", help="row slab heights")
     ap.add_argument("--cols", default="1024,2048", help="column slab widths (emulated)")
     ap.add_argument("--tag", default="chunked-decompress")
-    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     rows: list[dict] = []
     for m, n in _shapes(args.shapes):

@@ -40,6 +40,18 @@ LOG="$OUT/refresh.log"
 step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 finish() { tar cf "$OUT/results.tar" -C "$WORK" . && rm -rf "$WORK"; }
 trap finish EXIT
+# pinned_timelines TAG_PREFIX CONFIG...: each gemv config traced inside one-token forwards of 8192x8192 and 28672x8192
+# (bench/forward_timeline.py), one result file per config, tagged TAG_PREFIX-<md5 of the config>
+pinned_timelines() {
+  local prefix=$1 cfg tag
+  shift
+  for cfg in "$@"; do
+    tag="$prefix-$(echo "$cfg" | md5sum | cut -c1-6)"
+    timeout -k 10 40 python3 bench/forward_timeline.py --shapes 8192x8192,28672x8192 --M 1 --config "8192x8192=$cfg" \
+      --config "28672x8192=$cfg" --tag "$tag" --out "$WORK" >>"$LOG" 2>&1
+    echo "rc=$? $tag $cfg" >>"$LOG"
+  done
+}
 step "device"; nvidia-smi -L >>"$LOG" 2>&1; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" >>"$LOG" 2>&1
 if want autotune; then
   step "autotune $GPU (max $TUNE_MIN min)"
@@ -161,14 +173,10 @@ if want pending20; then
 fi
 if want pending20b; then
   step "session 20's one-token tile probes inside traced forwards (two programs per SM with 2048-column steps), then a rotated K = 2 retune of M <= 2 with the fp16x2 gemv admitted"
-  for cfg in '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}' \
-             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true, "maxnreg": 128}' \
-             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 1024, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}'; do
-    tag="tl-pin-$(echo "$cfg" | md5sum | cut -c1-6)"
-    timeout -k 10 40 python3 bench/forward_timeline.py --shapes 8192x8192,28672x8192 --M 1 --config "8192x8192=$cfg" \
-      --config "28672x8192=$cfg" --tag "$tag" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$? $tag $cfg" >>"$LOG"
-  done
+  pinned_timelines tl-pin \
+    '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}' \
+    '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true, "maxnreg": 128}' \
+    '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 1024, "SPLIT_K": 2, "num_warps": 8, "table": "shared16", "split_sum": true, "hfma": true, "early_words": true}'
   mkdir -p "$WORK/rotcache16/autotune"
   QTIP_TRITON_CACHE_DIR="$WORK/rotcache16" timeout -k 10 "${P20B_TUNE_S:-300}" python3 -m qtip_triton autotune --gpu "$GPU" \
     --bits 2 --buckets 1,2 --timer rotated --fp16-accumulation --out "$WORK/rotcache16/autotune/$GPU.yaml" \
@@ -183,14 +191,10 @@ if want pending21; then
   timeout -k 10 40 python3 bench/hadamard.py --n 8192,28672 --T 1 --cases output --variants default,f16 --splits 1 \
     --tag t1-output-split1 --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
-  for cfg in '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16"}' \
-             '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}' \
-             '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}'; do
-    tag="tl-fp32-$(echo "$cfg" | md5sum | cut -c1-6)"
-    timeout -k 10 40 python3 bench/forward_timeline.py --shapes 8192x8192,28672x8192 --M 1 --config "8192x8192=$cfg" \
-      --config "28672x8192=$cfg" --tag "$tag" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$? $tag $cfg" >>"$LOG"
-  done
+  pinned_timelines tl-fp32 \
+    '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16"}' \
+    '{"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}' \
+    '{"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "table": "shared16", "early_words": true}'
 fi
 if want hfma; then
   step "probe: the fp16x2 gemv (hfma) against the fp32 one at M = 1, kernel and whole forward (NOTES session 9)"
