@@ -1,0 +1,127 @@
+"""The wgmma decode-matmul (Gluon, codegen/wgmma.py) against fp16 and the shipped kind, per config (GPU only).
+
+Why: the kernel is new, so before it enters the tuned space each config is checked against the float64
+reference on fresh random data (‖out-ref‖/‖ref‖) and timed with fp16 ``torch.matmul`` and the registry's shipped
+kernel in the same run, L2 flushed (and rotated with ``--rotate``). A config that fails to compile or launch is
+recorded with its error, not fatal.
+
+    python bench/wgmma_probe.py --points 8192x8192:256,28672x8192:256 \
+        --configs '[{"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 2}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels as kbench  # noqa: E402
+from common import environment, time_rotated_us, time_us, write_results  # noqa: E402
+
+from qtip_triton.kernels import prepare, wgmma  # noqa: E402
+
+DEFAULT_POINTS = "8192x8192:256,28672x8192:256,4096x11008:256,8192x8192:64,8192x8192:16"
+
+
+def default_configs(M: int) -> list[dict]:
+    """A small grid around the shapes the kernel was built for: N = tokens per program up to 256."""
+    bm = min(256, max(16, 1 << (M - 1).bit_length()))
+    out = []
+    for E in (1, 2):
+        for nw in (4, 8):
+            st = 3 if (E == 2 and bm == 256) else 4
+            for split in (1, 2, 4):
+                out.append({"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": st, "SPLIT_K": split})
+    return out
+
+
+def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> dict:
+    rec: dict = {"config": cfg}
+    try:
+        fn = (lambda: wgmma.decode_matmul(pw, hw, cfg)) if cfg.get("SPLIT_K", 1) == 1 else \
+            (lambda: wgmma.decode_matmul(pw, hw, cfg).sum(0))
+        y = fn()
+        y = y[0] if y.dim() == 3 else y
+        torch.cuda.synchronize()
+        rec["rel_err"] = float((y.double() - ref).norm() / ref.norm())
+        rec["us"] = time_us(fn)
+        if rotation is not None:
+            pws = rotation[0]
+            rec["rot_us"] = time_rotated_us([
+                (lambda p=p: wgmma.decode_matmul(p, hw, cfg)) if cfg.get("SPLIT_K", 1) == 1 else
+                (lambda p=p: wgmma.decode_matmul(p, hw, cfg).sum(0)) for p in pws])
+    except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
+        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--points", default=DEFAULT_POINTS, help="OUTxIN:M,...")
+    ap.add_argument("--configs", default=None, help="JSON list of configs (default: a grid per M)")
+    ap.add_argument("--K", type=int, default=2)
+    ap.add_argument("--rotate", action="store_true", help="also time rotated over weight copies")
+    ap.add_argument("--tag", default="wgmma-probe")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    if not wgmma.available():
+        print("wgmma_probe: needs a Hopper GPU (sm_90) and Triton with Gluon", file=sys.stderr)
+        return 2
+    kbench.TUNED = True
+    rows = []
+    t0 = time.time()
+    for point in args.points.split(","):
+        shape, M = point.split(":")
+        m, n = (int(v) for v in shape.split("x"))
+        M = int(M)
+        qw = kbench.random_weight(m, n, args.K)
+        pw = prepare(qw)
+        w64 = qw.decode().double()
+        w16 = w64.half()
+        rotation = kbench.weight_copies(qw, pw, w16) if args.rotate else None
+        shipped = kbench.bench_point(qw, pw, M, w16, full=False, rotation=rotation)
+        h = torch.randn(M, n, device="cuda").half()
+        ref = h.double() @ w64.t()
+        configs = json.loads(args.configs) if args.configs else default_configs(M)
+        for cfg in configs:
+            E = cfg.get("E", 1)
+            hw = wgmma.to_wgmma_order(pw, h, E)
+            rec = run_config(pw, hw, ref, cfg, rotation)
+            rec.update(m=m, n=n, M=M, K=args.K, fp16_us=shipped["fp16_us"], shipped_kind=shipped["kind"],
+                       shipped_us=shipped["kernel_us"], fp16_rot_us=shipped.get("fp16_rot_us"),
+                       shipped_rot_us=shipped.get("kernel_rot_us"))
+            if "us" in rec:
+                rec["ratio"] = rec["fp16_us"] / rec["us"]
+            if rec.get("rot_us") and rec.get("fp16_rot_us"):
+                rec["ratio_rot"] = rec["fp16_rot_us"] / rec["rot_us"]
+            rows.append(rec)
+            msg = rec.get("error") or (f"{rec['us']:.1f} us ({rec['ratio']:.2f}x fp16; shipped {shipped['kind']} "
+                                       f"{shipped['kernel_us']:.1f}) err {rec['rel_err']:.1e}"
+                                       + (f" rot {rec['ratio_rot']:.2f}x" if "ratio_rot" in rec else ""))
+            print(f"[{time.time() - t0:6.1f}s] {m}x{n} M={M} {cfg}: {msg}", flush=True)
+        del pw, qw, w64, w16, rotation
+        torch.cuda.empty_cache()
+    md = ["| shape | M | config | µs | fp16 µs | ratio | rotated ratio | shipped kind | shipped µs | rel err |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["config"]
+        cs = f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} s{c.get('SPLIT_K', 1)}"
+        if "error" in r:
+            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        rot = f"{r['ratio_rot']:.2f}" if "ratio_rot" in r else ""
+        md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['ratio']:.2f} | "
+                  f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} |")
+    jp, mp = write_results(args.out, args.tag, {"env": environment(), "rows": rows}, "\n".join(md) + "\n")
+    print("\n".join(md))
+    print(jp, mp)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

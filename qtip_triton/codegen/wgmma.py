@@ -1,0 +1,211 @@
+"""The fused decode-matmul on Hopper's warpgroup MMA (kind ``wgmma``), emitted as Gluon source.
+
+Why: from ~64 tokens up, the shipped path decodes Ŵ to memory and calls cuBLAS, and that round trip of
+Ŵ through DRAM alone caps it at 0.54-0.63x fp16 at 256 tokens on the H100 (bench/NOTES.md, session 21).
+The ``gemm`` kind fuses the decode but moves every decoded tile through shared memory into ``tl.dot``'s
+operand layout, with barriers (43 % of its stalls, session 8). Here nothing moves: QTIP's layout *is*
+the A fragment of an MMA (codegen/mma.py), and ``wgmma`` takes A from registers, so each warp decodes
+its 16 output rows straight into the registers one ``wgmma.m64nNk16`` reads, for all N tokens at once,
+while x streams into shared memory by TMA. The wgmma is asynchronous: the next k step's decode runs
+on the CUDA cores while the tensor cores multiply the previous one.
+
+Layout (one program = ``16 x num_warps`` output rows x ``BLOCK_M`` tokens): word tile ``[RB, CB]``
+(``RB = 8 x num_warps`` word rows, ``CB = 4 E`` word columns per k step) laid out as lane (g, t) of warp
+w = word row ``8w + g``, columns ``tE .. tE + E - 1``. An element's 16 states are four A fragments
+(codegen/mma.py: state of row class c and class pair q + 4h). The A tensor ``[16 x num_warps, 64 E]``
+is their register-only rearrangement: row ``16w + 8c + g`` (= output row offset: contiguous rows),
+column ``64e + 16q + 8h + 2t + j`` (j: the fp16 half). So h must be stored in that column order
+("wgmma order", :func:`wgmma_input_order`): each k step's ``64 E`` columns contiguous, loaded by one TMA.
+
+Gluon has no interpreter: the CPU tests check the source, the order and the A placement with a torch
+emulation (tests/test_wgmma.py); the kernel itself runs only on a Hopper GPU (tests/gpu).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qtip_triton.codegen.emit import _Emitter, _Src, source_options
+from qtip_triton.codegen.mma import packed_pairs
+from qtip_triton.codegen.plan import TilePlan, make_plan
+from qtip_triton.codes import get_code
+from qtip_triton.spec import TILE, TrellisSpec
+
+WGMMA_ELEMENTS = (1, 2, 4)  # E: word columns per lane per k step (64 E input columns)
+WGMMA_WARPS = (4, 8)  # one or two warpgroups: 64 or 128 output rows per program
+WGMMA_BLOCK_M = (16, 32, 64, 128, 256)  # tokens per program = the wgmma's N
+
+
+def check_config(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(E, BLOCK_M, num_warps, STAGES) of a wgmma config, or a clear error."""
+    E = config.get("E", 1)
+    bm = config.get("BLOCK_M", 64)
+    nw = config.get("num_warps", 4)
+    st = config.get("STAGES", 3)
+    if E not in WGMMA_ELEMENTS:
+        raise ValueError(f"wgmma config E={E!r} must be one of {WGMMA_ELEMENTS} (word columns per lane per k step)")
+    if bm not in WGMMA_BLOCK_M:
+        raise ValueError(f"wgmma config BLOCK_M={bm!r} must be one of {WGMMA_BLOCK_M} (tokens per program)")
+    if nw not in WGMMA_WARPS:
+        raise ValueError(f"wgmma config num_warps={nw!r} must be one of {WGMMA_WARPS} (warpgroups of 64 rows)")
+    if not isinstance(st, int) or not 2 <= st <= 6:
+        raise ValueError(f"wgmma config STAGES={st!r} must be an int in [2, 6] (x tiles in flight)")
+    return E, bm, nw, st
+
+
+def _check_plan(plan: TilePlan) -> None:
+    if plan.GRN != 8 or plan.GCN != 1 or plan.NA != 2 or plan.NC != 16:
+        raise ValueError(f"wgmma needs QTIP's layout (8 group rows, 2 row classes x 16 columns per group); "
+                         f"{plan.spec.name} in layout {plan.layout!r} has {plan.GRN} group rows, {plan.NA} x {plan.NC}")
+
+
+def wgmma_input_order(plan: TilePlan, n: int, E: int) -> torch.Tensor:
+    """int64 (n,): position in the wgmma kernel's h of each natural input column (see the module doc)."""
+    _check_plan(plan)
+    ctot = n // TILE
+    if ctot % (4 * E):
+        raise ValueError(f"wgmma with E={E} needs in_features divisible by {64 * E}, got {n}")
+    C = torch.arange(ctot).view(-1, 1)  # word column
+    cc = torch.arange(plan.NC).view(1, -1)  # class column
+    cconst = torch.tensor([v.cconst for v in plan.classes[0]])
+    src = (C // plan.GCN) * TILE + cconst[cc]  # natural column of (C, cc) (GCN = 1: no group column term)
+    step, t, e = C // (4 * E), (C % (4 * E)) // E, C % E
+    q, h, j = (cc % 8) // 2, cc // 8, cc % 2
+    dst = step * (64 * E) + e * 64 + q * 16 + h * 8 + t * 2 + j
+    pos = torch.empty(n, dtype=torch.int64)
+    pos[src.reshape(-1)] = dst.expand_as(src).reshape(-1)
+    return pos
+
+
+def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, layout: str | None = None) -> str:
+    """Readable Gluon source of the wgmma kernel for ``spec`` (module defines ``kernel`` and ``E``)."""
+    from qtip_triton.codegen.emit import default_layout
+
+    config = dict(config or {})
+    E, _, _, _ = check_config(config)
+    layout = layout or default_layout(spec)
+    plan = make_plan(spec, layout)
+    _check_plan(plan)
+    dec = get_code(spec.code).triton_decoder()
+    if dec.helpers:
+        raise ValueError(f"wgmma: code {spec.code!r} needs Triton helpers the Gluon kernel does not carry")
+    opts = source_options(spec, {"table": "gather"}, "gemm")
+    em = _Emitter(plan, "gemm", opts, dec)
+    em.src.level = 2
+    em.decode_values(cast=None, emit_values=False)
+    # the split tree's leaves come out in a layout equal to the words' but spelled differently (Gluon does not
+    # convert implicitly): name the words' layout, and let the compiler prove the conversion moves nothing
+    leaf = re.compile(r"^(\s*)(s\d+_t\d+) = (gv\w+)$")
+    decode = [leaf.sub(r"\1\2 = gl.convert_layout(\3, word_layout, assert_trivial=True)", line)
+              for line in em.src.lines]
+    pairs = packed_pairs(plan, em.state_vals, what="wgmma")
+    table_words = em.table_words() if dec.table == "packed16" else None
+    loads = em.word_loads()
+
+    s = _Src()
+    s('"""Generated by qtip_triton.codegen.wgmma; do not edit.',
+      "",
+      f"spec {spec.name}, layout {plan.layout}, kind wgmma, E {E}.",
+      '"""',
+      "",
+      "from triton.experimental import gluon",
+      "from triton.experimental.gluon import language as gl",
+      "from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait",
+      "",
+      "tl = gl  # the code's decode snippet is written against triton.language; Gluon exports the same builtins",
+      f"E = {E}",
+      "",
+      "",
+      "@gluon.jit",
+      "def _f16_lo(p):",
+      '    """fp16 in the low half of a uint32."""',
+      "    return (p & 0xFFFF).to(gl.uint16).to(gl.float16, bitcast=True)",
+      "",
+      "",
+      "@gluon.jit",
+      "def _f16_hi(p):",
+      '    """fp16 in the high half of a uint32."""',
+      "    return (p >> 16).to(gl.uint16).to(gl.float16, bitcast=True)",
+      "",
+      "",
+      "@gluon.jit",
+      "def kernel(W, TBL, x_desc, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_ys, stride_ym,",
+      "           BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr):")
+    s.indent()
+    s('"""Y[pid_k, m, rows] = partial Ŵ x[m] over this program\'s k range: decode into wgmma A registers,',
+      "x (h in wgmma order) by TMA into a ring of STAGES shared tiles.",
+      '"""',
+      "RB: gl.constexpr = 8 * num_warps  # word rows per program: one row group of 8 per warp",
+      f"CB: gl.constexpr = 4 * {E}  # word columns per k step: 4 lanes x E elements",
+      f"BK: gl.constexpr = 64 * {E}  # input columns per k step",
+      f"word_layout: gl.constexpr = gl.BlockedLayout([1, {E}], [8, 4], [num_warps, 1], [1, 0])",
+      "acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],",
+      "                                                      instr_shape=[16, BLOCK_M, 16])",
+      "a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)",
+      "pid_r = gl.program_id(0)",
+      "pid_k = gl.program_id(1)",
+      "pid_m = gl.program_id(2)",
+      "step0 = pid_k * ITERS",
+      "rows = pid_r * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, word_layout))",
+      "cols = step0 * CB + gl.arange(0, CB, layout=gl.SliceLayout(0, word_layout))",
+      "gr = rows & 7  # group row inside the tile",
+      "w_off = rows[:, None] * Ctot + cols[None, :]",
+      "n_off = (rows - gr + ((gr + 1) & 7))[:, None] * Ctot + cols[None, :]  # the next group's word 0")
+    if table_words is not None:
+        s(f"tbl = gl.load(TBL + gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])))")
+    s("x_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_M, BK], x_desc.layout)",
+      "bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())",
+      "for i in gl.static_range(STAGES):",
+      "    mbarrier.init(bars.index(i), count=1)",
+      "for i in gl.static_range(STAGES - 1):  # the first x tiles in flight before any decode",
+      "    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < ITERS)",
+      "    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + i) * BK], bars.index(i),",
+      "                                    x_smem.index(i), pred=i < ITERS)",
+      "acc = gl.zeros([2 * RB, BLOCK_M], gl.float32, acc_layout)",
+      "a_prev = gl.zeros([2 * RB, BK], gl.float16, a_layout)",
+      "for it in range(ITERS):")
+    s.indent()
+    for name, off in loads:
+        s(f"{name} = gl.load(W + {off}).to(gl.uint32, bitcast=True)")
+    s.lines.extend(decode)
+    # A: [RB, CB] states of (row class c, class pair q + 4h) -> [2 RB, BK] rows 16w+8c+g, cols 64e+16q+8h+2t+j
+    names = [pairs[c][q + 4 * h] for c in range(2) for q in range(4) for h in range(2)]
+    tree = _join_tree_gl(names)
+    s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
+      f"st = {tree}",
+      "a = gl.join(_f16_lo(st), _f16_hi(st))",
+      f"a = gl.reshape(a, [num_warps, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
+      "a = gl.permute(a, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
+      "a = gl.convert_layout(gl.reshape(a, [2 * RB, BK]), a_layout, assert_trivial=True)",
+      "slot = it % STAGES",
+      "mbarrier.wait(bars.index(slot), (it // STAGES) & 1)",
+      "acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)",
+      "# the previous step's wgmma is done after this: its A registers and its x slot are free",
+      "acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))",
+      "a_prev = a",
+      "nxt = it + STAGES - 1",
+      "mbarrier.expect(bars.index(nxt % STAGES), x_desc.block_type.nbytes, pred=nxt < ITERS)",
+      "tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + nxt) * BK], bars.index(nxt % STAGES),",
+      "                                x_smem.index(nxt % STAGES), pred=nxt < ITERS)",
+      "w_off += CB",
+      "n_off += CB")
+    s.dedent()
+    s("acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))",
+      "for i in gl.static_range(STAGES):",
+      "    mbarrier.invalidate(bars.index(i))",
+      "orow = pid_r * 2 * RB + gl.arange(0, 2 * RB, layout=gl.SliceLayout(1, acc_layout))",
+      "m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))",
+      "mask = (orow < 2 * Rtot)[:, None] & (m < M)[None, :]",
+      "gl.store(Y + pid_k * stride_ys + m[None, :] * stride_ym + orow[:, None], acc, mask=mask)")
+    s.dedent()
+    return s.text()
+
+
+def _join_tree_gl(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return f"gl.join({_join_tree_gl(names[0::2])}, {_join_tree_gl(names[1::2])})"

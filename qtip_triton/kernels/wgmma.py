@@ -1,0 +1,128 @@
+"""Launch the wgmma decode-matmul (codegen/wgmma.py): h in wgmma order in, fp32 partials out.
+
+Why a launcher of its own: the kernel is Gluon (explicit layouts, TMA, warpgroup MMA), so it takes x as a TMA
+descriptor and runs only on Hopper (sm_90); everything else about it (prepared words, code table, split-K
+partials summed by the output transform) is what the other kinds use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from qtip_triton.codegen.cache import load_source
+from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order
+from qtip_triton.kernels.prepare import PreparedWeight
+
+_modules: dict[tuple, Any] = {}
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether this device can run the kernel: a CUDA GPU of compute capability 9.x and a Triton with Gluon."""
+    if not torch.cuda.is_available():
+        return False
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
+        return False
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _module(pw: PreparedWeight, E: int) -> Any:
+    key = (pw.spec, pw.layout, E)
+    mod = _modules.get(key)
+    if mod is None:
+        mod = load_source(emit_wgmma(pw.spec, {"E": E}, layout=pw.layout))
+        _modules[key] = mod
+    return mod
+
+
+def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
+    """int32 (in_features,): where each natural input column goes in the kernel's h (cached with the weight)."""
+    key = ("input_index_wgmma", E)
+    idx = pw.cache.get(key)
+    if idx is None:
+        idx = wgmma_input_order(pw.plan, pw.in_features, E).to(device=pw.device, dtype=torch.int32)
+        pw.cache[key] = idx
+    return idx
+
+
+def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:
+    """h (M, in) in natural column order -> a new (M, in) fp16 tensor in the kernel's order (tests, benches;
+    the layers have the input transform write it directly through :func:`input_index`)."""
+    out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
+    out[:, input_index(pw, E).long()] = h.to(torch.float16)
+    return out
+
+
+def steps(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(k steps per program, split) for this weight, or a clear error when the k range does not divide."""
+    E, _, _, _ = check_config(config)
+    split = config.get("SPLIT_K", 1)
+    cb = 4 * E
+    Ctot = pw.words.shape[2]
+    if Ctot % cb:
+        raise ValueError(f"wgmma E={E} needs in_features divisible by {16 * cb}, got {pw.in_features}")
+    nsteps = Ctot // cb
+    if not isinstance(split, int) or split < 1 or nsteps % split:
+        raise ValueError(f"wgmma SPLIT_K={split!r} must divide the {nsteps} k steps of {pw.in_features} inputs")
+    return nsteps // split, split
+
+
+def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ, with ``hw`` (M, in) fp16 in wgmma order (:func:`to_wgmma_order`)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    E, bm, nw, stages = check_config(config)
+    if hw.dtype != torch.float16 or hw.dim() != 2 or hw.shape[1] != pw.in_features or hw.stride(1) != 1:
+        raise ValueError(f"wgmma h must be (M, {pw.in_features}) float16 with unit column stride, got "
+                         f"{tuple(hw.shape)} {hw.dtype} strides {hw.stride()}")
+    if hw.device != pw.device or not available(hw.device):
+        raise ValueError(f"wgmma runs on a Hopper GPU (sm_90) holding the weight; h is on {hw.device}")
+    if pw.table.dim() != 1:
+        raise ValueError("wgmma takes one weight's code table (not a fused weight with per-shard tables)")
+    _, Rtot, Ctot = pw.words.shape
+    rb = 8 * nw
+    if Rtot % rb:
+        raise ValueError(f"wgmma num_warps={nw} needs out_features divisible by {2 * rb}, got {pw.out_features}")
+    iters, split = steps(pw, config)
+    M = hw.shape[0]
+    layout = gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16)
+    desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
+    y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
+    grid = (Rtot // rb, split, -(-M // bm))
+    _module(pw, E).kernel[grid](pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0),
+                                y.stride(1), BLOCK_M=bm, STAGES=stages, num_warps=nw)
+    return y
+
+
+def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 90, layout: str | None = None):
+    """The kernel compiled for ``sm_<arch>`` without a GPU (ptxas ships with Triton): its SASS and resources can be
+    checked on any machine (tests, bench/sass_count.py). ``n`` only shapes the TMA descriptor's global extent."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    E, bm, nw, stages = check_config(config)
+    mod = load_source(emit_wgmma(spec, {"E": E}, layout=layout))
+    fn = mod.kernel
+    names = fn.arg_names
+    x = torch.empty(bm, n, dtype=torch.float16)
+    desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, 64 * E],
+                            gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16))
+    const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw}
+    ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp32", "x_desc": mangle_type(desc)}
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
+    aligned = ("W", "TBL", "Y", "Ctot", "stride_wq", "stride_ys", "stride_ym")
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})

@@ -1,0 +1,62 @@
+"""GPU tests of the wgmma decode-matmul (Gluon; Hopper only): Ŵ h against float64 on fresh random data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtip_triton import QuantizedWeight, TrellisSpec, kernels
+from qtip_triton.bitstream import get_layout
+from qtip_triton.kernels import wgmma
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = [
+    {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3},
+    {"E": 2, "BLOCK_M": 16, "num_warps": 8, "STAGES": 2, "SPLIT_K": 4},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 2},
+    {"E": 4, "BLOCK_M": 128, "num_warps": 4, "STAGES": 2},
+]
+
+
+def _weight(m: int, n: int, K: int) -> QuantizedWeight:
+    g = torch.Generator(device="cuda")
+    g.seed()
+    spec = TrellisSpec(16, K, 2, "hyb", 9)
+    words = torch.randint(0, 1 << 32, (m // 16, n // 16, spec.words_per_tile), generator=g, device="cuda",
+                          dtype=torch.int64)
+    return QuantizedWeight(spec, m, n, get_layout("qtip").pack(words, spec), torch.randn(n, device="cuda"),
+                           torch.randn(m, device="cuda"), torch.randn(512, 2, generator=g, device="cuda").half())
+
+
+@pytest.fixture(autouse=True)
+def _hopper():
+    if not wgmma.available():
+        pytest.skip("wgmma needs a Hopper GPU (sm_90)")
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("M", [1, 37, 256])
+def test_wgmma_matches_float64(K, cfg, M):
+    m, n = 1024, 2048
+    qw = _weight(m, n, K)
+    pw = kernels.prepare(qw)
+    h = torch.randn(M, n, device="cuda").half()
+    y = wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, cfg["E"]), cfg).sum(0)
+    ref = h.double() @ qw.decode().double().t()
+    assert torch.isfinite(y).all()
+    assert float((y.double() - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_wgmma_rejects_bad_input():
+    qw = _weight(256, 512, 2)
+    pw = kernels.prepare(qw)
+    h = torch.randn(4, 512, device="cuda").half()
+    cfg = {"E": 1, "BLOCK_M": 16, "num_warps": 8, "STAGES": 2}
+    with pytest.raises(ValueError, match="float16"):
+        wgmma.decode_matmul(pw, h.float(), cfg)
+    with pytest.raises(ValueError, match="SPLIT_K"):
+        wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 1), {**cfg, "SPLIT_K": 3})
+    with pytest.raises(ValueError, match="Hopper|sm_90"):
+        wgmma.decode_matmul(pw, h.cpu(), cfg)

@@ -1,0 +1,143 @@
+"""The wgmma decode-matmul's layout algebra, config checks and sm_90 compile, on the CPU.
+
+The kernel is Gluon, which has no interpreter, so its arithmetic runs only on a GPU (tests/gpu/test_wgmma_gpu.py).
+Here a torch emulation builds the A operand exactly as the generated source does (join tree, fp16 halves, reshape,
+permute) from a random Ŵ, multiplies it with h in wgmma order step by step, and must give Ŵ h: that checks the
+state-to-fragment placement and the h order together, which a wrong index in either breaks.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtip_triton import TrellisSpec
+from qtip_triton.codegen.mma import packed_pairs
+from qtip_triton.codegen.plan import make_plan
+from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order
+
+SPEC = TrellisSpec(16, 2, 2, "hyb", 9)
+
+
+def _join(names: list, leaf):
+    """Evaluate the generator's join tree (codegen.wgmma._join_tree_gl) with torch.stack as gl.join."""
+    if len(names) == 1:
+        return leaf(names[0])
+    return torch.stack([_join(names[0::2], leaf), _join(names[1::2], leaf)], dim=-1)
+
+
+def _emulate(W: torch.Tensor, h: torch.Tensor, E: int, nw: int) -> torch.Tensor:
+    """Ŵ h computed the way the kernel does: per program and k step, each element's packed states (class c,
+    class pair P) read from Ŵ, arranged into A as the generated source does, times h's wgmma-order slice."""
+    plan = make_plan(SPEC, "qtip")
+    m, n = W.shape
+    RB, CB, BK = 8 * nw, 4 * E, 64 * E
+    order = wgmma_input_order(plan, n, E)
+    hw = torch.empty_like(h)
+    hw[:, order] = h
+    cconst = [v.cconst for v in plan.classes[0]]
+    # which state holds (class c, pair P): the same lookup the generator makes
+    vals = [[f"_f16_lo(s{s}_p)", f"_f16_hi(s{s}_p)"] for s in range(plan.S)]
+    pairs = packed_pairs(plan, vals, what="wgmma")
+    state_of = {pairs[c][P]: (c, P) for c in range(2) for P in range(8)}
+    names = [pairs[c][q + 4 * hh] for c in range(2) for q in range(4) for hh in range(2)]
+    y = torch.zeros(h.shape[0], m, dtype=torch.float64)
+    rows = torch.arange(RB)
+    for pr in range(m // (2 * RB)):
+        wrow = pr * RB + rows  # word rows of this program
+        orow0 = (wrow // 8) * 16 + wrow % 8  # class 0 output row (class 1: + 8)
+        for step in range(n // BK):
+            cols = step * CB + torch.arange(CB)  # word columns
+
+            def leaf(name, half, orow0=orow0, cols=cols):
+                c, P = state_of[name]
+                return W[(orow0 + 8 * c)[:, None], (cols * 16)[None, :] + cconst[2 * P + half]]
+
+            # the packed states' tree, then their fp16 halves as the last axis (j), as the source does
+            st = torch.stack([_join(names, lambda nm: leaf(nm, 0)), _join(names, lambda nm: leaf(nm, 1))],
+                             dim=-1)  # [RB, CB, c, q1, q0, h, j]
+            a = st.reshape(nw, 8, 4, E, 2, 2, 2, 2, 2).permute(0, 4, 1, 3, 5, 6, 7, 2, 8).reshape(2 * RB, BK)
+            out_rows = pr * 2 * RB + torch.arange(2 * RB)  # A's rows are the program's contiguous output rows
+            y[:, out_rows] += hw[:, step * BK:(step + 1) * BK] @ a.t()
+    return y
+
+
+@pytest.mark.parametrize("E,nw", [(1, 4), (2, 8), (4, 4)])
+def test_emulated_a_operand_and_order_give_w_h(E, nw):
+    g = torch.Generator().manual_seed(E * 10 + nw)
+    m, n = 2 * 8 * nw * 2, 64 * E * 3
+    W = torch.randn(m, n, generator=g, dtype=torch.float64)
+    h = torch.randn(5, n, generator=g, dtype=torch.float64)
+    y = _emulate(W, h, E, nw)
+    assert torch.allclose(y, h @ W.t(), rtol=1e-12, atol=1e-9)
+
+
+def test_emulation_catches_a_wrong_order():
+    """The check above is not vacuous: a transposed pair of h columns inside one step breaks it."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 64, generator=g, dtype=torch.float64)
+    h = torch.randn(2, 64, generator=g, dtype=torch.float64)
+    h_swapped = h.clone()
+    h_swapped[:, [0, 1]] = h[:, [1, 0]]
+    assert not torch.allclose(_emulate(W, h_swapped, 1, 4), h @ W.t())
+
+
+@pytest.mark.parametrize("E", [1, 2, 4])
+def test_input_order_is_a_permutation(E):
+    plan = make_plan(SPEC, "qtip")
+    pos = wgmma_input_order(plan, 64 * E * 5, E)
+    assert torch.equal(pos.sort().values, torch.arange(64 * E * 5))
+
+
+def test_bad_configs_and_shapes_raise_clear_errors():
+    plan = make_plan(SPEC, "qtip")
+    with pytest.raises(ValueError, match="divisible by 128"):
+        wgmma_input_order(plan, 192, 2)
+    for bad, what in [({"E": 3}, "E="), ({"BLOCK_M": 48}, "BLOCK_M="), ({"num_warps": 2}, "num_warps="),
+                      ({"STAGES": 1}, "STAGES=")]:
+        with pytest.raises(ValueError, match=what):
+            check_config(bad)
+    with pytest.raises(ValueError, match="QTIP's layout"):
+        emit_wgmma(TrellisSpec(16, 2, 1, "1mad"), {})
+
+
+def test_source_is_readable_gluon():
+    src = emit_wgmma(SPEC, {"E": 2})
+    compile(src, "<wgmma>", "exec")
+    assert "@gluon.jit" in src and "warpgroup_mma(a, x_smem.index(slot)" in src
+    assert "assert_trivial=True" in src  # the A placement is proven register-only at compile time
+
+
+def _sass(cubin: bytes) -> str:
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        tool = Path(shutil.which("cuobjdump") or "")
+    if not tool.is_file():
+        pytest.skip("no cuobjdump with this Triton")
+    path = Path(__file__).parent / ".wgmma_test.cubin"
+    try:
+        path.write_bytes(cubin)
+        return subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_compiles_for_sm90_with_register_a_and_no_spills(monkeypatch):
+    """The generated source compiles for the H100 here: register-A HGMMAs, TMA loads of x, no local memory."""
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels.wgmma import compile_offline
+
+    k = compile_offline(SPEC, {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3}, n=1024)
+    sass = _sass(k.asm["cubin"])
+    hgmma = [line for line in sass.splitlines() if "HGMMA.64x64x16.F32" in line]
+    assert len(hgmma) == 4  # one per 16 columns of the 64-column k step
+    assert all("gdesc" in line and ", R" in line.split("HGMMA")[1] for line in hgmma)  # A from registers
+    assert "UTMALDG" in sass
+    assert "STL" not in sass and "LDL" not in sass
