@@ -29,15 +29,16 @@ DEFAULT_POINTS = "8192x8192:256,28672x8192:256,4096x11008:256,8192x8192:64,8192x
 
 
 def default_configs(M: int) -> list[dict]:
-    """A small grid around the shapes the kernel was built for: N = tokens per program up to 256."""
-    bm = min(256, max(16, 1 << (M - 1).bit_length()))
-    out = []
-    for E in (1, 2):
-        for nw in (4, 8):
-            st = 3 if (E == 2 and bm == 256) else 4
-            for split in (1, 2, 4):
-                out.append({"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": st, "SPLIT_K": split})
-    return out
+    """A small grid around what the kernel was built for (N = tokens per program up to 256), with the word
+    prefetch off once per M to see what it buys."""
+    def c(E, bm, nw, st, split, wpf=1):
+        return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": st, "SPLIT_K": split, "WPF": wpf}
+    if M > 64:
+        return [c(1, 256, 8, 4, 1), c(1, 256, 8, 4, 2), c(1, 256, 8, 4, 2, 0), c(2, 256, 8, 3, 1), c(2, 256, 8, 3, 2),
+                c(1, 128, 8, 4, 1), c(1, 128, 8, 4, 2), c(2, 128, 4, 3, 2), c(1, 256, 4, 4, 2)]
+    bm = max(16, 1 << (M - 1).bit_length())
+    return [c(1, bm, 4, 4, 2), c(1, bm, 4, 4, 2, 0), c(2, bm, 4, 3, 2), c(1, bm, 8, 4, 2), c(2, bm, 8, 3, 2),
+            c(2, bm, 8, 3, 4), c(4, bm, 8, 2, 4), c(2, bm, 4, 3, 4), c(4, bm, 4, 2, 8)]
 
 
 def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> dict:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load_source
-from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order
+from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order, word_prefetch
 from qtip_triton.kernels.prepare import PreparedWeight
 
 _modules: dict[tuple, Any] = {}
@@ -33,11 +33,11 @@ def available(device: torch.device | str | None = None) -> bool:
     return True
 
 
-def _module(pw: PreparedWeight, E: int) -> Any:
-    key = (pw.spec, pw.layout, E)
+def _module(pw: PreparedWeight, E: int, wpf: int) -> Any:
+    key = (pw.spec, pw.layout, E, wpf)
     mod = _modules.get(key)
     if mod is None:
-        mod = load_source(emit_wgmma(pw.spec, {"E": E}, layout=pw.layout))
+        mod = load_source(emit_wgmma(pw.spec, {"E": E, "WPF": wpf}, layout=pw.layout))
         _modules[key] = mod
     return mod
 
@@ -97,7 +97,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
     y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
-    _module(pw, E).kernel[grid](pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0),
+    _module(pw, E, word_prefetch(config)).kernel[grid](pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0),
                                 y.stride(1), BLOCK_M=bm, STAGES=stages, num_warps=nw)
     return y
 
@@ -113,7 +113,7 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     from triton.runtime.jit import mangle_type
 
     E, bm, nw, stages = check_config(config)
-    mod = load_source(emit_wgmma(spec, {"E": E}, layout=layout))
+    mod = load_source(emit_wgmma(spec, {"E": E, "WPF": word_prefetch(config)}, layout=layout))
     fn = mod.kernel
     names = fn.arg_names
     x = torch.empty(bm, n, dtype=torch.float16)
