@@ -184,7 +184,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     s.indent()
     if wpf:
         s("more = it + 1 < ITERS")
-        for name, off in loads:
+        for name, _ in loads:
             s(f"{name} = {name}_next.to(gl.uint32, bitcast=True)")
         s("# the next step's words are in flight while this step decodes (the last step's load reads nothing)")
         for name, off in loads:
