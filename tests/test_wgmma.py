@@ -18,7 +18,14 @@ import torch
 from qtip_triton import TrellisSpec
 from qtip_triton.codegen.mma import packed_pairs
 from qtip_triton.codegen.plan import make_plan
-from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order
+from qtip_triton.codegen.wgmma import (
+    check_config,
+    emit_wgmma,
+    table_mode,
+    table_slots,
+    wgmma_input_order,
+    word_prefetch,
+)
 
 SPEC = TrellisSpec(16, 2, 2, "hyb", 9)
 
@@ -101,6 +108,10 @@ def test_bad_configs_and_shapes_raise_clear_errors():
                       ({"STAGES": 1}, "STAGES=")]:
         with pytest.raises(ValueError, match=what):
             check_config(bad)
+    with pytest.raises(ValueError, match="table="):
+        table_mode({"table": "shared8"})
+    with pytest.raises(ValueError, match="WPF="):
+        word_prefetch({"WPF": 2})
     with pytest.raises(ValueError, match="QTIP's layout"):
         emit_wgmma(TrellisSpec(16, 2, 1, "1mad"), {})
 
@@ -141,3 +152,20 @@ def test_compiles_for_sm90_with_register_a_and_no_spills(monkeypatch):
     assert all("gdesc" in line and ", R" in line.split("HGMMA")[1] for line in hgmma)  # A from registers
     assert "UTMALDG" in sass
     assert "STL" not in sass and "LDL" not in sass
+
+
+@pytest.mark.parametrize("table,slots", [("shared1", 1), ("shared32", 4)])
+def test_shared_table_sits_past_the_ring_at_offset_zero(monkeypatch, table, slots):
+    """The shared table modes address their table from the start of shared memory, past the x ring: the compiled
+    kernel must place the ring at offset 0 (the launcher refuses the config otherwise), with room for the table."""
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels.wgmma import compile_offline, ring_at_zero
+
+    cfg = {"E": 1, "BLOCK_M": 128, "num_warps": 4, "STAGES": 2, "table": table}
+    assert table_slots(cfg, 512) == slots  # 512 words x R copies in 16 KB tiles
+    k = compile_offline(SPEC, cfg, n=1024)
+    ring = (2 + slots) * 128 * 64 * 2
+    assert ring_at_zero(k.asm["ptx"], ring)
+    assert not ring_at_zero(k.asm["ptx"], ring + 16)  # the check can fail: no barrier lies that far out
+    assert k.metadata.shared >= ring

@@ -7,13 +7,21 @@ partials summed by the output transform) is what the other kinds use.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from qtip_triton.codegen.cache import load_source
-from qtip_triton.codegen.wgmma import check_config, emit_wgmma, wgmma_input_order, word_prefetch
+from qtip_triton.codegen.wgmma import (
+    check_config,
+    emit_wgmma,
+    table_mode,
+    table_slots,
+    wgmma_input_order,
+    word_prefetch,
+)
 from qtip_triton.kernels.prepare import PreparedWeight
 
 _modules: dict[tuple, Any] = {}
@@ -33,11 +41,17 @@ def available(device: torch.device | str | None = None) -> bool:
     return True
 
 
-def _module(pw: PreparedWeight, E: int, wpf: int) -> Any:
-    key = (pw.spec, pw.layout, E, wpf)
+def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys that shape the kernel's source."""
+    return {"E": config.get("E", 1), "WPF": word_prefetch(config), "table": config.get("table", "gather")}
+
+
+def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
+    src = _source_config(config)
+    key = (pw.spec, pw.layout, tuple(sorted(src.items())))
     mod = _modules.get(key)
     if mod is None:
-        mod = load_source(emit_wgmma(pw.spec, {"E": E, "WPF": wpf}, layout=pw.layout))
+        mod = load_source(emit_wgmma(pw.spec, src, layout=pw.layout))
         _modules[key] = mod
     return mod
 
@@ -97,9 +111,38 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
     y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
-    _module(pw, E, word_prefetch(config)).kernel[grid](pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0),
-                                y.stride(1), BLOCK_M=bm, STAGES=stages, num_warps=nw)
+    tslots = table_slots(config, pw.table.numel())
+    compiled = _module(pw, config).kernel[grid](
+        pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1),
+        BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots)
+    if table_mode(config)[0] == "shared":
+        _require_ring_first(compiled, (stages + tslots) * bm * 64 * E * 2)
     return y
+
+
+_ring_checked: set[int] = set()
+
+
+def ring_at_zero(ptx: str, ring_bytes: int) -> bool:
+    """Whether the x ring (``ring_bytes``) starts at offset 0 of shared memory, where the ``shared`` table modes
+    assume it (their table sits in the ring's last slots, addressed from the shared memory symbol). The ring and
+    the mbarriers are the kernel's only allocations, so the ring is at 0 exactly when every barrier lies past it."""
+    base = set(re.findall(r"mov\.b32\s+(%r\d+),\s*global_smem;", ptx))
+    offsets = {m.group(1): int(m.group(3)) for m in re.finditer(r"add\.s32\s+(%r\d+),\s*(%r\d+),\s*(\d+);", ptx)
+               if m.group(2) in base}
+    inits = re.findall(r"mbarrier\.init\.shared::cta\.b64\s+\[(%r\d+)\]", ptx)
+    if not inits:
+        return False
+    return all((0 if r in base else offsets.get(r, -1)) >= ring_bytes for r in inits)
+
+
+def _require_ring_first(compiled: Any, ring_bytes: int) -> None:
+    if id(compiled) in _ring_checked:
+        return
+    if not ring_at_zero(compiled.asm["ptx"], ring_bytes):
+        raise RuntimeError("wgmma: Triton did not place the x ring at offset 0 of shared memory, where the shared "
+                           "table modes keep their table; use table='gather'")
+    _ring_checked.add(id(compiled))
 
 
 def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 90, layout: str | None = None):
@@ -113,13 +156,14 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     from triton.runtime.jit import mangle_type
 
     E, bm, nw, stages = check_config(config)
-    mod = load_source(emit_wgmma(spec, {"E": E, "WPF": word_prefetch(config)}, layout=layout))
+    mod = load_source(emit_wgmma(spec, _source_config(config), layout=layout))
     fn = mod.kernel
     names = fn.arg_names
     x = torch.empty(bm, n, dtype=torch.float16)
     desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, 64 * E],
                             gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16))
-    const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw}
+    words = 512 if spec.code == "hyb" else 1
+    const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw, "TSLOTS": table_slots(config, words)}
     ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp32", "x_desc": mangle_type(desc)}
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
     aligned = ("W", "TBL", "Y", "Ctot", "stride_wq", "stride_ys", "stride_ym")

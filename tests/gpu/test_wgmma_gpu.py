@@ -15,7 +15,10 @@ CONFIGS = [
     {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3},
     {"E": 2, "BLOCK_M": 16, "num_warps": 8, "STAGES": 2, "SPLIT_K": 4},
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 2},
-    {"E": 4, "BLOCK_M": 128, "num_warps": 4, "STAGES": 2},
+    {"E": 4, "BLOCK_M": 128, "num_warps": 4, "STAGES": 2, "WPF": 0},
+    {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "SPLIT_K": 2, "table": "shared32"},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 3, "table": "shared4"},
+    {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 2, "table": "shared1"},
 ]
 
 
