@@ -248,50 +248,58 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())",
       "for i in gl.static_range(STAGES):",
       "    mbarrier.init(bars.index(i), count=1)",
-      "for i in gl.static_range(STAGES - 1):  # the first x tiles in flight before any decode",
+      "for i in gl.static_range(STAGES):  # the first x tiles in flight before any decode",
       "    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < ITERS)",
       "    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + i) * BK], bars.index(i),",
       "                                    x_smem.index(i), pred=i < ITERS)",
-      "acc = gl.zeros([2 * RB, BLOCK_M], gl.float32, acc_layout)",
-      "a_prev = gl.zeros([2 * RB, BK], gl.float16, a_layout)")
+      "acc = gl.zeros([2 * RB, BLOCK_M], gl.float32, acc_layout)")
     if mode == "shared":
         s(f"_fill_table(tbl, gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])), {rep}, "
           "toff)")
-    if wpf:
-        for name, off in loads:
-            s(f"{name}_next = gl.load(W + {off})")
-    s("for it in range(ITERS):")
-    s.indent()
-    if wpf:
-        s("more = it + 1 < ITERS")
-        for name, _ in loads:
-            s(f"{name} = {name}_next.to(gl.uint32, bitcast=True)")
-        s("# the next step's words are in flight while this step decodes (the last step's load reads nothing)")
-        for name, off in loads:
-            s(f"{name}_next = gl.load(W + {off} + CB, mask=more, other=0)")
-    else:
-        for name, off in loads:
-            s(f"{name} = gl.load(W + {off}).to(gl.uint32, bitcast=True)")
-    s.lines.extend(decode)
     # A: [RB, CB] states of (row class c, class pair q + 4h) -> [2 RB, BK] rows 16w+8c+g, cols 64e+16q+8h+2t+j
     names = [pairs[c][q + 4 * h] for c in range(2) for q in range(4) for h in range(2)]
     tree = _join_tree_gl(names)
-    s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
-      f"st = {tree}",
-      "a = gl.join(_f16_lo(st), _f16_hi(st))",
-      f"a = gl.reshape(a, [num_warps, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
-      "a = gl.permute(a, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
-      "a = gl.convert_layout(gl.reshape(a, [2 * RB, BK]), a_layout, assert_trivial=True)",
-      "slot = it % STAGES",
+
+    def assemble(var: str) -> None:
+        s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
+          f"st = {tree}",
+          f"{var} = gl.join(_f16_lo(st), _f16_hi(st))",
+          f"{var} = gl.reshape({var}, [num_warps, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
+          f"{var} = gl.permute({var}, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
+          f"{var} = gl.convert_layout(gl.reshape({var}, [2 * RB, BK]), a_layout, assert_trivial=True)")
+
+    s("# step 0 decoded before the loop: inside it, step it + 1 decodes while the tensor cores multiply step it")
+    for name, off in loads:
+        s(f"{name} = gl.load(W + {off}).to(gl.uint32, bitcast=True)")
+    s.lines.extend(line[4:] for line in decode)
+    assemble("a")
+    if wpf:
+        for name, off in loads:
+            s(f"{name}_next = gl.load(W + {off} + CB, mask=ITERS > 1, other=0)  # step 1's words")
+    s("for it in range(ITERS):")
+    s.indent()
+    s("slot = it % STAGES",
       "mbarrier.wait(bars.index(slot), (it // STAGES) & 1)",
       "acc = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)",
-      "# the previous step's wgmma is done after this: its A registers and its x slot are free",
-      "acc, a_prev = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_prev))",
-      "a_prev = a",
-      "nxt = it + STAGES - 1",
-      "mbarrier.expect(bars.index(nxt % STAGES), x_desc.block_type.nbytes, pred=nxt < ITERS)",
-      "tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + nxt) * BK], bars.index(nxt % STAGES),",
-      "                                x_smem.index(nxt % STAGES), pred=nxt < ITERS)",
+      "# the next step's words and decode run on the CUDA cores meanwhile (past the last step: masked, unused)")
+    if wpf:
+        for name, _ in loads:
+            s(f"{name} = {name}_next.to(gl.uint32, bitcast=True)")
+        for name, off in loads:
+            s(f"{name}_next = gl.load(W + {off} + 2 * CB, mask=it + 2 < ITERS, other=0)")
+    else:
+        for name, off in loads:
+            s(f"{name} = gl.load(W + {off} + CB, mask=it + 1 < ITERS, other=0).to(gl.uint32, bitcast=True)")
+    s.lines.extend(decode)
+    assemble("a_next")
+    s("# wgmma reads its A registers while it runs: `a` (live until this wait) keeps them; only after it may they",
+      "# take the next step's values, and this step's x slot the tile STAGES steps ahead",
+      "acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))",
+      "nxt = it + STAGES",
+      "mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes, pred=nxt < ITERS)",
+      "tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + nxt) * BK], bars.index(slot),",
+      "                                x_smem.index(slot), pred=nxt < ITERS)",
+      "a = a_next",
       "w_off += CB",
       "n_off += CB")
     s.dedent()

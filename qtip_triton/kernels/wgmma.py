@@ -170,3 +170,47 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
+
+
+_SASS_ROW = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def a_register_hazards(sass: str) -> list[str]:
+    """Instructions of the main loop that write a register an in-flight HGMMA still reads as its A operand.
+
+    Why: wgmma reads its register A operand while it runs, and neither LLVM nor ptxas keeps those registers from
+    being reused before the ``wgmma.wait_group`` that retires it. Session 22's first kernel (wait for all but one
+    group) reused them for the next step's decode: 47 such writes at 8192^2 M = 256, NaN results on the H100 with
+    two warpgroups. The loop is walked twice, so writes after the back edge count too."""
+    rows = [(int(m.group(1), 16), m.group(2).strip()) for m in map(_SASS_ROW.match, sass.splitlines()) if m]
+    hgmma = [a for a, t in rows if "HGMMA" in t]
+    loop: list[str] = []
+    for a, t in rows:
+        m = re.search(r"BRA (0x[0-9a-f]+)", t)
+        if m and int(m.group(1), 16) < a and any(int(m.group(1), 16) <= h <= a for h in hgmma):
+            loop = [u for b, u in rows if int(m.group(1), 16) <= b <= a]
+            break
+    pending: list[set[int]] = []
+    cur: set[int] = set()
+    bad = []
+    for t in loop + loop:
+        op = t.split()[1] if t.startswith("@") else t.split()[0]
+        if "HGMMA" in op:
+            m = re.search(r"HGMMA\S*\s+R\d+,\s*R(\d+),", t)
+            if m:
+                cur |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+            if "gsb0" in t:
+                pending.append(cur)
+                cur = set()
+            continue
+        m = re.search(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x(\d+)", t)
+        if m:
+            keep = int(m.group(1))
+            pending = pending[len(pending) - keep:] if keep else []
+            continue
+        live = set().union(*pending) if pending else set()
+        if live and not op.startswith(("ST", "BRA", "BAR", "SYNCS", "WARPGROUP", "UTMA", "RED", "ATOM")):
+            m = re.match(r"(?:@!?U?P\w+\s+)?\S+\s+R(\d+)", t)
+            if m and int(m.group(1)) in live:
+                bad.append(t)
+    return bad
