@@ -31,16 +31,18 @@ DEFAULT_POINTS = "8192x8192:256,28672x8192:256,4096x11008:256,8192x8192:64,8192x
 def default_configs(M: int) -> list[dict]:
     """A small grid around what the kernel was built for (N = tokens per program up to 256): the word prefetch off
     once per M to see what it buys, and the table written once to shared memory (R copies) against gl.gather."""
-    def c(E, bm, nw, st, split, wpf=1, table="gather"):
-        return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": st, "SPLIT_K": split, "WPF": wpf, "table": table}
+    def c(E, bm, nw, st, split, wpf=1, table="gather", pipe=0):
+        return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": st, "SPLIT_K": split, "WPF": wpf, "table": table,
+                "PIPE": pipe}
     if M > 64:
-        return [c(1, 256, 8, 4, 1), c(1, 256, 8, 4, 2), c(1, 256, 8, 4, 2, 0), c(2, 256, 8, 3, 2),
-                c(1, 256, 8, 4, 2, table="shared4"), c(1, 256, 8, 4, 2, table="shared32"),
-                c(1, 128, 8, 4, 2), c(1, 128, 8, 4, 2, table="shared16"), c(1, 256, 4, 4, 2, table="shared16")]
+        return [c(1, 256, 8, 4, 1), c(1, 256, 8, 4, 2), c(2, 256, 8, 3, 2), c(1, 256, 8, 4, 2, table="shared32"),
+                c(1, 256, 8, 4, 1, pipe=1), c(1, 256, 8, 4, 2, pipe=1), c(1, 256, 8, 4, 2, table="shared32", pipe=1),
+                c(2, 256, 8, 3, 2, pipe=1), c(1, 128, 8, 4, 2, table="shared16"), c(1, 256, 4, 4, 2, table="shared16")]
     bm = max(16, 1 << (M - 1).bit_length())
-    return [c(1, bm, 4, 4, 2), c(1, bm, 4, 4, 2, 0), c(2, bm, 4, 3, 2), c(2, bm, 8, 3, 2), c(2, bm, 8, 3, 4),
-            c(4, bm, 8, 2, 4), c(2, bm, 4, 3, 4, table="shared16"), c(2, bm, 8, 3, 4, table="shared32"),
-            c(4, bm, 8, 2, 4, table="shared32"), c(2, bm, 4, 3, 4, table="shared4")]
+    return [c(2, bm, 4, 3, 2), c(2, bm, 8, 3, 2), c(4, bm, 8, 2, 4), c(2, bm, 4, 3, 4, table="shared16"),
+            c(4, bm, 8, 2, 4, table="shared32"), c(4, bm, 8, 2, 4, table="shared32", pipe=1),
+            c(4, bm, 8, 2, 2, table="shared32", pipe=1), c(2, bm, 4, 3, 2, table="shared32", pipe=1),
+            c(4, bm, 8, 2, 1, table="shared32"), c(2, bm, 4, 3, 1, table="shared16")]
 
 
 def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> dict:
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         c = r["config"]
         cs = (f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} "
-              f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} {c.get('table', 'gather')}")
+              f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}")
         if "error" in r:
             md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | |")
             continue

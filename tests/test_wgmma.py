@@ -21,6 +21,7 @@ from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codegen.wgmma import (
     check_config,
     emit_wgmma,
+    pipelined,
     table_mode,
     table_slots,
     wgmma_input_order,
@@ -112,6 +113,8 @@ def test_bad_configs_and_shapes_raise_clear_errors():
         table_mode({"table": "shared8"})
     with pytest.raises(ValueError, match="WPF="):
         word_prefetch({"WPF": 2})
+    with pytest.raises(ValueError, match="PIPE="):
+        pipelined({"PIPE": True})
     with pytest.raises(ValueError, match="QTIP's layout"):
         emit_wgmma(TrellisSpec(16, 2, 1, "1mad"), {})
 
@@ -174,7 +177,8 @@ def test_shared_table_sits_past_the_ring_at_offset_zero(monkeypatch, table, slot
 @pytest.mark.parametrize("cfg", [
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4},
     {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "table": "shared16"},
-], ids=["m256-w8", "m16-shared16"])
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
+], ids=["m256-w8", "m16-shared16", "m256-w8-pipe"])
 def test_no_write_to_a_registers_while_their_wgmma_runs(monkeypatch, cfg):
     """The SASS of the main loop never writes an A register of an HGMMA that has not been waited for (the first
     kernel did, 47 times at these configs, and gave NaN on the H100; the checker finds those writes)."""
@@ -199,3 +203,16 @@ def test_hazard_check_finds_a_write_to_an_in_flight_a_register():
     """
     assert a_register_hazards(loop) == ["IMAD.SHL.U32 R61, R20, 0x2, RZ"] * 2
     assert a_register_hazards(loop.replace("0x1 ;", "0x0 ;")) == []
+
+
+def test_pipelined_config_needs_an_even_step_count():
+    """PIPE = 1 runs its loop two steps at a time: an odd count per program is refused before any launch."""
+    from types import SimpleNamespace
+
+    from qtip_triton.kernels.wgmma import steps
+
+    pw = SimpleNamespace(words=torch.zeros(2, 8, 88), in_features=16 * 88)  # 22 steps of 4 columns
+    assert steps(pw, {"E": 1, "SPLIT_K": 2, "PIPE": 0}) == (11, 2)
+    with pytest.raises(ValueError, match="even number of k steps"):
+        steps(pw, {"E": 1, "SPLIT_K": 2, "PIPE": 1})
+    assert steps(pw, {"E": 1, "SPLIT_K": 1, "PIPE": 1}) == (22, 1)

@@ -17,6 +17,7 @@ from qtip_triton.codegen.cache import load_source
 from qtip_triton.codegen.wgmma import (
     check_config,
     emit_wgmma,
+    pipelined,
     table_mode,
     table_slots,
     wgmma_input_order,
@@ -43,7 +44,8 @@ def available(device: torch.device | str | None = None) -> bool:
 
 def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The keys that shape the kernel's source."""
-    return {"E": config.get("E", 1), "WPF": word_prefetch(config), "table": config.get("table", "gather")}
+    return {"E": config.get("E", 1), "WPF": word_prefetch(config), "PIPE": pipelined(config),
+            "table": config.get("table", "gather")}
 
 
 def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
@@ -85,6 +87,9 @@ def steps(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
     nsteps = Ctot // cb
     if not isinstance(split, int) or split < 1 or nsteps % split:
         raise ValueError(f"wgmma SPLIT_K={split!r} must divide the {nsteps} k steps of {pw.in_features} inputs")
+    if pipelined(config) and (nsteps // split) % 2:
+        raise ValueError(f"wgmma PIPE=1 needs an even number of k steps per program, got {nsteps // split} "
+                         f"({nsteps} steps, SPLIT_K={split})")
     return nsteps // split, split
 
 
@@ -117,7 +122,39 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
         BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots)
     if table_mode(config)[0] == "shared":
         _require_ring_first(compiled, (stages + tslots) * bm * 64 * E * 2)
+    if pipelined(config):
+        _require_no_hazards(compiled)
     return y
+
+
+_hazard_checked: set[int] = set()
+
+
+def sass_of(cubin: bytes) -> str:
+    """SASS text of a cubin, by the cuobjdump that ships with Triton."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _require_no_hazards(compiled: Any) -> None:
+    """PIPE = 1 relies on the compiler keeping its two A register sets apart: refuse a kernel whose SASS writes an A
+    register of an MMA still in flight (:func:`a_register_hazards`), once per compiled kernel."""
+    if id(compiled) in _hazard_checked:
+        return
+    bad = a_register_hazards(sass_of(compiled.asm["cubin"]))
+    if bad:
+        raise RuntimeError(f"wgmma PIPE=1: the compiled loop writes {len(bad)} A register(s) of in-flight MMAs "
+                           f"(e.g. {bad[0]!r}); use PIPE=0")
+    _hazard_checked.add(id(compiled))
 
 
 _ring_checked: set[int] = set()
