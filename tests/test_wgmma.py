@@ -8,8 +8,6 @@ state-to-fragment placement and the h order together, which a wrong index in eit
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -129,17 +127,11 @@ def test_source_is_readable_gluon():
 def _sass(cubin: bytes) -> str:
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        tool = Path(shutil.which("cuobjdump") or "")
-    if not tool.is_file():
+    from qtip_triton.kernels.wgmma import sass_of
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         pytest.skip("no cuobjdump with this Triton")
-    path = Path(__file__).parent / ".wgmma_test.cubin"
-    try:
-        path.write_bytes(cubin)
-        return subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
-    finally:
-        path.unlink(missing_ok=True)
+    return sass_of(cubin)
 
 
 def test_compiles_for_sm90_with_register_a_and_no_spills(monkeypatch):
