@@ -208,3 +208,12 @@ def test_pipelined_config_needs_an_even_step_count():
     with pytest.raises(ValueError, match="even number of k steps"):
         steps(pw, {"E": 1, "SPLIT_K": 2, "PIPE": 1})
     assert steps(pw, {"E": 1, "SPLIT_K": 1, "PIPE": 1}) == (22, 1)
+
+
+def test_codegen_cli_prints_the_wgmma_source(capsys):
+    from qtip_triton.cli import main
+
+    assert main(["codegen", "--spec", "L16K2V2-hyb9", "--kind", "wgmma", "--config", '{"E": 2, "PIPE": 1}']) == 0
+    out = capsys.readouterr().out
+    assert "@gluon.jit" in out and "pipeline 1" in out and "a1 = gl.zeros" in out
+    assert main(["codegen", "--spec", "L16K2V2-hyb9", "--kind", "wgmma", "--config", '{"E": 3}']) == 2
