@@ -318,9 +318,9 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
           "a = a_next",
           "w_off += CB",
           "n_off += CB")
-    s.dedent()
-    s("acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))",
-      "for i in gl.static_range(STAGES):",
+        s.dedent()
+        s("acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))")
+    s("for i in gl.static_range(STAGES):",
       "    mbarrier.invalidate(bars.index(i))",
       "orow = pid_r * 2 * RB + gl.arange(0, 2 * RB, layout=gl.SliceLayout(1, acc_layout))",
       "m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, acc_layout))",
@@ -366,8 +366,7 @@ def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], a
     s("w_off += 2 * CB",
       "n_off += 2 * CB")
     s.dedent()
-    s("acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))")
-    s.indent()  # the caller dedents after its loop
+    s("acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))  # the last MMA (on a1) still reads a1")
 
 
 def _barrier_call() -> str:
