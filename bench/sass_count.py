@@ -17,10 +17,7 @@ import collections
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import triton
@@ -30,6 +27,7 @@ from triton.compiler import ASTSource
 from qtip_triton.codegen.cache import load
 from qtip_triton.codegen.emit import default_layout
 from qtip_triton.codegen.mma import layout_ok
+from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codes import get_code
 from qtip_triton.kernels import mma_layout
@@ -37,7 +35,6 @@ from qtip_triton.kernels.configs import default_config
 from qtip_triton.kernels.runners import _launch_opts, fused_input_consts, k_split
 from qtip_triton.spec import TrellisSpec
 
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 _TABLE_TYPES = {"packed16": "*i32", "float32": "*fp32", "none": "*i32"}
 
 
@@ -96,19 +93,11 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
 
 
 def _sass(cubin: bytes) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(_BIN / "cuobjdump"), "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
+    return cuobjdump(cubin, "-sass")
 
 
 def _resources(cubin: bytes) -> dict[str, int]:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([str(_BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+    out = cuobjdump(cubin, "-res-usage")
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 

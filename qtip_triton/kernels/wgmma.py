@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load_source
+from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
     check_config,
     emit_wgmma,
@@ -132,17 +133,7 @@ _hazard_checked: set[int] = set()
 
 def sass_of(cubin: bytes) -> str:
     """SASS text of a cubin, by the cuobjdump that ships with Triton."""
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([str(tool), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    return cuobjdump(cubin, "-sass")
 
 
 def _require_no_hazards(compiled: Any) -> None:
