@@ -49,25 +49,24 @@ class PreparedWeight:
 
     # No reference to the QuantizedWeight's trellis is kept: the module cache below is keyed weakly on it.
 
+    def cached(self, key: tuple, build) -> torch.Tensor:
+        """``self.cache[key]``, made by ``build()`` (a host tensor, moved to the weight's device) at first use."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = build().to(device=self.device)
+        return value
+
     def input_index(self, kind: str) -> torch.Tensor:
         """int32 (in_features,): where each input column goes in the ``kind`` kernel's x layout."""
-        key = ("input_index", kind)
-        idx = self.cache.get(key)
-        if idx is None:
-            idx = input_order(self.plan, self.in_features, kind).to(device=self.device, dtype=torch.int32)
-            self.cache[key] = idx
-        return idx
+        return self.cached(("input_index", kind),
+                           lambda: input_order(self.plan, self.in_features, kind).to(torch.int32))
 
     def input_index_mma(self, rows: int) -> torch.Tensor:
         """int32 (in_features,): where each input column of batch row 0 goes in the mma gemv's h buffer of
-        ``rows`` rows per quad (kernels/mma_layout.py); row m adds 4 m."""
-        key = ("input_index_mma", rows)
-        idx = self.cache.get(key)
-        if idx is None:  # built on the host and copied at first use (the load-time warm-up), as input_index
-            order = input_order(self.plan, self.in_features, "gemv")
-            idx = mma_layout.quad_index(order, rows).to(device=self.device)
-            self.cache[key] = idx
-        return idx
+        ``rows`` rows per quad (kernels/mma_layout.py); row m adds 4 m. Built on the host and copied at first use
+        (the load-time warm-up), as input_index."""
+        return self.cached(("input_index_mma", rows),
+                           lambda: mma_layout.quad_index(input_order(self.plan, self.in_features, "gemv"), rows))
 
     @property
     def device(self) -> torch.device:

@@ -61,12 +61,8 @@ def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
 
 def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int32 (in_features,): where each natural input column goes in the kernel's h (cached with the weight)."""
-    key = ("input_index_wgmma", E)
-    idx = pw.cache.get(key)
-    if idx is None:
-        idx = wgmma_input_order(pw.plan, pw.in_features, E).to(device=pw.device, dtype=torch.int32)
-        pw.cache[key] = idx
-    return idx
+    return pw.cached(("input_index_wgmma", E),
+                     lambda: wgmma_input_order(pw.plan, pw.in_features, E).to(torch.int32))
 
 
 def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:
