@@ -311,6 +311,17 @@ def _join_tree(names: list[str]) -> str:
     return f"tl.join({_join_tree(names[0::2])}, {_join_tree(names[1::2])})"
 
 
+def table_words(spec: TrellisSpec) -> int:
+    """Words of the kernel table the generated kernels read for ``spec``'s code (1: a dummy, for computed codes)."""
+    dec = get_code(spec.code).triton_decoder()
+    if dec.table == "packed16":
+        assert spec.Q is not None
+        return (1 << spec.Q) * ((spec.V + 1) // 2)
+    if dec.table == "float32":
+        return (1 << spec.L) * spec.V
+    return 1
+
+
 def emit(spec: TrellisSpec, kind: str, config: Mapping[str, Any] | None = None, *, layout: str | None = None) -> str:
     """Readable Triton source of the ``kind`` kernel for ``spec`` stored in ``layout``.
 
@@ -358,13 +369,7 @@ class _Emitter:
         return f"tl.load(TBL + ({idx}))"
 
     def table_words(self) -> int:
-        spec = self.plan.spec
-        if self.dec.table == "packed16":
-            assert spec.Q is not None
-            return (1 << spec.Q) * ((spec.V + 1) // 2)
-        if self.dec.table == "float32":
-            return (1 << spec.L) * spec.V
-        return 1
+        return table_words(self.plan.spec)
 
     def header(self) -> None:
         p, spec, s = self.plan, self.plan.spec, self.src

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load_source
+from qtip_triton.codegen.emit import table_words
 from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
     check_config,
@@ -186,8 +187,7 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     x = torch.empty(bm, n, dtype=torch.float16)
     desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, 64 * E],
                             gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16))
-    words = 512 if spec.code == "hyb" else 1
-    const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw, "TSLOTS": table_slots(config, words)}
+    const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw, "TSLOTS": table_slots(config, table_words(spec))}
     ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp32", "x_desc": mangle_type(desc)}
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
     aligned = ("W", "TBL", "Y", "Ctot", "stride_wq", "stride_ys", "stride_ym")
