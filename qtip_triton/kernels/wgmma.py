@@ -125,27 +125,33 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     return y
 
 
-_hazard_checked: set[int] = set()
-
-
 def sass_of(cubin: bytes) -> str:
     """SASS text of a cubin, by the cuobjdump that ships with Triton."""
     return cuobjdump(cubin, "-sass")
 
 
+_checked: set[tuple[int, str]] = set()
+
+
+def _check_once(compiled: Any, what: str, failure) -> None:
+    """Run a check of a compiled kernel the first time it launches (Triton keeps its kernels, so ``id`` names one):
+    ``failure()`` returns None when the kernel passes, else the error message."""
+    if (id(compiled), what) in _checked:
+        return
+    msg = failure()
+    if msg:
+        raise RuntimeError(msg)
+    _checked.add((id(compiled), what))
+
+
 def _require_no_hazards(compiled: Any) -> None:
     """PIPE = 1 relies on the compiler keeping its two A register sets apart: refuse a kernel whose SASS writes an A
-    register of an MMA still in flight (:func:`a_register_hazards`), once per compiled kernel."""
-    if id(compiled) in _hazard_checked:
-        return
-    bad = a_register_hazards(sass_of(compiled.asm["cubin"]))
-    if bad:
-        raise RuntimeError(f"wgmma PIPE=1: the compiled loop writes {len(bad)} A register(s) of in-flight MMAs "
-                           f"(e.g. {bad[0]!r}); use PIPE=0")
-    _hazard_checked.add(id(compiled))
-
-
-_ring_checked: set[int] = set()
+    register of an MMA still in flight (:func:`a_register_hazards`)."""
+    def failure() -> str | None:
+        bad = a_register_hazards(sass_of(compiled.asm["cubin"]))
+        return (f"wgmma PIPE=1: the compiled loop writes {len(bad)} A register(s) of in-flight MMAs (e.g. {bad[0]!r}); "
+                "use PIPE=0") if bad else None
+    _check_once(compiled, "hazards", failure)
 
 
 def ring_at_zero(ptx: str, ring_bytes: int) -> bool:
@@ -162,12 +168,9 @@ def ring_at_zero(ptx: str, ring_bytes: int) -> bool:
 
 
 def _require_ring_first(compiled: Any, ring_bytes: int) -> None:
-    if id(compiled) in _ring_checked:
-        return
-    if not ring_at_zero(compiled.asm["ptx"], ring_bytes):
-        raise RuntimeError("wgmma: Triton did not place the x ring at offset 0 of shared memory, where the shared "
-                           "table modes keep their table; use table='gather'")
-    _ring_checked.add(id(compiled))
+    _check_once(compiled, "ring", lambda: None if ring_at_zero(compiled.asm["ptx"], ring_bytes) else (
+        "wgmma: Triton did not place the x ring at offset 0 of shared memory, where the shared table modes keep "
+        "their table; use table='gather'"))
 
 
 def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 90, layout: str | None = None):
