@@ -47,19 +47,19 @@ def default_configs(M: int) -> list[dict]:
 
 def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> dict:
     rec: dict = {"config": cfg}
+
+    def product(p):
+        """Ŵ hᵀ of weight ``p``: the kernel's partials, summed when split (the sum is part of the timed work)."""
+        y = wgmma.decode_matmul(p, hw, cfg)
+        return y[0] if y.shape[0] == 1 else y.sum(0)
+
     try:
-        fn = (lambda: wgmma.decode_matmul(pw, hw, cfg)) if cfg.get("SPLIT_K", 1) == 1 else \
-            (lambda: wgmma.decode_matmul(pw, hw, cfg).sum(0))
-        y = fn()
-        y = y[0] if y.dim() == 3 else y
+        y = product(pw)
         torch.cuda.synchronize()
         rec["rel_err"] = float((y.double() - ref).norm() / ref.norm())
-        rec["us"] = time_us(fn)
+        rec["us"] = time_us(lambda: product(pw))
         if rotation is not None:
-            pws = rotation[0]
-            rec["rot_us"] = time_rotated_us([
-                (lambda p=p: wgmma.decode_matmul(p, hw, cfg)) if cfg.get("SPLIT_K", 1) == 1 else
-                (lambda p=p: wgmma.decode_matmul(p, hw, cfg).sum(0)) for p in pws])
+            rec["rot_us"] = time_rotated_us([lambda p=p: product(p) for p in rotation[0]])
     except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
         rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     return rec
