@@ -214,3 +214,65 @@ def test_codegen_cli_prints_the_wgmma_source(capsys):
     out = capsys.readouterr().out
     assert "@gluon.jit" in out and "pipeline 1" in out and "a1 = gl.zeros" in out
     assert main(["codegen", "--spec", "L16K2V2-hyb9", "--kind", "wgmma", "--config", '{"E": 3}']) == 2
+
+
+SHAPES = [(4096, 4096), (4096, 11008), (28672, 8192), (1024, 2048)]
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+@pytest.mark.parametrize("M", [1, 16, 100, 256, 2048])
+def test_space_and_default_launch_on_the_shape(m, n, M):
+    """Every config of the kind's space (and its default) passes the launcher's own checks for this shape and fits
+    shared memory: the tuner never times, and the registry never serves, a config the launcher would refuse."""
+    from types import SimpleNamespace
+
+    from qtip_triton.kernels import wgmma_configs
+    from qtip_triton.kernels.wgmma import steps
+
+    pw = SimpleNamespace(words=torch.zeros(1, m // 16, n // 16), in_features=n)
+    space = wgmma_configs.config_space(SPEC, m, n, M)
+    assert space and wgmma_configs.default_config(SPEC, m, n, M) in space
+    top = min(256, max(16, 1 << (M - 1).bit_length()))
+    for cfg in space:
+        check_config(cfg)
+        assert cfg["BLOCK_M"] in (top, max(16, top // 2))
+        assert wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT
+        per, _ = steps(pw, cfg)
+        assert per >= 2
+    assert {c["PIPE"] for c in space} == {0, 1} and {c["table"] for c in space} == {"gather", "shared16", "shared32"}
+
+
+def test_smem_estimate_bounds_the_compiled_kernel(monkeypatch):
+    """The space's shared memory bound is an upper bound of what the compiled kernel allocates (its largest
+    configs compiled for sm_90 here)."""
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels import wgmma_configs
+    from qtip_triton.kernels.wgmma import compile_offline
+
+    space = wgmma_configs.config_space(SPEC, 8192, 8192, 256)
+    for table in ("gather", "shared32"):
+        cfg = max((c for c in space if c["table"] == table), key=lambda c: wgmma_configs.smem_bytes(c, 512))
+        k = compile_offline(SPEC, cfg, n=8192)
+        assert k.metadata.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT, cfg
+
+
+def test_kind_off_hopper_says_why(gen):
+    """Here (CPU, Triton's interpreter) the kind is listed but cannot run: the heuristic never picks it, its space is
+    empty, and asking for it by name is a clear error."""
+    from test_weight import random_qweight
+
+    from qtip_triton import kernels
+    from qtip_triton.dispatch import linear
+
+    ok, why = kernels.can_implement("wgmma", SPEC, 1024, 2048, 256)
+    assert not ok and "Hopper" in why
+    assert kernels.default_kind(SPEC, 1024, 2048, 256) == "decompress"
+    assert kernels.config_space("wgmma", SPEC, 1024, 2048, 256) == []
+    assert kernels.can_implement("wgmma", TrellisSpec.parse("L16K2V1-1mad"), 1024, 2048, 256)[1].startswith(
+        "wgmma needs QTIP's layout")
+    assert "64-row" in kernels.wgmma_configs.can_implement(SPEC, 1000, 2048, 256)[1]
+    qw = random_qweight(gen, SPEC, 64, 128)
+    x = torch.randn(4, 128).half()
+    with pytest.raises(RuntimeError, match="Hopper"):
+        linear(x, qw, kind="wgmma", config={"E": 1, "BLOCK_M": 16})

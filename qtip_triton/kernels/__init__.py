@@ -4,13 +4,14 @@ Forward pass of one layer (y = x · W_effᵀ, W_eff = diag(SV)·M_m·Ŵ·M_nᵀ�
 
 1. input transform  ``h = M_nᵀ (x ⊙ SU)`` per Hadamard block (Triton, :mod:`.hadamard`), in x's dtype;
 2. decode-matmul by *kind* (generated per spec by :mod:`qtip_triton.codegen`):
-   ``gemv`` (M <= ~8, CUDA cores), ``gemm`` (M <= ~128, ``tl.dot``) -> fp32 split-K partials of h·Ŵᵀ,
+   ``gemv`` (M <= ~8, CUDA cores), ``gemm`` (M <= ~128, ``tl.dot``), ``wgmma`` (Hopper only, 64 < M <= 512:
+   Gluon's warpgroup MMA fed from the decode's registers, :mod:`.wgmma`) -> fp32 split-K partials of h·Ŵᵀ,
    or ``decompress`` -> Ŵ in x's dtype, then ``torch.matmul``;
 3. output transform ``y = (M_m Σ partials) ⊙ SV + bias`` (Triton; sums the split-K partials).
 
 Contract (what :mod:`qtip_triton.autotune` and :mod:`qtip_triton.registry` call):
 
-- ``KINDS`` = ``("gemv", "gemm", "decompress")`` in priority order; ``CONFIG_VERSION``.
+- ``KINDS`` = ``("gemv", "gemm", "decompress", "wgmma")`` in priority order; ``CONFIG_VERSION``.
 - ``default_config(kind, spec, m, n, M) -> dict``: the documented heuristic (:mod:`.configs`).
 - ``config_space(kind, spec, m, n, M) -> list[dict]``: candidates valid for every M' <= M.
 - ``can_implement(kind, spec, m, n, M) -> (ok, reason)``; ``default_kind(spec, m, n, M) -> str``.
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from qtip_triton.kernels import hadamard, mma_layout, pdl
+from qtip_triton.kernels import hadamard, mma_layout, pdl, wgmma
 from qtip_triton.kernels.configs import (
     CONFIG_VERSION,
     KINDS,
@@ -100,7 +101,10 @@ def h_dtype(kind: str, configs: Iterable[Mapping[str, Any]], x_dtype: torch.dtyp
     when every config is the tensor-core (``mma``) or fp16x2 (``hfma``) variant: those take fp16 operands anyway, and the
     transform's round-to-nearest is the one the kernel would do, so results are bit-identical, while x,
     re-read by every row block of the layer, costs half the bytes (at M = 8 an fp32 x step is twice the
-    bytes of the weight words it multiplies). Tensor-core kinds: x's dtype."""
+    bytes of the weight words it multiplies). wgmma: float16 (its MMA's operand type; the decoded weights are fp16).
+    The other tensor-core kinds: x's dtype."""
+    if kind == "wgmma":
+        return torch.float16
     if kind != "gemv":
         return x_dtype
     cfgs = list(configs)
@@ -237,6 +241,14 @@ def launch(
     if kind == "gemv" and config.get("fuse_in"):  # the gemv computes its own slices of h
         h = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
         parts = decode_matmul(kind, pw, h, config, h_order="kernel", fuse_x=x2.contiguous())
+        return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
+    if kind == "wgmma":  # fp16 h, straight into the kernel's order for this config's E
+        if not wgmma.available(x.device):
+            raise RuntimeError(f"kernel 'wgmma' cannot run on {x.device}: it needs a Hopper GPU (sm_90) and Triton's "
+                               "Gluon (no interpreter)")
+        h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                               dst=wgmma.input_index(pw, config.get("E", 1)), interpret=interpreting())
+        parts = wgmma.decode_matmul(pw, h, config)
         return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
     order = h_order(kind, [config])
     h = _transform_in(pw, x2, h_dtype(kind, [config], x.dtype), kind, order)

@@ -49,13 +49,15 @@ from typing import Any
 import torch
 
 from qtip_triton.codes import get_code
+from qtip_triton.kernels import wgmma_configs
 from qtip_triton.spec import TrellisSpec
 
-KINDS = ("gemv", "gemm", "decompress")
+KINDS = ("gemv", "gemm", "decompress", "wgmma")
 GEMV_MAX_M = 2
 MMA_GEMV_MAX_M = 16
 MMA_MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands and fp32 accumulators
 GEMM_MAX_M = 64
+WGMMA_MAX_M = 512  # sm_90: the wgmma kind up to here, decompress + cuBLAS past it (the decode amortized)
 CONFIG_VERSION = "1"
 # config keys that trade accuracy for speed: the tuner times configs with one of these on only when asked
 # (``qtip-triton autotune --fp16-accumulation``); the registry serves them once stored, like any config.
@@ -87,6 +89,8 @@ def can_implement(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> tuple
         return False, f"layer {m}x{n} is not made of 16x16 tiles"
     if M < 1:
         return False, f"M must be >= 1, got {M}"
+    if kind == "wgmma":
+        return wgmma_configs.can_implement(spec, m, n, M)
     return True, None
 
 
@@ -117,6 +121,8 @@ def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
         return "gemv"
     if M <= GEMM_MAX_M:
         return "gemm"
+    if M <= WGMMA_MAX_M and wgmma_configs.can_implement(spec, m, n, M)[0]:
+        return "wgmma"
     return "decompress"
 
 
@@ -157,6 +163,8 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
         raise ValueError(why)
     if kind == "decompress":
         return {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}  # best of run 2 (coalesced 16-byte stores)
+    if kind == "wgmma":
+        return wgmma_configs.default_config(spec, m, n, M)
     if kind == "gemv" and mma is not False and _mma_default(spec, n, M):
         # session 12 probe (H200, h200-2026-11-30-probe-groups.md): 4 warps of two 8-row groups each, which
         # share x's registers (8192^2 M = 8 27.6 -> 22.8 us against one group per warp). Split: about 7
@@ -214,6 +222,8 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
     if not ok:
         return []
     out: list[dict[str, Any]] = []
+    if kind == "wgmma":
+        return wgmma_configs.config_space(spec, m, n, M)
     if kind == "decompress":
         for bn in (32, 64, 128):
             for bk in (64, 128, 256):

@@ -7,6 +7,7 @@ partials summed by the output transform) is what the other kinds use.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,15 @@ def available(device: torch.device | str | None = None) -> bool:
     if not torch.cuda.is_available():
         return False
     dev = torch.device(device) if device is not None else torch.device("cuda")
-    if dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] != 9:
+    if dev.type != "cuda":
+        return False
+    return _hopper_with_gluon(dev.index if dev.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _hopper_with_gluon(index: int) -> bool:
+    """Cached: asked at every launch and every registry lookup."""
+    if torch.cuda.get_device_capability(index)[0] != 9:
         return False
     try:
         import triton.experimental.gluon  # noqa: F401

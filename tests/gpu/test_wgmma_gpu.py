@@ -65,3 +65,40 @@ def test_wgmma_rejects_bad_input():
         wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 1), {**cfg, "SPLIT_K": 3})
     with pytest.raises(ValueError, match="Hopper|sm_90"):
         wgmma.decode_matmul(pw, h.cpu(), cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 100, 256, 300])
+def test_wgmma_kind_forward_matches_reference(dtype, M):
+    """The kind end to end (input transform into wgmma order, decode-matmul, output transform summing the split):
+    y = x W_effᵀ + b against the float64 reference forward, with every config the heuristic and the space's
+    corners give at this M."""
+    m, n = 1024, 2048
+    qw = _weight(m, n, 2)
+    spec = qw.spec
+    x = torch.randn(3, M, n, device="cuda").to(dtype)[1]
+    bias = torch.randn(m, device="cuda")
+    ref = qw.reference_forward(x.double(), bias.double())
+    space = kernels.config_space("wgmma", spec, m, n, max(M, 16))
+    picks = [kernels.default_config("wgmma", spec, m, n, M), space[0], space[-1],
+             next(c for c in space if c["PIPE"] == 1)]
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for cfg in picks:
+        y = kernels.launch("wgmma", x, qw, cfg, bias.to(dtype))
+        assert y.dtype == dtype and y.shape == (M, m)
+        err = float((y.double() - ref).norm() / ref.norm())
+        assert err < tol, (cfg, err)
+
+
+def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
+    monkeypatch.setenv("QTIP_TRITON_NO_REGISTRY", "1")
+    from qtip_triton.dispatch import linear
+
+    qw = _weight(1024, 2048, 2)
+    assert kernels.default_kind(qw.spec, 1024, 2048, 256) == "wgmma"
+    assert kernels.default_kind(qw.spec, 1024, 2048, 64) == "gemm"
+    assert kernels.default_kind(qw.spec, 1024, 2048, 1024) == "decompress"
+    x = torch.randn(200, 2048, device="cuda").half()
+    y = linear(x, qw)
+    ref = qw.reference_forward(x.double())
+    assert float((y.double() - ref).norm() / ref.norm()) < 2e-3

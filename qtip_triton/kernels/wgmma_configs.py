@@ -1,0 +1,137 @@
+"""Configs of the ``wgmma`` kind (codegen/wgmma.py): when it can run, its heuristic config and its tuned space.
+
+Why a module of its own: the kind runs only on Hopper (sm_90, Gluon's warpgroup MMA), takes a different set of
+keys from the Triton kinds (``E``, ``STAGES``, ``WPF``, ``PIPE``; see :mod:`qtip_triton.codegen.wgmma`), and its
+limits are shared memory (the x ring plus a shared table) and registers (the accumulators of ``BLOCK_M`` tokens),
+not the Triton kinds' block sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from qtip_triton.codes import get_code
+from qtip_triton.spec import TILE, TrellisSpec
+
+WGMMA_MIN_M = 16  # below, the gemv's decode costs less than a 16-token wgmma tile (it reads x from registers)
+SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt in to on sm_90
+_ALIGN_SLACK = 1024  # the swizzled x tiles' 1 KB alignment
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def available_here() -> bool:
+    """Whether this process can run the kind: a Hopper GPU and a Triton with Gluon, not Triton's interpreter (Gluon
+    has none)."""
+    from qtip_triton.kernels import wgmma
+    from qtip_triton.kernels.runners import interpreting
+
+    return not interpreting() and wgmma.available()
+
+
+@functools.cache
+def supported(spec: TrellisSpec) -> tuple[bool, str | None]:
+    """Whether the kernel can be generated for ``spec`` in its default layout (QTIP's layout, a code without Triton
+    helper functions)."""
+    from qtip_triton.codegen.wgmma import emit_wgmma
+
+    try:
+        emit_wgmma(spec, {})
+    except ValueError as e:
+        return False, str(e)
+    return True, None
+
+
+def has_table(spec: TrellisSpec) -> bool:
+    return get_code(spec.code).triton_decoder().table == "packed16"
+
+
+def table_words(spec: TrellisSpec) -> int:
+    from qtip_triton.codegen.emit import table_words as words
+
+    return words(spec) if has_table(spec) else 0
+
+
+def smem_bytes(config: dict[str, Any], words: int) -> int:
+    """Shared memory a launch takes: the x ring of STAGES tiles and the tiles a shared table occupies, or the
+    scratch ``gl.gather`` stages the table in at each step; the ring's mbarriers; alignment."""
+    from qtip_triton.codegen.wgmma import check_config, table_mode, table_slots
+
+    E, bm, _, stages = check_config(config)
+    slots = table_slots(config, words) if words else 0
+    gathered = 4 * words if table_mode(config)[0] == "gather" else 0
+    return (stages + slots) * bm * 64 * E * 2 + gathered + 8 * stages + _ALIGN_SLACK
+
+
+def can_implement(spec: TrellisSpec, m: int, n: int, M: int) -> tuple[bool, str | None]:
+    """Whether the kind can run this layer here: Hopper, a supported spec, 64-row and 64-column multiples."""
+    ok, why = supported(spec)
+    if not ok:
+        return False, why
+    if m % 64 or n % 64:
+        return False, f"wgmma needs a layer of 64-row and 64-column multiples, got {m}x{n}"
+    if not available_here():
+        return False, "wgmma needs a Hopper GPU (sm_90) and Triton's Gluon, outside Triton's interpreter"
+    return True, None
+
+
+def _cfg(E: int, bm: int, nw: int, stages: int, split: int, table: str, pipe: int) -> dict[str, Any]:
+    return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": stages, "SPLIT_K": split, "WPF": 1, "table": table,
+            "PIPE": pipe}
+
+
+def _fits(cfg: dict[str, Any], n: int, words: int) -> bool:
+    """Shared memory fits, and the split leaves whole k steps per program (an even number for PIPE = 1)."""
+    steps = n // TILE // (4 * cfg["E"])
+    per = steps // cfg["SPLIT_K"]
+    if n // TILE % (4 * cfg["E"]) or steps % cfg["SPLIT_K"] or per < 2 or (cfg["PIPE"] and per % 2):
+        return False
+    return smem_bytes(cfg, words) <= SMEM_LIMIT
+
+
+def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
+    """The untuned choice: all the batch in one tile up to 256 tokens, so each weight is decoded once per 256 tokens;
+    two warpgroups (128 output rows) and split-K 2 from 64 tokens up, one k split per ~2 programs per SM below.
+
+    Why: H100 probe, session 22 (bench/results/h100-80gb-hbm3-2026-12-06-session22-wgmma-probe-call1.md): at
+    8192^2, M = 16 the best was E 4, 8 warps, a 32-copy shared table, split 4; at 256 tokens one k split of two
+    per program row was best among the configs whose results were right."""
+    bm = min(256, max(16, _next_pow2(M)))
+    words = table_words(spec)
+    table = "shared32" if words else "gather"
+    if bm <= 64:  # k splits before wide steps: a 4096-row layer has only 32 programs per split
+        order = ((4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2), (4, 1), (2, 1), (1, 1))
+        candidates = [_cfg(E, bm, 8, 2, s, table, 0) for E, s in order]
+    else:
+        candidates = [_cfg(1, bm, 8, st, s, t, 0) for t in (table, "gather") for st in (4, 3, 2) for s in (2, 1)]
+    for cfg in candidates:
+        if _fits(cfg, n, words):
+            return cfg
+    raise ValueError(f"wgmma has no config for a {m}x{n} layer (too few k steps)")
+
+
+def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
+    """Configs valid for every M' <= M: tokens per program the bucket's power of two and half of it (16 to 256),
+    E 1-4 (E 4 only up to 64 tokens: its 16 A fragments and 128 accumulators per thread at 256 tokens spill),
+    one or two warpgroups, 2-4 x tiles in flight, split-K 1-8, the table gathered or in 16/32 shared copies, and
+    the one- or two-register-set loop (PIPE)."""
+    top = min(256, max(16, _next_pow2(M)))
+    words = table_words(spec)
+    tables = ("gather", "shared16", "shared32") if words else ("gather",)
+    out = []
+    for bm in sorted({top, max(16, top // 2)}):
+        for E in (1, 2, 4):
+            if E == 4 and bm > 64:
+                continue
+            for nw in (4, 8):
+                for stages in (2, 3, 4):
+                    for split in (1, 2, 4, 8):
+                        for table in tables:
+                            for pipe in (0, 1):
+                                cfg = _cfg(E, bm, nw, stages, split, table, pipe)
+                                if _fits(cfg, n, words):
+                                    out.append(cfg)
+    return out
