@@ -37,7 +37,7 @@ from common import environment, rotation_copies, time_rotated_us, time_us, write
 
 from qtip_triton import QuantizedWeight, TrellisSpec, kernels  # noqa: E402
 from qtip_triton.bitstream import get_layout  # noqa: E402
-from qtip_triton.kernels import _transform_in, decode_matmul, decompress, prepare  # noqa: E402
+from qtip_triton.kernels import prepare  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
 MS = [1, 4, 16, 64, 256, 2048]
@@ -65,8 +65,8 @@ def random_weight(m: int, n: int, K: int, device: str = "cuda", seed: int = 0, e
 
 def kernel_input(kind: str, pw, x: torch.Tensor, config: dict) -> torch.Tensor:
     """h = the input transform of ``x`` in the dtype and order the ``kind`` kernel with ``config`` reads (the mma
-    gemv's h in its own layout, as the layers write it)."""
-    return _transform_in(pw, x, kernels.h_dtype(kind, [config], x.dtype), kind, kernels.h_order(kind, [config]))
+    gemv's h in its own layout, the wgmma kernel's in its order, as the layers write them)."""
+    return kernels.kernel_input(kind, pw, x, config)
 
 
 def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict, h: torch.Tensor | None = None):
@@ -76,12 +76,9 @@ def kernel_fn(kind: str, pw, x: torch.Tensor, config: dict, h: torch.Tensor | No
     input transform has just written, so it sits in the L2 while the weights stream from DRAM. An h per copy
     would be evicted by the rotation and read from DRAM at every call (measured on the H100, session 19: 8192^2
     M = 1, 64x2048 tiles, 18.4 against 14.9 µs)."""
-    order = kernels.h_order(kind, [config])
     if h is None:
         h = kernel_input(kind, pw, x, config)
-    if kind == "decompress":
-        return lambda: torch.matmul(h, decompress(pw, config, x.dtype).t())
-    return lambda: decode_matmul(kind, pw, h, config, h_order=order)
+    return lambda: kernels.kernel_partials(kind, pw, h, config)
 
 
 TUNED = False  # --tuned: kind and config from the registry (the shipped autotune file), else the heuristic

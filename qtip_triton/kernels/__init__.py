@@ -78,6 +78,8 @@ __all__ = [
     "launch",
     "prepare",
     "launch_variant",
+    "kernel_input",
+    "kernel_partials",
     "transform_rows",
 ]
 
@@ -196,6 +198,28 @@ def _transform_in_mma(x2: torch.Tensor, pw: PreparedWeight, pre: torch.Tensor, d
     return hq
 
 
+def kernel_input(kind: str, pw: PreparedWeight, x2: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """h = M_nᵀ (x ⊙ SU) of rows ``x2`` (M, in) in the dtype and column order the ``kind`` kernel with ``config``
+    reads (the mma gemv's own layout; the wgmma kernel's order for its E, in fp16)."""
+    if kind == "wgmma":
+        if not wgmma.available(x2.device):
+            raise RuntimeError(f"kernel 'wgmma' cannot run on {x2.device}: it needs a Hopper GPU (sm_90) and Triton's "
+                               "Gluon (no interpreter)")
+        return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                                  dst=wgmma.input_index(pw, config.get("E", 1)), interpret=interpreting())
+    return _transform_in(pw, x2, h_dtype(kind, [config], x2.dtype), kind, h_order(kind, [config]))
+
+
+def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+    """The decode-matmul alone on ``h`` from :func:`kernel_input`: fp32 partials (splits, M, out) of Ŵ hᵀ for the
+    output transform (decompress: Ŵ decoded, then ``torch.matmul``, one partial in h's dtype)."""
+    if kind == "wgmma":
+        return wgmma.decode_matmul(pw, h, config)
+    if kind == "decompress":
+        return torch.matmul(h, decompress(pw, config, dtype=h.dtype).t()).unsqueeze(0)
+    return decode_matmul(kind, pw, h, config, h_order=h_order(kind, [config]))
+
+
 def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
                    out: torch.Tensor | None = None) -> torch.Tensor:
     if bias is not None:
@@ -242,21 +266,8 @@ def launch(
         h = torch.empty(x2.shape, dtype=torch.float32, device=x2.device)
         parts = decode_matmul(kind, pw, h, config, h_order="kernel", fuse_x=x2.contiguous())
         return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
-    if kind == "wgmma":  # fp16 h, straight into the kernel's order for this config's E
-        if not wgmma.available(x.device):
-            raise RuntimeError(f"kernel 'wgmma' cannot run on {x.device}: it needs a Hopper GPU (sm_90) and Triton's "
-                               "Gluon (no interpreter)")
-        h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
-                               dst=wgmma.input_index(pw, config.get("E", 1)), interpret=interpreting())
-        parts = wgmma.decode_matmul(pw, h, config)
-        return _transform_out(pw, parts, bias, x.dtype, out).reshape(*lead, pw.out_features)
-    order = h_order(kind, [config])
-    h = _transform_in(pw, x2, h_dtype(kind, [config], x.dtype), kind, order)
-    if kind == "decompress":
-        w = decompress(pw, config, dtype=x.dtype)
-        parts = torch.matmul(h, w.t()).unsqueeze(0)
-    else:
-        parts = decode_matmul(kind, pw, h, config, h_order=order)
+    h = kernel_input(kind, pw, x2, config)
+    parts = kernel_partials(kind, pw, h, config)
     y = _transform_out(pw, parts, bias, x.dtype, out)
     return y.reshape(*lead, pw.out_features)
 
