@@ -27,6 +27,7 @@ from qtip_triton.codegen.wgmma import (
     word_prefetch,
 )
 from qtip_triton.kernels.prepare import PreparedWeight
+from qtip_triton.kernels.wgmma_configs import SMEM_LIMIT, smem_bytes
 
 _modules: dict[tuple, Any] = {}
 
@@ -124,6 +125,11 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
     tslots = table_slots(config, pw.table.numel())
+    smem = smem_bytes(config, pw.table.numel())
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"wgmma config {dict(config)} needs ~{smem // 1024} KB of shared memory (x ring of STAGES "
+                         f"tiles plus the table), more than the {SMEM_LIMIT // 1024} KB a block may have: fewer STAGES, "
+                         "a smaller BLOCK_M or E, or table='gather'")
     compiled = _module(pw, config).kernel[grid](
         pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1),
         BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots)

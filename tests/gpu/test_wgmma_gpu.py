@@ -65,6 +65,9 @@ def test_wgmma_rejects_bad_input():
         wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 1), {**cfg, "SPLIT_K": 3})
     with pytest.raises(ValueError, match="Hopper|sm_90"):
         wgmma.decode_matmul(pw, h.cpu(), cfg)
+    big = {"E": 4, "BLOCK_M": 256, "num_warps": 8, "STAGES": 6, "table": "shared32"}  # ~1.1 MB of x ring
+    with pytest.raises(ValueError, match="shared memory"):
+        wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 4), big)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
