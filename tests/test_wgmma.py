@@ -257,6 +257,23 @@ def test_smem_estimate_bounds_the_compiled_kernel(monkeypatch):
         assert k.metadata.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT, cfg
 
 
+def test_heuristic_switch(monkeypatch):
+    """QTIP_TRITON_WGMMA: 1 lets the heuristic take the kind (on Hopper only), 0 or unset keeps it out; anything else
+    is a clear error, not a silent default."""
+    from qtip_triton.kernels import wgmma_configs
+
+    monkeypatch.delenv("QTIP_TRITON_WGMMA", raising=False)
+    assert not wgmma_configs.heuristic_on()
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "1")
+    assert wgmma_configs.heuristic_on()
+    from qtip_triton import kernels
+
+    assert kernels.default_kind(SPEC, 1024, 2048, 256) == "decompress"  # on, but no Hopper here
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "yes")
+    with pytest.raises(ValueError, match="QTIP_TRITON_WGMMA"):
+        wgmma_configs.heuristic_on()
+
+
 def test_kind_off_hopper_says_why(gen):
     """Here (CPU, Triton's interpreter) the kind is listed but cannot run: the heuristic never picks it, its space is
     empty, and asking for it by name is a clear error."""

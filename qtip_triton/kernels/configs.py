@@ -121,7 +121,7 @@ def default_kind(spec: TrellisSpec, m: int, n: int, M: int) -> str:
         return "gemv"
     if M <= GEMM_MAX_M:
         return "gemm"
-    if M <= WGMMA_MAX_M and wgmma_configs.can_implement(spec, m, n, M)[0]:
+    if M <= WGMMA_MAX_M and wgmma_configs.heuristic_on() and wgmma_configs.can_implement(spec, m, n, M)[0]:
         return "wgmma"
     return "decompress"
 

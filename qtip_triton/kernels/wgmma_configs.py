@@ -9,6 +9,7 @@ not the Triton kinds' block sizes.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from qtip_triton.codes import get_code
@@ -17,6 +18,20 @@ from qtip_triton.spec import TILE, TrellisSpec
 WGMMA_MIN_M = 16  # below, the gemv's decode costs less than a 16-token wgmma tile (it reads x from registers)
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt in to on sm_90
 _ALIGN_SLACK = 1024  # the swizzled x tiles' 1 KB alignment
+
+
+HEURISTIC_ENV = "QTIP_TRITON_WGMMA"  # "1": the heuristic (and so the tuner's reach) takes wgmma for 64 < M <= 512
+HEURISTIC_DEFAULT = "0"
+
+
+def heuristic_on() -> bool:
+    """Whether the untuned heuristic picks this kind on Hopper for 64 < M <= 512 (``QTIP_TRITON_WGMMA``, default
+    off). Why a switch: a stored (tuned) entry serves the kind whatever this says, but the heuristic also serves
+    every layer shape no tuned file covers, so it takes the kind only once its GPU tests have passed on the card."""
+    raw = os.environ.get(HEURISTIC_ENV, HEURISTIC_DEFAULT).strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{HEURISTIC_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
 
 
 def _next_pow2(x: int) -> int:

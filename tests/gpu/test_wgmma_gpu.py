@@ -95,6 +95,7 @@ def test_wgmma_kind_forward_matches_reference(dtype, M):
 
 def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_NO_REGISTRY", "1")
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "1")
     from qtip_triton.dispatch import linear
 
     qw = _weight(1024, 2048, 2)
