@@ -258,11 +258,13 @@ def test_smem_estimate_bounds_the_compiled_kernel(monkeypatch):
 
 
 def test_heuristic_switch(monkeypatch):
-    """QTIP_TRITON_WGMMA: 1 lets the heuristic take the kind (on Hopper only), 0 or unset keeps it out; anything else
+    """QTIP_TRITON_WGMMA: 1 or unset lets the heuristic take the kind (on Hopper only), 0 keeps it out; anything else
     is a clear error, not a silent default."""
     from qtip_triton.kernels import wgmma_configs
 
     monkeypatch.delenv("QTIP_TRITON_WGMMA", raising=False)
+    assert wgmma_configs.heuristic_on()
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "0")
     assert not wgmma_configs.heuristic_on()
     monkeypatch.setenv("QTIP_TRITON_WGMMA", "1")
     assert wgmma_configs.heuristic_on()

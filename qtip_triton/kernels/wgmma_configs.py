@@ -17,17 +17,18 @@ from qtip_triton.spec import TILE, TrellisSpec
 
 WGMMA_MIN_M = 16  # below, the gemv's decode costs less than a 16-token wgmma tile (it reads x from registers)
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt in to on sm_90
+_ONE_WAVE = 96  # programs (output row blocks x k splits x token blocks) that keep the H100's 132 SMs busy
 _ALIGN_SLACK = 1024  # the swizzled x tiles' 1 KB alignment
 
 
 HEURISTIC_ENV = "QTIP_TRITON_WGMMA"  # "1": the heuristic (and so the tuner's reach) takes wgmma for 64 < M <= 512
-HEURISTIC_DEFAULT = "0"
+HEURISTIC_DEFAULT = "1"  # on since its GPU tests passed on the H100 (session 23)
 
 
 def heuristic_on() -> bool:
     """Whether the untuned heuristic picks this kind on Hopper for 64 < M <= 512 (``QTIP_TRITON_WGMMA``, default
-    off). Why a switch: a stored (tuned) entry serves the kind whatever this says, but the heuristic also serves
-    every layer shape no tuned file covers, so it takes the kind only once its GPU tests have passed on the card."""
+    on; 0 returns those batch sizes to decompress + cuBLAS). Why a switch: a stored (tuned) entry serves the kind
+    whatever this says, but the heuristic serves every layer shape no tuned file covers."""
     raw = os.environ.get(HEURISTIC_ENV, HEURISTIC_DEFAULT).strip()
     if raw not in ("0", "1"):
         raise ValueError(f"{HEURISTIC_ENV}={raw!r}: expected 0 or 1")
@@ -108,12 +109,15 @@ def _fits(cfg: dict[str, Any], n: int, words: int) -> bool:
 
 
 def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
-    """The untuned choice: all the batch in one tile up to 256 tokens, so each weight is decoded once per 256 tokens;
-    two warpgroups (128 output rows) and split-K 2 from 64 tokens up, one k split per ~2 programs per SM below.
+    """The untuned choice: all the batch in one tile up to 256 tokens, so each weight is decoded once per 256 tokens,
+    and about one wave of programs.
 
-    Why: H100 probe, session 22 (bench/results/h100-80gb-hbm3-2026-12-06-session22-wgmma-probe-call1.md): at
-    8192^2, M = 16 the best was E 4, 8 warps, a 32-copy shared table, split 4; at 256 tokens one k split of two
-    per program row was best among the configs whose results were right."""
+    Why, from 128 tokens up (H100, session 23, ``*-session23-wgmma-probe-{a,b}.md``, decode-matmul alone against
+    fp16): the two-register-set loop (PIPE 1) won at every shape; the best split and warps were those that give
+    ~128-224 programs on the 132 SMs: 8192^2 M = 256 split 2 (72.5 µs, 0.90x; split 1 107), 28672x8192 M = 256
+    split 1 (219.7, 0.93x; split 2 263), 8192^2 M = 512 split 1 (115.4, 0.85x), 4096x11008 M = 256 one warpgroup,
+    split 2 (58.9, 1.02x; two warpgroups 77.4). Up to 64 tokens (session 22, 8192^2 M = 16): E 4, a 32-copy shared
+    table and 4 splits (29.9 µs, 2.01x)."""
     bm = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
     table = "shared32" if words else "gather"
@@ -121,7 +125,13 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
         order = ((4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2), (4, 1), (2, 1), (1, 1))
         candidates = [_cfg(E, bm, 8, 2, s, table, 0) for E, s in order]
     else:
-        candidates = [_cfg(1, bm, 8, st, s, t, 0) for t in (table, "gather") for st in (4, 3, 2) for s in (2, 1)]
+        m_blocks = -(-M // bm)
+        shapes = [(nw, s) for nw, s in ((8, 1), (8, 2), (4, 2), (8, 4), (4, 4), (4, 8))
+                  if (m // (16 * nw)) * s * m_blocks >= _ONE_WAVE]
+        shapes = shapes or [(4, 8), (4, 4), (4, 2)]  # small layers: as many programs as there are
+        candidates = [_cfg(1, bm, nw, st, s, table, pipe) for nw, s in shapes for pipe in (1, 0)
+                      for st in (4, 3, 2)]
+        candidates += [_cfg(1, bm, nw, 2, s, "gather", 0) for s in (1, 2, 4) for nw in (8, 4)]
     for cfg in candidates:
         if _fits(cfg, n, words):
             return cfg

@@ -95,13 +95,16 @@ def test_wgmma_kind_forward_matches_reference(dtype, M):
 
 def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_NO_REGISTRY", "1")
-    monkeypatch.setenv("QTIP_TRITON_WGMMA", "1")
+    monkeypatch.delenv("QTIP_TRITON_WGMMA", raising=False)  # on by default
     from qtip_triton.dispatch import linear
 
     qw = _weight(1024, 2048, 2)
     assert kernels.default_kind(qw.spec, 1024, 2048, 256) == "wgmma"
     assert kernels.default_kind(qw.spec, 1024, 2048, 64) == "gemm"
     assert kernels.default_kind(qw.spec, 1024, 2048, 1024) == "decompress"
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "0")
+    assert kernels.default_kind(qw.spec, 1024, 2048, 256) == "decompress"
+    monkeypatch.delenv("QTIP_TRITON_WGMMA")
     x = torch.randn(200, 2048, device="cuda").half()
     y = linear(x, qw)
     ref = qw.reference_forward(x.double())
