@@ -138,7 +138,25 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     else:
         mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
     return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "hadamard_stacked": stacked, "hadamard_zb_first": zb,
-            "mma_gemv": mma}
+            "mma_gemv": mma, "wgmma": _wgmma(device)}
+
+
+def _wgmma(device: DeviceInfo | None) -> str:
+    """Whether the Hopper-only wgmma kind serves 65-512 tokens here, and why not."""
+    from qtip_triton.kernels import wgmma_configs
+    from qtip_triton.kernels.configs import GEMM_MAX_M, WGMMA_MAX_M
+
+    if device is None:
+        return "not used (no CUDA GPU)"
+    if device.capability[0] != 9:
+        return f"not used (needs sm90, this is sm{device.capability[0]}{device.capability[1]})"
+    try:
+        on = wgmma_configs.heuristic_on()
+    except ValueError as e:
+        return f"invalid ({e})"
+    if not on:
+        return f"off ({wgmma_configs.HEURISTIC_ENV}=0): only where a tuned entry names it"
+    return f"the untuned choice for {GEMM_MAX_M + 1}-{WGMMA_MAX_M} rows ({wgmma_configs.HEURISTIC_ENV})"
 
 
 def collect() -> dict[str, Any]:
@@ -187,7 +205,7 @@ def render(facts: dict[str, Any]) -> str:
     lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
                  f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}; stacked Hadamard kernel: {la['hadamard_stacked']}; "
                  f"A · (Z · B) order at few tokens: {la['hadamard_zb_first']}")
-    lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}")
+    lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}; warpgroup MMA decode-matmul (wgmma): {la['wgmma']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))
     return "\n".join(lines)

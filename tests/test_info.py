@@ -93,7 +93,7 @@ def test_launch_switches_are_reported(monkeypatch):
                   "hadamard_stacked": "outputs from 128 (token, block) rows (256 where A has 32 rows), natural-order "
                                       "inputs from 128, kernel-order inputs from 1024 where A has 64+ rows",
                   "hadamard_zb_first": "on where A has at most 32 rows",
-                  "mma_gemv": "not used (no CUDA GPU)"}
+                  "mma_gemv": "not used (no CUDA GPU)", "wgmma": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
@@ -107,10 +107,18 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     assert la["pdl"] == "early" and "needs sm90+" in la["pdl_active"] and la["hadamard_gemm"].startswith("from 1024")
     assert la["mma_gemv"] == "the untuned choice for 2-16 rows"
+    assert la["wgmma"] == "not used (needs sm90, this is sm80)"
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("Tesla T4", (7, 5), 40))
     assert "needs sm80+" in info.collect()["launch"]["mma_gemv"]
     monkeypatch.setattr(info, "current_device", lambda: H200)
     assert info.collect()["launch"]["pdl_active"] == "used"
+    monkeypatch.delenv("QTIP_TRITON_WGMMA", raising=False)
+    assert info.collect()["launch"]["wgmma"] == "the untuned choice for 65-512 rows (QTIP_TRITON_WGMMA)"
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "0")
+    assert info.collect()["launch"]["wgmma"].startswith("off (QTIP_TRITON_WGMMA=0)")
+    monkeypatch.setenv("QTIP_TRITON_WGMMA", "maybe")
+    assert info.collect()["launch"]["wgmma"].startswith("invalid (")
+    monkeypatch.delenv("QTIP_TRITON_WGMMA")
     monkeypatch.setenv("QTIP_TRITON_PDL", "sometimes")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "lots")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "-1")

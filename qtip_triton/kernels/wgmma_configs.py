@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from qtip_triton.codes import get_code
 from qtip_triton.spec import TILE, TrellisSpec
 
-WGMMA_MIN_M = 16  # below, the gemv's decode costs less than a 16-token wgmma tile (it reads x from registers)
 SMEM_LIMIT = 227 * 1024  # dynamic shared memory one block may opt in to on sm_90
 _ONE_WAVE = 96  # programs (output row blocks x k splits x token blocks) that keep the H100's 132 SMs busy
 _ALIGN_SLACK = 1024  # the swizzled x tiles' 1 KB alignment
@@ -71,7 +71,7 @@ def table_words(spec: TrellisSpec) -> int:
     return words(spec) if has_table(spec) else 0
 
 
-def smem_bytes(config: dict[str, Any], words: int) -> int:
+def smem_bytes(config: Mapping[str, Any], words: int) -> int:
     """Shared memory a launch takes: the x ring of STAGES tiles and the tiles a shared table occupies, or the
     scratch ``gl.gather`` stages the table in at each step; the ring's mbarriers; alignment."""
     from qtip_triton.codegen.wgmma import check_config, table_mode, table_slots
