@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from qtip_triton.codegen.cache import load_source
-from qtip_triton.codegen.emit import table_words
 from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
     check_config,
@@ -27,7 +26,7 @@ from qtip_triton.codegen.wgmma import (
     word_prefetch,
 )
 from qtip_triton.kernels.prepare import PreparedWeight
-from qtip_triton.kernels.wgmma_configs import SMEM_LIMIT, smem_bytes
+from qtip_triton.kernels.wgmma_configs import SMEM_LIMIT, smem_bytes, table_words
 
 _modules: dict[tuple, Any] = {}
 
@@ -124,8 +123,9 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
     y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
-    tslots = table_slots(config, pw.table.numel())
-    smem = smem_bytes(config, pw.table.numel())
+    words = table_words(pw.spec)  # the same count the kind's space sizes its configs by
+    tslots = table_slots(config, words)
+    smem = smem_bytes(config, words)
     if smem > SMEM_LIMIT:
         raise ValueError(f"wgmma config {dict(config)} needs ~{smem // 1024} KB of shared memory (x ring of STAGES "
                          f"tiles plus the table), more than the {SMEM_LIMIT // 1024} KB a block may have: fewer STAGES, "

@@ -65,7 +65,10 @@ def has_table(spec: TrellisSpec) -> bool:
     return get_code(spec.code).triton_decoder().table == "packed16"
 
 
+@functools.cache
 def table_words(spec: TrellisSpec) -> int:
+    """Words of the code table the kernel keeps (0 for a code without one): what the space and the launcher size
+    shared memory by. Cached: asked at every launch."""
     from qtip_triton.codegen.emit import table_words as words
 
     return words(spec) if has_table(spec) else 0
