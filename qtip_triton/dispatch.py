@@ -93,7 +93,7 @@ def linear(
 ) -> torch.Tensor:
     """y = x · W_effᵀ (+ bias) over the last dim of x (any leading shape), in x's dtype.
 
-    ``kind`` ("gemv", "gemm", "decompress" or "reference") and ``config`` force a path; by default
+    ``kind`` ("gemv", "gemm", "decompress", "wgmma" (Hopper) or "reference") and ``config`` force a path; by default
     it is chosen per batch size (see the module docstring). ``out``: a (rows of x, out_features) view
     with unit column stride, in x's dtype, to write y into (a fused layer writes each shard into its
     columns of one output instead of concatenating); the result is returned as well.

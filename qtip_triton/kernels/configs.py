@@ -221,9 +221,9 @@ def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[d
     ok, _ = can_implement(kind, spec, m, n, M)
     if not ok:
         return []
-    out: list[dict[str, Any]] = []
     if kind == "wgmma":
         return wgmma_configs.config_space(spec, m, n, M)
+    out: list[dict[str, Any]] = []
     if kind == "decompress":
         for bn in (32, 64, 128):
             for bk in (64, 128, 256):

@@ -9,6 +9,7 @@ not the Triton kinds' block sizes.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -149,17 +150,7 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
     top = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
     tables = ("gather", "shared16", "shared32") if words else ("gather",)
-    out = []
-    for bm in sorted({top, max(16, top // 2)}):
-        for E in (1, 2, 4):
-            if E == 4 and bm > 64:
-                continue
-            for nw in (4, 8):
-                for stages in (2, 3, 4):
-                    for split in (1, 2, 4, 8):
-                        for table in tables:
-                            for pipe in (0, 1):
-                                cfg = _cfg(E, bm, nw, stages, split, table, pipe)
-                                if _fits(cfg, n, words):
-                                    out.append(cfg)
-    return out
+    grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), tables, (0, 1))
+    configs = (_cfg(E, bm, nw, stages, split, table, pipe)
+               for bm, E, nw, stages, split, table, pipe in grid if not (E == 4 and bm > 64))
+    return [cfg for cfg in configs if _fits(cfg, n, words)]
