@@ -295,3 +295,18 @@ def test_kind_off_hopper_says_why(gen):
     x = torch.randn(4, 128).half()
     with pytest.raises(RuntimeError, match="Hopper"):
         linear(x, qw, kind="wgmma", config={"E": 1, "BLOCK_M": 16})
+
+
+def test_kind_under_the_interpreter_says_why_even_on_hopper(gen, monkeypatch):
+    """TRITON_INTERPRET=1 on a Hopper machine: Gluon has no interpreter, so asking for the kind is a clear error
+    naming the variable, not a failure inside Gluon."""
+    from test_weight import random_qweight
+
+    from qtip_triton import kernels
+    from qtip_triton.kernels import wgmma
+
+    monkeypatch.setattr(wgmma, "available", lambda device=None: True)
+    monkeypatch.setattr(kernels, "interpreting", lambda: True)
+    pw = kernels.prepare(random_qweight(gen, SPEC, 64, 128))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is set"):
+        kernels.kernel_input("wgmma", pw, torch.randn(4, 128).half(), {"E": 1, "BLOCK_M": 16})

@@ -202,9 +202,10 @@ def kernel_input(kind: str, pw: PreparedWeight, x2: torch.Tensor, config: Mappin
     """h = M_nᵀ (x ⊙ SU) of rows ``x2`` (M, in) in the dtype and column order the ``kind`` kernel with ``config``
     reads (the mma gemv's own layout; the wgmma kernel's order for its E, in fp16)."""
     if kind == "wgmma":
-        if not wgmma.available(x2.device):
+        if interpreting() or not wgmma.available(x2.device):
             raise RuntimeError(f"kernel 'wgmma' cannot run on {x2.device}: it needs a Hopper GPU (sm_90) and Triton's "
-                               "Gluon (no interpreter)")
+                               "Gluon, outside Triton's interpreter (TRITON_INTERPRET=1 is "
+                               f"{'set' if interpreting() else 'not set'})")
         return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
                                   dst=wgmma.input_index(pw, config.get("E", 1)), interpret=interpreting())
     return _transform_in(pw, x2, h_dtype(kind, [config], x2.dtype), kind, h_order(kind, [config]))
