@@ -14,6 +14,8 @@ it and the gap left. Three floors, each a lower bound on the decode-matmul kerne
   operand), and before it the whole fp16 Ŵ is written once, m x n x 2 bytes at the card's bandwidth. A floor
   of the path to within the matmul's run-to-run spread (~5 % at M = 2048) and the tail of Ŵ that the matmul
   finds still in the L2: a measurement can sit a few % under it where the matmul dominates.
+* tensor core (the wgmma kind only): the matmul's 2 m n M flops at the card's dense fp16 rate (data sheet). The
+  kind decodes each weight once per BLOCK_M tokens, so its issue and table floors count ceil(M / BLOCK_M) decodes.
 
 The bar is met when fp16 / measured >= the PERF.md ratio. When it is not, the bar's time (fp16 / ratio) is set
 against the largest floor: above it the bar is reachable in principle (the verdict gives how much faster the
@@ -45,10 +47,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sass_count, a siblin
 from qtip_triton.spec import TrellisSpec  # noqa: E402
 
 # per card: SMs, SM clock (GHz, boost), DRAM bandwidth (TB/s) and where that figure comes from
+# and dense fp16 tensor-core TFLOP/s (data sheet, SXM; fp32 accumulate)
 CARDS: dict[str, dict[str, Any]] = {
-    "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)"},
-    "h200": {"sms": 132, "ghz": 1.98, "tbs": 4.8, "tbs_source": "data sheet"},
+    "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)", "tc_tflops": 989.0},
+    "h200": {"sms": 132, "ghz": 1.98, "tbs": 4.8, "tbs_source": "data sheet", "tc_tflops": 989.0},
 }
+# kinds whose programs each take BLOCK_M tokens and decode their weights once per program: a weight is decoded
+# ceil(M / BLOCK_M) times
+TILED_KINDS = ("wgmma",)
 # PERF.md targets: batch M -> ratio against fp16 for K = 2, 3, 4
 BARS: dict[int, tuple[float, float, float]] = {1: (4.0, 3.5, 3.0), 4: (3.5, 3.0, 2.5), 16: (2.5, 2.2, 2.0),
                                                64: (1.3, 1.2, 1.1), 256: (0.9, 0.9, 0.9), 2048: (0.9, 0.9, 0.9)}
@@ -66,7 +72,7 @@ def card_key(name: str) -> str:
 
 def bar_for(M: int, K: int) -> float | None:
     """The PERF.md ratio for this batch and K, or None where the table sets none."""
-    ratios = BARS.get(M)
+    ratios = BARS.get(M, BARS[256] if M >= 256 else None)  # issue 7: never worse than 0.9x at M >= 256
     return ratios[K - 2] if ratios and 2 <= K <= 4 else None
 
 
@@ -75,8 +81,13 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
     (None for kinds without a decode loop to count, e.g. decompress + cuBLAS)."""
     m, n, K, M = row["m"], row["n"], row["K"], row["M"]
     states = m * n / TrellisSpec.parse(row["spec"]).V
+    if row["kind"] in TILED_KINDS:
+        states *= -(-M // int(row.get("config", {}).get("BLOCK_M", M)))
     clock = card["ghz"] * 1e9
     out: dict[str, Any] = {"dram_us": m * n * K / 8 / (card["tbs"] * 1e12) * 1e6}
+    if row["kind"] in TILED_KINDS:
+        # the same multiply-adds as the fp16 matmul, on the tensor cores at their data-sheet rate
+        out["tc_us"] = 2 * m * n * M / (card["tc_tflops"] * 1e12) * 1e6
     if counts is not None:
         out["issue_us"] = states * counts["per_state"] / 32 / (4 * card["sms"] * clock) * 1e6
         wf = WAVEFRONTS.get(str(row.get("config", {}).get("table", "")), 1.0)
@@ -85,9 +96,9 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
         # Ŵ through memory: the same fp16 cuBLAS matmul as the fp16 column (measured in the same run) plus one
         # write of the fp16 Ŵ at the DRAM bandwidth (writes run slower: a lower bound)
         out["what_us"] = row["fp16_us"] + m * n * 2 / (card["tbs"] * 1e12) * 1e6
-    named = {k: v for k, v in out.items() if k in ("issue_us", "table_us", "dram_us", "what_us")}
+    named = {k: v for k, v in out.items() if k in ("issue_us", "table_us", "dram_us", "what_us", "tc_us")}
     bound = max(named, key=named.get)
-    out["bound"] = "Ŵ round trip" if bound == "what_us" else bound[:-3]
+    out["bound"] = {"what_us": "Ŵ round trip", "tc_us": "tensor core"}.get(bound, bound[:-3])
     out["floor_us"] = named[bound]
     kernel = row["kernel_us"]
     out["of_floor"] = kernel / out["floor_us"]
@@ -110,7 +121,7 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
 
 def loop_counts(row: Mapping[str, Any]) -> dict[str, float] | None:
     """SASS per state and LDS per state of the row's kernel, compiled for sm_90 (None for decompress)."""
-    if row["kind"] not in ("gemv", "gemm"):
+    if row["kind"] not in ("gemv", "gemm", "wgmma"):
         return None
     import sass_count
 
@@ -215,11 +226,13 @@ def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], r
              timing + f"{card['sms']} SMs at {card['ghz']} GHz, DRAM {card['tbs']} TB/s ({card['tbs_source']}). Kernel alone "
              "(decode-matmul, no transforms); floors are lower bounds: issue = loop SASS per state, table = "
              "shared-memory wavefronts of the code-table reads, DRAM = packed weights, Ŵ round trip (decompress + "
-             "cuBLAS only) = the fp16 matmul of the same run + one write of the fp16 Ŵ at the DRAM bandwidth. "
+             "cuBLAS only) = the fp16 matmul of the same run + one write of the fp16 Ŵ at the DRAM bandwidth, tensor "
+             f"core (wgmma only) = the matmul's multiply-adds at {card['tc_tflops']:g} dense fp16 TFLOP/s (data "
+             "sheet); wgmma decodes each weight once per BLOCK_M tokens, and its issue floor counts every decode. "
              "`x floor` = measured / largest floor.", "",
              "| out x in | K | M | kind | SASS/state | µs | fp16 µs | ratio | issue µs | table µs | DRAM µs "
-             "| Ŵ round trip µs | x floor | bar | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Ŵ round trip µs | tensor core µs | x floor | bar | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["floors"]
         per = f"{r['counts']['per_state']:.1f}" if r.get("counts") else "—"
@@ -229,7 +242,7 @@ def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], r
         bar = f"{f['bar']:.1f}x" if f["bar"] else "—"
         lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {per} | {r['kernel_us']:.1f} "
                      f"| {r['fp16_us']:.1f} | {r['fp16_us'] / r['kernel_us']:.2f} | {us('issue_us')} | {us('table_us')} "
-                     f"| {us('dram_us')} | {us('what_us')} | {f['of_floor']:.1f} | {bar} | {f['verdict']} |")
+                     f"| {us('dram_us')} | {us('what_us')} | {us('tc_us')} | {f['of_floor']:.1f} | {bar} | {f['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,6 +92,18 @@ def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int,
     return kernel, groups * plan.S / threads
 
 
+def compile_wgmma(spec: TrellisSpec, config: dict[str, Any], n: int):
+    """(compiled Gluon wgmma kernel, states one thread decodes per loop iteration). Each k step a thread decodes
+    16 E states (2 RB rows x 64 E columns of weights, V = 2, over 4 RB threads); with PIPE = 1 the loop body holds
+    two steps."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
+    from qtip_triton.kernels import wgmma
+
+    kernel = wgmma.compile_offline(spec, config, n=n)
+    return kernel, 16 * int(config.get("E", 1)) * (2 if wgmma.pipelined(config) else 1)
+
+
 def _sass(cubin: bytes) -> str:
     return cuobjdump(cubin, "-sass")
 
@@ -103,7 +115,7 @@ def _resources(cubin: bytes) -> dict[str, int]:
 
 def loop_body(sass: str) -> list[str]:
     """Opcodes of the largest backward-branch loop in a SASS listing (the k loop; a kernel without a
-    loop, like decompress, gives the whole function). Branch targets may be labels (nvdisasm:
+    loop, like decompress, gives the whole function; a span with an EXIT inside is no loop). Branch targets may be labels (nvdisasm:
     ``BRA `(.L_x_3)``) or addresses (cuobjdump: ``BRA 0x5f0``)."""
     lines = sass.splitlines()
     ops: list[tuple[int, str, str]] = []  # (line index, opcode, full text)
@@ -125,7 +137,10 @@ def loop_body(sass: str) -> list[str]:
         tgt = re.search(r"`\(\.(L_x_\d+)\)", rest)
         addr = re.match(r"\s*(?:!?U?P\w+\s*,\s*)?0x([0-9a-f]+)\s*$", rest)
         start = labels.get(tgt.group(1)) if tgt else at.get(int(addr.group(1), 16)) if addr else None
-        if start is not None and start <= i and (best is None or i - start > best[1] - best[0]):
+        # a span holding an EXIT is not a loop body: a wait's retry stub placed after the kernel's end jumps back
+        # into its loop (the wgmma kernel's mbarrier waits), and that span would take in the epilogue
+        if start is not None and start <= i and (best is None or i - start > best[1] - best[0]) and not any(
+                o.startswith("EXIT") for _, o, _ in ops[start:i + 1]):
             best = (start, i)
     body = ops[best[0]:best[1] + 1] if best else ops
     return [op.split(".")[0] for _, op, _ in body if op not in ("NOP",)]
@@ -134,8 +149,16 @@ def loop_body(sass: str) -> list[str]:
 def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: int, M: int,
           pdl: int = 0) -> dict[str, Any]:
     spec = TrellisSpec.parse(spec_name)
-    cfg = dict(config or default_config(kind, spec, m, n, M))
-    kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
+    if kind == "wgmma":  # its can_implement needs a Hopper GPU: its heuristic default, taken directly
+        from qtip_triton.kernels import wgmma_configs
+
+        cfg = dict(config or wgmma_configs.default_config(spec, m, n, M))
+    else:
+        cfg = dict(config or default_config(kind, spec, m, n, M))
+    if kind == "wgmma":
+        kernel, per_iter = compile_wgmma(spec, cfg, n)
+    else:
+        kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
     sass = _sass(kernel.asm["cubin"])
     body = loop_body(sass)
     mix = collections.Counter(body)
@@ -154,7 +177,7 @@ def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--spec", action="append", required=True, help="trellis spec (repeatable)")
-    ap.add_argument("--kind", default="gemv", choices=("gemv", "gemm", "decompress"))
+    ap.add_argument("--kind", default="gemv", choices=("gemv", "gemm", "decompress", "wgmma"))
     ap.add_argument("--config", default=None, help="JSON config (default: the heuristic's for the shape)")
     ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
     ap.add_argument("--M", type=int, default=1, help="batch size the default config is chosen for")

@@ -50,6 +50,24 @@ def test_the_verdict_sets_the_bar_against_the_largest_floor():
     assert below.startswith("below the issue floor: the bar needs 7.5 µs")
     assert floors.floors(_row(M=2), counts, H200)["verdict"] == "no bar at this M"
     assert [floors.bar_for(16, k) for k in (2, 3, 4)] == [2.5, 2.2, 2.0] and floors.bar_for(8, 2) is None
+    assert floors.bar_for(512, 3) == floors.bar_for(4096, 2) == 0.9 and floors.bar_for(128, 2) is None
+
+
+def test_wgmma_cells_count_a_decode_per_token_tile_and_the_tensor_cores():
+    """The wgmma kind decodes each weight once per BLOCK_M tokens (issue and table floors x ceil(M / BLOCK_M)) and
+    runs the matmul's multiply-adds on the tensor cores: that floor is 2 m n M flops at the data-sheet rate."""
+    counts = {"per_state": 12.0, "lds_per_state": 1.0}
+    H100 = floors.CARDS["h100"]
+    one = floors.floors(_row(kind="wgmma", M=256, config={"BLOCK_M": 256}, kernel_us=72.5, fp16_us=65.2), counts, H100)
+    two = floors.floors(_row(kind="wgmma", M=512, config={"BLOCK_M": 256}, kernel_us=115.4, fp16_us=97.7), counts, H100)
+    assert two["issue_us"] == pytest.approx(2 * one["issue_us"]) and two["table_us"] == pytest.approx(2 * one["table_us"])
+    assert one["tc_us"] == pytest.approx(2 * 8192 * 8192 * 256 / 989e12 * 1e6) and two["bound"] == "tensor core"
+    assert one["verdict"].startswith("needs 1.00x faster (72.4 µs")  # 65.2 / 72.5 = 0.899, just under 0.9
+    assert floors.floors(_row(kind="wgmma", M=256, config={"BLOCK_M": 256}, kernel_us=72.0, fp16_us=65.2), counts,
+                         H100)["verdict"] == "met"
+    assert two["verdict"].startswith("needs 1.06x faster (108.6 µs") and "tensor core floor" in two["verdict"]
+    gemv = floors.floors(_row(M=256, kernel_us=72.5, fp16_us=65.2), counts, H100)
+    assert "tc_us" not in gemv  # other kinds: their floors as before
 
 
 def test_unknown_cards_are_a_clear_error():

@@ -85,6 +85,38 @@ def test_loop_body_reads_cuobjdump_addresses():
     assert sass_count.loop_body(listing) == ["IMAD", "LDS", "BRA"]
 
 
+def test_loop_body_skips_a_span_with_an_exit():
+    """A wait's retry stub after the kernel's end jumps back into the loop (the wgmma kernel's mbarrier waits): that
+    span is larger than the loop but holds the EXIT, so the loop is taken, not the loop plus the epilogue."""
+    sass_count = load_script("sass_count")
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R2, R3, RZ ;
+        /*0020*/                   LDS R4, [R2+UR4] ;
+        /*0030*/              @!P0 BRA 0x80 ;
+        /*0040*/               @P1 BRA 0x10 ;
+        /*0050*/                   STG.E [R2], R4 ;
+        /*0060*/                   STG.E [R2+0x4], R4 ;
+        /*0070*/                   EXIT ;
+        /*0080*/              @!P0 BRA 0x80 ;
+        /*0090*/                   BRA 0x40 ;
+"""
+    assert sass_count.loop_body(listing) == ["IMAD", "LDS", "BRA", "BRA"]
+
+
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_wgmma_loop_counts_its_hgmmas_and_states(pipe):
+    """The Gluon wgmma kernel (needs Gluon): its k loop holds 4 E register-A HGMMAs and 16 E table reads per step
+    (two steps with PIPE = 1), and no epilogue store."""
+    pytest.importorskip("triton.experimental.gluon")
+    cfg = {"E": 1, "BLOCK_M": 128, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, "table": "shared32", "PIPE": pipe}
+    r, = compiled("L16K2V2-hyb9", config=cfg, kind="wgmma")
+    ops, steps = r["opcodes"], 1 + pipe
+    assert r["states_per_thread_iter"] == 16 * steps, r
+    assert ops.get("HGMMA") == 4 * steps and ops.get("LDS") == 16 * steps and "STG" not in ops, r
+    assert 6 < r["per_state"] < 20 and r["stack"] == 0, r
+
+
 def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
     """The mma gemv (codegen/mma.py) for sm_90: one HMMA per four states, no shared-memory staging beyond the
     code table, fewer instructions per state than the CUDA-core gemv; Triton lays the word tile out as
