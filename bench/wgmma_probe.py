@@ -7,6 +7,7 @@ recorded with its error, not fatal.
 
     python bench/wgmma_probe.py --points 8192x8192:256,28672x8192:256 \
         --configs '[{"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 2}]'
+    python bench/wgmma_probe.py --ablate ...   # + each config's MMAs alone and its decode alone (same grid)
 """
 
 from __future__ import annotations
@@ -65,12 +66,36 @@ def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> 
     return rec
 
 
+def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
+    """What each half of the kernel costs alone, on the same grid: ``mma_only_us`` the config with ``ABLATE=1`` (the
+    k loop multiplies without decoding: MMAs, x by TMA, epilogue), ``decode_only_us`` the config with 16-token
+    programs on as many 16-token tiles as the config has token tiles (every weight decoded as often, the MMAs 16x
+    smaller). Why: if the kernel takes about its MMA-only time, the tensor-core work (as this structure issues it)
+    is its floor; if about its decode-only time, the decode is."""
+    E, bm, M = cfg.get("E", 1), cfg["BLOCK_M"], h.shape[0]
+    out: dict = {}
+
+    def timed(key: str, c: dict, hh: torch.Tensor) -> None:
+        try:
+            hw = wgmma.to_wgmma_order(pw, hh, E)
+            out[key] = time_us(lambda: wgmma.decode_matmul(pw, hw, c))
+        except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
+            out[key.replace("_us", "_error")] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+    timed("mma_only_us", {**cfg, "ABLATE": 1}, h)
+    tiles = -(-M // bm)
+    timed("decode_only_us", {**cfg, "BLOCK_M": 16}, torch.randn(16 * tiles, h.shape[1], device=h.device).half())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", default=DEFAULT_POINTS, help="OUTxIN:M,...")
     ap.add_argument("--configs", default=None, help="JSON list of configs (default: a grid per M)")
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--rotate", action="store_true", help="also time rotated over weight copies")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also time each config's MMAs alone (ABLATE=1) and its decode alone (16-token programs)")
     ap.add_argument("--tag", default="wgmma-probe")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
@@ -97,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             E = cfg.get("E", 1)
             hw = wgmma.to_wgmma_order(pw, h, E)
             rec = run_config(pw, hw, ref, cfg, rotation)
+            if args.ablate and "us" in rec:
+                rec.update(ablation_us(pw, h, cfg))
             rec.update(m=m, n=n, M=M, K=args.K, fp16_us=shipped["fp16_us"], shipped_kind=shipped["kind"],
                        shipped_us=shipped["kernel_us"], fp16_rot_us=shipped.get("fp16_rot_us"),
                        shipped_rot_us=shipped.get("kernel_rot_us"))
@@ -107,22 +134,27 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(rec)
             msg = rec.get("error") or (f"{rec['us']:.1f} us ({rec['ratio']:.2f}x fp16; shipped {shipped['kind']} "
                                        f"{shipped['kernel_us']:.1f}) err {rec['rel_err']:.1e}"
-                                       + (f" rot {rec['ratio_rot']:.2f}x" if "ratio_rot" in rec else ""))
+                                       + (f" rot {rec['ratio_rot']:.2f}x" if "ratio_rot" in rec else "")
+                                       + (f" | mma only {rec['mma_only_us']:.1f}" if "mma_only_us" in rec else "")
+                                       + (f" | decode only {rec['decode_only_us']:.1f}" if "decode_only_us" in rec else ""))
             print(f"[{time.time() - t0:6.1f}s] {m}x{n} M={M} {cfg}: {msg}", flush=True)
         del pw, qw, w64, w16, rotation
         torch.cuda.empty_cache()
-    md = ["| shape | M | config | µs | fp16 µs | ratio | rotated ratio | shipped kind | shipped µs | rel err |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = ["| shape | M | config | µs | fp16 µs | ratio | rotated ratio | shipped kind | shipped µs | rel err "
+          "| MMA only µs | decode only µs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         cs = (f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} "
               f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}")
         if "error" in r:
-            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | |")
+            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | |")
             continue
         rot = f"{r['ratio_rot']:.2f}" if "ratio_rot" in r else ""
+        abl = " | ".join(f"{r[k]:.1f}" if k in r else r.get(k.replace("_us", "_error"), "")[:60]
+                         for k in ("mma_only_us", "decode_only_us"))
         md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['ratio']:.2f} | "
-                  f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} |")
+                  f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} | {abl} |")
     jp, mp = write_results(args.out, args.tag, {"env": environment(), "rows": rows}, "\n".join(md) + "\n")
     print("\n".join(md))
     print(jp, mp)

@@ -15,6 +15,7 @@ from qtip_triton import TrellisSpec
 from qtip_triton.codegen.mma import packed_pairs
 from qtip_triton.codegen.plan import make_plan
 from qtip_triton.codegen.wgmma import (
+    ablated,
     check_config,
     emit_wgmma,
     pipelined,
@@ -113,6 +114,27 @@ def test_bad_configs_and_shapes_raise_clear_errors():
         pipelined({"PIPE": True})
     with pytest.raises(ValueError, match="QTIP's layout"):
         emit_wgmma(TrellisSpec(16, 2, 1, "1mad"), {})
+    with pytest.raises(ValueError, match="ABLATE="):
+        ablated({"ABLATE": 2})
+
+
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_ablated_source_multiplies_without_decoding(monkeypatch, pipe):
+    """ABLATE = 1 (measurement only): the k loop keeps its MMAs and x loads but loses its word loads and table reads,
+    and says so in its header; the default source is untouched by the option."""
+    cfg = {"E": 1, "PIPE": pipe, "table": "shared32"}
+    plain, abl = emit_wgmma(SPEC, cfg), emit_wgmma(SPEC, {**cfg, "ABLATE": 1})
+    assert "ABLATED" in abl and "ABLATED" not in plain and emit_wgmma(SPEC, {**cfg, "ABLATE": 0}) == plain
+    loop = abl.split("for it in range")[1].split("for i in gl.static_range(STAGES):")[0]
+    assert "warpgroup_mma(" in loop and "tma.async_copy_global_to_shared" in loop
+    assert "gl.load(W" not in loop and "_lds(" not in loop and "ABLATE: no decode" in loop
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels.wgmma import compile_offline
+
+    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 1}, n=1024)
+    sass = _sass(k.asm["cubin"])
+    assert sass.count("HGMMA.64x128x16.F32") >= 4 * (1 + pipe) and "LDS" not in sass.split("HGMMA")[1]
 
 
 def test_source_is_readable_gluon():

@@ -17,6 +17,7 @@ import torch
 from qtip_triton.codegen.cache import load_source
 from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
+    ablated,
     check_config,
     emit_wgmma,
     pipelined,
@@ -55,8 +56,11 @@ def _hopper_with_gluon(index: int) -> bool:
 
 def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The keys that shape the kernel's source."""
-    return {"E": config.get("E", 1), "WPF": word_prefetch(config), "PIPE": pipelined(config),
-            "table": config.get("table", "gather")}
+    src = {"E": config.get("E", 1), "WPF": word_prefetch(config), "PIPE": pipelined(config),
+           "table": config.get("table", "gather")}
+    if ablated(config):  # measurement only (bench/wgmma_probe.py --ablate)
+        src["ABLATE"] = 1
+    return src
 
 
 def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
