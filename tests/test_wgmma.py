@@ -332,3 +332,37 @@ def test_kind_under_the_interpreter_says_why_even_on_hopper(gen, monkeypatch):
     pw = kernels.prepare(random_qweight(gen, SPEC, 64, 128))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 is set"):
         kernels.kernel_input("wgmma", pw, torch.randn(4, 128).half(), {"E": 1, "BLOCK_M": 16})
+
+
+@pytest.mark.parametrize("E", [1, 2])
+def test_natural_transform_then_gather_gives_the_kernels_h(gen, E):
+    """The kind's input the two ways (Triton's interpreter): transformed in natural order and gathered into the
+    kernel's order, or stored there by the transform. Same transform kernel at these sizes, so bit for bit."""
+    from test_weight import random_qweight
+
+    from qtip_triton import kernels
+    from qtip_triton.kernels import hadamard, wgmma
+
+    pw = kernels.prepare(random_qweight(gen, SPEC, 64, 256))
+    x = torch.randn(5, 256, generator=gen).half()
+    direct = hadamard.transform(x, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                                dst=wgmma.input_index(pw, E), interpret=True)
+    natural = hadamard.transform(x, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16, interpret=True)
+    gathered = natural.index_select(1, wgmma.input_gather(pw, E))
+    assert torch.equal(gathered, direct) and not torch.equal(natural, direct)
+    assert torch.equal(gathered, wgmma.to_wgmma_order(pw, natural, E))
+
+
+def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypatch):
+    """The rule follows the transforms' own launch choice: from the stacked kernel's 128 natural-order rows (it
+    is never taken with a destination order below 1024 rows), and not at all with the stacked kernel off."""
+    from qtip_triton import kernels
+    from qtip_triton.kernels import hadamard
+
+    monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
+    picks = {T: kernels.gather_after_transform(8192, 1, T) for T in (1, 64, 127, 128, 256, 512, 1024)}
+    assert picks == {1: False, 64: False, 127: False, 128: True, 256: True, 512: True, 1024: False}, picks
+    assert all(hadamard.launch_key(8192, 1, T, transpose=True)[0] == "stacked" for T in (128, 256, 512))
+    monkeypatch.setenv(hadamard.STACK_ENV, "0")
+    assert not any(kernels.gather_after_transform(8192, 1, T) for T in (128, 256, 512))
+    assert "wgmma" in kernels.KINDS and (8192, 1, 1, True, False) in kernels._transforms("wgmma", 8192, 8192, 1, 1)

@@ -165,6 +165,8 @@ def _transforms(kind: str, in_features: int, out_features: int, blocks_in: int, 
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
+    if kind == "wgmma":  # its input transform runs in natural order where that is faster (gather_after_transform)
+        transforms.append((in_features, blocks_in, 1, True, False))
     return transforms if hadamard.has_kernels(transforms) else []
 
 
@@ -206,9 +208,40 @@ def kernel_input(kind: str, pw: PreparedWeight, x2: torch.Tensor, config: Mappin
             raise RuntimeError(f"kernel 'wgmma' cannot run on {x2.device}: it needs a Hopper GPU (sm_90) and Triton's "
                                "Gluon, outside Triton's interpreter (TRITON_INTERPRET=1 is "
                                f"{'set' if interpreting() else 'not set'})")
-        return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
-                                  dst=wgmma.input_index(pw, config.get("E", 1)), interpret=interpreting())
+        return _wgmma_input(pw, x2, config.get("E", 1))
     return _transform_in(pw, x2, h_dtype(kind, [config], x2.dtype), kind, h_order(kind, [config]))
+
+
+def gather_after_transform(n: int, blocks: int, tokens: int) -> bool:
+    """Whether the wgmma kind's input transform of ``tokens`` rows runs in natural order and its h is then gathered
+    into the kernel's order (one more launch), rather than storing each column at its destination.
+
+    Why: the transform's scattered stores keep it off the stacked many-token kernel, which takes natural order from
+    128 (token, block) rows (``hadamard.stack_min_rows``): at 256 tokens an 8192-column input transform took 49.5-56.5
+    µs into a kernel's order against 14.1 in natural order (H200, ``h200-2026-12-05-hadamard-stacked.md``), and the
+    gather moves 2 x 4 MB. So: exactly where the natural-order launch is the stacked kernel and the other is not."""
+    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
+    return _gather_after(n, blocks, tokens, switches)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
+    if not hadamard.has_kernels([(n, blocks, 1, True, False)]):
+        return False  # the reference transform serves this size
+    natural = hadamard.launch_key(n, blocks, tokens, transpose=True, dst=False)
+    ordered = hadamard.launch_key(n, blocks, tokens, transpose=True, dst=True)
+    return natural[0] == "stacked" and ordered[0] != "stacked"
+
+
+def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
+    """fp16 h in the wgmma kernel's order for its ``E``: stored there by the transform, or transformed in natural
+    order and gathered (:func:`gather_after_transform`)."""
+    if gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0]):
+        h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                               interpret=interpreting())
+        return h.index_select(1, wgmma.input_gather(pw, E))
+    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                              dst=wgmma.input_index(pw, E), interpret=interpreting())
 
 
 def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:

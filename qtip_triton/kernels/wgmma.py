@@ -79,6 +79,13 @@ def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
                      lambda: wgmma_input_order(pw.plan, pw.in_features, E).to(torch.int32))
 
 
+def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
+    """int64 (in_features,): the natural column each position of the kernel's h takes (the inverse of
+    :func:`input_index`; ``h_natural.index_select(1, ...)`` is h in the kernel's order), built on the host and
+    cached on the weight's device at first use (the load-time warm-up), as :func:`input_index`."""
+    return pw.cached(("input_gather_wgmma", E), lambda: torch.argsort(wgmma_input_order(pw.plan, pw.in_features, E)))
+
+
 def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:
     """h (M, in) in natural column order -> a new (M, in) fp16 tensor in the kernel's order (tests, benches;
     the layers have the input transform write it directly through :func:`input_index`)."""
