@@ -42,6 +42,15 @@ def test_prune_keeps_default_and_budget():
     assert [k for k, _ in candidates(api, spec, 64, 96, 16, 6)] == ["gemv"] * 6 + ["gemm"] * 2
     assert [k for k, _ in candidates(api, spec, 64, 96, 32, 6)] == ["gemm"] * 6  # gemv cannot run M=32
     assert [k for k, _ in candidates(api, spec, 64, 96, 256, 3)] == ["gemm"] * 3
+    # ... or within the buckets the kernel package lists for them (TUNE_RANGES), whatever the heuristic picks
+    wide = FakeAPI()
+    wide.tune_range = lambda kind: (4, 8) if kind == "gemm" else None
+    assert [k for k, _ in candidates(wide, spec, 64, 96, 1, 3)] == ["gemv"] * 3  # below the range: as before
+    assert [k for k, _ in candidates(wide, spec, 64, 96, 4, 3)] == ["gemv"] * 3 + ["gemm"] * 2  # was out of reach
+    from qtip_triton import kernels
+    from qtip_triton.autotune.kernel_api import ModuleKernelAPI
+
+    assert ModuleKernelAPI(kernels).tune_range("wgmma") == (16, 512) and ModuleKernelAPI(kernels).tune_range("gemv") is None
     # neighbours of the default are taken one knob at a time, so each knob gets explored
     gemv_space = api.config_space("gemv", spec, 64, 96, 1)
     gemv_default = api.default_config("gemv", spec, 64, 96, 1)

@@ -366,3 +366,15 @@ def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypat
     monkeypatch.setenv(hadamard.STACK_ENV, "0")
     assert not any(kernels.gather_after_transform(8192, 1, T) for T in (128, 256, 512))
     assert "wgmma" in kernels.KINDS and (8192, 1, 1, True, False) in kernels._transforms("wgmma", 8192, 8192, 1, 1)
+
+
+def test_default_up_to_64_tokens_is_the_session24_winner():
+    """Up to 64 tokens the default is the config that won the H100 probe at 16 tokens (one warpgroup, E 2, 3 stages,
+    16 table copies, 4 splits), falling back to fewer splits or E 1 where the layer has too few k steps."""
+    from qtip_triton.kernels import wgmma_configs
+
+    want = {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "SPLIT_K": 4, "table": "shared16", "PIPE": 0}
+    got = wgmma_configs.default_config(SPEC, 8192, 8192, 16)
+    assert {k: got[k] for k in want} == want
+    small = wgmma_configs.default_config(SPEC, 1024, 256, 64)  # 256 inputs: 2 steps of E 2, too few for 4 splits
+    assert small["BLOCK_M"] == 64 and small["num_warps"] == 4 and small["SPLIT_K"] * small["E"] <= 2

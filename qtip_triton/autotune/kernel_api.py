@@ -21,7 +21,8 @@ Contract asked of ``qtip_triton.kernels`` (names it must export):
   ``launch_variant(kind, in_features, out_features, blocks_in, blocks_out, rows) -> tuple`` (what else
   than the config and the row class tells the compiled variants of a launch of ``rows`` apart: the key
   warm-ups deduplicate by), and ``REDUCED_PRECISION_KEYS`` (config keys that trade accuracy for speed: the
-  tuner leaves configs with one of them on out of its candidates unless asked).
+  tuner leaves configs with one of them on out of its candidates unless asked), and ``TUNE_RANGES``
+  (kind -> (lowest, highest) M bucket in which the tuner times it whatever the heuristic picks nearby).
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class ModuleKernelAPI:
 
     def reduced_precision_keys(self) -> tuple[str, ...]:
         return tuple(getattr(self.module, "REDUCED_PRECISION_KEYS", ()))
+
+    def tune_range(self, kind: str) -> tuple[int, int] | None:
+        return dict(getattr(self.module, "TUNE_RANGES", {})).get(kind)
 
     def default_kind(self, spec, m, n, M):
         fn = getattr(self.module, "default_kind", None)

@@ -5,7 +5,7 @@ shape). This module owns *budget*: it drops candidates that cannot win (row bloc
 the batch, split-K with less than one k-tile per split) and keeps at most ``max_candidates`` per kind,
 always including the default and the configs one step away from it, then an even spread of the rest.
 Kinds are pruned by batch size: a kind is timed only within two buckets of where the heuristic would
-pick it. It is also the check the registry runs on a stored config before trusting it.
+pick it, or in the buckets its kernel package lists for it (``TUNE_RANGES``). It is also the check the registry runs on a stored config before trusting it.
 """
 
 from __future__ import annotations
@@ -94,10 +94,16 @@ def kinds_in_reach(api: KernelAPI, spec, out_features: int, in_features: int, M:
     """Kinds worth timing at bucket M: those the heuristic picks within ``reach`` buckets (x2 each) of M.
 
     A kind is only a contender near the batch sizes it was designed for (gemv for a handful of rows,
-    decompress + cuBLAS for thousands); timing gemv at M=4096 would cost seconds and never win.
+    decompress + cuBLAS for thousands); timing gemv at M=4096 would cost seconds and never win. A kernel package
+    may widen that for a kind (``TUNE_RANGES``: the buckets where it is always timed).
     """
     kinds = []
+    ranges = getattr(api, "tune_range", None)
     for kind in api.kinds():
+        wide = ranges(kind) if ranges is not None else None
+        if wide is not None and wide[0] <= M <= wide[1]:
+            kinds.append(kind)
+            continue
         for step in range(-reach, reach + 1):
             m2 = M * 2 ** step if step >= 0 else M // 2 ** -step
             if m2 < 1 or m2 > M_BUCKETS[-1] * 2:

@@ -120,14 +120,18 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
     fp16): the two-register-set loop (PIPE 1) won at every shape; the best split and warps were those that give
     ~128-224 programs on the 132 SMs: 8192^2 M = 256 split 2 (72.5 µs, 0.90x; split 1 107), 28672x8192 M = 256
     split 1 (219.7, 0.93x; split 2 263), 8192^2 M = 512 split 1 (115.4, 0.85x), 4096x11008 M = 256 one warpgroup,
-    split 2 (58.9, 1.02x; two warpgroups 77.4). Up to 64 tokens (session 22, 8192^2 M = 16): E 4, a 32-copy shared
-    table and 4 splits (29.9 µs, 2.01x)."""
+    split 2 (58.9, 1.02x; two warpgroups 77.4). Up to 64 tokens (session 24, ``*-session24-wgmma-small.md``, 16
+    tokens): one warpgroup, E 2, 3 stages, a 16-copy shared table and 4 splits was the best of ten configs at 8192^2
+    (32.5 µs, 1.79x) and 28672x8192 (84.4, 2.04x; the shipped gemv 99.3), and at one token; E 4 with two warpgroups,
+    session 22's pick on its racy kernel, took 40-42 and 116-122 µs."""
     bm = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
     table = "shared32" if words else "gather"
     if bm <= 64:  # k splits before wide steps: a 4096-row layer has only 32 programs per split
-        order = ((4, 4), (2, 4), (4, 2), (2, 2), (1, 4), (1, 2), (4, 1), (2, 1), (1, 1))
-        candidates = [_cfg(E, bm, 8, 2, s, table, 0) for E, s in order]
+        order = ((2, 4), (2, 2), (1, 4), (2, 1), (1, 2), (1, 1))
+        small = "shared16" if words else "gather"
+        candidates = [_cfg(E, bm, 4, 3, s, small, 0) for E, s in order]
+        candidates += [_cfg(E, bm, 8, 2, s, table, 0) for E, s in ((4, 4), (4, 2), (4, 1))]
     else:
         m_blocks = -(-M // bm)
         shapes = [(nw, s) for nw, s in ((8, 1), (8, 2), (4, 2), (8, 4), (4, 4), (4, 8))
