@@ -8,6 +8,10 @@ the lever. This kernel does only those reads, on the same grid (row blocks x spl
 same tile (BLOCK_M tokens x 64 columns per k step), summing them so none is dropped; the time gives the L2
 read floor for the kind's h traffic, beside fp16 ``torch.matmul`` in the same run.
 
+Outcome (H100, session 24, ``*-session24-l2-reread.md``): these plain loads took 114-410 µs for reads the real kernel
+does by TMA, with its decode and MMAs, in 65-212 µs. So this is a lower bound on nothing: it times load latency of an
+unpipelined loop. Kept as the record of that check; ``wgmma_probe.py --ablate`` gives the kind's measured floors.
+
     python bench/l2_reread.py --points 8192x8192:256:2,8192x8192:512:1,28672x8192:256:1
 """
 
