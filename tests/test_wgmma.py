@@ -378,3 +378,25 @@ def test_default_up_to_64_tokens_is_the_session24_winner():
     assert {k: got[k] for k in want} == want
     small = wgmma_configs.default_config(SPEC, 1024, 256, 64)  # 256 inputs: 2 steps of E 2, too few for 4 splits
     assert small["BLOCK_M"] == 64 and small["num_warps"] == 4 and small["SPLIT_K"] * small["E"] <= 2
+
+
+def test_out16_stores_one_fp16_partial(monkeypatch):
+    """OUT16 = 1 (opt-in): the epilogue stores the accumulators as fp16, only with one split; compiled for sm_90 the
+    kernel takes an fp16 Y; the default source is untouched by the option."""
+    from qtip_triton.codegen.wgmma import out16
+
+    cfg = {"E": 1, "PIPE": 1, "table": "shared32"}
+    plain, half = emit_wgmma(SPEC, cfg), emit_wgmma(SPEC, {**cfg, "OUT16": 1})
+    assert "acc.to(gl.float16), mask=mask)" in half and "acc.to(gl.float16)" not in plain
+    assert emit_wgmma(SPEC, {**cfg, "OUT16": 0}) == plain
+    with pytest.raises(ValueError, match="OUT16=1 needs SPLIT_K=1"):
+        out16({"OUT16": 1, "SPLIT_K": 2})
+    with pytest.raises(ValueError, match="OUT16="):
+        out16({"OUT16": True})
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels.wgmma import compile_offline
+
+    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, **cfg, "OUT16": 1}, n=1024)
+    sass = _sass(k.asm["cubin"])
+    assert "HGMMA.64x128x16.F32" in sass and ("F2F.F16.F32" in sass or "F2FP.F16.F32.PACK_AB" in sass)

@@ -248,7 +248,8 @@ def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
 
 def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
     """The decode-matmul alone on ``h`` from :func:`kernel_input`: fp32 partials (splits, M, out) of Ŵ hᵀ for the
-    output transform (decompress: Ŵ decoded, then ``torch.matmul``, one partial in h's dtype)."""
+    output transform (decompress: Ŵ decoded, then ``torch.matmul``, one partial in h's dtype; wgmma with ``OUT16``:
+    one fp16 partial)."""
     if kind == "wgmma":
         return wgmma.decode_matmul(pw, h, config)
     if kind == "decompress":

@@ -20,6 +20,7 @@ from qtip_triton.codegen.wgmma import (
     ablated,
     check_config,
     emit_wgmma,
+    out16,
     pipelined,
     table_mode,
     table_slots,
@@ -60,6 +61,8 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
            "table": config.get("table", "gather")}
     if ablated(config):  # measurement only (bench/wgmma_probe.py --ablate)
         src["ABLATE"] = 1
+    if out16(config):  # the partial in fp16 (SPLIT_K = 1 only)
+        src["OUT16"] = 1
     return src
 
 
@@ -112,7 +115,8 @@ def steps(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ, with ``hw`` (M, in) fp16 in wgmma order (:func:`to_wgmma_order`)."""
+    """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ (with ``OUT16``: one fp16 partial), with ``hw`` (M, in) fp16 in wgmma
+    order (:func:`to_wgmma_order`)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -132,7 +136,8 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     M = hw.shape[0]
     layout = gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16)
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
-    y = torch.empty(split, M, pw.out_features, dtype=torch.float32, device=hw.device)
+    y = torch.empty(split, M, pw.out_features, dtype=torch.float16 if out16(config) else torch.float32,
+                    device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
     words = table_words(pw.spec)  # the same count the kind's space sizes its configs by
     tslots = table_slots(config, words)
@@ -217,7 +222,7 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, 64 * E],
                             gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16))
     const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw, "TSLOTS": table_slots(config, table_words(spec))}
-    ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp32", "x_desc": mangle_type(desc)}
+    ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp16" if out16(config) else "*fp32", "x_desc": mangle_type(desc)}
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
     aligned = ("W", "TBL", "Y", "Ctot", "stride_wq", "stride_ys", "stride_ym")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}

@@ -93,6 +93,26 @@ def test_wgmma_kind_forward_matches_reference(dtype, M):
         assert err < tol, (cfg, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [37, 256])
+def test_wgmma_out16_forward_matches_reference(dtype, M):
+    """OUT16 (one fp16 partial, opt-in): the kind end to end against the float64 reference forward, at the same
+    bounds as the fp32 partials (the fp16 rounding of the partial is ~5e-4 relative)."""
+    m, n = 1024, 2048
+    qw = _weight(m, n, 2)
+    x = torch.randn(M, n, device="cuda").to(dtype)
+    ref = qw.reference_forward(x.double())
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for cfg in ({"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, "table": "shared32", "PIPE": 1},
+                {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 1, "table": "shared16", "PIPE": 0}):
+        parts = kernels.kernel_partials("wgmma", kernels.prepare(qw), kernels.kernel_input("wgmma", kernels.prepare(qw),
+                                        x, {**cfg, "OUT16": 1}), {**cfg, "OUT16": 1})
+        assert parts.dtype == torch.float16 and parts.shape == (1, M, m)
+        y = kernels.launch("wgmma", x, qw, {**cfg, "OUT16": 1})
+        err = float((y.double() - ref).norm() / ref.norm())
+        assert y.dtype == dtype and err < tol, (cfg, err)
+
+
 def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_NO_REGISTRY", "1")
     monkeypatch.delenv("QTIP_TRITON_WGMMA", raising=False)  # on by default
