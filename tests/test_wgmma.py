@@ -24,6 +24,7 @@ from qtip_triton.codegen.wgmma import (
     wgmma_input_order,
     word_prefetch,
 )
+from qtip_triton.kernels import hadamard  # imported at collection, under TRITON_INTERPRET=1: its kernels interpret
 
 SPEC = TrellisSpec(16, 2, 2, "hyb", 9)
 
@@ -109,7 +110,10 @@ def test_bad_configs_and_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="table="):
         table_mode({"table": "shared8"})
     with pytest.raises(ValueError, match="WPF="):
+        word_prefetch({"WPF": 3})
+    with pytest.raises(ValueError, match="WPF=2 needs PIPE=1"):
         word_prefetch({"WPF": 2})
+    assert word_prefetch({"WPF": 2, "PIPE": 1}) == 2
     with pytest.raises(ValueError, match="PIPE="):
         pipelined({"PIPE": True})
     with pytest.raises(ValueError, match="QTIP's layout"):
@@ -341,7 +345,7 @@ def test_natural_transform_then_gather_gives_the_kernels_h(gen, E):
     from test_weight import random_qweight
 
     from qtip_triton import kernels
-    from qtip_triton.kernels import hadamard, wgmma
+    from qtip_triton.kernels import wgmma
 
     pw = kernels.prepare(random_qweight(gen, SPEC, 64, 256))
     x = torch.randn(5, 256, generator=gen).half()
@@ -357,7 +361,6 @@ def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypat
     """The rule follows the transforms' own launch choice: from the stacked kernel's 128 natural-order rows (it
     is never taken with a destination order below 1024 rows), and not at all with the stacked kernel off."""
     from qtip_triton import kernels
-    from qtip_triton.kernels import hadamard
 
     monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
     picks = {T: kernels.gather_after_transform(8192, 1, T) for T in (1, 64, 127, 128, 256, 512, 1024)}
@@ -400,3 +403,17 @@ def test_out16_stores_one_fp16_partial(monkeypatch):
     k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, **cfg, "OUT16": 1}, n=1024)
     sass = _sass(k.asm["cubin"])
     assert "HGMMA.64x128x16.F32" in sass and ("F2F.F16.F32" in sass or "F2FP.F16.F32.PACK_AB" in sass)
+
+
+def test_words_two_steps_ahead_alternate_their_registers():
+    """WPF = 2 (PIPE = 1): each half loads the words of two steps ahead into the registers of its parity and decodes
+    from the other parity's, which the half before loaded (step 1's words before the loop)."""
+    src = emit_wgmma(SPEC, {"E": 1, "PIPE": 1, "WPF": 2, "table": "shared32"})
+    loop = src.split("for it in range")[1]
+    halves = loop.split("# step it + 1 on a1")
+    assert "w0_ahead1 = gl.load(W + w_off + CB, mask=1 < ITERS" in src.split("for it in range")[0]
+    assert "w0_ahead0 = gl.load(W + w_off + (0 + 2) * CB, mask=it + 0 + 2 < ITERS" in halves[0]
+    assert "w0 = w0_ahead1.to(gl.uint32" in halves[0] and "w0 = w0_ahead0.to(gl.uint32" in halves[1]
+    assert "w0_ahead1 = gl.load(W + w_off + (1 + 2) * CB, mask=it + 1 + 2 < ITERS" in halves[1]
+    assert "_n = gl.load" not in src
+    assert "w0_n = gl.load" in emit_wgmma(SPEC, {"E": 1, "PIPE": 1, "WPF": 1, "table": "shared32"})

@@ -132,11 +132,17 @@ def pipelined(config: Mapping[str, Any]) -> int:
 
 
 def word_prefetch(config: Mapping[str, Any]) -> int:
-    """Config ``WPF`` (0 or 1): load the next k step's words before this step's decode. Gluon does not pipeline
-    loads by itself, so without it every step waits for its words' DRAM latency before decoding."""
+    """Config ``WPF`` (0, 1 or 2): load the next k step's words before this step's decode. Gluon does not pipeline
+    loads by itself, so without it every step waits for its words' DRAM latency before decoding. The PIPE = 1 loop
+    always loads one step ahead (0 and 1 alike there); 2 (PIPE = 1 only) loads two steps ahead into alternating word
+    registers, so a load has a whole step of MMA more to land. Why: at 256 tokens the kernel slows with K at equal
+    SASS per state (8192^2: 57.0 / 64.5 / 71.6 µs at K = 2 / 3 / 4, 12.3-12.6 per state; H100, session 24), as
+    if the larger words' latency were not hidden."""
     wpf = config.get("WPF", 1)
-    if wpf not in (0, 1) or isinstance(wpf, bool):
-        raise ValueError(f"wgmma config WPF={wpf!r} must be 0 or 1 (k steps of words loaded ahead)")
+    if wpf not in (0, 1, 2) or isinstance(wpf, bool):
+        raise ValueError(f"wgmma config WPF={wpf!r} must be 0, 1 or 2 (k steps of words loaded ahead)")
+    if wpf == 2 and not pipelined(config):
+        raise ValueError("wgmma config WPF=2 needs PIPE=1 (its two-step loop alternates the word registers)")
     return wpf
 
 
@@ -309,7 +315,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
           f"{var} = gl.convert_layout(gl.reshape({var}, [2 * RB, BK]), a_layout, assert_trivial=True)")
 
     if pipe:
-        _two_buffer_loop(s, loads, decode, assemble, ablate)
+        _two_buffer_loop(s, loads, decode, assemble, ablate, ahead=2 if wpf == 2 else 1)
     else:
         s("# step 0 decoded before the loop: inside it, step it + 1 decodes while the tensor cores multiply step it")
         for name, off in loads:
@@ -361,15 +367,22 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     return s.text()
 
 
-def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], assemble, ablate: int = 0) -> None:
+def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], assemble, ablate: int = 0,
+                     ahead: int = 1) -> None:
     """The PIPE = 1 main loop (see :func:`pipelined`): steps alternate between A register sets ``a0`` and ``a1``; after
     issuing a step's MMA the kernel waits until only it is in flight (retiring the other set's MMA), refills that
-    step's x slot, loads and decodes the step after into the freed set."""
+    step's x slot, loads and decodes the step after into the freed set. ``ahead`` = 2 (``WPF=2``): each half loads the
+    words of the step after the one it decodes, into word registers of its parity (``_ahead0`` / ``_ahead1``), and decodes
+    from those the other half loaded."""
     def half(cur: str, other: str, k: str) -> None:
         s(f"# step it + {k} on {cur}; the MMA of the step before (on {other}) retires, and {other} takes step it + {k} + 1")
         if not ablate:
             for name, off in loads:
-                s(f"{name}_n = gl.load(W + {off} + ({k} + 1) * CB, mask=it + {k} + 1 < ITERS, other=0)")
+                if ahead == 2:
+                    s(f"{name}_ahead{k} = gl.load(W + {off} + ({k} + 2) * CB, mask=it + {k} + 2 < ITERS, other=0)"
+                      f"  # step it + {k} + 2")
+                else:
+                    s(f"{name}_n = gl.load(W + {off} + ({k} + 1) * CB, mask=it + {k} + 1 < ITERS, other=0)")
         s(f"slot = (it + {k}) % STAGES",
           f"mbarrier.wait(bars.index(slot), ((it + {k}) // STAGES) & 1)",
           f"acc = warpgroup_mma({cur}, x_smem.index(slot).permute((1, 0)), acc, is_async=True)",
@@ -383,14 +396,18 @@ def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], a
         if ablate:
             s(f"{other} = {cur}  # ABLATE: no decode")
             return
+        src = f"_ahead{1 - int(k)}" if ahead == 2 else "_n"  # step it + k + 1: loaded by the half before this one
         for name, _ in loads:
-            s(f"{name} = {name}_n.to(gl.uint32, bitcast=True)")
+            s(f"{name} = {name}{src}.to(gl.uint32, bitcast=True)")
         s.lines.extend(decode)
         assemble(other)
 
     s("# step 0 decoded before the loop into a0; a1 starts as zeros (its first MMA wait has nothing to retire)")
     for name, off in loads:
         s(f"{name} = gl.load(W + {off}).to(gl.uint32, bitcast=True)")
+    if ahead == 2 and not ablate:
+        for name, off in loads:
+            s(f"{name}_ahead1 = gl.load(W + {off} + CB, mask=1 < ITERS, other=0)  # step 1's words, two steps ahead")
     s.lines.extend(line[4:] for line in decode)
     assemble("a0")
     s("a1 = gl.zeros([2 * RB, BK], gl.float16, a_layout)",

@@ -21,6 +21,8 @@ CONFIGS = [
     {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 2, "table": "shared1"},
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
     {"E": 4, "BLOCK_M": 16, "num_warps": 8, "STAGES": 2, "PIPE": 1, "SPLIT_K": 2},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "WPF": 2, "table": "shared32"},
+    {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "PIPE": 1, "WPF": 2, "SPLIT_K": 2, "table": "shared16"},
 ]
 
 
