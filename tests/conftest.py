@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+# Triton chooses interpreter or compiled mode when a kernel is decorated, i.e. at its module's first import. Import
+# the kernel modules now, under the session's TRITON_INTERPRET: a test that unsets it (the sm_90 compile tests) and
+# happens to run first in a worker would otherwise leave them compiled for a GPU this machine does not have.
+import qtip_triton.kernels  # noqa: E402,F401
+
 DATA = Path(__file__).parent / "data"
 VLLM_ENGINE_FILES = {"test_e2e_tp.py"}  # outside tests/vllm, yet starting vLLM engines (bench/e2e_tp.py)
 
