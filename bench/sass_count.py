@@ -46,12 +46,16 @@ def _pointer_types(kind: str, spec: TrellisSpec) -> dict[str, str]:
     return {"W": "*i32", "TBL": table, "X": "*fp16", "Y": "*fp32", "CNT": "*i32"}
 
 
+def _refuse_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
+
+
 def compile_kernel(spec: TrellisSpec, kind: str, config: dict[str, Any], m: int, n: int, arch: int = 90,
                    pdl: int = 0):
     """(compiled kernel, states one thread decodes per loop iteration) for this layer shape and config;
     ``pdl``: as launched with programmatic dependent launch in that mode (kernels/pdl.py: 1 exit, 2 early)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
+    _refuse_interpreter()
     layout = default_layout(spec)
     mod = load(spec, kind, config, layout=layout)
     plan = make_plan(spec, layout)
@@ -96,8 +100,7 @@ def compile_wgmma(spec: TrellisSpec, config: dict[str, Any], n: int):
     """(compiled Gluon wgmma kernel, states one thread decodes per loop iteration). Each k step a thread decodes
     16 E states (2 RB rows x 64 E columns of weights, V = 2, over 4 RB threads); with PIPE = 1 the loop body holds
     two steps."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("sass_count compiles for the GPU: run it without TRITON_INTERPRET=1")
+    _refuse_interpreter()
     from qtip_triton.kernels import wgmma
 
     kernel = wgmma.compile_offline(spec, config, n=n)
@@ -153,11 +156,9 @@ def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: i
         from qtip_triton.kernels import wgmma_configs
 
         cfg = dict(config or wgmma_configs.default_config(spec, m, n, M))
-    else:
-        cfg = dict(config or default_config(kind, spec, m, n, M))
-    if kind == "wgmma":
         kernel, per_iter = compile_wgmma(spec, cfg, n)
     else:
+        cfg = dict(config or default_config(kind, spec, m, n, M))
         kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
     sass = _sass(kernel.asm["cubin"])
     body = loop_body(sass)

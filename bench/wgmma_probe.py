@@ -46,6 +46,11 @@ def default_configs(M: int) -> list[dict]:
             c(4, bm, 8, 2, 1, table="shared32"), c(2, bm, 4, 3, 1, table="shared16")]
 
 
+def _failure(e: Exception, limit: int) -> str:
+    """A recorded failure: the exception's type and the first ``limit`` characters of its first line."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:limit] if str(e) else ''}"
+
+
 def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> dict:
     rec: dict = {"config": cfg}
 
@@ -62,7 +67,7 @@ def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> 
         if rotation is not None:
             rec["rot_us"] = time_rotated_us([lambda p=p: product(p) for p in rotation[0]])
     except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
-        rec["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        rec["error"] = _failure(e, 300)
     return rec
 
 
@@ -80,7 +85,7 @@ def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
             hw = wgmma.to_wgmma_order(pw, hh, E)
             out[key] = time_us(lambda: wgmma.decode_matmul(pw, hw, c))
         except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
-            out[key.replace("_us", "_error")] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            out[key.replace("_us", "_error")] = _failure(e, 200)
 
     timed("mma_only_us", {**cfg, "ABLATE": 1}, h)
     tiles = -(-M // bm)

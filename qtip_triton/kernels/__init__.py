@@ -130,10 +130,14 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
     """
     if not 1 <= lo <= hi:
         raise ValueError(f"expected 1 <= lo <= hi, got {lo}..{hi}")
-    # the launch choices read QTIP_TRITON_* switches at every call (a benchmark flips them between engines in
-    # one process), so they are part of the cache key; a layer geometry costs ~6 µs per row count otherwise
-    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
-    return _transform_rows(kind, in_features, out_features, blocks_in, blocks_out, lo, hi, switches)
+    # cached per switch state (:func:`_switches`): a layer geometry costs ~6 µs per row count otherwise
+    return _transform_rows(kind, in_features, out_features, blocks_in, blocks_out, lo, hi, _switches())
+
+
+def _switches() -> tuple:
+    """The QTIP_TRITON_* environment: the transforms' launch choices read them at every call (a benchmark flips them
+    between engines in one process), so caches of those choices key on it."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -224,8 +228,7 @@ def gather_after_transform(n: int, blocks: int, tokens: int) -> bool:
     gather moves 2 x 4 MB. So: exactly where the natural-order launch is the stacked kernel and the other is not.
     On the H100 (session 24, ``*-session24-ktable{,-gather}.md``) this took 8192^2's whole forward at 256 tokens from
     128.6 to 94.6 µs and 28672x8192's from 345.5 to 309.2."""
-    switches = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
-    return _gather_after(n, blocks, tokens, switches)
+    return _gather_after(n, blocks, tokens, _switches())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -240,12 +243,10 @@ def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
 def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
     """fp16 h in the wgmma kernel's order for its ``E``: stored there by the transform, or transformed in natural
     order and gathered (:func:`gather_after_transform`)."""
-    if gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0]):
-        h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
-                               interpret=interpreting())
-        return h.index_select(1, wgmma.input_gather(pw, E))
-    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
-                              dst=wgmma.input_index(pw, E), interpret=interpreting())
+    gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0])
+    h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
+                           dst=None if gather else wgmma.input_index(pw, E), interpret=interpreting())
+    return h.index_select(1, wgmma.input_gather(pw, E)) if gather else h
 
 
 def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
