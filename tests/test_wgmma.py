@@ -417,3 +417,25 @@ def test_words_two_steps_ahead_alternate_their_registers():
     assert "w0_ahead1 = gl.load(W + w_off + (1 + 2) * CB, mask=it + 1 + 2 < ITERS" in halves[1]
     assert "_n = gl.load" not in src
     assert "w0_n = gl.load" in emit_wgmma(SPEC, {"E": 1, "PIPE": 1, "WPF": 1, "table": "shared32"})
+
+
+def test_words_two_steps_ahead_from_k3():
+    """From K = 3 the space gives each PIPE 1 config a WPF = 2 twin and the default of 128+ tokens takes it (measured
+    7-9 % faster at K = 4); at K = 2 (measured slightly slower) the space and default keep WPF = 1; WPF = 2 never
+    appears without PIPE = 1 (the codegen refuses it)."""
+    from qtip_triton.codegen.wgmma import word_prefetch
+    from qtip_triton.kernels import wgmma_configs
+
+    k4 = TrellisSpec(16, 4, 2, "hyb", 9)
+    space2 = wgmma_configs.config_space(SPEC, 8192, 8192, 256)
+    space4 = wgmma_configs.config_space(k4, 8192, 8192, 256)
+    assert {c["WPF"] for c in space2} == {1}
+    assert {c["WPF"] for c in space4} == {1, 2}
+    for cfg in space4:
+        word_prefetch(cfg)
+    twins = {tuple(sorted({**c, "WPF": 2}.items())) for c in space4 if c["PIPE"] == 1}
+    assert twins <= {tuple(sorted(c.items())) for c in space4}
+    assert wgmma_configs.default_config(SPEC, 8192, 8192, 256)["WPF"] == 1
+    d4 = wgmma_configs.default_config(k4, 8192, 8192, 256)
+    assert d4["WPF"] == (2 if d4["PIPE"] == 1 else 1) and d4 in space4
+    assert wgmma_configs.default_config(k4, 8192, 8192, 16)["WPF"] == 1

@@ -98,9 +98,20 @@ def can_implement(spec: TrellisSpec, m: int, n: int, M: int) -> tuple[bool, str 
     return True, None
 
 
-def _cfg(E: int, bm: int, nw: int, stages: int, split: int, table: str, pipe: int) -> dict[str, Any]:
-    return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": stages, "SPLIT_K": split, "WPF": 1, "table": table,
+def _cfg(E: int, bm: int, nw: int, stages: int, split: int, table: str, pipe: int, wpf: int = 1
+         ) -> dict[str, Any]:
+    return {"E": E, "BLOCK_M": bm, "num_warps": nw, "STAGES": stages, "SPLIT_K": split, "WPF": wpf, "table": table,
             "PIPE": pipe}
+
+
+def words_ahead(spec: TrellisSpec) -> tuple[int, ...]:
+    """The ``WPF`` values (k steps of words loaded ahead) worth a PIPE 1 config for ``spec``: 1, and 2 from K = 3.
+
+    Why (H100, session 25, ``*-session24-wpf2-k{2,4}.md``, decode-matmul alone, E 1, 256 tokens, PIPE 1): at K = 4,
+    whose steps load 5 words against K = 2's 3, two steps ahead took 7-9 % off every point (8192^2 M = 256 split 2
+    87.9 -> 81.5 µs, M = 512 split 1 132.5 -> 122.5, 28672x8192 M = 256 split 1 263.3 -> 239.9); at K = 2 it was
+    0.5-1 % slower, so the K = 2 space is not doubled for it."""
+    return (1, 2) if spec.K >= 3 else (1,)
 
 
 def _fits(cfg: dict[str, Any], n: int, words: int) -> bool:
@@ -123,7 +134,8 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
     split 2 (58.9, 1.02x; two warpgroups 77.4). Up to 64 tokens (session 24, ``*-session24-wgmma-small.md``, 16
     tokens): one warpgroup, E 2, 3 stages, a 16-copy shared table and 4 splits was the best of ten configs at 8192^2
     (32.5 µs, 1.79x) and 28672x8192 (84.4, 2.04x; the shipped gemv 99.3), and at one token; E 4 with two warpgroups,
-    session 22's pick on its racy kernel, took 40-42 and 116-122 µs."""
+    session 22's pick on its racy kernel, took 40-42 and 116-122 µs. From 128 tokens at K >= 3 the PIPE 1 configs load
+    their words two steps ahead (:func:`words_ahead`)."""
     bm = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
     table = "shared32" if words else "gather"
@@ -137,7 +149,8 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
         shapes = [(nw, s) for nw, s in ((8, 1), (8, 2), (4, 2), (8, 4), (4, 4), (4, 8))
                   if (m // (16 * nw)) * s * m_blocks >= _ONE_WAVE]
         shapes = shapes or [(4, 8), (4, 4), (4, 2)]  # small layers: as many programs as there are
-        candidates = [_cfg(1, bm, nw, st, s, table, pipe) for nw, s in shapes for pipe in (1, 0)
+        ahead = max(words_ahead(spec))
+        candidates = [_cfg(1, bm, nw, st, s, table, pipe, ahead if pipe else 1) for nw, s in shapes for pipe in (1, 0)
                       for st in (4, 3, 2)]
         candidates += [_cfg(1, bm, nw, 2, s, "gather", 0) for s in (1, 2, 4) for nw in (8, 4)]
     for cfg in candidates:
@@ -150,11 +163,12 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
     """Configs valid for every M' <= M: tokens per program the bucket's power of two and half of it (16 to 256),
     E 1-4 (E 4 only up to 64 tokens: its 16 A fragments and 128 accumulators per thread at 256 tokens spill),
     one or two warpgroups, 2-4 x tiles in flight, split-K 1-8, the table gathered or in 16/32 shared copies, and
-    the one- or two-register-set loop (PIPE)."""
+    the one- or two-register-set loop (PIPE), and for PIPE 1 the words one or two steps ahead (:func:`words_ahead`)."""
     top = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
     tables = ("gather", "shared16", "shared32") if words else ("gather",)
-    grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), tables, (0, 1))
-    configs = (_cfg(E, bm, nw, stages, split, table, pipe)
-               for bm, E, nw, stages, split, table, pipe in grid if not (E == 4 and bm > 64))
+    grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), tables, (0, 1),
+                             words_ahead(spec))
+    configs = (_cfg(E, bm, nw, stages, split, table, pipe, wpf)
+               for bm, E, nw, stages, split, table, pipe, wpf in grid if not (E == 4 and bm > 64) and (pipe or wpf == 1))
     return [cfg for cfg in configs if _fits(cfg, n, words)]
