@@ -107,7 +107,7 @@ def _cfg(E: int, bm: int, nw: int, stages: int, split: int, table: str, pipe: in
 def words_ahead(spec: TrellisSpec) -> tuple[int, ...]:
     """The ``WPF`` values (k steps of words loaded ahead) worth a PIPE 1 config for ``spec``: 1, and 2 from K = 3.
 
-    Why (H100, session 25, ``*-session24-wpf2-k{2,4}.md``, decode-matmul alone, E 1, 256 tokens, PIPE 1): at K = 4,
+    Why (H100, session 25, ``*-session25-wpf2-k{2,4}.md``, decode-matmul alone, E 1, 256 tokens, PIPE 1): at K = 4,
     whose steps load 5 words against K = 2's 3, two steps ahead took 7-9 % off every point (8192^2 M = 256 split 2
     87.9 -> 81.5 µs, M = 512 split 1 132.5 -> 122.5, 28672x8192 M = 256 split 1 263.3 -> 239.9); at K = 2 it was
     0.5-1 % slower, so the K = 2 space is not doubled for it."""
