@@ -308,3 +308,49 @@ def test_seeded_autotune_command(tmp_path):
         with pytest.raises(ValueError, match="--seed"):
             cmd_autotune.autotune(_args(tmp_path, seed=bad), api, fake_bench(api), WORKLOAD, H100, VERS,
                                   out=io.StringIO())
+
+
+def test_kinds_plan_times_the_default_and_only_those_kinds():
+    """``--kinds gemm``: at a bucket where gemv is the heuristic's kind, the plan times the default first (the
+    reference every candidate is checked and measured against) and then gemm alone, with the main kind's budget
+    even where gemm is out of reach; a seed's winners of other kinds are not timed."""
+    api, spec = FakeAPI(), SPECS[0]
+    tasks = make_tasks([spec], [(64, 96)], [1, 16, 256])
+    key = lambda kc: (kc[0], config_key(kc[1]))  # noqa: E731
+    for _t, cands, default in plan(tasks, api, 4, kinds=frozenset({"gemm"})):
+        assert key(cands[0]) == key(default)
+        rest = cands[1:]
+        assert rest and {k for k, _ in rest} == {"gemm"}
+        assert len({key(c) for c in cands}) == len(cands) >= 4
+    full = {t.m_bucket: cands for t, cands, _ in plan(tasks, api, 4)}
+    assert {k for k, _ in full[1]} == {"gemv"}  # gemm is out of reach at one row without --kinds
+    gv = [c for c in api.config_space("gemv", spec, 64, 96, 1) if c != api.default_config("gemv", spec, 64, 96, 1)]
+    seed = _seed_file(api, {(spec.name, 64, 96, 1): ("gemv", gv[0])})
+    seeded = plan(tasks[:1], api, 4, seed.entries, kinds=frozenset({"gemm"}))[0][1]
+    assert ("gemv", config_key(gv[0])) not in set(map(key, seeded)) and {k for k, _ in seeded[1:]} == {"gemm"}
+
+
+def test_kinds_command_merges_by_time_and_refuses_bad_use(tmp_path):
+    """The command with ``--kinds``: entries merge by time with those already in the file (a kind left out keeps a
+    faster entry); an unknown kind, an empty list, or ``--replace`` with it is a clear error before any timing."""
+    api = FakeAPI(seed=3)
+    assert cmd_autotune.autotune(_args(tmp_path), api, fake_bench(api), WORKLOAD, H100, VERS, out=io.StringIO()) == 0
+    before = store.load(tmp_path / "h100.yaml").entries
+    api2 = FakeAPI(seed=4)
+    out = io.StringIO()
+    assert cmd_autotune.autotune(_args(tmp_path, kinds="gemm"), api2, fake_bench(api2), WORKLOAD, H100, VERS,
+                                 out=out) == 0
+    timed = {r[0] for r in api2.log}
+    defaults = {api2.default_kind(None, 0, 0, b) for b in (1, 16, 256)}
+    assert timed <= {"gemm"} | defaults
+    after = store.load(tmp_path / "h100.yaml").entries
+    assert after.keys() == before.keys()
+    for k, e in after.items():
+        assert e.time_us <= before[k].time_us
+    for bad, why in (({"kinds": "gemm,mystery"}, "unknown kind"), ({"kinds": ","}, "selects no kind"),
+                     ({"kinds": "gemm", "replace": True}, "--replace")):
+        api3 = FakeAPI()
+        with pytest.raises(ValueError, match=why):
+            cmd_autotune.autotune(_args(tmp_path, **bad), api3, fake_bench(api3), WORKLOAD, H100, VERS,
+                                  out=io.StringIO())
+        assert not api3.log

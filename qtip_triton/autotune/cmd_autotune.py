@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time configs that sum products in fp16 (the fp16x2 gemv at one batch row: 4-13%% faster "
                         "M = 1 forwards on the H100, relative error ~5e-4 of the output instead of ~2e-7); the "
                         "entries they win are served like any other")
+    p.add_argument("--kinds", default=None,
+                   help="time only these kernel kinds (comma-separated, e.g. wgmma) besides each task's default, "
+                        "each with the full candidate budget and in reach at every bucket; the results merge by "
+                        "time with the file's entries of other kinds (not with --replace). For adding a kind to a "
+                        "tuned file in a fraction of a full tune")
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate; tune nothing")
     p.add_argument("--no-check", action="store_true", help="skip comparing each candidate's output to the default's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -82,6 +87,24 @@ def parse_specs(args: argparse.Namespace) -> list[TrellisSpec]:
     if not ks:
         raise ValueError("--bits selects no K")
     return [TrellisSpec(16, k, 2, "hyb", 9) for k in ks]
+
+
+def parse_kinds(args: argparse.Namespace, api) -> frozenset[str] | None:
+    """``--kinds`` as a set of the kernel package's kinds; an unknown name, an empty list, or ``--replace`` with it
+    (which would drop faster entries of the kinds left out, untimed) is an error before anything is timed."""
+    raw = getattr(args, "kinds", None)
+    if raw is None:
+        return None
+    kinds = frozenset(k.strip() for k in raw.split(",") if k.strip())
+    if not kinds:
+        raise ValueError("--kinds selects no kind")
+    unknown = sorted(kinds - set(api.kinds()))
+    if unknown:
+        raise ValueError(f"--kinds: unknown kind(s) {', '.join(unknown)}; the kinds are {', '.join(api.kinds())}")
+    if args.replace:
+        raise ValueError("--kinds with --replace would replace entries of the kinds left out without timing them; "
+                         "tune those kinds too, or merge by time (no --replace)")
+    return kinds
 
 
 def load_seed(path: Path, out) -> dict:
@@ -140,9 +163,10 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     shapes = resolve_shapes(args.shapes)
     buckets = parse_buckets(args.buckets)
     tasks = make_tasks(specs, shapes, buckets)
+    kinds = parse_kinds(args, api)
     seed = load_seed(args.seed, out) if args.seed is not None else None
     planned = plan(tasks, api, args.max_candidates, seed,
-                   allow_reduced_precision=getattr(args, "fp16_accumulation", False))
+                   allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
     n_cands = sum(len(c) for _, c, _ in planned)
     variants = {(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in planned for k, c in cands}
     per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S

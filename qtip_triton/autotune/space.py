@@ -11,7 +11,7 @@ pick it, or in the buckets its kernel package lists for it (``TUNE_RANGES``). It
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from qtip_triton.autotune.buckets import M_BUCKETS
@@ -121,18 +121,25 @@ def reduced_precision(api: KernelAPI, config: Mapping[str, Any]) -> bool:
 
 
 def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
-               max_candidates: int, reach: int = 2, allow_reduced_precision: bool = False) -> list[tuple[str, Config]]:
+               max_candidates: int, reach: int = 2, allow_reduced_precision: bool = False,
+               only: Collection[str] | None = None) -> list[tuple[str, Config]]:
     """``(kind, config)`` candidates for one task: ``max_candidates`` for the heuristic's kind at M,
     ``max(2, max_candidates // 3)`` for every other kind within ``reach`` buckets (see :func:`kinds_in_reach`),
     and as many again for each source variant of a kind (:func:`_families`), in reach or not. Each chosen
     config also brings its launch-flag twins (:data:`_LAUNCH_FLAGS`) where the space lists them.
-    Configs of reduced precision (:func:`reduced_precision`) only with ``allow_reduced_precision``."""
+    Configs of reduced precision (:func:`reduced_precision`) only with ``allow_reduced_precision``.
+    ``only``: just these kinds, each in reach and with the main kind's budget (a tune that adds one kind to a
+    file, e.g. a new kernel, without paying again for the kinds the file already ranks)."""
     main = api.default_kind(spec, out_features, in_features, M)
     reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
     if main is None or main not in api.kinds():
         reachable = list(api.kinds())  # no heuristic kind: every kind is a contender
+    if only is not None:
+        reachable = list(only)
     out: list[tuple[str, Config]] = []
     for kind in api.kinds():
+        if only is not None and kind not in only:
+            continue
         ok, _ = api.can_implement(kind, spec, out_features, in_features, M)
         if not ok:
             continue
@@ -143,7 +150,7 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
             default = api.default_config(kind, spec, out_features, in_features, M)
         except (ValueError, TypeError, NotImplementedError):
             default = None
-        budget = max_candidates if kind == main or main is None else max(2, max_candidates // 3)
+        budget = max_candidates if kind == main or main is None or only is not None else max(2, max_candidates // 3)
         listed = {config_key(c) for c in space}
         for i, (fam_default, fam_space) in enumerate(_families(space, default)):
             # a kind out of reach still has its variants timed where its space lists them (e.g. the
@@ -223,10 +230,10 @@ def check_config(api: KernelAPI, kind: str, config: Mapping[str, Any], spec, out
 
 def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int,
                       seed: Mapping[EntryKey, Entry], allow_reduced_precision: bool = False,
-                      ) -> list[tuple[str, Config]] | None:
+                      only: Collection[str] | None = None) -> list[tuple[str, Config]] | None:
     """``(kind, config)`` candidates taken from another tune file's winners (``seed``: its entries by key):
     this task's winner and those of the neighbouring M buckets of the same spec and shape, each with its
-    launch-flag twins; only what this GPU's space lists.
+    launch-flag twins; only what this GPU's space lists (and, with ``only``, of those kinds).
     None when ``seed`` has no usable winner here (the task then gets the full space).
 
     Why: a full tune of the shipped set is ~10 000 timings (more than one 10-minute device call); another
@@ -239,8 +246,8 @@ def seeded_candidates(api: KernelAPI, spec, out_features: int, in_features: int,
     seen: set[tuple] = set()
     for b in near:
         entry = seed.get(EntryKey(spec.name, out_features, in_features, b))
-        if entry is None or not check_config(api, entry.kind, _base(entry.config), spec, out_features,
-                                             in_features, M)[0]:
+        if entry is None or (only is not None and entry.kind not in only) or not check_config(
+                api, entry.kind, _base(entry.config), spec, out_features, in_features, M)[0]:
             continue
         if reduced_precision(api, entry.config) and not allow_reduced_precision:
             continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,21 +240,23 @@ Planned = list[tuple[Task, list[tuple[str, Config]], tuple[str, Config] | None]]
 
 
 def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[EntryKey, Entry] | None = None,
-         allow_reduced_precision: bool = False) -> Planned:
+         allow_reduced_precision: bool = False, kinds: Collection[str] | None = None) -> Planned:
     """Each task with its candidates (default first) and its default choice; pure Python, no GPU.
     With ``seed`` (another tune file's entries), a task it covers times only the default and the seed's
     winners near it (:func:`~qtip_triton.autotune.space.seeded_candidates`). ``allow_reduced_precision``: also
-    configs that trade accuracy for speed (the kernel package's ``REDUCED_PRECISION_KEYS``)."""
+    configs that trade accuracy for speed (the kernel package's ``REDUCED_PRECISION_KEYS``). ``kinds``: only
+    configs of these kinds besides the default, which is always timed first (the reference the others' outputs
+    are checked against and their speed-up measured by), whatever its kind."""
     out = []
     for t in tasks:
         default = default_choice(api, t.spec, t.out_features, t.in_features, t.m_bucket)
         cands = None
         if seed is not None:
             cands = seeded_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, seed,
-                                      allow_reduced_precision=allow_reduced_precision)
+                                      allow_reduced_precision=allow_reduced_precision, only=kinds)
         if cands is None:
             cands = space_candidates(api, t.spec, t.out_features, t.in_features, t.m_bucket, max_candidates,
-                                     allow_reduced_precision=allow_reduced_precision)
+                                     allow_reduced_precision=allow_reduced_precision, only=kinds)
         if default is not None:
             dk = (default[0], config_key(default[1]))
             cands = [default] + [c for c in cands if (c[0], config_key(c[1])) != dk]
