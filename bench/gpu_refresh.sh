@@ -23,6 +23,8 @@
 #   GPU=h200 OUT=/tmp/out STEPS="tests" PYTEST_N=8 bash bench/gpu_refresh.sh   # carry .devsite: ~90 s, not ~500
 #   GPU=h100 OUT=/tmp/out STEPS="autotune tests" TUNE_MIN=4 TUNE_ARGS="--seed autotune_configs/h200.yaml" \
 #     PYTEST_N=8 bash bench/gpu_refresh.sh   # a first file for a new GPU from the H200's winners (a third of the timings)
+#   GPU=h100 OUT=/tmp/out STEPS="autotune ktable tests" TUNE_MIN=6 TUNE_ARGS="--kinds wgmma --buckets 16,32,64" \
+#     KT_M=1,16,32,64 PYTEST_N=8 bash bench/gpu_refresh.sh   # one kind added to the shipped file where it wins (by time)
 set -u
 cd "$(dirname "$0")/.." || exit 2
 GPU=${GPU:?set GPU, e.g. h200}
