@@ -12,7 +12,7 @@
 #      CUDA-core gemv vs its tensor-core variant at M = 1/8/16 (bench/probe.py --mma), and the gemm kind there; (with "sweep") the
 #      trellis sweep with its speed columns (SWEEP_ARGS; SWEEP_WEIGHTS=FILE.safetensors:TENSOR for the
 #      real-weight column, e.g. a tensor extracted here and sent with `carry`); (with "tables") lane copies
-#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "pending20b") one-token tiles with two programs per SM inside traced forwards, and a rotated fp16x2-admitting retune of M <= 2; (with "pending21") the one-token f16_dots output transform by launch variant, and one-token fp32 tiles with 2048-column steps in traced forwards; (with "wgmma") the Gluon wgmma decode-matmul: its GPU tests, then bench/wgmma_probe.py (every config checked against float64 and timed with fp16 and the shipped kind; WGMMA_ARGS adds arguments); (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh; (with "ktable") bench/kernels.py --tuned --rotate at KT_M tokens and KT_K bits with the file the autotune step wrote; (with "pending24") the wgmma GPU tests, then WPF=2 (words two steps ahead) and OUT16 (an fp16 partial) against the shipped configs.
+#      of the table at M = 1, kernel and whole forward (QTIP_TRITON_SPLIT_SUM=kernel|transform to pin the split sum); (with "pending20") session 20's experiments, written when no GPU was lent (kernel boundary cost, f16_dots transforms chained and in forwards and prefill, the mma gemv with early words); (with "pending20b") one-token tiles with two programs per SM inside traced forwards, and a rotated fp16x2-admitting retune of M <= 2; (with "pending21") the one-token f16_dots output transform by launch variant, and one-token fp32 tiles with 2048-column steps in traced forwards; (with "wgmma") the Gluon wgmma decode-matmul: its GPU tests, then bench/wgmma_probe.py (every config checked against float64 and timed with fp16 and the shipped kind; WGMMA_ARGS adds arguments); (with "timeline") bench/forward_timeline.py, each kernel of a rotated forward and the gaps between them; (with "hfma") the fp16x2 gemv at M = 1; (with "early") the gemv with its first words loaded early, flushed and rotated; (with "l2") words prefetched into L2 ahead (l2_prefetch) in the gemv at M = 1, the mma gemv at M = 16 and the gemm at M = 64; (with "rotune") the rotated timer's GPU test, a K = 2 retune with it (M <= 16, its own file; ROTUNE_ARGS="--fp16-accumulation" admits the fp16x2 gemv) and the K = 2 table with that file and with the shipped one; (with "splitsum") split-K summed in the kernel vs by the transform; (with "regcap") the M = 16 mma gemv with register caps; (with "groups") the mma gemv with 1/2 row groups per warp sharing x; (with "stages") the 256-row gemm's pipeline depth; (with "zb") the transforms' A · (Z · B_c) column split; (with "stacked") the stacked many-token Hadamard kernel, prefill cases included; (with "defaults") the shipped transform choices against each kernel; (with "selftest") qtip-triton selftest; (with "fusedzb") the fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (compare with "fused"); (with "autotunetests") tests/test_autotune_gpu.py, which the "tests" step leaves out (a tuning run, precompile, a fresh process that must not JIT); (with "ncu") bench/ncu_profiles.sh; (with "ktable") bench/kernels.py --tuned --rotate at KT_M tokens and KT_K bits with the file the autotune step wrote; (with "pending25") the wgmma GPU tests, then the warp-specialized form (WS = 1, one decode per 512 tokens) against the shipped configs.
 # Each step is time-boxed (the budget is a 10-minute call), logs go to one file, and the small
 # results come back as: $OUT/$GPU.yaml, $OUT/refresh.log, $OUT/results.tar (every JSON/markdown).
 #
@@ -287,23 +287,17 @@ if want selftest; then
     >"$WORK/selftest.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/selftest.log" >>"$LOG"
 fi
-if want pending24; then
-  step "session 24's experiments: the wgmma GPU tests (WPF=2, OUT16 included), then WPF=2 and OUT16 against the shipped configs"
-  timeout -k 10 120 python3 -m pytest -q -p no:cacheprovider -m gpu ${PYTEST_N:+-n $PYTEST_N} tests/gpu/test_wgmma_gpu.py \
+if want pending25; then
+  step "session 25's warp-specialized form (WS = 1): the kind's GPU tests, then WS against the shipped configs at 256/512"
+  timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider -m gpu ${PYTEST_N:+-n $PYTEST_N} tests/gpu/test_wgmma_gpu.py \
     >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
-  B='"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"'
-  for K in 2 4; do  # decode-matmul alone: one step of words ahead (WPF 1) against two (WPF 2), at each split
-    timeout -k 10 100 python3 bench/wgmma_probe.py --K $K --points 8192x8192:256,8192x8192:512,28672x8192:256 \
-      --configs "[{$B, \"SPLIT_K\": 2}, {$B, \"SPLIT_K\": 2, \"WPF\": 2}, {$B, \"SPLIT_K\": 1}, {$B, \"SPLIT_K\": 1, \"WPF\": 2}]" \
-      --tag "session24-wpf2-k$K" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$?" >>"$LOG"
-  done
-  for O in 0 1; do  # the whole forward with one split-1 config, its partial in fp32 (0) or fp16 (1)
-    C="{\"kind\": \"wgmma\", $B, \"SPLIT_K\": 1, \"OUT16\": $O}"
-    BENCH_TAG="session24-out16-$O" timeout -k 10 100 python3 bench/kernels.py --tuned --rotate --K 2 --M 256,512 \
-      --shapes 8192x8192,28672x8192 --config "8192x8192=$C" --config "28672x8192=$C" --time-limit 80 --out "$WORK" \
-      >>"$LOG" 2>&1
+  W='"E": 1, "num_warps": 8, "WS": 1'
+  for K in 2 4; do  # decode-matmul alone, each against fp16 and the shipped kind at the same point
+    timeout -k 10 120 python3 bench/wgmma_probe.py --K $K --rotate \
+      --points 8192x8192:512,28672x8192:512,8192x8192:256,28672x8192:256,4096x11008:512 \
+      --configs "[{$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared16\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared32\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 3, \"table\": \"gather\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared16\", \"SPLIT_K\": 2}, {$W, \"BLOCK_M\": 256, \"STAGES\": 4, \"table\": \"shared32\"}, {$W, \"BLOCK_M\": 256, \"STAGES\": 4, \"table\": \"shared32\", \"SPLIT_K\": 2}]" \
+      --tag "session25-ws-k$K" --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
   done
 fi

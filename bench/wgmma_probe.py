@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         c = r["config"]
         cs = (f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} "
-              f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}")
+              f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}"
+              + (" ws" if c.get("WS") else "") + (" out16" if c.get("OUT16") else ""))
         if "error" in r:
             md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | |")
             continue

@@ -439,3 +439,60 @@ def test_words_two_steps_ahead_from_k3():
     d4 = wgmma_configs.default_config(k4, 8192, 8192, 256)
     assert d4["WPF"] == (2 if d4["PIPE"] == 1 else 1) and d4 in space4
     assert wgmma_configs.default_config(k4, 8192, 8192, 16)["WPF"] == 1
+
+
+WS_CONFIGS = [
+    {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1, "table": "shared16"},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 3, "WS": 1, "table": "gather", "SPLIT_K": 2},
+    {"E": 2, "BLOCK_M": 128, "num_warps": 8, "STAGES": 2, "WS": 1, "table": "shared32", "WPF": 0},
+]
+
+
+def test_ws_config_checks():
+    """WS = 1 (the warp-specialized shared-A form) takes 8 warps, BLOCK_M 64-512, neither PIPE nor ABLATE; 512 tokens
+    only with it; anything else is a clear error before any compile."""
+    from qtip_triton.codegen.wgmma import warp_specialized
+
+    base = {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1}
+    assert check_config(base) == (1, 512, 8, 2) and warp_specialized(base) == 1
+    for bad, why in (({**base, "num_warps": 4}, "num_warps=8"), ({**base, "BLOCK_M": 32}, "BLOCK_M >= 64"),
+                     ({**base, "WS": 0}, "512 with WS=1"), ({**base, "WS": True}, "WS=True"),
+                     ({**base, "PIPE": 1}, "neither PIPE"), ({**base, "ABLATE": 1}, "neither PIPE")):
+        with pytest.raises(ValueError, match=why):
+            check_config(bad)
+            warp_specialized(bad)
+
+
+@pytest.mark.parametrize("cfg", WS_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}tok-{c['table']}-E{c['E']}")
+def test_ws_source_and_sm90_compile(cfg, monkeypatch):
+    """The warp-specialized form: a decode partition of 4 warps storing A tiles into a shared ring, the kernel's 8
+    warps multiplying them with two warpgroups along the tokens; compiled for sm_90 (12 warps, within the launch's
+    register cap, no spills), in the shared memory its estimate bounds, x ring at offset 0 where a shared table needs
+    it, and the same A order as the register-A kernel's (the same h order)."""
+    from qtip_triton.codegen.wgmma_ws import WS_DECODE_WARPS
+
+    src = emit_wgmma(SPEC, {k: v for k, v in cfg.items() if k in ("E", "WS", "WPF", "table")})
+    assert "gl.warp_specialize([" in src and "def _decode_part(" in src and "def _mma_part(" in src
+    assert "a_smem.index(a_s).store(a)" in src and "fence_async_shared()" in src
+    assert f"gl.BlockedLayout([1, {cfg['E']}], [8, 4], [{WS_DECODE_WARPS}, 1], [1, 0])" in src
+    assert "warps_per_cta=[4, 2]" in src and "instr_shape=[16, BLOCK_M // 2, 16]" in src
+    plain = emit_wgmma(SPEC, {"E": cfg["E"], "table": cfg["table"]})
+    assert "warp_specialize" not in plain
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import re
+
+    from qtip_triton.kernels import wgmma_configs
+    from qtip_triton.kernels.wgmma import compile_offline, ring_at_zero, sass_of
+
+    k = compile_offline(SPEC, cfg, n=8192)
+    assert ".reqntid 384" in k.asm["ptx"]  # 8 MMA warps + 4 decode warps
+    assert k.metadata.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT
+    sass = sass_of(k.asm["cubin"])
+    assert not re.search(r"\b(STL|LDL)\b", sass), "the warp-specialized kernel spills"
+    assert "HGMMA" in sass
+    if cfg["table"] != "gather":
+        from qtip_triton.codegen.wgmma import table_slots
+
+        ring = (cfg["STAGES"] + table_slots(cfg, 512)) * cfg["BLOCK_M"] * 64 * cfg["E"] * 2
+        assert ring_at_zero(k.asm["ptx"], ring)

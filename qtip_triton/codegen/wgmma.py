@@ -40,20 +40,33 @@ WGMMA_WARPS = (4, 8)  # one or two warpgroups: 64 or 128 output rows per program
 WGMMA_BLOCK_M = (16, 32, 64, 128, 256)  # tokens per program = the wgmma's N
 
 
-def check_config(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
-    """(E, BLOCK_M, num_warps, STAGES) of a wgmma config, or a clear error."""
+def elements(config: Mapping[str, Any]) -> int:
+    """A config's ``E`` (word columns per lane per k step), or a clear error: the one launch key the source needs."""
     E = config.get("E", 1)
+    if E not in WGMMA_ELEMENTS:
+        raise ValueError(f"wgmma config E={E!r} must be one of {WGMMA_ELEMENTS} (word columns per lane per k step)")
+    return E
+
+
+def check_config(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(E, BLOCK_M, num_warps, STAGES) of a whole wgmma config (launch keys included), or a clear error."""
+    E = elements(config)
     bm = config.get("BLOCK_M", 64)
     nw = config.get("num_warps", 4)
     st = config.get("STAGES", 3)
-    if E not in WGMMA_ELEMENTS:
-        raise ValueError(f"wgmma config E={E!r} must be one of {WGMMA_ELEMENTS} (word columns per lane per k step)")
-    if bm not in WGMMA_BLOCK_M:
-        raise ValueError(f"wgmma config BLOCK_M={bm!r} must be one of {WGMMA_BLOCK_M} (tokens per program)")
+    allowed = WGMMA_BLOCK_M + ((512,) if config.get("WS") == 1 else ())
+    if bm not in allowed:
+        raise ValueError(f"wgmma config BLOCK_M={bm!r} must be one of {allowed} (tokens per program"
+                         + ("" if 512 in allowed else "; 512 with WS=1") + ")")
     if nw not in WGMMA_WARPS:
         raise ValueError(f"wgmma config num_warps={nw!r} must be one of {WGMMA_WARPS} (warpgroups of 64 rows)")
     if not isinstance(st, int) or not 2 <= st <= 6:
         raise ValueError(f"wgmma config STAGES={st!r} must be an int in [2, 6] (x tiles in flight)")
+    if warp_specialized(config):
+        if nw != 8:
+            raise ValueError(f"wgmma config WS=1 needs num_warps=8 (two MMA warpgroups), got {nw}")
+        if bm < 64:
+            raise ValueError(f"wgmma config WS=1 needs BLOCK_M >= 64 (two warpgroups of BLOCK_M / 2 tokens), got {bm}")
     return E, bm, nw, st
 
 
@@ -97,6 +110,17 @@ def _fill_table(tbl, ti, REP: gl.constexpr, toff):
 
 
 WGMMA_TABLES = ("gather", "shared1", "shared4", "shared16", "shared32")
+
+# where a program's words are (its RB word rows x CB word columns of step 0, in word_layout), given pid_r and pid_k;
+# shared by the register-A kernel and the warp-specialized form's decode partition
+WORD_OFFSETS = (
+    "step0 = pid_k * ITERS",
+    "rows = pid_r * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, word_layout))",
+    "cols = step0 * CB + gl.arange(0, CB, layout=gl.SliceLayout(0, word_layout))",
+    "gr = rows & 7  # group row inside the tile",
+    "w_off = rows[:, None] * Ctot + cols[None, :]",
+    "n_off = (rows - gr + ((gr + 1) & 7))[:, None] * Ctot + cols[None, :]  # the next group's word 0",
+)
 
 
 def table_mode(config: Mapping[str, Any]) -> tuple[str, int]:
@@ -169,6 +193,20 @@ def out16(config: Mapping[str, Any]) -> int:
     return o
 
 
+def warp_specialized(config: Mapping[str, Any]) -> int:
+    """Config ``WS`` (0 or 1): 1 emits the warp-specialized form (codegen/wgmma_ws.py): a 4-warp partition decodes A
+    tiles into shared memory for two MMA warpgroups that each take half of up to 512 tokens, so each weight is decoded
+    once per ``BLOCK_M`` <= 512 tokens. It needs ``num_warps`` 8 (the two MMA warpgroups), ``PIPE`` 0 (A is not in
+    registers), ``BLOCK_M`` >= 64 (each warpgroup's MMA at least 32 tokens wide; :func:`check_config` checks the
+    launch keys). Opt-in until timed on a GPU."""
+    ws = config.get("WS", 0)
+    if ws not in (0, 1) or isinstance(ws, bool):
+        raise ValueError(f"wgmma config WS={ws!r} must be 0 or 1 (1: the warp-specialized shared-A form)")
+    if ws and (pipelined(config) or ablated(config)):
+        raise ValueError("wgmma config WS=1 takes neither PIPE=1 (A is in shared memory) nor ABLATE=1")
+    return ws
+
+
 def _check_plan(plan: TilePlan) -> None:
     if plan.GRN != 8 or plan.GCN != 1 or plan.NA != 2 or plan.NC != 16:
         raise ValueError(f"wgmma needs QTIP's layout (8 group rows, 2 row classes x 16 columns per group); "
@@ -198,7 +236,8 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     from qtip_triton.codegen.emit import default_layout
 
     config = dict(config or {})
-    E, _, _, _ = check_config(config)
+    E = elements(config)
+    ws = warp_specialized(config)
     wpf = word_prefetch(config)
     pipe = pipelined(config)
     ablate = ablated(config)
@@ -225,18 +264,23 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     pairs = packed_pairs(plan, em.state_vals, what="wgmma")
     table_words = em.table_words() if dec.table == "packed16" else None
     loads = em.word_loads()
+    # A: [RB, CB] states of (row class c, class pair q + 4h) -> [2 RB, BK] rows 16w+8c+g, cols 64e+16q+8h+2t+j
+    names = [pairs[c][q + 4 * h] for c in range(2) for q in range(4) for h in range(2)]
+    tree = _join_tree_gl(names)
 
     s = _Src()
     s('"""Generated by qtip_triton.codegen.wgmma; do not edit.',
       "",
       f"spec {spec.name}, layout {plan.layout}, kind wgmma, E {E}, word prefetch {wpf}, pipeline {pipe}, table {mode} x{rep}."
       + (" ABLATED: the k loop has no decode (timing only; results are wrong)." if ablate else "")
-      + (" Partial stored in fp16." if half else ""),
+      + (" Partial stored in fp16." if half else "")
+      + (" Warp-specialized: A decoded into shared memory by its own partition." if ws else ""),
       '"""',
       "",
       "from triton.experimental import gluon",
       "from triton.experimental.gluon import language as gl",
-      "from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait",
+      "from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait"
+      + (", fence_async_shared" if ws else ""),
       "",
       "tl = gl  # the code's decode snippet is written against triton.language; Gluon exports the same builtins",
       f"E = {E}",
@@ -254,8 +298,15 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "    return (p >> 16).to(gl.uint16).to(gl.float16, bitcast=True)",
       "",
       "")
+    helpers = SHARED_HELPERS.replace("@REPM1@", str(rep - 1)).replace("@BARRIER@", _barrier_call()).splitlines()
+    if ws:
+        from qtip_triton.codegen.wgmma_ws import WS_DECODE_REGS, emit_ws_kernel
+
+        emit_ws_kernel(s, E=E, mode=mode, rep=rep, table_words=table_words, loads=loads, decode=decode, tree=tree,
+                       wpf=wpf, half=half, decode_regs=WS_DECODE_REGS, shared_helpers=lambda: helpers)
+        return s.text()
     if mode == "shared":
-        s(*SHARED_HELPERS.replace("@REPM1@", str(rep - 1)).replace("@BARRIER@", _barrier_call()).splitlines())
+        s(*helpers)
     s("@gluon.jit",
       "def kernel(W, TBL, x_desc, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_ys, stride_ym,",
       "           BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, TSLOTS: gl.constexpr = 0):")
@@ -273,12 +324,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "pid_r = gl.program_id(0)",
       "pid_k = gl.program_id(1)",
       "pid_m = gl.program_id(2)",
-      "step0 = pid_k * ITERS",
-      "rows = pid_r * RB + gl.arange(0, RB, layout=gl.SliceLayout(1, word_layout))",
-      "cols = step0 * CB + gl.arange(0, CB, layout=gl.SliceLayout(0, word_layout))",
-      "gr = rows & 7  # group row inside the tile",
-      "w_off = rows[:, None] * Ctot + cols[None, :]",
-      "n_off = (rows - gr + ((gr + 1) & 7))[:, None] * Ctot + cols[None, :]  # the next group's word 0")
+      *WORD_OFFSETS)
     if table_words is not None:
         s(f"tbl = gl.load(TBL + gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])))")
     slots = "STAGES"
@@ -302,10 +348,6 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     if mode == "shared":
         s(f"_fill_table(tbl, gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])), {rep}, "
           "toff)")
-    # A: [RB, CB] states of (row class c, class pair q + 4h) -> [2 RB, BK] rows 16w+8c+g, cols 64e+16q+8h+2t+j
-    names = [pairs[c][q + 4 * h] for c in range(2) for q in range(4) for h in range(2)]
-    tree = _join_tree_gl(names)
-
     def assemble(var: str) -> None:
         s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
           f"st = {tree}",

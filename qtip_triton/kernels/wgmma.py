@@ -24,9 +24,11 @@ from qtip_triton.codegen.wgmma import (
     pipelined,
     table_mode,
     table_slots,
+    warp_specialized,
     wgmma_input_order,
     word_prefetch,
 )
+from qtip_triton.codegen.wgmma_ws import WS_MAXNREG, WS_ROWS
 from qtip_triton.kernels.prepare import PreparedWeight
 from qtip_triton.kernels.wgmma_configs import SMEM_LIMIT, smem_bytes, table_words
 
@@ -63,7 +65,28 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
         src["ABLATE"] = 1
     if out16(config):  # the partial in fp16 (SPLIT_K = 1 only)
         src["OUT16"] = 1
+    if warp_specialized(config):  # the shared-A form (codegen/wgmma_ws.py)
+        src["WS"] = 1
     return src
+
+
+def word_rows(config: Mapping[str, Any]) -> int:
+    """Word rows a program decodes (half its output rows): 8 per warp, or the warp-specialized form's decode
+    partition's 32."""
+    return WS_ROWS // 2 if warp_specialized(config) else 8 * check_config(config)[2]
+
+
+def tma_box(config: Mapping[str, Any]) -> list[int]:
+    """x's TMA box: BLOCK_M tokens x 64 E columns, in boxes of at most 256 tokens (TMA's limit on a box side; the
+    warp-specialized form loads 512 tokens as two)."""
+    E, bm, _, _ = check_config(config)
+    return [min(bm, 256), 64 * E]
+
+
+def launch_options(config: Mapping[str, Any]) -> dict[str, int]:
+    """Launch options beyond the warps: the warp-specialized form's register cap, so that its 16 warps fit the SM's
+    64 K registers at launch (its partitions then move them with setmaxnreg)."""
+    return {"maxnreg": WS_MAXNREG} if warp_specialized(config) else {}
 
 
 def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
@@ -129,13 +152,14 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     if pw.table.dim() != 1:
         raise ValueError("wgmma takes one weight's code table (not a fused weight with per-shard tables)")
     _, Rtot, Ctot = pw.words.shape
-    rb = 8 * nw
+    rb = word_rows(config)
     if Rtot % rb:
-        raise ValueError(f"wgmma num_warps={nw} needs out_features divisible by {2 * rb}, got {pw.out_features}")
+        raise ValueError(f"wgmma config {dict(config)} needs out_features divisible by {2 * rb}, got {pw.out_features}")
     iters, split = steps(pw, config)
     M = hw.shape[0]
-    layout = gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16)
-    desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), [bm, 64 * E], layout)
+    box = tma_box(config)
+    layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
+    desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), box, layout)
     y = torch.empty(split, M, pw.out_features, dtype=torch.float16 if out16(config) else torch.float32,
                     device=hw.device)
     grid = (Rtot // rb, split, -(-M // bm))
@@ -148,7 +172,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
                          "a smaller BLOCK_M or E, or table='gather'")
     compiled = _module(pw, config).kernel[grid](
         pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1),
-        BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots)
+        BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots, **launch_options(config))
     if table_mode(config)[0] == "shared":
         _require_ring_first(compiled, (stages + tslots) * bm * 64 * E * 2)
     if pipelined(config):
@@ -219,15 +243,15 @@ def compile_offline(spec, config: Mapping[str, Any], n: int = 8192, arch: int = 
     fn = mod.kernel
     names = fn.arg_names
     x = torch.empty(bm, n, dtype=torch.float16)
-    desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bm, 64 * E],
-                            gl.NVMMASharedLayout.get_default_for([bm, 64 * E], gl.float16))
+    box = tma_box(config)
+    desc = TensorDescriptor(x, list(x.shape), list(x.stride()), box, gl.NVMMASharedLayout.get_default_for(box, gl.float16))
     const = {"BLOCK_M": bm, "STAGES": stages, "num_warps": nw, "TSLOTS": table_slots(config, table_words(spec))}
     ptrs = {"W": "*i32", "TBL": "*i32", "Y": "*fp16" if out16(config) else "*fp32", "x_desc": mangle_type(desc)}
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in names}
     aligned = ("W", "TBL", "Y", "Ctot", "stride_wq", "stride_ys", "stride_ym")
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw, **launch_options(config)})
 
 
 _SASS_ROW = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")

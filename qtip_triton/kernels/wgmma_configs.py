@@ -78,11 +78,15 @@ def table_words(spec: TrellisSpec) -> int:
 def smem_bytes(config: Mapping[str, Any], words: int) -> int:
     """Shared memory a launch takes: the x ring of STAGES tiles and the tiles a shared table occupies, or the
     scratch ``gl.gather`` stages the table in at each step; the ring's mbarriers; alignment."""
-    from qtip_triton.codegen.wgmma import check_config, table_mode, table_slots
+    from qtip_triton.codegen.wgmma import check_config, table_mode, table_slots, warp_specialized
+    from qtip_triton.codegen.wgmma_ws import WS_ASTAGES, WS_ROWS
 
     E, bm, _, stages = check_config(config)
     slots = table_slots(config, words) if words else 0
     gathered = 4 * words if table_mode(config)[0] == "gather" else 0
+    if warp_specialized(config):  # its ring of A tiles, and a ready and an empty barrier per slot of each ring
+        a_ring = WS_ASTAGES * WS_ROWS * 64 * E * 2
+        return (stages + slots) * bm * 64 * E * 2 + a_ring + gathered + 16 * (stages + WS_ASTAGES) + _ALIGN_SLACK
     return (stages + slots) * bm * 64 * E * 2 + gathered + 8 * stages + _ALIGN_SLACK
 
 

@@ -23,6 +23,10 @@ CONFIGS = [
     {"E": 4, "BLOCK_M": 16, "num_warps": 8, "STAGES": 2, "PIPE": 1, "SPLIT_K": 2},
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "WPF": 2, "table": "shared32"},
     {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "PIPE": 1, "WPF": 2, "SPLIT_K": 2, "table": "shared16"},
+    # the warp-specialized shared-A form (WS = 1): one decode for two warpgroups of tokens
+    {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1, "table": "shared16"},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 3, "WS": 1, "table": "gather", "SPLIT_K": 2},
+    {"E": 2, "BLOCK_M": 128, "num_warps": 8, "STAGES": 2, "WS": 1, "table": "shared32", "WPF": 0},
 ]
 
 
@@ -113,6 +117,22 @@ def test_wgmma_out16_forward_matches_reference(dtype, M):
         y = kernels.launch("wgmma", x, qw, {**cfg, "OUT16": 1})
         err = float((y.double() - ref).norm() / ref.norm())
         assert y.dtype == dtype and err < tol, (cfg, err)
+
+
+@pytest.mark.parametrize("M", [300, 512, 1100])
+def test_wgmma_ws_forward_matches_reference(M):
+    """WS = 1 end to end (input transform, the warp-specialized kernel over several 512-token tiles, output
+    transform) against the float64 reference forward, at K = 2 and 4."""
+    m, n = 1024, 2048
+    for K in (2, 4):
+        qw = _weight(m, n, K)
+        x = torch.randn(M, n, device="cuda").half()
+        ref = qw.reference_forward(x.double())
+        for cfg in ({"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1, "table": "shared32"},
+                    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "WS": 1, "table": "shared16", "SPLIT_K": 2}):
+            y = kernels.launch("wgmma", x, qw, cfg)
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert torch.isfinite(y).all() and err < 2e-3, (K, cfg, err)
 
 
 def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
