@@ -295,7 +295,7 @@ if want pending25; then
   W='"E": 1, "num_warps": 8, "WS": 1'
   for K in 2 4; do  # decode-matmul alone, each against fp16 and the shipped kind at the same point
     timeout -k 10 120 python3 bench/wgmma_probe.py --K $K --rotate \
-      --points 8192x8192:512,28672x8192:512,8192x8192:256,28672x8192:256,4096x11008:512 \
+      --points 8192x8192:512,28672x8192:512,8192x8192:256,28672x8192:256,4096x11008:512,8192x8192:2048 \
       --configs "[{$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared16\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared32\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 3, \"table\": \"gather\"}, {$W, \"BLOCK_M\": 512, \"STAGES\": 2, \"table\": \"shared16\", \"SPLIT_K\": 2}, {$W, \"BLOCK_M\": 256, \"STAGES\": 4, \"table\": \"shared32\"}, {$W, \"BLOCK_M\": 256, \"STAGES\": 4, \"table\": \"shared32\", \"SPLIT_K\": 2}]" \
       --tag "session25-ws-k$K" --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
