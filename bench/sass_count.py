@@ -116,15 +116,12 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
 
 
-def loop_body(sass: str) -> list[str]:
-    """Opcodes of the largest backward-branch loop in a SASS listing (the k loop; a kernel without a
-    loop, like decompress, gives the whole function; a span with an EXIT inside is no loop). Branch targets may be labels (nvdisasm:
-    ``BRA `(.L_x_3)``) or addresses (cuobjdump: ``BRA 0x5f0``)."""
-    lines = sass.splitlines()
-    ops: list[tuple[int, str, str]] = []  # (line index, opcode, full text)
+def _instructions(sass: str) -> tuple[list[tuple[int, str, str]], dict[str, int], dict[int, int]]:
+    """(ops as (index, opcode, operands), label -> op index, address -> op index) of a SASS listing."""
+    ops: list[tuple[int, str, str]] = []
     labels: dict[str, int] = {}
-    at: dict[int, int] = {}  # instruction address -> index in ops
-    for line in lines:
+    at: dict[int, int] = {}
+    for line in sass.splitlines():
         lab = re.match(r"\s*\.(L_x_\d+):", line)
         if lab:
             labels[lab.group(1)] = len(ops)
@@ -133,18 +130,47 @@ def loop_body(sass: str) -> list[str]:
         if ins:
             at[int(ins.group(1), 16)] = len(ops)
             ops.append((len(ops), ins.group(2), ins.group(3)))
-    best: tuple[int, int] | None = None
+    return ops, labels, at
+
+
+def _loops(sass: str) -> tuple[list[tuple[int, str, str]], list[tuple[int, int]]]:
+    """The listing's ops and the (start, end) op spans of its backward branches that hold no EXIT (see
+    :func:`loop_body`)."""
+    ops, labels, at = _instructions(sass)
+    spans = []
     for i, op, rest in ops:
         if not op.startswith("BRA"):
             continue
         tgt = re.search(r"`\(\.(L_x_\d+)\)", rest)
         addr = re.match(r"\s*(?:!?U?P\w+\s*,\s*)?0x([0-9a-f]+)\s*$", rest)
         start = labels.get(tgt.group(1)) if tgt else at.get(int(addr.group(1), 16)) if addr else None
-        # a span holding an EXIT is not a loop body: a wait's retry stub placed after the kernel's end jumps back
-        # into its loop (the wgmma kernel's mbarrier waits), and that span would take in the epilogue
-        if start is not None and start <= i and (best is None or i - start > best[1] - best[0]) and not any(
-                o.startswith("EXIT") for _, o, _ in ops[start:i + 1]):
-            best = (start, i)
+        if start is not None and start <= i and not any(o.startswith("EXIT") for _, o, _ in ops[start:i + 1]):
+            spans.append((start, i))
+    return ops, spans
+
+
+def decode_partition_loop(sass: str) -> list[str]:
+    """Opcodes of the warp-specialized wgmma form's decode loop: the smallest loop that stores A tiles (STSM) and
+    issues no MMA. Why not :func:`loop_body`: a worker partition's whole body sits inside the loop that dispatches
+    it, the largest loop of the kernel."""
+    ops, spans = _loops(sass)
+    mine = [(a, b) for a, b in spans
+            if any(o.startswith("STSM") for _, o, _ in ops[a:b + 1])
+            and not any(o.startswith("HGMMA") for _, o, _ in ops[a:b + 1])]
+    if not mine:
+        raise ValueError("no decode loop (a loop with STSM and no HGMMA) in this kernel")
+    a, b = min(mine, key=lambda ab: ab[1] - ab[0])
+    return [op.split(".")[0] for _, op, _ in ops[a:b + 1] if op != "NOP"]
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes of the largest backward-branch loop in a SASS listing (the k loop; a kernel without a
+    loop, like decompress, gives the whole function; a span with an EXIT inside is no loop). Branch targets may be labels (nvdisasm:
+    ``BRA `(.L_x_3)``) or addresses (cuobjdump: ``BRA 0x5f0``)."""
+    # a span holding an EXIT is not a loop body: a wait's retry stub placed after the kernel's end jumps back into
+    # its loop (the wgmma kernel's mbarrier waits), and that span would take in the epilogue (:func:`_loops`)
+    ops, spans = _loops(sass)
+    best = max(spans, key=lambda ab: ab[1] - ab[0], default=None)
     body = ops[best[0]:best[1] + 1] if best else ops
     return [op.split(".")[0] for _, op, _ in body if op not in ("NOP",)]
 
@@ -161,7 +187,7 @@ def count(spec_name: str, kind: str, config: dict[str, Any] | None, m: int, n: i
         cfg = dict(config or default_config(kind, spec, m, n, M))
         kernel, per_iter = compile_kernel(spec, kind, cfg, m, n, pdl=pdl)
     sass = _sass(kernel.asm["cubin"])
-    body = loop_body(sass)
+    body = decode_partition_loop(sass) if kind == "wgmma" and cfg.get("WS") else loop_body(sass)
     mix = collections.Counter(body)
     # griddepcontrol.wait / .launch_dependents (programmatic dependent launch) compile to these
     pdl_ops = {op: len(re.findall(rf"\b{op}\b", sass)) for op in ("ACQBULK", "PREEXIT")}

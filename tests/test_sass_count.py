@@ -117,6 +117,22 @@ def test_wgmma_loop_counts_its_hgmmas_and_states(pipe):
     assert 6 < r["per_state"] < 20 and r["stack"] == 0, r
 
 
+def test_ws_decode_loop_is_the_partitions_own():
+    """The warp-specialized form (WS = 1): the count is of its decode partition's k loop (16 table reads, the A tile
+    stored by stmatrix, no MMA), not of the loop that dispatches the partition (the kernel's largest); and
+    decode_partition_loop refuses a kernel without one."""
+    pytest.importorskip("triton.experimental.gluon")
+    cfg = {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "SPLIT_K": 1, "table": "shared16", "WS": 1}
+    r, = compiled("L16K2V2-hyb9", config=cfg, kind="wgmma")
+    ops = r["opcodes"]
+    assert r["states_per_thread_iter"] == 16 and ops.get("LDS") == 16 and ops.get("STSM", 0) >= 1, r
+    assert "HGMMA" not in ops and r["stack"] == 0 and 5 < r["per_state"] < 15, r
+    sass_count = load_script("sass_count")
+    with pytest.raises(ValueError, match="no decode loop"):
+        sass_count.decode_partition_loop("        /*0000*/                   LDS R1, [R2] ;\n"
+                                         "        /*0010*/                   BRA 0x0 ;\n")
+
+
 def test_mma_gemv_compiles_to_hmma_in_the_layout_it_needs():
     """The mma gemv (codegen/mma.py) for sm_90: one HMMA per four states, no shared-memory staging beyond the
     code table, fewer instructions per state than the CUDA-core gemv; Triton lays the word tile out as
