@@ -455,8 +455,9 @@ def test_ws_config_checks():
 
     base = {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1}
     assert check_config(base) == (1, 512, 8, 2) and warp_specialized(base) == 1
+    assert check_config({**base, "WS": True}) == (1, 512, 8, 2) and warp_specialized({**base, "WS": True}) == 1
     for bad, why in (({**base, "num_warps": 4}, "num_warps=8"), ({**base, "BLOCK_M": 32}, "BLOCK_M >= 64"),
-                     ({**base, "WS": 0}, "512 with WS=1"), ({**base, "WS": True}, "WS=True"),
+                     ({**base, "WS": 0}, "512 with WS=1"), ({**base, "WS": 2}, "WS=2"), ({**base, "WS": "1"}, "WS='1'"),
                      ({**base, "PIPE": 1}, "neither PIPE"), ({**base, "ABLATE": 1}, "neither PIPE")):
         with pytest.raises(ValueError, match=why):
             check_config(bad)
@@ -496,3 +497,30 @@ def test_ws_source_and_sm90_compile(cfg, monkeypatch):
 
         ring = (cfg["STAGES"] + table_slots(cfg, 512)) * cfg["BLOCK_M"] * 64 * cfg["E"] * 2
         assert ring_at_zero(k.asm["ptx"], ring)
+
+
+def test_ws_space_follows_its_switch(monkeypatch):
+    """QTIP_TRITON_WGMMA_WS: off (the default) the space has no WS config; on, it lists the form from 256 tokens
+    (512 tokens a program from the 512 bucket up), every config passing the launcher's checks and fitting shared memory,
+    with WS the boolean True (its own family for the tuner); anything but 0/1 is a clear error."""
+    from qtip_triton.autotune.space import _families
+    from qtip_triton.kernels import wgmma_configs
+
+    monkeypatch.delenv("QTIP_TRITON_WGMMA_WS", raising=False)
+    assert not any(c.get("WS") for c in wgmma_configs.config_space(SPEC, 8192, 8192, 512))
+    monkeypatch.setenv("QTIP_TRITON_WGMMA_WS", "1")
+    assert wgmma_configs.ws_space(SPEC, 8192, 8192, 128) == []
+    at256 = wgmma_configs.ws_space(SPEC, 8192, 8192, 256)
+    at512 = wgmma_configs.ws_space(SPEC, 8192, 8192, 512)
+    assert {c["BLOCK_M"] for c in at256} == {256} and {c["BLOCK_M"] for c in at512} == {512}
+    assert len(at512) >= 12 and {c["table"] for c in at512} == {"gather", "shared16", "shared32"}
+    for cfg in at512:
+        assert cfg["WS"] is True and check_config(cfg)[1] == cfg["BLOCK_M"]
+        assert wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT
+    space = wgmma_configs.config_space(SPEC, 8192, 8192, 512)
+    default = wgmma_configs.default_config(SPEC, 8192, 8192, 512)
+    families = _families(space, default)
+    assert any(all(c.get("WS") for c in members) and members for _, members in families[1:])
+    monkeypatch.setenv("QTIP_TRITON_WGMMA_WS", "yes")
+    with pytest.raises(ValueError, match="QTIP_TRITON_WGMMA_WS"):
+        wgmma_configs.ws_on()

@@ -54,7 +54,8 @@ def check_config(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
     bm = config.get("BLOCK_M", 64)
     nw = config.get("num_warps", 4)
     st = config.get("STAGES", 3)
-    allowed = WGMMA_BLOCK_M + ((512,) if config.get("WS") == 1 else ())
+    ws = warp_specialized(config)
+    allowed = WGMMA_BLOCK_M + ((512,) if ws else ())
     if bm not in allowed:
         raise ValueError(f"wgmma config BLOCK_M={bm!r} must be one of {allowed} (tokens per program"
                          + ("" if 512 in allowed else "; 512 with WS=1") + ")")
@@ -62,7 +63,7 @@ def check_config(config: Mapping[str, Any]) -> tuple[int, int, int, int]:
         raise ValueError(f"wgmma config num_warps={nw!r} must be one of {WGMMA_WARPS} (warpgroups of 64 rows)")
     if not isinstance(st, int) or not 2 <= st <= 6:
         raise ValueError(f"wgmma config STAGES={st!r} must be an int in [2, 6] (x tiles in flight)")
-    if warp_specialized(config):
+    if ws:
         if nw != 8:
             raise ValueError(f"wgmma config WS=1 needs num_warps=8 (two MMA warpgroups), got {nw}")
         if bm < 64:
@@ -200,11 +201,11 @@ def warp_specialized(config: Mapping[str, Any]) -> int:
     registers), ``BLOCK_M`` >= 64 (each warpgroup's MMA at least 32 tokens wide; :func:`check_config` checks the
     launch keys). Opt-in until timed on a GPU."""
     ws = config.get("WS", 0)
-    if ws not in (0, 1) or isinstance(ws, bool):
+    if ws not in (0, 1):  # True / False too: the tuned space writes True (a variant flag, like the gemv's mma)
         raise ValueError(f"wgmma config WS={ws!r} must be 0 or 1 (1: the warp-specialized shared-A form)")
     if ws and (pipelined(config) or ablated(config)):
         raise ValueError("wgmma config WS=1 takes neither PIPE=1 (A is in shared memory) nor ABLATE=1")
-    return ws
+    return int(ws)
 
 
 def _check_plan(plan: TilePlan) -> None:

@@ -63,7 +63,9 @@ CONFIG_VERSION = "1"
 # wgmma from 16 tokens: at M = 16 it beat the shipped mma gemv at 28672x8192 (84.4 against 99.3 µs, decode-matmul
 # alone; H100, bench/results/h100-80gb-hbm3-2026-12-06-session24-wgmma-small.md) and tied it at 8192^2 (32.5 / 32.0),
 # though the heuristic keeps the gemv there.
-TUNE_RANGES = {"wgmma": (16, WGMMA_MAX_M)}
+# With the warp-specialized form in the space (QTIP_TRITON_WGMMA_WS=1, read once at import: set it for the tuning
+# process), up to 2048 tokens, where decompress + cuBLAS now serves.
+TUNE_RANGES = {"wgmma": (16, wgmma_configs.WS_MAX_M if wgmma_configs.ws_on() else WGMMA_MAX_M)}
 # config keys that trade accuracy for speed: the tuner times configs with one of these on only when asked
 # (``qtip-triton autotune --fp16-accumulation``); the registry serves them once stored, like any config.
 # hfma: fp16x2 multiply-adds, 8 products per fp16 partial (relative error ~5e-4 of the output against ~2e-7).

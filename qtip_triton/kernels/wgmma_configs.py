@@ -36,6 +36,21 @@ def heuristic_on() -> bool:
     return raw == "1"
 
 
+WS_ENV = "QTIP_TRITON_WGMMA_WS"  # "1": the tuned space has the warp-specialized form (WS) from 256 tokens
+WS_DEFAULT = "0"  # off until its GPU tests pass and it is timed: session 25 wrote it with no GPU left to run it on
+WS_MAX_M = 2048  # with WS on, the tuner times the kind up to here (one decode per 512 tokens against Ŵ's round trip)
+
+
+def ws_on() -> bool:
+    """Whether the kind's tuned space lists the warp-specialized form (``QTIP_TRITON_WGMMA_WS``, default off). Why a
+    switch: a file tuned with it stores WS configs, and the registry serves a stored config only if the space lists
+    it, so the space, not just the tuner, follows the switch; it goes on by default once the form is measured."""
+    raw = os.environ.get(WS_ENV, WS_DEFAULT).strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{WS_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
@@ -175,4 +190,26 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
                              words_ahead(spec))
     configs = (_cfg(E, bm, nw, stages, split, table, pipe, wpf)
                for bm, E, nw, stages, split, table, pipe, wpf in grid if not (E == 4 and bm > 64) and (pipe or wpf == 1))
-    return [cfg for cfg in configs if _fits(cfg, n, words)]
+    return [cfg for cfg in configs if _fits(cfg, n, words)] + ws_space(spec, m, n, M)
+
+
+def ws_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
+    """The warp-specialized form's configs (with :func:`ws_on`, from 256 tokens): E 1, 256 tokens a program at the
+    256 bucket and 512 from the 512 bucket up (the point of the form: one decode per 512 tokens; and the tuner starts
+    the form's family from its member nearest the register-A default, which must then be a 512-token one), 2-4 x
+    tiles, split-K 1-4, the table gathered or in 16/32 shared copies, the next step's words loaded ahead or not.
+    ``WS`` is the boolean ``True``, so the tuner gives the form a budget of its own (a family, like the gemv's
+    ``mma``), not the leftovers of the register-A kernel's neighbours."""
+    if not ws_on() or M < 256:
+        return []
+    words = table_words(spec)
+    tables = ("gather", "shared16", "shared32") if words else ("gather",)
+    out = []
+    for bm, stages, split, table, wpf in itertools.product((512,) if M >= 512 else (256,), (2, 3, 4), (1, 2, 4), tables,
+                                                           (1, 0)):
+        cfg = {"E": 1, "BLOCK_M": bm, "num_warps": 8, "STAGES": stages, "SPLIT_K": split, "WPF": wpf, "table": table,
+               "PIPE": 0, "WS": True}
+        steps = n // TILE // 4
+        if n // TILE % 4 == 0 and steps % split == 0 and steps // split >= 2 and smem_bytes(cfg, words) <= SMEM_LIMIT:
+            out.append(cfg)
+    return out
