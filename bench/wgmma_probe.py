@@ -73,7 +73,9 @@ def run_config(pw, hw: torch.Tensor, ref: torch.Tensor, cfg: dict, rotation) -> 
 
 def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
     """What each half of the kernel costs alone, on the same grid: ``mma_only_us`` the config with ``ABLATE=1`` (the
-    k loop multiplies without decoding: MMAs, x by TMA, epilogue), ``decode_only_us`` the config with 16-token
+    k loop multiplies without decoding: MMAs, x by TMA, epilogue), ``x_only_us`` with ``ABLATE=2`` (x streamed
+    through the ring alone: if about ``mma_only_us``, x's re-reads from the L2, not the tensor cores, set the MMAs'
+    pace), ``decode_only_us`` the config with 16-token
     programs on as many 16-token tiles as the config has token tiles (every weight decoded as often, the MMAs 16x
     smaller). Why: if the kernel takes about its MMA-only time, the tensor-core work (as this structure issues it)
     is its floor; if about its decode-only time, the decode is."""
@@ -88,6 +90,7 @@ def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
             out[key.replace("_us", "_error")] = _failure(e, 200)
 
     timed("mma_only_us", {**cfg, "ABLATE": 1}, h)
+    timed("x_only_us", {**cfg, "ABLATE": 2}, h)
     tiles = -(-M // bm)
     timed("decode_only_us", {**cfg, "BLOCK_M": 16}, torch.randn(16 * tiles, h.shape[1], device=h.device).half())
     return out
@@ -141,24 +144,25 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{shipped['kernel_us']:.1f}) err {rec['rel_err']:.1e}"
                                        + (f" rot {rec['ratio_rot']:.2f}x" if "ratio_rot" in rec else "")
                                        + (f" | mma only {rec['mma_only_us']:.1f}" if "mma_only_us" in rec else "")
+                                       + (f" | x only {rec['x_only_us']:.1f}" if "x_only_us" in rec else "")
                                        + (f" | decode only {rec['decode_only_us']:.1f}" if "decode_only_us" in rec else ""))
             print(f"[{time.time() - t0:6.1f}s] {m}x{n} M={M} {cfg}: {msg}", flush=True)
         del pw, qw, w64, w16, rotation
         torch.cuda.empty_cache()
     md = ["| shape | M | config | µs | fp16 µs | ratio | rotated ratio | shipped kind | shipped µs | rel err "
-          "| MMA only µs | decode only µs |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| MMA only µs | x only µs | decode only µs |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         cs = (f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} "
               f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}"
               + (" ws" if c.get("WS") else "") + (" out16" if c.get("OUT16") else ""))
         if "error" in r:
-            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | |")
+            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | | |")
             continue
         rot = f"{r['ratio_rot']:.2f}" if "ratio_rot" in r else ""
         abl = " | ".join(f"{r[k]:.1f}" if k in r else r.get(k.replace("_us", "_error"), "")[:60]
-                         for k in ("mma_only_us", "decode_only_us"))
+                         for k in ("mma_only_us", "x_only_us", "decode_only_us"))
         md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['ratio']:.2f} | "
                   f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} | {abl} |")
     jp, mp = write_results(args.out, args.tag, {"env": environment(), "rows": rows}, "\n".join(md) + "\n")

@@ -119,7 +119,9 @@ def test_bad_configs_and_shapes_raise_clear_errors():
     with pytest.raises(ValueError, match="QTIP's layout"):
         emit_wgmma(TrellisSpec(16, 2, 1, "1mad"), {})
     with pytest.raises(ValueError, match="ABLATE="):
-        ablated({"ABLATE": 2})
+        ablated({"ABLATE": 3})
+    with pytest.raises(ValueError, match="ABLATE="):
+        ablated({"ABLATE": True})
 
 
 @pytest.mark.parametrize("pipe", [0, 1])
@@ -139,6 +141,25 @@ def test_ablated_source_multiplies_without_decoding(monkeypatch, pipe):
     k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 1}, n=1024)
     sass = _sass(k.asm["cubin"])
     assert sass.count("HGMMA.64x128x16.F32") >= 4 * (1 + pipe) and "LDS" not in sass.split("HGMMA")[1]
+
+
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_ablated_2_streams_x_alone(monkeypatch, pipe):
+    """ABLATE = 2 (measurement only): the k loop keeps x's mbarrier waits and TMA refills and nothing else (no MMA,
+    no MMA wait, no word loads); compiled for sm_90 its SASS has no HGMMA and still its TMA loads."""
+    cfg = {"E": 1, "PIPE": pipe, "table": "shared32"}
+    abl = emit_wgmma(SPEC, {**cfg, "ABLATE": 2})
+    assert "only streams x" in abl
+    loop = abl.split("for it in range")[1].split("for i in gl.static_range(STAGES):")[0]
+    assert "warpgroup_mma(" not in loop and "mbarrier.wait(bars.index(slot)" in loop
+    assert "tma.async_copy_global_to_shared" in loop and "gl.load(W" not in loop
+    pytest.importorskip("triton.experimental.gluon")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from qtip_triton.kernels.wgmma import compile_offline
+
+    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 2}, n=1024)
+    sass = _sass(k.asm["cubin"])
+    assert "HGMMA" not in sass and "UTMALDG" in sass
 
 
 def test_source_is_readable_gluon():

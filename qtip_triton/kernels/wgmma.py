@@ -62,7 +62,7 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
     src = {"E": config.get("E", 1), "WPF": word_prefetch(config), "PIPE": pipelined(config),
            "table": config.get("table", "gather")}
     if ablated(config):  # measurement only (bench/wgmma_probe.py --ablate)
-        src["ABLATE"] = 1
+        src["ABLATE"] = ablated(config)
     if out16(config):  # the partial in fp16 (SPLIT_K = 1 only)
         src["OUT16"] = 1
     if warp_specialized(config):  # the shared-A form (codegen/wgmma_ws.py)
