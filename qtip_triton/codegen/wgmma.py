@@ -124,6 +124,19 @@ WORD_OFFSETS = (
 )
 
 
+def a_tile_lines(var: str, tree: str, warps: str | int, E: int) -> list[str]:
+    """Source setting ``var`` to the [2 RB, BK] fp16 A tile of one k step from ``tree`` (the join of the 16 packed
+    states into [RB, CB, c, q1, q0, h]): rows 16 w + 8 c + g, columns 64 e + 16 q + 8 h + 2 t + j, the order h is
+    stored in (:func:`wgmma_input_order`). One place for it: the register-A kernel and the warp-specialized form's
+    decode partition must agree on it, ``warps`` being the warps that decode."""
+    return ["# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
+            f"st = {tree}",
+            f"{var} = gl.join(_f16_lo(st), _f16_hi(st))",
+            f"{var} = gl.reshape({var}, [{warps}, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
+            f"{var} = gl.permute({var}, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
+            f"{var} = gl.reshape({var}, [2 * RB, BK])"]
+
+
 def table_mode(config: Mapping[str, Any]) -> tuple[str, int]:
     """Config ``table``: ("gather", 1), or ("shared", R) for R lane-interleaved copies written once to shared
     memory (lane l reads copy l % R: 32 copies put every lane on its own bank). Why: ``gl.gather`` re-stages its
@@ -354,12 +367,8 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
         s(f"_fill_table(tbl, gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])), {rep}, "
           "toff)")
     def assemble(var: str) -> None:
-        s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
-          f"st = {tree}",
-          f"{var} = gl.join(_f16_lo(st), _f16_hi(st))",
-          f"{var} = gl.reshape({var}, [num_warps, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
-          f"{var} = gl.permute({var}, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
-          f"{var} = gl.convert_layout(gl.reshape({var}, [2 * RB, BK]), a_layout, assert_trivial=True)")
+        s(*a_tile_lines(var, tree, "num_warps", E),
+          f"{var} = gl.convert_layout({var}, a_layout, assert_trivial=True)")
 
     if pipe:
         _two_buffer_loop(s, loads, decode, assemble, ablate, ahead=2 if wpf == 2 else 1)

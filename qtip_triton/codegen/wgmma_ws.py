@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qtip_triton.codegen.wgmma import WORD_OFFSETS
+from qtip_triton.codegen.wgmma import WORD_OFFSETS, a_tile_lines
 
 WS_ROWS = 64  # output rows per program: the decode partition's 4 warps x 16
 WS_ASTAGES = 3  # A tiles in the ring: two MMAs may read while the decode fills the third
@@ -172,13 +172,7 @@ def _decode_partition(s, args: str, *, E: int, mode: str, rep: int, table_words:
         for name, off in loads:
             s(f"{name}_n = gl.load(W + {off} + CB, mask=it + 1 < ITERS, other=0)  # step it + 1's words, ahead")
     s.lines.extend(decode)
-    s("# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j), in the",
-      "# register-A kernel's A order: rows 16 w + 8 c + g, columns 64 e + 16 q + 8 h + 2 t + j",
-      f"st = {tree}",
-      "a = gl.join(_f16_lo(st), _f16_hi(st))",
-      f"a = gl.reshape(a, [{WS_DECODE_WARPS}, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
-      "a = gl.permute(a, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
-      "a = gl.reshape(a, [2 * RB, BK])",
+    s(*a_tile_lines("a", tree, WS_DECODE_WARPS, E),
       "a_s = it % ASTAGES",
       "mbarrier.wait(a_empty.index(a_s), ((it // ASTAGES) & 1) ^ 1)  # its MMA of ASTAGES steps ago has retired",
       "a_smem.index(a_s).store(a)",

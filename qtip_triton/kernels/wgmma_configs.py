@@ -209,7 +209,6 @@ def ws_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
                                                            (1, 0)):
         cfg = {"E": 1, "BLOCK_M": bm, "num_warps": 8, "STAGES": stages, "SPLIT_K": split, "WPF": wpf, "table": table,
                "PIPE": 0, "WS": True}
-        steps = n // TILE // 4
-        if n // TILE % 4 == 0 and steps % split == 0 and steps // split >= 2 and smem_bytes(cfg, words) <= SMEM_LIMIT:
+        if _fits(cfg, n, words):
             out.append(cfg)
     return out
