@@ -9,7 +9,7 @@ import pytest
 import torch
 
 # Triton chooses interpreter or compiled mode when a kernel is decorated, i.e. at its module's first import. Import
-# the kernel modules now, under the session's TRITON_INTERPRET: a test that unsets it (the sm_90 compile tests) and
+# the kernel modules now, under the session's TRITON_INTERPRET: a test that unsets it (test_pdl, test_info) and
 # happens to run first in a worker would otherwise leave them compiled for a GPU this machine does not have.
 import qtip_triton.kernels  # noqa: E402,F401
 

@@ -8,6 +8,8 @@ state-to-fragment placement and the h order together, which a wrong index in eit
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -125,7 +127,7 @@ def test_bad_configs_and_shapes_raise_clear_errors():
 
 
 @pytest.mark.parametrize("pipe", [0, 1])
-def test_ablated_source_multiplies_without_decoding(monkeypatch, pipe):
+def test_ablated_source_multiplies_without_decoding(pipe):
     """ABLATE = 1 (measurement only): the k loop keeps its MMAs and x loads but loses its word loads and table reads,
     and says so in its header; the default source is untouched by the option."""
     cfg = {"E": 1, "PIPE": pipe, "table": "shared32"}
@@ -134,17 +136,12 @@ def test_ablated_source_multiplies_without_decoding(monkeypatch, pipe):
     loop = abl.split("for it in range")[1].split("for i in gl.static_range(STAGES):")[0]
     assert "warpgroup_mma(" in loop and "tma.async_copy_global_to_shared" in loop
     assert "gl.load(W" not in loop and "_lds(" not in loop and "ABLATE: no decode" in loop
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import compile_offline
-
-    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 1}, n=1024)
-    sass = _sass(k.asm["cubin"])
+    sass = _compiled({"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 1}, 1024).sass
     assert sass.count("HGMMA.64x128x16.F32") >= 4 * (1 + pipe) and "LDS" not in sass.split("HGMMA")[1]
 
 
 @pytest.mark.parametrize("pipe", [0, 1])
-def test_ablated_2_streams_x_alone(monkeypatch, pipe):
+def test_ablated_2_streams_x_alone(pipe):
     """ABLATE = 2 (measurement only): the k loop keeps x's mbarrier waits and TMA refills and nothing else (no MMA,
     no MMA wait, no word loads); compiled for sm_90 its SASS has no HGMMA and still its TMA loads."""
     cfg = {"E": 1, "PIPE": pipe, "table": "shared32"}
@@ -153,12 +150,7 @@ def test_ablated_2_streams_x_alone(monkeypatch, pipe):
     loop = abl.split("for it in range")[1].split("for i in gl.static_range(STAGES):")[0]
     assert "warpgroup_mma(" not in loop and "mbarrier.wait(bars.index(slot)" in loop
     assert "tma.async_copy_global_to_shared" in loop and "gl.load(W" not in loop
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import compile_offline
-
-    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 2}, n=1024)
-    sass = _sass(k.asm["cubin"])
+    sass = _compiled({"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, **cfg, "ABLATE": 2}, 1024).sass
     assert "HGMMA" not in sass and "UTMALDG" in sass
 
 
@@ -169,23 +161,41 @@ def test_source_is_readable_gluon():
     assert "assert_trivial=True" in src  # the A placement is proven register-only at compile time
 
 
-def _sass(cubin: bytes) -> str:
-    from qtip_triton.codegen.nvtools import has_cuobjdump
-    from qtip_triton.kernels.wgmma import sass_of
+_COMPILE = """
+import json, sys
+from qtip_triton.kernels.wgmma import compile_offline, sass_of
+from qtip_triton.spec import TrellisSpec
+k = compile_offline(TrellisSpec.parse(sys.argv[1]), json.loads(sys.argv[2]), n=int(sys.argv[3]))
+json.dump({"shared": k.metadata.shared, "ptx": k.asm["ptx"], "sass": sass_of(k.asm["cubin"])}, sys.stdout)
+"""
 
+
+def _compiled(cfg: dict, n: int, spec: TrellisSpec = SPEC) -> SimpleNamespace:
+    """The kernel compiled for sm_90 (no GPU: ptxas ships with Triton): its shared memory, PTX and SASS.
+
+    Why a fresh process without TRITON_INTERPRET: the suite runs Triton's interpreter, and once a process has run
+    an interpreted kernel, compiling a Gluon kernel in it fails (``'ir.value' object has no attribute 'dtype'``)
+    unless Triton's cache already holds the result, so an in-process compile passed only on a warm cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from qtip_triton.codegen.nvtools import has_cuobjdump
+
+    pytest.importorskip("triton.experimental.gluon")
     if not has_cuobjdump():
         pytest.skip("no cuobjdump with this Triton")
-    return sass_of(cubin)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE, spec.name, json.dumps(cfg), str(n)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return SimpleNamespace(**json.loads(out.stdout))
 
 
-def test_compiles_for_sm90_with_register_a_and_no_spills(monkeypatch):
+def test_compiles_for_sm90_with_register_a_and_no_spills():
     """The generated source compiles for the H100 here: register-A HGMMAs, TMA loads of x, no local memory."""
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import compile_offline
-
-    k = compile_offline(SPEC, {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3}, n=1024)
-    sass = _sass(k.asm["cubin"])
+    sass = _compiled({"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3}, 1024).sass
     hgmma = [line for line in sass.splitlines() if "HGMMA.64x64x16.F32" in line]
     assert len(hgmma) == 4  # one per 16 columns of the 64-column k step
     assert all("gdesc" in line and ", R" in line.split("HGMMA")[1] for line in hgmma)  # A from registers
@@ -194,20 +204,18 @@ def test_compiles_for_sm90_with_register_a_and_no_spills(monkeypatch):
 
 
 @pytest.mark.parametrize("table,slots", [("shared1", 1), ("shared32", 4)])
-def test_shared_table_sits_past_the_ring_at_offset_zero(monkeypatch, table, slots):
+def test_shared_table_sits_past_the_ring_at_offset_zero(table, slots):
     """The shared table modes address their table from the start of shared memory, past the x ring: the compiled
     kernel must place the ring at offset 0 (the launcher refuses the config otherwise), with room for the table."""
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import compile_offline, ring_at_zero
+    from qtip_triton.kernels.wgmma import ring_at_zero
 
     cfg = {"E": 1, "BLOCK_M": 128, "num_warps": 4, "STAGES": 2, "table": table}
     assert table_slots(cfg, 512) == slots  # 512 words x R copies in 16 KB tiles
-    k = compile_offline(SPEC, cfg, n=1024)
+    k = _compiled(cfg, 1024)
     ring = (2 + slots) * 128 * 64 * 2
-    assert ring_at_zero(k.asm["ptx"], ring)
-    assert not ring_at_zero(k.asm["ptx"], ring + 16)  # the check can fail: no barrier lies that far out
-    assert k.metadata.shared >= ring
+    assert ring_at_zero(k.ptx, ring)
+    assert not ring_at_zero(k.ptx, ring + 16)  # the check can fail: no barrier lies that far out
+    assert k.shared >= ring
 
 
 @pytest.mark.parametrize("cfg", [
@@ -215,14 +223,12 @@ def test_shared_table_sits_past_the_ring_at_offset_zero(monkeypatch, table, slot
     {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "table": "shared16"},
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
 ], ids=["m256-w8", "m16-shared16", "m256-w8-pipe"])
-def test_no_write_to_a_registers_while_their_wgmma_runs(monkeypatch, cfg):
+def test_no_write_to_a_registers_while_their_wgmma_runs(cfg):
     """The SASS of the main loop never writes an A register of an HGMMA that has not been waited for (the first
     kernel did, 47 times at these configs, and gave NaN on the H100; the checker finds those writes)."""
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import a_register_hazards, compile_offline
+    from qtip_triton.kernels.wgmma import a_register_hazards
 
-    sass = _sass(compile_offline(SPEC, cfg, n=2048).asm["cubin"])
+    sass = _compiled(cfg, 2048).sass
     assert "HGMMA" in sass
     assert a_register_hazards(sass) == []
 
@@ -289,19 +295,16 @@ def test_space_and_default_launch_on_the_shape(m, n, M):
     assert {c["PIPE"] for c in space} == {0, 1} and {c["table"] for c in space} == {"gather", "shared16", "shared32"}
 
 
-def test_smem_estimate_bounds_the_compiled_kernel(monkeypatch):
+def test_smem_estimate_bounds_the_compiled_kernel():
     """The space's shared memory bound is an upper bound of what the compiled kernel allocates (its largest
     configs compiled for sm_90 here)."""
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from qtip_triton.kernels import wgmma_configs
-    from qtip_triton.kernels.wgmma import compile_offline
 
     space = wgmma_configs.config_space(SPEC, 8192, 8192, 256)
     for table in ("gather", "shared32"):
         cfg = max((c for c in space if c["table"] == table), key=lambda c: wgmma_configs.smem_bytes(c, 512))
-        k = compile_offline(SPEC, cfg, n=8192)
-        assert k.metadata.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT, cfg
+        k = _compiled(cfg, 8192)
+        assert k.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT, cfg
 
 
 def test_heuristic_switch(monkeypatch):
@@ -404,7 +407,7 @@ def test_default_up_to_64_tokens_is_the_session24_winner():
     assert small["BLOCK_M"] == 64 and small["num_warps"] == 4 and small["SPLIT_K"] * small["E"] <= 2
 
 
-def test_out16_stores_one_fp16_partial(monkeypatch):
+def test_out16_stores_one_fp16_partial():
     """OUT16 = 1 (opt-in): the epilogue stores the accumulators as fp16, only with one split; compiled for sm_90 the
     kernel takes an fp16 Y; the default source is untouched by the option."""
     from qtip_triton.codegen.wgmma import out16
@@ -417,12 +420,7 @@ def test_out16_stores_one_fp16_partial(monkeypatch):
         out16({"OUT16": 1, "SPLIT_K": 2})
     with pytest.raises(ValueError, match="OUT16="):
         out16({"OUT16": True})
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from qtip_triton.kernels.wgmma import compile_offline
-
-    k = compile_offline(SPEC, {"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, **cfg, "OUT16": 1}, n=1024)
-    sass = _sass(k.asm["cubin"])
+    sass = _compiled({"BLOCK_M": 128, "num_warps": 8, "STAGES": 4, "SPLIT_K": 1, **cfg, "OUT16": 1}, 1024).sass
     assert "HGMMA.64x128x16.F32" in sass and ("F2F.F16.F32" in sass or "F2FP.F16.F32.PACK_AB" in sass)
 
 
@@ -486,7 +484,7 @@ def test_ws_config_checks():
 
 
 @pytest.mark.parametrize("cfg", WS_CONFIGS, ids=lambda c: f"{c['BLOCK_M']}tok-{c['table']}-E{c['E']}")
-def test_ws_source_and_sm90_compile(cfg, monkeypatch):
+def test_ws_source_and_sm90_compile(cfg):
     """The warp-specialized form: a decode partition of 4 warps storing A tiles into a shared ring, the kernel's 8
     warps multiplying them with two warpgroups along the tokens; compiled for sm_90 (12 warps, within the launch's
     register cap, no spills), in the shared memory its estimate bounds, x ring at offset 0 where a shared table needs
@@ -500,24 +498,22 @@ def test_ws_source_and_sm90_compile(cfg, monkeypatch):
     assert "warps_per_cta=[4, 2]" in src and "instr_shape=[16, BLOCK_M // 2, 16]" in src
     plain = emit_wgmma(SPEC, {"E": cfg["E"], "table": cfg["table"]})
     assert "warp_specialize" not in plain
-    pytest.importorskip("triton.experimental.gluon")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     import re
 
     from qtip_triton.kernels import wgmma_configs
-    from qtip_triton.kernels.wgmma import compile_offline, ring_at_zero, sass_of
+    from qtip_triton.kernels.wgmma import ring_at_zero
 
-    k = compile_offline(SPEC, cfg, n=8192)
-    assert ".reqntid 384" in k.asm["ptx"]  # 8 MMA warps + 4 decode warps
-    assert k.metadata.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT
-    sass = sass_of(k.asm["cubin"])
+    k = _compiled(cfg, 8192)
+    assert ".reqntid 384" in k.ptx  # 8 MMA warps + 4 decode warps
+    assert k.shared <= wgmma_configs.smem_bytes(cfg, 512) <= wgmma_configs.SMEM_LIMIT
+    sass = k.sass
     assert not re.search(r"\b(STL|LDL)\b", sass), "the warp-specialized kernel spills"
     assert "HGMMA" in sass
     if cfg["table"] != "gather":
         from qtip_triton.codegen.wgmma import table_slots
 
         ring = (cfg["STAGES"] + table_slots(cfg, 512)) * cfg["BLOCK_M"] * 64 * cfg["E"] * 2
-        assert ring_at_zero(k.asm["ptx"], ring)
+        assert ring_at_zero(k.ptx, ring)
 
 
 def test_ws_space_follows_its_switch(monkeypatch):
