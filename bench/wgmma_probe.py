@@ -7,7 +7,7 @@ recorded with its error, not fatal.
 
     python bench/wgmma_probe.py --points 8192x8192:256,28672x8192:256 \
         --configs '[{"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "SPLIT_K": 2}]'
-    python bench/wgmma_probe.py --ablate ...   # + each config's MMAs alone and its decode alone (same grid)
+    python bench/wgmma_probe.py --ablate ...   # + each config's MMAs, x stream and decode alone (same grid)
 """
 
 from __future__ import annotations
@@ -75,9 +75,8 @@ def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
     """What each half of the kernel costs alone, on the same grid: ``mma_only_us`` the config with ``ABLATE=1`` (the
     k loop multiplies without decoding: MMAs, x by TMA, epilogue), ``x_only_us`` with ``ABLATE=2`` (x streamed
     through the ring alone: if about ``mma_only_us``, x's re-reads from the L2, not the tensor cores, set the MMAs'
-    pace), ``decode_only_us`` the config with 16-token
-    programs on as many 16-token tiles as the config has token tiles (every weight decoded as often, the MMAs 16x
-    smaller). Why: if the kernel takes about its MMA-only time, the tensor-core work (as this structure issues it)
+    pace), ``decode_only_us`` the config with 16-token programs on as many 16-token tiles as the config has token
+    tiles (every weight decoded as often, the MMAs 16x smaller). Why: if the kernel takes about its MMA-only time, the tensor-core work (as this structure issues it)
     is its floor; if about its decode-only time, the decode is."""
     E, bm, M = cfg.get("E", 1), cfg["BLOCK_M"], h.shape[0]
     out: dict = {}
@@ -103,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--rotate", action="store_true", help="also time rotated over weight copies")
     ap.add_argument("--ablate", action="store_true",
-                    help="also time each config's MMAs alone (ABLATE=1) and its decode alone (16-token programs)")
+                    help="also time each config's MMAs alone (ABLATE=1), x streamed alone (ABLATE=2) and its decode "
+                         "alone (16-token programs)")
     ap.add_argument("--tag", default="wgmma-probe")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
