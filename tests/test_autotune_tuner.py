@@ -354,3 +354,19 @@ def test_kinds_command_merges_by_time_and_refuses_bad_use(tmp_path):
             cmd_autotune.autotune(_args(tmp_path, **bad), api3, fake_bench(api3), WORKLOAD, H100, VERS,
                                   out=io.StringIO())
         assert not api3.log
+
+
+def test_autotune_command_names_the_configs_that_failed_to_compile(tmp_path):
+    api, clock = FakeAPI(seed=3), FakeClock()
+
+    def compile_fn(jobs, workers, deadline_s):
+        return {job: f"OutOfResources: shared memory {i}" for i, job in enumerate(jobs[:7])}
+
+    out = io.StringIO()
+    assert cmd_autotune.autotune(_args(tmp_path, jobs=4, max_minutes=2), api, fake_bench(api, clock, 0.0), WORKLOAD,
+                                 H100, VERS, clock=clock, out=out, compile_fn=compile_fn) == 0
+    text = out.getvalue()
+    assert "(7 failed to compile)" in text
+    failed = [line for line in text.splitlines() if line.startswith("  failed: ")]
+    assert len(failed) == 5 and "OutOfResources: shared memory 0" in failed[0]
+    assert "  ... and 2 more" in text

@@ -192,6 +192,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         errors = compile_fn(compile_jobs, jobs, COMPILE_SHARE * deadline)
         print(f"compiled {len(variants)} kernels in {clock() - start:.0f} s with {jobs} processes "
               f"({len(errors)} failed to compile)", file=out)
+        for line in failure_lines(errors):
+            print(line, file=out)
     report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                   deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
                   check=not args.no_check, quick=quick, screen=args.screen, planned=planned, rotated=rotated,
@@ -205,6 +207,16 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         print("no entry was tuned; nothing written", file=out)
     summarize(report, out)
     return 0 if entries else 1
+
+
+def failure_lines(errors: dict, shown: int = 5) -> list[str]:
+    """The compile failures by name: a count alone hides whether a whole family (every config of one kind) is
+    out of the search, which would skew what the file ships."""
+    lines = [f"  failed: {job.kind} {job.spec} {job.out_features}x{job.in_features} M={job.M} "
+             f"{dict(job.config)}: {err}" for job, err in list(errors.items())[:shown]]
+    if len(errors) > shown:
+        lines.append(f"  ... and {len(errors) - shown} more")
+    return lines
 
 
 def _default_jobs() -> int:
