@@ -167,7 +167,7 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
                     return kernels.launch_fused(kind, x, fused, pws, config, pre, post, out)
             chosen = [_select(qw, M) for qw in qws]
             kind = chosen[0][0]
-            if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, pws):
+            if all(k == kind for k, _ in chosen) and kernels.can_share_input(kind, pws, [c for _, c in chosen]):
                 return kernels.launch_shards(kind, x, pws, [c for _, c in chosen], pre, out, post)
     col = 0
     for qw in qws:

@@ -65,6 +65,7 @@ __all__ = [
     "launch_shards",
     "h_dtype",
     "can_share_input",
+    "wgmma_shares_input",
     "CONFIG_VERSION",
     "KINDS",
     "REDUCED_PRECISION_KEYS",
@@ -312,13 +313,30 @@ def launch(
     return y.reshape(*lead, pw.out_features)
 
 
-def can_share_input(kind: str, pws: list[PreparedWeight]) -> bool:
-    """Whether shards can take one grouped input transform: a decode kind that reads h in the kernel's
-    order (gemv/gemm), one tile plan (so one column order) and one Hadamard block size."""
+WGMMA_SHARED_INPUT_ENV = "QTIP_TRITON_WGMMA_SHARED_INPUT"
+
+
+def wgmma_shares_input() -> bool:
+    """``QTIP_TRITON_WGMMA_SHARED_INPUT=1``: wgmma shards of a fused layer take one grouped input transform and, when
+    equal, one grouped output transform (:func:`launch_shards`), instead of running as separate linears.
+
+    Why a switch, off by default: written without a GPU (session 26). One Llama-2-7B layer at 64 tokens spent 140
+    µs of its 299 in the transforms and launches around the wgmma kind (q/k/v: three linears of three launches
+    each), so grouping should take ~60-70 µs off; it becomes the default once its GPU test passes and a layer times
+    faster with it."""
+    return os.environ.get(WGMMA_SHARED_INPUT_ENV, "0") == "1"
+
+
+def can_share_input(kind: str, pws: list[PreparedWeight], configs: list[Mapping[str, Any]] | None = None) -> bool:
+    """Whether shards can take one grouped input transform: one tile plan (so one column order), one Hadamard block
+    size and a decode kind that reads h in its kernel's order: gemv/gemm, or wgmma (with the switch of
+    :func:`wgmma_shares_input`) when every shard's config has the same E (the order depends on it) and fp32 partials."""
     p0 = pws[0]
-    return kind in ("gemv", "gemm") and all(
-        pw.plan == p0.plan and pw.blocks_in == p0.blocks_in and pw.in_features == p0.in_features for pw in pws
-    )
+    same = all(pw.plan == p0.plan and pw.blocks_in == p0.blocks_in and pw.in_features == p0.in_features for pw in pws)
+    if kind == "wgmma":
+        return (same and wgmma_shares_input() and configs is not None and len(configs) == len(pws)
+                and len({c.get("E", 1) for c in configs}) == 1 and not any(c.get("OUT16") for c in configs))
+    return kind in ("gemv", "gemm") and same
 
 
 def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: torch.Tensor, total: int,
@@ -337,6 +355,12 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
         return None
     if h_order(kind, configs) == "mma":
         return _transform_in_mma(x2, pws[0], pre, h_dtype(kind, configs, x.dtype), (len(pws),))
+    if kind == "wgmma":  # as _wgmma_input, for all shards at once: (shards, rows, in) fp16 in the kernel's order
+        E = configs[0].get("E", 1)
+        gather = gather_after_transform(n, pws[0].blocks_in, x2.shape[0])
+        h = hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, out_dtype=torch.float16,
+                               dst=None if gather else wgmma.input_index(pws[0], E), interpret=interpreting())
+        return h.index_select(2, wgmma.input_gather(pws[0], E)) if gather else h
     return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
                               out_dtype=h_dtype(kind, configs, x.dtype), interpret=interpreting())
 
@@ -409,24 +433,31 @@ def launch_shards(
     size, so a fused layer's count of launches, not its bytes, sets its time.
     """
     pws = [prepare(qw) for qw in qws]
-    if not can_share_input(kind, pws):
-        raise ValueError(f"shards of kinds {kind!r} with different plans or Hadamard blocks cannot share an input transform")
+    if not can_share_input(kind, pws, list(configs)):
+        raise ValueError(f"shards of kind {kind!r} with these plans, Hadamard blocks or configs cannot share an input "
+                         "transform" + (f" (wgmma needs {WGMMA_SHARED_INPUT_ENV}=1, one E, no OUT16)"
+                                        if kind == "wgmma" else ""))
     h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, configs)
     if h is None:
         return out
     order = h_order(kind, configs)
-    splits = [split_count(pw, c) for pw, c in zip(pws, configs, strict=True)]
+
+    def partials(pw: PreparedWeight, hg: torch.Tensor, config: Mapping[str, Any], ws: torch.Tensor | None = None):
+        if kind == "wgmma":
+            return wgmma.decode_matmul(pw, hg, config, out=ws)
+        return decode_matmul(kind, pw, hg, config, h_order=order, ws=ws)
+
+    splits = [config.get("SPLIT_K", 1) if kind == "wgmma" else split_count(pw, config)
+              for pw, config in zip(pws, configs, strict=True)]
     if _one_output_launch(pws, post) and len(set(splits)) == 1:
         parts = torch.empty(len(pws), splits[0], h.shape[-2], pws[0].out_features, dtype=torch.float32, device=x.device)
-        sums = [decode_matmul(kind, pw, h[g], config, h_order=order, ws=parts[g])
-                for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
+        sums = [partials(pw, h[g], config, parts[g]) for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
         if len({p.shape[0] for p in sums}) > 1:  # split-K summed in some kernels only (counters made in capture)
             return _outputs_per_shard(pws, sums, x.dtype, out)
         hadamard.transform(parts[:, :sums[0].shape[0]], pws[0].blocks_out, transpose=False, post=post,
                            out_dtype=x.dtype, interpret=interpreting(), out=out)
         return out
-    parts = [decode_matmul(kind, pw, h[g], config, h_order=order)
-             for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
+    parts = [partials(pw, h[g], config) for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
     return _outputs_per_shard(pws, parts, x.dtype, out)
 
 

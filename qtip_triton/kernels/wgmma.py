@@ -137,9 +137,11 @@ def steps(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
     return nsteps // split, split
 
 
-def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ (with ``OUT16``: one fp16 partial), with ``hw`` (M, in) fp16 in wgmma
-    order (:func:`to_wgmma_order`)."""
+    order (:func:`to_wgmma_order`). ``out``: where to write them (a fused layer's shard of one stacked partials
+    tensor, so that one output transform serves every shard), with unit stride along out_features."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -160,8 +162,15 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     box = tma_box(config)
     layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), box, layout)
-    y = torch.empty(split, M, pw.out_features, dtype=torch.float16 if out16(config) else torch.float32,
-                    device=hw.device)
+    ydtype = torch.float16 if out16(config) else torch.float32
+    if out is None:
+        y = torch.empty(split, M, pw.out_features, dtype=ydtype, device=hw.device)
+    elif (out.shape != (split, M, pw.out_features) or out.dtype != ydtype or out.device != hw.device
+          or out.stride(2) != 1):
+        raise ValueError(f"wgmma out must be ({split}, {M}, {pw.out_features}) {ydtype} on {hw.device} with unit stride "
+                         f"along out_features, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    else:
+        y = out
     grid = (Rtot // rb, split, -(-M // bm))
     words = table_words(pw.spec)  # the same count the kind's space sizes its configs by
     tslots = table_slots(config, words)

@@ -151,3 +151,26 @@ def test_wgmma_is_the_heuristic_kind_between_gemm_and_decompress(monkeypatch):
     y = linear(x, qw)
     ref = qw.reference_forward(x.double())
     assert float((y.double() - ref).norm() / ref.norm()) < 2e-3
+
+
+@pytest.mark.parametrize("outs", [(1024, 1024, 1024), (1024, 512)], ids=["equal", "unequal"])
+@pytest.mark.parametrize("M", [64, 300])
+def test_wgmma_shards_with_one_input_transform_match_reference(monkeypatch, outs, M):
+    """Fused shards on the wgmma kind through launch_shards (QTIP_TRITON_WGMMA_SHARED_INPUT=1): one grouped input
+    transform (scattered into the kernel's order at 64 tokens, natural then gathered at 300), each shard's decode
+    into its slice of one partials tensor, then one grouped output transform (equal shards) or one per shard;
+    every shard's columns against the float64 reference forward."""
+    monkeypatch.setenv(kernels.WGMMA_SHARED_INPUT_ENV, "1")
+    n = 2048
+    qws = [_weight(m, n, 2) for m in outs]
+    pws = [kernels.prepare(qw) for qw in qws]
+    x = torch.randn(M, n, device="cuda").half()
+    ref = torch.cat([qw.reference_forward(x.double()) for qw in qws], -1)
+    pre = torch.stack([qw.SU.float() for qw in qws]).contiguous()
+    post = torch.stack([qw.SV.float() for qw in qws]).contiguous() if len(set(outs)) == 1 else None
+    for cfg in ({"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 2},
+                {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"}):
+        out = torch.full((M, sum(outs)), float("nan"), device="cuda", dtype=torch.float16)
+        kernels.launch_shards("wgmma", x, pws, [cfg] * len(qws), pre, out, post)
+        err = float((out.double() - ref).norm() / ref.norm())
+        assert torch.isfinite(out).all() and err < 2e-3, (cfg, err)

@@ -1,0 +1,58 @@
+"""CPU tests of the wgmma kind's grouped shards (``QTIP_TRITON_WGMMA_SHARED_INPUT``): when shards may share one input
+transform, and that the grouped transform writes each shard's h exactly as that shard's own transform does. The
+decode itself needs a Hopper GPU (tests/gpu/test_wgmma_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_weight import random_qweight
+
+from qtip_triton import TrellisSpec, kernels
+from qtip_triton.kernels import _grouped_input, _wgmma_input, gather_after_transform
+from qtip_triton.kernels.prepare import prepare
+
+SPEC = TrellisSpec.parse("L16K2V2-hyb9")
+CFG = {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 2}
+
+
+def _shards(gen, n: int = 512, outs=(32, 32, 32)):
+    return [prepare(random_qweight(gen, SPEC, m, n, layout="qtip")) for m in outs]
+
+
+def test_wgmma_shards_share_an_input_only_with_the_switch_and_one_E(gen, monkeypatch):
+    pws = _shards(gen)
+    monkeypatch.delenv(kernels.WGMMA_SHARED_INPUT_ENV, raising=False)
+    assert not kernels.can_share_input("wgmma", pws, [CFG] * 3)  # off by default
+    monkeypatch.setenv(kernels.WGMMA_SHARED_INPUT_ENV, "1")
+    assert kernels.can_share_input("wgmma", pws, [CFG] * 3)
+    assert not kernels.can_share_input("wgmma", pws)  # the order depends on each config's E: no configs, no sharing
+    assert not kernels.can_share_input("wgmma", pws, [CFG, CFG, {**CFG, "E": 1}])
+    assert not kernels.can_share_input("wgmma", pws, [CFG, CFG, {**CFG, "OUT16": 1}])  # fp16 partials
+    other = _shards(gen, n=1024, outs=(32,))
+    assert not kernels.can_share_input("wgmma", pws[:2] + other, [CFG] * 3)
+    assert kernels.can_share_input("gemv", pws) and not kernels.can_share_input("decompress", pws)
+
+
+def test_launch_shards_refuses_wgmma_without_the_switch(gen, monkeypatch):
+    monkeypatch.delenv(kernels.WGMMA_SHARED_INPUT_ENV, raising=False)
+    pws = _shards(gen)
+    x = torch.randn(4, 512, generator=gen).half()
+    pre = torch.stack([pw.SU.float() for pw in pws]).contiguous()
+    with pytest.raises(ValueError, match=kernels.WGMMA_SHARED_INPUT_ENV):
+        kernels.launch_shards("wgmma", x, pws, [CFG] * 3, pre, torch.empty(4, 96, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("M", [5, 130])
+def test_grouped_wgmma_input_is_each_shards_own_input(gen, M):
+    """One transform for three shards (their SU stacked) writes, for each shard, the fp16 h in the kernel's order for
+    its E bit for bit as that shard's own input transform (both the scattered store and, where the natural-order
+    transform is the stacked kernel, the natural transform and a gather)."""
+    pws = _shards(gen)
+    x = torch.randn(M, 512, generator=gen).half()
+    pre = torch.stack([pw.SU.float() for pw in pws]).contiguous()
+    out = torch.empty(M, 96, dtype=torch.float16)
+    h = _grouped_input("wgmma", x, pws, pre, 96, out, [CFG] * 3)
+    assert h.shape == (3, M, 512) and h.dtype == torch.float16
+    for g, pw in enumerate(pws):
+        assert torch.equal(h[g], _wgmma_input(pw, x, CFG["E"])), (g, gather_after_transform(512, pw.blocks_in, M))
