@@ -325,9 +325,10 @@ if want ktable; then
 fi
 if want tests; then
   step "GPU tests"
-  # TESTS: test files or node ids to run instead of the whole GPU suite
+  # TESTS: test files or node ids to run instead of the whole GPU suite. TESTS_S: 540 s by default (a cold Triton
+  # cache took over 300 s with 8 workers in session 26: the mma gemv tests compile ~45 s each)
   # shellcheck disable=SC2086
-  timeout -k 10 "${TESTS_S:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
+  timeout -k 10 "${TESTS_S:-540}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
     --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
     >"$WORK/gpu-tests.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests.log" >>"$LOG"
