@@ -16,6 +16,11 @@ it and the gap left. Three floors, each a lower bound on the decode-matmul kerne
   finds still in the L2: a measurement can sit a few % under it where the matmul dominates.
 * tensor core (the wgmma kind only): the matmul's 2 m n M flops at the card's dense fp16 rate (data sheet). The
   kind decodes each weight once per BLOCK_M tokens, so its issue and table floors count ceil(M / BLOCK_M) decodes.
+* measured MMA rate (the wgmma kind, where the card has the figure): the same flops at the fastest rate the kind's
+  MMAs reached alone on that card, with x streamed and no decode (``bench/wgmma_probe.py --ablate``; H100, session
+  26: 93.2 µs at 8192^2 M = 512, 737 TFLOP/s, where cuBLAS's fp16 matmul of the same product took 96.5). Not a law
+  of the hardware like the others, but the rate this MMA structure (and cuBLAS) sustains: with the decode fully
+  hidden the kind runs at about fp16's time, so at M >= 256 the 0.9x bar leaves the decode ~10 % of the MMA time.
 
 The bar is met when fp16 / measured >= the PERF.md ratio. When it is not, the bar's time (fp16 / ratio) is set
 against the largest floor: above it the bar is reachable in principle (the verdict gives how much faster the
@@ -49,7 +54,8 @@ from qtip_triton.spec import TrellisSpec  # noqa: E402
 # per card: SMs, SM clock (GHz, boost), DRAM bandwidth (TB/s) and where that figure comes from
 # and dense fp16 tensor-core TFLOP/s (data sheet, SXM; fp32 accumulate)
 CARDS: dict[str, dict[str, Any]] = {
-    "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)", "tc_tflops": 989.0},
+    "h100": {"sms": 132, "ghz": 1.98, "tbs": 3.0, "tbs_source": "device copy measured (PERF.md)", "tc_tflops": 989.0,
+             "mma_tflops": 737.0, "mma_source": "wgmma MMAs alone, 8192^2 M = 512 (session 26)"},
     "h200": {"sms": 132, "ghz": 1.98, "tbs": 4.8, "tbs_source": "data sheet", "tc_tflops": 989.0},
 }
 # kinds whose programs each take BLOCK_M tokens and decode their weights once per program: a weight is decoded
@@ -88,6 +94,8 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
     if row["kind"] in TILED_KINDS:
         # the same multiply-adds as the fp16 matmul, on the tensor cores at their data-sheet rate
         out["tc_us"] = 2 * m * n * M / (card["tc_tflops"] * 1e12) * 1e6
+        if "mma_tflops" in card:  # and at the rate the kind's MMAs reached alone on this card
+            out["mma_us"] = 2 * m * n * M / (card["mma_tflops"] * 1e12) * 1e6
     if counts is not None:
         out["issue_us"] = states * counts["per_state"] / 32 / (4 * card["sms"] * clock) * 1e6
         wf = WAVEFRONTS.get(str(row.get("config", {}).get("table", "")), 1.0)
@@ -96,9 +104,9 @@ def floors(row: Mapping[str, Any], counts: Mapping[str, float] | None, card: Map
         # Ŵ through memory: the same fp16 cuBLAS matmul as the fp16 column (measured in the same run) plus one
         # write of the fp16 Ŵ at the DRAM bandwidth (writes run slower: a lower bound)
         out["what_us"] = row["fp16_us"] + m * n * 2 / (card["tbs"] * 1e12) * 1e6
-    named = {k: v for k, v in out.items() if k in ("issue_us", "table_us", "dram_us", "what_us", "tc_us")}
+    named = {k: v for k, v in out.items() if k in ("issue_us", "table_us", "dram_us", "what_us", "tc_us", "mma_us")}
     bound = max(named, key=named.get)
-    out["bound"] = {"what_us": "Ŵ round trip", "tc_us": "tensor core"}.get(bound, bound[:-3])
+    out["bound"] = {"what_us": "Ŵ round trip", "tc_us": "tensor core", "mma_us": "measured MMA"}.get(bound, bound[:-3])
     out["floor_us"] = named[bound]
     kernel = row["kernel_us"]
     out["of_floor"] = kernel / out["floor_us"]
@@ -229,10 +237,13 @@ def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], r
              "cuBLAS only) = the fp16 matmul of the same run + one write of the fp16 Ŵ at the DRAM bandwidth, tensor "
              f"core (wgmma only) = the matmul's multiply-adds at {card['tc_tflops']:g} dense fp16 TFLOP/s (data "
              "sheet); wgmma decodes each weight once per BLOCK_M tokens, and its issue floor counts every decode. "
-             "`x floor` = measured / largest floor.", "",
+             + (f"Measured MMA (wgmma only) = the same multiply-adds at {card['mma_tflops']:g} TFLOP/s, the rate the "
+                f"kind's MMAs reached alone on this card ({card['mma_source']}; cuBLAS's fp16 matmul runs about as "
+                "fast): not a hardware bound, the rate this MMA structure sustains. " if "mma_tflops" in card else "")
+             + "`x floor` = measured / largest floor.", "",
              "| out x in | K | M | kind | SASS/state | µs | fp16 µs | ratio | issue µs | table µs | DRAM µs "
-             "| Ŵ round trip µs | tensor core µs | x floor | bar | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Ŵ round trip µs | tensor core µs | measured MMA µs | x floor | bar | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         f = r["floors"]
         per = f"{r['counts']['per_state']:.1f}" if r.get("counts") else "—"
@@ -242,7 +253,8 @@ def table(rows: list[dict[str, Any]], card_name: str, card: Mapping[str, Any], r
         bar = f"{f['bar']:.1f}x" if f["bar"] else "—"
         lines.append(f"| {r['m']}x{r['n']} | {r['K']} | {r['M']} | {r['kind']} | {per} | {r['kernel_us']:.1f} "
                      f"| {r['fp16_us']:.1f} | {r['fp16_us'] / r['kernel_us']:.2f} | {us('issue_us')} | {us('table_us')} "
-                     f"| {us('dram_us')} | {us('what_us')} | {us('tc_us')} | {f['of_floor']:.1f} | {bar} | {f['verdict']} |")
+                     f"| {us('dram_us')} | {us('what_us')} | {us('tc_us')} | {us('mma_us')} | {f['of_floor']:.1f} | {bar} "
+                     f"| {f['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,7 @@ def test_wgmma_cells_count_a_decode_per_token_tile_and_the_tensor_cores():
     """The wgmma kind decodes each weight once per BLOCK_M tokens (issue and table floors x ceil(M / BLOCK_M)) and
     runs the matmul's multiply-adds on the tensor cores: that floor is 2 m n M flops at the data-sheet rate."""
     counts = {"per_state": 12.0, "lds_per_state": 1.0}
-    H100 = floors.CARDS["h100"]
+    H100 = {k: v for k, v in floors.CARDS["h100"].items() if k != "mma_tflops"}  # the data-sheet floor alone
     one = floors.floors(_row(kind="wgmma", M=256, config={"BLOCK_M": 256}, kernel_us=72.5, fp16_us=65.2), counts, H100)
     two = floors.floors(_row(kind="wgmma", M=512, config={"BLOCK_M": 256}, kernel_us=115.4, fp16_us=97.7), counts, H100)
     assert two["issue_us"] == pytest.approx(2 * one["issue_us"]) and two["table_us"] == pytest.approx(2 * one["table_us"])
@@ -168,3 +168,19 @@ def test_the_script_compiles_the_rows_kernels(tmp_path):
     got = json.loads((tmp_path / "h200-2026-11-30-floors.json").read_text())["rows"][0]
     assert 5 < got["counts"]["per_state"] < 20 and got["counts"]["lds_per_state"] == pytest.approx(1.0, abs=0.1)
     assert got["floors"]["bound"] in ("issue", "table") and "needs" in got["floors"]["verdict"]
+
+
+def test_wgmma_cells_have_the_measured_mma_rate_as_a_floor_where_the_card_has_it():
+    """Where the card has a measured MMA rate (the kind's MMAs alone), it is a floor of its own, above the data-sheet
+    one: at 8192^2 M = 512 the 0.9x bar's time (fp16 96.5 µs / 0.9 = 107.2) sits 1.15x above it (93.2 µs)."""
+    counts = {"per_state": 9.4, "lds_per_state": 1.0}
+    H100 = floors.CARDS["h100"]
+    f = floors.floors(_row(kind="wgmma", M=512, config={"BLOCK_M": 256}, kernel_us=108.6, fp16_us=96.5), counts, H100)
+    assert f["mma_us"] == pytest.approx(2 * 8192 * 8192 * 512 / (H100["mma_tflops"] * 1e12) * 1e6)
+    assert f["mma_us"] > f["tc_us"] and f["bound"] == "measured MMA" and f["floor_us"] == f["mma_us"]
+    assert f["verdict"].startswith("needs 1.01x faster (107.2 µs") and "measured MMA floor" in f["verdict"]
+    assert "mma_us" not in floors.floors(_row(kind="wgmma", M=512, config={"BLOCK_M": 256}), counts, H200)
+    assert "mma_us" not in floors.floors(_row(M=512), counts, H100)  # other kinds: none
+    md = floors.table([{**_row(kind="wgmma", M=512, config={"BLOCK_M": 256}, kernel_us=108.6, fp16_us=96.5),
+                        "floors": f, "counts": counts}], "NVIDIA H100 80GB HBM3", H100)
+    assert "measured MMA µs" in md and "737 TFLOP/s" in md and f"| {f['mma_us']:.1f} |" in md
