@@ -324,6 +324,15 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
         lines += ["", "**Suspect:** " + "; ".join(suspect) + ". A decode step of more sequences does the same "
                   "weight reads and more of everything else, so it cannot be faster than one sequence's: rerun "
                   "(e.g. --reps 3) before quoting those cells (each batch's short and long runs are in the JSON)."]
+    if a.reps < 2:
+        lines += ["", "**One run per cell:** a stall of the engine in a long run (0.5-1 s, e.g. a JIT the warm-up "
+                  f"missed) adds 4-8 ms to a {a.decode_tokens}-step cell and nothing here can flag it (the H100's "
+                  "batch 16 of 2026-12-06: 11.7 ms/step in one run, 7.0 as the fastest of three). Quote cells from "
+                  "--reps 2 or more."]
+    unsteady = unsteady_cells(results, a.batches)
+    if unsteady:
+        lines += ["", "**Unsteady:** " + "; ".join(unsteady) + ". The cell takes the fastest long and short runs, "
+                  "so a stall in some runs does not enter it, but one in every run would: more reps before quoting."]
     skipped = [f"{s}/{f}" for s, f in getattr(a, "skipped", [])]
     if skipped:
         lines += ["", f"Skipped for time: {', '.join(skipped)}"]
@@ -347,6 +356,23 @@ def markdown(results: list[dict], env: dict, a: argparse.Namespace) -> str:
                     lines.insert(len(lines) - 1, f"Kernel time {r[key]['total_us']:.0f} µs of the measured "
                                                  f"{step * 1e3:.0f} µs per step ({busy:.0f} %).")
     return "\n".join(lines) + "\n"
+
+
+def unsteady_cells(results: list[dict], batches: list[int], spread: float = 0.15) -> list[str]:
+    """Cells of two or more runs whose long runs differ by more than ``spread`` (slowest / fastest - 1): a stall in
+    some of them. Why: the fastest-run score hides a stall that hit only some reps, which this names so the cell's
+    reps can be raised; a cell of one run cannot be checked at all (the markdown says so)."""
+    out = []
+    for r in results:
+        if "error" in r:
+            continue
+        for b in batches:
+            runs = (r.get(f"b{b}") or {}).get("runs") or []
+            longs = [x["long_s"] for x in runs if x.get("long_s")]
+            if len(longs) >= 2 and max(longs) / min(longs) - 1 > spread:
+                out.append(f"{r['shape']} {format_name(r['format'])} batch {b}: long runs "
+                           f"{min(longs):.2f}-{max(longs):.2f} s")
+    return out
 
 
 def implausible_steps(results: list[dict], batches: list[int], slack: float = 0.9) -> list[str]:

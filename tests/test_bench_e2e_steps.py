@@ -52,3 +52,24 @@ def test_rescore_rewrites_cells_from_runs(e2e, tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "Rescored from the saved runs" in md and "**Suspect:**" not in md
     assert f"| {(1.9 - 0.2) / 256 * 1e3:.3f} |" in md
+
+
+def test_unsteady_and_single_run_cells_are_named(e2e):
+    """A cell whose long runs differ by more than 15 % (a stall in some of them) is listed, and a report of one run
+    per cell says it cannot be checked; steady cells of several runs add neither note."""
+    steady = [{"short_s": 0.26, "long_s": 1.15}, {"short_s": 0.47, "long_s": 1.18}]
+    stalled = [{"short_s": 0.26, "long_s": 1.15}, {"short_s": 0.30, "long_s": 1.81}]
+    results = [{"shape": "llama2-7b", "format": "2", "init_s": 1.0, "b16": e2e.step_cell(steady, 16, 128),
+                "b64": e2e.step_cell(stalled, 64, 128)}]
+    assert e2e.unsteady_cells(results, [16, 64]) == ["llama2-7b QTIP K=2 batch 64: long runs 1.15-1.81 s"]
+    settings = dict(batches=[16, 64], eager=False, attn="TRITON_ATTN", prompt_len=128, short=16, decode_tokens=128,
+                    skipped=[])
+    md = e2e.markdown(results, {"date": "2026-12-06", "card": "H100"}, e2e.argparse.Namespace(**settings, reps=2))
+    assert "**Unsteady:** llama2-7b QTIP K=2 batch 64" in md and "**One run per cell:**" not in md
+    results[0]["b64"] = e2e.step_cell(steady, 64, 128)
+    md = e2e.markdown(results, {"date": "2026-12-06", "card": "H100"}, e2e.argparse.Namespace(**settings, reps=2))
+    assert "**Unsteady:**" not in md and "**One run per cell:**" not in md
+    one = [{"shape": "llama2-7b", "format": "2", "init_s": 1.0, "b16": e2e.step_cell(steady[:1], 16, 128)}]
+    md = e2e.markdown(one, {"date": "2026-12-06", "card": "H100"},
+                      e2e.argparse.Namespace(**{**settings, "batches": [16]}, reps=1))
+    assert "**One run per cell:**" in md and "128-step cell" in md
