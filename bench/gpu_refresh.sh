@@ -312,7 +312,7 @@ if want pending26; then
     tests/gpu/test_wgmma_gpu.py -k "shards or kind_forward" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   for S in 0 1; do
-    QTIP_TRITON_WGMMA_SHARED_INPUT=$S timeout -k 10 120 python3 bench/fused_layers.py --M 32,64,128,256 \
+    QTIP_TRITON_WGMMA_SHARED_INPUT=$S timeout -k 10 180 python3 bench/fused_layers.py --M 32,64,128,256 \
       --tag "session26-shared-input-$S" --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
   done
