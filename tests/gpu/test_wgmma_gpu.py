@@ -71,6 +71,11 @@ def test_wgmma_rejects_bad_input():
         wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 1), {**cfg, "SPLIT_K": 3})
     with pytest.raises(ValueError, match="Hopper|sm_90"):
         wgmma.decode_matmul(pw, h.cpu(), cfg)
+    hw = wgmma.to_wgmma_order(pw, h, 1)
+    with pytest.raises(ValueError, match="wgmma out must be"):  # a shard's slice of stacked partials, wrong shape
+        wgmma.decode_matmul(pw, hw, {**cfg, "SPLIT_K": 2}, out=torch.empty(1, 4, 256, device="cuda"))
+    with pytest.raises(ValueError, match="wgmma out must be"):
+        wgmma.decode_matmul(pw, hw, cfg, out=torch.empty(1, 4, 256, device="cuda", dtype=torch.float16))
     big = {"E": 4, "BLOCK_M": 256, "num_warps": 8, "STAGES": 6, "table": "shared32"}  # ~1.1 MB of x ring
     with pytest.raises(ValueError, match="shared memory"):
         wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 4), big)
