@@ -309,7 +309,7 @@ fi
 if want pending26; then
   step "session 26's grouped wgmma shards (QTIP_TRITON_WGMMA_SHARED_INPUT=1): their GPU test, then one Llama-2-7B layer without and with them"
   timeout -k 10 150 python3 -m pytest -q -p no:cacheprovider -m gpu ${PYTEST_N:+-n $PYTEST_N} \
-    tests/gpu/test_wgmma_gpu.py -k "shards or kind_forward" >>"$LOG" 2>&1
+    tests/gpu/test_wgmma_gpu.py -k "shards or kind_forward or rejects" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   for S in 0 1; do
     QTIP_TRITON_WGMMA_SHARED_INPUT=$S timeout -k 10 180 python3 bench/fused_layers.py --M 32,64,128,256 \
