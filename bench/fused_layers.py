@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def decode_only(pws=pws, chosen=chosen, hs=hs):
                 for pw, (k, cfg), h in zip(pws, chosen, hs, strict=True):
-                    if k == "decompress":
-                        torch.matmul(h, kernels.decompress(pw, cfg, dtype=torch.float16).t())
-                    elif k == "wgmma":  # h's column order does not change the time
-                        kernels.wgmma.decode_matmul(pw, h.to(torch.float16), cfg)
-                    else:
-                        kernels.decode_matmul(k, pw, h, cfg, h_order=kernels.h_order(k, [cfg]))
+                    kernels.kernel_partials(k, pw, h, cfg)
 
             rec["kernels"] = time_us(decode_only)
             if M <= 16 and all(mma_supported(qw.spec) for qw in packed.shards()):

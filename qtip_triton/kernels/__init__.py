@@ -250,15 +250,20 @@ def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
     return h.index_select(1, wgmma.input_gather(pw, E)) if gather else h
 
 
-def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
+def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any], *,
+                    order: str | None = None, ws: torch.Tensor | None = None) -> torch.Tensor:
     """The decode-matmul alone on ``h`` from :func:`kernel_input`: fp32 partials (splits, M, out) of Ŵ hᵀ for the
     output transform (decompress: Ŵ decoded, then ``torch.matmul``, one partial in h's dtype; wgmma with ``OUT16``:
-    one fp16 partial)."""
+    one fp16 partial). ``order``: h's order when a grouped input transform chose it for several shards' configs
+    (default: this config's, :func:`h_order`); ``ws``: where to write the partials (a shard's slice of one stacked
+    tensor, :func:`launch_shards`; gemv/gemm may return it with the split already summed)."""
     if kind == "wgmma":
-        return wgmma.decode_matmul(pw, h, config)
+        return wgmma.decode_matmul(pw, h, config, out=ws)
     if kind == "decompress":
+        if ws is not None:
+            raise ValueError("decompress writes one partial through torch.matmul: no ws")
         return torch.matmul(h, decompress(pw, config, dtype=h.dtype).t()).unsqueeze(0)
-    return decode_matmul(kind, pw, h, config, h_order=h_order(kind, [config]))
+    return decode_matmul(kind, pw, h, config, h_order=order or h_order(kind, [config]), ws=ws)
 
 
 def _transform_out(pw: PreparedWeight, parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -441,23 +446,19 @@ def launch_shards(
     if h is None:
         return out
     order = h_order(kind, configs)
-
-    def partials(pw: PreparedWeight, hg: torch.Tensor, config: Mapping[str, Any], ws: torch.Tensor | None = None):
-        if kind == "wgmma":
-            return wgmma.decode_matmul(pw, hg, config, out=ws)
-        return decode_matmul(kind, pw, hg, config, h_order=order, ws=ws)
-
     splits = [config.get("SPLIT_K", 1) if kind == "wgmma" else split_count(pw, config)
               for pw, config in zip(pws, configs, strict=True)]
     if _one_output_launch(pws, post) and len(set(splits)) == 1:
         parts = torch.empty(len(pws), splits[0], h.shape[-2], pws[0].out_features, dtype=torch.float32, device=x.device)
-        sums = [partials(pw, h[g], config, parts[g]) for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
+        sums = [kernel_partials(kind, pw, h[g], config, order=order, ws=parts[g])
+                for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
         if len({p.shape[0] for p in sums}) > 1:  # split-K summed in some kernels only (counters made in capture)
             return _outputs_per_shard(pws, sums, x.dtype, out)
         hadamard.transform(parts[:, :sums[0].shape[0]], pws[0].blocks_out, transpose=False, post=post,
                            out_dtype=x.dtype, interpret=interpreting(), out=out)
         return out
-    parts = [partials(pw, h[g], config) for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
+    parts = [kernel_partials(kind, pw, h[g], config, order=order)
+             for g, (pw, config) in enumerate(zip(pws, configs, strict=True))]
     return _outputs_per_shard(pws, parts, x.dtype, out)
 
 

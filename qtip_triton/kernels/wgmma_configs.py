@@ -178,6 +178,11 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
     raise ValueError(f"wgmma has no config for a {m}x{n} layer (too few k steps)")
 
 
+def _tables(words: int) -> tuple[str, ...]:
+    """Table modes a space lists: gathered, or in 16/32 shared copies where the code has a table to copy."""
+    return ("gather", "shared16", "shared32") if words else ("gather",)
+
+
 def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
     """Configs valid for every M' <= M: tokens per program the bucket's power of two and half of it (16 to 256),
     E 1-4 (E 4 only up to 64 tokens: its 16 A fragments and 128 accumulators per thread at 256 tokens spill),
@@ -185,9 +190,8 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
     the one- or two-register-set loop (PIPE), and for PIPE 1 the words one or two steps ahead (:func:`words_ahead`)."""
     top = min(256, max(16, _next_pow2(M)))
     words = table_words(spec)
-    tables = ("gather", "shared16", "shared32") if words else ("gather",)
-    grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), tables, (0, 1),
-                             words_ahead(spec))
+    grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), _tables(words),
+                             (0, 1), words_ahead(spec))
     configs = (_cfg(E, bm, nw, stages, split, table, pipe, wpf)
                for bm, E, nw, stages, split, table, pipe, wpf in grid if not (E == 4 and bm > 64) and (pipe or wpf == 1))
     return [cfg for cfg in configs if _fits(cfg, n, words)] + ws_space(spec, m, n, M)
@@ -203,10 +207,9 @@ def ws_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
     if not ws_on() or M < 256:
         return []
     words = table_words(spec)
-    tables = ("gather", "shared16", "shared32") if words else ("gather",)
     out = []
-    for bm, stages, split, table, wpf in itertools.product((512,) if M >= 512 else (256,), (2, 3, 4), (1, 2, 4), tables,
-                                                           (1, 0)):
+    for bm, stages, split, table, wpf in itertools.product((512,) if M >= 512 else (256,), (2, 3, 4), (1, 2, 4),
+                                                           _tables(words), (1, 0)):
         cfg = {"E": 1, "BLOCK_M": bm, "num_warps": 8, "STAGES": stages, "SPLIT_K": split, "WPF": wpf, "table": table,
                "PIPE": 0, "WS": True}
         if _fits(cfg, n, words):
