@@ -74,8 +74,8 @@ if want hadamard; then
 fi
 if want tall; then
   step "hadamard: per-token vs tall kernel"
-  timeout -k 10 "${TALL_S:-150}" python3 bench/hadamard.py --variants "${TALL_VARIANTS:-default,per_token,tall,gemm}" --T 1,16,64,128,256,2048 \
-    --n 4096,11008,8192,14336,28672 --tag tall --out "$WORK" >>"$LOG" 2>&1
+  timeout -k 10 "${TALL_S:-150}" python3 bench/hadamard.py --variants "${TALL_VARIANTS:-default,per_token,tall,gemm}" --T "${TALL_T:-1,16,64,128,256,2048}" \
+    --n 4096,11008,8192,14336,28672 --tag "${TALL_TAG:-tall}" ${TALL_ARGS:-} --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want fusein; then
