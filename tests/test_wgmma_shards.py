@@ -1,4 +1,4 @@
-"""CPU tests of the wgmma kind's grouped shards (``QTIP_TRITON_WGMMA_SHARED_INPUT``): when shards may share one input
+"""CPU tests of the wgmma kind's grouped shards (``QTIP_TRITON_WGMMA_SHARED_INPUT``, on unless 0): when shards may share one input
 transform, and that the grouped transform writes each shard's h exactly as that shard's own transform does. The
 decode itself needs a Hopper GPU (tests/gpu/test_wgmma_gpu.py)."""
 
@@ -22,8 +22,10 @@ def _shards(gen, n: int = 512, outs=(32, 32, 32)):
 
 def test_wgmma_shards_share_an_input_only_with_the_switch_and_one_E(gen, monkeypatch):
     pws = _shards(gen)
+    monkeypatch.setenv(kernels.WGMMA_SHARED_INPUT_ENV, "0")
+    assert not kernels.can_share_input("wgmma", pws, [CFG] * 3)  # the switch turns it off
     monkeypatch.delenv(kernels.WGMMA_SHARED_INPUT_ENV, raising=False)
-    assert not kernels.can_share_input("wgmma", pws, [CFG] * 3)  # off by default
+    assert kernels.can_share_input("wgmma", pws, [CFG] * 3)  # on by default
     monkeypatch.setenv(kernels.WGMMA_SHARED_INPUT_ENV, "1")
     assert kernels.can_share_input("wgmma", pws, [CFG] * 3)
     assert not kernels.can_share_input("wgmma", pws)  # the order depends on each config's E: no configs, no sharing
@@ -34,8 +36,8 @@ def test_wgmma_shards_share_an_input_only_with_the_switch_and_one_E(gen, monkeyp
     assert kernels.can_share_input("gemv", pws) and not kernels.can_share_input("decompress", pws)
 
 
-def test_launch_shards_refuses_wgmma_without_the_switch(gen, monkeypatch):
-    monkeypatch.delenv(kernels.WGMMA_SHARED_INPUT_ENV, raising=False)
+def test_launch_shards_refuses_wgmma_with_the_switch_off(gen, monkeypatch):
+    monkeypatch.setenv(kernels.WGMMA_SHARED_INPUT_ENV, "0")
     pws = _shards(gen)
     x = torch.randn(4, 512, generator=gen).half()
     pre = torch.stack([pw.SU.float() for pw in pws]).contiguous()

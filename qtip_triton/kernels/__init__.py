@@ -322,14 +322,15 @@ WGMMA_SHARED_INPUT_ENV = "QTIP_TRITON_WGMMA_SHARED_INPUT"
 
 
 def wgmma_shares_input() -> bool:
-    """``QTIP_TRITON_WGMMA_SHARED_INPUT=1``: wgmma shards of a fused layer take one grouped input transform and, when
-    equal, one grouped output transform (:func:`launch_shards`), instead of running as separate linears.
+    """Whether wgmma shards of a fused layer take one grouped input transform and, when equal, one grouped output
+    transform (:func:`launch_shards`) instead of running as separate linears; ``QTIP_TRITON_WGMMA_SHARED_INPUT=0``
+    turns it off.
 
-    Why a switch, off by default: written without a GPU (session 26). One Llama-2-7B layer at 64 tokens spent 140
-    µs of its 299 in the transforms and launches around the wgmma kind (q/k/v: three linears of three launches
-    each), so grouping should take ~60-70 µs off; it becomes the default once its GPU test passes and a layer times
-    faster with it."""
-    return os.environ.get(WGMMA_SHARED_INPUT_ENV, "0") == "1"
+    Why on by default: one Llama-2-7B layer (K = 2, four ops in one graph, H100, session 27,
+    ``bench/results/h100-80gb-hbm3-2026-12-06-fused-layers-session26-shared-input-{0,1}.md``) went 234.6 -> 209.3 µs
+    at 32 tokens, 283.3 -> 266.9 at 64, 390.2 -> 325.8 at 128 and 475.8 -> 433.5 at 256: q/k/v no longer runs three
+    input transforms of the same x."""
+    return os.environ.get(WGMMA_SHARED_INPUT_ENV, "1") != "0"
 
 
 def can_share_input(kind: str, pws: list[PreparedWeight], configs: list[Mapping[str, Any]] | None = None) -> bool:
@@ -440,7 +441,7 @@ def launch_shards(
     pws = [prepare(qw) for qw in qws]
     if not can_share_input(kind, pws, list(configs)):
         raise ValueError(f"shards of kind {kind!r} with these plans, Hadamard blocks or configs cannot share an input "
-                         "transform" + (f" (wgmma needs {WGMMA_SHARED_INPUT_ENV}=1, one E, no OUT16)"
+                         "transform" + (f" (wgmma needs {WGMMA_SHARED_INPUT_ENV} unset or 1, one E, no OUT16)"
                                         if kind == "wgmma" else ""))
     h = _grouped_input(kind, x, pws, pre, sum(pw.out_features for pw in pws), out, configs)
     if h is None:
