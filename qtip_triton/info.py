@@ -120,10 +120,9 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     try:
         rows = hadamard.stack_override()
         if rows is None:
-            stacked = (f"outputs from {hadamard.STACK_MIN_ROWS_OUTPUT} (token, block) rows "
-                       f"({hadamard.STACK_MIN_ROWS_OUTPUT_SMALL_A} where A has 32 rows), natural-order inputs from "
+            stacked = (f"outputs from {hadamard.STACK_MIN_ROWS_OUTPUT} (token, block) rows, natural-order inputs from "
                        f"{hadamard.STACK_MIN_ROWS_NATURAL}, kernel-order inputs from {hadamard.STACK_MIN_ROWS_INPUT} "
-                       "where A has 64+ rows")
+                       f"where A has 64+ rows; one token's A per tile below {hadamard.STACK_SMALL_TILE_BELOW} rows")
         else:
             stacked = "off" if rows == 0 else f"from {rows} (token, block) rows"
     except ValueError as e:

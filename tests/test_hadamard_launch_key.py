@@ -38,7 +38,7 @@ def observed(call, T: int, blocks: int) -> tuple:
     if name == "_had2_tall_kernel":
         return ("tall", row_class(T * blocks))
     if name == "_had2_stack_kernel":
-        return ("stacked", row_class(T * blocks))
+        return ("stacked", kw["TT"] * kw["RP"], row_class(T * blocks))  # the tile's rows: a compiled variant
     return ("had2", kw["COL_SPLIT"], kw["NSPLIT"] > 0, row_class(T), kw["ZB_FIRST"])
 
 

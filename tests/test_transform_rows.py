@@ -47,23 +47,23 @@ def test_every_row_count_meets_a_warmed_variant(kind, shape):
 
 def test_the_transforms_switch_inside_buckets():
     """Not vacuous: at Llama shapes some buckets hold more transform variants than row classes (the stacked
-    output transform starts at 128 rows, inside bucket 128, whose row classes 65 and 80 miss it)."""
+    output transform starts at 64 rows, inside bucket 64, whose row classes 33 and 48 miss it)."""
     extra = {b: set(kernels.transform_rows("gemv", 4096, 12288, 1, 1, bucket_rows(b)[0], b)) - set(warm_rows(b))
              for b in buckets_upto(256)}
-    assert 128 in extra[128]
-    assert hadamard.launch_key(12288, 1, 128)[0] == "stacked" != hadamard.launch_key(12288, 1, 80)[0]
+    assert 64 in extra[64]
+    assert hadamard.launch_key(12288, 1, 64)[0] == "stacked" != hadamard.launch_key(12288, 1, 48)[0]
 
 
 def test_switches_flipped_in_process_are_honoured(monkeypatch):
     """The rows follow the transforms' switches as they are now, not as they were at the first call (cached)."""
-    default = kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128)
-    assert 128 in default  # the stacked output transform starts there
-    monkeypatch.setenv(hadamard.STACK_ENV, "0")  # neither the stacked nor the tall kernel: per-token at 65-128
+    default = kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64)
+    assert 64 in default  # the stacked output transform starts there
+    monkeypatch.setenv(hadamard.STACK_ENV, "0")  # neither the stacked nor the tall kernel: per-token at 33-64
     monkeypatch.setenv(hadamard.NO_TALL_ENV, "1")
-    assert 128 not in kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128)
+    assert 64 not in kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64)
     monkeypatch.delenv(hadamard.STACK_ENV)
     monkeypatch.delenv(hadamard.NO_TALL_ENV)
-    assert kernels.transform_rows("gemv", 4096, 12288, 1, 1, 65, 128) == default
+    assert kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64) == default
 
 
 def test_bad_arguments():
@@ -152,7 +152,7 @@ def test_launch_variant_tells_apart_what_the_row_class_folded(tmp_path, monkeypa
     assert row_class(2) == row_class(5) and r.launch_variant(plan[2], 2, geo) != r.launch_variant(plan[8], 5, geo)
     # one decompress config at 40 and 200 rows (one row class; a tuned file may store it for both buckets): the
     # stacked input transform takes only the second
-    assert row_class(40) == row_class(200) and hadamard.launch_key(4096, 1, 200, transpose=True) == ("stacked", "other")
+    assert row_class(40) == row_class(200) and hadamard.launch_key(4096, 1, 200, transpose=True) == ("stacked", 32, "other")
     assert hadamard.launch_key(4096, 1, 40, transpose=True)[0] != "stacked"
     assert kernels.launch_variant("decompress", 4096, 4096, 1, 1, 40) != kernels.launch_variant(
         "decompress", 4096, 4096, 1, 1, 200)

@@ -72,6 +72,11 @@ TALL_WARPS = 8
 # 184-255 registers and 96 KB shared (one program per SM), 64-row tiles 125 (output) to 175 (input, with SU
 # and the destination order) registers; A of 256 rows, one token per program, 170-255 registers, 56-64 KB.
 STACK_ROWS = 128
+# Below this many (token, block) rows a tile holds one token's A (A's padded rows; A of 32 or 64 rows) by default:
+# H100, 64-128 tokens, 4096 output 8.1 -> 4.7 us and natural input 8.3 -> 5.0 against 128-row tiles, 8192 12.5 ->
+# 8.5 and 8.2 -> 6.8; from 256 tokens the 128-row tile wins for fp16 outputs and natural inputs (8192 at 256:
+# 8.4 against 12.2 us). QTIP_TRITON_HADAMARD_STACKED keeps this choice; ``stack_rows`` overrides it.
+STACK_SMALL_TILE_BELOW = 256
 STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
 STACK_CB = 64  # ... and columns of Y per program
@@ -88,8 +93,12 @@ STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 # - input transforms into a decode kernel's order (SU, scattered stores): slower at 256 tokens at 4 of 5 sizes
 #   (28672: 201 -> 213 us), faster at 2048 where A has 64+ rows (11008: 720 -> 447), slower at 4096 (155 ->
 #   164): from the tall kernel's 1024 rows where A has 64+ rows, never at 32.
-STACK_MIN_ROWS_OUTPUT = 128
-STACK_MIN_ROWS_OUTPUT_SMALL_A = 256  # output transforms of A with fewer than 64 padded rows
+# H100 (session 27, bench/results/h100-80gb-hbm3-2026-12-06-hadamard-session27-stacked{,-rows}.md, chained timer,
+# 16-2048 tokens) moved two of these: with a tile of one token's A (below STACK_SMALL_TILE_BELOW rows) it beats the
+# per-token kernel for outputs from 64 tokens at every Llama size (4 fp32 partials at 64 tokens: 4096 5.4 -> 4.3 us,
+# 8192 8.7 -> 7.7, 11008 15.8 -> 11.4, 14336 16.3 -> 12.2, 28672 49.1 -> 23.9; one fp16 partial 4.3 -> 4.2 and
+# 6.9 -> 6.6), and at 32 tokens it lost for one fp16 partial (8192: 4.8 -> 6.5).
+STACK_MIN_ROWS_OUTPUT = 64
 STACK_MIN_ROWS_NATURAL = 128  # input transforms without a destination order
 STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
 # The column split in the A · (Z · B_c) order (``ZB_FIRST``), the default where A has at most ZB_MAX_RP padded
@@ -272,7 +281,7 @@ def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
     if override is not None:
         return override or None
     if not transpose:
-        return STACK_MIN_ROWS_OUTPUT if rp >= 64 else STACK_MIN_ROWS_OUTPUT_SMALL_A
+        return STACK_MIN_ROWS_OUTPUT
     if not dst:
         return STACK_MIN_ROWS_NATURAL
     return STACK_MIN_ROWS_INPUT if rp >= 64 else None
@@ -336,12 +345,19 @@ def _f16_launch(f16: bool, scale: float, fan_in: int | None = None) -> tuple[flo
     return scale / mid, {"F16": True, "MID": mid}
 
 
+def stack_tile_rows(rows: int, rp: int) -> int:
+    """The stacked kernel's default tile rows for ``rows`` (token, block) rows and A of ``rp`` padded rows: one
+    token's A below ``STACK_SMALL_TILE_BELOW`` rows (more programs, each a single product pair, when few tokens
+    would leave most SMs idle with 128-row tiles), else ``STACK_ROWS`` (or A's rows where larger)."""
+    return max(rp, 16) if rows < STACK_SMALL_TILE_BELOW else max(rp, STACK_ROWS)
+
+
 def _stack_launch(rows: int, groups: int, rp: int, cp: int,
                   stack_rows: int | None = None) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
-    the tile's rows (None: ``STACK_ROWS``), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
+    the tile's rows (None: :func:`stack_tile_rows`), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
     products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program."""
-    br = max(rp, stack_rows or STACK_ROWS)
+    br = max(rp, stack_rows or stack_tile_rows(rows, rp))
     kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, STACK_CB))
     return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
                                                                   num_warps=STACK_WARPS)
@@ -364,7 +380,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
     if _use_stacked(None, rows, (), rp, transpose, dst):
-        return ("stacked", row_class(rows))
+        return ("stacked", stack_tile_rows(rows, rp), row_class(rows))
     if _use_tall(None, rows, (), transpose, rp):
         return ("tall", row_class(rows))
     # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
