@@ -120,9 +120,12 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     try:
         rows = hadamard.stack_override()
         if rows is None:
-            stacked = (f"outputs from {hadamard.STACK_MIN_ROWS_OUTPUT} (token, block) rows, natural-order inputs from "
+            stacked = (f"outputs from {hadamard.STACK_MIN_ROWS_OUTPUT} (token, block) rows "
+                       f"({hadamard.STACK_MIN_ROWS_OUTPUT_SMALL_A} where A has fewer than "
+                       f"{hadamard.STACK_SMALL_TILE_MIN_RP} rows), natural-order inputs from "
                        f"{hadamard.STACK_MIN_ROWS_NATURAL}, kernel-order inputs from {hadamard.STACK_MIN_ROWS_INPUT} "
-                       f"where A has 64+ rows; one token's A per tile below {hadamard.STACK_SMALL_TILE_BELOW} rows")
+                       f"where A has 64+ rows; one token's A per tile below {hadamard.STACK_SMALL_TILE_BELOW} rows where A has "
+                       f"{hadamard.STACK_SMALL_TILE_MIN_RP}+")
         else:
             stacked = "off" if rows == 0 else f"from {rows} (token, block) rows"
     except ValueError as e:

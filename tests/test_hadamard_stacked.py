@@ -61,7 +61,7 @@ def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
 
 
 def test_stacked_kernel_default_thresholds_follow_direction_order_and_size(monkeypatch):
-    """Unset, the measured thresholds: outputs from 64 rows, natural-order inputs from 128, inputs into a decode
+    """Unset, the measured thresholds: outputs from 64 rows (256 where A has fewer than 32), natural-order inputs from 128, inputs into a decode
     kernel's order from 1024 where A has 64+ rows and never at 32; A of more than 256 rows never; the tall kernel
     keeps what is left (input transforms of A with 512 rows). Tiles hold one token's A below 256 rows, 128 rows
     (or A's, where larger) from there: a variant of its own in the launch key."""
@@ -72,7 +72,8 @@ def test_stacked_kernel_default_thresholds_follow_direction_order_and_size(monke
     assert key(4096, 1, 64)[0] == "stacked" and key(4096, 1, 63)[0] == "had2"  # A of 32
     assert key(4096, 1, 255)[1] == 32 and key(4096, 1, 256)[1] == 128  # tile rows: one token's A, then 128
     assert key(8192, 1, 200)[1] == 64 and key(11008, 1, 64)[1] == key(11008, 1, 2048)[1] == 256
-    assert had.stack_tile_rows(255, 16) == 16 and had.stack_tile_rows(4096, 128) == 128
+    assert had.stack_tile_rows(255, 16) == 128 and had.stack_tile_rows(4096, 128) == 128  # A of 16 rows: 128 always
+    assert key(2048, 1, 255)[0] == "had2" and key(2048, 1, 256) == ("stacked", 128, "div16")  # ... from 256 rows
     assert key(4096, 1, 128, transpose=True)[0] == "stacked" and key(4096, 1, 127, transpose=True)[0] == "had2"
     assert key(4096, 1, 8192, transpose=True, dst=True)[0] == "had2"
     assert key(8192, 1, 1024, transpose=True, dst=True)[0] == "stacked"

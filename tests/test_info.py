@@ -90,8 +90,9 @@ def test_launch_switches_are_reported(monkeypatch):
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
                   "hadamard_gemm": "off (Triton kernels for every batch)",
-                  "hadamard_stacked": "outputs from 64 (token, block) rows, natural-order inputs from 128, kernel-order "
-                                      "inputs from 1024 where A has 64+ rows; one token's A per tile below 256 rows",
+                  "hadamard_stacked": "outputs from 64 (token, block) rows (256 where A has fewer than 32 rows), "
+                                      "natural-order inputs from 128, kernel-order inputs from 1024 where A has 64+ "
+                                      "rows; one token's A per tile below 256 rows where A has 32+",
                   "hadamard_zb_first": "on where A has at most 32 rows",
                   "mma_gemv": "not used (no CUDA GPU)", "wgmma": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))

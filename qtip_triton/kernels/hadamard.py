@@ -77,6 +77,11 @@ STACK_ROWS = 128
 # 8.5 and 8.2 -> 6.8; from 256 tokens the 128-row tile wins for fp16 outputs and natural inputs (8192 at 256:
 # 8.4 against 12.2 us). QTIP_TRITON_HADAMARD_STACKED keeps this choice; ``stack_rows`` overrides it.
 STACK_SMALL_TILE_BELOW = 256
+# ... for A of at least this many padded rows (4096 features and up, where it was timed): smaller A (1024-2048
+# features) keep 128-row tiles and their outputs the stacked kernel from STACK_MIN_ROWS_OUTPUT_SMALL_A rows, as
+# before. Why: a 16-row tile was never compiled on a GPU, and the GPU suite run with it (session 27) left a few
+# tests unfinished within 420 s, while every 32- and 64-row tile had been timed and checked.
+STACK_SMALL_TILE_MIN_RP = 32
 STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
 STACK_CB = 64  # ... and columns of Y per program
@@ -99,6 +104,7 @@ STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 # 8192 8.7 -> 7.7, 11008 15.8 -> 11.4, 14336 16.3 -> 12.2, 28672 49.1 -> 23.9; one fp16 partial 4.3 -> 4.2 and
 # 6.9 -> 6.6), and at 32 tokens it lost for one fp16 partial (8192: 4.8 -> 6.5).
 STACK_MIN_ROWS_OUTPUT = 64
+STACK_MIN_ROWS_OUTPUT_SMALL_A = 256  # A of fewer than STACK_SMALL_TILE_MIN_RP padded rows (the H200's threshold)
 STACK_MIN_ROWS_NATURAL = 128  # input transforms without a destination order
 STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
 # The column split in the A · (Z · B_c) order (``ZB_FIRST``), the default where A has at most ZB_MAX_RP padded
@@ -281,7 +287,7 @@ def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
     if override is not None:
         return override or None
     if not transpose:
-        return STACK_MIN_ROWS_OUTPUT
+        return STACK_MIN_ROWS_OUTPUT if rp >= STACK_SMALL_TILE_MIN_RP else STACK_MIN_ROWS_OUTPUT_SMALL_A
     if not dst:
         return STACK_MIN_ROWS_NATURAL
     return STACK_MIN_ROWS_INPUT if rp >= 64 else None
@@ -347,9 +353,12 @@ def _f16_launch(f16: bool, scale: float, fan_in: int | None = None) -> tuple[flo
 
 def stack_tile_rows(rows: int, rp: int) -> int:
     """The stacked kernel's default tile rows for ``rows`` (token, block) rows and A of ``rp`` padded rows: one
-    token's A below ``STACK_SMALL_TILE_BELOW`` rows (more programs, each a single product pair, when few tokens
-    would leave most SMs idle with 128-row tiles), else ``STACK_ROWS`` (or A's rows where larger)."""
-    return max(rp, 16) if rows < STACK_SMALL_TILE_BELOW else max(rp, STACK_ROWS)
+    token's A below ``STACK_SMALL_TILE_BELOW`` rows where A has at least ``STACK_SMALL_TILE_MIN_RP`` rows (more
+    programs, each a single product pair, when few tokens would leave most SMs idle with 128-row tiles), else
+    ``STACK_ROWS`` (or A's rows where larger)."""
+    if rows < STACK_SMALL_TILE_BELOW and rp >= STACK_SMALL_TILE_MIN_RP:
+        return rp
+    return max(rp, STACK_ROWS)
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int,
