@@ -328,10 +328,13 @@ if want tests; then
   # TESTS: test files or node ids to run instead of the whole GPU suite. TESTS_S: 540 s by default (a cold Triton
   # cache took over 300 s with 8 workers in session 26: the mma gemv tests compile ~45 s each)
   # shellcheck disable=SC2086
-  timeout -k 10 "${TESTS_S:-540}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
-    --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
+  # -v, --durations and SIGINT at the limit: the log names each finished test and the slowest ones, so a cut run
+  # says which tests were left (session 27: a suite cut at 420 s cold and 135 s warm named none)
+  timeout -s INT -k 20 "${TESTS_S:-540}" python3 -m pytest -m gpu -v -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
+    --durations=20 --ignore=tests/test_autotune_gpu.py ${TESTS:-} \
     >"$WORK/gpu-tests.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests.log" >>"$LOG"
+  grep -A22 "slowest" "$WORK/gpu-tests.log" >>"$LOG"
 fi
 if want autotunetests; then
   step "GPU autotune tests (tune, precompile, export/import, a fresh process that must not JIT; left out of the suite)"

@@ -79,8 +79,8 @@ STACK_ROWS = 128
 STACK_SMALL_TILE_BELOW = 256
 # ... for A of at least this many padded rows (4096 features and up, where it was timed): smaller A (1024-2048
 # features) keep 128-row tiles and their outputs the stacked kernel from STACK_MIN_ROWS_OUTPUT_SMALL_A rows, as
-# before. Why: a 16-row tile was never compiled on a GPU, and the GPU suite run with it (session 27) left a few
-# tests unfinished within 420 s, while every 32- and 64-row tile had been timed and checked.
+# before. Why: only 32- and 64-row tiles were timed (H100, session 27); a 16-row tile compiles for sm_90 (564 SASS
+# per warp, mma.sync, 60 registers: bench/sass_hadamard.py) but was never timed against the per-token kernel.
 STACK_SMALL_TILE_MIN_RP = 32
 STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
