@@ -57,8 +57,10 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "f16": {"f16_dots": True}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,
 # split-K partials) or as the prefill path (decompress + torch.matmul) does: natural order, one fp16 partial.
-# input16: the input transform as the mma gemv (2-16 tokens) takes it, fp16 into a scattered destination.
-CASES = ("input", "output", "input_natural", "output_fp16", "input16")
+# input16: the input transform as the mma gemv (2-16 tokens) takes it, fp16 into a scattered destination;
+# input16_gathered: the same h in natural order, then gathered into that order by one index_select (the wgmma
+# kind's other way, kernels.gather_after_transform).
+CASES = ("input", "output", "input_natural", "output_fp16", "input16", "input16_gathered")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, T in itertools.product([int(v) for v in a.n.split(",")], [int(v) for v in a.T.split(",")]):
         su, sv = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
         dst = torch.randperm(n, device="cuda").to(torch.int32)
+        src = torch.argsort(dst)  # h[:, dst[i]] = natural[:, i]: the gather that gives input16's result
         x = torch.randn(T, n, device="cuda").half()
         parts = torch.randn(a.splits, T, n, device="cuda")
         part16 = parts[:1].half()
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             "output_fp16": lambda kw, p=part16, sv=sv: transform(p, 1, transpose=False, post=sv, **kw),
             "input16": lambda kw, x=x, su=su, dst=dst: transform(x, 1, transpose=True, pre=su, out_dtype=torch.float16,
                                                                  dst=dst, **kw),
+            "input16_gathered": lambda kw, x=x, su=su, src=src: transform(
+                x, 1, transpose=True, pre=su, out_dtype=torch.float16, **kw).index_select(1, src),
         }
         for which in wanted:
             fn = cases[which]
@@ -130,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
               "shipped; input hot in L2). ") +
              "input: fp16 x, SU, kernel-order destination, fp32 out; input16: the same with fp16 out; "
              f"output: {a.splits} fp32 split-K partials summed, SV, fp16 out; input_natural: fp16 x, SU, fp16 out in "
-             "natural order; output_fp16: one fp16 partial, SV, fp16 out (the last two as the prefill path runs them). "
+             "natural order; output_fp16: one fp16 partial, SV, fp16 out (the last two as the prefill path runs them); "
+             "input16_gathered: input_natural then one index_select into input16's order. "
              "Floor (one trivial kernel "
              f"through the same timer): {floor:.1f} µs. Variants: " + "; ".join(
                  f"{k} = {v or 'as shipped'}" for k, v in variants.items()), "",

@@ -395,6 +395,23 @@ def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypat
     assert "wgmma" in kernels.KINDS and (8192, 1, 1, True, False) in kernels._transforms("wgmma", 8192, 8192, 1, 1)
 
 
+def test_gather_switch_sets_the_rows_and_never_replaces_a_stacked_ordered_transform(monkeypatch):
+    """QTIP_TRITON_WGMMA_GATHER_FROM=N gathers from N (token, block) rows on, 0 never; where the ordered transform
+    is the stacked kernel itself (1024+ rows) it still writes the order directly; a bad value is a clear error."""
+    from qtip_triton import kernels
+
+    monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
+    monkeypatch.setenv(kernels.WGMMA_GATHER_ENV, "32")
+    picks = {T: kernels.gather_after_transform(8192, 1, T) for T in (1, 31, 32, 64, 128, 1024)}
+    assert picks == {1: False, 31: False, 32: True, 64: True, 128: True, 1024: False}, picks
+    assert kernels.gather_after_transform(4096, 2, 16)  # rows count (token, block) pairs
+    monkeypatch.setenv(kernels.WGMMA_GATHER_ENV, "0")
+    assert not any(kernels.gather_after_transform(8192, 1, T) for T in (1, 64, 128, 256))
+    monkeypatch.setenv(kernels.WGMMA_GATHER_ENV, "soon")
+    with pytest.raises(ValueError, match=kernels.WGMMA_GATHER_ENV):
+        kernels.gather_after_transform(8192, 1, 64)
+
+
 def test_default_up_to_64_tokens_is_the_session24_winner():
     """Up to 64 tokens the default is the config that won the H100 probe at 16 tokens (one warpgroup, E 2, 3 stages,
     16 table copies, 4 splits), falling back to fewer splits or E 1 where the layer has too few k steps."""

@@ -66,6 +66,7 @@ __all__ = [
     "h_dtype",
     "can_share_input",
     "wgmma_shares_input",
+    "wgmma_gather_from",
     "CONFIG_VERSION",
     "KINDS",
     "REDUCED_PRECISION_KEYS",
@@ -232,13 +233,35 @@ def gather_after_transform(n: int, blocks: int, tokens: int) -> bool:
     return _gather_after(n, blocks, tokens, _switches())
 
 
+WGMMA_GATHER_ENV = "QTIP_TRITON_WGMMA_GATHER_FROM"
+
+
+def wgmma_gather_from() -> int | None:
+    """``QTIP_TRITON_WGMMA_GATHER_FROM=N``: the wgmma kind gathers its h from N (token, block) rows on (0: never),
+    wherever the ordered transform is not itself the stacked kernel; unset: :func:`gather_after_transform`'s rule.
+
+    Why a switch: on the H100 (session 27, ``*-hadamard-session27-defaults.md``) the natural-order input at 32-64
+    tokens is already 1.5-3x faster than the ordered one at 11008-28672 features (28672 at 64 tokens: 17.2 against
+    49.3 µs), but the gather's own launch was never timed at those sizes; a benchmark sets this to find the rows."""
+    raw = os.environ.get(WGMMA_GATHER_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{WGMMA_GATHER_ENV}={raw!r}: expected a row count (0: never; unset: the measured rule)")
+    return int(raw)
+
+
 @functools.lru_cache(maxsize=4096)
 def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
     if not hadamard.has_kernels([(n, blocks, 1, True, False)]):
         return False  # the reference transform serves this size
-    natural = hadamard.launch_key(n, blocks, tokens, transpose=True, dst=False)
     ordered = hadamard.launch_key(n, blocks, tokens, transpose=True, dst=True)
-    return natural[0] == "stacked" and ordered[0] != "stacked"
+    if ordered[0] == "stacked":
+        return False
+    rows = wgmma_gather_from()
+    if rows is not None:
+        return rows > 0 and tokens * blocks >= rows
+    return hadamard.launch_key(n, blocks, tokens, transpose=True, dst=False)[0] == "stacked"
 
 
 def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
