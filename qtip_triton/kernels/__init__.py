@@ -243,12 +243,7 @@ def wgmma_gather_from() -> int | None:
     Why a switch: on the H100 (session 27, ``*-hadamard-session27-defaults.md``) the natural-order input at 32-64
     tokens is already 1.5-3x faster than the ordered one at 11008-28672 features (28672 at 64 tokens: 17.2 against
     49.3 µs), but the gather's own launch was never timed at those sizes; a benchmark sets this to find the rows."""
-    raw = os.environ.get(WGMMA_GATHER_ENV, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise ValueError(f"{WGMMA_GATHER_ENV}={raw!r}: expected a row count (0: never; unset: the measured rule)")
-    return int(raw)
+    return hadamard.env_rows(WGMMA_GATHER_ENV, "0: never; unset: the measured rule")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -266,15 +266,21 @@ def _use_gemm(gemm: bool | None, rows: int, variant: tuple) -> bool:
     return lo is not None and rows >= lo
 
 
-def stack_override() -> int | None:
-    """``QTIP_TRITON_HADAMARD_STACKED`` as a row count: None when unset (the measured thresholds apply), 0 for off,
-    else the one threshold for every transform."""
-    raw = os.environ.get(STACK_ENV, "").strip()
+def env_rows(name: str, meaning: str) -> int | None:
+    """An environment switch holding a (token, block) row count: None when unset, else the count (0 included); a
+    value that is not one is a clear error naming the switch and ``meaning`` (what 0 and unset do)."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
         return None
     if not raw.isdigit():
-        raise ValueError(f"{STACK_ENV}={raw!r}: expected a row count (0: off; unset: the measured thresholds)")
+        raise ValueError(f"{name}={raw!r}: expected a row count ({meaning})")
     return int(raw)
+
+
+def stack_override() -> int | None:
+    """``QTIP_TRITON_HADAMARD_STACKED`` as a row count: None when unset (the measured thresholds apply), 0 for off,
+    else the one threshold for every transform."""
+    return env_rows(STACK_ENV, "0: off; unset: the measured thresholds")
 
 
 def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
