@@ -498,7 +498,7 @@ def transform(
     measured thresholds by direction and destination order, or ``QTIP_TRITON_HADAMARD_STACKED=N``; 0: off) when
     no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
-    ``STACK_ROWS``), for ``bench/hadamard.py``.
+    :func:`stack_tile_rows`), for ``bench/hadamard.py``.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
     ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for float16 outputs, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
