@@ -259,13 +259,15 @@ def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
     return hadamard.launch_key(n, blocks, tokens, transpose=True, dst=False)[0] == "stacked"
 
 
-def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int) -> torch.Tensor:
+def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int, pre: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 h in the wgmma kernel's order for its ``E``: stored there by the transform, or transformed in natural
-    order and gathered (:func:`gather_after_transform`)."""
+    order and gathered (:func:`gather_after_transform`). ``pre``: the shards' stacked SU (grouped input, h of shape
+    (shards, rows, in)); default ``pw.SU``."""
     gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0])
-    h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=torch.float16,
-                           dst=None if gather else wgmma.input_index(pw, E), interpret=interpreting())
-    return h.index_select(1, wgmma.input_gather(pw, E)) if gather else h
+    h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
+                           out_dtype=torch.float16, dst=None if gather else wgmma.input_index(pw, E),
+                           interpret=interpreting())
+    return h.index_select(-1, wgmma.input_gather(pw, E)) if gather else h
 
 
 def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any], *,
@@ -379,12 +381,8 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
         return None
     if h_order(kind, configs) == "mma":
         return _transform_in_mma(x2, pws[0], pre, h_dtype(kind, configs, x.dtype), (len(pws),))
-    if kind == "wgmma":  # as _wgmma_input, for all shards at once: (shards, rows, in) fp16 in the kernel's order
-        E = configs[0].get("E", 1)
-        gather = gather_after_transform(n, pws[0].blocks_in, x2.shape[0])
-        h = hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, out_dtype=torch.float16,
-                               dst=None if gather else wgmma.input_index(pws[0], E), interpret=interpreting())
-        return h.index_select(2, wgmma.input_gather(pws[0], E)) if gather else h
+    if kind == "wgmma":  # every shard at once: (shards, rows, in) fp16 in the kernel's order
+        return _wgmma_input(pws[0], x2, configs[0].get("E", 1), pre)
     return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
                               out_dtype=h_dtype(kind, configs, x.dtype), interpret=interpreting())
 
