@@ -395,6 +395,21 @@ def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypat
     assert "wgmma" in kernels.KINDS and (8192, 1, 1, True, False) in kernels._transforms("wgmma", 8192, 8192, 1, 1)
 
 
+def test_grouped_shards_count_their_rows_together(monkeypatch):
+    """A grouped input of G shards asks the natural-order launch about G x rows: three 4096-column shards gather
+    from 43 tokens (3 x 43 >= 128), two from 64, one from 128; the switch counts the same rows; bad groups fail."""
+    from qtip_triton import kernels
+
+    monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
+    monkeypatch.delenv(kernels.WGMMA_GATHER_ENV, raising=False)
+    first = {G: min(T for T in range(1, 300) if kernels.gather_after_transform(4096, 1, T, G)) for G in (1, 2, 3)}
+    assert first == {1: 128, 2: 64, 3: 43}, first
+    monkeypatch.setenv(kernels.WGMMA_GATHER_ENV, "96")
+    assert kernels.gather_after_transform(4096, 1, 32, 3) and not kernels.gather_after_transform(4096, 1, 31, 3)
+    with pytest.raises(ValueError, match="groups"):
+        kernels.gather_after_transform(4096, 1, 64, 0)
+
+
 def test_gather_switch_sets_the_rows_and_never_replaces_a_stacked_ordered_transform(monkeypatch):
     """QTIP_TRITON_WGMMA_GATHER_FROM=N gathers from N (token, block) rows on, 0 never; where the ordered transform
     is the stacked kernel itself (1024+ rows) it still writes the order directly; a bad value is a clear error."""

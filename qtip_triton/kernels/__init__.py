@@ -220,34 +220,45 @@ def kernel_input(kind: str, pw: PreparedWeight, x2: torch.Tensor, config: Mappin
     return _transform_in(pw, x2, h_dtype(kind, [config], x2.dtype), kind, h_order(kind, [config]))
 
 
-def gather_after_transform(n: int, blocks: int, tokens: int) -> bool:
-    """Whether the wgmma kind's input transform of ``tokens`` rows runs in natural order and its h is then gathered
-    into the kernel's order (one more launch), rather than storing each column at its destination.
+def gather_after_transform(n: int, blocks: int, tokens: int, groups: int = 1) -> bool:
+    """Whether the wgmma kind's input transform of ``tokens`` rows (for ``groups`` shards at once: a fused layer's
+    grouped input) runs in natural order and its h is then gathered into the kernel's order (one more launch),
+    rather than storing each column at its destination.
 
     Why: the transform's scattered stores keep it off the stacked many-token kernel, which takes natural order from
     128 (token, block) rows (``hadamard.stack_min_rows``): at 256 tokens an 8192-column input transform took 49.5-56.5
     µs into a kernel's order against 14.1 in natural order (H200, ``h200-2026-12-05-hadamard-stacked.md``), and the
     gather moves 2 x 4 MB. So: exactly where the natural-order launch is the stacked kernel and the other is not.
     On the H100 (session 24, ``*-session24-ktable{,-gather}.md``) this took 8192^2's whole forward at 256 tokens from
-    128.6 to 94.6 µs and 28672x8192's from 345.5 to 309.2."""
-    return _gather_after(n, blocks, tokens, _switches())
+    128.6 to 94.6 µs and 28672x8192's from 345.5 to 309.2.
+
+    Shards count together: the natural-order launch is asked about all ``groups`` shards' rows. The grouped ordered
+    transform pays its scattered stores once per shard, and at 64 tokens (H100, session 28,
+    ``*-fused-layers-session27-gather-{rule,64}.md``) gathering took q/k/v (3 x 4096 columns) from 71.0 to 63.8 µs
+    and gate/up (2 x 4096) from 101.8 to 99.4, while o alone (4096) lost 31.4 -> 33.2 and down (11008) stayed
+    57.2 -> 57.0; at 32 tokens every op but q/k/v lost (o 27.9 -> 31.0, down 50.2 -> 53.3)."""
+    if groups < 1:
+        raise ValueError(f"expected groups >= 1, got {groups}")
+    return _gather_after(n, blocks, tokens, groups, _switches())
 
 
 WGMMA_GATHER_ENV = "QTIP_TRITON_WGMMA_GATHER_FROM"
 
 
 def wgmma_gather_from() -> int | None:
-    """``QTIP_TRITON_WGMMA_GATHER_FROM=N``: the wgmma kind gathers its h from N (token, block) rows on (0: never),
-    wherever the ordered transform is not itself the stacked kernel; unset: :func:`gather_after_transform`'s rule.
+    """``QTIP_TRITON_WGMMA_GATHER_FROM=N``: the wgmma kind gathers its h from N (token, block) rows on (a grouped
+    input's shards' rows counted together; 0: never), wherever the ordered transform is not itself the stacked
+    kernel; unset: :func:`gather_after_transform`'s rule.
 
-    Why a switch: on the H100 (session 27, ``*-hadamard-session27-defaults.md``) the natural-order input at 32-64
-    tokens is already 1.5-3x faster than the ordered one at 11008-28672 features (28672 at 64 tokens: 17.2 against
-    49.3 µs), but the gather's own launch was never timed at those sizes; a benchmark sets this to find the rows."""
+    Why a switch: the rule's row count was found with it. Alone (H100, session 28,
+    ``*-hadamard-session27-gather.md``) the gathered input beats the ordered one at 64 tokens from 8192 features
+    (28672: 59.8 against 48.6 µs) and loses at 4096 (8.5 against 10.0), but inside one layer only the grouped
+    shards gained (see :func:`gather_after_transform`)."""
     return hadamard.env_rows(WGMMA_GATHER_ENV, "0: never; unset: the measured rule")
 
 
 @functools.lru_cache(maxsize=4096)
-def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
+def _gather_after(n: int, blocks: int, tokens: int, groups: int, switches: tuple) -> bool:
     if not hadamard.has_kernels([(n, blocks, 1, True, False)]):
         return False  # the reference transform serves this size
     ordered = hadamard.launch_key(n, blocks, tokens, transpose=True, dst=True)
@@ -255,15 +266,16 @@ def _gather_after(n: int, blocks: int, tokens: int, switches: tuple) -> bool:
         return False
     rows = wgmma_gather_from()
     if rows is not None:
-        return rows > 0 and tokens * blocks >= rows
-    return hadamard.launch_key(n, blocks, tokens, transpose=True, dst=False)[0] == "stacked"
+        return rows > 0 and groups * tokens * blocks >= rows
+    return hadamard.launch_key(n, blocks, groups * tokens, transpose=True, dst=False)[0] == "stacked"
 
 
 def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int, pre: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 h in the wgmma kernel's order for its ``E``: stored there by the transform, or transformed in natural
     order and gathered (:func:`gather_after_transform`). ``pre``: the shards' stacked SU (grouped input, h of shape
     (shards, rows, in)); default ``pw.SU``."""
-    gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0])
+    groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 1
+    gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0], groups)
     h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
                            out_dtype=torch.float16, dst=None if gather else wgmma.input_index(pw, E),
                            interpret=interpreting())

@@ -130,7 +130,13 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
         transforms |= {(n_out, b_out, G, False, False), (n_out, b_out, 1, False, False)}
     if not had.has_kernels(transforms):  # the reference transform serves this layer: nothing of it compiles
         transforms = set()
-    return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=lambda M: (bucket_for(M),))
+    from qtip_triton.kernels import gather_after_transform
+
+    def extra(M: int) -> tuple:  # the wgmma kind's gathered input counts all G shards' rows: its own switch point
+        gather = bool(transforms) and gather_after_transform(q0.in_features, q0.blocks("in"), M, G)
+        return bucket_for(M), gather
+
+    return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=extra)
 
 
 def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False) -> None:
