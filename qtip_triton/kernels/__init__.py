@@ -234,9 +234,9 @@ def gather_after_transform(n: int, blocks: int, tokens: int, groups: int = 1) ->
 
     Shards count together: the natural-order launch is asked about all ``groups`` shards' rows. The grouped ordered
     transform pays its scattered stores once per shard, and at 64 tokens (H100, session 28,
-    ``*-fused-layers-session27-gather-{rule,64}.md``) gathering took q/k/v (3 x 4096 columns) from 71.0 to 63.8 µs
-    and gate/up (2 x 4096) from 101.8 to 99.4, while o alone (4096) lost 31.4 -> 33.2 and down (11008) stayed
-    57.2 -> 57.0; at 32 tokens every op but q/k/v lost (o 27.9 -> 31.0, down 50.2 -> 53.3)."""
+    ``*-fused-layers-session28-pending27-gather-{rule,64}.md``) gathering took q/k/v (3 x 4096 columns) from 71.0
+    to 63.8 µs and gate/up (2 x 4096) from 101.8 to 99.4, while o alone (4096) lost 31.4 -> 33.2 and down (11008)
+    stayed 57.2 -> 57.0; at 32 tokens every op but q/k/v lost (o 27.9 -> 31.0, down 50.2 -> 53.3)."""
     if groups < 1:
         raise ValueError(f"expected groups >= 1, got {groups}")
     return _gather_after(n, blocks, tokens, groups, _switches())
@@ -251,7 +251,7 @@ def wgmma_gather_from() -> int | None:
     kernel; unset: :func:`gather_after_transform`'s rule.
 
     Why a switch: the rule's row count was found with it. Alone (H100, session 28,
-    ``*-hadamard-session27-gather.md``) the gathered input beats the ordered one at 64 tokens from 8192 features
+    ``*-hadamard-session28-pending27-gather.md``) the gathered input beats the ordered one at 64 tokens from 8192 features
     (28672: 59.8 against 48.6 µs) and loses at 4096 (8.5 against 10.0), but inside one layer only the grouped
     shards gained (see :func:`gather_after_transform`)."""
     return hadamard.env_rows(WGMMA_GATHER_ENV, "0: never; unset: the measured rule")
