@@ -17,7 +17,14 @@ the four ops back to back in one graph (as a decode step runs them), without and
 dependent launch (``QTIP_TRITON_PDL=exit|early|auto``, kernels/pdl.py), against the four fp16 matmuls. Writes
 ``<out>/<card>-<date>-fused-layers.{json,md}``.
 
+``--timeline 64``: also trace the whole layer at those M under ``torch.profiler`` (bench/forward_timeline.py's
+tracer): every kernel of one layer forward with its median duration and the gap to the next, so that the time
+the ops spend beyond their decode kernels (at 64 tokens, 94 µs of 238 on the H100 in session 28) splits into
+transforms, gathers, launch gaps and the rest. Weights are not rotated there (the four ops' 2-bit words, ~50 MB,
+are about one H100 L2), so it attributes time; the timed rows above are the totals.
+
     PYTHONPATH=. python bench/fused_layers.py --out bench/results
+    PYTHONPATH=. python bench/fused_layers.py --M 64 --timeline 32,64 --tag timeline
 """
 
 from __future__ import annotations
@@ -48,12 +55,57 @@ def _h(M: int, n: int, kind: str, config: dict) -> torch.Tensor:
     return mma_layout.from_kernel_order(h) if kernels.h_order(kind, [config]) == "mma" else h
 
 
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def layer_timeline(layer_ops: list, M: int, calls: int, replays: int) -> dict:
+    """The whole layer's kernels at ``M`` tokens, QTIP and fp16, traced (forward_timeline's ``trace_calls``):
+    per position in one layer forward, the median duration and gap to the next kernel."""
+    from forward_timeline import sequence_stats, trace_calls
+
+    from qtip_triton.ops import qtip_linear
+
+    xs = [torch.randn(M, p.in_features, device="cuda", dtype=torch.float16) for p, _ in layer_ops]
+    ours = [lambda: [qtip_linear(x, p) for x, (p, _) in zip(xs, layer_ops, strict=True)]]
+    fp16 = [lambda: [torch.matmul(x, w.t()) for x, (_, w) in zip(xs, layer_ops, strict=True)]]
+    rec: dict = {"M": M, "calls": calls, "replays": replays}
+    for label, fns in (("ours", ours), ("fp16", fp16)):
+        rec[label] = sequence_stats(trace_calls(fns, calls, replays), calls, replays)
+        s = rec[label]
+        if "error" not in s:
+            print(f"timeline M={M} {label}: {len(s['kernels'])} kernels, busy {sum(s['dur_us']):.1f} us, "
+                  f"gaps {sum(s['gap_after_us']):.1f} us, span {s['span_us']:.1f} us", flush=True)
+    return rec
+
+
+def timeline_markdown(t: dict) -> list[str]:
+    """One traced layer as a table: each kernel's median duration and gap after it, and the sums."""
+    lines = ["", f"Timeline of one layer forward at M = {t['M']} ({t['calls']} forwards per graph, {t['replays']} "
+             "replays, torch.profiler; weights not rotated; gap: to the next kernel's start, negative where PDL "
+             "overlaps them):", "", "| side | # | kernel | dur µs | gap after µs |", "|---|---|---|---|---|"]
+    for side in ("ours", "fp16"):
+        s = t[side]
+        if "error" in s:
+            lines.append(f"| {side} | - | {s['error']} | | |")
+            continue
+        for j, (name, d, g) in enumerate(zip(s["kernels"], s["dur_us"], s["gap_after_us"], strict=True)):
+            lines.append(f"| {side} | {j} | `{name}` | {d:.2f} | {g:.2f} |")
+        n = len(s["kernels"])
+        lines.append(f"| {side} | sum | {n} kernel{'s' if n != 1 else ''} | {sum(s['dur_us']):.1f} | "
+                     f"{sum(s['gap_after_us']):.1f} (span {s['span_us']:.1f}) |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=2)
     ap.add_argument("--M", default="1,8,16")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. 'zb' for a run with a switch set)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--timeline", default="", help="M values at which to trace the whole layer, kernel by kernel")
+    ap.add_argument("--calls", type=int, default=8, help="layer forwards per traced graph (--timeline)")
+    ap.add_argument("--replays", type=int, default=5, help="traced graph replays (--timeline)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/fused_layers.py needs a CUDA GPU", file=sys.stderr)
@@ -139,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         chain.append(rec)
         print(f"whole layer M={M}: " + ", ".join(f"PDL {m} {rec[f'pdl_{m}']:.1f} us" for m in PDL_MODES)
               + f", fp16 {rec['fp16']:.1f}", flush=True)
+    timelines = [layer_timeline(layer_ops, M, a.calls, a.replays) for M in _ints(a.timeline)]
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",
@@ -170,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in chain:
         lines.append(f"| {r['M']} | " + " | ".join(f"{r[f'pdl_{m}']:.1f}" for m in PDL_MODES) + f" | {r['fp16']:.1f} | "
                      + " | ".join(f"{r['fp16'] / r[f'pdl_{m}']:.2f}" for m in PDL_MODES) + " |")
-    jp, mp = write_results(a.out, "fused-layers" + (f"-{a.tag}" if a.tag else ""), {"env": env, "K": a.K, "floor_us": floor, "rows": rows,
-                                                   "whole_layer": chain},
+    for t in timelines:
+        lines += timeline_markdown(t)
+    jp, mp = write_results(a.out, "fused-layers" + (f"-{a.tag}" if a.tag else ""),
+                           {"env": env, "K": a.K, "floor_us": floor, "rows": rows, "whole_layer": chain,
+                            "timelines": timelines},
                            "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {jp} and {mp}")
