@@ -122,6 +122,14 @@ def point(m: int, n: int, K: int, M: int, pinned: dict, calls: int, replays: int
     return rec
 
 
+def kernel_rows(side: str, s: dict) -> list[str]:
+    """Table rows (side, #, kernel, dur, gap after) of one :func:`sequence_stats` result, or its error."""
+    if "error" in s:
+        return [f"| {side} | - | {s['error']} | | |"]
+    return [f"| {side} | {j} | `{name}` | {d:.2f} | {g:.2f} |"
+            for j, (name, d, g) in enumerate(zip(s["kernels"], s["dur_us"], s["gap_after_us"], strict=True))]
+
+
 def markdown(env: dict, rows: list[dict]) -> str:
     lines = [f"# Forward timeline — {env.get('card', '?')} — {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"torch {env['torch']}, triton {env['triton']}, rev {env.get('qtip_triton_rev', '?')}. Rotated forwards "
@@ -137,12 +145,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
         lines += ["| side | # | kernel | dur µs | gap after µs |", "|---|---|---|---|---|"]
         for side in ("ours", "fp16"):
             s = r[side]
-            if "error" in s:
-                lines.append(f"| {side} | - | {s['error']} | | |")
-                continue
-            for j, (name, d, g) in enumerate(zip(s["kernels"], s["dur_us"], s["gap_after_us"], strict=True)):
-                lines.append(f"| {side} | {j} | `{name}` | {d:.2f} | {g:.2f} |")
-            lines.append(f"| {side} | span | | {s['span_us']:.2f} | events {r[side + '_event_us']:.2f} |")
+            lines += kernel_rows(side, s)
+            if "error" not in s:
+                lines.append(f"| {side} | span | | {s['span_us']:.2f} | events {r[side + '_event_us']:.2f} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -84,13 +84,13 @@ def timeline_markdown(t: dict) -> list[str]:
     lines = ["", f"Timeline of one layer forward at M = {t['M']} ({t['calls']} forwards per graph, {t['replays']} "
              "replays, torch.profiler; weights not rotated; gap: to the next kernel's start, negative where PDL "
              "overlaps them):", "", "| side | # | kernel | dur µs | gap after µs |", "|---|---|---|---|---|"]
+    from forward_timeline import kernel_rows
+
     for side in ("ours", "fp16"):
         s = t[side]
+        lines += kernel_rows(side, s)
         if "error" in s:
-            lines.append(f"| {side} | - | {s['error']} | | |")
             continue
-        for j, (name, d, g) in enumerate(zip(s["kernels"], s["dur_us"], s["gap_after_us"], strict=True)):
-            lines.append(f"| {side} | {j} | `{name}` | {d:.2f} | {g:.2f} |")
         n = len(s["kernels"])
         lines.append(f"| {side} | sum | {n} kernel{'s' if n != 1 else ''} | {sum(s['dur_us']):.1f} | "
                      f"{sum(s['gap_after_us']):.1f} (span {s['span_us']:.1f}) |")
