@@ -573,3 +573,35 @@ def test_ws_space_follows_its_switch(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_WGMMA_WS", "yes")
     with pytest.raises(ValueError, match="QTIP_TRITON_WGMMA_WS"):
         wgmma_configs.ws_on()
+
+
+def test_stacked_shards_source_reads_each_shards_h_and_table():
+    """SHARDS = 1 (set by the launcher for a fused weight) adds the shard bounds and strides, finds the program's
+    shard from its word rows and starts every x load at that shard's rows; without it the source is unchanged."""
+    cfg = {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 4, "table": "shared16"}
+    plain, stacked = emit_wgmma(SPEC, cfg), emit_wgmma(SPEC, {**cfg, "SHARDS": 1})
+    compile(stacked, "<wgmma>", "exec")
+    assert "xrow" not in plain and "B1" not in plain
+    assert "B1, B2, stride_xg, stride_tg," in stacked and "TBL = TBL + shard * stride_tg" in stacked
+    assert "x_desc, [pid_m * BLOCK_M, " not in stacked and stacked.count("x_desc, [xrow, ") == 2
+    pipe = emit_wgmma(SPEC, {**cfg, "PIPE": 1, "SHARDS": 1})
+    assert "x_desc, [pid_m * BLOCK_M, " not in pipe and pipe.count("x_desc, [xrow, ") >= 2
+    with pytest.raises(ValueError, match="WS=1"):
+        emit_wgmma(SPEC, {"E": 1, "BLOCK_M": 512, "num_warps": 8, "STAGES": 2, "WS": 1, "SHARDS": 1})
+    with pytest.raises(ValueError, match="SHARDS"):
+        emit_wgmma(SPEC, {**cfg, "SHARDS": 2})
+
+
+@pytest.mark.parametrize("cfg", [
+    {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 4, "table": "shared16"},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
+], ids=["m64-shared16", "m256-w8-pipe"])
+def test_stacked_shards_compile_for_sm90_without_spills_or_hazards(cfg):
+    """The SHARDS source compiles for the H100 here like the plain one: register-A HGMMAs, TMA loads, no local
+    memory, and no write to an A register of an HGMMA in flight."""
+    from qtip_triton.kernels.wgmma import a_register_hazards
+
+    sass = _compiled({**cfg, "SHARDS": 1}, 2048).sass
+    assert "HGMMA" in sass and "UTMALDG" in sass
+    assert "STL" not in sass and "LDL" not in sass
+    assert a_register_hazards(sass) == []

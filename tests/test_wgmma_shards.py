@@ -68,3 +68,32 @@ def test_grouped_wgmma_input_is_each_shards_own_input(gen, M):
         else:
             assert torch.equal(h[g], natural[g].index_select(-1, wgmma.input_gather(pw, CFG["E"]))), g
             assert ((h[g].float() - own.float()).norm() / own.float().norm()).item() < 1e-3, g
+
+
+def test_stacked_shard_bounds_and_the_fused_decode_switch(gen, monkeypatch):
+    """A fused weight's word-row bounds for one SHARDS launch: the second and third shards' first word rows (half
+    their first output rows), past the end for two shards; row blocks that would straddle two shards, warp-specialized
+    or fp16-partial configs are refused; the switch is off by default and never on off a Hopper GPU."""
+    from qtip_triton.kernels import wgmma as wg
+    from qtip_triton.kernels.prepare import fuse_shards
+
+    fused = fuse_shards(_shards(gen, outs=(128, 64, 64)))
+    assert fused is not None and fused.shard_out == (128, 64, 64) and fused.words.shape[1] == 128
+    cfg = {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3}  # 32 word rows, 64 output rows per program
+    assert wg.shard_word_bounds(fused, cfg) == (64, 96) and wg.fused_ok(fused, cfg)
+    two = fuse_shards(_shards(gen, outs=(64, 64)))
+    assert wg.shard_word_bounds(two, cfg) == (32, two.words.shape[1] + 1)
+    wide = {**cfg, "num_warps": 8}  # 128 output rows per program: the 64-row shards would share one
+    assert not wg.fused_ok(fused, wide)
+    with pytest.raises(ValueError, match="multiples"):
+        wg.shard_word_bounds(fused, wide)
+    assert not wg.fused_ok(fused, {**cfg, "OUT16": 1, "SPLIT_K": 1})
+    assert not wg.fused_ok(fused, {**cfg, "SPLIT_K": 3})  # k steps that do not divide
+    assert not wg.fused_ok(_shards(gen)[0], cfg)  # not a fused weight
+    monkeypatch.delenv(kernels.WGMMA_FUSED_DECODE_ENV, raising=False)
+    assert not kernels.wgmma_fused_ok(fused, cfg)
+    monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "1")
+    assert not kernels.wgmma_fused_ok(fused, cfg)  # no Hopper GPU here
+    monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "yes")
+    with pytest.raises(ValueError, match=kernels.WGMMA_FUSED_DECODE_ENV):
+        kernels.wgmma_fused_ok(fused, cfg)

@@ -67,6 +67,7 @@ __all__ = [
     "can_share_input",
     "wgmma_shares_input",
     "wgmma_gather_from",
+    "wgmma_fused_ok",
     "CONFIG_VERSION",
     "KINDS",
     "REDUCED_PRECISION_KEYS",
@@ -365,6 +366,24 @@ def wgmma_shares_input() -> bool:
     return os.environ.get(WGMMA_SHARED_INPUT_ENV, "1") != "0"
 
 
+WGMMA_FUSED_DECODE_ENV = "QTIP_TRITON_WGMMA_FUSED_DECODE"
+
+
+def wgmma_fused_ok(fused: PreparedWeight, config: Mapping[str, Any]) -> bool:
+    """Whether a fused layer's wgmma shards decode in ONE launch over the stacked words (:func:`launch_fused`, the
+    kernel's ``SHARDS`` source) with ``config``: only with ``QTIP_TRITON_WGMMA_FUSED_DECODE=1``, on a Hopper GPU, for
+    configs whose row blocks stay inside the shards (:func:`wgmma.fused_ok`).
+
+    Why off by default: written in session 28 after the device budget was spent; it has not run on a GPU yet. The
+    per-shard launches it replaces cost q/k/v 40.7 µs of decode at 64 tokens against o's 15.5 alone (H100)."""
+    raw = os.environ.get(WGMMA_FUSED_DECODE_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{WGMMA_FUSED_DECODE_ENV}={raw!r}: expected 1 (one launch for a fused layer's wgmma shards) "
+                         "or 0/unset (a launch per shard)")
+    return (raw == "1" and wgmma_shares_input() and not interpreting() and wgmma.available(fused.device)
+            and wgmma.fused_ok(fused, config))
+
+
 def can_share_input(kind: str, pws: list[PreparedWeight], configs: list[Mapping[str, Any]] | None = None) -> bool:
     """Whether shards can take one grouped input transform: one tile plan (so one column order), one Hadamard block
     size and a decode kind that reads h in its kernel's order: gemv/gemm, or wgmma (with the switch of
@@ -509,9 +528,12 @@ def launch_fused(
 
     Why: at decoding batch sizes a launch costs about what a small layer's work does; Llama-2's q/k/v
     otherwise take 1 + 3 + 1 launches and gate/up 1 + 2 + 1.
+
+    The wgmma kind (behind :func:`wgmma_fused_ok`'s switch) takes h as (shards, rows, in) in its E's order and
+    runs the kernel's ``SHARDS`` source once over the stacked words.
     """
-    if kind not in ("gemv", "gemm"):
-        raise ValueError(f"a fused decode runs kinds 'gemv' and 'gemm', got {kind!r}")
+    if kind not in ("gemv", "gemm", "wgmma"):
+        raise ValueError(f"a fused decode runs kinds 'gemv', 'gemm' and 'wgmma', got {kind!r}")
     pws = [prepare(qw) for qw in qws]
     G = len(pws)
     if not fused_is_current(fused, pws):
@@ -521,8 +543,11 @@ def launch_fused(
     h = _grouped_input(kind, x, pws, pre, fused.out_features, out, [config])
     if h is None:
         return out
-    parts = decode_matmul(kind, fused, h, config, h_order=h_order(kind, [config]),
-                          shard_out=fused.shard_out)  # (splits, T, out)
+    if kind == "wgmma":  # h (shards, T, in) in the kernel's order for the config's E: one SHARDS launch
+        parts = wgmma.decode_matmul(fused, h, config)
+    else:
+        parts = decode_matmul(kind, fused, h, config, h_order=h_order(kind, [config]),
+                              shard_out=fused.shard_out)  # (splits, T, out)
     if _one_output_launch(pws, post):
         S, T = parts.shape[:2]
         grouped = parts.view(S, T, G, fused.shard_out[0]).permute(2, 0, 1, 3)  # (shards, splits, T, m), no copy

@@ -22,6 +22,7 @@ from qtip_triton.codegen.wgmma import (
     emit_wgmma,
     out16,
     pipelined,
+    sharded,
     table_mode,
     table_slots,
     warp_specialized,
@@ -67,6 +68,8 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
         src["OUT16"] = 1
     if warp_specialized(config):  # the shared-A form (codegen/wgmma_ws.py)
         src["WS"] = 1
+    if sharded(config):  # a fused weight's stacked shards in one launch (set by decode_matmul, never tuned)
+        src["SHARDS"] = 1
     return src
 
 
@@ -137,28 +140,74 @@ def steps(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
     return nsteps // split, split
 
 
+def shard_word_bounds(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[int, int]:
+    """(B1, B2): the word rows where a fused weight's (:func:`~qtip_triton.kernels.prepare.fuse_shards`) second and
+    third shards start (past the end where there are fewer), or a clear error where a program's rows would straddle
+    two shards (each shard's out_features must be a multiple of the config's 2 x word rows)."""
+    rb = word_rows(config)
+    if not 2 <= len(pw.shard_out) <= 3 or sum(pw.shard_out) != pw.out_features:
+        raise ValueError(f"wgmma stacked shards: expected a fused weight of 2 or 3 shards, got shard_out {pw.shard_out}")
+    if any(m % (2 * rb) for m in pw.shard_out):
+        raise ValueError(f"wgmma config {dict(config)} splits rows in blocks of {2 * rb}: the shards' out_features "
+                         f"{list(pw.shard_out)} must be multiples of it")
+    past = pw.words.shape[1] + 1
+    starts = [sum(pw.shard_out[:g]) // 2 for g in range(1, len(pw.shard_out))] + [past]
+    return starts[0], starts[1]
+
+
+def fused_ok(pw: PreparedWeight, config: Mapping[str, Any]) -> bool:
+    """Whether :func:`decode_matmul` can run ``config`` on fused weight ``pw``'s stacked shards in one launch: a
+    register-A config (no ``WS``) with fp32 partials, k steps that divide, and row blocks inside the shards."""
+    try:
+        if warp_specialized(config) or out16(config):
+            return False
+        steps(pw, config)
+        shard_word_bounds(pw, config)
+    except ValueError:
+        return False
+    return True
+
+
 def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any],
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ (with ``OUT16``: one fp16 partial), with ``hw`` (M, in) fp16 in wgmma
     order (:func:`to_wgmma_order`). ``out``: where to write them (a fused layer's shard of one stacked partials
-    tensor, so that one output transform serves every shard), with unit stride along out_features."""
+    tensor, so that one output transform serves every shard), with unit stride along out_features.
+
+    ``hw`` of shape (G, M, in), contiguous: a fused weight's G stacked shards (``pw.shard_out``), each shard's rows
+    decoded against its own h and code table, in ONE launch (source option ``SHARDS``)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     E, bm, nw, stages = check_config(config)
-    if hw.dtype != torch.float16 or hw.dim() != 2 or hw.shape[1] != pw.in_features or hw.stride(1) != 1:
-        raise ValueError(f"wgmma h must be (M, {pw.in_features}) float16 with unit column stride, got "
-                         f"{tuple(hw.shape)} {hw.dtype} strides {hw.stride()}")
+    stacked = hw.dim() == 3
+    if (hw.dtype != torch.float16 or hw.dim() not in (2, 3) or hw.shape[-1] != pw.in_features or hw.stride(-1) != 1
+            or (stacked and not hw.is_contiguous())):
+        raise ValueError(f"wgmma h must be (M, {pw.in_features}) float16 with unit column stride (or a contiguous "
+                         f"(shards, M, {pw.in_features}) for stacked shards), got {tuple(hw.shape)} {hw.dtype} "
+                         f"strides {hw.stride()}")
     if hw.device != pw.device or not available(hw.device):
         raise ValueError(f"wgmma runs on a Hopper GPU (sm_90) holding the weight; h is on {hw.device}")
-    if pw.table.dim() != 1:
-        raise ValueError("wgmma takes one weight's code table (not a fused weight with per-shard tables)")
+    G = hw.shape[0] if stacked else 1
+    if stacked and len(pw.shard_out) != G:
+        raise ValueError(f"wgmma h has {G} shards but the weight stacks {len(pw.shard_out) or 'no'} shards "
+                         f"({pw.shard_out})")
+    if pw.table.dim() != 1 and not (stacked and pw.table.dim() == 2 and pw.table.shape[0] == G):
+        raise ValueError("wgmma takes one code table, or one per shard with per-shard h (shards, M, in); got tables "
+                         f"{tuple(pw.table.shape)} and h {tuple(hw.shape)}")
     _, Rtot, Ctot = pw.words.shape
     rb = word_rows(config)
     if Rtot % rb:
         raise ValueError(f"wgmma config {dict(config)} needs out_features divisible by {2 * rb}, got {pw.out_features}")
     iters, split = steps(pw, config)
-    M = hw.shape[0]
+    M = hw.shape[-2]
+    shard_args: tuple = ()
+    if stacked:
+        if warp_specialized(config):
+            raise ValueError("wgmma stacked shards need a register-A config (WS=0)")
+        shard_args = (*shard_word_bounds(pw, config), M, pw.table.stride(0) if pw.table.dim() == 2 else 0)
+        config = {**config, "SHARDS": 1}
+        hw = hw.view(G * M, pw.in_features)
     box = tma_box(config)
     layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), box, layout)
@@ -180,7 +229,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
                          f"tiles plus the table), more than the {SMEM_LIMIT // 1024} KB a block may have: fewer STAGES, "
                          "a smaller BLOCK_M or E, or table='gather'")
     compiled = _module(pw, config).kernel[grid](
-        pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1),
+        pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1), *shard_args,
         BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots, **launch_options(config))
     if table_mode(config)[0] == "shared":
         _require_ring_first(compiled, (stages + tslots) * bm * 64 * E * 2)

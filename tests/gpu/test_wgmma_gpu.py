@@ -179,3 +179,68 @@ def test_wgmma_shards_with_one_input_transform_match_reference(monkeypatch, outs
         kernels.launch_shards("wgmma", x, pws, [cfg] * len(qws), pre, out, post)
         err = float((out.double() - ref).norm() / ref.norm())
         assert torch.isfinite(out).all() and err < 2e-3, (cfg, err)
+
+
+FUSED_CONFIGS = [
+    {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 4, "WPF": 1, "table": "shared16"},
+    {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
+    {"E": 1, "BLOCK_M": 64, "num_warps": 4, "STAGES": 2, "table": "gather", "SPLIT_K": 2},
+]
+
+
+@pytest.mark.parametrize("cfg", FUSED_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("outs", [(1024, 1024, 1024), (1024, 512, 512), (2048, 1024)], ids=["3eq", "3uneq", "2"])
+@pytest.mark.parametrize("M", [5, 64, 300])
+def test_wgmma_stacked_shards_in_one_launch_are_each_shards_own_decode(cfg, outs, M):
+    """A fused weight's stacked shards (each with its own code table) in ONE launch (source option SHARDS): every
+    shard's columns of the partials bit for bit as that shard's own launch on its own h (same words, table, k split
+    and order), with rows of the next shard's h inside each TMA box at M = 5 and 300 (not multiples of BLOCK_M)."""
+    n = 2048
+    qws = [_weight(m, n, 2) for m in outs]
+    for g, qw in enumerate(qws):
+        qw.table = qw.table * (1.0 + 0.01 * g)  # own tables: the fused weight stacks them
+    pws = [kernels.prepare(qw) for qw in qws]
+    fused = kernels.fuse_shards(pws)
+    assert fused is not None and fused.table.dim() == 2
+    hs = torch.stack([wgmma.to_wgmma_order(pw, torch.randn(M, n, device="cuda").half(), cfg["E"]) for pw in pws])
+    y = wgmma.decode_matmul(fused, hs.contiguous(), cfg)
+    col = 0
+    for g, pw in enumerate(pws):
+        own = wgmma.decode_matmul(pw, hs[g], cfg)
+        assert torch.equal(y[..., col:col + pw.out_features], own), (g, cfg)
+        col += pw.out_features
+
+
+@pytest.mark.parametrize("M", [64, 300])
+def test_wgmma_fused_decode_through_dispatch_matches_reference(monkeypatch, M):
+    """QTIP_TRITON_WGMMA_FUSED_DECODE=1: linear_shards takes launch_fused's one wgmma launch (the registry's config
+    for the fused shape pinned here to a wgmma config); the output matches the float64 forward and the per-shard
+    launches' (the same partials: the test above)."""
+    from qtip_triton import dispatch
+
+    n = 2048
+    qws = [_weight(1024, n, 2) for _ in range(3)]
+    pws = [kernels.prepare(qw) for qw in qws]
+    fused = kernels.fuse_shards(pws)
+    cfg = FUSED_CONFIGS[0]
+    monkeypatch.setattr(dispatch, "_select_shape", lambda spec, m, k, rows: ("wgmma", cfg))
+    monkeypatch.setattr(dispatch, "_select", lambda qw, rows: ("wgmma", cfg))
+    x = torch.randn(M, n, device="cuda").half()
+    pre = torch.stack([qw.SU.float() for qw in qws]).contiguous()
+    post = torch.stack([qw.SV.float() for qw in qws]).contiguous()
+    ref = torch.cat([qw.reference_forward(x.double()) for qw in qws], -1)
+    calls = []
+    real = wgmma.decode_matmul
+    monkeypatch.setattr(wgmma, "decode_matmul", lambda pw, h, c, out=None: calls.append(h.dim()) or real(pw, h, c, out))
+    outs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, switch)
+        calls.clear()
+        out = torch.full((M, 3 * 1024), float("nan"), device="cuda", dtype=torch.float16)
+        dispatch.linear_shards(x, qws, pre, out, post, fused=fused)
+        outs[switch] = (out, list(calls))
+    assert outs["1"][1] == [3] and outs["0"][1] == [2, 2, 2]  # one stacked launch against one per shard
+    err = float((outs["1"][0].double() - ref).norm() / ref.norm())
+    assert torch.isfinite(outs["1"][0]).all() and err < 2e-3, err
+    one, each = outs["1"][0].double(), outs["0"][0].double()
+    assert float((one - each).norm() / each.norm()) < 1e-3
