@@ -26,16 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import environment, rotation_copies, time_rotated_us, write_results  # noqa: E402
+from common import environment, int_list, rotation_copies, time_rotated_us, write_results  # noqa: E402
 from kernels import kernel_fn, kernel_input, random_weight  # noqa: E402
 
 from qtip_triton.kernels import default_config, prepare  # noqa: E402
 from qtip_triton.kernels.runners import decompress  # noqa: E402
 from qtip_triton.registry import lookup_config  # noqa: E402
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v]
 
 
 def _shapes(s: str) -> list[tuple[int, int]]:
@@ -107,7 +103,7 @@ def main() -> None:
         rec["us"]["decode only"] = time_rotated_us([lambda p=p, o=full, c=dcfg: decompress(p, c, torch.float16, out=o)
                                                     for p in pws])
         rows.append(rec)
-        for M in _ints(args.M):
+        for M in int_list(args.M):
             x = torch.randn(M, n, device="cuda").half()
             cfg = default_config("decompress", qw.spec, m, n, M)
             h = kernel_input("decompress", pws[0], x, cfg)
@@ -118,7 +114,7 @@ def main() -> None:
             if kind != "decompress":
                 hk = kernel_input(kind, pws[0], x, dict(tcfg))
                 rec["us"][f"shipped {kind}"] = time_rotated_us([kernel_fn(kind, p, x, dict(tcfg), hk) for p in pws])
-            for nc in _ints(args.rows):
+            for nc in int_list(args.rows):
                 if nc < m:
                     for tr in (False, True):
                         key = f"rows {nc}{' T' if tr else ''}"
@@ -126,7 +122,7 @@ def main() -> None:
                             rec["us"][key] = time_rotated_us(row_slabs(pws, h, cfg, nc, tr)[0])
                         except Exception as e:  # noqa: BLE001  (a probe: record and go on)
                             rec["us"][key] = f"{type(e).__name__}: {str(e)[:120]}"
-            for kc in _ints(args.cols):
+            for kc in int_list(args.cols):
                 if kc < n and n % kc == 0:
                     try:
                         rec["us"][f"cols {kc}"] = time_rotated_us(col_slabs(m, n, args.K, len(pws), h, cfg, kc))

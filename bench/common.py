@@ -43,6 +43,11 @@ def time_us(fn: Callable[[], Any], *, graph: bool = True, warmup_ms: int = 10, r
     return float(ms) * 1000.0
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of ints from the command line ("1,16,64"; empty entries skipped)."""
+    return [int(v) for v in text.split(",") if v]
+
+
 def source_rev() -> str:
     """Which package source produced a result: ``git describe`` plus a digest of qtip_triton/*.py.
 

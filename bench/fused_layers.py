@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, time_us, write_results  # noqa: E402
+from common import environment, int_list, time_us, write_results  # noqa: E402
 
 LAYERS = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(11008, 4096)] * 2, "down": [(4096, 11008)]}
 
@@ -53,10 +53,6 @@ def _h(M: int, n: int, kind: str, config: dict) -> torch.Tensor:
 
     h = torch.randn(M, n, device="cuda", dtype=kernels.h_dtype(kind, [config], torch.float16))
     return mma_layout.from_kernel_order(h) if kernels.h_order(kind, [config]) == "mma" else h
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
 
 
 def layer_timeline(layer_ops: list, M: int, calls: int, replays: int) -> dict:
@@ -191,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         chain.append(rec)
         print(f"whole layer M={M}: " + ", ".join(f"PDL {m} {rec[f'pdl_{m}']:.1f} us" for m in PDL_MODES)
               + f", fp16 {rec['fp16']:.1f}", flush=True)
-    timelines = [layer_timeline(layer_ops, M, a.calls, a.replays) for M in _ints(a.timeline)]
+    timelines = [layer_timeline(layer_ops, M, a.calls, a.replays) for M in int_list(a.timeline)]
     floor = time_us(torch.zeros(1, device="cuda").zero_)
     env = environment()
     lines = [f"# One Llama-2-7B decoder layer's linears, QTIP K={a.K} — {env.get('card', '?')}", "",

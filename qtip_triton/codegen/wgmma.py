@@ -361,6 +361,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "pid_k = gl.program_id(1)",
       "pid_m = gl.program_id(2)",
       *WORD_OFFSETS)
+    x_row = "xrow" if shards else "pid_m * BLOCK_M"  # the first row of this program's x tiles in x_desc
     if shards:
         s("# stacked shards: word rows [0, B1) are shard 0, [B1, B2) shard 1, the rest shard 2 (a program's rows never",
           "# straddle two); its shard's h rows start stride_xg * shard rows into x_desc, its code table stride_tg in",
@@ -384,7 +385,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "    mbarrier.init(bars.index(i), count=1)",
       "for i in gl.static_range(STAGES):  # the first x tiles in flight before any decode",
       "    mbarrier.expect(bars.index(i), x_desc.block_type.nbytes, pred=i < ITERS)",
-      "    tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + i) * BK], bars.index(i),",
+      f"    tma.async_copy_global_to_shared(x_desc, [{x_row}, (step0 + i) * BK], bars.index(i),",
       "                                    x_smem.index(i), pred=i < ITERS)",
       "acc = gl.zeros([2 * RB, BLOCK_M], gl.float32, acc_layout)")
     if mode == "shared":
@@ -395,7 +396,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
           f"{var} = gl.convert_layout({var}, a_layout, assert_trivial=True)")
 
     if pipe:
-        _two_buffer_loop(s, loads, decode, assemble, ablate, ahead=2 if wpf == 2 else 1)
+        _two_buffer_loop(s, loads, decode, assemble, ablate, ahead=2 if wpf == 2 else 1, x_row=x_row)
     else:
         s("# step 0 decoded before the loop: inside it, step it + 1 decodes while the tensor cores multiply step it")
         for name, off in loads:
@@ -431,7 +432,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
             s("acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))")
         s("nxt = it + STAGES",
           "mbarrier.expect(bars.index(slot), x_desc.block_type.nbytes, pred=nxt < ITERS)",
-          "tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + nxt) * BK], bars.index(slot),",
+          f"tma.async_copy_global_to_shared(x_desc, [{x_row}, (step0 + nxt) * BK], bars.index(slot),",
           "                                x_smem.index(slot), pred=nxt < ITERS)",
           "a = a_next",
           "w_off += CB",
@@ -446,22 +447,16 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "gl.store(Y + pid_k * stride_ys + m[None, :] * stride_ym + orow[:, None], "
       + ("acc.to(gl.float16)" if half else "acc") + ", mask=mask)")
     s.dedent()
-    text = s.text()
-    if shards:  # x's TMA loads start at the shard's rows (the unsharded source stays as it was)
-        tile = "x_desc, [pid_m * BLOCK_M, "
-        if text.count(tile) < 2:
-            raise AssertionError("wgmma SHARDS: the x loads were not found in the emitted source")
-        text = text.replace(tile, "x_desc, [xrow, ")
-    return text
+    return s.text()
 
 
 def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], assemble, ablate: int = 0,
-                     ahead: int = 1) -> None:
+                     ahead: int = 1, x_row: str = "pid_m * BLOCK_M") -> None:
     """The PIPE = 1 main loop (see :func:`pipelined`): steps alternate between A register sets ``a0`` and ``a1``; after
     issuing a step's MMA the kernel waits until only it is in flight (retiring the other set's MMA), refills that
     step's x slot, loads and decodes the step after into the freed set. ``ahead`` = 2 (``WPF=2``): each half loads the
     words of the step after the one it decodes, into word registers of its parity (``_ahead0`` / ``_ahead1``), and decodes
-    from those the other half loaded."""
+    from those the other half loaded. ``x_row``: the first x_desc row of the program's x tiles."""
     def half(cur: str, other: str, k: str) -> None:
         s(f"# step it + {k} on {cur}; the MMA of the step before (on {other}) retires, and {other} takes step it + {k} + 1")
         if not ablate:
@@ -480,7 +475,7 @@ def _two_buffer_loop(s: _Src, loads: list[tuple[str, str]], decode: list[str], a
           "nxt = done + STAGES",
           "ok = (done >= 0) & (nxt < ITERS)",
           "mbarrier.expect(bars.index(nxt % STAGES), x_desc.block_type.nbytes, pred=ok)",
-          "tma.async_copy_global_to_shared(x_desc, [pid_m * BLOCK_M, (step0 + nxt) * BK], bars.index(nxt % STAGES),",
+          f"tma.async_copy_global_to_shared(x_desc, [{x_row}, (step0 + nxt) * BK], bars.index(nxt % STAGES),",
           "                                x_smem.index(nxt % STAGES), pred=ok)")
         if ablate:
             s(f"{other} = {cur}  # ABLATE: no decode")

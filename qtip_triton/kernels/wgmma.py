@@ -31,6 +31,7 @@ from qtip_triton.codegen.wgmma import (
 )
 from qtip_triton.codegen.wgmma_ws import WS_MAXNREG, WS_ROWS
 from qtip_triton.kernels.prepare import PreparedWeight
+from qtip_triton.kernels.runners import _shard_bounds
 from qtip_triton.kernels.wgmma_configs import SMEM_LIMIT, smem_bytes, table_words
 
 _modules: dict[tuple, Any] = {}
@@ -145,14 +146,13 @@ def shard_word_bounds(pw: PreparedWeight, config: Mapping[str, Any]) -> tuple[in
     third shards start (past the end where there are fewer), or a clear error where a program's rows would straddle
     two shards (each shard's out_features must be a multiple of the config's 2 x word rows)."""
     rb = word_rows(config)
-    if not 2 <= len(pw.shard_out) <= 3 or sum(pw.shard_out) != pw.out_features:
+    bounds = _shard_bounds(pw, pw.shard_out) if len(pw.shard_out) >= 2 else None  # the gemv/gemm fused decode's
+    if bounds is None:
         raise ValueError(f"wgmma stacked shards: expected a fused weight of 2 or 3 shards, got shard_out {pw.shard_out}")
     if any(m % (2 * rb) for m in pw.shard_out):
         raise ValueError(f"wgmma config {dict(config)} splits rows in blocks of {2 * rb}: the shards' out_features "
                          f"{list(pw.shard_out)} must be multiples of it")
-    past = pw.words.shape[1] + 1
-    starts = [sum(pw.shard_out[:g]) // 2 for g in range(1, len(pw.shard_out))] + [past]
-    return starts[0], starts[1]
+    return bounds
 
 
 def fused_ok(pw: PreparedWeight, config: Mapping[str, Any]) -> bool:
@@ -202,9 +202,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     iters, split = steps(pw, config)
     M = hw.shape[-2]
     shard_args: tuple = ()
-    if stacked:
-        if warp_specialized(config):
-            raise ValueError("wgmma stacked shards need a register-A config (WS=0)")
+    if stacked:  # (a warp-specialized config is refused with SHARDS by codegen.wgmma.sharded)
         shard_args = (*shard_word_bounds(pw, config), M, pw.table.stride(0) if pw.table.dim() == 2 else 0)
         config = {**config, "SHARDS": 1}
         hw = hw.view(G * M, pw.in_features)
