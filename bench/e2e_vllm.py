@@ -2,7 +2,7 @@
 """End-to-end vLLM decode speed of QTIP Llama models vs fp16 (GPU; one device call runs everything).
 
 For each model shape (Llama-2-7B, Llama-3-8B) and weight format (fp16, QTIP K = 2, 3, 4, optionally with
-switches that turn a default off for comparison: ``2+nozb``, ``2+nostacked``) it writes a
+switches that turn a default off for comparison: ``2+nozb``, ``2+nostacked``, or an opt-in on: ``2+fdec``) it writes a
 config.json (QTIP ones carry ``quip_params`` and ``quantization_config``, so the ``qtip`` plugin is
 picked up through its entry point in every vLLM process), starts ``vllm.LLM`` with
 ``load_format="dummy"`` (random weights: the plugin fills valid random trellises), torch.compile and
@@ -68,7 +68,9 @@ FORMATS = ("fp16", "2", "3", "4")
 # A QTIP format may carry switches, e.g. "2+nozb": the same engine with these environment variables set while it is
 # built and run (kernels/hadamard.py reads them per call; the warm-up compiles for them), so one device call
 # compares a default with what it replaced (both were opt-in "zb" / "stacked" until session 16 made them defaults).
-SWITCHES = {"nozb": {"QTIP_TRITON_HADAMARD_ZB_FIRST": "0"}, "nostacked": {"QTIP_TRITON_HADAMARD_STACKED": "0"}}
+SWITCHES = {"nozb": {"QTIP_TRITON_HADAMARD_ZB_FIRST": "0"}, "nostacked": {"QTIP_TRITON_HADAMARD_STACKED": "0"},
+            # the other way round: an opt-in path timed against the default in the same call
+            "fdec": {"QTIP_TRITON_WGMMA_FUSED_DECODE": "1"}}
 
 
 def split_format(fmt: str) -> tuple[str, list[str]]:

@@ -108,3 +108,7 @@ def test_formats_with_switches(e2e, tmp_path, monkeypatch):
     with e2e.switches("2+nozb+nostacked"):
         assert os.environ["QTIP_TRITON_HADAMARD_ZB_FIRST"] == "0" and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "0"
     assert "QTIP_TRITON_HADAMARD_ZB_FIRST" not in os.environ and os.environ["QTIP_TRITON_HADAMARD_STACKED"] == "7"
+    monkeypatch.delenv("QTIP_TRITON_WGMMA_FUSED_DECODE", raising=False)
+    with e2e.switches("2+fdec"):
+        assert os.environ["QTIP_TRITON_WGMMA_FUSED_DECODE"] == "1"
+    assert "QTIP_TRITON_WGMMA_FUSED_DECODE" not in os.environ
