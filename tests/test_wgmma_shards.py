@@ -91,9 +91,15 @@ def test_stacked_shard_bounds_and_the_fused_decode_switch(gen, monkeypatch):
     assert not wg.fused_ok(fused, {**cfg, "SPLIT_K": 3})  # k steps that do not divide
     assert not wg.fused_ok(_shards(gen)[0], cfg)  # not a fused weight
     monkeypatch.delenv(kernels.WGMMA_FUSED_DECODE_ENV, raising=False)
-    assert not kernels.wgmma_fused_ok(fused, cfg)
+    top = kernels.WGMMA_FUSED_DECODE_MAX_ROWS
+    assert kernels.wgmma_fused_decode_on(1) and kernels.wgmma_fused_decode_on(top)
+    assert not kernels.wgmma_fused_decode_on(top + 1)
+    assert not kernels.wgmma_fused_ok(fused, cfg, 64)  # no Hopper GPU here
     monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "1")
-    assert not kernels.wgmma_fused_ok(fused, cfg)  # no Hopper GPU here
+    assert kernels.wgmma_fused_decode_on(top + 1) and kernels.wgmma_fused_decode_on(4096)
+    assert not kernels.wgmma_fused_ok(fused, cfg, 64)
+    monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "0")
+    assert not kernels.wgmma_fused_decode_on(1)
     monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "yes")
     with pytest.raises(ValueError, match=kernels.WGMMA_FUSED_DECODE_ENV):
-        kernels.wgmma_fused_ok(fused, cfg)
+        kernels.wgmma_fused_ok(fused, cfg, 64)

@@ -67,6 +67,7 @@ __all__ = [
     "can_share_input",
     "wgmma_shares_input",
     "wgmma_gather_from",
+    "wgmma_fused_decode_on",
     "wgmma_fused_ok",
     "CONFIG_VERSION",
     "KINDS",
@@ -174,7 +175,8 @@ def _transforms(kind: str, in_features: int, out_features: int, blocks_in: int, 
     if kind not in KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; kinds: {', '.join(KINDS)}")
     transforms = [(in_features, blocks_in, 1, True, kind != "decompress"), (out_features, blocks_out, 1, False, False)]
-    if kind == "wgmma":  # its input transform runs in natural order where that is faster (gather_after_transform)
+    if kind in ("wgmma", "gemm"):  # their input transforms run in natural order where the kernel's order is B's
+        # columns permuted (hadamard.segment_cols), and the wgmma's also where gathering is faster (gather_after_transform)
         transforms.append((in_features, blocks_in, 1, True, False))
     return transforms if hadamard.has_kernels(transforms) else []
 
@@ -192,9 +194,19 @@ def _transform_in(pw: PreparedWeight, x2: torch.Tensor, dtype: torch.dtype, kind
     order (``order="mma"``: the (in // 4, M, 4) view of kernels/mma_layout.py)."""
     if order == "mma":
         return _transform_in_mma(x2, pw, pw.SU, dtype, ())
-    dst = None if kind in (None, "decompress") else pw.input_index(kind)
-    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU, out_dtype=dtype, dst=dst,
-                              interpret=interpreting())
+    return _ordered_transform(x2, pw, pw.SU, dtype, kind)
+
+
+def _ordered_transform(x2: torch.Tensor, pw: PreparedWeight, pre: torch.Tensor, dtype: torch.dtype,
+                       kind: str | None) -> torch.Tensor:
+    """The input transform into the gemv/gemm ``kind`` kernel's column order (natural order if None or
+    decompress): through B's columns where that order allows (:meth:`PreparedWeight.input_cols`), else by
+    storing each column at its destination."""
+    if kind in (None, "decompress"):
+        return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pre, out_dtype=dtype, interpret=interpreting())
+    cols = pw.input_cols(kind)
+    return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pre, out_dtype=dtype, interpret=interpreting(),
+                              **({"cols": cols} if cols is not None else {"dst": pw.input_index(kind)}))
 
 
 def _transform_in_mma(x2: torch.Tensor, pw: PreparedWeight, pre: torch.Tensor, dtype: torch.dtype,
@@ -272,10 +284,15 @@ def _gather_after(n: int, blocks: int, tokens: int, groups: int, switches: tuple
 
 
 def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int, pre: torch.Tensor | None = None) -> torch.Tensor:
-    """fp16 h in the wgmma kernel's order for its ``E``: stored there by the transform, or transformed in natural
+    """fp16 h in the wgmma kernel's order for its ``E``: through B's columns where that order keeps the Hadamard
+    segments in place (:func:`wgmma.input_cols`), else stored there by the transform, or transformed in natural
     order and gathered (:func:`gather_after_transform`). ``pre``: the shards' stacked SU (grouped input, h of shape
     (shards, rows, in)); default ``pw.SU``."""
     groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 1
+    cols = wgmma.input_cols(pw, E)
+    if cols is not None:  # the kernel's order is B's columns permuted: natural-order cost, no scatter, no gather
+        return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
+                                  out_dtype=torch.float16, cols=cols, interpret=interpreting())
     gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0], groups)
     h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
                            out_dtype=torch.float16, dst=None if gather else wgmma.input_index(pw, E),
@@ -369,19 +386,32 @@ def wgmma_shares_input() -> bool:
 WGMMA_FUSED_DECODE_ENV = "QTIP_TRITON_WGMMA_FUSED_DECODE"
 
 
-def wgmma_fused_ok(fused: PreparedWeight, config: Mapping[str, Any]) -> bool:
-    """Whether a fused layer's wgmma shards decode in ONE launch over the stacked words (:func:`launch_fused`, the
-    kernel's ``SHARDS`` source) with ``config``: only with ``QTIP_TRITON_WGMMA_FUSED_DECODE=1``, on a Hopper GPU, for
-    configs whose row blocks stay inside the shards (:func:`wgmma.fused_ok`).
+# Up to this many rows a fused layer's wgmma shards decode in one launch by default. H100, session 29
+# (``*-fused-layers-session29-{timeline,fused-decode-1}.md``, one Llama-2-7B layer, the same run): the layer at 32 tokens
+# 210.0 -> 187.0 µs, 64 238.7 -> 233.4, 128 315.0 -> 300.5; at 256 q/k/v still gained (124.3 -> 117.0) but gate/up lost
+# (173.1 -> 188.0: the 22016-row config's one grid against two 11008-row ones).
+WGMMA_FUSED_DECODE_MAX_ROWS = 128
 
-    Why off by default: written in session 28 after the device budget was spent; it has not run on a GPU yet. The
-    per-shard launches it replaces cost q/k/v 40.7 µs of decode at 64 tokens against o's 15.5 alone (H100)."""
+
+def wgmma_fused_decode_on(rows: int) -> bool:
+    """``QTIP_TRITON_WGMMA_FUSED_DECODE``: 1 (one launch at every batch), 0 (a launch per shard), unset (one launch up
+    to ``WGMMA_FUSED_DECODE_MAX_ROWS`` rows); anything else is a clear error."""
     raw = os.environ.get(WGMMA_FUSED_DECODE_ENV, "").strip()
     if raw not in ("", "0", "1"):
-        raise ValueError(f"{WGMMA_FUSED_DECODE_ENV}={raw!r}: expected 1 (one launch for a fused layer's wgmma shards) "
-                         "or 0/unset (a launch per shard)")
-    return (raw == "1" and wgmma_shares_input() and not interpreting() and wgmma.available(fused.device)
-            and wgmma.fused_ok(fused, config))
+        raise ValueError(f"{WGMMA_FUSED_DECODE_ENV}={raw!r}: expected 1 (one launch for a fused layer's wgmma shards), "
+                         f"0 (a launch per shard) or unset (one launch up to {WGMMA_FUSED_DECODE_MAX_ROWS} rows)")
+    return raw == "1" or (raw == "" and rows <= WGMMA_FUSED_DECODE_MAX_ROWS)
+
+
+def wgmma_fused_ok(fused: PreparedWeight, config: Mapping[str, Any], rows: int) -> bool:
+    """Whether a fused layer's wgmma shards decode ``rows`` rows in ONE launch over the stacked words
+    (:func:`launch_fused`, the kernel's ``SHARDS`` source) with ``config``: where :func:`wgmma_fused_decode_on` says
+    so, on a Hopper GPU, for configs whose row blocks stay inside the shards (:func:`wgmma.fused_ok`).
+
+    Why: the per-shard launches it replaces leave each shard's tail wave and launch gap; one grid over all the
+    shards' rows took q/k/v at 32 tokens from 63.8 to 56.3 µs and gate/up from 81.1 to 67.4 (H100, session 29)."""
+    return (wgmma_fused_decode_on(rows) and wgmma_shares_input() and not interpreting()
+            and wgmma.available(fused.device) and wgmma.fused_ok(fused, config))
 
 
 def can_share_input(kind: str, pws: list[PreparedWeight], configs: list[Mapping[str, Any]] | None = None) -> bool:
@@ -414,8 +444,7 @@ def _grouped_input(kind: str, x: torch.Tensor, pws: list[PreparedWeight], pre: t
         return _transform_in_mma(x2, pws[0], pre, h_dtype(kind, configs, x.dtype), (len(pws),))
     if kind == "wgmma":  # every shard at once: (shards, rows, in) fp16 in the kernel's order
         return _wgmma_input(pws[0], x2, configs[0].get("E", 1), pre)
-    return hadamard.transform(x2, pws[0].blocks_in, transpose=True, pre=pre, dst=pws[0].input_index(kind),
-                              out_dtype=h_dtype(kind, configs, x.dtype), interpret=interpreting())
+    return _ordered_transform(x2, pws[0], pre, h_dtype(kind, configs, x.dtype), kind)
 
 
 def _one_output_launch(pws: list[PreparedWeight], post: torch.Tensor | None) -> bool:

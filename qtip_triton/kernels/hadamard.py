@@ -465,6 +465,7 @@ def transform(
     stacked: bool | None = None,
     stack_rows: int | None = None,
     f16_dots: bool | None = None,
+    cols: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -502,9 +503,16 @@ def transform(
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
     ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for float16 outputs, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
+    ``cols``: a decode kernel's column order that keeps every P2-wide segment of a block in place
+    (:func:`segment_cols`): position j of each segment holds the segment's natural column ``cols[j]``. The kernels
+    take it as B's columns permuted, so h comes out in that order at the natural-order launch's cost, with
+    contiguous stores (``dst`` scatters them; the alternative, natural order and a gather, is one more launch).
+    Not with ``dst``, ``post`` or ``bias``.
     """
     if stacked and (tall or gemm or zb_first):
         raise ValueError("stacked is a kernel of its own: not with tall, gemm or zb_first")
+    if cols is not None and (dst is not None or post is not None or bias is not None or x.dim() == 4):
+        raise ValueError("cols orders an input transform's columns: not with dst, post, bias or grouped outputs")
     if stack_rows is not None and (stack_rows < 16 or stack_rows > STACK_MAX_RP or stack_rows & (stack_rows - 1)):
         raise ValueError(f"stack_rows must be a power of two in [16, {STACK_MAX_RP}], got {stack_rows}")
     if zb_first:
@@ -564,13 +572,17 @@ def transform(
         gemm = False
     variant = (col_split, unroll_splits, rblk, cblk, tall, tall_tokens, tall_bm)
     if _use_gemm(gemm, T * blocks, (*variant, stacked or None)):
+        if cols is not None:
+            dst = _cols_dst(cols, nb, n, x.device)
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device, torch.float16 if f16 else torch.bfloat16)
+    if cols is not None:
+        b = _cols_b(b, cols, nb, transpose)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
         for g in range(groups):
             d = None if dst is None else (dst[g] if dst.dim() == 2 else dst)
             transform(x, blocks, transpose=transpose, pre=pre[g], post=post, bias=bias, dst=d, interpret=interpret,
-                      out=y[g], out_dtype=y.dtype, f16_dots=f16)
+                      out=y[g], out_dtype=y.dtype, f16_dots=f16, cols=cols)
         return y
     dummy = x  # never read: the HAS_* flags are off
     args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
@@ -623,6 +635,60 @@ def transform(
                        KBLK=kblk, CBLK=cblk, num_warps=num_warps, COL_SPLIT=col_split, NSPLIT=nsplit_c, **stages,
                        **args, **launch_args(x.device, T), ZB_FIRST=zb, **f16c)
     return y
+
+
+def segment_cols(pos: torch.Tensor, nb: int) -> tuple[int, ...] | None:
+    """A decode kernel's input order ``pos`` ((n,): where each natural column goes) as ``transform``'s ``cols``: the
+    one order of every P2-wide segment of the ``nb``-column blocks, where ``pos`` keeps each segment in place and
+    orders all of them alike; else None (that order needs ``dst`` or a gather).
+
+    Why: the wgmma kernel's order (every Llama size but 11008 with E = 2) and the gemm's are such orders, and
+    into them the input transform costs what the natural order does: at 64 tokens on the H100 (session 29's
+    layer timeline) o's 4096-column input took 10.3 µs into the kernel's order and q/k/v's 9.7 + 6.2 for its
+    gather, against 4.6 µs for the natural order alone (``*-hadamard-session27-stacked-rows.md``)."""
+    n = pos.numel()
+    p2 = factor(nb)[2]
+    if n % p2:
+        return None
+    pos = pos.to("cpu", torch.int64)
+    i = torch.arange(n)
+    if not bool((pos // p2 == i // p2).all()):
+        return None
+    seg = (pos % p2).view(-1, p2)
+    if not bool((seg == seg[0]).all()):
+        return None
+    return tuple(torch.argsort(seg[0]).tolist())
+
+
+def _check_cols(cols: tuple[int, ...], p2: int) -> None:
+    if len(cols) != p2 or sorted(cols) != list(range(p2)):
+        raise ValueError(f"cols must order the {p2} columns of a block's segment, got {len(cols)} entries")
+
+
+def _cols_b(b: torch.Tensor, cols: tuple[int, ...], nb: int, transpose: bool) -> torch.Tensor:
+    """B (padded, as :func:`_matrices` holds it) with its first P2 columns in ``cols``' order, cached."""
+    key = ("cols", nb, transpose, str(b.device), b.dtype, cols)
+    hit = _MATS.get(key)
+    if hit is None:
+        p2 = factor(nb)[2]
+        _check_cols(cols, p2)
+        bp = b.clone()
+        bp[:, :p2] = b[:, list(cols)]
+        hit = _MATS[key] = (bp.contiguous(), None)
+    return hit[0]
+
+
+def _cols_dst(cols: tuple[int, ...], nb: int, n: int, device: torch.device) -> torch.Tensor:
+    """``cols`` as a ``dst`` index over all ``n`` columns (the two-GEMM path stores through one), cached."""
+    key = ("cols_dst", nb, n, str(device), cols)
+    hit = _MATS.get(key)
+    if hit is None:
+        p2 = factor(nb)[2]
+        _check_cols(cols, p2)
+        where = torch.argsort(torch.tensor(cols))  # natural column j of a segment -> its position
+        pos = (torch.arange(n) // p2) * p2 + where[torch.arange(n) % p2]
+        hit = _MATS[key] = (pos.to(device=device, dtype=torch.int32), None)
+    return hit[0]
 
 
 def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torch.Tensor | None,

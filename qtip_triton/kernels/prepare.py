@@ -61,6 +61,18 @@ class PreparedWeight:
         return self.cached(("input_index", kind),
                            lambda: input_order(self.plan, self.in_features, kind).to(torch.int32))
 
+    def input_cols(self, kind: str) -> tuple[int, ...] | None:
+        """The ``kind`` kernel's x layout as the input transform's ``cols`` (B's columns permuted: no scattered
+        stores), or None where it moves columns across the transform's segments (the gemv's)."""
+        key = ("input_cols", kind)
+        if key not in self.cache:
+            from qtip_triton.kernels.hadamard import segment_cols, supported
+
+            nb = self.in_features // self.blocks_in
+            self.cache[key] = (segment_cols(input_order(self.plan, self.in_features, kind), nb)
+                               if kind in ("gemv", "gemm") and supported(nb)[0] else None)
+        return self.cache[key]
+
     def input_index_mma(self, rows: int) -> torch.Tensor:
         """int32 (in_features,): where each input column of batch row 0 goes in the mma gemv's h buffer of
         ``rows`` rows per quad (kernels/mma_layout.py); row m adds 4 m. Built on the host and copied at first use

@@ -109,6 +109,22 @@ def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
                      lambda: wgmma_input_order(pw.plan, pw.in_features, E).to(torch.int32))
 
 
+def input_cols(pw: PreparedWeight, E: int) -> tuple[int, ...] | None:
+    """The kernel's order for ``E`` as the input transform's ``cols`` (:func:`hadamard.segment_cols`), or None where
+    it moves columns across the transform's segments (11008 features with E = 2), cached with the weight."""
+    key = ("input_cols_wgmma", E)
+    if key not in pw.cache:
+        pw.cache[key] = _segment_cols(pw.plan, pw.in_features, pw.in_features // pw.blocks_in, E)
+    return pw.cache[key]
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_cols(plan, n: int, nb: int, E: int) -> tuple[int, ...] | None:
+    from qtip_triton.kernels.hadamard import segment_cols, supported
+
+    return segment_cols(wgmma_input_order(plan, n, E), nb) if supported(nb)[0] else None
+
+
 def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int64 (in_features,): the natural column each position of the kernel's h takes (the inverse of
     :func:`input_index`; ``h_natural.index_select(1, ...)`` is h in the kernel's order), built on the host and

@@ -80,3 +80,31 @@ def test_f16_dots_match_float64(n, T):
         assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 2e-3, kw
         y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float16, f16_dots=True, **kw)
         assert torch.isfinite(y).all() and float((y.double() - ref_out).norm() / ref_out.norm()) < 2e-3, kw
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("T,kw", [(1, {}), (5, {}), (64, {}), (200, {}), (64, {"stacked": True}),
+                                  (64, {"tall": True}), (5, {"zb_first": True}), (5, {"col_split": False})],
+                         ids=["1", "5", "64", "200", "stacked", "tall", "zb", "rows"])
+def test_cols_order_is_the_natural_transform_gathered_bit_for_bit(n, T, kw):
+    """``cols`` (a kernel's order folded into B's columns, what the wgmma and gemm kinds' inputs now take) against
+    the natural-order launch with the same variant, gathered: equal bit for bit on the tensor cores too, single and
+    grouped (three shards' SU)."""
+    from qtip_triton.kernels.hadamard import factor, segment_cols
+
+    if kw.get("zb_first") and factor(n)[0] * factor(n)[1] > 32:
+        pytest.skip("A · (Z · B_c) is for A of at most 32 rows")
+    g = torch.Generator(device="cuda")
+    g.seed()
+    p2 = factor(n)[2]
+    where = torch.randperm(p2, generator=g, device="cuda")
+    i = torch.arange(n, device="cuda")
+    pos = (i // p2) * p2 + where[i % p2]
+    cols = segment_cols(pos, n)
+    x = torch.randn(T, n, generator=g, device="cuda").half()
+    for pre in (torch.randn(n, generator=g, device="cuda"), torch.randn(3, n, generator=g, device="cuda")):
+        natural = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float16, **kw)
+        got = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float16, cols=cols, **kw)
+        want = torch.empty_like(natural)
+        want[..., pos] = natural
+        assert torch.equal(got, want), (n, T, kw, tuple(pre.shape))
