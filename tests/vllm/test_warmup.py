@@ -142,7 +142,7 @@ def test_op_warm_rows_cover_every_launch_key():
     from types import SimpleNamespace
 
     from qtip_triton.autotune.buckets import bucket_for, row_class
-    from qtip_triton.kernels import gather_after_transform
+    from qtip_triton.kernels import WGMMA_FUSED_DECODE_ENV, gather_after_transform, wgmma_fused_decode_on
     from qtip_triton.kernels import hadamard as had
 
     shards = [SimpleNamespace(in_features=4096, out_features=o, blocks=lambda side: 1) for o in (4096, 1024, 1024)]
@@ -151,13 +151,19 @@ def test_op_warm_rows_cover_every_launch_key():
 
     def key(M):
         return (bucket_for(M), row_class(M), had.launch_key(4096, 1, M, 3, True), gather_after_transform(4096, 1, M, 3),
-                *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
+                wgmma_fused_decode_on(M), *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
 
     warmed = {key(M) for M in rows}
     assert all(key(M) in warmed for M in range(1, 3001))
     # the three shards' grouped wgmma input gathers from 3 x 43 >= 128 rows, where no launch key changes
     assert not gather_after_transform(4096, 1, 42, 3) and gather_after_transform(4096, 1, 43, 3)
     assert 43 in rows
+    # the one-launch shards' switch point, wherever it falls: moved off a bucket edge, the first M past it is warmed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv(WGMMA_FUSED_DECODE_ENV, raising=False)
+        mp.setattr("qtip_triton.kernels.WGMMA_FUSED_DECODE_MAX_ROWS", 100)
+        moved = warmup.op_warm_rows(shards, 3000)
+        assert 101 in moved and all(key(M) in {key(m) for m in moved} for M in range(1, 3001))
     # e.g. at 11008 outputs, 64 tokens (stacked kernel) and 48 (per-token) share a bucket and a row class: both
     # are warmed
     big = [SimpleNamespace(in_features=4096, out_features=11008, blocks=lambda side: 1)]
