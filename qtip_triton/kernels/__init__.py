@@ -236,7 +236,8 @@ def kernel_input(kind: str, pw: PreparedWeight, x2: torch.Tensor, config: Mappin
 def gather_after_transform(n: int, blocks: int, tokens: int, groups: int = 1) -> bool:
     """Whether the wgmma kind's input transform of ``tokens`` rows (for ``groups`` shards at once: a fused layer's
     grouped input) runs in natural order and its h is then gathered into the kernel's order (one more launch),
-    rather than storing each column at its destination.
+    rather than storing each column at its destination. Only asked where that order does not fold into B's columns
+    (:func:`wgmma.input_cols`: 11008 inputs with E = 2 among Llama sizes); elsewhere neither happens.
 
     Why: the transform's scattered stores keep it off the stacked many-token kernel, which takes natural order from
     128 (token, block) rows (``hadamard.stack_min_rows``): at 256 tokens an 8192-column input transform took 49.5-56.5
