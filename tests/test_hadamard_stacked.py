@@ -93,3 +93,28 @@ def test_stacked_kernel_takes_bf16_activations(gen):
     assert _rel(y, ref) < 1e-6
     y16 = transform(x, 1, transpose=True, pre=su, interpret=True, stacked=True)
     assert y16.dtype == torch.bfloat16 and _rel(y16, ref) < 1e-2
+
+
+def test_grouped_inputs_count_every_shards_rows_with_their_switch(gen, monkeypatch):
+    """QTIP_TRITON_HADAMARD_STACK_GROUPS=1: a grouped input transform (a fused layer's shards) asks the stacked
+    kernel's threshold about all groups' rows, in the launch key and in the launch; outputs and single inputs keep
+    one group's; off (unset) as before. The stacked result is the per-token one within float rounding."""
+    launched: list[str] = []
+    for name, label in (("_had2_stack_kernel", "stacked"), ("_had2_kernel", "per-token")):
+        monkeypatch.setattr(had, name, _Spy(label, getattr(had, name), launched))
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    monkeypatch.delenv(had.STACK_GROUPS_ENV, raising=False)
+    key = had.launch_key
+    assert key(4096, 1, 64, 3, transpose=True)[0] == "had2"
+    x = torch.randn(64, 4096, generator=gen).half()
+    pre = torch.randn(3, 4096, generator=gen)
+    plain = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float32, interpret=True)
+    monkeypatch.setenv(had.STACK_GROUPS_ENV, "1")
+    assert key(4096, 1, 64, 3, transpose=True)[0] == "stacked" and key(4096, 1, 42, 3, transpose=True)[0] == "had2"
+    assert key(4096, 1, 43, 3, transpose=True)[0] == "stacked"  # 129 rows
+    assert key(4096, 1, 64, 3, transpose=False)[0] == key(4096, 1, 64, 1, transpose=False)[0]  # outputs: per group
+    assert key(4096, 1, 64, 1, transpose=True)[0] == "had2"
+    grouped = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float32, interpret=True)
+    transform(x, 1, transpose=True, pre=pre[0], out_dtype=torch.float32, interpret=True)  # one input: 64 rows
+    assert launched == ["per-token", "stacked", "per-token"]
+    assert _rel(grouped, plain.double()) < 1e-6

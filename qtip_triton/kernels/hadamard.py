@@ -299,6 +299,23 @@ def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
     return STACK_MIN_ROWS_INPUT if rp >= 64 else None
 
 
+STACK_GROUPS_ENV = "QTIP_TRITON_HADAMARD_STACK_GROUPS"
+
+
+def stack_rows_counted(rows: int, groups: int, transpose: bool) -> int:
+    """The (token, block) rows a transform of ``rows`` rows per group asks the stacked kernel's threshold about:
+    every group's with ``QTIP_TRITON_HADAMARD_STACK_GROUPS=1`` for grouped input transforms (a fused layer's shards),
+    else one group's (the default).
+
+    Why a switch: the wgmma kind's gather rule already counts all shards' rows (``gather_after_transform``), while
+    this choice looked at one shard's, so at 64 tokens q/k/v's grouped input (3 x 64 rows) ran the per-token kernel:
+    9.7 µs inside the layer, where 128 rows of one input took 6.0 on the stacked kernel (H100, session 29,
+    ``*-fused-layers-session29-{cols,timeline}.md``). Off until the layer is timed with it."""
+    if transpose and groups > 1 and os.environ.get(STACK_GROUPS_ENV, "").strip() == "1":
+        return rows * groups
+    return rows
+
+
 def _use_stacked(stacked: bool | None, rows: int, variant: tuple, rp: int, transpose: bool, dst: bool) -> bool:
     """Whether ``rows`` (token, block) rows per group take ``_had2_stack_kernel``: ``stacked`` if given (a clear
     error where A has more than ``STACK_MAX_RP`` padded rows), else from :func:`stack_min_rows` rows on where A
@@ -394,7 +411,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
     if kh * p1 == 1:
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
-    if _use_stacked(None, rows, (), rp, transpose, dst):
+    if _use_stacked(None, stack_rows_counted(rows, groups, transpose), (), rp, transpose, dst):
         return ("stacked", stack_tile_rows(rows, rp), row_class(rows))
     if _use_tall(None, rows, (), transpose, rp):
         return ("tall", row_class(rows))
@@ -602,7 +619,7 @@ def transform(
         return y
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
-    if _use_stacked(stacked, T * blocks, variant, rp, transpose, dst is not None):
+    if _use_stacked(stacked, stack_rows_counted(T * blocks, groups, transpose), variant, rp, transpose, dst is not None):
         grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
         sc, f16c = _f16_launch(f16, scale, p2)  # Z · B first
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
