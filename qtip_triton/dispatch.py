@@ -163,8 +163,7 @@ def linear_shards(x: torch.Tensor, qws: list[QuantizedWeight], pre: torch.Tensor
             if (fused is not None and os.environ.get(NO_FUSED_DECODE_ENV) != "1"
                     and kernels.fused_is_current(fused, pws)):
                 kind, config = _select_shape(fused.spec, fused.out_features, fused.in_features, M)
-                if (kind in ("gemv", "gemm") and kernels.shard_blocks_ok(fused, fused.shard_out, config)
-                        or kind == "wgmma" and kernels.wgmma_fused_ok(fused, config, M)):
+                if kernels.fused_decode_ok(kind, fused, config, M):
                     return kernels.launch_fused(kind, x, fused, pws, config, pre, post, out)
             chosen = [_select(qw, M) for qw in qws]
             kind = chosen[0][0]

@@ -219,6 +219,11 @@ def test_fused_decode_refuses_straddling_blocks(gen):
     assert kernels.shard_blocks_ok(fused, (32, 32), {"BLOCK_N": 32, "BLOCK_K": 64})
     assert not kernels.shard_blocks_ok(fused, (32, 32), {"BLOCK_N": 64, "BLOCK_K": 64})
     assert not kernels.shard_blocks_ok(fused, (48, 16), {"BLOCK_N": 32, "BLOCK_K": 64})
+    # the dispatch's one question, per kind: gemv/gemm by their row blocks, wgmma needs a Hopper GPU, others never
+    assert kernels.fused_decode_ok("gemm", fused, {"BLOCK_N": 32, "BLOCK_K": 64}, 8)
+    assert not kernels.fused_decode_ok("gemv", fused, {"BLOCK_N": 64, "BLOCK_K": 64}, 1)
+    assert not kernels.fused_decode_ok("wgmma", fused, {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3}, 64)
+    assert not kernels.fused_decode_ok("decompress", fused, {"BLOCK_N": 32, "BLOCK_K": 64}, 600)
     h = torch.zeros(2, 1, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match="do not split into row blocks"):
         kernels.decode_matmul("gemv", fused, h, {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 64}, h_order="kernel")

@@ -67,6 +67,7 @@ __all__ = [
     "can_share_input",
     "wgmma_shares_input",
     "wgmma_gather_from",
+    "fused_decode_ok",
     "wgmma_fused_decode_on",
     "wgmma_fused_ok",
     "CONFIG_VERSION",
@@ -413,6 +414,15 @@ def wgmma_fused_ok(fused: PreparedWeight, config: Mapping[str, Any], rows: int) 
     shards' rows took q/k/v at 32 tokens from 63.8 to 56.3 µs and gate/up from 81.1 to 67.4 (H100, session 29)."""
     return (wgmma_fused_decode_on(rows) and wgmma_shares_input() and not interpreting()
             and wgmma.available(fused.device) and wgmma.fused_ok(fused, config))
+
+
+def fused_decode_ok(kind: str, fused: PreparedWeight, config: Mapping[str, Any], rows: int) -> bool:
+    """Whether a fused layer's shards decode ``rows`` rows in ONE ``kind`` launch over their stacked words
+    (:func:`launch_fused`) with ``config``: gemv/gemm where its row blocks never straddle two shards
+    (:func:`shard_blocks_ok`), wgmma where :func:`wgmma_fused_ok` says so; no other kind."""
+    if kind in ("gemv", "gemm"):
+        return shard_blocks_ok(fused, fused.shard_out, config)
+    return kind == "wgmma" and wgmma_fused_ok(fused, config, rows)
 
 
 def can_share_input(kind: str, pws: list[PreparedWeight], configs: list[Mapping[str, Any]] | None = None) -> bool:
