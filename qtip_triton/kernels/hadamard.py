@@ -593,14 +593,14 @@ def transform(
             dst = _cols_dst(cols, nb, n, x.device)
         return hadamard_gemm.transform(x, nb, transpose=transpose, pre=pre, post=post, bias=bias, dst=dst, y=y)
     a, b = _matrices(nb, transpose, x.device, torch.float16 if f16 else torch.bfloat16)
-    if cols is not None:
-        b = _cols_b(b, cols, nb, transpose)
     if a is None and groups:  # Sylvester-only blocks (nb <= 128): one launch per group
         for g in range(groups):
             d = None if dst is None else (dst[g] if dst.dim() == 2 else dst)
             transform(x, blocks, transpose=transpose, pre=pre[g], post=post, bias=bias, dst=d, interpret=interpret,
                       out=y[g], out_dtype=y.dtype, f16_dots=f16, cols=cols)
         return y
+    if cols is not None:
+        b = _cols_b(b, cols, nb)
     dummy = x  # never read: the HAS_* flags are off
     args = dict(HAS_PRE=pre is not None, HAS_POST=post is not None, HAS_BIAS=bias is not None,
                 HAS_DST=dst is not None, INTERPRET=interpret)
@@ -657,12 +657,15 @@ def transform(
 def segment_cols(pos: torch.Tensor, nb: int) -> tuple[int, ...] | None:
     """A decode kernel's input order ``pos`` ((n,): where each natural column goes) as ``transform``'s ``cols``: the
     one order of every P2-wide segment of the ``nb``-column blocks, where ``pos`` keeps each segment in place and
-    orders all of them alike; else None (that order needs ``dst`` or a gather).
+    orders all of them alike; else None (that order needs ``dst`` or a gather), as for blocks the kernels do not
+    transform (:func:`supported`).
 
     Why: the wgmma kernel's order (every Llama size but 11008 with E = 2) and the gemm's are such orders, and
     into them the input transform costs what the natural order does: at 64 tokens on the H100 (session 29's
     layer timeline) o's 4096-column input took 10.3 µs into the kernel's order and q/k/v's 9.7 + 6.2 for its
     gather, against 4.6 µs for the natural order alone (``*-hadamard-session27-stacked-rows.md``)."""
+    if not supported(nb)[0]:
+        return None
     n = pos.numel()
     p2 = factor(nb)[2]
     if n % p2:
@@ -682,9 +685,10 @@ def _check_cols(cols: tuple[int, ...], p2: int) -> None:
         raise ValueError(f"cols must order the {p2} columns of a block's segment, got {len(cols)} entries")
 
 
-def _cols_b(b: torch.Tensor, cols: tuple[int, ...], nb: int, transpose: bool) -> torch.Tensor:
-    """B (padded, as :func:`_matrices` holds it) with its first P2 columns in ``cols``' order, cached."""
-    key = ("cols", nb, transpose, str(b.device), b.dtype, cols)
+def _cols_b(b: torch.Tensor, cols: tuple[int, ...], nb: int) -> torch.Tensor:
+    """B (padded, as :func:`_matrices` holds it; the same in both directions) with its first P2 columns in ``cols``'
+    order, cached."""
+    key = ("cols", nb, str(b.device), b.dtype, cols)
     hit = _MATS.get(key)
     if hit is None:
         p2 = factor(nb)[2]

@@ -66,11 +66,10 @@ class PreparedWeight:
         stores), or None where it moves columns across the transform's segments (the gemv's)."""
         key = ("input_cols", kind)
         if key not in self.cache:
-            from qtip_triton.kernels.hadamard import segment_cols, supported
+            from qtip_triton.kernels.hadamard import segment_cols
 
-            nb = self.in_features // self.blocks_in
-            self.cache[key] = (segment_cols(input_order(self.plan, self.in_features, kind), nb)
-                               if kind in ("gemv", "gemm") and supported(nb)[0] else None)
+            self.cache[key] = (segment_cols(input_order(self.plan, self.in_features, kind),
+                                            self.in_features // self.blocks_in) if kind in ("gemv", "gemm") else None)
         return self.cache[key]
 
     def input_index_mma(self, rows: int) -> torch.Tensor:

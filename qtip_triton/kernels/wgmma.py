@@ -114,15 +114,10 @@ def input_cols(pw: PreparedWeight, E: int) -> tuple[int, ...] | None:
     it moves columns across the transform's segments (11008 features with E = 2), cached with the weight."""
     key = ("input_cols_wgmma", E)
     if key not in pw.cache:
-        pw.cache[key] = _segment_cols(pw.plan, pw.in_features, pw.in_features // pw.blocks_in, E)
+        from qtip_triton.kernels.hadamard import segment_cols
+
+        pw.cache[key] = segment_cols(wgmma_input_order(pw.plan, pw.in_features, E), pw.in_features // pw.blocks_in)
     return pw.cache[key]
-
-
-@functools.lru_cache(maxsize=256)
-def _segment_cols(plan, n: int, nb: int, E: int) -> tuple[int, ...] | None:
-    from qtip_triton.kernels.hadamard import segment_cols, supported
-
-    return segment_cols(wgmma_input_order(plan, n, E), nb) if supported(nb)[0] else None
 
 
 def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
