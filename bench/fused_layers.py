@@ -93,6 +93,21 @@ def timeline_markdown(t: dict) -> list[str]:
     return lines
 
 
+STACK_MIN_NAMES = {"output": "STACK_MIN_ROWS_OUTPUT", "natural": "STACK_MIN_ROWS_NATURAL",
+                   "input": "STACK_MIN_ROWS_INPUT"}
+
+
+def parse_stack_min(text: str) -> dict[str, int]:
+    """``output=32,natural=64`` as the kernels/hadamard.py constants it sets; a clear error for anything else."""
+    out: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in STACK_MIN_NAMES or not value.isdigit():
+            raise ValueError(f"--stack-min: {item!r} is not one of {', '.join(k + '=N' for k in STACK_MIN_NAMES)}")
+        out[STACK_MIN_NAMES[key]] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--K", type=int, default=2)
@@ -102,18 +117,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeline", default="", help="M values at which to trace the whole layer, kernel by kernel")
     ap.add_argument("--calls", type=int, default=8, help="layer forwards per traced graph (--timeline)")
     ap.add_argument("--replays", type=int, default=5, help="traced graph replays (--timeline)")
+    ap.add_argument("--stack-min", default="", metavar="output=N,natural=N,input=N",
+                    help="the stacked Hadamard kernel's row thresholds for this run (kernels/hadamard.py's "
+                         "STACK_MIN_ROWS_OUTPUT, _NATURAL, _INPUT): to time a layer at thresholds between the "
+                         "measured ones without a package change")
     a = ap.parse_args(argv)
+    try:
+        thresholds = parse_stack_min(a.stack_min)
+    except ValueError as e:
+        ap.error(str(e))
     if not torch.cuda.is_available():
         print("bench/fused_layers.py needs a CUDA GPU", file=sys.stderr)
         return 2
     from qtip_triton import dispatch, kernels
     from qtip_triton.encode import default_layout
+    from qtip_triton.kernels import hadamard as had
     from qtip_triton.kernels import pdl
     from qtip_triton.kernels.configs import mma_supported
     from qtip_triton.ops import PackedShards, qtip_linear
     from qtip_triton.research.speed import random_weight
     from qtip_triton.spec import TrellisSpec
 
+    for attr, value in thresholds.items():
+        setattr(had, attr, value)
     spec = TrellisSpec(16, a.K, 2, "hyb", 9)
     rows, totals, layer_ops = [], {}, []
     for name, shapes in LAYERS.items():
