@@ -80,7 +80,10 @@ def test_which_kernel_orders_fold_into_b():
         assert segment_cols(input_order(PLAN, n, "gemm"), n) is not None, n
         assert segment_cols(input_order(PLAN, n, "gemv"), n) is None, n
     assert segment_cols(wgmma_input_order(PLAN, 11008, 1), 11008) is not None
-    assert segment_cols(wgmma_input_order(PLAN, 11008, 2), 11008) is None
+    assert segment_cols(wgmma_input_order(PLAN, 11008, 2, False), 11008) is None
+    for n in (4096, 8192, 11008, 13824, 14336, 28672):  # lane-strided words (QTIP_TRITON_WGMMA_LANE_STRIDE=1)
+        for E in (2, 4):
+            assert segment_cols(wgmma_input_order(PLAN, n, E, True), n) is not None, (n, E)
     gen = torch.Generator().manual_seed(0)
     pos = _local_order(1024, 1024, gen)
     pos[[0, 200]] = pos[[200, 0]]  # one column leaves its segment

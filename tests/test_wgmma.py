@@ -38,13 +38,14 @@ def _join(names: list, leaf):
     return torch.stack([_join(names[0::2], leaf), _join(names[1::2], leaf)], dim=-1)
 
 
-def _emulate(W: torch.Tensor, h: torch.Tensor, E: int, nw: int) -> torch.Tensor:
+def _emulate(W: torch.Tensor, h: torch.Tensor, E: int, nw: int, strided: bool = False) -> torch.Tensor:
     """Ŵ h computed the way the kernel does: per program and k step, each element's packed states (class c,
-    class pair P) read from Ŵ, arranged into A as the generated source does, times h's wgmma-order slice."""
+    class pair P) read from Ŵ, arranged into A as the generated source does, times h's wgmma-order slice
+    (``strided``: the lane-strided kernel's reshape, a_tile_lines)."""
     plan = make_plan(SPEC, "qtip")
     m, n = W.shape
     RB, CB, BK = 8 * nw, 4 * E, 64 * E
-    order = wgmma_input_order(plan, n, E)
+    order = wgmma_input_order(plan, n, E, strided)
     hw = torch.empty_like(h)
     hw[:, order] = h
     cconst = [v.cconst for v in plan.classes[0]]
@@ -68,20 +69,49 @@ def _emulate(W: torch.Tensor, h: torch.Tensor, E: int, nw: int) -> torch.Tensor:
             # the packed states' tree, then their fp16 halves as the last axis (j), as the source does
             st = torch.stack([_join(names, lambda nm: leaf(nm, 0)), _join(names, lambda nm: leaf(nm, 1))],
                              dim=-1)  # [RB, CB, c, q1, q0, h, j]
-            a = st.reshape(nw, 8, 4, E, 2, 2, 2, 2, 2).permute(0, 4, 1, 3, 5, 6, 7, 2, 8).reshape(2 * RB, BK)
+            if strided:  # word column 4 e + t: [w, g, e, t, ...]
+                a = st.reshape(nw, 8, E, 4, 2, 2, 2, 2, 2).permute(0, 4, 1, 2, 5, 6, 7, 3, 8).reshape(2 * RB, BK)
+            else:  # word column t E + e: [w, g, t, e, ...]
+                a = st.reshape(nw, 8, 4, E, 2, 2, 2, 2, 2).permute(0, 4, 1, 3, 5, 6, 7, 2, 8).reshape(2 * RB, BK)
             out_rows = pr * 2 * RB + torch.arange(2 * RB)  # A's rows are the program's contiguous output rows
             y[:, out_rows] += hw[:, step * BK:(step + 1) * BK] @ a.t()
     return y
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "lane-strided"])
 @pytest.mark.parametrize("E,nw", [(1, 4), (2, 8), (4, 4)])
-def test_emulated_a_operand_and_order_give_w_h(E, nw):
+def test_emulated_a_operand_and_order_give_w_h(E, nw, strided):
     g = torch.Generator().manual_seed(E * 10 + nw)
     m, n = 2 * 8 * nw * 2, 64 * E * 3
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
     h = torch.randn(5, n, generator=g, dtype=torch.float64)
-    y = _emulate(W, h, E, nw)
+    y = _emulate(W, h, E, nw, strided)
     assert torch.allclose(y, h @ W.t(), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("E", [2, 4])
+def test_lane_strided_order_keeps_64_column_segments(E, monkeypatch):
+    """With strided lanes every 64-column segment of h stays in place (the point of the switch), the orders of the
+    two mappings differ (so the kernel and the order must agree: the emulation above checks each pair), and the
+    environment switch picks the mapping for the order and the source alike."""
+    from qtip_triton.codegen.wgmma import LANE_STRIDE_ENV, lane_strided
+
+    plan = make_plan(SPEC, "qtip")
+    n = 64 * E * 3
+    i = torch.arange(n)
+    strided = wgmma_input_order(plan, n, E, True)
+    contiguous = wgmma_input_order(plan, n, E, False)
+    assert torch.equal(strided // 64, i // 64)
+    assert not torch.equal(contiguous // 64, i // 64) and not torch.equal(strided, contiguous)
+    assert torch.equal(wgmma_input_order(plan, 64 * 3, 1, True), wgmma_input_order(plan, 64 * 3, 1, False))
+    monkeypatch.setenv(LANE_STRIDE_ENV, "1")
+    assert lane_strided(E) and not lane_strided(1)
+    assert torch.equal(wgmma_input_order(plan, n, E), strided)
+    assert "gl.BlockedLayout([1, 1], [8, 4]" in emit_wgmma(SPEC, {"E": E, "LS": 1})
+    monkeypatch.delenv(LANE_STRIDE_ENV)
+    assert not lane_strided(E)
+    assert torch.equal(wgmma_input_order(plan, n, E), contiguous)
+    assert f"gl.BlockedLayout([1, {E}], [8, 4]" in emit_wgmma(SPEC, {"E": E})
 
 
 def test_emulation_catches_a_wrong_order():
@@ -222,13 +252,21 @@ def test_shared_table_sits_past_the_ring_at_offset_zero(table, slots):
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4},
     {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "table": "shared16"},
     {"E": 1, "BLOCK_M": 256, "num_warps": 8, "STAGES": 4, "PIPE": 1, "table": "shared32"},
-], ids=["m256-w8", "m16-shared16", "m256-w8-pipe"])
-def test_no_write_to_a_registers_while_their_wgmma_runs(cfg):
+    {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "table": "shared16", "LS": 1},
+], ids=["m256-w8", "m16-shared16", "m256-w8-pipe", "m64-lane-strided"])
+def test_no_write_to_a_registers_while_their_wgmma_runs(cfg, monkeypatch):
     """The SASS of the main loop never writes an A register of an HGMMA that has not been waited for (the first
-    kernel did, 47 times at these configs, and gave NaN on the H100; the checker finds those writes)."""
+    kernel did, 47 times at these configs, and gave NaN on the H100; the checker finds those writes). The
+    lane-strided kernel (``LS``: set through its switch, as the launcher does) compiles too, its A placement proven
+    register-only (``assert_trivial``), without spills."""
+    from qtip_triton.codegen.wgmma import LANE_STRIDE_ENV
     from qtip_triton.kernels.wgmma import a_register_hazards
 
-    sass = _compiled(cfg, 2048).sass
+    if cfg.pop("LS", 0):
+        monkeypatch.setenv(LANE_STRIDE_ENV, "1")
+    k = _compiled(cfg, 2048)
+    sass = k.sass
+    assert "STL" not in sass and "LDL" not in sass
     assert "HGMMA" in sass
     assert a_register_hazards(sass) == []
 

@@ -23,6 +23,7 @@ emulation (tests/test_wgmma.py); the kernel itself runs only on a Hopper GPU (te
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -124,7 +125,7 @@ WORD_OFFSETS = (
 )
 
 
-def a_tile_lines(var: str, tree: str, warps: str | int, E: int) -> list[str]:
+def a_tile_lines(var: str, tree: str, warps: str | int, E: int, strided: bool = False) -> list[str]:
     """Source setting ``var`` to the [2 RB, BK] fp16 A tile of one k step from ``tree`` (the join of the 16 packed
     states into [RB, CB, c, q1, q0, h]): rows 16 w + 8 c + g, columns 64 e + 16 q + 8 h + 2 t + j, the order h is
     stored in (:func:`wgmma_input_order`). One place for it: the register-A kernel and the warp-specialized form's
@@ -132,8 +133,11 @@ def a_tile_lines(var: str, tree: str, warps: str | int, E: int) -> list[str]:
     return ["# the 16 packed states of each element, as [RB, CB, c, q1, q0, h], split into their fp16 halves (j)",
             f"st = {tree}",
             f"{var} = gl.join(_f16_lo(st), _f16_hi(st))",
-            f"{var} = gl.reshape({var}, [{warps}, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
-            f"{var} = gl.permute({var}, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j",
+            *([f"{var} = gl.reshape({var}, [{warps}, 8, {E}, 4, 2, 2, 2, 2, 2])  # w, g, e, t, c, q1, q0, h, j",
+               f"{var} = gl.permute({var}, (0, 4, 1, 2, 5, 6, 7, 3, 8))  # w, c, g | e, q1, q0, h, t, j"]
+              if strided else
+              [f"{var} = gl.reshape({var}, [{warps}, 8, 4, {E}, 2, 2, 2, 2, 2])  # w, g, t, e, c, q1, q0, h, j",
+               f"{var} = gl.permute({var}, (0, 4, 1, 3, 5, 6, 7, 2, 8))  # w, c, g | e, q1, q0, h, t, j"]),
             f"{var} = gl.reshape({var}, [2 * RB, BK])"]
 
 
@@ -245,8 +249,37 @@ def _check_plan(plan: TilePlan) -> None:
                          f"{plan.spec.name} in layout {plan.layout!r} has {plan.GRN} group rows, {plan.NA} x {plan.NC}")
 
 
-def wgmma_input_order(plan: TilePlan, n: int, E: int) -> torch.Tensor:
-    """int64 (n,): position in the wgmma kernel's h of each natural input column (see the module doc)."""
+LANE_STRIDE_ENV = "QTIP_TRITON_WGMMA_LANE_STRIDE"
+
+
+def lane_stride_on() -> bool:
+    """``QTIP_TRITON_WGMMA_LANE_STRIDE=1``: with E > 1, lane t of a word row decodes word columns ``t, t + 4, ...`` of a
+    k step (E loads of one word) instead of ``tE .. tE + E - 1`` (one E-word vector load).
+
+    Why: the A columns a lane's element ``e`` fills are ``64 e + ...`` either way, so with strided lanes word column C
+    of a step lands in the 64 A columns of ``C // 4``, which are its own 64 natural columns: every 64-column segment of
+    h stays in place, and 11008 inputs (the Hadamard's 64-column segments) take the kernel's order through B's columns
+    (:func:`qtip_triton.kernels.hadamard.segment_cols`) at E = 2 too, instead of scattered stores (Llama-2-7B's down
+    projection at 64 tokens on the H100, session 29: 15.5 µs for that input transform, ~5 in natural order). Off
+    until timed: the word loads lose their vector width. Read at each call, so the order and the source agree."""
+    return os.environ.get(LANE_STRIDE_ENV, "").strip() == "1"
+
+
+def lane_strided(E: int, strided: bool | None = None) -> bool:
+    """Whether the kernel for ``E`` strides word columns over lanes (``strided``, else :func:`lane_stride_on`);
+    E = 1 is the same kernel either way (one word per lane), so it never counts as strided."""
+    return E > 1 and (lane_stride_on() if strided is None else strided)
+
+
+def word_layout_src(E: int, warps: str | int, strided: bool) -> str:
+    """The words' register layout over ``[RB, CB]``: lane (g, t) holds row g and columns ``tE ..`` (contiguous, one
+    vector load) or, ``strided``, columns ``t, t + 4, ...`` (the layout wraps over the 4 lanes E times)."""
+    return f"gl.BlockedLayout([1, {1 if strided else E}], [8, 4], [{warps}, 1], [1, 0])"
+
+
+def wgmma_input_order(plan: TilePlan, n: int, E: int, strided: bool | None = None) -> torch.Tensor:
+    """int64 (n,): position in the wgmma kernel's h of each natural input column (see the module doc), for the
+    kernel with lanes strided or not (:func:`lane_strided`: ``strided``, else the environment switch)."""
     _check_plan(plan)
     ctot = n // TILE
     if ctot % (4 * E):
@@ -255,7 +288,10 @@ def wgmma_input_order(plan: TilePlan, n: int, E: int) -> torch.Tensor:
     cc = torch.arange(plan.NC).view(1, -1)  # class column
     cconst = torch.tensor([v.cconst for v in plan.classes[0]])
     src = (C // plan.GCN) * TILE + cconst[cc]  # natural column of (C, cc) (GCN = 1: no group column term)
-    step, t, e = C // (4 * E), (C % (4 * E)) // E, C % E
+    if lane_strided(E, strided):  # lane t's element e holds word column 4 e + t of the step
+        step, e, t = C // (4 * E), (C % (4 * E)) // 4, C % 4
+    else:  # ... or tE + e
+        step, t, e = C // (4 * E), (C % (4 * E)) // E, C % E
     q, h, j = (cc % 8) // 2, cc // 8, cc % 2
     dst = step * (64 * E) + e * 64 + q * 16 + h * 8 + t * 2 + j
     pos = torch.empty(n, dtype=torch.int64)
@@ -275,6 +311,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     ablate = ablated(config)
     half = out16(config)
     shards = sharded(config)
+    strided = lane_strided(E, bool(config.get("LS", 0)))  # the launcher's source config says (kernels/wgmma.py)
     layout = layout or default_layout(spec)
     plan = make_plan(spec, layout)
     _check_plan(plan)
@@ -304,7 +341,8 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     s = _Src()
     s('"""Generated by qtip_triton.codegen.wgmma; do not edit.',
       "",
-      f"spec {spec.name}, layout {plan.layout}, kind wgmma, E {E}, word prefetch {wpf}, pipeline {pipe}, table {mode} x{rep}."
+      f"spec {spec.name}, layout {plan.layout}, kind wgmma, E {E}{' lane-strided' if strided else ''}, word prefetch {wpf}, "
+      f"pipeline {pipe}, table {mode} x{rep}."
       + ({0: "", 1: " ABLATED: the k loop has no decode (timing only; results are wrong).",
           2: " ABLATED: the k loop only streams x (no decode, no MMA; timing only; results are wrong)."}[ablate])
       + (" Partial stored in fp16." if half else "")
@@ -337,7 +375,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     if ws:
         from qtip_triton.codegen.wgmma_ws import WS_DECODE_REGS, emit_ws_kernel
 
-        emit_ws_kernel(s, E=E, mode=mode, rep=rep, table_words=table_words, loads=loads, decode=decode, tree=tree,
+        emit_ws_kernel(s, E=E, strided=strided, mode=mode, rep=rep, table_words=table_words, loads=loads, decode=decode, tree=tree,
                        wpf=wpf, half=half, decode_regs=WS_DECODE_REGS, shared_helpers=lambda: helpers)
         return s.text()
     if mode == "shared":
@@ -353,7 +391,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
       "RB: gl.constexpr = 8 * num_warps  # word rows per program: one row group of 8 per warp",
       f"CB: gl.constexpr = 4 * {E}  # word columns per k step: 4 lanes x E elements",
       f"BK: gl.constexpr = 64 * {E}  # input columns per k step",
-      f"word_layout: gl.constexpr = gl.BlockedLayout([1, {E}], [8, 4], [num_warps, 1], [1, 0])",
+      f"word_layout: gl.constexpr = {word_layout_src(E, 'num_warps', strided)}",
       "acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],",
       "                                                      instr_shape=[16, BLOCK_M, 16])",
       "a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)",
@@ -392,7 +430,7 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
         s(f"_fill_table(tbl, gl.arange(0, {table_words}, layout=gl.BlockedLayout([1], [32], [num_warps], [0])), {rep}, "
           "toff)")
     def assemble(var: str) -> None:
-        s(*a_tile_lines(var, tree, "num_warps", E),
+        s(*a_tile_lines(var, tree, "num_warps", E, strided),
           f"{var} = gl.convert_layout({var}, a_layout, assert_trivial=True)")
 
     if pipe:

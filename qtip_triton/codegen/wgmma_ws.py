@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qtip_triton.codegen.wgmma import WORD_OFFSETS, a_tile_lines
+from qtip_triton.codegen.wgmma import WORD_OFFSETS, a_tile_lines, word_layout_src
 
 WS_ROWS = 64  # output rows per program: the decode partition's 4 warps x 16
 WS_ASTAGES = 3  # A tiles in the ring: two MMAs may read while the decode fills the third
@@ -41,7 +41,7 @@ WS_MAXNREG = 168
 WS_DECODE_REGS = 152
 
 
-def emit_ws_kernel(s, *, E: int, mode: str, rep: int, table_words: int | None, loads: list[tuple[str, str]],
+def emit_ws_kernel(s, *, E: int, strided: bool = False, mode: str, rep: int, table_words: int | None, loads: list[tuple[str, str]],
                    decode: list[str], tree: str, wpf: int, half: int, decode_regs: int,
                    shared_helpers: Callable[[], list[str]]) -> None:
     """Append the three partitions and the kernel to ``s`` (the module header and the fp16 helpers are the caller's).
@@ -54,8 +54,8 @@ def emit_ws_kernel(s, *, E: int, mode: str, rep: int, table_words: int | None, l
             "stride_ys, stride_ym, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, ASTAGES: gl.constexpr, "
             "TSLOTS: gl.constexpr")
     _mma_partition(s, args, E, half)
-    _decode_partition(s, args, E=E, mode=mode, rep=rep, table_words=table_words, loads=loads, decode=decode,
-                      tree=tree, wpf=wpf)
+    _decode_partition(s, args, E=E, strided=strided, mode=mode, rep=rep, table_words=table_words, loads=loads,
+                      decode=decode, tree=tree, wpf=wpf)
     s("@gluon.jit",
       "def kernel(W, TBL, x_desc, Y, M, Rtot, Ctot, ITERS, stride_wq, stride_ys, stride_ym,",
       "           BLOCK_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr, TSLOTS: gl.constexpr = 0):")
@@ -138,7 +138,7 @@ def _mma_partition(s, args: str, E: int, half: int) -> None:
     s("", "")
 
 
-def _decode_partition(s, args: str, *, E: int, mode: str, rep: int, table_words: int | None,
+def _decode_partition(s, args: str, *, E: int, strided: bool, mode: str, rep: int, table_words: int | None,
                       loads: list[tuple[str, str]], decode: list[str], tree: str, wpf: int) -> None:
     s("@gluon.jit",
       f"def _decode_part({args}):")
@@ -148,7 +148,7 @@ def _decode_partition(s, args: str, *, E: int, mode: str, rep: int, table_words:
       f"RB: gl.constexpr = 8 * {WS_DECODE_WARPS}  # word rows per program",
       f"CB: gl.constexpr = 4 * {E}  # word columns per k step",
       f"BK: gl.constexpr = 64 * {E}  # input columns per k step",
-      f"word_layout: gl.constexpr = gl.BlockedLayout([1, {E}], [8, 4], [{WS_DECODE_WARPS}, 1], [1, 0])",
+      f"word_layout: gl.constexpr = {word_layout_src(E, WS_DECODE_WARPS, strided)}",
       "pid_r = gl.program_id(0)",
       "pid_k = gl.program_id(1)",
       *WORD_OFFSETS)
@@ -172,7 +172,7 @@ def _decode_partition(s, args: str, *, E: int, mode: str, rep: int, table_words:
         for name, off in loads:
             s(f"{name}_n = gl.load(W + {off} + CB, mask=it + 1 < ITERS, other=0)  # step it + 1's words, ahead")
     s.lines.extend(decode)
-    s(*a_tile_lines("a", tree, WS_DECODE_WARPS, E),
+    s(*a_tile_lines("a", tree, WS_DECODE_WARPS, E, strided),
       "a_s = it % ASTAGES",
       "mbarrier.wait(a_empty.index(a_s), ((it // ASTAGES) & 1) ^ 1)  # its MMA of ASTAGES steps ago has retired",
       "a_smem.index(a_s).store(a)",

@@ -20,6 +20,7 @@ from qtip_triton.codegen.wgmma import (
     ablated,
     check_config,
     emit_wgmma,
+    lane_strided,
     out16,
     pipelined,
     sharded,
@@ -71,6 +72,8 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
         src["WS"] = 1
     if sharded(config):  # a fused weight's stacked shards in one launch (set by decode_matmul, never tuned)
         src["SHARDS"] = 1
+    if lane_strided(src["E"]):  # word columns strided over lanes: the order (input_index, input_cols) follows
+        src["LS"] = 1
     return src
 
 
@@ -103,16 +106,22 @@ def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
     return mod
 
 
+def _order_key(name: str, E: int) -> tuple:
+    """The weight-cache key of an order for ``E``: the lane mapping it follows is part of it (``lane_strided``)."""
+    return name, E, lane_strided(E)
+
+
 def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int32 (in_features,): where each natural input column goes in the kernel's h (cached with the weight)."""
-    return pw.cached(("input_index_wgmma", E),
+    return pw.cached(_order_key("input_index_wgmma", E),
                      lambda: wgmma_input_order(pw.plan, pw.in_features, E).to(torch.int32))
 
 
 def input_cols(pw: PreparedWeight, E: int) -> tuple[int, ...] | None:
     """The kernel's order for ``E`` as the input transform's ``cols`` (:func:`hadamard.segment_cols`), or None where
-    it moves columns across the transform's segments (11008 features with E = 2), cached with the weight."""
-    key = ("input_cols_wgmma", E)
+    it moves columns across the transform's segments (11008 features with E = 2 unless the lanes are strided,
+    :func:`~qtip_triton.codegen.wgmma.lane_stride_on`), cached with the weight."""
+    key = _order_key("input_cols_wgmma", E)
     if key not in pw.cache:
         from qtip_triton.kernels.hadamard import segment_cols
 
@@ -124,7 +133,8 @@ def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int64 (in_features,): the natural column each position of the kernel's h takes (the inverse of
     :func:`input_index`; ``h_natural.index_select(1, ...)`` is h in the kernel's order), built on the host and
     cached on the weight's device at first use (the load-time warm-up), as :func:`input_index`."""
-    return pw.cached(("input_gather_wgmma", E), lambda: torch.argsort(wgmma_input_order(pw.plan, pw.in_features, E)))
+    return pw.cached(_order_key("input_gather_wgmma", E),
+                     lambda: torch.argsort(wgmma_input_order(pw.plan, pw.in_features, E)))
 
 
 def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:
