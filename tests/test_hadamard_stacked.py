@@ -61,20 +61,20 @@ def test_stacked_kernel_is_chosen_from_its_switch(gen, monkeypatch):
 
 
 def test_stacked_kernel_default_thresholds_follow_direction_order_and_size(monkeypatch):
-    """Unset, the measured thresholds: outputs from 64 rows (256 where A has fewer than 32), natural-order inputs from 128, inputs into a decode
+    """Unset, the measured thresholds: outputs from 32 rows (256 where A has fewer than 32), natural-order inputs from 96, inputs into a decode
     kernel's order from 1024 where A has 64+ rows and never at 32; A of more than 256 rows never; the tall kernel
     keeps what is left (input transforms of A with 512 rows). Tiles hold one token's A below 256 rows, 128 rows
     (or A's, where larger) from there: a variant of its own in the launch key."""
     monkeypatch.delenv(had.STACK_ENV, raising=False)
     key = had.launch_key
-    assert key(8192, 1, 64)[0] == "stacked" and key(8192, 1, 63)[0] == "had2"  # A of 64 padded rows
-    assert key(11008, 1, 64)[0] == "stacked"  # A of 256: one token per tile
-    assert key(4096, 1, 64)[0] == "stacked" and key(4096, 1, 63)[0] == "had2"  # A of 32
+    assert key(8192, 1, 32)[0] == "stacked" and key(8192, 1, 31)[0] == "had2"  # A of 64 padded rows
+    assert key(11008, 1, 32)[0] == "stacked"  # A of 256: one token per tile
+    assert key(4096, 1, 32)[0] == "stacked" and key(4096, 1, 31)[0] == "had2"  # A of 32
     assert key(4096, 1, 255)[1] == 32 and key(4096, 1, 256)[1] == 128  # tile rows: one token's A, then 128
     assert key(8192, 1, 200)[1] == 64 and key(11008, 1, 64)[1] == key(11008, 1, 2048)[1] == 256
     assert had.stack_tile_rows(255, 16) == 128 and had.stack_tile_rows(4096, 128) == 128  # A of 16 rows: 128 always
     assert key(2048, 1, 255)[0] == "had2" and key(2048, 1, 256) == ("stacked", 128, "div16")  # ... from 256 rows
-    assert key(4096, 1, 128, transpose=True)[0] == "stacked" and key(4096, 1, 127, transpose=True)[0] == "had2"
+    assert key(4096, 1, 96, transpose=True)[0] == "stacked" and key(4096, 1, 95, transpose=True)[0] == "had2"
     assert key(4096, 1, 8192, transpose=True, dst=True)[0] == "had2"
     assert key(8192, 1, 1024, transpose=True, dst=True)[0] == "stacked"
     assert key(8192, 1, 1023, transpose=True, dst=True)[0] == "had2"
@@ -96,24 +96,25 @@ def test_stacked_kernel_takes_bf16_activations(gen):
 
 
 def test_grouped_inputs_count_every_shards_rows_with_their_switch(gen, monkeypatch):
-    """QTIP_TRITON_HADAMARD_STACK_GROUPS=1: a grouped input transform (a fused layer's shards) asks the stacked
-    kernel's threshold about all groups' rows, in the launch key and in the launch; outputs and single inputs keep
-    one group's; off (unset) as before. The stacked result is the per-token one within float rounding."""
+    """By default (QTIP_TRITON_HADAMARD_STACK_GROUPS unset or 1) a grouped input transform (a fused layer's shards)
+    asks the stacked kernel's threshold about all groups' rows, in the launch key and in the launch; outputs and single
+    inputs keep one group's; 0 counts one group's. The stacked result is the per-token one within float rounding."""
     launched: list[str] = []
     for name, label in (("_had2_stack_kernel", "stacked"), ("_had2_kernel", "per-token")):
         monkeypatch.setattr(had, name, _Spy(label, getattr(had, name), launched))
     monkeypatch.delenv(had.STACK_ENV, raising=False)
-    monkeypatch.delenv(had.STACK_GROUPS_ENV, raising=False)
+    monkeypatch.setenv(had.STACK_GROUPS_ENV, "0")
     key = had.launch_key
     assert key(4096, 1, 64, 3, transpose=True)[0] == "had2"
     x = torch.randn(64, 4096, generator=gen).half()
     pre = torch.randn(3, 4096, generator=gen)
     plain = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float32, interpret=True)
-    monkeypatch.setenv(had.STACK_GROUPS_ENV, "1")
-    assert key(4096, 1, 64, 3, transpose=True)[0] == "stacked" and key(4096, 1, 42, 3, transpose=True)[0] == "had2"
-    assert key(4096, 1, 43, 3, transpose=True)[0] == "stacked"  # 129 rows
-    assert key(4096, 1, 64, 3, transpose=False)[0] == key(4096, 1, 64, 1, transpose=False)[0]  # outputs: per group
-    assert key(4096, 1, 64, 1, transpose=True)[0] == "had2"
+    for on in ("1", ""):
+        monkeypatch.setenv(had.STACK_GROUPS_ENV, on)
+        assert key(4096, 1, 64, 3, transpose=True)[0] == "stacked" and key(4096, 1, 31, 3, transpose=True)[0] == "had2"
+        assert key(4096, 1, 32, 3, transpose=True)[0] == "stacked"  # 96 rows
+        assert key(4096, 1, 64, 3, transpose=False)[0] == key(4096, 1, 64, 1, transpose=False)[0]  # outputs: per group
+        assert key(4096, 1, 64, 1, transpose=True)[0] == "had2"
     grouped = transform(x, 1, transpose=True, pre=pre, out_dtype=torch.float32, interpret=True)
     transform(x, 1, transpose=True, pre=pre[0], out_dtype=torch.float32, interpret=True)  # one input: 64 rows
     assert launched == ["per-token", "stacked", "per-token"]

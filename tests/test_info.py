@@ -87,12 +87,14 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_GEMM", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACK_GROUPS", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
                   "hadamard_gemm": "off (Triton kernels for every batch)",
-                  "hadamard_stacked": "outputs from 64 (token, block) rows (256 where A has fewer than 32 rows), "
-                                      "natural-order inputs from 128, kernel-order inputs from 1024 where A has 64+ "
-                                      "rows; one token's A per tile below 256 rows where A has 32+",
+                  "hadamard_stacked": "outputs from 32 (token, block) rows (256 where A has fewer than 32 rows), "
+                                      "natural-order inputs from 96, kernel-order inputs from 1024 where A has 64+ "
+                                      "rows; one token's A per tile below 256 rows where A has 32+; a fused layer's "
+                                      "grouped inputs count every shard's rows",
                   "hadamard_zb_first": "on where A has at most 32 rows",
                   "mma_gemv": "not used (no CUDA GPU)", "wgmma": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
@@ -100,7 +102,9 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_GEMM", "1024")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     la = info.collect()["launch"]
-    assert la["hadamard_stacked"] == "from 256 (token, block) rows"
+    assert la["hadamard_stacked"].startswith("from 256 (token, block) rows; ")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACK_GROUPS", "0")
+    assert info.collect()["launch"]["hadamard_stacked"] == "from 256 (token, block) rows"
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_ZB_FIRST", "0")
     assert info.collect()["launch"]["hadamard_zb_first"] == "off"
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "0")

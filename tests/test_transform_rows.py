@@ -47,23 +47,24 @@ def test_every_row_count_meets_a_warmed_variant(kind, shape):
 
 def test_the_transforms_switch_inside_buckets():
     """Not vacuous: at Llama shapes some buckets hold more transform variants than row classes (the stacked
-    output transform starts at 64 rows, inside bucket 64, whose row classes 33 and 48 miss it)."""
-    extra = {b: set(kernels.transform_rows("gemv", 4096, 12288, 1, 1, bucket_rows(b)[0], b)) - set(warm_rows(b))
+    natural-order input transform starts at 96 rows, inside bucket 128, whose row classes 65 and 80 miss it)."""
+    extra = {b: set(kernels.transform_rows("decompress", 4096, 12288, 1, 1, bucket_rows(b)[0], b)) - set(warm_rows(b))
              for b in buckets_upto(256)}
-    assert 64 in extra[64]
-    assert hadamard.launch_key(12288, 1, 64)[0] == "stacked" != hadamard.launch_key(12288, 1, 48)[0]
+    assert 96 in extra[128]
+    assert hadamard.launch_key(4096, 1, 96, transpose=True)[0] == "stacked" != \
+        hadamard.launch_key(4096, 1, 95, transpose=True)[0]
 
 
 def test_switches_flipped_in_process_are_honoured(monkeypatch):
     """The rows follow the transforms' switches as they are now, not as they were at the first call (cached)."""
-    default = kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64)
-    assert 64 in default  # the stacked output transform starts there
-    monkeypatch.setenv(hadamard.STACK_ENV, "0")  # neither the stacked nor the tall kernel: per-token at 33-64
+    default = kernels.transform_rows("decompress", 4096, 12288, 1, 1, 65, 128)
+    assert 96 in default  # the stacked natural-order input transform starts there
+    monkeypatch.setenv(hadamard.STACK_ENV, "0")  # neither the stacked nor the tall kernel: per-token at 65-128
     monkeypatch.setenv(hadamard.NO_TALL_ENV, "1")
-    assert 64 not in kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64)
+    assert 96 not in kernels.transform_rows("decompress", 4096, 12288, 1, 1, 65, 128)
     monkeypatch.delenv(hadamard.STACK_ENV)
     monkeypatch.delenv(hadamard.NO_TALL_ENV)
-    assert kernels.transform_rows("gemv", 4096, 12288, 1, 1, 33, 64) == default
+    assert kernels.transform_rows("decompress", 4096, 12288, 1, 1, 65, 128) == default
 
 
 def test_bad_arguments():

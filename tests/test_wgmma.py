@@ -112,6 +112,37 @@ def test_lane_strided_order_keeps_64_column_segments(E, monkeypatch):
     assert not lane_strided(E)
     assert torch.equal(wgmma_input_order(plan, n, E), contiguous)
     assert f"gl.BlockedLayout([1, {E}], [8, 4]" in emit_wgmma(SPEC, {"E": E})
+    monkeypatch.setenv(LANE_STRIDE_ENV, "yes")
+    with pytest.raises(ValueError, match="LANE_STRIDE='yes'"):
+        lane_strided(E)
+
+
+def test_lane_stride_by_default_only_where_it_folds_the_order(gen, monkeypatch):
+    """Unset, the switch strides a weight's lanes exactly where that folds its order into B's columns (11008 inputs,
+    64-column Hadamard segments, at E 2 and 4; 4096 inputs, 128-column segments, at E 4 only), and the orders, the
+    fold and the source follow the weight's choice; 1 and 0 force it everywhere (E > 1) or nowhere."""
+    from test_weight import random_qweight
+
+    from qtip_triton import kernels
+    from qtip_triton.codegen.wgmma import LANE_STRIDE_ENV
+    from qtip_triton.kernels import wgmma
+
+    monkeypatch.delenv(LANE_STRIDE_ENV, raising=False)
+    down = kernels.prepare(random_qweight(gen, SPEC, 64, 11008))
+    square = kernels.prepare(random_qweight(gen, SPEC, 64, 4096))
+    assert [wgmma.strided_for(down, E) for E in (1, 2, 4)] == [False, True, True]
+    assert [wgmma.strided_for(square, E) for E in (1, 2, 4)] == [False, False, True]
+    for E in (1, 2, 4):
+        assert wgmma.input_cols(down, E) is not None and wgmma.input_cols(square, E) is not None
+        assert torch.equal(wgmma.input_index(down, E).long(),
+                           wgmma_input_order(down.plan, 11008, E, E > 1))
+        assert torch.equal(torch.argsort(wgmma.input_gather(down, E)), wgmma.input_index(down, E).long())
+    assert wgmma._source_config({"E": 2}, wgmma.strided_for(down, 2))["LS"] == 1
+    assert "LS" not in wgmma._source_config({"E": 2}, wgmma.strided_for(square, 2))
+    monkeypatch.setenv(LANE_STRIDE_ENV, "0")
+    assert not wgmma.strided_for(down, 2) and wgmma.input_cols(down, 2) is None
+    monkeypatch.setenv(LANE_STRIDE_ENV, "1")
+    assert wgmma.strided_for(square, 2) and not wgmma.strided_for(square, 1)
 
 
 def test_emulation_catches_a_wrong_order():
@@ -420,14 +451,14 @@ def test_natural_transform_then_gather_gives_the_kernels_h(gen, E):
 
 
 def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypatch):
-    """The rule follows the transforms' own launch choice: from the stacked kernel's 128 natural-order rows (it
+    """The rule follows the transforms' own launch choice: from the stacked kernel's 96 natural-order rows (it
     is never taken with a destination order below 1024 rows), and not at all with the stacked kernel off."""
     from qtip_triton import kernels
 
     monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
-    picks = {T: kernels.gather_after_transform(8192, 1, T) for T in (1, 64, 127, 128, 256, 512, 1024)}
-    assert picks == {1: False, 64: False, 127: False, 128: True, 256: True, 512: True, 1024: False}, picks
-    assert all(hadamard.launch_key(8192, 1, T, transpose=True)[0] == "stacked" for T in (128, 256, 512))
+    picks = {T: kernels.gather_after_transform(8192, 1, T) for T in (1, 64, 95, 96, 256, 512, 1024)}
+    assert picks == {1: False, 64: False, 95: False, 96: True, 256: True, 512: True, 1024: False}, picks
+    assert all(hadamard.launch_key(8192, 1, T, transpose=True)[0] == "stacked" for T in (96, 256, 512))
     monkeypatch.setenv(hadamard.STACK_ENV, "0")
     assert not any(kernels.gather_after_transform(8192, 1, T) for T in (128, 256, 512))
     assert "wgmma" in kernels.KINDS and (8192, 1, 1, True, False) in kernels._transforms("wgmma", 8192, 8192, 1, 1)
@@ -435,13 +466,13 @@ def test_gather_only_where_the_natural_transform_is_the_stacked_kernel(monkeypat
 
 def test_grouped_shards_count_their_rows_together(monkeypatch):
     """A grouped input of G shards asks the natural-order launch about G x rows: three 4096-column shards gather
-    from 43 tokens (3 x 43 >= 128), two from 64, one from 128; the switch counts the same rows; bad groups fail."""
+    from 32 tokens (3 x 32 >= 96), two from 48, one from 96; the switch counts the same rows; bad groups fail."""
     from qtip_triton import kernels
 
     monkeypatch.delenv(hadamard.STACK_ENV, raising=False)
     monkeypatch.delenv(kernels.WGMMA_GATHER_ENV, raising=False)
     first = {G: min(T for T in range(1, 300) if kernels.gather_after_transform(4096, 1, T, G)) for G in (1, 2, 3)}
-    assert first == {1: 128, 2: 64, 3: 43}, first
+    assert first == {1: 96, 2: 48, 3: 32}, first
     monkeypatch.setenv(kernels.WGMMA_GATHER_ENV, "96")
     assert kernels.gather_after_transform(4096, 1, 32, 3) and not kernels.gather_after_transform(4096, 1, 31, 3)
     with pytest.raises(ValueError, match="groups"):

@@ -252,23 +252,29 @@ def _check_plan(plan: TilePlan) -> None:
 LANE_STRIDE_ENV = "QTIP_TRITON_WGMMA_LANE_STRIDE"
 
 
-def lane_stride_on() -> bool:
-    """``QTIP_TRITON_WGMMA_LANE_STRIDE=1``: with E > 1, lane t of a word row decodes word columns ``t, t + 4, ...`` of a
-    k step (E loads of one word) instead of ``tE .. tE + E - 1`` (one E-word vector load).
+def lane_stride_env() -> bool | None:
+    """``QTIP_TRITON_WGMMA_LANE_STRIDE``: 1 strides every E > 1 kernel's word columns over lanes, 0 none, unset: where
+    it folds the order into B's columns (:func:`qtip_triton.kernels.wgmma.strided_for`); else a clear error.
 
-    Why: the A columns a lane's element ``e`` fills are ``64 e + ...`` either way, so with strided lanes word column C
-    of a step lands in the 64 A columns of ``C // 4``, which are its own 64 natural columns: every 64-column segment of
-    h stays in place, and 11008 inputs (the Hadamard's 64-column segments) take the kernel's order through B's columns
-    (:func:`qtip_triton.kernels.hadamard.segment_cols`) at E = 2 too, instead of scattered stores (Llama-2-7B's down
-    projection at 64 tokens on the H100, session 29: 15.5 µs for that input transform, ~5 in natural order). Off
-    until timed: the word loads lose their vector width. Read at each call, so the order and the source agree."""
-    return os.environ.get(LANE_STRIDE_ENV, "").strip() == "1"
+    What: with E > 1, lane t of a word row decodes word columns ``t, t + 4, ...`` of a k step (E loads of one word)
+    instead of ``tE .. tE + E - 1`` (one E-word vector load). The A columns a lane's element ``e`` fills are
+    ``64 e + ...`` either way, so with strided lanes word column C of a step lands in the 64 A columns of ``C // 4``,
+    its own 64 natural columns: every 64-column segment of h stays in place, and 11008 inputs (the Hadamard's
+    64-column segments) take the kernel's order through B's columns (:func:`qtip_triton.kernels.hadamard.segment_cols`)
+    at E = 2 too, instead of scattered stores. Why only there (H100, session 30, ``*-fused-layers-session30-sg1*``):
+    Llama-2-7B's down projection at 64 tokens 56.4 -> 50.6 µs, while the split loads cost the decode kernels 1-2 µs
+    elsewhere (q/k/v 40.5 -> 41.4, gate/up 65.2 -> 67.3). Read at each call, so the order and the source agree."""
+    raw = os.environ.get(LANE_STRIDE_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{LANE_STRIDE_ENV}={raw!r}: expected 1 (always), 0 (never) or unset (where the order folds)")
+    return None if raw == "" else raw == "1"
 
 
 def lane_strided(E: int, strided: bool | None = None) -> bool:
-    """Whether the kernel for ``E`` strides word columns over lanes (``strided``, else :func:`lane_stride_on`);
-    E = 1 is the same kernel either way (one word per lane), so it never counts as strided."""
-    return E > 1 and (lane_stride_on() if strided is None else strided)
+    """Whether the kernel for ``E`` strides word columns over lanes: ``strided`` if given, else only when the switch
+    says 1 (the per-weight automatic choice is :func:`qtip_triton.kernels.wgmma.strided_for`'s). E = 1 is the same
+    kernel either way (one word per lane), so it never counts as strided."""
+    return E > 1 and (bool(lane_stride_env()) if strided is None else strided)
 
 
 def word_layout_src(E: int, warps: str | int, strided: bool) -> str:

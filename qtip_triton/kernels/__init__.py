@@ -241,7 +241,7 @@ def gather_after_transform(n: int, blocks: int, tokens: int, groups: int = 1) ->
     (:func:`wgmma.input_cols`: 11008 inputs with E = 2 among Llama sizes); elsewhere neither happens.
 
     Why: the transform's scattered stores keep it off the stacked many-token kernel, which takes natural order from
-    128 (token, block) rows (``hadamard.stack_min_rows``): at 256 tokens an 8192-column input transform took 49.5-56.5
+    96 (token, block) rows (``hadamard.stack_min_rows``): at 256 tokens an 8192-column input transform took 49.5-56.5
     µs into a kernel's order against 14.1 in natural order (H200, ``h200-2026-12-05-hadamard-stacked.md``), and the
     gather moves 2 x 4 MB. So: exactly where the natural-order launch is the stacked kernel and the other is not.
     On the H100 (session 24, ``*-session24-ktable{,-gather}.md``) this took 8192^2's whole forward at 256 tokens from

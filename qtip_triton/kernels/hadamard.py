@@ -103,9 +103,13 @@ STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 # per-token kernel for outputs from 64 tokens at every Llama size (4 fp32 partials at 64 tokens: 4096 5.4 -> 4.3 us,
 # 8192 8.7 -> 7.7, 11008 15.8 -> 11.4, 14336 16.3 -> 12.2, 28672 49.1 -> 23.9; one fp16 partial 4.3 -> 4.2 and
 # 6.9 -> 6.6), and at 32 tokens it lost for one fp16 partial (8192: 4.8 -> 6.5).
-STACK_MIN_ROWS_OUTPUT = 64
+# Session 30 (H100, one Llama-2-7B layer at 32/48/64/96/128 tokens, ``*-fused-layers-session30-sg1{,-out32-nat64}.md``:
+# thresholds between the measured powers of two, ``bench/fused_layers.py --stack-min``) moved two more: outputs from
+# 32 rows (the layer at 32 tokens 168.2 -> 156.8 µs, q/k/v's op 44.7 -> 35.7; at 48 216.7 -> 201.0) and natural-order
+# inputs from 96 (at 96 tokens 273.6 -> 268.2, o's op 35.9 -> 32.1; from 64 the layer lost 209.0 -> 212.7).
+STACK_MIN_ROWS_OUTPUT = 32
 STACK_MIN_ROWS_OUTPUT_SMALL_A = 256  # A of fewer than STACK_SMALL_TILE_MIN_RP padded rows (the H200's threshold)
-STACK_MIN_ROWS_NATURAL = 128  # input transforms without a destination order
+STACK_MIN_ROWS_NATURAL = 96  # input transforms without a destination order
 STACK_MIN_ROWS_INPUT = 1024  # input transforms with one, A of 64+ padded rows
 # The column split in the A · (Z · B_c) order (``ZB_FIRST``), the default where A has at most ZB_MAX_RP padded
 # rows: sm_90 compile at 4096 (A of 32 rows), 4 tokens, 1814 -> 992 SASS per warp (input), 255 -> 140 registers;
@@ -304,14 +308,15 @@ STACK_GROUPS_ENV = "QTIP_TRITON_HADAMARD_STACK_GROUPS"
 
 def stack_rows_counted(rows: int, groups: int, transpose: bool) -> int:
     """The (token, block) rows a transform of ``rows`` rows per group asks the stacked kernel's threshold about:
-    every group's with ``QTIP_TRITON_HADAMARD_STACK_GROUPS=1`` for grouped input transforms (a fused layer's shards),
-    else one group's (the default).
+    every group's for grouped input transforms (a fused layer's shards), unless ``QTIP_TRITON_HADAMARD_STACK_GROUPS=0``
+    (then one group's, as before session 30); outputs and single inputs count one group's.
 
-    Why a switch: the wgmma kind's gather rule already counts all shards' rows (``gather_after_transform``), while
-    this choice looked at one shard's, so at 64 tokens q/k/v's grouped input (3 x 64 rows) ran the per-token kernel:
-    9.7 µs inside the layer, where 128 rows of one input took 6.0 on the stacked kernel (H100, session 29,
-    ``*-fused-layers-session29-{cols,timeline}.md``). Off until the layer is timed with it."""
-    if transpose and groups > 1 and os.environ.get(STACK_GROUPS_ENV, "").strip() == "1":
+    Why: the wgmma kind's gather rule already counts all shards' rows (``gather_after_transform``), while this choice
+    looked at one shard's, so at 64 tokens q/k/v's grouped input (3 x 64 rows) ran the per-token kernel: 9.7 µs inside
+    the layer, where 128 rows of one input took 6.0 on the stacked kernel (H100, session 29). Timed in session 30
+    (``*-fused-layers-session30-stack-groups-{0,1}.md``): the layer's four ops summed 0.4-4.9 µs less at every M of
+    32-128 tokens (64: 231.7 -> 226.8), the whole layer in one graph within noise."""
+    if transpose and groups > 1 and os.environ.get(STACK_GROUPS_ENV, "").strip() != "0":
         return rows * groups
     return rows
 

@@ -19,7 +19,9 @@ from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
     ablated,
     check_config,
+    elements,
     emit_wgmma,
+    lane_stride_env,
     lane_strided,
     out16,
     pipelined,
@@ -60,8 +62,9 @@ def _hopper_with_gluon(index: int) -> bool:
     return True
 
 
-def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The keys that shape the kernel's source."""
+def _source_config(config: Mapping[str, Any], strided: bool | None = None) -> dict[str, Any]:
+    """The keys that shape the kernel's source (``strided``: lane-strided words, :func:`strided_for`; None: as the
+    switch says)."""
     src = {"E": config.get("E", 1), "WPF": word_prefetch(config), "PIPE": pipelined(config),
            "table": config.get("table", "gather")}
     if ablated(config):  # measurement only (bench/wgmma_probe.py --ablate)
@@ -72,7 +75,7 @@ def _source_config(config: Mapping[str, Any]) -> dict[str, Any]:
         src["WS"] = 1
     if sharded(config):  # a fused weight's stacked shards in one launch (set by decode_matmul, never tuned)
         src["SHARDS"] = 1
-    if lane_strided(src["E"]):  # word columns strided over lanes: the order (input_index, input_cols) follows
+    if lane_strided(src["E"], strided):  # word columns strided over lanes: the order (input_index, ...) follows
         src["LS"] = 1
     return src
 
@@ -97,7 +100,7 @@ def launch_options(config: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
-    src = _source_config(config)
+    src = _source_config(config, strided_for(pw, elements(config)))
     key = (pw.spec, pw.layout, tuple(sorted(src.items())))
     mod = _modules.get(key)
     if mod is None:
@@ -106,26 +109,46 @@ def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
     return mod
 
 
-def _order_key(name: str, E: int) -> tuple:
-    """The weight-cache key of an order for ``E``: the lane mapping it follows is part of it (``lane_strided``)."""
-    return name, E, lane_strided(E)
+def strided_for(pw: PreparedWeight, E: int) -> bool:
+    """Whether this weight's kernel for ``E`` takes lane-strided words (:func:`~qtip_triton.codegen.wgmma.lane_stride_env`
+    when set, else exactly where the contiguous order moves columns across the input transform's segments and the
+    strided one does not: 11008 features with E = 2 among Llama sizes), cached with the weight."""
+    setting = lane_stride_env()
+    if E == 1 or setting is not None:
+        return lane_strided(E, setting)
+    key = ("lane_strided_wgmma", E)
+    if key not in pw.cache:
+        from qtip_triton.kernels.hadamard import segment_cols
+
+        nb = pw.in_features // pw.blocks_in
+        pw.cache[key] = (segment_cols(wgmma_input_order(pw.plan, pw.in_features, E, False), nb) is None
+                         and segment_cols(wgmma_input_order(pw.plan, pw.in_features, E, True), nb) is not None)
+    return pw.cache[key]
+
+
+def _order(pw: PreparedWeight, E: int) -> torch.Tensor:
+    return wgmma_input_order(pw.plan, pw.in_features, E, strided_for(pw, E))
+
+
+def _order_key(name: str, pw: PreparedWeight, E: int) -> tuple:
+    """The weight-cache key of an order for ``E``: the lane mapping it follows is part of it (:func:`strided_for`)."""
+    return name, E, strided_for(pw, E)
 
 
 def input_index(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int32 (in_features,): where each natural input column goes in the kernel's h (cached with the weight)."""
-    return pw.cached(_order_key("input_index_wgmma", E),
-                     lambda: wgmma_input_order(pw.plan, pw.in_features, E).to(torch.int32))
+    return pw.cached(_order_key("input_index_wgmma", pw, E), lambda: _order(pw, E).to(torch.int32))
 
 
 def input_cols(pw: PreparedWeight, E: int) -> tuple[int, ...] | None:
     """The kernel's order for ``E`` as the input transform's ``cols`` (:func:`hadamard.segment_cols`), or None where
-    it moves columns across the transform's segments (11008 features with E = 2 unless the lanes are strided,
-    :func:`~qtip_triton.codegen.wgmma.lane_stride_on`), cached with the weight."""
-    key = _order_key("input_cols_wgmma", E)
+    it moves columns across the transform's segments (11008 features with E = 2 with contiguous lanes only: by
+    default those take strided ones, :func:`strided_for`), cached with the weight."""
+    key = _order_key("input_cols_wgmma", pw, E)
     if key not in pw.cache:
         from qtip_triton.kernels.hadamard import segment_cols
 
-        pw.cache[key] = segment_cols(wgmma_input_order(pw.plan, pw.in_features, E), pw.in_features // pw.blocks_in)
+        pw.cache[key] = segment_cols(_order(pw, E), pw.in_features // pw.blocks_in)
     return pw.cache[key]
 
 
@@ -133,8 +156,7 @@ def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
     """int64 (in_features,): the natural column each position of the kernel's h takes (the inverse of
     :func:`input_index`; ``h_natural.index_select(1, ...)`` is h in the kernel's order), built on the host and
     cached on the weight's device at first use (the load-time warm-up), as :func:`input_index`."""
-    return pw.cached(_order_key("input_gather_wgmma", E),
-                     lambda: torch.argsort(wgmma_input_order(pw.plan, pw.in_features, E)))
+    return pw.cached(_order_key("input_gather_wgmma", pw, E), lambda: torch.argsort(_order(pw, E)))
 
 
 def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:

@@ -246,12 +246,12 @@ def test_wgmma_fused_decode_through_dispatch_matches_reference(monkeypatch, M):
     assert float((one - each).norm() / each.norm()) < 1e-3
 
 
-@pytest.mark.parametrize("strided", ["0", "1"])
+@pytest.mark.parametrize("strided", ["0", "1", ""])
 @pytest.mark.parametrize("M", [16, 64, 200])
 def test_wgmma_lane_strided_forward_matches_reference(monkeypatch, strided, M):
     """``QTIP_TRITON_WGMMA_LANE_STRIDE``: the kind end to end at an 11008-column input (Llama-2-7B's down) with E = 2
-    and 4 matches the float64 reference either way; strided, its order folds into B's columns (no scattered
-    transform), contiguous it does not for E = 2."""
+    and 4 matches the float64 reference either way; strided (1, or unset: the default there), its order folds into
+    B's columns (no scattered transform), contiguous (0) it does not for E = 2."""
     from qtip_triton.codegen.wgmma import LANE_STRIDE_ENV
 
     monkeypatch.setenv(LANE_STRIDE_ENV, strided)
@@ -260,7 +260,7 @@ def test_wgmma_lane_strided_forward_matches_reference(monkeypatch, strided, M):
     pw = kernels.prepare(qw)
     x = torch.randn(M, n, device="cuda").half()
     ref = qw.reference_forward(x.double(), None)
-    assert (wgmma.input_cols(pw, 2) is not None) == (strided == "1")
+    assert (wgmma.input_cols(pw, 2) is not None) == (strided != "0")
     for cfg in ({"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 2, "table": "shared16"},
                 {"E": 4, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "table": "shared16"},
                 {"E": 2, "BLOCK_M": 16, "num_warps": 4, "STAGES": 3, "PIPE": 1, "WPF": 2, "table": "shared16"}):
