@@ -382,15 +382,16 @@ if want pending30b; then
   done
 fi
 if want final30; then
-  step "session 30's defaults (stacked outputs from 32 rows, natural inputs from 96, grouped rows, lane stride where it folds): GPU tests"
+  # the layer first: with little device time left the tests are what a cut call loses
+  step "one Llama-2-7B layer with session 30's defaults (stacked outputs from 32 rows, natural inputs from 96, grouped rows, lane stride where it folds)"
+  timeout -k 10 "${F30_FL_S:-100}" python3 bench/fused_layers.py --M "${F30_M:-16,32,48,64,96,128}" --tag session30-final \
+    --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+  step "session 30's defaults: GPU tests of the hadamard, wgmma and fused paths"
   # shellcheck disable=SC2086
   timeout -s INT -k 20 "${F30_TESTS_S:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
     tests/gpu/test_hadamard_gpu.py tests/gpu/test_wgmma_gpu.py tests/gpu/test_fused_gpu.py >"$WORK/gpu-tests-final30.log" 2>&1
   echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests-final30.log" >>"$LOG"
-  step "one Llama-2-7B layer with session 30's defaults"
-  timeout -k 10 "${F30_FL_S:-100}" python3 bench/fused_layers.py --M "${F30_M:-16,32,48,64,96,128}" --tag session30-final \
-    --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
 fi
 if want ktable; then
   step "kernel table with the tuned file (registry kinds and configs), rotated weights: KT_M tokens, KT_K bits"
