@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         packed.register()
         w16 = torch.randn(sum(m for m, _ in shapes), shapes[0][1], device="cuda", dtype=torch.float16) * 0.02
         layer_ops.append((packed, w16))
-        for M in [int(v) for v in a.M.split(",")]:
+        for M in int_list(a.M):
             x = torch.randn(M, shapes[0][1], device="cuda", dtype=torch.float16)
             rec = {"layer": name, "M": M}
             rec["op"] = time_us(lambda x=x, p=packed: qtip_linear(x, p))
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 if k in rec:
                     totals[(M, k)] = totals.get((M, k), 0.0) + rec[k]
     chain = []
-    for M in [int(v) for v in a.M.split(",")]:
+    for M in int_list(a.M):
         xs = [torch.randn(M, p.in_features, device="cuda", dtype=torch.float16) for p, _ in layer_ops]
 
         def layer(xs=xs):
