@@ -98,8 +98,8 @@ def test_precompile_keeps_the_transform_rows(tmp_path):
     write(tmp_path / "t.yaml", [st.Entry(st.EntryKey(SPEC.name, 12288, 4096, 128), "decompress", {"BLOCK_N": 64,
                                          "BLOCK_K": 256, "num_warps": 4}, 1.0, "decompress", 1.0)])
     plan = pc.plan_precompile([st.load(tmp_path / "t.yaml")], load_kernel_api(), max_m=128)
-    assert {j.M for j in plan.jobs if bucket_for(j.M) == 128} == {65, 80, 128}
-    (job,) = [j for j in plan.variants if j.M == 128]  # same config and row class as 80, kept apart
+    assert {j.M for j in plan.jobs if bucket_for(j.M) == 128} == {65, 80, 96, 97}
+    (job,) = [j for j in plan.variants if j.M == 96]  # same config and row class as 80, kept apart
     (job80,) = [j for j in plan.jobs if j.M == 80]
     assert job.variant != job80.variant and job.variant[0] == job80.variant[0] == pdl.launch_side(80)
 

@@ -155,20 +155,21 @@ def test_op_warm_rows_cover_every_launch_key():
 
     warmed = {key(M) for M in rows}
     assert all(key(M) in warmed for M in range(1, 3001))
-    # the three shards' grouped wgmma input gathers from 3 x 43 >= 128 rows, where no launch key changes
-    assert not gather_after_transform(4096, 1, 42, 3) and gather_after_transform(4096, 1, 43, 3)
-    assert 43 in rows
+    # the three shards' grouped wgmma input gathers from 3 x 32 >= 96 rows (the stacked natural launch's threshold)
+    assert not gather_after_transform(4096, 1, 31, 3) and gather_after_transform(4096, 1, 32, 3)
+    assert 32 in rows
     # the one-launch shards' switch point, wherever it falls: moved off a bucket edge, the first M past it is warmed
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(WGMMA_FUSED_DECODE_ENV, raising=False)
         mp.setattr("qtip_triton.kernels.WGMMA_FUSED_DECODE_MAX_ROWS", 100)
         moved = warmup.op_warm_rows(shards, 3000)
         assert 101 in moved and all(key(M) in {key(m) for m in moved} for M in range(1, 3001))
-    # e.g. at 11008 outputs, 64 tokens (stacked kernel) and 48 (per-token) share a bucket and a row class: both
-    # are warmed
+    # e.g. the natural-order input of 4096 features at 96 tokens (stacked kernel) and 80 (per-token) share a bucket
+    # and no row class's first M: both are warmed
     big = [SimpleNamespace(in_features=4096, out_features=11008, blocks=lambda side: 1)]
-    assert {48, 64} <= set(warmup.op_warm_rows(big, 3000))
-    assert had.launch_key(11008, 1, 48)[0] != had.launch_key(11008, 1, 64)[0]
+    assert {80, 96} <= set(warmup.op_warm_rows(big, 3000))
+    assert had.launch_key(4096, 1, 80, transpose=True)[0] != had.launch_key(4096, 1, 96, transpose=True)[0]
+    assert bucket_for(80) == bucket_for(96)
 
 
 def test_qtip_bf16_without_bias_and_default_max(recorder, gen, monkeypatch):
