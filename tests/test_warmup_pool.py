@@ -22,6 +22,7 @@ from qtip_triton import registry as reg
 from qtip_triton.autotune import warmup_pool as wp
 from qtip_triton.autotune.compile_pool import dedupe, default_workers, make_job
 from qtip_triton.autotune.lookup import ConfigStore
+from qtip_triton.spec import TrellisSpec
 
 TESTS = Path(__file__).resolve().parent
 REAL_WORKER_ENV = wp.worker_env
@@ -266,3 +267,57 @@ def test_driver_failure_raises_pool_unavailable(gen, tmp_path):
     request["workers"] = 1
     with pytest.raises(wp.PoolUnavailable, match="exited with"):
         wp.run_driver(request, _driver_env(), 300)
+
+
+# ------------------------------------------------------------------------------ a fused layer's op
+def test_a_fused_layer_plans_its_op_at_the_given_rows(tmp_path, gen):
+    """With ``op_rows``, a fused layer (shards of one spec) adds one op job per row count, in the no-bias group (the
+    op adds a fused layer's bias after it); a single shard or mixed specs add none; once sent, never again."""
+    from qtip_triton.autotune.compile_pool import OP_KIND, variant_key
+
+    r, run = registry(tmp_path), Runner()
+    shards = qkv(gen)
+    plain = wp.plan_layer(r, shards, torch.float16, bias=False, max_m=MAX_M)
+    plan = wp.plan_layer(r, shards, torch.float16, bias=False, max_m=MAX_M, op_rows=[1, 5, 16])
+    (group,) = plan.groups
+    ops = [j for j in group.jobs if j.kind == OP_KIND]
+    assert [(j.M, j.shards, j.in_features, j.out_features) for j in ops] == [(M, (64, 32, 32), 96, 128)
+                                                                         for M in (1, 5, 16)]
+    assert [j for j in group.jobs if j.kind != OP_KIND] == plain.groups[0].jobs
+    assert len({variant_key(j) for j in ops}) == 3  # one compiled-variant key each: dedupe keeps them all
+    assert not any(j.shards for g in wp.plan_layer(r, shards, torch.float16, bias=True, max_m=MAX_M,
+                                                   op_rows=[1]).groups if g.bias for j in g.jobs)
+    assert not any(j.shards for g in wp.plan_layer(r, shards[:1], torch.float16, bias=False, max_m=MAX_M,
+                                                   op_rows=[1]).groups for j in g.jobs)
+    other = random_qweight(gen, TrellisSpec(16, 3, 2, "hyb", 9), 32, 96)
+    assert not any(j.shards for g in wp.plan_layer(r, shards[:2] + [other], torch.float16, bias=False,
+                                                   max_m=MAX_M, op_rows=[1]).groups for j in g.jobs)
+    wp.compile_ahead(shards, torch.float16, bias=False, max_m=MAX_M, reg=r, workers=4, runner=run, op_rows=[1, 5, 16])
+    (request, _, _), = run.requests
+    assert sum(1 for g in request["groups"] for j in g.jobs if j.shards) == 3
+    assert wp.plan_layer(r, qkv(gen), torch.float16, bias=False, max_m=MAX_M, op_rows=[1, 5, 16]).groups == []
+
+
+def test_an_op_job_runs_the_fused_op_on_random_shards(gen, monkeypatch):
+    """A worker runs an op job as the serving process would: random shards of the job's shapes and the warm-up's
+    geometry, packed and registered once, the op at M rows in the activation dtype; a failing one is reported."""
+    from qtip_triton import ops
+    from qtip_triton.autotune.compile_pool import op_job, run_jobs
+
+    calls = []
+    real = ops.qtip_linear
+
+    def spy(x, packed, bias=None):
+        calls.append((tuple(x.shape), x.dtype, packed.out_features, id(packed)))
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(ops, "qtip_linear", spy)
+    q = random_qweight(gen, SPEC, 64, 96)
+    wl = wp.ShardWorkload.like(q, torch.float16, device="cpu")
+    jobs = [op_job(SPEC, (64, 32, 32), 96, M) for M in (1, 5)]
+    assert run_jobs(jobs, None, wl) == {}
+    assert [c[:3] for c in calls] == [((1, 96), torch.float16, (64, 32, 32)), ((5, 96), torch.float16, (64, 32, 32))]
+    assert calls[0][3] == calls[1][3]  # one packed layer for both rows
+    bad = op_job(SPEC, (64, 32, 32), 100, 1)  # 100 columns: not a shape the shards can take
+    (err,) = run_jobs([bad], None, wl).values()
+    assert err

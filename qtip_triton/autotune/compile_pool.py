@@ -30,16 +30,29 @@ class CompileJob:
     kind: str
     config: tuple  # config_key(config): hashable and picklable
     variant: tuple = ()  # more that selects compiled variants at this M (PDL mode, transforms: Registry.launch_variant)
+    # A fused layer's shards (their out_features; kind OP_KIND): the job runs the whole op (ops.qtip_linear) on random
+    # shards of these shapes at M rows, which compiles what only its grouped launches reach: the grouped transforms
+    # and the one-launch decode of all shards (the wgmma kind's SHARDS source). Per-shard jobs never launch those.
+    shards: tuple[int, ...] = ()
 
     @property
     def layer_key(self) -> tuple[str, int, int]:
         return self.spec, self.out_features, self.in_features
 
 
+OP_KIND = "op"  # a CompileJob that runs a fused layer's whole op (``CompileJob.shards``)
+
+
+def op_job(spec, shards: tuple[int, ...], in_features: int, M: int) -> CompileJob:
+    """The job that runs a fused layer's op at ``M`` rows (one per distinct set of launches: the caller's rows)."""
+    shards = tuple(int(o) for o in shards)
+    return CompileJob(getattr(spec, "name", spec), sum(shards), in_features, M, OP_KIND, (), (M,), shards)
+
+
 def variant_key(job: CompileJob) -> tuple:
     """What Triton compiles separately, shape aside: kernel kind, spec, config and the row-count class (and the
-    job's ``variant``: a row count chosen for the transforms' own variants)."""
-    return (job.kind, job.spec, job.config, row_class(job.M)) + job.variant
+    job's ``variant``: a row count chosen for the transforms' own variants; an op job's shards)."""
+    return (job.kind, job.spec, job.config, row_class(job.M)) + job.variant + job.shards
 
 
 def dedupe(jobs: Iterable[CompileJob], per_shape: bool = False) -> list[CompileJob]:
@@ -79,10 +92,14 @@ def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None]
 
     errors: dict[CompileJob, str] = {}
     layer_key, raw, layer = None, None, None
-    for job in sorted(jobs, key=lambda j: j.layer_key):
+    ops_built: dict[tuple, Any] = {}
+    for job in sorted(jobs, key=lambda j: (j.layer_key, j.shards)):
         if stop_at is not None and time.monotonic() >= stop_at:
             break
         try:
+            if job.shards:
+                run_op_job(job, workload, ops_built)
+                continue
             if job.layer_key != layer_key:
                 layer_key, raw, layer = job.layer_key, None, None
                 spec = TrellisSpec.parse(job.spec)
@@ -90,9 +107,31 @@ def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None]
             api.launch(job.kind, workload.inputs(raw, job.M), layer, dict(job.config))
         except Exception as e:  # a config that fails to compile is reported, not fatal
             errors[job] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if progress is not None:
-            progress()
+        finally:
+            if progress is not None:
+                progress()
     return errors
+
+
+def run_op_job(job: CompileJob, workload, built: dict[tuple, Any]) -> None:
+    """Run a fused layer's op once at ``job.M`` rows on random shards shaped as ``job.shards`` (``workload.layer``:
+    the warm-up's geometry), built once per shard set in ``built``; the registry picks each launch as it will in
+    the serving process (same configs, switches and device), so the binaries it compiles are the ones served."""
+    import torch
+
+    from qtip_triton import ops
+    from qtip_triton.spec import TrellisSpec
+
+    key = (job.spec, job.shards, job.in_features)
+    packed = built.get(key)
+    if packed is None:
+        spec = TrellisSpec.parse(job.spec)
+        qws = [workload.layer(spec, out, job.in_features) for out in job.shards]
+        packed = built[key] = ops.PackedShards.from_qweights(qws, key=f"compile_pool.{job.spec}.{job.shards}")
+        packed.register()
+    x = torch.zeros(job.M, job.in_features, dtype=workload.dtype, device=packed.trellis.device)
+    with torch.no_grad():
+        ops.qtip_linear(x, packed)
 
 
 def _worker(api_factory: str, workload, jobs: list[CompileJob], queue) -> None:

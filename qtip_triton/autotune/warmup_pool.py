@@ -59,6 +59,7 @@ from qtip_triton.autotune.compile_pool import (
     dedupe,
     default_workers,
     make_job,
+    op_job,
     resolve,
     variant_key,
 )
@@ -230,15 +231,31 @@ def _variant_key(job: CompileJob, wl: ShardWorkload, bias: bool) -> tuple:
     return (*variant_key(job), job.out_features, job.in_features, wl, bias)
 
 
-def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int) -> Plan:
+def _op_key(shards: Sequence, dtype, max_m: int, wl: ShardWorkload) -> tuple:
+    q0 = shards[0]
+    return ("op", q0.spec, tuple(q.out_features for q in shards), q0.in_features, dtype, max_m, wl)
+
+
+def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int,
+               op_rows: Sequence[int] = ()) -> Plan:
     """The compile jobs of a layer's shards that this process has neither warmed nor sent to the pool.
 
     Pure planning (``Registry.plan`` + ``Registry.launches``, the list ``prepare`` follows); it does not
-    mark anything as done: :func:`compile_ahead` does once the pool has run.
+    mark anything as done: :func:`compile_ahead` does once the pool has run. ``op_rows``: for a fused layer
+    (several shards of one spec), the row counts at which the load-time warm-up runs its whole op
+    (``vllm.warmup.op_warm_rows``): one op job each (``compile_pool.op_job``), for the grouped launches that
+    per-shard jobs never reach (the wgmma kind's one-launch shard decode, grouped transforms).
     """
     groups: dict[tuple, Group] = {}
     seen: set[tuple] = set()
     layers = 0
+    if len(shards) > 1 and op_rows and len({q.spec for q in shards}) == 1:
+        wl = ShardWorkload.like(shards[0], dtype)
+        if _op_key(shards, dtype, max_m, wl) not in _layers_done:
+            for M in op_rows:
+                job = op_job(shards[0].spec, tuple(q.out_features for q in shards), shards[0].in_features, M)
+                if _variant_key(job, wl, False) not in _submitted:
+                    groups.setdefault((wl, False), Group(wl, False)).jobs.append(job)
     for qw in shards:
         wl = ShardWorkload.like(qw, dtype)
         lkey = _layer_key(qw, dtype, bias, max_m, wl)
@@ -263,6 +280,8 @@ def plan_layer(reg, shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: 
 def _mark_done(shards, dtype, bias: bool, max_m: int, plan: Plan) -> None:
     for qw in shards:
         _layers_done.add(_layer_key(qw, dtype, bias, max_m, ShardWorkload.like(qw, dtype)))
+    if any(j.shards for g in plan.groups for j in g.jobs):
+        _layers_done.add(_op_key(shards, dtype, max_m, ShardWorkload.like(shards[0], dtype)))
     for g in plan.groups:
         _submitted.update(_variant_key(j, g.workload, g.bias) for j in g.jobs)
 
@@ -379,9 +398,10 @@ def _on_cuda(device: torch.device) -> bool:
 
 def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int, reg=None,
                   workers: int | None = None, runner: Callable[[dict, dict, float], dict] | None = None,
-                  api_factory: str | None = None) -> Result | None:
+                  api_factory: str | None = None, op_rows: Sequence[int] = ()) -> Result | None:
     """Compile the variants ``Registry.prepare(max_m=max_m, dtypes=(dtype,), bias=bias)`` will launch for
-    ``shards`` in parallel worker processes, into Triton's disk cache.
+    ``shards`` in parallel worker processes, into Triton's disk cache (and, with ``op_rows``, what a fused layer's
+    op launches at those rows: :func:`plan_layer`).
 
     Returns None when the pool is not used (not CUDA, ``QTIP_TRITON_WARMUP_JOBS <= 1``, or it failed
     earlier in this process), else a :class:`Result` (``compiled == 0``: nothing new to compile).
@@ -401,7 +421,7 @@ def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: in
         reg = registry.get_registry()
     if reg.api is None:
         return None  # no Triton kernels here: the registry serves the reference path, nothing compiles
-    plan = plan_layer(reg, shards, dtype, bias=bias, max_m=max_m)
+    plan = plan_layer(reg, shards, dtype, bias=bias, max_m=max_m, op_rows=op_rows)
     if not plan.groups:
         _mark_done(shards, dtype, bias, max_m, plan)
         return Result()

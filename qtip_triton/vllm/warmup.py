@@ -22,7 +22,9 @@ Compiling is the slow part and is single-threaded, so before the serial ``prepar
 layer will launch are compiled in parallel worker processes into Triton's disk cache
 (:func:`qtip_triton.autotune.warmup_pool.compile_ahead`: the ``precompile`` pool, started through a
 ``subprocess`` driver because vLLM's engine and worker processes are daemonic and may not have
-``multiprocessing`` children); ``prepare`` then only loads and launches. Each distinct layer is
+``multiprocessing`` children); ``prepare`` then only loads and launches. A fused layer's op is compiled there
+too, at the rows :func:`warm_op` runs it (its grouped transforms and one-launch shard decode are binaries no
+per-shard job reaches), so :func:`warm_op` loads those as well. Each distinct layer is
 compiled once per process, so the later decoder layers cost nothing. ``QTIP_TRITON_WARMUP_JOBS``
 sets the worker count (``1``: the serial path only); if the pool cannot run, one warning says so and
 the warm-up is serial, as before.
@@ -84,8 +86,15 @@ def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, p
     workers, problem = warmup_pool.warmup_workers()
     if problem:
         _log("qtip: %s", problem)
+    # a fused layer's op too, at the rows warm_op runs it: its grouped launches (the one-launch shard decode,
+    # grouped transforms) compile there and nowhere else, so serially at load without this
     try:
-        result = warmup_pool.compile_ahead(shards, dtype, bias=bias, max_m=max_m, workers=workers)
+        op_rows = op_warm_rows(shards, max_m) if len(shards) > 1 else []
+    except Exception as e:  # the op's own warm-up meets the same problem and says so; the shards' jobs still go
+        compat.logger().debug("qtip: no op rows for the compile pool (%s: %s)", type(e).__name__, e)
+        op_rows = []
+    try:
+        result = warmup_pool.compile_ahead(shards, dtype, bias=bias, max_m=max_m, workers=workers, op_rows=op_rows)
     except Exception as e:  # PoolUnavailable, or a planning error: prepare() does it all, serially, as before
         warmup_pool.disable(f"{type(e).__name__}: {e}")  # one warning, not one per layer
         compat.logger().warning("qtip: parallel kernel compile unavailable (%s); compiling the kernels serially "

@@ -293,7 +293,8 @@ def test_layer_is_compiled_in_parallel_before_the_serial_warm_up(pool, recorder,
         layer.quant_method.process_weights_after_loading(layer)
     (shards, dtype, kw, prepared_before), = pool.calls
     assert shards == layer.qtip_packed.shards() and dtype == torch.float16 and prepared_before == 0
-    assert kw == dict(bias=True, max_m=384, workers=5)  # the same bias flag and max M prepare() gets
+    assert kw == dict(bias=True, max_m=384, workers=5, op_rows=[])  # the bias flag and max M prepare() gets; one
+    # shard: no op rows (its op launches nothing the shard's own jobs do not)
     assert [k for _, k in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=True)]
     info = [m for lvl, m in pool.log.lines if lvl == "info" and "in parallel" in m]
     assert len(info) == 1 and "compiled 7 kernel variants" in info[0] and "(5 worker processes) in 1.5 s" in info[0]
@@ -305,6 +306,7 @@ def test_fused_layer_compiles_without_bias(pool, recorder, gen):
         layer.quant_method.process_weights_after_loading(layer)
     (shards, _, kw, _), = pool.calls
     assert len(shards) == 3 and kw["bias"] is False and kw["workers"] == pool.mod.warmup_workers()[0]
+    assert kw["op_rows"] == warmup.op_warm_rows(shards, kw["max_m"])  # the rows warm_op runs the op at
 
 
 def test_pool_failure_falls_back_to_serial_with_one_warning(pool, recorder, gen, monkeypatch):
