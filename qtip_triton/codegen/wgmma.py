@@ -381,8 +381,9 @@ def emit_wgmma(spec: TrellisSpec, config: Mapping[str, Any] | None = None, *, la
     if ws:
         from qtip_triton.codegen.wgmma_ws import WS_DECODE_REGS, emit_ws_kernel
 
-        emit_ws_kernel(s, E=E, strided=strided, mode=mode, rep=rep, table_words=table_words, loads=loads, decode=decode, tree=tree,
-                       wpf=wpf, half=half, decode_regs=WS_DECODE_REGS, shared_helpers=lambda: helpers)
+        emit_ws_kernel(s, E=E, strided=strided, mode=mode, rep=rep, table_words=table_words, loads=loads,
+                       decode=decode, tree=tree, wpf=wpf, half=half, decode_regs=WS_DECODE_REGS,
+                       shared_helpers=lambda: helpers)
         return s.text()
     if mode == "shared":
         s(*helpers)

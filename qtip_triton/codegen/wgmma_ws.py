@@ -41,8 +41,8 @@ WS_MAXNREG = 168
 WS_DECODE_REGS = 152
 
 
-def emit_ws_kernel(s, *, E: int, strided: bool = False, mode: str, rep: int, table_words: int | None, loads: list[tuple[str, str]],
-                   decode: list[str], tree: str, wpf: int, half: int, decode_regs: int,
+def emit_ws_kernel(s, *, E: int, strided: bool = False, mode: str, rep: int, table_words: int | None,
+                   loads: list[tuple[str, str]], decode: list[str], tree: str, wpf: int, half: int, decode_regs: int,
                    shared_helpers: Callable[[], list[str]]) -> None:
     """Append the three partitions and the kernel to ``s`` (the module header and the fp16 helpers are the caller's).
 
