@@ -130,7 +130,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
             stacked = "off" if rows == 0 else f"from {rows} (token, block) rows"
     except ValueError as e:
         stacked = f"invalid ({e})"
-    if os.environ.get(hadamard.STACK_GROUPS_ENV, "").strip() != "0":
+    if hadamard.stack_groups_on():
         stacked += "; a fused layer's grouped inputs count every shard's rows"
     zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if hadamard.zb_first_on() else "off"
     from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY

@@ -306,6 +306,12 @@ def stack_min_rows(transpose: bool, dst: bool, rp: int) -> int | None:
 STACK_GROUPS_ENV = "QTIP_TRITON_HADAMARD_STACK_GROUPS"
 
 
+def stack_groups_on() -> bool:
+    """Whether grouped input transforms count every group's rows (:func:`stack_rows_counted`): unless
+    ``QTIP_TRITON_HADAMARD_STACK_GROUPS=0``."""
+    return os.environ.get(STACK_GROUPS_ENV, "").strip() != "0"
+
+
 def stack_rows_counted(rows: int, groups: int, transpose: bool) -> int:
     """The (token, block) rows a transform of ``rows`` rows per group asks the stacked kernel's threshold about:
     every group's for grouped input transforms (a fused layer's shards), unless ``QTIP_TRITON_HADAMARD_STACK_GROUPS=0``
@@ -316,7 +322,7 @@ def stack_rows_counted(rows: int, groups: int, transpose: bool) -> int:
     the layer, where 128 rows of one input took 6.0 on the stacked kernel (H100, session 29). Timed in session 30
     (``*-fused-layers-session30-stack-groups-{0,1}.md``): the layer's four ops summed 0.4-4.9 µs less at every M of
     32-128 tokens (64: 231.7 -> 226.8), the whole layer in one graph within noise."""
-    if transpose and groups > 1 and os.environ.get(STACK_GROUPS_ENV, "").strip() != "0":
+    if transpose and groups > 1 and stack_groups_on():
         return rows * groups
     return rows
 

@@ -109,21 +109,27 @@ def _module(pw: PreparedWeight, config: Mapping[str, Any]) -> Any:
     return mod
 
 
-def strided_for(pw: PreparedWeight, E: int) -> bool:
-    """Whether this weight's kernel for ``E`` takes lane-strided words (:func:`~qtip_triton.codegen.wgmma.lane_stride_env`
-    when set, else exactly where the contiguous order moves columns across the input transform's segments and the
-    strided one does not: 11008 features with E = 2 among Llama sizes), cached with the weight."""
-    setting = lane_stride_env()
-    if E == 1 or setting is not None:
-        return lane_strided(E, setting)
-    key = ("lane_strided_wgmma", E)
+def _folded_cols(pw: PreparedWeight, E: int, strided: bool) -> tuple[int, ...] | None:
+    """The order for ``E`` with lanes ``strided`` or not as the input transform's ``cols``
+    (:func:`hadamard.segment_cols`; None where it moves columns across the transform's segments), cached with the
+    weight: :func:`strided_for` asks about both mappings, :func:`input_cols` about the one chosen."""
+    key = ("input_cols_wgmma", E, strided)
     if key not in pw.cache:
         from qtip_triton.kernels.hadamard import segment_cols
 
-        nb = pw.in_features // pw.blocks_in
-        pw.cache[key] = (segment_cols(wgmma_input_order(pw.plan, pw.in_features, E, False), nb) is None
-                         and segment_cols(wgmma_input_order(pw.plan, pw.in_features, E, True), nb) is not None)
+        pw.cache[key] = segment_cols(wgmma_input_order(pw.plan, pw.in_features, E, strided),
+                                     pw.in_features // pw.blocks_in)
     return pw.cache[key]
+
+
+def strided_for(pw: PreparedWeight, E: int) -> bool:
+    """Whether this weight's kernel for ``E`` takes lane-strided words (:func:`~qtip_triton.codegen.wgmma.lane_stride_env`
+    when set, else exactly where the contiguous order moves columns across the input transform's segments and the
+    strided one does not: 11008 features with E = 2 among Llama sizes)."""
+    setting = lane_stride_env()
+    if E == 1 or setting is not None:
+        return lane_strided(E, setting)
+    return _folded_cols(pw, E, False) is None and _folded_cols(pw, E, True) is not None
 
 
 def _order(pw: PreparedWeight, E: int) -> torch.Tensor:
@@ -144,12 +150,7 @@ def input_cols(pw: PreparedWeight, E: int) -> tuple[int, ...] | None:
     """The kernel's order for ``E`` as the input transform's ``cols`` (:func:`hadamard.segment_cols`), or None where
     it moves columns across the transform's segments (11008 features with E = 2 with contiguous lanes only: by
     default those take strided ones, :func:`strided_for`), cached with the weight."""
-    key = _order_key("input_cols_wgmma", pw, E)
-    if key not in pw.cache:
-        from qtip_triton.kernels.hadamard import segment_cols
-
-        pw.cache[key] = segment_cols(_order(pw, E), pw.in_features // pw.blocks_in)
-    return pw.cache[key]
+    return _folded_cols(pw, E, strided_for(pw, E))
 
 
 def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
