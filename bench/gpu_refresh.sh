@@ -40,6 +40,22 @@ WORK="$OUT/work"
 mkdir -p "$WORK"
 LOG="$OUT/refresh.log"
 step() { echo "=== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+# fused_layers SECONDS ARGS...: bench/fused_layers.py with ARGS (and any switches set before the call), its result
+# files in $WORK, its output and exit code in the log
+fused_layers() {
+  local s=$1; shift
+  timeout -k 10 "$s" python3 bench/fused_layers.py "$@" --out "$WORK" >>"$LOG" 2>&1
+  echo "rc=$?" >>"$LOG"
+}
+# gpu_subset SECONDS LOGNAME PYTEST_ARGS...: part of the GPU suite (PYTEST_N workers), stopped by SIGINT at SECONDS
+# (so its log names what finished); its log in $WORK/LOGNAME, its exit code and summary in the log
+gpu_subset() {
+  local s=$1 name=$2; shift 2
+  # shellcheck disable=SC2086
+  timeout -s INT -k 20 "$s" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} "$@" \
+    >"$WORK/$name" 2>&1
+  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/$name" >>"$LOG"
+}
 finish() { tar cf "$OUT/results.tar" -C "$WORK" . && rm -rf "$WORK"; }
 trap finish EXIT
 # pinned_timelines TAG_PREFIX CONFIG...: each gemv config traced inside one-token forwards of 8192x8192 and 28672x8192
@@ -272,14 +288,11 @@ if want ncu; then
 fi
 if want fused; then
   step "fused layers"
-  timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  fused_layers "${FUSED_S:-150}"
 fi
 if want fusedzb; then
   step "fused layers with QTIP_TRITON_HADAMARD_ZB_FIRST=0 (without the A · (Z · B_c) order at A of 32 rows, the default since session 16)"
-  QTIP_TRITON_HADAMARD_ZB_FIRST=0 timeout -k 10 "${FUSED_S:-150}" python3 bench/fused_layers.py --M 1,2,4,8,16 \
-    --tag nozb --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  QTIP_TRITON_HADAMARD_ZB_FIRST=0 fused_layers "${FUSED_S:-150}" --M 1,2,4,8,16 --tag nozb
 fi
 if want selftest; then
   step "qtip-triton selftest (what a user runs after an install)"
@@ -312,9 +325,7 @@ if want pending26; then
     tests/gpu/test_wgmma_gpu.py -k "shards or kind_forward or rejects" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   for S in 0 1; do
-    QTIP_TRITON_WGMMA_SHARED_INPUT=$S timeout -k 10 180 python3 bench/fused_layers.py --M 32,64,128,256 \
-      --tag "session26-shared-input-$S" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$?" >>"$LOG"
+    QTIP_TRITON_WGMMA_SHARED_INPUT=$S fused_layers 180 --M 32,64,128,256 --tag "session26-shared-input-$S"
   done
 fi
 if want pending27; then
@@ -323,48 +334,33 @@ if want pending27; then
     --n 4096,8192,11008,14336,28672 --timer chain --tag session27-gather --out "$WORK" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   for G in "" 32 64; do  # the first run compiles (cold: ~100 s), the others reuse it
-    QTIP_TRITON_WGMMA_GATHER_FROM=$G timeout -k 10 "${P27_FL_S:-150}" python3 bench/fused_layers.py --M 16,32,64,128,256 \
-      --tag "session27-gather-${G:-rule}" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$? gather_from=${G:-rule}" >>"$LOG"
+    step "one Llama-2-7B layer, QTIP_TRITON_WGMMA_GATHER_FROM=${G:-unset (the rule)}"
+    QTIP_TRITON_WGMMA_GATHER_FROM=$G fused_layers "${P27_FL_S:-150}" --M 16,32,64,128,256 --tag "session27-gather-${G:-rule}"
   done
 fi
 if want pending28; then
   step "session 28's open question: where one Llama-2-7B layer's time goes beyond its decode kernels at 32-128 tokens (each kernel traced, with the gaps between them)"
-  timeout -k 10 "${P28_FL_S:-200}" python3 bench/fused_layers.py --M 32,64,128 --timeline 32,64,128 \
-    --tag session28-timeline --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  fused_layers "${P28_FL_S:-200}" --M 32,64,128 --timeline 32,64,128 --tag session28-timeline
   step "the wgmma kind's stacked shards in one launch (QTIP_TRITON_WGMMA_FUSED_DECODE=1): GPU tests, then one layer with it"
-  timeout -s INT -k 20 "${P28_TESTS_S:-240}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
-    tests/gpu/test_wgmma_gpu.py -k "stacked_shards or fused_decode" >"$WORK/gpu-tests-fused-decode.log" 2>&1
-  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests-fused-decode.log" >>"$LOG"
-  QTIP_TRITON_WGMMA_FUSED_DECODE=1 timeout -k 10 "${P28_FL_S:-200}" python3 bench/fused_layers.py --M 16,32,64,128,256 \
-    --tag session28-fused-decode-1 --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  gpu_subset "${P28_TESTS_S:-240}" gpu-tests-fused-decode.log tests/gpu/test_wgmma_gpu.py -k "stacked_shards or fused_decode"
+  QTIP_TRITON_WGMMA_FUSED_DECODE=1 fused_layers "${P28_FL_S:-200}" --M 16,32,64,128,256 --tag session28-fused-decode-1
 fi
 if want pending29; then
   step "session 29: GPU tests of the cols input order (B's columns permuted) and of the wgmma/fused paths now on it"
-  timeout -s INT -k 20 "${P29_TESTS_S:-200}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
-    tests/gpu/test_hadamard_gpu.py tests/gpu/test_wgmma_gpu.py tests/gpu/test_fused_gpu.py >"$WORK/gpu-tests-cols.log" 2>&1
-  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests-cols.log" >>"$LOG"
+  gpu_subset "${P29_TESTS_S:-200}" gpu-tests-cols.log tests/gpu/test_hadamard_gpu.py tests/gpu/test_wgmma_gpu.py \
+    tests/gpu/test_fused_gpu.py
   step "one Llama-2-7B layer with the cols input order and one-launch shards up to 128 tokens (both defaults now)"
-  timeout -k 10 "${P29_FL_S:-200}" python3 bench/fused_layers.py --M 16,32,64,128,256 --timeline 64 \
-    --tag session29-cols --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  fused_layers "${P29_FL_S:-200}" --M 16,32,64,128,256 --timeline 64 --tag session29-cols
 fi
 if want pending30; then
   for sg in 0 1; do
     step "one Llama-2-7B layer with QTIP_TRITON_HADAMARD_STACK_GROUPS=$sg (grouped inputs ask the stacked kernel about every shard's rows)"
-    QTIP_TRITON_HADAMARD_STACK_GROUPS=$sg timeout -k 10 "${P30_FL_S:-150}" python3 bench/fused_layers.py --M 32,48,64,96,128 \
-      --tag "session30-stack-groups-$sg" --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$?" >>"$LOG"
+    QTIP_TRITON_HADAMARD_STACK_GROUPS=$sg fused_layers "${P30_FL_S:-150}" --M 32,48,64,96,128 --tag "session30-stack-groups-$sg"
   done
 fi
 if want pending30b; then
   step "GPU tests of the wgmma kind with lane-strided words (QTIP_TRITON_WGMMA_LANE_STRIDE=1)"
-  # shellcheck disable=SC2086
-  QTIP_TRITON_WGMMA_LANE_STRIDE=1 timeout -s INT -k 20 "${P30B_TESTS_S:-150}" python3 -m pytest -m gpu -q -p no:cacheprovider \
-    ${PYTEST_N:+-n $PYTEST_N} tests/gpu/test_wgmma_gpu.py >"$WORK/gpu-tests-lane-stride.log" 2>&1
-  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests-lane-stride.log" >>"$LOG"
+  QTIP_TRITON_WGMMA_LANE_STRIDE=1 gpu_subset "${P30B_TESTS_S:-150}" gpu-tests-lane-stride.log tests/gpu/test_wgmma_gpu.py
   if [ -n "${P30B_HAD:-}" ]; then
     step "hadamard: per-token against stacked (one token's A per tile) at 32, 48 and 96 tokens, between the measured thresholds"
     timeout -k 10 "${P30B_HAD_S:-180}" python3 bench/hadamard.py --variants default,per_token,stacked1 --T 32,48,96 \
@@ -375,23 +371,17 @@ if want pending30b; then
   for run in "sg1::0" "sg1-out32-nat64:output=32,natural=64:0" "sg1-lane-stride::1"; do
     tag=${run%%:*}; rest=${run#*:}; sm=${rest%%:*}; ls=${rest#*:}
     step "one Llama-2-7B layer, QTIP_TRITON_HADAMARD_STACK_GROUPS=1, stacked thresholds ${sm:-as shipped}, lane stride $ls"
-    QTIP_TRITON_HADAMARD_STACK_GROUPS=1 QTIP_TRITON_WGMMA_LANE_STRIDE=$ls timeout -k 10 "${P30_FL_S:-110}" \
-      python3 bench/fused_layers.py --M "${P30B_M:-32,48,64,96,128}" --stack-min "$sm" --tag "session30-$tag" \
-      --out "$WORK" >>"$LOG" 2>&1
-    echo "rc=$?" >>"$LOG"
+    QTIP_TRITON_HADAMARD_STACK_GROUPS=1 QTIP_TRITON_WGMMA_LANE_STRIDE=$ls fused_layers "${P30_FL_S:-110}" \
+      --M "${P30B_M:-32,48,64,96,128}" --stack-min "$sm" --tag "session30-$tag"
   done
 fi
 if want final30; then
   # the layer first: with little device time left the tests are what a cut call loses
   step "one Llama-2-7B layer with session 30's defaults (stacked outputs from 32 rows, natural inputs from 96, grouped rows, lane stride where it folds)"
-  timeout -k 10 "${F30_FL_S:-100}" python3 bench/fused_layers.py --M "${F30_M:-16,32,48,64,96,128}" --tag session30-final \
-    --out "$WORK" >>"$LOG" 2>&1
-  echo "rc=$?" >>"$LOG"
+  fused_layers "${F30_FL_S:-100}" --M "${F30_M:-16,32,48,64,96,128}" --tag session30-final
   step "session 30's defaults: GPU tests of the hadamard, wgmma and fused paths"
-  # shellcheck disable=SC2086
-  timeout -s INT -k 20 "${F30_TESTS_S:-120}" python3 -m pytest -m gpu -q -p no:cacheprovider ${PYTEST_N:+-n $PYTEST_N} \
-    tests/gpu/test_hadamard_gpu.py tests/gpu/test_wgmma_gpu.py tests/gpu/test_fused_gpu.py >"$WORK/gpu-tests-final30.log" 2>&1
-  echo "rc=$?" >>"$LOG"; tail -3 "$WORK/gpu-tests-final30.log" >>"$LOG"
+  gpu_subset "${F30_TESTS_S:-120}" gpu-tests-final30.log tests/gpu/test_hadamard_gpu.py tests/gpu/test_wgmma_gpu.py \
+    tests/gpu/test_fused_gpu.py
 fi
 if want ktable; then
   step "kernel table with the tuned file (registry kinds and configs), rotated weights: KT_M tokens, KT_K bits"
