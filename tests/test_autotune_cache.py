@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_autotune_fakes import BROKEN_FOR_POOL, FakeAPI
 
+from qtip_triton.autotune import compile_pool
 from qtip_triton.autotune.compile_pool import compile_all, dedupe, make_job, run_jobs
 from qtip_triton.autotune.triton_cache import Machine, export_cache, import_cache, read_manifest
 from qtip_triton.autotune.tuner import RandomWorkload
@@ -138,6 +139,41 @@ def test_compile_pool_in_processes():
                          start_method="spawn")
     assert here and set(here) == set(pooled)
     assert all(dict(j.config) == BROKEN_FOR_POOL and "CompilationError" in why for j, why in pooled.items())
+
+
+class ShortOfMemory(RandomWorkload):
+    """Builds each layer only after ``fails`` out-of-memory errors for it (the pool's workers on a full GPU)."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__("cpu", torch.float32)
+        self.fails, self.builds = fails, []
+
+    def layer(self, spec, out_features, in_features):
+        self.builds.append((out_features, in_features))
+        if self.builds.count((out_features, in_features)) <= self.fails:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 336.00 MiB")
+        return super().layer(spec, out_features, in_features)
+
+
+def test_pool_retries_a_layer_the_gpu_had_no_memory_for(monkeypatch):
+    """Session 31's tuning lost configs of 57344 x 8192 this way: one job ran out of memory building the layer, and
+    the layer's next jobs launched with no layer at all (``TypeError: random_input takes the QuantizedWeight``)."""
+    monkeypatch.setattr(compile_pool, "OOM_WAIT_S", 0.0)
+    jobs = dedupe(_jobs())
+    api = FakeAPI()
+    workload = ShortOfMemory(fails=2)
+    assert run_jobs(jobs, api, workload) == {}
+    assert sum(api.launches.values()) == len(jobs)
+    assert workload.builds == [(64, 96)] * 3  # built once it fit, then kept for every job of the layer
+
+
+def test_pool_reports_a_layer_that_never_fits_on_each_job(monkeypatch):
+    monkeypatch.setattr(compile_pool, "OOM_WAIT_S", 0.0)
+    jobs = dedupe(_jobs())
+    api = FakeAPI()
+    errors = run_jobs(jobs, api, ShortOfMemory(fails=10 ** 6))
+    assert set(errors) == set(jobs) and sum(api.launches.values()) == 0
+    assert all(why.startswith("OutOfMemoryError: CUDA out of memory") for why in errors.values())
 
 
 def test_user_cache_dir_without_platformdirs(monkeypatch):

@@ -40,6 +40,8 @@ class CompileJob:
         return self.spec, self.out_features, self.in_features
 
 
+OOM_ATTEMPTS = 5  # tries of a job that runs out of GPU memory (14 workers once held 5.7 GiB each at 57344 x 8192)
+OOM_WAIT_S = 2.0  # the first wait after running out, growing and jittered on each retry so workers spread out
 OP_KIND = "op"  # a CompileJob that runs a fused layer's whole op (``CompileJob.shards``)
 
 
@@ -93,24 +95,62 @@ def run_jobs(jobs: list[CompileJob], api, workload, progress: Callable[[], None]
     errors: dict[CompileJob, str] = {}
     layer_key, raw, layer = None, None, None
     ops_built: dict[tuple, Any] = {}
+
+    def compile_one(job: CompileJob) -> None:
+        nonlocal layer_key, raw, layer
+        if job.shards:
+            run_op_job(job, workload, ops_built)
+            return
+        if job.layer_key != layer_key:
+            # the previous layer goes first, and the key is set only once the new one is built: a failed build
+            # (out of memory) is retried by the next job of that layer, never launched as ``None``
+            layer_key, raw, layer = None, None, None
+            release_cached_memory()
+            spec = TrellisSpec.parse(job.spec)
+            raw, layer = prepared_layer(api, workload, (spec, job.out_features, job.in_features))
+            layer_key = job.layer_key
+        api.launch(job.kind, workload.inputs(raw, job.M), layer, dict(job.config))
+
     for job in sorted(jobs, key=lambda j: (j.layer_key, j.shards)):
         if stop_at is not None and time.monotonic() >= stop_at:
             break
         try:
-            if job.shards:
-                run_op_job(job, workload, ops_built)
-                continue
-            if job.layer_key != layer_key:
-                layer_key, raw, layer = job.layer_key, None, None
-                spec = TrellisSpec.parse(job.spec)
-                raw, layer = prepared_layer(api, workload, (spec, job.out_features, job.in_features))
-            api.launch(job.kind, workload.inputs(raw, job.M), layer, dict(job.config))
+            with_memory_retries(lambda job=job: compile_one(job))
         except Exception as e:  # a config that fails to compile is reported, not fatal
             errors[job] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             if progress is not None:
                 progress()
     return errors
+
+
+def release_cached_memory() -> None:
+    """Hand the caching allocator's free blocks back to the driver: the pool's workers share one GPU, and blocks
+    one keeps from a layer it is done with are memory another needs for the 57344 x 8192 layer it is building."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_memory_retries(fn: Callable[[], Any]) -> Any:
+    """``fn()``, retried after a wait when the GPU is out of memory. Every worker of the pool builds the same large
+    layer at about the same time (jobs run in layer order); a worker that waits finds the memory the others free
+    when they move on, where failing would drop the config from the tuning."""
+    import random
+    import time
+
+    import torch
+
+    for attempt in range(OOM_ATTEMPTS):
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            if attempt == OOM_ATTEMPTS - 1:
+                raise
+            release_cached_memory()
+            time.sleep(OOM_WAIT_S * (1 + random.random()) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def run_op_job(job: CompileJob, workload, built: dict[tuple, Any]) -> None:
