@@ -14,7 +14,7 @@ from qtip_triton.autotune import cmd_autotune, store
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
 from qtip_triton.autotune.kernel_api import config_key
 from qtip_triton.autotune.space import candidates, check_config, prune, wasteful
-from qtip_triton.autotune.tuner import RandomWorkload, make_tasks, plan, tune
+from qtip_triton.autotune.tuner import RandomWorkload, make_tasks, merge_rounds, plan, refine_plan, tried_in, tune
 from qtip_triton.spec import TrellisSpec
 
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132)
@@ -203,10 +203,10 @@ def test_quick_screen_skips_clearly_slow_candidates():
 
 def test_autotune_command_compiles_in_parallel_first(tmp_path):
     api, clock = FakeAPI(seed=3), FakeClock()
-    seen = {}
+    calls = []
 
     def compile_fn(jobs, workers, deadline_s):
-        seen.update(jobs=jobs, workers=workers, deadline_s=deadline_s)
+        calls.append(dict(jobs=jobs, workers=workers, deadline_s=deadline_s))
         clock.t += 30  # the compile phase takes part of the budget
         return {}
 
@@ -216,11 +216,66 @@ def test_autotune_command_compiles_in_parallel_first(tmp_path):
                                  compile_fn=compile_fn) == 0
     planned = plan(make_tasks([TrellisSpec(16, k, 2, "hyb", 9) for k in (2, 3)], [(64, 96), (96, 64)], [1, 16, 256]),
                    api, 3)
-    assert seen["workers"] == 4 and seen["deadline_s"] == pytest.approx(0.5 * 120)
-    assert {(j.spec, j.out_features, j.in_features, j.M, j.kind, j.config) for j in seen["jobs"]} == {
+    first = calls[0]
+    assert first["workers"] == 4 and first["deadline_s"] == pytest.approx(0.5 * 120)
+    assert {(j.spec, j.out_features, j.in_features, j.M, j.kind, j.config) for j in first["jobs"]} == {
         (t.spec.name, t.out_features, t.in_features, t.m_bucket, k, config_key(c)) for t, cands, _ in planned
         for k, c in cands}
+    # each later round compiles its own candidates first, with half of the time then left
+    assert 2 <= len(calls) <= 3 and calls[1]["deadline_s"] == pytest.approx(0.5 * (120 - 30))
     assert "compiled" in out.getvalue() and len(store.load(tmp_path / "h100.yaml").entries) == 12
+
+
+class Valley(FakeAPI):
+    """A world whose fastest config is several knobs from the default, each knob on the way a little faster:
+    the first round (default + one-knob neighbours) cannot reach it, climbing from the winner can."""
+
+    TARGET = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8}
+
+    def cost(self, kind, config, spec_name, m, n, M):
+        if kind != "gemm":
+            return 50.0
+        return 10.0 + sum(config.get(k) != v for k, v in self.TARGET.items()) + 0.01 * config.get("BLOCK_M", 0)
+
+
+def test_rounds_climb_from_the_winner_to_a_config_the_first_round_cannot_time():
+    tasks = make_tasks(SPECS[:1], [(64, 96)], [64])
+    api = Valley()
+    planned = plan(tasks, api, 3)
+    (task, cands, default), = planned
+    assert config_key(Valley.TARGET) not in {config_key(c) for _, c in cands}
+    first = tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=3, progress=False, planned=planned)
+    assert first.results[0].time_us > 10.0
+    report, tried, rounds = first, tried_in(planned), 0
+    while (nxt := refine_plan(report, planned, api, 3, tried)) and rounds < 10:
+        (t, round_cands, d), = nxt
+        assert d == default and round_cands[0] == (report.results[0].kind, report.results[0].config)
+        assert not {(k, config_key(c)) for k, c in round_cands[1:]} & tried[t.key]  # nothing timed twice
+        report = merge_rounds(report, tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=3, progress=False,
+                                           planned=nxt))
+        tried, rounds = tried_in(nxt, tried), rounds + 1
+    res = report.results[0]
+    assert res.config == Valley.TARGET and res.time_us == pytest.approx(10.16)
+    assert res.default_time_us == first.results[0].default_time_us and res.tried > first.results[0].tried
+    assert 2 <= rounds < 10
+
+
+def test_command_rounds_and_what_they_print(tmp_path):
+    api, clock = Valley(), FakeClock()
+    out = io.StringIO()
+    args = _args(tmp_path, rounds=6, buckets=64)
+    assert cmd_autotune.autotune(args, api, fake_bench(api, clock), WORKLOAD, H100, VERS, clock=clock, out=out) == 0
+    text = out.getvalue()
+    assert "round 2:" in text and "found a faster config" in text
+    entries = store.load(tmp_path / "h100.yaml").entries.values()
+    assert entries and all(e.config == Valley.TARGET for e in entries)
+    one = io.StringIO()
+    cmd_autotune.autotune(_args(tmp_path / "one", rounds=1, buckets=64), Valley(), fake_bench(api), WORKLOAD, H100,
+                          VERS, out=one)
+    assert "round 2" not in one.getvalue()
+    assert all(e.config != Valley.TARGET for e in store.load(tmp_path / "one" / "h100.yaml").entries.values())
+    with pytest.raises(ValueError, match="--rounds must be >= 1"):
+        cmd_autotune.autotune(_args(tmp_path, rounds=0), api, fake_bench(api), WORKLOAD, H100, VERS, out=io.StringIO())
 
 
 def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():
@@ -295,7 +350,7 @@ def test_seeded_autotune_command(tmp_path):
     seed_path.write_text(store.dumps(_seed_file(api, {(spec.name, 64, 96, 1): ("gemv", fast)})))
     fast_api = FakeAPI(seed=5, fast=[fast])
     out = io.StringIO()
-    args = _args(tmp_path, seed=seed_path)
+    args = _args(tmp_path, seed=seed_path, rounds=1)  # the seeded round alone (later rounds climb from it)
     assert cmd_autotune.autotune(args, fast_api, fake_bench(fast_api), WORKLOAD, H100, VERS, out=out) == 0
     assert "seeded from" in out.getvalue() and "NVIDIA H200" in out.getvalue()
     tf = store.load(tmp_path / "h100.yaml")
@@ -363,8 +418,8 @@ def test_autotune_command_names_the_configs_that_failed_to_compile(tmp_path):
         return {job: f"OutOfResources: shared memory {i}" for i, job in enumerate(jobs[:7])}
 
     out = io.StringIO()
-    assert cmd_autotune.autotune(_args(tmp_path, jobs=4, max_minutes=2), api, fake_bench(api, clock, 0.0), WORKLOAD,
-                                 H100, VERS, clock=clock, out=out, compile_fn=compile_fn) == 0
+    assert cmd_autotune.autotune(_args(tmp_path, jobs=4, max_minutes=2, rounds=1), api, fake_bench(api, clock, 0.0),
+                                 WORKLOAD, H100, VERS, clock=clock, out=out, compile_fn=compile_fn) == 0
     text = out.getvalue()
     assert "(7 failed to compile)" in text
     failed = [line for line in text.splitlines() if line.startswith("  failed: ")]

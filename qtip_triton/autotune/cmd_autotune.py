@@ -23,7 +23,17 @@ from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
 from qtip_triton.autotune.shapes import resolve as resolve_shapes
 from qtip_triton.autotune.store import Header, StoreError, TuneFile, save_merged
 from qtip_triton.autotune.store import load as load_tune_file
-from qtip_triton.autotune.tuner import TuneReport, Workload, make_tasks, plan, tune
+from qtip_triton.autotune.tuner import (
+    Planned,
+    TuneReport,
+    Workload,
+    make_tasks,
+    merge_rounds,
+    plan,
+    refine_plan,
+    tried_in,
+    tune,
+)
 from qtip_triton.spec import TrellisSpec
 
 # rough costs for the --dry-run estimate (H100, measured per kernel by the lead; adjust when known)
@@ -41,6 +51,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buckets", default="1-4096", help="M buckets, e.g. 1-4096 or 1,16,256")
     p.add_argument("--max-minutes", type=float, default=9.5, help="stop tuning after this long and save (default 9.5)")
     p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="tuning rounds: after the first, each task times up to --max-candidates untried neighbours "
+                        "(one knob changed) of its winner, until no task has one left, the rounds are done or the "
+                        "time is up (default 3; 1: the first round only)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
     p.add_argument("--timer", choices=("graph", "rotated", "do_bench", "cudagraph"), default="graph",
@@ -174,7 +188,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     est = len(variants) * EST_COMPILE_S / max(jobs, 1) + n_cands * per_cand
     print(f"autotune plan: {len(specs)} specs x {len(shapes)} shapes x {len(buckets)} M buckets = {len(tasks)} tasks, "
           f"{n_cands} timings, {len(variants)} kernel variants to compile; estimated {est / 60:.1f} min with "
-          f"{jobs} compile processes (limit {args.max_minutes} min)", file=out)
+          f"{jobs} compile processes (limit {args.max_minutes} min)"
+          + (f"; then up to {args.rounds - 1} rounds around the winners" if args.rounds > 1 else ""), file=out)
     empty = [t for t, c, _ in planned if not c]
     if empty:
         print(f"warning: {len(empty)} tasks have no candidate config, e.g. {empty[0].key}", file=out)
@@ -182,22 +197,49 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         return 0
     check_gpu_name(args.gpu, device)
     target = args.out or default_out(device.short)
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     deadline = args.max_minutes * 60
     start = clock()
-    if compile_fn is not None and jobs > 1:
-        from qtip_triton.autotune.compile_pool import make_job
 
-        compile_jobs = [make_job(t.spec, t.out_features, t.in_features, t.m_bucket, k, c)
-                        for t, cands, _ in planned for k, c in cands]
-        errors = compile_fn(compile_jobs, jobs, COMPILE_SHARE * deadline)
-        print(f"compiled {len(variants)} kernels in {clock() - start:.0f} s with {jobs} processes "
-              f"({len(errors)} failed to compile)", file=out)
-        for line in failure_lines(errors):
-            print(line, file=out)
-    report = tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
-                  deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
-                  check=not args.no_check, quick=quick, screen=args.screen, planned=planned, rotated=rotated,
-                  copies=copies)
+    def run_round(round_plan: Planned) -> TuneReport:
+        left = deadline - (clock() - start)
+        if compile_fn is not None and jobs > 1:
+            from qtip_triton.autotune.compile_pool import make_job
+
+            t0 = clock()
+            compile_jobs = [make_job(t.spec, t.out_features, t.in_features, t.m_bucket, k, c)
+                            for t, cands, _ in round_plan for k, c in cands]
+            errors = compile_fn(compile_jobs, jobs, COMPILE_SHARE * left)
+            n_variants = len({(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in round_plan
+                              for k, c in cands})
+            print(f"compiled {n_variants} kernels in {clock() - t0:.0f} s with {jobs} processes "
+                  f"({len(errors)} failed to compile)", file=out)
+            for line in failure_lines(errors):
+                print(line, file=out)
+        return tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
+                    deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
+                    check=not args.no_check, quick=quick, screen=args.screen, planned=round_plan, rotated=rotated,
+                    copies=copies)
+
+    report = run_round(planned)
+    tried = tried_in(planned)
+    for n in range(2, args.rounds + 1):
+        if clock() - start >= deadline:
+            print(f"time limit reached before round {n}", file=out)
+            break
+        nxt = refine_plan(report, planned, api, args.max_candidates, tried,
+                          allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
+        if not nxt:
+            print(f"round {n}: no task has an untried neighbour of its winner left", file=out)
+            break
+        before = {r.task.key: r.config for r in report.results}
+        print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners",
+              file=out)
+        report = merge_rounds(report, run_round(nxt))
+        tried = tried_in(nxt, tried)
+        moved = sum(1 for r in report.results if config_key(r.config or {}) != config_key(before.get(r.task.key) or {}))
+        print(f"round {n}: {moved} tasks found a faster config", file=out)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),

@@ -61,26 +61,63 @@ def prune(space: list[Config], default: Config | None, in_features: int, M: int,
         chosen.append(default)
         dkey = config_key(default)
         useful = [c for c in useful if config_key(c) != dkey]
-    near: dict[str, list[Config]] = {}
-    far: list[Config] = []
-    for c in useful:
-        diff = _differing(c, default) if default is not None else []
-        if len(diff) == 1:
-            near.setdefault(diff[0], []).append(c)
-        else:
-            far.append(c)
-    # round-robin over the knobs, nearest values first (a neighbour list is in space order)
-    queues = [sorted(v, key=lambda c, k=k: _step(c.get(k), default.get(k))) for k, v in sorted(near.items())]
-    while len(chosen) < max_candidates and any(queues):
-        for q in queues:
-            if q and len(chosen) < max_candidates:
-                chosen.append(q.pop(0))
+    chosen += neighbours(useful, default, max_candidates - len(chosen)) if default is not None else []
+    picked = {config_key(c) for c in chosen}
+    far = [c for c in useful if config_key(c) not in picked]
     room = max_candidates - len(chosen)
     if room > 0 and far:
         step = len(far) / room
         picks = sorted({int(i * step) for i in range(room)}) if len(far) > room else range(len(far))
         chosen += [far[i] for i in picks]
     return chosen[:max_candidates]
+
+
+def neighbours(configs: list[Config], center: Config, limit: int) -> list[Config]:
+    """At most ``limit`` of ``configs`` one knob away from ``center``: each knob in turn (round-robin), its
+    nearest values first, so that every knob is explored before any is explored far."""
+    near: dict[str, list[Config]] = {}
+    for c in configs:
+        diff = _differing(c, center)
+        if len(diff) == 1:
+            near.setdefault(diff[0], []).append(c)
+    queues = [sorted(v, key=lambda c, k=k: _step(c.get(k), center.get(k))) for k, v in sorted(near.items())]
+    out: list[Config] = []
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
+
+
+def refine_candidates(api: KernelAPI, kind: str, center: Config, spec, out_features: int, in_features: int, M: int,
+                      tried: Collection[tuple], limit: int, allow_reduced_precision: bool = False) -> list[Config]:
+    """Configs of ``kind`` for a tuning round after the first: the untried neighbours of the task's winner
+    ``center`` (one knob changed, within its family, nearest values first; :func:`neighbours`), each with its
+    launch-flag twins, at most ``limit``. ``tried``: the config keys already timed for the task.
+
+    Why: the first round times the default and a few configs one knob from it (6 of the wgmma kind's 864 at a
+    Llama shape), so a config two knobs away is never timed. H100, session 31: at 64 tokens the kind's default
+    shape (3 x tiles of 64 tokens, 82 KB of shared memory) fits 2 programs an SM, where 2 stages fit 3; the
+    tuner took split 2 from the default's neighbours but never timed split 2 with 2 stages. Climbing from the
+    winner, round by round, reaches such a config in a few timings where a wider first round would time
+    hundreds."""
+    ok, _ = api.can_implement(kind, spec, out_features, in_features, M)
+    if not ok:
+        return []
+    space = api.config_space(kind, spec, out_features, in_features, M)
+    if not allow_reduced_precision:
+        space = [c for c in space if not reduced_precision(api, c)]
+    listed = {config_key(c) for c in space}
+    family = _families(space, center)[0][1]
+    useful = [c for c in family if wasteful(c, in_features, M) is None]
+    done = set(tried)
+    fresh = [c for c in useful if any(config_key(t) not in done and config_key(t) in listed for t in _twins(c, None))]
+    out: list[Config] = []
+    for c in neighbours(fresh, _base(center), len(fresh)):
+        out += [t for t in _twins(c, None) if config_key(t) in listed and config_key(t) not in done]
+        if len(out) >= limit:
+            break
+    return out[:limit]
 
 
 def _step(value: Any, default: Any) -> float:

@@ -20,7 +20,7 @@ from typing import Any
 
 from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
 from qtip_triton.autotune.space import candidates as space_candidates
-from qtip_triton.autotune.space import seeded_candidates
+from qtip_triton.autotune.space import refine_candidates, seeded_candidates
 from qtip_triton.autotune.store import Entry, EntryKey
 from qtip_triton.spec import TrellisSpec
 
@@ -262,6 +262,57 @@ def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[E
             cands = [default] + [c for c in cands if (c[0], config_key(c[1])) != dk]
         out.append((t, cands, default))
     return out
+
+
+Tried = dict[EntryKey, set[tuple]]  # per task: the (kind, config key) pairs a round has timed
+
+
+def tried_in(planned: Planned, tried: Tried | None = None) -> Tried:
+    """``tried`` (a new dict by default) with every candidate of ``planned`` added, timed or not (a config that
+    failed or was screened out is not worth another round either)."""
+    tried = {} if tried is None else tried
+    for task, cands, _ in planned:
+        tried.setdefault(task.key, set()).update((k, config_key(c)) for k, c in cands)
+    return tried
+
+
+def refine_plan(report: TuneReport, planned: Planned, api: KernelAPI, max_candidates: int, tried: Tried,
+                allow_reduced_precision: bool = False, kinds: Collection[str] | None = None) -> Planned:
+    """The next tuning round: each task's winner (timed again first: the reference its neighbours' outputs are
+    checked against, and a same-round time to beat) and up to ``max_candidates`` of its untried neighbours
+    (:func:`~qtip_triton.autotune.space.refine_candidates`). Tasks without a winner, whose winner's kind is not in
+    ``kinds``, or with no untried neighbour are left out: an empty plan ends the rounds. ``planned``: the first
+    round's plan, whose default each task keeps (what its speed-up is measured against)."""
+    defaults = {task.key: default for task, _, default in planned}
+    out: Planned = []
+    for res in report.results:
+        t = res.task
+        if res.kind is None or res.config is None or (kinds is not None and res.kind not in kinds):
+            continue
+        done = {key for kind, key in tried.get(t.key, set()) if kind == res.kind}
+        fresh = refine_candidates(api, res.kind, dict(res.config), t.spec, t.out_features, t.in_features,
+                                  t.m_bucket, done, max_candidates, allow_reduced_precision)
+        if fresh:
+            out.append((t, [(res.kind, dict(res.config))] + [(res.kind, c) for c in fresh], defaults.get(t.key)))
+    return out
+
+
+def merge_rounds(first: TuneReport, later: TuneReport) -> TuneReport:
+    """``first`` with a later round's results folded in: per task the faster winner, the first round's default time
+    (a later round does not time the default), counts and failures summed. Tasks a later round skipped for time
+    keep their result; only the first round's skipped tasks are reported as skipped."""
+    later_by_key = {r.task.key: r for r in later.results}
+    merged = []
+    for r in first.results:
+        n = later_by_key.get(r.task.key)
+        if n is None:
+            merged.append(r)
+            continue
+        best = n if n.time_us is not None and (r.time_us is None or n.time_us < r.time_us) else r
+        merged.append(TaskResult(r.task, best.kind, best.config, best.time_us, r.default_kind,
+                                 r.default_time_us if r.default_time_us is not None else n.default_time_us,
+                                 r.tried + n.tried, r.screened + n.screened, r.failures + n.failures))
+    return TuneReport(merged, first.skipped, first.elapsed_s + later.elapsed_s)
 
 
 def tune(

@@ -26,7 +26,7 @@ def test_rotated_tune_writes_usable_entries(tmp_path, monkeypatch):
     out = tmp_path / f"{dev.short}.yaml"
     assert cli.main(["autotune", "--gpu", dev.short, "--shapes", "4096x4096", "--bits", "2", "--buckets", "1,16",
                      "--max-candidates", "3", "--timer", "rotated", "--out", str(out), "--no-progress",
-                     "--jobs", "1"]) == 0
+                     "--jobs", "1", "--rounds", "1"]) == 0  # one round: one rotation built
     tf = store.load(out)
     assert {e.key.m_bucket for e in tf.entries.values()} == {1, 16}
     assert all(0 < e.time_us < 1e4 for e in tf.entries.values())
