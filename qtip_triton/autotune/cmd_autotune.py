@@ -52,9 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=9.5, help="stop tuning after this long and save (default 9.5)")
     p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="tuning rounds: after the first, each task times up to --max-candidates untried neighbours "
-                        "(one knob changed) of its winner, until no task has one left, the rounds are done or the "
-                        "time is up (default 3; 1: the first round only)")
+                   help="tuning rounds: after the first, each task times up to twice --max-candidates untried "
+                        "neighbours (one knob changed, each knob both ways) of its winner, until no task has one left, "
+                        "the rounds are done or the time is up (default 3; 1: the first round only)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
     p.add_argument("--timer", choices=("graph", "rotated", "do_bench", "cudagraph"), default="graph",
@@ -228,7 +228,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         if clock() - start >= deadline:
             print(f"time limit reached before round {n}", file=out)
             break
-        nxt = refine_plan(report, planned, api, args.max_candidates, tried,
+        # twice the first round's budget: each knob of the winner one step both ways (2 and 4 stages around 3)
+        nxt = refine_plan(report, planned, api, 2 * args.max_candidates, tried,
                           allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
         if not nxt:
             print(f"round {n}: no task has an untried neighbour of its winner left", file=out)
