@@ -95,6 +95,13 @@ def ablation_us(pw, h: torch.Tensor, cfg: dict) -> dict:
     return out
 
 
+def occupancy(rec: dict) -> str:
+    """The record's registers, shared KB, programs an SM and waves as table cells (empty when not launched)."""
+    if "registers" not in rec:
+        return " | | | "
+    return f"{rec['registers']} | {rec['shared_bytes'] / 1024:.0f} | {rec['per_sm']} | {rec['waves']:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--points", default=DEFAULT_POINTS, help="OUTxIN:M,...")
@@ -130,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             E = cfg.get("E", 1)
             hw = wgmma.to_wgmma_order(pw, h, E)
             rec = run_config(pw, hw, ref, cfg, rotation)
+            stats = wgmma.last_launch(cfg) if "us" in rec else None
+            if stats is not None:  # occupancy: programs an SM and the grid in waves (session 31's 64-token jump)
+                rec.update(registers=stats.registers, shared_bytes=stats.shared_bytes, per_sm=stats.per_sm(),
+                           waves=stats.waves(torch.cuda.get_device_properties(0).multi_processor_count))
             if args.ablate and "us" in rec:
                 rec.update(ablation_us(pw, h, cfg))
             rec.update(m=m, n=n, M=M, K=args.K, fp16_us=shipped["fp16_us"], shipped_kind=shipped["kind"],
@@ -145,26 +156,27 @@ def main(argv: list[str] | None = None) -> int:
                                        + (f" rot {rec['ratio_rot']:.2f}x" if "ratio_rot" in rec else "")
                                        + (f" | mma only {rec['mma_only_us']:.1f}" if "mma_only_us" in rec else "")
                                        + (f" | x only {rec['x_only_us']:.1f}" if "x_only_us" in rec else "")
-                                       + (f" | decode only {rec['decode_only_us']:.1f}" if "decode_only_us" in rec else ""))
+                                       + (f" | decode only {rec['decode_only_us']:.1f}" if "decode_only_us" in rec else "")
+                                       + (f" | {rec['per_sm']} an SM, {rec['waves']:.2f} waves" if "waves" in rec else ""))
             print(f"[{time.time() - t0:6.1f}s] {m}x{n} M={M} {cfg}: {msg}", flush=True)
         del pw, qw, w64, w16, rotation
         torch.cuda.empty_cache()
     md = ["| shape | M | config | µs | fp16 µs | ratio | rotated ratio | shipped kind | shipped µs | rel err "
-          "| MMA only µs | x only µs | decode only µs |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| MMA only µs | x only µs | decode only µs | registers | shared KB | programs an SM | waves |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["config"]
         cs = (f"E{c.get('E', 1)} {c.get('BLOCK_M')}tok w{c.get('num_warps')} st{c.get('STAGES')} "
               f"s{c.get('SPLIT_K', 1)} wpf{c.get('WPF', 1)} pipe{c.get('PIPE', 0)} {c.get('table', 'gather')}"
               + (" ws" if c.get("WS") else "") + (" out16" if c.get("OUT16") else ""))
         if "error" in r:
-            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | | |")
+            md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | error: {r['error'][:80]} | | | | | | | | | | | | | |")
             continue
         rot = f"{r['ratio_rot']:.2f}" if "ratio_rot" in r else ""
         abl = " | ".join(f"{r[k]:.1f}" if k in r else r.get(k.replace("_us", "_error"), "")[:60]
                          for k in ("mma_only_us", "x_only_us", "decode_only_us"))
         md.append(f"| {r['m']}x{r['n']} | {r['M']} | {cs} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['ratio']:.2f} | "
-                  f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} | {abl} |")
+                  f"{rot} | {r['shipped_kind']} | {r['shipped_us']:.1f} | {r['rel_err']:.1e} | {abl} | {occupancy(r)} |")
     jp, mp = write_results(args.out, args.tag, {"env": environment(), "rows": rows}, "\n".join(md) + "\n")
     print("\n".join(md))
     print(jp, mp)

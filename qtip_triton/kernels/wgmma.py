@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -224,6 +225,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     E, bm, nw, stages = check_config(config)
+    stats_key = _stats_key(config)
     stacked = hw.dim() == 3
     if (hw.dtype != torch.float16 or hw.dim() not in (2, 3) or hw.shape[-1] != pw.in_features or hw.stride(-1) != 1
             or (stacked and not hw.is_contiguous())):
@@ -273,11 +275,72 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     compiled = _module(pw, config).kernel[grid](
         pw.words, pw.table, desc, y, M, Rtot, Ctot, iters, pw.words.stride(0), y.stride(0), y.stride(1), *shard_args,
         BLOCK_M=bm, STAGES=stages, num_warps=nw, TSLOTS=tslots, **launch_options(config))
+    _last_launch[stats_key] = LaunchStats(compiled.n_regs, compiled.metadata.shared, nw, grid)
     if table_mode(config)[0] == "shared":
         _require_ring_first(compiled, (stages + tslots) * bm * 64 * E * 2)
     if pipelined(config):
         _require_no_hazards(compiled)
     return y
+
+
+# Hopper (sm_90) per-SM limits: 228 KB of shared memory with 1 KB reserved per program, 64K 32-bit registers
+# allocated per warp in 256-register units, 64 warps, 32 programs.
+SM_SHARED_BYTES = 233472
+SHARED_RESERVED_BYTES = 1024
+SM_REGISTERS = 65536
+REGISTER_UNIT = 256
+SM_WARPS = 64
+SM_PROGRAMS = 32
+
+
+@dataclass(frozen=True)
+class LaunchStats:
+    """What one launch of a config asked of the GPU: registers a thread, shared memory a program, warps, grid."""
+
+    registers: int
+    shared_bytes: int
+    num_warps: int
+    grid: tuple[int, int, int]
+
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def per_sm(self, sm_shared: int = SM_SHARED_BYTES, sm_registers: int = SM_REGISTERS) -> int:
+        """Programs resident on one SM at once (:func:`programs_per_sm`)."""
+        return programs_per_sm(self.registers, self.shared_bytes, self.num_warps, sm_shared, sm_registers)
+
+    def waves(self, sms: int, sm_shared: int = SM_SHARED_BYTES, sm_registers: int = SM_REGISTERS) -> float:
+        """The grid in units of what ``sms`` SMs hold at once: 1.45 is a full wave and a tail of 45 %."""
+        return self.programs / max(1, self.per_sm(sm_shared, sm_registers) * sms)
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, sm_shared: int = SM_SHARED_BYTES,
+                    sm_registers: int = SM_REGISTERS) -> int:
+    """How many programs of a kernel one SM holds at once: the least of what its shared memory, its registers and
+    its warp and program slots allow.
+
+    Why: the kind's time at 48-64 tokens jumped where the grid stopped fitting one wave (H100, session 31: 82 KB a
+    program at 64 tokens fits 2 an SM, 57 KB at 32 fits 3; q/k/v's 384 programs went from one wave to 1.45)."""
+    if registers < 1 or shared_bytes < 0 or num_warps < 1:
+        raise ValueError(f"expected registers >= 1, shared >= 0 and warps >= 1, got {registers}, {shared_bytes}, "
+                         f"{num_warps}")
+    warp_regs = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    return max(0, min(sm_shared // (shared_bytes + SHARED_RESERVED_BYTES), sm_registers // (warp_regs * num_warps),
+                      SM_WARPS // num_warps, SM_PROGRAMS))
+
+
+_last_launch: dict[tuple, LaunchStats] = {}
+
+
+def _stats_key(config: Mapping[str, Any]) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in config.items()))
+
+
+def last_launch(config: Mapping[str, Any]) -> LaunchStats | None:
+    """The :class:`LaunchStats` of ``config``'s latest launch in this process (benchmarks report occupancy with
+    it); None before its first launch."""
+    return _last_launch.get(_stats_key(config))
 
 
 def sass_of(cubin: bytes) -> str:

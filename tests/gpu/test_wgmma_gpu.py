@@ -267,3 +267,20 @@ def test_wgmma_lane_strided_forward_matches_reference(monkeypatch, strided, M):
         y = kernels.launch("wgmma", x, qw, cfg)
         err = float((y.double() - ref).norm() / ref.norm())
         assert torch.isfinite(y).all() and err < 2e-3, (cfg, err)
+
+
+def test_launch_stats_describe_the_launch():
+    """``last_launch``: the grid of the launch, the compiled kernel's registers and shared memory (at least the x ring
+    and table the kind's space sizes configs by), and the programs an SM that those allow."""
+    from qtip_triton.kernels.wgmma_configs import smem_bytes, table_words
+
+    cfg = {"E": 2, "BLOCK_M": 64, "num_warps": 4, "STAGES": 3, "SPLIT_K": 2, "WPF": 1, "table": "shared16", "PIPE": 0}
+    qw = _weight(1024, 2048, 2)
+    pw = kernels.prepare(qw)
+    h = torch.randn(48, 2048, device="cuda").half()
+    wgmma.decode_matmul(pw, wgmma.to_wgmma_order(pw, h, 2), cfg)
+    stats = wgmma.last_launch(cfg)
+    assert stats is not None and stats.grid == (pw.words.shape[1] // wgmma.word_rows(cfg), 2, 1)
+    ring = smem_bytes(cfg, table_words(qw.spec))
+    assert ring - 4096 <= stats.shared_bytes <= ring + 4096 and 32 <= stats.registers <= 255
+    assert stats.per_sm() == wgmma.programs_per_sm(stats.registers, stats.shared_bytes, 4) >= 1
