@@ -274,8 +274,10 @@ def test_command_rounds_and_what_they_print(tmp_path):
                           VERS, out=one)
     assert "round 2" not in one.getvalue()
     assert all(e.config != Valley.TARGET for e in store.load(tmp_path / "one" / "h100.yaml").entries.values())
-    with pytest.raises(ValueError, match="--rounds must be >= 1"):
-        cmd_autotune.autotune(_args(tmp_path, rounds=0), api, fake_bench(api), WORKLOAD, H100, VERS, out=io.StringIO())
+    for extra in ({}, {"dry_run": True}):
+        with pytest.raises(ValueError, match="--rounds must be >= 1"):
+            cmd_autotune.autotune(_args(tmp_path, rounds=0, **extra), api, fake_bench(api), WORKLOAD, H100, VERS,
+                                  out=io.StringIO())
 
 
 def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():

@@ -173,6 +173,8 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
              rotated=None, copies=None) -> int:
     """The command with everything GPU-specific injected (tests pass fakes)."""
     out = out or sys.stdout
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     specs = parse_specs(args)
     shapes = resolve_shapes(args.shapes)
     buckets = parse_buckets(args.buckets)
@@ -197,8 +199,6 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         return 0
     check_gpu_name(args.gpu, device)
     target = args.out or default_out(device.short)
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     deadline = args.max_minutes * 60
     start = clock()
 
@@ -234,12 +234,12 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         if not nxt:
             print(f"round {n}: no task has an untried neighbour of its winner left", file=out)
             break
-        before = {r.task.key: r.config for r in report.results}
+        before = {r.task.key: (r.kind, config_key(r.config or {})) for r in report.results}
         print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners",
               file=out)
         report = merge_rounds(report, run_round(nxt))
         tried = tried_in(nxt, tried)
-        moved = sum(1 for r in report.results if config_key(r.config or {}) != config_key(before.get(r.task.key) or {}))
+        moved = sum(1 for r in report.results if (r.kind, config_key(r.config or {})) != before.get(r.task.key))
         print(f"round {n}: {moved} tasks found a faster config", file=out)
     entries = report.entries()
     if entries:
