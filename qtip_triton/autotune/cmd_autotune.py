@@ -184,7 +184,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     planned = plan(tasks, api, args.max_candidates, seed,
                    allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
     n_cands = sum(len(c) for _, c, _ in planned)
-    variants = {(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in planned for k, c in cands}
+    variants = compiled_variants(planned)
     per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S
     jobs = args.jobs if args.jobs is not None else _default_jobs()
     est = len(variants) * EST_COMPILE_S / max(jobs, 1) + n_cands * per_cand
@@ -211,9 +211,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
             compile_jobs = [make_job(t.spec, t.out_features, t.in_features, t.m_bucket, k, c)
                             for t, cands, _ in round_plan for k, c in cands]
             errors = compile_fn(compile_jobs, jobs, COMPILE_SHARE * left)
-            n_variants = len({(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in round_plan
-                              for k, c in cands})
-            print(f"compiled {n_variants} kernels in {clock() - t0:.0f} s with {jobs} processes "
+            print(f"compiled {len(compiled_variants(round_plan))} kernels in {clock() - t0:.0f} s with {jobs} processes "
                   f"({len(errors)} failed to compile)", file=out)
             for line in failure_lines(errors):
                 print(line, file=out)
@@ -250,6 +248,11 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         print("no entry was tuned; nothing written", file=out)
     summarize(report, out)
     return 0 if entries else 1
+
+
+def compiled_variants(planned: Planned) -> set[tuple]:
+    """The kernels a plan's candidates compile: one per kind, spec, config and row-count class."""
+    return {(k, t.spec.name, config_key(c), row_class(t.m_bucket)) for t, cands, _ in planned for k, c in cands}
 
 
 def failure_lines(errors: dict, shown: int = 5) -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from qtip_triton.autotune.kernel_api import config_key
 from qtip_triton.codegen.cache import load_source
 from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.codegen.wgmma import (
@@ -225,7 +226,7 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     E, bm, nw, stages = check_config(config)
-    stats_key = _stats_key(config)
+    stats_key = config_key(config)  # the caller's config: SHARDS is added below for stacked shards
     stacked = hw.dim() == 3
     if (hw.dtype != torch.float16 or hw.dim() not in (2, 3) or hw.shape[-1] != pw.in_features or hw.stride(-1) != 1
             or (stacked and not hw.is_contiguous())):
@@ -333,14 +334,10 @@ def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, sm_shared
 _last_launch: dict[tuple, LaunchStats] = {}
 
 
-def _stats_key(config: Mapping[str, Any]) -> tuple:
-    return tuple(sorted((k, str(v)) for k, v in config.items()))
-
-
 def last_launch(config: Mapping[str, Any]) -> LaunchStats | None:
     """The :class:`LaunchStats` of ``config``'s latest launch in this process (benchmarks report occupancy with
     it); None before its first launch."""
-    return _last_launch.get(_stats_key(config))
+    return _last_launch.get(config_key(config))
 
 
 def sass_of(cubin: bytes) -> str:
