@@ -280,6 +280,28 @@ def test_command_rounds_and_what_they_print(tmp_path):
                                   out=io.StringIO())
 
 
+def test_a_failed_later_round_keeps_the_earlier_rounds(tmp_path):
+    """A candidate's failure is skipped inside a round; this is a round failing whole (here its compile pool)."""
+    api, clock = Valley(), FakeClock()
+    calls = []
+
+    def compile_fn(jobs, workers, deadline_s):
+        calls.append(len(jobs))
+        if len(calls) > 1:
+            raise RuntimeError("A process in the process pool was terminated abruptly")
+        return {}
+
+    out = io.StringIO()
+    args = _args(tmp_path, rounds=4, buckets=64, jobs=2)
+    assert cmd_autotune.autotune(args, api, fake_bench(api, clock), WORKLOAD, H100, VERS, clock=clock, out=out,
+                                 compile_fn=compile_fn) == 0
+    text = out.getvalue()
+    assert len(calls) == 2 and "round 2 failed (RuntimeError: A process" in text
+    assert "keeping the results of rounds 1-1" in text and "round 3" not in text
+    entries = store.load(tmp_path / "h100.yaml").entries.values()
+    assert len(entries) == 4 and all(e.config != Valley.TARGET for e in entries)
+
+
 def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():
     """The in-kernel split sum is a twin of each chosen config, not a family with a budget of its own: the
     config that wins must be timed both ways (H200 session 13: the tuned split-8 mma gemv without it left the

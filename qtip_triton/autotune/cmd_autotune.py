@@ -235,7 +235,15 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         before = {r.task.key: (r.kind, config_key(r.config or {})) for r in report.results}
         print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners",
               file=out)
-        report = merge_rounds(report, run_round(nxt))
+        try:
+            later = run_round(nxt)
+        except Exception as exc:  # noqa: BLE001 - the earlier rounds' timings are worth saving whatever broke
+            # a later round only refines: its failure (a driver error, a kernel that faults) must not cost the
+            # minutes of GPU time the earlier rounds already spent
+            print(f"round {n} failed ({type(exc).__name__}: {exc}); keeping the results of rounds 1-{n - 1}",
+                  file=out)
+            break
+        report = merge_rounds(report, later)
         tried = tried_in(nxt, tried)
         moved = sum(1 for r in report.results if (r.kind, config_key(r.config or {})) != before.get(r.task.key))
         print(f"round {n}: {moved} tasks found a faster config", file=out)
