@@ -232,7 +232,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         if not nxt:
             print(f"round {n}: no task has an untried neighbour of its winner left", file=out)
             break
-        before = {r.task.key: (r.kind, config_key(r.config or {})) for r in report.results}
+        before = {r.task.key: _winner(r) for r in report.results}
         print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners",
               file=out)
         try:
@@ -245,7 +245,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
             break
         report = merge_rounds(report, later)
         tried = tried_in(nxt, tried)
-        moved = sum(1 for r in report.results if (r.kind, config_key(r.config or {})) != before.get(r.task.key))
+        moved = sum(1 for r in report.results if _winner(r) != before.get(r.task.key))
         print(f"round {n}: {moved} tasks found a faster config", file=out)
     entries = report.entries()
     if entries:
@@ -256,6 +256,11 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         print("no entry was tuned; nothing written", file=out)
     summarize(report, out)
     return 0 if entries else 1
+
+
+def _winner(result) -> tuple:
+    """A task result's chosen kind and config, comparable across rounds (whether a round moved it)."""
+    return result.kind, config_key(result.config or {})
 
 
 def compiled_variants(planned: Planned) -> set[tuple]:
