@@ -20,9 +20,15 @@ side (:class:`PackedShards`) and computes the whole fused output in one call:
 The compute is ``qtip_triton.linear(x, qw_i)`` per shard. Kernel back ends cache prepared
 (repacked) weights by the identity of the QuantizedWeight's tensors, so the op must hand them the
 same objects every call: :meth:`PackedShards.register` builds the validated QuantizedWeights once
-(views into the packed tensors) and files them under ``(key, trellis.data_ptr())``; the op looks
+(views into the packed tensors) and files them under the data pointers of its tensors; the op looks
 them up there. Unregistered calls (``torch.library.opcheck``, ad-hoc use) rebuild the shards from
 the tensors on every call, which is correct but defeats such caches.
+
+Why no layer name among the op's arguments: a string argument is a constant of the traced graph, so a
+per-layer name made every decoder layer's graph a different one. vLLM compiles each piece of its
+piecewise graph once per distinct graph (isomorphic pieces share one Inductor artifact), so names cost a
+Llama-2-7B engine 35.5 s of graph compilation against fp16's 6.1 s (H100, 2026-12-06). Without them,
+same-shaped layers trace to the same graph; their tensors (graph inputs) tell them apart.
 
 Nothing here syncs with the host, so the op can run inside CUDA graph capture.
 """
@@ -44,12 +50,13 @@ from qtip_triton.weight import RCP_NONE, QuantizedWeight
 NAMESPACE = "qtip_triton"
 OP_NAME = "qtip_linear"
 SCHEMA = (
-    f"{OP_NAME}(Tensor x, Tensor trellis, Tensor SU, Tensor SV, Tensor? table, Tensor? bias, str key, "
-    "str specs, int[] out_features, int in_features, str layout, int[] rcp, int[] tp_rank, int[] had_block) -> Tensor"
+    f"{OP_NAME}(Tensor x, Tensor trellis, Tensor SU, Tensor SV, Tensor? table, Tensor? bias, str specs, "
+    "int[] out_features, int in_features, str layout, int[] rcp, int[] tp_rank, int[] had_block) -> Tensor"
 )
 
-# (key, trellis data_ptr) -> weakref to the registered shards; the owner (PackedShards) keeps them alive.
-_REGISTRY: dict[tuple[str, int], weakref.ref] = {}
+# data pointers of (trellis, SU, SV, table) -> weakref to the registered shards; the owner (PackedShards) keeps
+# them alive, so no other live tensors have these addresses
+_REGISTRY: dict[tuple[int, int, int, int], weakref.ref] = {}
 _LIB: torch.library.Library | None = None  # keep a reference: dropping the Library unregisters the op
 
 
@@ -155,7 +162,7 @@ class PackedShards:
     layout: str
     rcp: tuple[int, ...]
     tp_rank: tuple[int, ...]
-    key: str = ""
+    key: str = ""  # the layer's name, for people reading it: not an op argument (see the module docstring)
     had_block: tuple[int, ...] = ()
     _shards: list[QuantizedWeight] | None = field(default=None, repr=False)
     _fused: object = field(default=None, repr=False)  # the kernels' one-launch decode of all shards, if any
@@ -220,9 +227,9 @@ class PackedShards:
             prepare_shards(shards)
             fuse = getattr(dispatch, "prepare_fused", None)
             self._fused = fuse(shards) if fuse is not None and len(shards) > 1 else None
-        key = (self.key, self.trellis.data_ptr())
+        key = _pointers(self.trellis, self.SU, self.SV, self.table)
 
-        def forget(ref: weakref.ref, key: tuple[str, int] = key) -> None:
+        def forget(ref: weakref.ref, key: tuple[int, int, int, int] = key) -> None:
             if _REGISTRY.get(key) is ref:  # a newer registration under the same key stays
                 del _REGISTRY[key]
 
@@ -249,10 +256,19 @@ def prepare_shards(shards: Sequence[QuantizedWeight]) -> None:
         prep(qw)
 
 
-def _lookup(key: str, trellis: torch.Tensor) -> PackedShards | None:
-    ref = _REGISTRY.get((key, trellis.data_ptr()))
+def _pointers(trellis: torch.Tensor, SU: torch.Tensor, SV: torch.Tensor, table: torch.Tensor | None
+              ) -> tuple[int, int, int, int]:
+    return trellis.data_ptr(), SU.data_ptr(), SV.data_ptr(), 0 if table is None else table.data_ptr()
+
+
+def _lookup(trellis: torch.Tensor, SU: torch.Tensor, SV: torch.Tensor, table: torch.Tensor | None
+            ) -> PackedShards | None:
+    """The registered shards these very tensors belong to (all four: the same trellis with another SU is another
+    layer, served by the unregistered path), or None."""
+    key = _pointers(trellis, SU, SV, table)
+    ref = _REGISTRY.get(key)
     packed = None if ref is None else ref()
-    if packed is None or packed.trellis.data_ptr() != trellis.data_ptr():
+    if packed is None or _pointers(packed.trellis, packed.SU, packed.SV, packed.table) != key:
         return None
     return packed
 
@@ -267,7 +283,6 @@ def _qtip_linear_impl(
     SV: torch.Tensor,
     table: torch.Tensor | None,
     bias: torch.Tensor | None,
-    key: str,
     specs: str,
     out_features: list[int],
     in_features: int,
@@ -278,7 +293,7 @@ def _qtip_linear_impl(
 ) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"qtip_linear: x has {x.shape[-1]} features, the layer expects {in_features}")
-    packed = _lookup(key, trellis)
+    packed = _lookup(trellis, SU, SV, table)
     if packed is not None:
         shards = packed.shards()
     else:
@@ -305,7 +320,6 @@ def _qtip_linear_fake(
     SV: torch.Tensor,
     table: torch.Tensor | None,
     bias: torch.Tensor | None,
-    key: str,
     specs: str,
     out_features: list[int],
     in_features: int,
@@ -333,7 +347,7 @@ def op_args(packed: PackedShards) -> tuple:
     """The op's arguments after ``x`` up to ``bias`` and after ``bias``, as two tuples."""
     return (
         (packed.trellis, packed.SU, packed.SV, packed.table),
-        (packed.key, packed.specs, list(packed.out_features), packed.in_features, packed.layout,
+        (packed.specs, list(packed.out_features), packed.in_features, packed.layout,
          list(packed.rcp), list(packed.tp_rank), list(packed.had_block or [0] * len(packed.out_features))),
     )
 

@@ -268,6 +268,67 @@ def test_registered_shards_are_reused(gen, monkeypatch):
     assert not set(seen) & {id(q) for q in packed.shards()}
 
 
+def test_registered_shards_need_all_their_tensors(gen, monkeypatch):
+    """The same trellis with another SU is another layer: the op must not serve it the registered shards."""
+    qws = small_shards(gen)
+    packed = PackedShards.from_qweights(qws, key="t.alltensors")
+    packed.register()
+    tensors, meta = ops.op_args(packed)
+    x = torch.randn(3, 64, generator=gen)
+    flipped = -packed.SU  # other storage, other values
+    seen: list[int] = []
+    real = dispatch.linear_shards
+
+    def spy(x, shards, *args, **kw):
+        seen.extend(id(q) for q in shards)
+        return real(x, shards, *args, **kw)
+
+    monkeypatch.setattr(dispatch, "linear_shards", spy)
+    y = torch.ops.qtip_triton.qtip_linear(x, tensors[0], flipped, *tensors[2:], None, *meta)
+    assert not set(seen) & {id(q) for q in packed.shards()}
+    other = PackedShards.from_qweights(qws, key="t.alltensors.other")
+    other.SU = flipped
+    assert rel(y, torch.cat([q.reference_forward(x.double()) for q in other.shards()], dim=-1)) < 1e-5
+    assert rel(y, qtip_linear(x, packed)) > 0.1  # the registered layer itself still gives its own numbers
+
+
+def test_same_shaped_layers_trace_to_one_graph(gen):
+    """Two layers of one shape (other weights, other names) must trace to the same graph: vLLM compiles each
+    distinct piece of its piecewise graph, so a per-layer constant in the op's arguments compiles every layer."""
+    torch._dynamo.reset()
+
+    class Layer(torch.nn.Module):  # as the vLLM methods hold a layer: its packed tensors as parameters
+        def __init__(self, packed: PackedShards):
+            super().__init__()
+            tensors, self.meta = ops.op_args(packed)
+            for name, t in zip(("trellis", "SU", "SV", "table"), tensors, strict=True):
+                self.register_parameter(name, torch.nn.Parameter(t, requires_grad=False))
+            self.packed = packed
+
+        def forward(self, x):
+            y = torch.ops.qtip_triton.qtip_linear(x, self.trellis, self.SU, self.SV, self.table, None, *self.meta)
+            return torch.nn.functional.silu(y)
+
+    codes: list[str] = []
+
+    def record(gm, example_inputs):
+        codes.append(gm.code)
+        return gm.forward
+
+    layers = []
+    for name in ("model.layers.0.qkv", "model.layers.1.qkv"):
+        qws = [random_qweight(gen, HYB[2], 64, 64) for _ in range(2)]
+        packed = PackedShards.from_qweights(qws, key=name)
+        packed.register()
+        layers.append((Layer(packed), qws))
+    x = torch.randn(4, 64, generator=gen)
+    for layer, qws in layers:
+        torch._dynamo.reset()  # trace each layer afresh (else Dynamo reuses the first graph where it can)
+        y = torch.compile(layer, backend=record, fullgraph=True)(x)
+        assert rel(y, torch.nn.functional.silu(fused_reference(qws, x))) < 1e-5
+    assert len(codes) == 2 and codes[0] == codes[1]
+
+
 def test_register_validates_once(gen):
     qw = random_qweight(gen, HYB[2], 64, 64)
     packed = PackedShards.from_qweights([qw])
@@ -287,7 +348,7 @@ def test_bad_arguments(gen):
     with pytest.raises(ValueError, match="x has 32 features, the layer expects 64"):
         qtip_linear(torch.randn(2, 32), packed)
     tensors, meta = ops.op_args(packed)
-    bad_meta = (meta[0], meta[1], [96], *meta[3:])
+    bad_meta = (meta[0], [96], *meta[2:])
     with pytest.raises(ValueError, match="do not match the metadata"):
         torch.ops.qtip_triton.qtip_linear(torch.randn(2, 64), *tensors, None, *bad_meta)
 
@@ -351,7 +412,7 @@ def test_registry_forgets_dead_layers(gen):
     qw = random_qweight(gen, HYB[2], 64, 64)
     packed = PackedShards.from_qweights([qw], key="t.dead")
     packed.register()
-    key = ("t.dead", packed.trellis.data_ptr())
+    key = ops._pointers(packed.trellis, packed.SU, packed.SV, packed.table)
     assert key in ops._REGISTRY
     del packed
     gc.collect()

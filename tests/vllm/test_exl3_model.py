@@ -98,6 +98,11 @@ def test_logits_match_dequantized_model(models):
     assert type(qkv.quant_method).__name__ == "Exl3LinearMethod"
     assert len({qw.spec for qw in qkv.exl3_shards}) > 1  # per-module K / codebook inside one fused layer
     assert type(model.lm_head.quant_method).__name__ == "Exl3LMHeadMethod"
+    from qtip_triton import ops
+
+    # the op finds the registered shards from the layer's parameters; no layer name among its constants
+    assert ops._lookup(qkv.trellis, qkv.suh, qkv.svh, None) is qkv.exl3_packed
+    assert not any(isinstance(v, str) and "layers" in v for v in qkv.exl3_op_meta)
     got = logits(model, vc, IDS)
     err = rel(got, hf_logits(models["dense"], IDS))
     print(f"\nexl3: float32 quantized-vs-dequantized logits relative error {err:.2e}")

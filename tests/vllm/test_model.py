@@ -117,6 +117,22 @@ def test_dummy_weights(models):
     assert torch.isfinite(out).all()
 
 
+def test_same_shaped_layers_give_the_op_the_same_constants(models):
+    """Decoder layers of one shape must hand the op equal non-tensor arguments (vLLM compiles each distinct piece
+    of its piecewise graph, so a per-layer constant compiles every layer), and the op must find each layer's
+    registered shards from the layer's own parameters (not the per-call rebuild)."""
+    from qtip_triton import ops
+
+    model, _ = build_model(models["auto"], load=False, load_format="dummy", dtype="float16")
+    first, second = model.model.layers[0], model.model.layers[1]
+    for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+        a, b = first.get_submodule(name), second.get_submodule(name)
+        assert a.qtip_op_meta == b.qtip_op_meta, name
+        assert not any(isinstance(v, str) and "layers" in v for v in a.qtip_op_meta), name
+        for layer in (a, b):
+            assert ops._lookup(layer.trellis, layer.SU, layer.SV, layer.tlut) is layer.qtip_packed, name
+
+
 @pytest.mark.slow
 def test_encoded_model(models, tmp_path, table):
     """The real encoder (not random trellis): the runtime still equals the dequantized model exactly."""
