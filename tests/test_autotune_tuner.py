@@ -331,6 +331,29 @@ def test_every_chosen_config_is_timed_with_and_without_its_launch_flags():
     assert all("split_sum" not in c for _, c in candidates(fake, SPECS[0], 64, 96, 16, 6))
 
 
+def test_extra_candidates_join_the_first_round():
+    """A kernel package's ``extra_candidates`` (e.g. the wgmma kind's by occupancy, several knobs from the default)
+    are timed in the first round beside the budgeted neighbours; ones outside the space, wasteful or already chosen
+    are dropped; a package without the hook changes nothing."""
+    spec = SPECS[0]
+    api = FakeAPI()
+    plain = candidates(api, spec, 64, 96, 64, 3)
+    far = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8}  # 2 knobs from the default
+    default = api.default_config("gemm", spec, 64, 96, 64)
+    offered = [far, default, {"BLOCK_M": 64, "BLOCK_N": 48, "BLOCK_K": 32, "num_warps": 4},  # not in the space
+               {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 4}]  # 128-row blocks at M = 64: wasteful
+    assert config_key(far) not in {config_key(c) for _, c in plain}
+    api.extra_candidates = lambda kind, *a: offered if kind == "gemm" else []
+    got = candidates(api, spec, 64, 96, 64, 3)
+    assert got == plain + [("gemm", far)]
+    # and the tuner times it (and takes it when it is the fastest)
+    fast = FakeAPI(fast=[far])
+    fast.extra_candidates = api.extra_candidates
+    report = tune(make_tasks([spec], [(64, 96)], [64]), fast, fake_bench(fast), WORKLOAD, max_candidates=3,
+                  progress=False)
+    assert [(r.kind, dict(r.config)) for r in report.results] == [("gemm", far)]
+
+
 def _seed_file(api, entries: dict) -> store.TuneFile:
     """A tune file from another GPU holding ``entries``: {(spec, out, in, bucket): (kind, config)}."""
     h200 = DeviceInfo("NVIDIA H200", (9, 0), 132)

@@ -223,11 +223,14 @@ def test_source_is_readable_gluon():
 
 
 _COMPILE = """
-import json, sys
+import json, re, sys
+from qtip_triton.codegen.nvtools import cuobjdump
 from qtip_triton.kernels.wgmma import compile_offline, sass_of
 from qtip_triton.spec import TrellisSpec
 k = compile_offline(TrellisSpec.parse(sys.argv[1]), json.loads(sys.argv[2]), n=int(sys.argv[3]))
-json.dump({"shared": k.metadata.shared, "ptx": k.asm["ptx"], "sass": sass_of(k.asm["cubin"])}, sys.stdout)
+regs = int(re.search(r"\\bREG:(\\d+)", cuobjdump(k.asm["cubin"], "-res-usage")).group(1))
+json.dump({"shared": k.metadata.shared, "regs": regs, "ptx": k.asm["ptx"], "sass": sass_of(k.asm["cubin"])},
+          sys.stdout)
 """
 
 
@@ -262,6 +265,23 @@ def test_compiles_for_sm90_with_register_a_and_no_spills():
     assert all("gdesc" in line and ", R" in line.split("HGMMA")[1] for line in hgmma)  # A from registers
     assert "UTMALDG" in sass
     assert "STL" not in sass and "LDL" not in sass
+
+
+def test_occupancy_model_holds_for_the_compiled_kernels():
+    """The tuner's occupancy picks (``occupancy_candidates``) count programs an SM from estimated registers and
+    modelled shared memory: the compiled kernels of its 128-token picks must not hold more of either (fewer programs
+    an SM than modelled would make a "one-wave" pick a second wave), and the model must not be far above them (it
+    would drop good picks)."""
+    from qtip_triton.kernels import wgmma_configs as wc
+
+    spec = TrellisSpec.parse("L16K2V2-hyb9")
+    picks = wc.occupancy_candidates(spec, 12288, 4096, 128)
+    assert {(c["E"], c["STAGES"], c["SPLIT_K"]) for c in picks} == {(1, 2, 2), (2, 2, 1)}
+    for cfg in picks:
+        k = _compiled(cfg, 4096, spec)
+        model = wc.estimated_registers(cfg)
+        assert k.regs <= model <= k.regs + 24, (cfg, k.regs, model)
+        assert k.shared <= wc.smem_bytes(cfg, wc.table_words(spec)), (cfg, k.shared)
 
 
 @pytest.mark.parametrize("table,slots", [("shared1", 1), ("shared32", 4)])

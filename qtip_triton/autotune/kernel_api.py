@@ -22,7 +22,9 @@ Contract asked of ``qtip_triton.kernels`` (names it must export):
   than the config and the row class tells the compiled variants of a launch of ``rows`` apart: the key
   warm-ups deduplicate by), and ``REDUCED_PRECISION_KEYS`` (config keys that trade accuracy for speed: the
   tuner leaves configs with one of them on out of its candidates unless asked), and ``TUNE_RANGES``
-  (kind -> (lowest, highest) M bucket in which the tuner times it whatever the heuristic picks nearby).
+  (kind -> (lowest, highest) M bucket in which the tuner times it whatever the heuristic picks nearby), and
+  ``extra_candidates(kind, spec, m, n, M) -> list[dict]`` (configs of the space the tuner's first round times beside
+  the default's neighbours: ones several knobs away that a model of the kernel expects to do well).
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class ModuleKernelAPI:
 
     def tune_range(self, kind: str) -> tuple[int, int] | None:
         return dict(getattr(self.module, "TUNE_RANGES", {})).get(kind)
+
+    def extra_candidates(self, kind, spec, m, n, M) -> list[Config]:
+        fn = getattr(self.module, "extra_candidates", None)
+        return [] if fn is None else [dict(c) for c in fn(kind, spec, m, n, M)]
 
     def default_kind(self, spec, m, n, M):
         fn = getattr(self.module, "default_kind", None)

@@ -166,7 +166,8 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
     config also brings its launch-flag twins (:data:`_LAUNCH_FLAGS`) where the space lists them.
     Configs of reduced precision (:func:`reduced_precision`) only with ``allow_reduced_precision``.
     ``only``: just these kinds, each in reach and with the main kind's budget (a tune that adds one kind to a
-    file, e.g. a new kernel, without paying again for the kinds the file already ranks)."""
+    file, e.g. a new kernel, without paying again for the kinds the file already ranks). A kind's home family also
+    gets the kernel package's ``extra_candidates`` (:func:`_extra`), beyond its budget."""
     main = api.default_kind(spec, out_features, in_features, M)
     reachable = kinds_in_reach(api, spec, out_features, in_features, M, reach)
     if main is None or main not in api.kinds():
@@ -195,8 +196,31 @@ def candidates(api: KernelAPI, spec, out_features: int, in_features: int, M: int
             if kind not in reachable and i == 0:
                 continue
             fam_budget = budget if i == 0 else max(2, budget // 3)
-            for c in prune(fam_space, fam_default, in_features, M, fam_budget):
+            chosen = prune(fam_space, fam_default, in_features, M, fam_budget)
+            if i == 0:
+                chosen += _extra(api, kind, spec, out_features, in_features, M, chosen, listed,
+                                 allow_reduced_precision)
+            for c in chosen:
                 out += [(kind, t) for t in _twins(c, default if i == 0 else None) if config_key(t) in listed]
+    return out
+
+
+def _extra(api: KernelAPI, kind: str, spec, out_features: int, in_features: int, M: int, chosen: list[Config],
+           listed: set[tuple], allow_reduced_precision: bool) -> list[Config]:
+    """The kernel package's extra first-round configs for the task (``extra_candidates``, e.g. the wgmma kind's by
+    occupancy) not chosen already: only what its space lists and :func:`wasteful` lets through, flags off."""
+    fn = getattr(api, "extra_candidates", None)
+    if fn is None:
+        return []
+    seen = {config_key(_base(c)) for c in chosen}
+    out = []
+    for c in map(_base, fn(kind, spec, out_features, in_features, M)):
+        k = config_key(c)
+        if (k in seen or k not in listed or wasteful(c, in_features, M) is not None
+                or (reduced_precision(api, c) and not allow_reduced_precision)):
+            continue
+        seen.add(k)
+        out.append(c)
     return out
 
 

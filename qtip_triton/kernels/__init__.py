@@ -45,6 +45,7 @@ from qtip_triton.kernels.configs import (
     config_space,
     default_config,
     default_kind,
+    extra_candidates,
 )
 from qtip_triton.kernels.prepare import PreparedWeight, fuse_shards, fused_is_current, prepare
 from qtip_triton.kernels.runners import (
@@ -77,6 +78,7 @@ __all__ = [
     "PreparedWeight",
     "can_implement",
     "config_space",
+    "extra_candidates",
     "decode_matmul",
     "decompress",
     "default_config",

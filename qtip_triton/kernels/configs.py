@@ -220,6 +220,15 @@ def default_config(kind: str, spec: TrellisSpec, m: int, n: int, M: int,
     return {"BLOCK_M": bm, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
 
 
+def extra_candidates(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
+    """Configs of the space the tuner's first round should time beside the default's neighbours: the wgmma kind's
+    best one-wave one-warpgroup configs by occupancy (:func:`wgmma_configs.occupancy_candidates`), none for the
+    others (their spaces are small enough, or their defaults near their best)."""
+    if kind != "wgmma" or not can_implement(kind, spec, m, n, M)[0]:
+        return []
+    return wgmma_configs.occupancy_candidates(spec, m, n, M, sms=_sm_count())
+
+
 def config_space(kind: str, spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
     """Every config worth timing for this shape (``[]`` if the kind cannot run it).
 

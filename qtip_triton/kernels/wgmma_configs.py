@@ -197,6 +197,47 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
     return [cfg for cfg in configs if _fits(cfg, n, words)] + ws_space(spec, m, n, M)
 
 
+def estimated_registers(config: Mapping[str, Any]) -> int:
+    """Registers a thread of a one-warpgroup config takes, roughly: the accumulators (``BLOCK_M`` / 2 fp32), the
+    decoded A fragments (~52 a step of E) and ~27 of addresses and loop state. Matches the sm_90 compiles of E 1 and
+    E 2 at 128 tokens with PIPE 1 (143 and 195, ``bench/sass_count.py``, session 33) and overestimates PIPE 0 and
+    fewer tokens (E 2, 64 tokens, PIPE 0: 124 compiled, 163 here), which only makes :func:`occupancy_candidates`
+    count fewer programs an SM than it gets."""
+    return config["BLOCK_M"] // 2 + 52 * config["E"] + 27
+
+
+def occupancy_candidates(spec: TrellisSpec, m: int, n: int, M: int, sms: int = 132) -> list[dict[str, Any]]:
+    """Configs of the space for the tuner's first round beside the default's neighbours: for each E, the
+    one-warpgroup config that keeps the most warps busy in a single wave of resident programs (programs an SM from
+    the shared memory a config takes and :func:`estimated_registers`; programs = rows / 64 x split x token
+    blocks), the bucket's full token tile, the default's loop form (PIPE) and the 16-copy table.
+
+    Why: the default and its one-knob neighbours differ from these in two or three knobs at once, so a first round
+    never timed them, and a later round climbs only through a neighbour that wins on its own. H100, session 31-33: the
+    shipped 128-token entries of q/k/v, gate/up and 11008x4096 (8 warps, 4 stages, 32 copies: 128-196 KB) fit one
+    program an SM with 86-172 programs, where one warpgroup with 2 stages and 16 copies (64 KB) fits 3."""
+    from qtip_triton.kernels.wgmma import SHARED_RESERVED_BYTES, SM_SHARED_BYTES, programs_per_sm
+
+    words = table_words(spec)
+    bm = min(256, max(16, _next_pow2(M)))
+    pipe = default_config(spec, m, n, M)["PIPE"]
+    table = "shared16" if words else "gather"
+    best: dict[int, tuple[float, int, dict[str, Any]]] = {}
+    for cfg in config_space(spec, m, n, M):
+        if (cfg["num_warps"] != 4 or cfg["BLOCK_M"] != bm or cfg["PIPE"] != pipe or cfg["table"] != table
+                or cfg.get("WS") or cfg["WPF"] != max(words_ahead(spec) if pipe else (1,))):
+            continue
+        smem = smem_bytes(cfg, words)
+        per_sm = min(programs_per_sm(estimated_registers(cfg), smem, 4), SM_SHARED_BYTES // (smem + SHARED_RESERVED_BYTES))
+        programs = m // 64 * cfg["SPLIT_K"] * -(-M // bm)
+        if per_sm < 1 or programs > per_sm * sms:  # one wave only: a second one idles most SMs at its end
+            continue
+        score = (programs * 4 / sms, -cfg["SPLIT_K"], -cfg["STAGES"])  # busy warps an SM; fewer partials, stages
+        if cfg["E"] not in best or score > best[cfg["E"]][:3]:
+            best[cfg["E"]] = (*score, cfg)
+    return [best[E][3] for E in sorted(best)]
+
+
 def ws_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
     """The warp-specialized form's configs (with :func:`ws_on`, from 256 tokens): E 1, 256 tokens a program at the
     256 bucket and 512 from the 512 bucket up (the point of the form: one decode per 512 tokens; and the tuner starts
