@@ -216,26 +216,25 @@ def occupancy_candidates(spec: TrellisSpec, m: int, n: int, M: int, sms: int = 1
     never timed them, and a later round climbs only through a neighbour that wins on its own. H100, session 31-33: the
     shipped 128-token entries of q/k/v, gate/up and 11008x4096 (8 warps, 4 stages, 32 copies: 128-196 KB) fit one
     program an SM with 86-172 programs, where one warpgroup with 2 stages and 16 copies (64 KB) fits 3."""
-    from qtip_triton.kernels.wgmma import SHARED_RESERVED_BYTES, SM_SHARED_BYTES, programs_per_sm
+    from qtip_triton.kernels.wgmma import programs_per_sm
 
     words = table_words(spec)
     bm = min(256, max(16, _next_pow2(M)))
     pipe = default_config(spec, m, n, M)["PIPE"]
     table = "shared16" if words else "gather"
-    best: dict[int, tuple[float, int, dict[str, Any]]] = {}
+    best: dict[int, tuple[tuple, dict[str, Any]]] = {}  # E -> (score, config)
     for cfg in config_space(spec, m, n, M):
         if (cfg["num_warps"] != 4 or cfg["BLOCK_M"] != bm or cfg["PIPE"] != pipe or cfg["table"] != table
                 or cfg.get("WS") or cfg["WPF"] != max(words_ahead(spec) if pipe else (1,))):
             continue
-        smem = smem_bytes(cfg, words)
-        per_sm = min(programs_per_sm(estimated_registers(cfg), smem, 4), SM_SHARED_BYTES // (smem + SHARED_RESERVED_BYTES))
+        per_sm = programs_per_sm(estimated_registers(cfg), smem_bytes(cfg, words), 4)
         programs = m // 64 * cfg["SPLIT_K"] * -(-M // bm)
         if per_sm < 1 or programs > per_sm * sms:  # one wave only: a second one idles most SMs at its end
             continue
         score = (programs * 4 / sms, -cfg["SPLIT_K"], -cfg["STAGES"])  # busy warps an SM; fewer partials, stages
-        if cfg["E"] not in best or score > best[cfg["E"]][:3]:
-            best[cfg["E"]] = (*score, cfg)
-    return [best[E][3] for E in sorted(best)]
+        if cfg["E"] not in best or score > best[cfg["E"]][0]:
+            best[cfg["E"]] = (score, cfg)
+    return [best[E][1] for E in sorted(best)]
 
 
 def ws_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, Any]]:
