@@ -55,6 +55,16 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
+def _token_tile(M: int) -> int:
+    """Tokens a program of the bucket's whole-batch tile takes: the bucket's power of two, 16 to 256."""
+    return min(256, max(16, _next_pow2(M)))
+
+
+def _programs(m: int, M: int, block_m: int, num_warps: int, split: int) -> int:
+    """Programs of a launch: output row blocks (16 rows a warp) x k splits x token blocks."""
+    return m // (16 * num_warps) * split * -(-M // block_m)
+
+
 def available_here() -> bool:
     """Whether this process can run the kind: a Hopper GPU and a Triton with Gluon, not Triton's interpreter (Gluon
     has none)."""
@@ -155,7 +165,7 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
     (32.5 µs, 1.79x) and 28672x8192 (84.4, 2.04x; the shipped gemv 99.3), and at one token; E 4 with two warpgroups,
     session 22's pick on its racy kernel, took 40-42 and 116-122 µs. From 128 tokens at K >= 3 the PIPE 1 configs load
     their words two steps ahead (:func:`words_ahead`)."""
-    bm = min(256, max(16, _next_pow2(M)))
+    bm = _token_tile(M)
     words = table_words(spec)
     table = "shared32" if words else "gather"
     if bm <= 64:  # k splits before wide steps: a 4096-row layer has only 32 programs per split
@@ -164,9 +174,8 @@ def default_config(spec: TrellisSpec, m: int, n: int, M: int) -> dict[str, Any]:
         candidates = [_cfg(E, bm, 4, 3, s, small, 0) for E, s in order]
         candidates += [_cfg(E, bm, 8, 2, s, table, 0) for E, s in ((4, 4), (4, 2), (4, 1))]
     else:
-        m_blocks = -(-M // bm)
         shapes = [(nw, s) for nw, s in ((8, 1), (8, 2), (4, 2), (8, 4), (4, 4), (4, 8))
-                  if (m // (16 * nw)) * s * m_blocks >= _ONE_WAVE]
+                  if _programs(m, M, bm, nw, s) >= _ONE_WAVE]
         shapes = shapes or [(4, 8), (4, 4), (4, 2)]  # small layers: as many programs as there are
         ahead = max(words_ahead(spec))
         candidates = [_cfg(1, bm, nw, st, s, table, pipe, ahead if pipe else 1) for nw, s in shapes for pipe in (1, 0)
@@ -188,7 +197,7 @@ def config_space(spec: TrellisSpec, m: int, n: int, M: int) -> list[dict[str, An
     E 1-4 (E 4 only up to 64 tokens: its 16 A fragments and 128 accumulators per thread at 256 tokens spill),
     one or two warpgroups, 2-4 x tiles in flight, split-K 1-8, the table gathered or in 16/32 shared copies, and
     the one- or two-register-set loop (PIPE), and for PIPE 1 the words one or two steps ahead (:func:`words_ahead`)."""
-    top = min(256, max(16, _next_pow2(M)))
+    top = _token_tile(M)
     words = table_words(spec)
     grid = itertools.product(sorted({top, max(16, top // 2)}), (1, 2, 4), (4, 8), (2, 3, 4), (1, 2, 4, 8), _tables(words),
                              (0, 1), words_ahead(spec))
@@ -219,16 +228,16 @@ def occupancy_candidates(spec: TrellisSpec, m: int, n: int, M: int, sms: int = 1
     from qtip_triton.kernels.wgmma import programs_per_sm
 
     words = table_words(spec)
-    bm = min(256, max(16, _next_pow2(M)))
+    bm = _token_tile(M)
     pipe = default_config(spec, m, n, M)["PIPE"]
     table = "shared16" if words else "gather"
     best: dict[int, tuple[tuple, dict[str, Any]]] = {}  # E -> (score, config)
     for cfg in config_space(spec, m, n, M):
         if (cfg["num_warps"] != 4 or cfg["BLOCK_M"] != bm or cfg["PIPE"] != pipe or cfg["table"] != table
-                or cfg.get("WS") or cfg["WPF"] != max(words_ahead(spec) if pipe else (1,))):
+                or cfg.get("WS") or cfg["WPF"] != (max(words_ahead(spec)) if pipe else 1)):
             continue
         per_sm = programs_per_sm(estimated_registers(cfg), smem_bytes(cfg, words), 4)
-        programs = m // 64 * cfg["SPLIT_K"] * -(-M // bm)
+        programs = _programs(m, M, bm, 4, cfg["SPLIT_K"])
         if per_sm < 1 or programs > per_sm * sms:  # one wave only: a second one idles most SMs at its end
             continue
         score = (programs * 4 / sms, -cfg["SPLIT_K"], -cfg["STAGES"])  # busy warps an SM; fewer partials, stages
