@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -276,6 +276,26 @@ def _lookup(trellis: torch.Tensor, SU: torch.Tensor, SV: torch.Tensor, table: to
 # --------------------------------------------------------------------------------------------- the op
 
 
+_BEFORE_FIRST_RUN: list[Callable[[], None]] = []
+
+
+def before_first_run(hook: Callable[[], None]) -> None:
+    """Run ``hook`` once, at the op's next launch outside CUDA-graph capture.
+
+    Why: a load-time warm-up that waits for layers which never load (:class:`qtip_triton.vllm.warmup.LoadBatch`)
+    must still happen before the engine's profile run and graph capture launch the kernels it would compile.
+    """
+    if hook not in _BEFORE_FIRST_RUN:
+        _BEFORE_FIRST_RUN.append(hook)
+
+
+def _run_first_hooks(x: torch.Tensor) -> None:
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no compiling or synchronizing inside a capture; the hooks wait for an eager launch
+    while _BEFORE_FIRST_RUN:
+        _BEFORE_FIRST_RUN.pop(0)()
+
+
 def _qtip_linear_impl(
     x: torch.Tensor,
     trellis: torch.Tensor,
@@ -293,6 +313,8 @@ def _qtip_linear_impl(
 ) -> torch.Tensor:
     if x.shape[-1] != in_features:
         raise ValueError(f"qtip_linear: x has {x.shape[-1]} features, the layer expects {in_features}")
+    if _BEFORE_FIRST_RUN:
+        _run_first_hooks(x)
     packed = _lookup(trellis, SU, SV, table)
     if packed is not None:
         shards = packed.shards()

@@ -136,6 +136,38 @@ def test_compiled_once_per_distinct_layer(tmp_path, gen):
     assert bigger == wp.Result() and len(run.requests) == 2
 
 
+def test_a_models_layers_compile_in_one_pool_run(tmp_path, gen):
+    """Several layers in one request: the union of what each would compile alone, each variant once, one driver;
+    afterwards each layer counts as done (its op only if it planned op jobs)."""
+    from qtip_triton.autotune.compile_pool import OP_KIND
+
+    r = registry(tmp_path)
+    layers = [qkv(gen), [random_qweight(gen, SPEC, 96, 64)], qkv(gen, n=64)]
+    alone = []
+    for shards, rows in zip(layers, [(1, 5), (), ()], strict=True):
+        wp.reset()
+        plan = wp.plan_layer(r, shards, torch.float16, bias=False, max_m=MAX_M, op_rows=rows)
+        alone += [(g.workload, g.bias, j) for g in plan.groups for j in g.jobs]
+    wp.reset()
+    run = Runner()
+    requests = [wp.LayerRequest(tuple(layers[0]), torch.float16, False, MAX_M, (1, 5)),
+                wp.LayerRequest(tuple(layers[1]), torch.float16, False, MAX_M),
+                wp.LayerRequest(tuple(layers[2]), torch.float16, False, MAX_M)]
+    result = wp.compile_ahead_many(requests, reg=r, workers=4, runner=run)
+    (request, _, _), = run.requests
+    sent = [(g.workload, g.bias, j) for g in request["groups"] for j in g.jobs]
+    assert len(sent) == len(set(sent)) == result.compiled
+    assert set(sent) == set(alone) and sum(1 for *_, j in sent if j.kind == OP_KIND) == 2
+    # nothing is left for any of them, the same geometry with new tensors included
+    for shards in (qkv(gen), [random_qweight(gen, SPEC, 96, 64)], qkv(gen, n=64)):
+        assert wp.compile_ahead(shards, torch.float16, bias=False, max_m=MAX_M, reg=r, workers=4,
+                                runner=run) == wp.Result()
+    # the third layer planned no op jobs: asked for them now, it still gets them
+    late = wp.plan_layer(r, qkv(gen, n=64), torch.float16, bias=False, max_m=MAX_M, op_rows=(1,))
+    assert [j.kind for g in late.groups for j in g.jobs] == [OP_KIND]
+    assert len(run.requests) == 1
+
+
 def test_serial_when_one_worker_or_not_cuda(tmp_path, gen, monkeypatch):
     r, run = registry(tmp_path), Runner()
     for workers in (0, 1):

@@ -396,20 +396,56 @@ def _on_cuda(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+@dataclass(frozen=True)
+class LayerRequest:
+    """One layer's part of a batched compile: what ``Registry.prepare(max_m=max_m, dtypes=(dtype,), bias=bias)``
+    will launch for ``shards`` (and, with ``op_rows``, the fused op at those rows: :func:`plan_layer`)."""
+
+    shards: tuple
+    dtype: Any
+    bias: bool
+    max_m: int
+    op_rows: tuple[int, ...] = ()
+
+
 def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: int, reg=None,
                   workers: int | None = None, runner: Callable[[dict, dict, float], dict] | None = None,
                   api_factory: str | None = None, op_rows: Sequence[int] = ()) -> Result | None:
     """Compile the variants ``Registry.prepare(max_m=max_m, dtypes=(dtype,), bias=bias)`` will launch for
     ``shards`` in parallel worker processes, into Triton's disk cache (and, with ``op_rows``, what a fused layer's
-    op launches at those rows: :func:`plan_layer`).
+    op launches at those rows: :func:`plan_layer`). One layer's :func:`compile_ahead_many`."""
+    request = LayerRequest(tuple(shards), dtype, bias, max_m, tuple(op_rows))
+    return compile_ahead_many([request], reg=reg, workers=workers, runner=runner, api_factory=api_factory)
 
-    Returns None when the pool is not used (not CUDA, ``QTIP_TRITON_WARMUP_JOBS <= 1``, or it failed
-    earlier in this process), else a :class:`Result` (``compiled == 0``: nothing new to compile).
+
+def _merge(plans: Sequence[Plan]) -> Plan:
+    """One plan of several layers' jobs: a group per (workload, bias), each variant once."""
+    groups: dict[tuple, list[CompileJob]] = {}
+    for plan in plans:
+        for g in plan.groups:
+            groups.setdefault((g.workload, g.bias), []).extend(g.jobs)
+    out = [Group(wl, bias, dedupe(jobs, per_shape=True)) for (wl, bias), jobs in groups.items()]
+    return Plan([g for g in out if g.jobs], sum(p.layers for p in plans))
+
+
+def compile_ahead_many(layers: Sequence[LayerRequest], *, reg=None, workers: int | None = None,
+                       runner: Callable[[dict, dict, float], dict] | None = None,
+                       api_factory: str | None = None) -> Result | None:
+    """Compile the variants of several layers in one pool run.
+
+    Why one run: each run starts a driver interpreter and its worker processes (torch, Triton and CUDA
+    start-up in every one) and ends waiting for its slowest worker; a model's q/k/v, o, gate/up and down
+    layers compiled one pool after another paid that three or four times over (~11 s each on an H100 host
+    for ~20 variants, 14 workers). Together their ~65 variants keep the workers busy for one start-up.
+
+    Returns None when the pool is not used (no layers, not CUDA, ``QTIP_TRITON_WARMUP_JOBS <= 1``, or it
+    failed earlier in this process), else a :class:`Result` (``compiled == 0``: nothing new to compile).
     Raises :class:`PoolUnavailable` (once: later calls return None) when the pool fails.
     ``runner`` replaces :func:`run_driver` (tests); ``api_factory`` the kernel API the workers load.
     """
     global _pool_off
-    if not shards or not _on_cuda(shards[0].trellis.device) or _pool_off is not None:
+    layers = [r for r in layers if r.shards]
+    if not layers or not _on_cuda(layers[0].shards[0].trellis.device) or _pool_off is not None:
         return None
     if workers is None:
         workers = warmup_workers()[0]
@@ -421,13 +457,19 @@ def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: in
         reg = registry.get_registry()
     if reg.api is None:
         return None  # no Triton kernels here: the registry serves the reference path, nothing compiles
-    plan = plan_layer(reg, shards, dtype, bias=bias, max_m=max_m, op_rows=op_rows)
+    plans = [plan_layer(reg, r.shards, r.dtype, bias=r.bias, max_m=r.max_m, op_rows=r.op_rows) for r in layers]
+    plan = _merge(plans)
+
+    def mark_done() -> None:  # each layer with its own plan: only a layer that planned op jobs has its op done
+        for r, own in zip(layers, plans, strict=True):
+            _mark_done(r.shards, r.dtype, r.bias, r.max_m, own)
+
     if not plan.groups:
-        _mark_done(shards, dtype, bias, max_m, plan)
+        mark_done()
         return Result()
     from qtip_triton.autotune.triton_cache import triton_cache_dir
 
-    device = torch.device(shards[0].trellis.device)
+    device = torch.device(layers[0].shards[0].trellis.device)
     cache_dir = triton_cache_dir()
     n = plan.variants
     try:
@@ -435,7 +477,7 @@ def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: in
     except Exception:  # no marker (GPU query or kernel sources unreadable): just compile
         marker = None
     if marker is not None and marker.exists():
-        _mark_done(shards, dtype, bias, max_m, plan)
+        mark_done()
         return Result(cached=n)
     timeout = pool_timeout()
     request = {"groups": plan.groups, "workers": workers, "deadline_s": timeout, "api_factory": api_factory}
@@ -448,7 +490,7 @@ def compile_ahead(shards: Sequence, dtype: torch.dtype, *, bias: bool, max_m: in
     errors = out.get("errors", {})
     result = Result(compiled=n - len(errors), failed=len(errors), workers=min(workers, n),
                     seconds=time.perf_counter() - t0, complete=bool(out.get("complete", True)))
-    _mark_done(shards, dtype, bias, max_m, plan)
+    mark_done()
     if marker is not None and not errors and result.complete:
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,7 @@ from qtip_triton.vllm.compat import current_load_format, logger, register_weight
 from qtip_triton.vllm.config import DEFAULT_PACKED
 from qtip_triton.vllm.linear_method import full_output_sizes
 from qtip_triton.vllm.params import LayerGeometry, ShardSlotParameter
-from qtip_triton.vllm.warmup import forward_passes_bias, warm_up_layer
+from qtip_triton.vllm.warmup import batch_of, forward_passes_bias, warm_up_layer
 from qtip_triton.weight import QuantizedWeight
 
 QUANT_METHOD = fmt.QUANT_METHOD  # "exl3"
@@ -376,6 +376,7 @@ class Exl3LinearMethod(LinearMethodBase):
         layer.exl3_loaded = set()
         layer.exl3_load_format = current_load_format()
         layer.exl3_act_dtype = params_dtype
+        batch_of(self.config).expect(layer)  # its warm-up joins the rest of the model's (warmup.LoadBatch)
 
     def whole_tensors(self, layer: torch.nn.Module) -> bool:
         """Whether checkpoint tensors are copied whole (no vLLM v2 loader to shard them)."""
@@ -418,7 +419,8 @@ class Exl3LinearMethod(LinearMethodBase):
         # every kernel, every batch size the engine can send, compiled now (CUDA only); a padded layer adds
         # its bias outside the op
         warm_up_layer(packed, layer.exl3_act_dtype, prefix=geom.prefix,
-                      bias=layer.exl3_padding is None and forward_passes_bias(layer))
+                      bias=layer.exl3_padding is None and forward_passes_bias(layer), batch=batch_of(self.config),
+                      layer=layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # one opaque custom op for the whole (fused) layer: traceable by torch.compile, capturable in graphs
@@ -567,6 +569,8 @@ class Exl3LMHeadMethod(Exl3LinearMethod):
             layer.exl3_tied = True  # older vLLM ties by assigning .weight without asking the method
         if not layer.exl3_tied:
             super().process_weights_after_loading(layer)
+        else:  # the embedding's matrix: nothing of ours to warm, and the others' warm-ups need not wait for it
+            batch_of(self.config).arrive(layer, None)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if layer.exl3_tied:

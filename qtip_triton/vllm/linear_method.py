@@ -48,7 +48,7 @@ from qtip_triton.vllm.params import (
     LayerGeometry,
     ShardSlotParameter,
 )
-from qtip_triton.vllm.warmup import forward_passes_bias, warm_up_layer
+from qtip_triton.vllm.warmup import batch_of, forward_passes_bias, warm_up_layer
 from qtip_triton.weight import RCP_COL, RCP_NONE, RCP_ROW, QuantizedWeight
 
 HYB_TABLE_RMS = math.sqrt(15 / 16)
@@ -170,6 +170,7 @@ class QTIPLinearMethod(LinearMethodBase):
         layer.qtip_loaded = set()
         layer.qtip_load_format = current_load_format()
         layer.qtip_act_dtype = params_dtype
+        batch_of(self.config).expect(layer)  # its warm-up joins the rest of the model's (warmup.LoadBatch)
 
     # ------------------------------------------------------------------ load
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -215,7 +216,8 @@ class QTIPLinearMethod(LinearMethodBase):
         layer.qtip_packed = packed
         layer.qtip_op_meta = ops.op_args(packed)[1]
         # select + compile + launch every kernel for every batch size the engine can send (CUDA only)
-        warm_up_layer(packed, layer.qtip_act_dtype, bias=forward_passes_bias(layer), prefix=geom.prefix)
+        warm_up_layer(packed, layer.qtip_act_dtype, bias=forward_passes_bias(layer), prefix=geom.prefix,
+                      batch=batch_of(self.config), layer=layer)
 
     @staticmethod
     def _check_complete(layer: torch.nn.Module, geom: LayerGeometry) -> None:

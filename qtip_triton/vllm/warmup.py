@@ -28,12 +28,21 @@ per-shard job reaches), so :func:`warm_op` loads those as well. Each distinct la
 compiled once per process, so the later decoder layers cost nothing. ``QTIP_TRITON_WARMUP_JOBS``
 sets the worker count (``1``: the serial path only); if the pool cannot run, one warning says so and
 the warm-up is serial, as before.
+
+One pool for the whole model: a layer's warm-up waits (:class:`LoadBatch`) until every layer its
+quantization config created has loaded, then the distinct layers (q/k/v, o, gate/up, down) go to one pool
+run together, then each layer is prepared. Each pool run pays a driver's and its workers' start-up and waits
+for its slowest worker; one run per layer type paid that three or four times. A layer created but never
+loaded would hold the batch back: the op's first launch then warms what waits (outside CUDA-graph capture).
+``QTIP_TRITON_WARMUP_BATCH=0`` warms each layer as it loads, one pool run per distinct layer.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +52,7 @@ from qtip_triton.autotune import warmup_pool
 from qtip_triton.vllm import compat
 
 NO_WARMUP_ENV = "QTIP_TRITON_NO_WARMUP"  # "1": skip the load-time warm-up
+BATCH_ENV = "QTIP_TRITON_WARMUP_BATCH"  # "0": warm each layer as it loads (no waiting for the others)
 DEFAULT_MAX_M = 256
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -79,22 +89,50 @@ def _log(message: str, *args) -> None:
     getattr(log, "info_once", log.info)(message, *args)
 
 
-def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, prefix: str = "") -> int | None:
-    """Compile the variants the serial warm-up will launch in the compile pool first (see
-    :mod:`qtip_triton.autotune.warmup_pool`); returns how many were compiled, None if the pool was not
-    used. Never raises: a pool that cannot run logs one warning and the warm-up stays serial."""
+@dataclass(frozen=True)
+class PendingWarmup:
+    """A loaded layer whose kernels are still to warm: what :func:`warm_up_layer` was given."""
+
+    packed: Any
+    dtype: torch.dtype
+    bias: bool
+    max_m: int  # read from the vLLM config while the layer loads (a later flush may run outside that config)
+    source: str = ""  # where max_m came from, for the log
+    prefix: str = ""
+
+    def geometry(self) -> tuple:
+        """What the compiled variants depend on: layers equal here compile the same binaries."""
+        p = self.packed
+        return (p.specs, tuple(p.out_features), p.in_features, p.layout, p.had_block, p.rcp, p.tp_rank, self.dtype,
+                self.bias, str(p.trellis.device), None if p.table is None else p.table.dtype, self.max_m)
+
+
+def _op_rows(shards, max_m: int) -> list[int]:
+    try:
+        return op_warm_rows(shards, max_m) if len(shards) > 1 else []
+    except Exception as e:  # the op's own warm-up meets the same problem and says so; the shards' jobs still go
+        compat.logger().debug("qtip: no op rows for the compile pool (%s: %s)", type(e).__name__, e)
+        return []
+
+
+def compile_layers_in_parallel(layers) -> int | None:
+    """Compile the variants the serial warm-up will launch for ``layers`` (:class:`PendingWarmup`) in one run
+    of the compile pool first (see :mod:`qtip_triton.autotune.warmup_pool`); returns how many were compiled,
+    None if the pool was not used. Never raises: a pool that cannot run logs one warning and the warm-up
+    stays serial."""
     workers, problem = warmup_pool.warmup_workers()
     if problem:
         _log("qtip: %s", problem)
     # a fused layer's op too, at the rows warm_op runs it: its grouped launches (the one-launch shard decode,
     # grouped transforms) compile there and nowhere else, so serially at load without this
+    requests = []
+    for entry in layers:
+        shards = entry.packed.shards()
+        requests.append(warmup_pool.LayerRequest(tuple(shards), entry.dtype, entry.bias, entry.max_m,
+                                                 tuple(_op_rows(shards, entry.max_m))))
+    what = layers[0].prefix or "a layer" if len(layers) == 1 else f"{len(layers)} distinct layers"
     try:
-        op_rows = op_warm_rows(shards, max_m) if len(shards) > 1 else []
-    except Exception as e:  # the op's own warm-up meets the same problem and says so; the shards' jobs still go
-        compat.logger().debug("qtip: no op rows for the compile pool (%s: %s)", type(e).__name__, e)
-        op_rows = []
-    try:
-        result = warmup_pool.compile_ahead(shards, dtype, bias=bias, max_m=max_m, workers=workers, op_rows=op_rows)
+        result = warmup_pool.compile_ahead_many(requests, workers=workers)
     except Exception as e:  # PoolUnavailable, or a planning error: prepare() does it all, serially, as before
         warmup_pool.disable(f"{type(e).__name__}: {e}")  # one warning, not one per layer
         compat.logger().warning("qtip: parallel kernel compile unavailable (%s); compiling the kernels serially "
@@ -104,10 +142,10 @@ def compile_in_parallel(shards, dtype: torch.dtype, *, bias: bool, max_m: int, p
         return None
     if result.cached:
         compat.logger().info("qtip: %d kernel variants of %s were compiled by an earlier run (Triton's disk cache)",
-                             result.cached, prefix or "a layer")
+                             result.cached, what)
     if result.compiled or result.failed:
         compat.logger().info("qtip: compiled %d kernel variants of %s in parallel (%d worker processes) in %.1f s%s",
-                             result.compiled, prefix or "a layer", result.workers, result.seconds,
+                             result.compiled, what, result.workers, result.seconds,
                              f"; {result.failed} failed and compile on first use" if result.failed else
                              "" if result.complete else "; stopped at the time limit, the rest compile serially")
     return result.compiled
@@ -174,36 +212,123 @@ def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool
                                 prefix or "a layer", M, type(e).__name__, e)
 
 
-def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str = "") -> int | None:
+def _skip_reason(packed, dtype: torch.dtype) -> str | None:
+    """Why ``packed`` is not warmed (None: it is): not CUDA, a dtype the kernels do not take, or switched off."""
+    if not compiles_ahead(packed.trellis.device) or dtype not in _KERNEL_DTYPES:
+        return "nothing compiles ahead"
+    if warmup_disabled():
+        _log("qtip: kernel warm-up at load is off (%s=1): kernels compile on first use", NO_WARMUP_ENV)
+        return "off"
+    if os.environ.get(dispatch.NO_REGISTRY_ENV) == "1":
+        _log("qtip: kernel warm-up at load skipped: %s=1 bypasses the registry", dispatch.NO_REGISTRY_ENV)
+        return "no registry"
+    return None
+
+
+def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str = "",
+                  batch: LoadBatch | None = None, layer: torch.nn.Module | None = None) -> int | None:
     """Prepare (select, compile, launch once) every kernel of a packed layer's shards for M up to the
     engine's largest batch. Returns that M, or None when skipped (see the module docstring).
 
     ``bias``: the op hands the layer's bias to the kernels (a single-shard layer whose forward adds
     one); fused layers add it after the op, so it only applies when there is one shard. A shard whose
     warm-up fails is logged and left to compile on first use (loading does not fail for it).
+    ``batch`` and ``layer``: the load this layer belongs to; the warm-up then waits for the load's other
+    layers (:class:`LoadBatch`) and runs with them.
     """
-    shards = packed.shards()
-    if not compiles_ahead(packed.trellis.device) or dtype not in _KERNEL_DTYPES:
-        return None
-    if warmup_disabled():
-        _log("qtip: kernel warm-up at load is off (%s=1): kernels compile on first use", NO_WARMUP_ENV)
-        return None
-    if os.environ.get(dispatch.NO_REGISTRY_ENV) == "1":
-        _log("qtip: kernel warm-up at load skipped: %s=1 bypasses the registry", dispatch.NO_REGISTRY_ENV)
+    if _skip_reason(packed, dtype) is not None:
+        if batch is not None and layer is not None:
+            batch.arrive(layer, None)
         return None
     max_m, source = engine_max_m()
-    _log("qtip: warming the kernels of every layer for M up to %d (%s)", max_m, source)
-    t0 = time.perf_counter()
-    bias = bias and len(shards) == 1
-    compile_in_parallel(shards, dtype, bias=bias, max_m=max_m, prefix=prefix)
-    for qw in shards:
-        try:
-            registry.prepare(qw, max_m=max_m, dtypes=(dtype,), bias=bias)
-        except Exception as e:  # best effort: the same launch fails (or compiles) on first use, as without it
-            compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
-                                    prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
-                                    type(e).__name__, e)
-    warm_op(packed, dtype, max_m, prefix, bias=bias)
-    compat.logger().debug("qtip: warmed %s (%d shards, M <= %d) in %.2f s", prefix or "layer", len(shards), max_m,
-                          time.perf_counter() - t0)
+    entry = PendingWarmup(packed, dtype, bias and len(packed.shards()) == 1, max_m, source, prefix)
+    if batch is not None and layer is not None and batching_on():
+        batch.arrive(layer, entry)
+    else:
+        warm_up_layers([entry])
     return max_m
+
+
+def warm_up_layers(entries) -> int | None:
+    """Warm several loaded layers (:class:`PendingWarmup`): the distinct ones' variants in one pool run, then
+    each layer's ``registry.prepare`` and op warm-up, which only load and launch binaries. Returns the largest
+    max M."""
+    entries = [e for e in entries if _skip_reason(e.packed, e.dtype) is None]
+    if not entries:
+        return None
+    top = max(entries, key=lambda e: e.max_m)
+    max_m = top.max_m
+    _log("qtip: warming the kernels of every layer for M up to %d (%s)", max_m, top.source)
+    t0 = time.perf_counter()
+    first_of: dict[tuple, PendingWarmup] = {}
+    for e in entries:
+        first_of.setdefault(e.geometry(), e)
+    distinct = list(first_of.values())
+    compile_layers_in_parallel(distinct)
+    for e in entries:
+        for qw in e.packed.shards():
+            try:
+                registry.prepare(qw, max_m=e.max_m, dtypes=(e.dtype,), bias=e.bias)
+            except Exception as exc:  # best effort: the same launch fails (or compiles) on first use, as without it
+                compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
+                                        e.prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
+                                        type(exc).__name__, exc)
+        warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias)
+    log = compat.logger().info if len(entries) > 1 else compat.logger().debug
+    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s", len(entries), len(distinct), max_m,
+        time.perf_counter() - t0)
+    return max_m
+
+
+def batching_on() -> bool:
+    return os.environ.get(BATCH_ENV, "1").strip() != "0"
+
+
+class LoadBatch:
+    """The layers one quantization config created in a model load, and the warm-ups waiting for the rest.
+
+    Why: the compile pool runs best once for the whole model (see the module docstring), yet vLLM hands
+    each layer to ``process_weights_after_loading`` alone, in module order, with nothing after the last.
+    Every layer announces itself when its weights are created (:meth:`expect`); once every announced
+    layer has loaded (:meth:`arrive`), the waiting warm-ups run together. Layers are held weakly: one
+    dropped before it loads does not hold the batch back. Should one stay alive and never load, the op's
+    first launch outside CUDA-graph capture warms what waits (:func:`qtip_triton.ops.before_first_run`).
+    """
+
+    def __init__(self) -> None:
+        self._expected: weakref.WeakSet = weakref.WeakSet()
+        self._pending: list[PendingWarmup] = []
+
+    def expect(self, layer: torch.nn.Module) -> None:
+        self._expected.add(layer)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def arrive(self, layer: torch.nn.Module, entry: PendingWarmup | None) -> None:
+        """``layer`` has loaded; ``entry`` is its warm-up (None: it needs none)."""
+        self._expected.discard(layer)
+        if entry is not None:
+            if not self._pending:
+                from qtip_triton import ops
+
+                ops.before_first_run(self.flush)
+            self._pending.append(entry)
+        if not self._expected:
+            self.flush()
+
+    def flush(self) -> None:
+        """Warm every waiting layer now (the last layer loaded, or the op's first launch came first)."""
+        pending, self._pending = self._pending, []
+        if pending:
+            warm_up_layers(pending)
+
+
+def batch_of(config: Any) -> LoadBatch:
+    """The :class:`LoadBatch` of a quantization config: one per model load (vLLM builds one config per model)."""
+    batch = getattr(config, "_qtip_load_batch", None)
+    if batch is None:
+        batch = LoadBatch()
+        config._qtip_load_batch = batch
+    return batch

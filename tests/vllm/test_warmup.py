@@ -270,18 +270,18 @@ class Log:
 
 @pytest.fixture
 def pool(recorder, monkeypatch):
-    """Record warmup_pool.compile_ahead calls (and the order against registry.prepare); log into a list."""
+    """Record warmup_pool.compile_ahead_many calls (and the order against registry.prepare); log into a list."""
     from qtip_triton.autotune import warmup_pool
 
     warmup_pool.reset()
     log, calls = Log(), []
 
-    def compile_ahead(shards, dtype, **kw):
-        calls.append((list(shards), dtype, kw, len(recorder)))
+    def compile_ahead_many(requests, **kw):
+        calls.append((list(requests), kw, len(recorder)))
         return warmup_pool.Result(compiled=7, workers=kw["workers"], seconds=1.5)
 
     monkeypatch.setattr(compat, "logger", lambda: log)
-    monkeypatch.setattr(warmup_pool, "compile_ahead", compile_ahead)
+    monkeypatch.setattr(warmup_pool, "compile_ahead_many", compile_ahead_many)
     yield SimpleNamespace(calls=calls, log=log, mod=warmup_pool)
     warmup_pool.reset()
 
@@ -291,10 +291,10 @@ def test_layer_is_compiled_in_parallel_before_the_serial_warm_up(pool, recorder,
     layer = qtip_layer("column", gen, bias=True)
     with engine(max_num_batched_tokens=384, max_num_seqs=48):
         layer.quant_method.process_weights_after_loading(layer)
-    (shards, dtype, kw, prepared_before), = pool.calls
-    assert shards == layer.qtip_packed.shards() and dtype == torch.float16 and prepared_before == 0
-    assert kw == dict(bias=True, max_m=384, workers=5, op_rows=[])  # the bias flag and max M prepare() gets; one
-    # shard: no op rows (its op launches nothing the shard's own jobs do not)
+    ((req,), kw, prepared_before), = pool.calls
+    assert list(req.shards) == layer.qtip_packed.shards() and req.dtype == torch.float16 and prepared_before == 0
+    assert (req.bias, req.max_m, kw) == (True, 384, dict(workers=5))  # the bias flag and max M prepare() gets
+    assert req.op_rows == ()  # one shard: its op launches nothing the shard's own jobs do not
     assert [k for _, k in recorder] == [dict(max_m=384, dtypes=(torch.float16,), bias=True)]
     info = [m for lvl, m in pool.log.lines if lvl == "info" and "in parallel" in m]
     assert len(info) == 1 and "compiled 7 kernel variants" in info[0] and "(5 worker processes) in 1.5 s" in info[0]
@@ -304,21 +304,21 @@ def test_fused_layer_compiles_without_bias(pool, recorder, gen):
     layer = qtip_layer("qkv", gen, bias=True)
     with engine(max_num_batched_tokens=64):
         layer.quant_method.process_weights_after_loading(layer)
-    (shards, _, kw, _), = pool.calls
-    assert len(shards) == 3 and kw["bias"] is False and kw["workers"] == pool.mod.warmup_workers()[0]
-    assert kw["op_rows"] == warmup.op_warm_rows(shards, kw["max_m"])  # the rows warm_op runs the op at
+    ((req,), kw, _), = pool.calls
+    assert len(req.shards) == 3 and req.bias is False and kw["workers"] == pool.mod.warmup_workers()[0]
+    assert list(req.op_rows) == warmup.op_warm_rows(list(req.shards), req.max_m)  # the rows warm_op runs the op at
 
 
 def test_pool_failure_falls_back_to_serial_with_one_warning(pool, recorder, gen, monkeypatch):
     tried = []
 
-    def no_pool(shards, dtype, **kw):
+    def no_pool(requests, **kw):
         if pool.mod._pool_off is not None:  # what the real one does once it failed
             return None
         tried.append(1)
         raise pool.mod.PoolUnavailable("daemonic processes are not allowed to have children")
 
-    monkeypatch.setattr(pool.mod, "compile_ahead", no_pool)
+    monkeypatch.setattr(pool.mod, "compile_ahead_many", no_pool)
     for kind in ("qkv", "row"):  # two layers: one attempt, one warning
         layer = qtip_layer(kind, gen)
         layer.quant_method.process_weights_after_loading(layer)
@@ -340,6 +340,116 @@ def test_serial_env_and_cpu_do_not_start_a_pool(recorder, gen, monkeypatch):
     layer = qtip_layer("row", gen)
     layer.quant_method.process_weights_after_loading(layer)
     assert started == [] and len(recorder) == 4
+
+
+# ------------------------------------------------------------------------------ one warm-up for the whole model
+def model_layers(kinds, gen, config=None):
+    """Layers one quantization config creates, as vLLM builds a model: all created before any loads."""
+    config = config or qtip_layers.QTIPConfig(qtip_layers.QP)
+    built = []
+    for kind in kinds:
+        ctor, sids, _ = qtip_layers.LAYERS[kind]
+        layer = ctor(config, False, torch.float16)
+        shards = qtip_layers.checkpoint_shards(gen, kind)
+        qtip_layers.load(layer, sids, shards)
+        built.append(layer)
+    return config, built
+
+
+def test_a_models_layers_warm_together_once_the_last_has_loaded(pool, recorder, gen, monkeypatch):
+    monkeypatch.setenv(pool.mod.JOBS_ENV, "6")
+    _, layers = model_layers(["qkv", "row", "merged", "qkv"], gen)
+    with engine(max_num_batched_tokens=128):
+        for layer in layers[:-1]:
+            layer.quant_method.process_weights_after_loading(layer)
+            assert recorder == [] and pool.calls == []  # waits for the rest of the model
+        layers[-1].quant_method.process_weights_after_loading(layers[-1])
+    # one pool run for the distinct layers (the two q/k/v layers are one geometry), before any prepare
+    (requests, kw, prepared_before), = pool.calls
+    assert kw == dict(workers=6) and prepared_before == 0
+    assert [len(r.shards) for r in requests] == [3, 1, 2] and {r.max_m for r in requests} == {128}
+    assert [list(r.shards) for r in requests] == [x.qtip_packed.shards() for x in layers[:3]]
+    # then every shard of every layer is prepared, and every layer's op is warmed
+    assert [qw for qw, _ in recorder] == [qw for x in layers for qw in x.qtip_packed.shards()]
+    assert [packed for packed, _, _ in FUSED] == [x.qtip_packed for x in layers]
+    assert any("warmed 4 layers (3 distinct, M <= 128)" in m for lvl, m in pool.log.lines if lvl == "info")
+
+
+def test_a_layer_dropped_before_loading_does_not_hold_the_warm_up(recorder, gen):
+    import gc
+
+    _, layers = model_layers(["column", "row"], gen)
+    del layers[1]
+    gc.collect()
+    layers[0].quant_method.process_weights_after_loading(layers[0])
+    assert [qw for qw, _ in recorder] == layers[0].qtip_packed.shards()
+
+
+def test_a_layer_that_never_loads_leaves_the_warm_up_to_the_first_forward(recorder, gen):
+    from qtip_triton import ops
+
+    _, (first, never) = model_layers(["column", "row"], gen)
+    with engine(max_num_batched_tokens=640):
+        first.quant_method.process_weights_after_loading(first)
+    assert recorder == [] and ops._BEFORE_FIRST_RUN  # still waiting for `never`
+    y, _ = first(torch.randn(2, first.input_size, generator=gen).half())  # outside the engine's config
+    assert torch.isfinite(y).all()
+    assert [qw for qw, _ in recorder] == first.qtip_packed.shards() and not ops._BEFORE_FIRST_RUN
+    assert recorder[0][1]["max_m"] == 640  # the engine's max M, read while the layer loaded
+    y, _ = first(torch.randn(2, first.input_size, generator=gen).half())  # warmed once only
+    assert len(recorder) == 1
+
+
+def test_the_first_forward_does_not_warm_inside_a_graph_capture(recorder, gen, monkeypatch):
+    from qtip_triton import ops
+
+    _, (first, never) = model_layers(["column", "row"], gen)
+    first.quant_method.process_weights_after_loading(first)
+    x = torch.randn(2, first.input_size, generator=gen).half()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ops._run_first_hooks(x)
+    assert recorder == [] and ops._BEFORE_FIRST_RUN  # left for the next eager launch
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ops._run_first_hooks(x)
+    assert len(recorder) == 1 and not ops._BEFORE_FIRST_RUN
+
+
+def test_batch_env_off_warms_each_layer_as_it_loads(recorder, gen, monkeypatch):
+    monkeypatch.setenv(warmup.BATCH_ENV, "0")
+    _, (first, second) = model_layers(["column", "row"], gen)
+    first.quant_method.process_weights_after_loading(first)
+    assert [qw for qw, _ in recorder] == first.qtip_packed.shards()
+
+
+def test_layers_skipped_by_the_warm_up_still_count_as_loaded(recorder, gen, monkeypatch):
+    calls = []
+    monkeypatch.setattr(warmup, "compiles_ahead", lambda device: device.type == "meta")  # no layer here warms
+    monkeypatch.setattr(warmup, "warm_up_layers", lambda entries: calls.append(list(entries)))
+    config, (first, second) = model_layers(["column", "row"], gen)
+    for layer in (first, second):
+        layer.quant_method.process_weights_after_loading(layer)
+    assert calls == [] and warmup.batch_of(config).waiting == 0 and len(warmup.batch_of(config)._expected) == 0
+
+
+def test_exl3_tied_head_does_not_hold_the_models_warm_up(recorder, gen):
+    """A head tied to the embedding has nothing to warm, yet it was created: its loading must count."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    storage = {"lm_head": {"quant_format": "exl3", "bits_per_weight": 4, "mul1_multiplier": exl3_layers.fmt.MUL1_MULT}}
+    qc = exl3_layers.Exl3Config(None, storage)
+    head = ParallelLMHead(256, 128, params_dtype=torch.float16, quant_config=qc, prefix="lm_head")
+    body = ParallelLMHead(256, 128, params_dtype=torch.float16, quant_config=qc, prefix="lm_head")  # one that warms
+    _, tensors = exl3_layers.random_module(gen, 256, 128, 4, "mul1")
+    params = dict(body.named_parameters())
+    for name, t in tensors.items():
+        params[name].weight_loader(params[name], t)
+    body.quant_method.process_weights_after_loading(body)
+    assert recorder == [] and warmup.batch_of(qc).waiting == 1  # waits for `head`
+    embed = VocabParallelEmbedding(256, 128)
+    head = head.tie_weights(embed)
+    head.quant_method.process_weights_after_loading(head)
+    assert [qw for qw, _ in recorder] == body.exl3_packed.shards()
 
 
 def test_plugin_logger_uses_vllms_handlers():
