@@ -84,6 +84,29 @@ def test_half_precision_model(models):
     assert err < 1e-2
 
 
+def test_the_models_warm_up_runs_once_after_its_last_layer_loaded(models, monkeypatch):
+    """vLLM's own loader, layer by layer: no warm-up until the last quantized layer has loaded, then one for all."""
+    from qtip_triton.vllm import warmup
+
+    calls, loaded = [], []
+    real_arrive = warmup.LoadBatch.arrive
+
+    def arrive(self, layer, entry):
+        loaded.append(layer)
+        assert not calls  # nothing warmed while layers are still loading
+        real_arrive(self, layer, entry)
+
+    monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)  # as on CUDA, in a dtype the kernels take
+    monkeypatch.setattr(warmup, "_KERNEL_DTYPES", (torch.float32,))
+    monkeypatch.setattr(warmup.LoadBatch, "arrive", arrive)
+    monkeypatch.setattr(warmup, "warm_up_layers", lambda entries: calls.append([e.packed for e in entries]))
+    model, _ = build_model(models["quip"], quantization="qtip")
+    quantized = [m for m in model.modules() if hasattr(m, "qtip_packed")]
+    assert len(quantized) >= 7 and [id(m) for m in loaded] == [id(m) for m in quantized]  # "1_o" is skipped
+    (warmed,) = calls
+    assert [id(p) for p in warmed] == [id(m.qtip_packed) for m in quantized]
+
+
 def test_missing_tensor_in_checkpoint(models, tmp_path):
     from safetensors.torch import load_file, save_file
 
