@@ -120,3 +120,17 @@ BROKEN_FOR_POOL = {"BLOCK_N": 16, "SPLIT_K": 1, "num_warps": 2}
 def broken_api() -> FakeAPI:
     """Importable factory for compile-pool worker processes."""
     return FakeAPI(broken=[BROKEN_FOR_POOL])
+
+
+class BiasRequiredAPI(FakeAPI):
+    """Refuses launches without a bias: tells which of the compile pool's groups got a zero bias on every launch."""
+
+    def launch(self, kind, x, prepared, config, bias=None):
+        if bias is None:
+            raise CompilationError("launched without a bias")
+        return super().launch(kind, x, prepared, config, bias)
+
+
+def bias_required_api() -> FakeAPI:
+    """Importable factory for compile-pool worker processes."""
+    return BiasRequiredAPI()

@@ -293,6 +293,29 @@ def test_driver_compiles_in_worker_processes_from_a_daemon(gen):
     assert out["complete"] and set(out["errors"]) == {make_job(SPEC, 64, 96, 1, "gemv", BROKEN_FOR_POOL)}
 
 
+@pytest.mark.parametrize("sizes, workers, shares", [([30], 14, [14]), ([3], 14, [3]), ([21, 7], 8, [6, 2]),
+                                                    ([1, 1], 14, [1, 1]), ([3, 40, 2], 4, [1, 2, 1]),
+                                                    ([5, 5, 5], 2, [1, 1, 1])])
+def test_groups_share_the_workers_by_their_jobs(sizes, workers, shares):
+    assert wp.share_workers(sizes, workers) == shares
+
+
+@pytest.mark.slow
+def test_driver_runs_a_bias_and_a_plain_group_side_by_side(gen):
+    """Two groups in one driver run, each with its own API: only the bias group gets a zero bias on every launch
+    (the API here refuses launches without one), and both groups' jobs were run."""
+    r = reg.Registry(FakeAPI(), device=H100, store=None)
+    groups = []
+    for shards, bias in ((qkv(gen), False), ([random_qweight(gen, SPEC, 96, 96)], True)):
+        for g in wp.plan_layer(r, shards, torch.float32, bias=bias, max_m=16).groups:
+            groups.append(wp.Group(wp.ShardWorkload("cpu", torch.float32, g.workload.layout), g.bias, g.jobs))
+    assert [g.bias for g in groups] == [False, True] and all(len(g.jobs) > 1 for g in groups)
+    request = {"groups": groups, "workers": 4, "deadline_s": 300, "api_factory": "test_autotune_fakes:bias_required_api"}
+    out = wp.run_driver(request, _driver_env(), 300)
+    assert out["complete"] and set(out["errors"]) == set(groups[0].jobs)  # the plain group's, all of them
+    assert all("without a bias" in e for e in out["errors"].values())
+
+
 def test_driver_failure_raises_pool_unavailable(gen, tmp_path):
     request = _request(gen, bias=False)
     request["api_factory"] = "no_such_module_here:api"  # workers die importing it; the driver exits non-zero

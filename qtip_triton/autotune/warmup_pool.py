@@ -74,7 +74,8 @@ MARKER_DIR = "qtip_triton_warmup"
 DEFAULT_API = "qtip_triton.autotune.kernel_api:load_kernel_api"
 # set by the driver for its pool workers (spawned children inherit the driver's environment)
 _WORKER_API_ENV = "_QTIP_TRITON_WARMUP_API"
-_WORKER_BIAS_ENV = "_QTIP_TRITON_WARMUP_BIAS"
+_PLAIN_FACTORY = "qtip_triton.autotune.warmup_pool:worker_api"
+_BIAS_FACTORY = "qtip_triton.autotune.warmup_pool:worker_api_with_bias"
 
 
 class PoolUnavailable(RuntimeError):
@@ -166,9 +167,13 @@ class BiasKernelAPI:
 
 
 def worker_api():
-    """Factory the pool's workers resolve: the API named by the driver, with a bias if the group has one."""
-    api = resolve(os.environ.get(_WORKER_API_ENV) or DEFAULT_API)()
-    return BiasKernelAPI(api) if os.environ.get(_WORKER_BIAS_ENV) == "1" else api
+    """Factory the pool's workers resolve: the API named by the driver."""
+    return resolve(os.environ.get(_WORKER_API_ENV) or DEFAULT_API)()
+
+
+def worker_api_with_bias():
+    """Factory the workers of a group with a bias resolve: the driver's API, with a zero bias on every launch."""
+    return BiasKernelAPI(worker_api())
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -370,23 +375,50 @@ def run_driver(request: dict, env: dict[str, str], timeout_s: float) -> dict:
         return pickle.loads(res.read_bytes())
 
 
+def share_workers(sizes: Sequence[int], workers: int) -> list[int]:
+    """Workers for groups of ``sizes`` jobs run side by side: in proportion to their jobs, at least one each.
+
+    Why side by side: a group runs its own worker processes, and groups one after another would each pay
+    the workers' start-up and wait for their slowest (a model whose layers differ in TP geometry or bias
+    has several groups)."""
+    shares = [1] * len(sizes)
+    for _ in range(max(0, workers - len(sizes))):  # each further worker to the group with most jobs per worker
+        i = max(range(len(sizes)), key=lambda g: sizes[g] / shares[g])
+        if sizes[i] <= shares[i]:
+            break
+        shares[i] += 1
+    return shares
+
+
 def _driver(argv: list[str]) -> int:
-    """``python -m qtip_triton.autotune.warmup_pool REQUEST RESULT``: compile each group with the pool."""
+    """``python -m qtip_triton.autotune.warmup_pool REQUEST RESULT``: compile the groups, side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
     request = pickle.loads(Path(argv[0]).read_bytes())
     start, deadline = time.monotonic(), float(request["deadline_s"])
     errors: dict[CompileJob, str] = {}
-    complete = True
-    os.environ[_WORKER_API_ENV] = request.get("api_factory") or DEFAULT_API
-    for group in request["groups"]:
+    os.environ[_WORKER_API_ENV] = request.get("api_factory") or DEFAULT_API  # before any worker starts
+    groups = request["groups"]
+    shares = share_workers([len(g.jobs) for g in groups], request["workers"])
+
+    def run(group: Group, n: int) -> dict[CompileJob, str]:
         left = deadline - (time.monotonic() - start)
-        if left <= 0:
-            complete = False
-            break
-        os.environ[_WORKER_BIAS_ENV] = "1" if group.bias else "0"
-        errors.update(compile_all(group.jobs, request["workers"], group.workload,
-                                  api_factory="qtip_triton.autotune.warmup_pool:worker_api", progress=False,
-                                  per_shape=True, deadline_s=left))
-    complete = complete and time.monotonic() - start < deadline
+        if left <= 0:  # out of time: prepare() compiles these on first use
+            return {}
+        return compile_all(group.jobs, n, group.workload, api_factory=_BIAS_FACTORY if group.bias else _PLAIN_FACTORY,
+                           progress=False, per_shape=True, deadline_s=left)
+
+    # a group of one worker (or one job) compiles in this process: those go one after another on this thread,
+    # while the other groups' worker processes run (compiling in two threads of one process is not safe)
+    here = [(g, n) for g, n in zip(groups, shares, strict=True) if n <= 1 or len(g.jobs) <= 1]
+    pooled = [(g, n) for g, n in zip(groups, shares, strict=True) if n > 1 and len(g.jobs) > 1]
+    with ThreadPoolExecutor(max_workers=max(1, len(pooled))) as threads:
+        runs = [threads.submit(run, g, n) for g, n in pooled]
+        for g, n in here:
+            errors.update(run(g, n))
+        for r in runs:
+            errors.update(r.result())
+    complete = time.monotonic() - start < deadline
     Path(argv[1]).write_bytes(pickle.dumps({"errors": errors, "complete": complete}))
     return 0
 
