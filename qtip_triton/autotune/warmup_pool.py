@@ -31,6 +31,10 @@ kernel sources, ``TRITON_*`` settings) is written into Triton's cache directory;
 finds it skips the pool (those binaries are on disk; a binary evicted since is compiled by ``prepare``
 as before). Deleting the cache deletes the markers with it.
 
+Several layers can go in one run (:func:`compile_ahead_many`: the vLLM warm-up sends a whole model's distinct
+layers at once); their jobs merge into one group per workload and bias flag, and the driver runs the groups side by
+side, the workers shared out by their jobs (:func:`share_workers`).
+
 ``QTIP_TRITON_WARMUP_JOBS``: worker processes (default :func:`compile_pool.default_workers`);
 ``1`` (or ``0``) keeps the old serial path. ``QTIP_TRITON_WARMUP_TIMEOUT``: seconds the pool may take
 (default 600); what it did not compile by then, ``prepare`` compiles.
