@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blas_ties import assert_equal_but_blas_ties
 from test_weight import random_qweight
 
 from qtip_triton import TrellisSpec, kernels
@@ -66,7 +67,7 @@ def test_grouped_wgmma_input_is_each_shards_own_input(gen, M):
         if grouped == alone:
             assert torch.equal(h[g], own), g
         else:
-            assert torch.equal(h[g], natural[g].index_select(-1, wgmma.input_gather(pw, CFG["E"]))), g
+            assert_equal_but_blas_ties(h[g], natural[g].index_select(-1, wgmma.input_gather(pw, CFG["E"])), g)
             assert ((h[g].float() - own.float()).norm() / own.float().norm()).item() < 1e-3, g
 
 
