@@ -102,9 +102,15 @@ class PendingWarmup:
 
     def geometry(self) -> tuple:
         """What the compiled variants depend on: layers equal here compile the same binaries."""
-        p = self.packed
-        return (p.specs, tuple(p.out_features), p.in_features, p.layout, p.had_block, p.rcp, p.tp_rank, self.dtype,
-                self.bias, str(p.trellis.device), None if p.table is None else p.table.dtype, self.max_m)
+        table = self.packed.table
+        return (*layer_key(self.packed, self.dtype, self.bias), None if table is None else table.dtype, self.max_m)
+
+
+def layer_key(packed, dtype: torch.dtype, bias: bool) -> tuple:
+    """A packed layer's shape, layout, TP/Hadamard geometry, activation dtype, bias flag and device: layers equal
+    here launch the same op variants."""
+    return (packed.specs, tuple(packed.out_features), packed.in_features, packed.layout, packed.had_block,
+            packed.rcp, packed.tp_rank, dtype, bias, str(packed.trellis.device))
 
 
 def _op_rows(shards, max_m: int) -> list[int]:
@@ -193,8 +199,7 @@ def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool
     distinct layer geometry per process."""
     from qtip_triton import ops
 
-    key = (packed.specs, packed.out_features, packed.in_features, packed.layout, packed.had_block, packed.rcp,
-           packed.tp_rank, dtype, bias, str(packed.trellis.device))
+    key = layer_key(packed, dtype, bias)
     if key in _OP_WARM:
         return
     _OP_WARM.add(key)
