@@ -53,6 +53,8 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "stacked": {"stacked": True}, "stacked64": {"stacked": True, "stack_rows": 64},
             # one token per tile: a one-token transform as one program of two products (decoding sizes)
             "stacked1": {"stacked": True, "stack_rows": 16},
+            # a 32-row tile: one token's A at 4096 features, two tokens' at 1024-2048 (session 35: grids at 256 tokens)
+            "stacked32": {"stacked": True, "stack_rows": 32},
             # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs only: the fp32 cases fail it)
             "f16": {"f16_dots": True}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,

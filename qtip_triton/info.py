@@ -125,7 +125,9 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
                        f"{hadamard.STACK_SMALL_TILE_MIN_RP} rows), natural-order inputs from "
                        f"{hadamard.STACK_MIN_ROWS_NATURAL}, kernel-order inputs from {hadamard.STACK_MIN_ROWS_INPUT} "
                        f"where A has 64+ rows; one token's A per tile below {hadamard.STACK_SMALL_TILE_BELOW} rows where A has "
-                       f"{hadamard.STACK_SMALL_TILE_MIN_RP}+")
+                       f"{hadamard.STACK_SMALL_TILE_MIN_RP}+, above that tiles of up to {hadamard.STACK_ROWS} rows "
+                       f"halved while fewer than {hadamard.STACK_MIN_PROGRAMS} programs "
+                       f"({'on' if hadamard.stack_fill_on() else 'off: ' + hadamard.STACK_FILL_ENV + '=0'})")
         else:
             stacked = "off" if rows == 0 else f"from {rows} (token, block) rows"
     except ValueError as e:

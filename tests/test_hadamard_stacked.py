@@ -70,7 +70,7 @@ def test_stacked_kernel_default_thresholds_follow_direction_order_and_size(monke
     assert key(8192, 1, 32)[0] == "stacked" and key(8192, 1, 31)[0] == "had2"  # A of 64 padded rows
     assert key(11008, 1, 32)[0] == "stacked"  # A of 256: one token per tile
     assert key(4096, 1, 32)[0] == "stacked" and key(4096, 1, 31)[0] == "had2"  # A of 32
-    assert key(4096, 1, 255)[1] == 32 and key(4096, 1, 256)[1] == 128  # tile rows: one token's A, then 128
+    assert key(4096, 1, 255)[1] == 32 and key(4096, 1, 1024)[1] == 128  # tile rows: one token's A, then 128
     assert key(8192, 1, 200)[1] == 64 and key(11008, 1, 64)[1] == key(11008, 1, 2048)[1] == 256
     assert had.stack_tile_rows(255, 16) == 128 and had.stack_tile_rows(4096, 128) == 128  # A of 16 rows: 128 always
     assert key(2048, 1, 255)[0] == "had2" and key(2048, 1, 256) == ("stacked", 128, "div16")  # ... from 256 rows
@@ -119,3 +119,46 @@ def test_grouped_inputs_count_every_shards_rows_with_their_switch(gen, monkeypat
     transform(x, 1, transpose=True, pre=pre[0], out_dtype=torch.float32, interpret=True)  # one input: 64 rows
     assert launched == ["per-token", "stacked", "per-token"]
     assert _rel(grouped, plain.double()) < 1e-6
+
+
+def test_tiles_from_256_rows_shrink_to_keep_the_grid_full(monkeypatch):
+    """From 256 rows a tile grows to 128 rows only while the grid keeps STACK_MIN_PROGRAMS programs (counting every
+    group's tiles), halving down to one token's A; A of 16 rows keeps 128 and A of 256 its own; the launch key and
+    the launched grid agree; QTIP_TRITON_HADAMARD_STACK_FILL=0 restores 128-row tiles."""
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    monkeypatch.delenv(had.STACK_FILL_ENV, raising=False)
+    tile, key = had.stack_tile_rows, had.launch_key
+    assert had.STACK_MIN_PROGRAMS == 128
+    assert tile(256, 32) == 64 and tile(508, 32) == 64 and tile(509, 32) == 128  # 4096: 128 programs and up
+    assert tile(256, 32, groups=2) == 128 and tile(256, 32, groups=3) == 128  # 2 x 64 programs fill it
+    assert tile(256, 64) == 128 and tile(128 * 8, 64) == 128  # 8192 at 256 tokens: 128 programs of 2 tokens
+    assert tile(4096, 32) == 128 and tile(300, 128) == 128 and tile(256, 256) == 256 and tile(256, 16) == 128
+    assert tile(256, 32, groups=0) == 64  # an ungrouped call counts as one group
+    assert key(4096, 1, 256)[1] == 64 and key(4096, 1, 256, 2)[1] == 128
+    assert key(4096, 1, 256) != key(4096, 1, 512)  # two tiles, two compiled kernels: the warm-up launches both
+    grid, consts = had._stack_launch(256, 1, 32, 128)
+    assert consts["TT"] == 2 and grid == (128, 1)
+    monkeypatch.setenv(had.STACK_FILL_ENV, "0")
+    assert tile(256, 32) == 128 and key(4096, 1, 256)[1] == 128 and had._stack_launch(256, 1, 32, 128)[0] == (64, 1)
+
+
+def test_a_filled_grid_gives_the_results_of_the_full_tile(gen, monkeypatch):
+    """256 tokens of 4096 features: the default's 64-row tiles (two tokens each, 128 programs) give the values of
+    the 128-row tiles the fill turns off (64 programs), and of float64."""
+    monkeypatch.delenv(had.STACK_ENV, raising=False)
+    x = torch.randn(256, 4096, generator=gen)
+    launched: list[tuple] = []
+
+    class _Grid:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return had_kernel[grid]
+
+    had_kernel = had._had2_stack_kernel
+    monkeypatch.setattr(had, "_had2_stack_kernel", _Grid())
+    monkeypatch.delenv(had.STACK_FILL_ENV, raising=False)
+    filled = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    monkeypatch.setenv(had.STACK_FILL_ENV, "0")
+    full = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
+    assert launched == [(128, 1), (64, 1)]
+    assert _rel(filled, full.double()) < 1e-6 and _rel(filled, _reference(x.double(), 1, False)) < 1e-6

@@ -82,6 +82,16 @@ STACK_SMALL_TILE_BELOW = 256
 # before. Why: only 32- and 64-row tiles were timed (H100, session 27); a 16-row tile compiles for sm_90 (564 SASS
 # per warp, mma.sync, 60 registers: bench/sass_hadamard.py) but was never timed against the per-token kernel.
 STACK_SMALL_TILE_MIN_RP = 32
+# From STACK_SMALL_TILE_BELOW rows on, the tile grows towards STACK_ROWS only while the grid keeps at least this many
+# programs (one wave on the H100's 132 SMs at the 128-row tile's one program an SM), halving down to one token's A.
+# Why: at 256 tokens the 4096-feature transforms of a Llama-2-7B layer ran 128-row tiles, 4 tokens a program, 64
+# programs: 0.48 waves, 13-16 µs for 2 MB read (ncu, H100, session 35,
+# ``logs/h100-2026-12-07-session35-ncu-linear-*-m256.txt``), and 64-row tiles took the output transform 21.8 -> 18.3
+# µs (``*-hadamard-session35-t256.md``). Session 27's 8192 at 256 tokens (128-row tiles, 128 programs, faster than
+# 64-row ones) keeps its tile under this rule. QTIP_TRITON_HADAMARD_STACK_FILL=0 keeps the 128-row tile from
+# STACK_SMALL_TILE_BELOW rows (the rule before it).
+STACK_MIN_PROGRAMS = 128
+STACK_FILL_ENV = "QTIP_TRITON_HADAMARD_STACK_FILL"
 STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
 STACK_CB = 64  # ... and columns of Y per program
@@ -385,14 +395,27 @@ def _f16_launch(f16: bool, scale: float, fan_in: int | None = None) -> tuple[flo
     return scale / mid, {"F16": True, "MID": mid}
 
 
-def stack_tile_rows(rows: int, rp: int) -> int:
-    """The stacked kernel's default tile rows for ``rows`` (token, block) rows and A of ``rp`` padded rows: one
-    token's A below ``STACK_SMALL_TILE_BELOW`` rows where A has at least ``STACK_SMALL_TILE_MIN_RP`` rows (more
-    programs, each a single product pair, when few tokens would leave most SMs idle with 128-row tiles), else
-    ``STACK_ROWS`` (or A's rows where larger)."""
-    if rows < STACK_SMALL_TILE_BELOW and rp >= STACK_SMALL_TILE_MIN_RP:
+def stack_fill_on() -> bool:
+    """Whether tiles shrink to keep ``STACK_MIN_PROGRAMS`` programs (:func:`stack_tile_rows`): unless
+    ``QTIP_TRITON_HADAMARD_STACK_FILL=0``."""
+    return os.environ.get(STACK_FILL_ENV, "").strip() != "0"
+
+
+def stack_tile_rows(rows: int, rp: int, groups: int = 1) -> int:
+    """The stacked kernel's default tile rows for ``rows`` (token, block) rows in each of ``groups`` groups and A of
+    ``rp`` padded rows: one token's A below ``STACK_SMALL_TILE_BELOW`` rows where A has at least
+    ``STACK_SMALL_TILE_MIN_RP`` rows (more programs, each a single product pair, when few tokens would leave most
+    SMs idle with 128-row tiles), else ``STACK_ROWS`` (or A's rows where larger), halved there while the grid
+    would have fewer than ``STACK_MIN_PROGRAMS`` programs (:func:`stack_fill_on`)."""
+    if rp < STACK_SMALL_TILE_MIN_RP:
+        return max(rp, STACK_ROWS)
+    if rows < STACK_SMALL_TILE_BELOW:
         return rp
-    return max(rp, STACK_ROWS)
+    tile = max(rp, STACK_ROWS)
+    if stack_fill_on():
+        while tile > rp and max(groups, 1) * triton.cdiv(rows, tile // rp) < STACK_MIN_PROGRAMS:
+            tile //= 2
+    return tile
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int,
@@ -400,7 +423,7 @@ def _stack_launch(rows: int, groups: int, rp: int, cp: int,
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
     the tile's rows (None: :func:`stack_tile_rows`), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
     products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program."""
-    br = max(rp, stack_rows or stack_tile_rows(rows, rp))
+    br = max(rp, stack_rows or stack_tile_rows(rows, rp, groups))
     kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, STACK_CB))
     return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
                                                                   num_warps=STACK_WARPS)
@@ -423,7 +446,7 @@ def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: boo
         return ("had1", row_class(rows))
     rp, cp = padded_sizes(nb)
     if _use_stacked(None, stack_rows_counted(rows, groups, transpose), (), rp, transpose, dst):
-        return ("stacked", stack_tile_rows(rows, rp), row_class(rows))
+        return ("stacked", stack_tile_rows(rows, rp, groups), row_class(rows))
     if _use_tall(None, rows, (), transpose, rp):
         return ("tall", row_class(rows))
     # the per-token kernel's own choice, with 2 partials so that unrolled partial loads show in NSPLIT
