@@ -87,9 +87,13 @@ STACK_SMALL_TILE_MIN_RP = 32
 # Why: at 256 tokens the 4096-feature transforms of a Llama-2-7B layer ran 128-row tiles, 4 tokens a program, 64
 # programs: 0.48 waves, 13-16 µs for 2 MB read (ncu, H100, session 35,
 # ``logs/h100-2026-12-07-session35-ncu-linear-*-m256.txt``), and 64-row tiles took the output transform 21.8 -> 18.3
-# µs (``*-hadamard-session35-t256.md``). Session 27's 8192 at 256 tokens (128-row tiles, 128 programs, faster than
-# 64-row ones) keeps its tile under this rule. QTIP_TRITON_HADAMARD_STACK_FILL=0 keeps the 128-row tile from
-# STACK_SMALL_TILE_BELOW rows (the rule before it).
+# µs in one run (``*-hadamard-session35-t256.md``), within noise of them in the next (18.0 / 18.3,
+# ``*-hadamard-session35-tiles.md``). Inside the layer at 256 tokens, where o's input and output and down's output
+# change, its four ops summed 407.9 -> 398.7 µs (o 42.8 -> 39.7, down 86.5 -> 84.8) and the whole layer 390.8 ->
+# 385.2 (``*-fused-layers-session35-fill{0,1}.md``). At 512 tokens the 128-row tile stays (and won there: 4096 natural
+# input 14.6 µs against 19.5 for 64-row tiles); session 27's 8192 at 256 tokens (128 programs, faster than 64-row
+# tiles, again in session 35: 14.8 against 19.3) keeps it too. QTIP_TRITON_HADAMARD_STACK_FILL=0 keeps the 128-row
+# tile from STACK_SMALL_TILE_BELOW rows (the rule before it).
 STACK_MIN_PROGRAMS = 128
 STACK_FILL_ENV = "QTIP_TRITON_HADAMARD_STACK_FILL"
 STACK_MAX_RP = 256
