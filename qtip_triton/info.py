@@ -135,6 +135,11 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     if hadamard.stack_groups_on():
         stacked += "; a fused layer's grouped inputs count every shard's rows"
     zb = f"on where A has at most {hadamard.ZB_MAX_RP} rows" if hadamard.zb_first_on() else "off"
+    try:
+        f16 = (f"on for fp16 outputs (fp32 partials from {hadamard.F16_ENV_FP32_MIN_TOKENS} tokens)" if hadamard.f16_on()
+               else f"off ({hadamard.F16_ENV}=0: bf16 hi + lo pairs)")
+    except ValueError as e:
+        f16 = f"invalid ({e})"
     from qtip_triton.kernels.configs import MMA_GEMV_MAX_M, MMA_MIN_CAPABILITY
 
     if device is None:
@@ -144,7 +149,7 @@ def _launch(device: DeviceInfo | None) -> dict[str, Any]:
     else:
         mma = f"the untuned choice for 2-{MMA_GEMV_MAX_M} rows"
     return {"pdl": asked, "pdl_active": active, "hadamard_gemm": gemm, "hadamard_stacked": stacked, "hadamard_zb_first": zb,
-            "mma_gemv": mma, "wgmma": _wgmma(device)}
+            "hadamard_f16_dots": f16, "mma_gemv": mma, "wgmma": _wgmma(device)}
 
 
 def _wgmma(device: DeviceInfo | None) -> str:
@@ -210,7 +215,8 @@ def render(facts: dict[str, Any]) -> str:
     la = facts["launch"]
     lines.append(f"programmatic dependent launch: {la['pdl']} (QTIP_TRITON_PDL), {la['pdl_active']}; "
                  f"prefill Hadamard as GEMMs: {la['hadamard_gemm']}; stacked Hadamard kernel: {la['hadamard_stacked']}; "
-                 f"A · (Z · B) order at few tokens: {la['hadamard_zb_first']}")
+                 f"A · (Z · B) order at few tokens: {la['hadamard_zb_first']}; "
+                 f"fp16 products in transforms: {la['hadamard_f16_dots']}")
     lines.append(f"gemv on tensor cores (mma): {la['mma_gemv']}; warpgroup MMA decode-matmul (wgmma): {la['wgmma']}")
     sw = facts["switches"]
     lines.append("switches: " + (", ".join(f"{k}={val}" for k, val in sw.items()) if sw else "none set"))

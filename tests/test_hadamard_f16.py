@@ -79,7 +79,10 @@ def test_f16_dots_errors_and_switch(gen, monkeypatch):
         transform(x, 1, transpose=True, out_dtype=torch.float32, interpret=True, f16_dots=True)
     with pytest.raises(ValueError, match="only for float16 outputs"):
         transform(x.bfloat16(), 1, transpose=True, interpret=True, f16_dots=True)
-    assert not had._use_f16(None, torch.float16)  # off unless switched on
+    monkeypatch.delenv(had.F16_ENV, raising=False)
+    assert had._use_f16(None, torch.float16) and not had._use_f16(None, torch.bfloat16)  # on for fp16 unless switched off
+    monkeypatch.setenv(had.F16_ENV, "0")
+    assert not had._use_f16(None, torch.float16) and not had._use_f16(None, torch.float16, torch.float16, 64)
     monkeypatch.setenv(had.F16_ENV, "1")
     assert had._use_f16(None, torch.float16) and not had._use_f16(None, torch.float32)
     assert not had._use_f16(False, torch.float16)  # an explicit False wins over the switch
@@ -93,22 +96,31 @@ def test_f16_dots_errors_and_switch(gen, monkeypatch):
         had._use_f16(None, torch.float16)
 
 
-def test_the_default_is_the_hi_lo_pair(gen):
-    """Without the switch, fp16 outputs keep the bf16 hi + lo products (~16 bits): closer to the reference than
-    one fp16 dot can be, and identical to asking for f16_dots=False."""
-    parts = torch.randn(4, 2, 1024, generator=gen)
+def test_the_default_is_fp16_dots_and_the_switch_off_the_hi_lo_pair(gen, monkeypatch):
+    """Unset, fp16 outputs of 8+ tokens take one fp16 dot per product, identical to asking for f16_dots=True, bf16
+    outputs the bf16 hi + lo pair; QTIP_TRITON_HADAMARD_F16=0 keeps the pair (~16 bits) for fp16 outputs too,
+    closer to the reference than one fp16 dot can be, and identical to f16_dots=False."""
+    parts = torch.randn(4, 8, 1024, generator=gen)
     ref = _reference(parts.double().sum(0), 1, False)
-    y = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True)
-    assert torch.equal(y, transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True,
-                                    f16_dots=False))
+    pair = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True, f16_dots=False)
     y16 = transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True, f16_dots=True)
-    assert _rel(y, ref) < _rel(y16, ref) < F16_TOL
+    monkeypatch.delenv(had.F16_ENV, raising=False)
+    assert torch.equal(transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True), y16)
+    b16 = transform(parts, 1, transpose=False, out_dtype=torch.bfloat16, interpret=True)
+    assert _rel(b16, ref) < 1e-2
+    monkeypatch.setenv(had.F16_ENV, "0")
+    assert torch.equal(transform(parts, 1, transpose=False, out_dtype=torch.float16, interpret=True), pair)
+    assert _rel(pair, ref) < _rel(y16, ref) < F16_TOL
 
 
-def test_the_switch_skips_few_token_fp32_partials(gen, monkeypatch):
-    """QTIP_TRITON_HADAMARD_F16=1 through ``transform`` itself: one-token fp32 partials (the decode's output
+@pytest.mark.parametrize("switch", ["1", None])
+def test_the_switch_skips_few_token_fp32_partials(gen, monkeypatch, switch):
+    """QTIP_TRITON_HADAMARD_F16=1 or unset, through ``transform`` itself: one-token fp32 partials (the decode's output
     transform, slower with one fp16 dot on the H100) keep the hi + lo pair; more tokens, or fp16 input, switch."""
-    monkeypatch.setenv(had.F16_ENV, "1")
+    if switch is None:
+        monkeypatch.delenv(had.F16_ENV, raising=False)
+    else:
+        monkeypatch.setenv(had.F16_ENV, switch)
     few = torch.randn(4, 1, 1024, generator=gen)
     many = torch.randn(4, had.F16_ENV_FP32_MIN_TOKENS, 1024, generator=gen)
     for parts, f16 in ((few, False), (many, True)):

@@ -88,14 +88,18 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_ZB_FIRST", raising=False)
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACK_GROUPS", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACK_FILL", raising=False)
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_F16", raising=False)
     la = info.collect()["launch"]
     assert la == {"pdl": "auto (early up to 4 tokens, exit for more)", "pdl_active": "not used (no CUDA GPU)",
                   "hadamard_gemm": "off (Triton kernels for every batch)",
                   "hadamard_stacked": "outputs from 32 (token, block) rows (256 where A has fewer than 32 rows), "
                                       "natural-order inputs from 96, kernel-order inputs from 1024 where A has 64+ "
-                                      "rows; one token's A per tile below 256 rows where A has 32+; a fused layer's "
-                                      "grouped inputs count every shard's rows",
+                                      "rows; one token's A per tile below 256 rows where A has 32+, above that "
+                                      "tiles of up to 128 rows halved while fewer than 128 programs (on); a fused "
+                                      "layer's grouped inputs count every shard's rows",
                   "hadamard_zb_first": "on where A has at most 32 rows",
+                  "hadamard_f16_dots": "on for fp16 outputs (fp32 partials from 8 tokens)",
                   "mma_gemv": "not used (no CUDA GPU)", "wgmma": "not used (no CUDA GPU)"}
     monkeypatch.setattr(info, "current_device", lambda: DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108))
     monkeypatch.setenv("QTIP_TRITON_PDL", "early")
@@ -107,6 +111,14 @@ def test_launch_switches_are_reported(monkeypatch):
     assert info.collect()["launch"]["hadamard_stacked"] == "from 256 (token, block) rows"
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_ZB_FIRST", "0")
     assert info.collect()["launch"]["hadamard_zb_first"] == "off"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_F16", "0")
+    assert info.collect()["launch"]["hadamard_f16_dots"] == "off (QTIP_TRITON_HADAMARD_F16=0: bf16 hi + lo pairs)"
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_F16", "half")
+    assert info.collect()["launch"]["hadamard_f16_dots"].startswith("invalid (")
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACK_FILL", "0")
+    monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
+    assert "fewer than 128 programs (off: QTIP_TRITON_HADAMARD_STACK_FILL=0)" in info.collect()["launch"]["hadamard_stacked"]
+    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "0")
     assert info.collect()["launch"]["hadamard_stacked"] == "off"
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")

@@ -12,8 +12,8 @@ blocks of up to 128, e.g. EXL3's 128-wide blocks) only Z·B remains and many blo
 
 Precision: each product operand is split into bf16 hi + lo parts (two dots), which keeps ~16 mantissa
 bits and fp32's range; accumulation is fp32. The CPU interpreter multiplies in fp32 instead (its bf16
-dot is wrong). Opt-in for fp16 outputs (``f16_dots``, ``F16_ENV``): one fp16 dot per product, ~11 bits, as
-the output keeps anyway.
+dot is wrong). The default for fp16 outputs (``f16_dots``, ``F16_ENV``; ``=0`` turns it off): one fp16 dot per
+product, ~11 bits, as the output keeps anyway.
 
 The kernels themselves are in :mod:`qtip_triton.kernels.hadamard_jit`; this module picks one per call.
 """
@@ -136,11 +136,16 @@ ZB_ENV = "QTIP_TRITON_HADAMARD_ZB_FIRST"
 ZB_MAX_RP = 32
 # One fp16 dot per product instead of two bf16 ones (hi + lo) where the output is fp16 (``transform(f16_dots=)``):
 # half the tensor-core work and no hi/lo splits, at ~11 bits for the products' operands instead of ~16, which an
-# fp16 output keeps anyway (its own rounding is 11 bits). Opt-in (a precision choice): QTIP_TRITON_HADAMARD_F16=1
-# turns it on for fp16-output transforms. Timed on the H100 (bench/NOTES.md, session 21): prefill transforms 22-37 %
-# faster, few-token ones ~1 µs, except the output transform of fp32 split-K partials at one token, 2x slower at 8192
-# and 28672 outputs and no faster at 4 tokens: the switch leaves fp32 inputs of up to F16_ENV_FP32_MIN_TOKENS - 1
-# tokens on the hi + lo pair (``f16_dots=True`` still forces it).
+# fp16 output keeps anyway (its own rounding is 11 bits). Timed on the H100 (bench/NOTES.md, session 21): prefill
+# transforms 22-37 % faster, few-token ones ~1 µs, except the output transform of fp32 split-K partials at one token,
+# 2x slower at 8192 and 28672 outputs and no faster at 4 tokens: the switch leaves fp32 inputs of up to
+# F16_ENV_FP32_MIN_TOKENS - 1 tokens on the hi + lo pair (``f16_dots=True`` still forces it).
+# On by default for fp16 outputs since session 35 (QTIP_TRITON_HADAMARD_F16=0: the hi + lo pair everywhere): one
+# Llama-2-7B layer on the H100 at 128 tokens 230.8 -> 210.2 µs (0.76x -> 0.83x fp16) and at 256 389.7 -> 358.4
+# (``*-fused-layers-session35-f16-{0,1}*.md``). Its cost, measured against float64 on the CPU (4096 and 11008
+# features, 4-64 tokens): a relative error of 2.9e-4 for input transforms of fp16 x and 3.6e-4 for outputs of fp32
+# partials, against 2.1e-4 for rounding the exact result to fp16 once (the hi + lo pair's own error) -- 1.4x and 1.7x
+# the output's rounding, three orders of magnitude under a 2-4 bit weight's quantization error.
 F16_ENV = "QTIP_TRITON_HADAMARD_F16"
 F16_ENV_FP32_MIN_TOKENS = 8
 
@@ -370,20 +375,27 @@ def _stacked_a(nb: int, transpose: bool, tt: int, device: torch.device,
 def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype, in_dtype: torch.dtype | None = None,
              tokens: int | None = None) -> bool:
     """Whether a transform writing ``out_dtype`` takes one fp16 dot per product: ``f16_dots`` if given (a clear
-    error for another output dtype), else ``QTIP_TRITON_HADAMARD_F16=1`` for fp16 outputs, except fp32 inputs
-    (``in_dtype``: split-K partials) of fewer than ``F16_ENV_FP32_MIN_TOKENS`` ``tokens``, where it measured slower."""
+    error for another output dtype), else on for fp16 outputs unless ``QTIP_TRITON_HADAMARD_F16=0``, except fp32
+    inputs (``in_dtype``: split-K partials) of fewer than ``F16_ENV_FP32_MIN_TOKENS`` ``tokens``, where it measured
+    slower."""
     if f16_dots:
         if out_dtype != torch.float16:
             raise ValueError(f"f16_dots rounds the products' operands to fp16: only for float16 outputs, not {out_dtype}")
         return True
     if f16_dots is None:
-        raw = os.environ.get(F16_ENV, "").strip()
-        if raw not in ("", "0", "1"):
-            raise ValueError(f"{F16_ENV}={raw!r}: expected 1 (on for fp16 outputs) or 0/unset (off)")
+        on = f16_on()
         if in_dtype == torch.float32 and tokens is not None and tokens < F16_ENV_FP32_MIN_TOKENS:
             return False
-        return raw == "1" and out_dtype == torch.float16
+        return on and out_dtype == torch.float16
     return False
+
+
+def f16_on() -> bool:
+    """``QTIP_TRITON_HADAMARD_F16``: fp16 products for fp16 outputs unless ``0`` (a clear error for other values)."""
+    raw = os.environ.get(F16_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{F16_ENV}={raw!r}: expected 1/unset (on for fp16 outputs) or 0 (off)")
+    return raw != "0"
 
 
 def _f16_launch(f16: bool, scale: float, fan_in: int | None = None) -> tuple[float, dict]:
@@ -556,7 +568,7 @@ def transform(
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     :func:`stack_tile_rows`), for ``bench/hadamard.py``.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
-    ``None``: ``QTIP_TRITON_HADAMARD_F16=1`` turns it on for float16 outputs, except fp32 partials of fewer than
+    ``None``: on for float16 outputs unless ``QTIP_TRITON_HADAMARD_F16=0``, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
     ``cols``: a decode kernel's column order that keeps every P2-wide segment of a block in place
     (:func:`segment_cols`): position j of each segment holds the segment's natural column ``cols[j]``. The kernels
