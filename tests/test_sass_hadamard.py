@@ -27,14 +27,14 @@ def compiled(*args: str) -> list[dict]:
 
 
 def test_one_token_and_stacked_transforms_compile_for_sm90():
-    rows = compiled("--n", "4096", "--T", "1,256", "--variants", "default,stacked", "--direction", "input",
+    rows = compiled("--n", "4096", "--T", "1,512", "--variants", "default,stacked", "--direction", "input",
                     "--pdl", "early")
     by = {(r["T"], r["variant"]): r for r in rows}
     one = by[(1, "default")]
     assert one["kernel"] == "_had2_kernel" and one["programs"] == 4  # column split: 1 row block x 4 column blocks
     assert one["stack"] == 0 and one["opcodes"].get("HMMA", 0) > 0 and one["opcodes"].get("ACQBULK") == 1, one
-    st = by[(256, "stacked")]
-    assert st["kernel"] == "_had2_stack_kernel" and st["programs"] == 64 and st["warps"] == 8  # 4 tokens per tile
+    st = by[(512, "stacked")]
+    assert st["kernel"] == "_had2_stack_kernel" and st["programs"] == 128 and st["warps"] == 8  # 4 tokens per tile
     assert st["stack"] == 0 and st["opcodes"].get("HGMMA", 0) > 0, st
     assert len(one["ptx"]) == 12 and one["ptx"] != st["ptx"]
 
