@@ -38,7 +38,7 @@ def test_transform_kernels_match_float64(n, T):
         y = transform(x, 1, transpose=True, pre=su, dst=dst, tall=tall)
         assert torch.isfinite(y).all() and float((y.double() - ref_in).norm() / ref_in.norm()) < 1e-3, tall
         y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float32, tall=tall)
-        assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4, tall  # bf16 hi + lo: ~16 bits
+        assert float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-4, tall  # fp32 out: bf16 hi + lo, ~16 bits
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -73,7 +73,7 @@ def test_stacked_kernel_matches_float64(n, T, rows):
 def test_f16_dots_match_float64(n, T):
     """One fp16 dot per product (``f16_dots``, fp16 outputs) on the hardware's tensor cores, in every kernel the
     dispatch picks at this size and batch and in both product orders of the per-token kernel: fp16's accuracy
-    (the hi + lo default keeps ~16 bits; this ~11, as the fp16 output does)."""
+    (the hi + lo pair keeps ~16 bits; this ~11, as the fp16 output does; the default for fp16 outputs)."""
     x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 4)
     for kw in ({}, {"zb_first": True}) if T <= 16 else ({}, {"tall": True}, {"stacked": True}):
         y = transform(x, 1, transpose=True, pre=su, dst=dst, out_dtype=torch.float16, f16_dots=True, **kw)
