@@ -28,8 +28,10 @@ LLAMA = [(12288, 4096), (4096, 11008), (28672, 8192)]  # out x in
 
 
 def transform_key(kind: str, out_f: int, in_f: int, M: int) -> tuple:
-    return (row_class(M), hadamard.launch_key(in_f, 1, M, transpose=True, dst=kind != "decompress"),
-            hadamard.launch_key(out_f, 1, M))
+    """What picks a transform's compiled variant: M's class, each launch key, and whether fp32 partials of M tokens
+    take fp16 dots (the F16 constant: from 8 tokens, inside bucket 8 with 5-7 and in one row class with them)."""
+    return (row_class(M), M >= hadamard.F16_ENV_FP32_MIN_TOKENS,
+            hadamard.launch_key(in_f, 1, M, transpose=True, dst=kind != "decompress"), hadamard.launch_key(out_f, 1, M))
 
 
 @pytest.mark.parametrize("kind", ["gemv", "decompress"])
@@ -51,6 +53,7 @@ def test_the_transforms_switch_inside_buckets():
     extra = {b: set(kernels.transform_rows("decompress", 4096, 12288, 1, 1, bucket_rows(b)[0], b)) - set(warm_rows(b))
              for b in buckets_upto(256)}
     assert 96 in extra[128]
+    assert 8 in extra[8] and row_class(8) == row_class(5)  # the fp16-dot switch of fp32 partials
     assert hadamard.launch_key(4096, 1, 96, transpose=True)[0] == "stacked" != \
         hadamard.launch_key(4096, 1, 95, transpose=True)[0]
 

@@ -487,13 +487,17 @@ def has_kernels(transforms: Iterable[Transform]) -> bool:
 
 def first_tokens(transforms: Iterable[Transform], tokens: Iterable[int],
                  extra: Callable[[int], tuple] = lambda T: ()) -> list[int]:
-    """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, every transform's
-    :func:`launch_key` at T): one launch per compiled variant, what the warm-ups (``kernels.transform_rows``,
-    the vLLM op warm-up) launch so that no transform compiles during inference."""
+    """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, which side of
+    ``F16_ENV_FP32_MIN_TOKENS`` T is on, every transform's :func:`launch_key` at T): one launch per compiled variant,
+    what the warm-ups (``kernels.transform_rows``, the vLLM op warm-up) launch so that no transform compiles during
+    inference. The fp16-dot switch point is there because fp32 partials of fewer tokens keep the hi + lo pair
+    (``_use_f16``): 7 and 9 tokens share a row class and every launch key but not the ``F16`` constant."""
     order = sorted(transforms)
     first: dict[tuple, int] = {}
     for T in tokens:
-        first.setdefault((*extra(T), row_class(T), *(launch_key(n, b, T, g, t, d) for n, b, g, t, d in order)), T)
+        key = (*extra(T), row_class(T), T >= F16_ENV_FP32_MIN_TOKENS,
+               *(launch_key(n, b, T, g, t, d) for n, b, g, t, d in order))
+        first.setdefault(key, T)
     return sorted(first.values())
 
 

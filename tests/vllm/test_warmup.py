@@ -151,13 +151,16 @@ def test_op_warm_rows_cover_every_launch_key():
 
     def key(M):
         return (bucket_for(M), row_class(M), had.launch_key(4096, 1, M, 3, True), gather_after_transform(4096, 1, M, 3),
-                wgmma_fused_decode_on(M), *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
+                wgmma_fused_decode_on(M), had._use_f16(None, torch.float16, torch.float32, M),
+                *(had.launch_key(n, 1, M, g) for n in (4096, 1024) for g in (1, 3)))
 
     warmed = {key(M) for M in rows}
     assert all(key(M) in warmed for M in range(1, 3001))
     # the three shards' grouped wgmma input gathers from 3 x 32 >= 96 rows (the stacked natural launch's threshold)
     assert not gather_after_transform(4096, 1, 31, 3) and gather_after_transform(4096, 1, 32, 3)
     assert 32 in rows
+    # fp32 partials switch to fp16 dots at 8 tokens (the F16 constant), where no row class or launch key changes
+    assert had.F16_ENV_FP32_MIN_TOKENS == 8 and 8 in rows and row_class(7) == row_class(9)
     # the one-launch shards' switch point, wherever it falls: moved off a bucket edge, the first M past it is warmed
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv(WGMMA_FUSED_DECODE_ENV, raising=False)
