@@ -118,7 +118,6 @@ def test_launch_switches_are_reported(monkeypatch):
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACK_FILL", "0")
     monkeypatch.delenv("QTIP_TRITON_HADAMARD_STACKED", raising=False)
     assert "fewer than 128 programs (off: QTIP_TRITON_HADAMARD_STACK_FILL=0)" in info.collect()["launch"]["hadamard_stacked"]
-    monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "0")
     assert info.collect()["launch"]["hadamard_stacked"] == "off"
     monkeypatch.setenv("QTIP_TRITON_HADAMARD_STACKED", "256")

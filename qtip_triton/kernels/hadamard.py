@@ -384,10 +384,16 @@ def _use_f16(f16_dots: bool | None, out_dtype: torch.dtype, in_dtype: torch.dtyp
         return True
     if f16_dots is None:
         on = f16_on()
-        if in_dtype == torch.float32 and tokens is not None and tokens < F16_ENV_FP32_MIN_TOKENS:
+        if in_dtype == torch.float32 and tokens is not None and not f16_fp32_tokens(tokens):
             return False
         return on and out_dtype == torch.float16
     return False
+
+
+def f16_fp32_tokens(tokens: int) -> bool:
+    """Whether fp32 inputs (split-K partials) of ``tokens`` tokens may take fp16 dots by default: the one token-count
+    rule of :func:`_use_f16`, which :func:`first_tokens` also keys on (a compiled variant of its own)."""
+    return tokens >= F16_ENV_FP32_MIN_TOKENS
 
 
 def f16_on() -> bool:
@@ -487,15 +493,14 @@ def has_kernels(transforms: Iterable[Transform]) -> bool:
 
 def first_tokens(transforms: Iterable[Transform], tokens: Iterable[int],
                  extra: Callable[[int], tuple] = lambda T: ()) -> list[int]:
-    """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, which side of
-    ``F16_ENV_FP32_MIN_TOKENS`` T is on, every transform's :func:`launch_key` at T): one launch per compiled variant,
-    what the warm-ups (``kernels.transform_rows``, the vLLM op warm-up) launch so that no transform compiles during
-    inference. The fp16-dot switch point is there because fp32 partials of fewer tokens keep the hi + lo pair
-    (``_use_f16``): 7 and 9 tokens share a row class and every launch key but not the ``F16`` constant."""
+    """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, :func:`f16_fp32_tokens` of T,
+    every transform's :func:`launch_key` at T): one launch per compiled variant, what the warm-ups
+    (``kernels.transform_rows``, the vLLM op warm-up) launch so that no transform compiles during inference. The fp16-dot switch point is there because fp32 partials of fewer tokens keep the hi + lo pair
+    (:func:`f16_fp32_tokens`): 7 and 9 tokens share a row class and every launch key but not the ``F16`` constant."""
     order = sorted(transforms)
     first: dict[tuple, int] = {}
     for T in tokens:
-        key = (*extra(T), row_class(T), T >= F16_ENV_FP32_MIN_TOKENS,
+        key = (*extra(T), row_class(T), f16_fp32_tokens(T),
                *(launch_key(n, b, T, g, t, d) for n, b, g, t, d in order))
         first.setdefault(key, T)
     return sorted(first.values())
