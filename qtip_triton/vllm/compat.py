@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 
@@ -75,7 +76,10 @@ def engine_max_tokens(cfg: Any) -> tuple[int, str] | None:
 def logger():
     """A logger under vLLM's ``vllm`` hierarchy: vLLM configures handlers (format, level) for that logger
     only, so a plain ``qtip_triton.vllm`` logger lost every INFO line in the engine's output (the
-    warm-up's "compiled N kernel variants in parallel") and printed WARNINGs unformatted."""
-    from vllm.logger import init_logger
-
+    warm-up's "compiled N kernel variants in parallel") and printed WARNINGs unformatted. Without vLLM (the
+    warm-up run by a test or another runtime) a plain ``qtip_triton.vllm`` logger."""
+    try:
+        from vllm.logger import init_logger
+    except ImportError:
+        return logging.getLogger("qtip_triton.vllm")
     return init_logger("vllm.qtip_triton")

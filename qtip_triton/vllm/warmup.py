@@ -49,6 +49,7 @@ import torch
 
 from qtip_triton import dispatch, registry
 from qtip_triton.autotune import warmup_pool
+from qtip_triton.compile_watch import CompileWatch, watch_compiles
 from qtip_triton.vllm import compat
 
 NO_WARMUP_ENV = "QTIP_TRITON_NO_WARMUP"  # "1": skip the load-time warm-up
@@ -254,10 +255,24 @@ def warm_up_layer(packed, dtype: torch.dtype, *, bias: bool = False, prefix: str
     return max_m
 
 
-def warm_up_layers(entries) -> int | None:
+@dataclass(frozen=True)
+class WarmupReport:
+    """What one :func:`warm_up_layers` run did: how many kernel variants the pool compiled (None: it did not run)
+    and what the serial part that follows compiled itself (``watch``: it should only load)."""
+
+    max_m: int
+    layers: int
+    distinct: int
+    pool_compiled: int | None
+    watch: CompileWatch
+    seconds: float
+
+
+def warm_up_layers(entries) -> WarmupReport | None:
     """Warm several loaded layers (:class:`PendingWarmup`): the distinct ones' variants in one pool run, then
-    each layer's ``registry.prepare`` and op warm-up, which only load and launch binaries. Returns the largest
-    max M."""
+    each layer's ``registry.prepare`` and op warm-up, which only load and launch binaries; a variant compiled
+    there is one the pool missed, and the log line says which (:mod:`qtip_triton.compile_watch`). None when
+    nothing was to warm."""
     entries = [e for e in entries if _skip_reason(e.packed, e.dtype) is None]
     if not entries:
         return None
@@ -269,20 +284,22 @@ def warm_up_layers(entries) -> int | None:
     for e in entries:
         first_of.setdefault(e.geometry(), e)
     distinct = list(first_of.values())
-    compile_layers_in_parallel(distinct)
-    for e in entries:
-        for qw in e.packed.shards():
-            try:
-                registry.prepare(qw, max_m=e.max_m, dtypes=(e.dtype,), bias=e.bias)
-            except Exception as exc:  # best effort: the same launch fails (or compiles) on first use, as without it
-                compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first use",
-                                        e.prefix or "a layer", qw.spec.name, qw.out_features, qw.in_features,
-                                        type(exc).__name__, exc)
-        warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias)
+    pool_compiled = compile_layers_in_parallel(distinct)
+    with watch_compiles() as watch:
+        for e in entries:
+            for qw in e.packed.shards():
+                try:
+                    registry.prepare(qw, max_m=e.max_m, dtypes=(e.dtype,), bias=e.bias)
+                except Exception as exc:  # best effort: the same launch fails (or compiles) on first use, as without it
+                    compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first "
+                                            "use", e.prefix or "a layer", qw.spec.name, qw.out_features,
+                                            qw.in_features, type(exc).__name__, exc)
+            warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias)
+    report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0)
     log = compat.logger().info if len(entries) > 1 else compat.logger().debug
-    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s", len(entries), len(distinct), max_m,
-        time.perf_counter() - t0)
-    return max_m
+    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s; after the pool: %s", len(entries), len(distinct),
+        max_m, report.seconds, watch.summary())
+    return report
 
 
 def batching_on() -> bool:

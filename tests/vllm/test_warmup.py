@@ -455,6 +455,61 @@ def test_exl3_tied_head_does_not_hold_the_models_warm_up(recorder, gen):
     assert [qw for qw, _ in recorder] == body.exl3_packed.shards()
 
 
+def test_the_warm_up_reports_what_compiled_after_the_pool(recorder, gen, monkeypatch):
+    """The serial part after the pool should only load binaries: what it compiles itself (here a fake
+    ``triton.compile`` inside each shard's prepare) is counted per kernel and named in the log line."""
+    knobs = pytest.importorskip("triton.knobs")
+    if not hasattr(knobs.compilation, "listener"):
+        pytest.skip("Triton without a compilation listener")
+    lines = []
+
+    class Log:
+        def info(self, message, *args):
+            lines.append(message % args)
+
+        debug = warning = info
+
+    def prepare(qw, **kw):
+        recorder.append((qw, kw))
+        knobs.compilation.listener(src=None, metadata={"name": "_missed_kernel"}, metadata_group={},
+                                   times=SimpleNamespace(total=1_500_000), cache_hit=False)
+        knobs.compilation.listener(src=None, metadata={"name": "_pooled_kernel"}, metadata_group={},
+                                   times=SimpleNamespace(total=2_000), cache_hit=True)
+
+    monkeypatch.setattr(compat, "logger", lambda: Log())
+    monkeypatch.setattr(warmup, "compile_layers_in_parallel", lambda layers: 7)
+    monkeypatch.setattr(registry, "prepare", prepare)
+    monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # pack the layers without their automatic warm-up
+    layers = [qtip_layer("qkv", gen), qtip_layer("row", gen)]
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+    monkeypatch.delenv(warmup.NO_WARMUP_ENV)
+    before = knobs.compilation.listener
+    report = warmup.warm_up_layers([warmup.PendingWarmup(layer.qtip_packed, torch.float16, False, 32)
+                                    for layer in layers])
+    shards = sum(len(layer.qtip_packed.shards()) for layer in layers)
+    assert (report.max_m, report.layers, report.distinct, report.pool_compiled) == (32, 2, 2, 7)
+    assert [e.name for e in report.watch.compiled] == ["_missed_kernel"] * shards == ["_missed_kernel"] * 4
+    assert len(report.watch.loaded) == shards and knobs.compilation.listener is before
+    assert lines[-1].endswith(f"after the pool: {shards} compiled here ({1.5 * shards:.1f} s: _missed_kernel x{shards}), "
+                              f"{shards} loaded from the cache")
+
+
+def test_plugin_logger_without_vllm_is_a_plain_one(monkeypatch):
+    """The warm-up also runs without vLLM (its GPU test, other runtimes): the logger must not need it."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_vllm(name, *args, **kwargs):
+        if name == "vllm" or name.startswith("vllm."):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_vllm)
+    assert compat.logger().name == "qtip_triton.vllm"
+
+
 def test_plugin_logger_uses_vllms_handlers():
     """vLLM configures handlers for its ``vllm`` logger only: ours must sit under it or INFO lines vanish."""
     import logging
