@@ -114,19 +114,22 @@ def layer_key(packed, dtype: torch.dtype, bias: bool) -> tuple:
             packed.rcp, packed.tp_rank, dtype, bias, str(packed.trellis.device))
 
 
-def _op_rows(shards, max_m: int) -> list[int]:
+def _warm_rows(entry: PendingWarmup) -> list[int] | None:
+    """:func:`op_warm_rows` of a layer, None if it cannot be had (the op's own warm-up then meets the same problem
+    and says so; the shards' jobs still go to the pool)."""
     try:
-        return op_warm_rows(shards, max_m) if len(shards) > 1 else []
-    except Exception as e:  # the op's own warm-up meets the same problem and says so; the shards' jobs still go
-        compat.logger().debug("qtip: no op rows for the compile pool (%s: %s)", type(e).__name__, e)
-        return []
+        return op_warm_rows(entry.packed.shards(), entry.max_m)
+    except Exception as e:
+        compat.logger().debug("qtip: no op rows for %s (%s: %s)", entry.prefix or "a layer", type(e).__name__, e)
+        return None
 
 
-def compile_layers_in_parallel(layers) -> int | None:
+def compile_layers_in_parallel(layers, op_rows: dict[tuple, list[int] | None] | None = None) -> int | None:
     """Compile the variants the serial warm-up will launch for ``layers`` (:class:`PendingWarmup`) in one run
     of the compile pool first (see :mod:`qtip_triton.autotune.warmup_pool`); returns how many were compiled,
     None if the pool was not used. Never raises: a pool that cannot run logs one warning and the warm-up
-    stays serial."""
+    stays serial. ``op_rows``: :func:`op_warm_rows` by :meth:`PendingWarmup.geometry`, where the caller has them
+    (they take ~1 s of CPU a layer, and :func:`warm_op` needs the same)."""
     workers, problem = warmup_pool.warmup_workers()
     if problem:
         _log("qtip: %s", problem)
@@ -135,8 +138,11 @@ def compile_layers_in_parallel(layers) -> int | None:
     requests = []
     for entry in layers:
         shards = entry.packed.shards()
+        rows: list[int] | None = []
+        if len(shards) > 1:  # a single shard's op launches nothing its per-shard jobs do not
+            rows = op_rows[entry.geometry()] if op_rows is not None and entry.geometry() in op_rows else _warm_rows(entry)
         requests.append(warmup_pool.LayerRequest(tuple(shards), entry.dtype, entry.bias, entry.max_m,
-                                                 tuple(_op_rows(shards, entry.max_m))))
+                                                 tuple(rows or ())))
     what = layers[0].prefix or "a layer" if len(layers) == 1 else f"{len(layers)} distinct layers"
     try:
         result = warmup_pool.compile_ahead_many(requests, workers=workers)
@@ -194,10 +200,11 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
     return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=extra)
 
 
-def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False) -> None:
-    """Run the layer's op once at each M of :func:`op_warm_rows`: the transforms' launch variants and
-    a fused layer's grouped launches, which the per-shard ``registry.prepare`` does not make. Once per
-    distinct layer geometry per process."""
+def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False,
+            rows: list[int] | None = None) -> None:
+    """Run the layer's op once at each M of :func:`op_warm_rows` (``rows``, where the caller has them): the
+    transforms' launch variants and a fused layer's grouped launches, which the per-shard ``registry.prepare`` does
+    not make. Once per distinct layer geometry per process."""
     from qtip_triton import ops
 
     key = layer_key(packed, dtype, bias)
@@ -209,7 +216,7 @@ def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool
         device = packed.trellis.device
         b = torch.zeros(sum(packed.out_features), dtype=dtype, device=device) if bias else None
         with torch.no_grad():
-            for M in op_warm_rows(packed.shards(), max_m):
+            for M in op_warm_rows(packed.shards(), max_m) if rows is None else rows:
                 ops.qtip_linear(torch.zeros(M, packed.in_features, dtype=dtype, device=device), packed, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -284,7 +291,8 @@ def warm_up_layers(entries) -> WarmupReport | None:
     for e in entries:
         first_of.setdefault(e.geometry(), e)
     distinct = list(first_of.values())
-    pool_compiled = compile_layers_in_parallel(distinct)
+    op_rows = {g: _warm_rows(e) for g, e in first_of.items()}  # once a distinct layer: for the pool and warm_op
+    pool_compiled = compile_layers_in_parallel(distinct, op_rows)
     with watch_compiles() as watch:
         for e in entries:
             for qw in e.packed.shards():
@@ -294,7 +302,7 @@ def warm_up_layers(entries) -> WarmupReport | None:
                     compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first "
                                             "use", e.prefix or "a layer", qw.spec.name, qw.out_features,
                                             qw.in_features, type(exc).__name__, exc)
-            warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias)
+            warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias, rows=op_rows.get(e.geometry()))
     report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0)
     log = compat.logger().info if len(entries) > 1 else compat.logger().debug
     log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s; after the pool: %s", len(entries), len(distinct),

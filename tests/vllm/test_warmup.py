@@ -47,7 +47,7 @@ def recorder(monkeypatch):
     calls = []
     monkeypatch.setattr(warmup, "compiles_ahead", lambda device: True)
     monkeypatch.setattr(registry, "prepare", lambda qw, **kw: calls.append((qw, kw)))
-    monkeypatch.setattr(warmup, "warm_op", lambda packed, dtype, max_m, prefix="", bias=False:
+    monkeypatch.setattr(warmup, "warm_op", lambda packed, dtype, max_m, prefix="", bias=False, rows=None:
                         FUSED.append((packed, max_m, bias)))
     monkeypatch.delenv(warmup.NO_WARMUP_ENV, raising=False)
     monkeypatch.delenv("QTIP_TRITON_NO_REGISTRY", raising=False)
@@ -312,6 +312,27 @@ def test_fused_layer_compiles_without_bias(pool, recorder, gen):
     assert list(req.op_rows) == warmup.op_warm_rows(list(req.shards), req.max_m)  # the rows warm_op runs the op at
 
 
+def test_op_rows_are_walked_once_per_distinct_layer(pool, recorder, gen, monkeypatch):
+    """``op_warm_rows`` walks up to 8192 token counts (~1 s of CPU a layer): the pool's plan and ``warm_op`` share one
+    walk per distinct layer, and get the same rows."""
+    walks, ran = [], []
+    real = warmup.op_warm_rows
+    monkeypatch.setattr(warmup, "op_warm_rows", lambda shards, max_m: walks.append(len(shards)) or real(shards, max_m))
+    monkeypatch.setattr(warmup, "warm_op", lambda packed, dtype, max_m, prefix="", bias=False, rows=None:
+                        ran.append((len(packed.shards()), rows)))
+    monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # pack the layers without their automatic warm-up
+    layers = [qtip_layer("qkv", gen), qtip_layer("row", gen), qtip_layer("qkv", gen)]
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+    monkeypatch.delenv(warmup.NO_WARMUP_ENV)
+    warmup.warm_up_layers([warmup.PendingWarmup(layer.qtip_packed, torch.float16, False, 64) for layer in layers])
+    assert sorted(walks) == [1, 3]  # two distinct layers, one walk each
+    qkv_rows, row_rows = (real(layers[i].qtip_packed.shards(), 64) for i in (0, 1))
+    (requests, _, _), = pool.calls
+    assert [list(r.op_rows) for r in requests] == [qkv_rows, []]  # a single shard sends no op jobs
+    assert ran == [(3, qkv_rows), (1, row_rows), (3, qkv_rows)] and len(qkv_rows) > 3
+
+
 def test_pool_failure_falls_back_to_serial_with_one_warning(pool, recorder, gen, monkeypatch):
     tried = []
 
@@ -477,7 +498,7 @@ def test_the_warm_up_reports_what_compiled_after_the_pool(recorder, gen, monkeyp
                                    times=SimpleNamespace(total=2_000), cache_hit=True)
 
     monkeypatch.setattr(compat, "logger", lambda: Log())
-    monkeypatch.setattr(warmup, "compile_layers_in_parallel", lambda layers: 7)
+    monkeypatch.setattr(warmup, "compile_layers_in_parallel", lambda layers, op_rows=None: 7)
     monkeypatch.setattr(registry, "prepare", prepare)
     monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # pack the layers without their automatic warm-up
     layers = [qtip_layer("qkv", gen), qtip_layer("row", gen)]
