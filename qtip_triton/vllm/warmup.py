@@ -304,9 +304,11 @@ def warm_up_layers(entries) -> WarmupReport | None:
                                             qw.in_features, type(exc).__name__, exc)
             warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias, rows=op_rows.get(e.geometry()))
     report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0)
-    log = compat.logger().info if len(entries) > 1 else compat.logger().debug
-    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s; after the pool: %s", len(entries), len(distinct),
-        max_m, report.seconds, watch.summary())
+    # a kernel built here behind a pool is one the pool missed: worth the engine's log even for a single layer
+    missed = pool_compiled is not None and bool(watch.compiled)
+    log = compat.logger().info if len(entries) > 1 or missed else compat.logger().debug
+    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s; %s: %s", len(entries), len(distinct), max_m,
+        report.seconds, "after the pool" if pool_compiled is not None else "without the pool", watch.summary())
     return report
 
 

@@ -482,13 +482,7 @@ def test_the_warm_up_reports_what_compiled_after_the_pool(recorder, gen, monkeyp
     knobs = pytest.importorskip("triton.knobs")
     if not hasattr(knobs.compilation, "listener"):
         pytest.skip("Triton without a compilation listener")
-    lines = []
-
-    class Log:
-        def info(self, message, *args):
-            lines.append(message % args)
-
-        debug = warning = info
+    log = Log()
 
     def prepare(qw, **kw):
         recorder.append((qw, kw))
@@ -497,8 +491,9 @@ def test_the_warm_up_reports_what_compiled_after_the_pool(recorder, gen, monkeyp
         knobs.compilation.listener(src=None, metadata={"name": "_pooled_kernel"}, metadata_group={},
                                    times=SimpleNamespace(total=2_000), cache_hit=True)
 
-    monkeypatch.setattr(compat, "logger", lambda: Log())
-    monkeypatch.setattr(warmup, "compile_layers_in_parallel", lambda layers, op_rows=None: 7)
+    monkeypatch.setattr(compat, "logger", lambda: log)
+    pooled = [7]
+    monkeypatch.setattr(warmup, "compile_layers_in_parallel", lambda layers, op_rows=None: pooled[0])
     monkeypatch.setattr(registry, "prepare", prepare)
     monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # pack the layers without their automatic warm-up
     layers = [qtip_layer("qkv", gen), qtip_layer("row", gen)]
@@ -512,8 +507,15 @@ def test_the_warm_up_reports_what_compiled_after_the_pool(recorder, gen, monkeyp
     assert (report.max_m, report.layers, report.distinct, report.pool_compiled) == (32, 2, 2, 7)
     assert [e.name for e in report.watch.compiled] == ["_missed_kernel"] * shards == ["_missed_kernel"] * 4
     assert len(report.watch.loaded) == shards and knobs.compilation.listener is before
-    assert lines[-1].endswith(f"after the pool: {shards} compiled here ({1.5 * shards:.1f} s: _missed_kernel x{shards}), "
-                              f"{shards} loaded from the cache")
+    level, line = log.lines[-1]
+    assert level == "info" and line.endswith(f"after the pool: {shards} compiled here ({1.5 * shards:.1f} s: "
+                                             f"_missed_kernel x{shards}), {shards} loaded from the cache")
+    # one layer alone logs at debug level, unless a pool ran and still left it kernels to build
+    warmup.warm_up_layers([warmup.PendingWarmup(layers[1].qtip_packed, torch.float16, False, 32)])
+    assert log.lines[-1][0] == "info" and "after the pool: 1 compiled here" in log.lines[-1][1]
+    pooled[0] = None  # no pool (one worker, or it failed): building here is the plan
+    warmup.warm_up_layers([warmup.PendingWarmup(layers[1].qtip_packed, torch.float16, False, 32)])
+    assert log.lines[-1][0] == "debug" and "without the pool: 1 compiled here" in log.lines[-1][1]
 
 
 def test_plugin_logger_without_vllm_is_a_plain_one(monkeypatch):
