@@ -38,7 +38,9 @@ def test_counts_builds_and_loads_apart():
     assert [e.name for e in watch.compiled] == ["_had2_kernel", "_had2_kernel", "_gemv_kernel"]
     assert [e.name for e in watch.loaded] == ["_wgmma_kernel"]
     assert watch.compiled_seconds() == pytest.approx(4.0)
-    assert watch.summary() == "3 compiled here (4.0 s: _had2_kernel x2, _gemv_kernel), 1 loaded from the cache"
+    assert watch.loaded_seconds() == pytest.approx(0.003)
+    assert watch.summary() == ("3 compiled here (4.0 s: _had2_kernel x2, _gemv_kernel), 1 loaded from the cache "
+                               "(0.0 s)")
 
 
 def test_summary_lists_the_most_frequent_names_first_and_counts_the_rest():
@@ -53,7 +55,10 @@ def test_summary_lists_the_most_frequent_names_first_and_counts_the_rest():
 def test_nothing_compiled_reads_so():
     with cw.watch_compiles() as watch:
         fire("k", 10, True)
-    assert watch.compiled == [] and watch.summary() == "0 compiled here, 1 loaded from the cache"
+    assert watch.compiled == [] and watch.summary() == "0 compiled here, 1 loaded from the cache (0.0 s)"
+    with cw.watch_compiles() as nothing:
+        pass
+    assert nothing.summary() == "0 compiled here, 0 loaded from the cache"
 
 
 def test_a_previous_listener_keeps_being_called_and_comes_back():
