@@ -29,11 +29,15 @@ def test_stacked_kernel_errors():
 
 
 class _Spy:
-    def __init__(self, name, kernel, launched):
-        self.name, self.kernel, self.launched = name, kernel, launched
+    """Stands for a kernel: records its ``name`` in ``launched`` (and, given ``grids``, each launch's grid there)."""
+
+    def __init__(self, name, kernel, launched, grids=None):
+        self.name, self.kernel, self.launched, self.grids = name, kernel, launched, grids
 
     def __getitem__(self, grid):
         self.launched.append(self.name)
+        if self.grids is not None:
+            self.grids.append(grid)
         return self.kernel[grid]
 
 
@@ -148,14 +152,7 @@ def test_a_filled_grid_gives_the_results_of_the_full_tile(gen, monkeypatch):
     monkeypatch.delenv(had.STACK_ENV, raising=False)
     x = torch.randn(256, 4096, generator=gen)
     launched: list[tuple] = []
-
-    class _Grid:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return had_kernel[grid]
-
-    had_kernel = had._had2_stack_kernel
-    monkeypatch.setattr(had, "_had2_stack_kernel", _Grid())
+    monkeypatch.setattr(had, "_had2_stack_kernel", _Spy("stacked", had._had2_stack_kernel, [], grids=launched))
     monkeypatch.delenv(had.STACK_FILL_ENV, raising=False)
     filled = transform(x, 1, transpose=False, out_dtype=torch.float32, interpret=True)
     monkeypatch.setenv(had.STACK_FILL_ENV, "0")
