@@ -495,7 +495,8 @@ def first_tokens(transforms: Iterable[Transform], tokens: Iterable[int],
                  extra: Callable[[int], tuple] = lambda T: ()) -> list[int]:
     """The smallest of ``tokens`` for each distinct (``extra(T)``, Triton's class of T, :func:`f16_fp32_tokens` of T,
     every transform's :func:`launch_key` at T): one launch per compiled variant, what the warm-ups
-    (``kernels.transform_rows``, the vLLM op warm-up) launch so that no transform compiles during inference. The fp16-dot switch point is there because fp32 partials of fewer tokens keep the hi + lo pair
+    (``kernels.transform_rows``, the vLLM op warm-up) launch so that no transform compiles during inference. The
+    fp16-dot switch point is there because fp32 partials of fewer tokens keep the hi + lo pair
     (:func:`f16_fp32_tokens`): 7 and 9 tokens share a row class and every launch key but not the ``F16`` constant."""
     order = sorted(transforms)
     first: dict[tuple, int] = {}

@@ -291,7 +291,9 @@ def warm_up_layers(entries) -> WarmupReport | None:
     for e in entries:
         first_of.setdefault(e.geometry(), e)
     distinct = list(first_of.values())
-    op_rows = {g: _warm_rows(e) for g, e in first_of.items()}  # once a distinct layer: for the pool and warm_op
+    # once a distinct layer, for the pool (fused layers) and warm_op (layers whose op this process has not yet warmed)
+    op_rows = {g: _warm_rows(e) for g, e in first_of.items()
+               if len(e.packed.shards()) > 1 or layer_key(e.packed, e.dtype, e.bias) not in _OP_WARM}
     pool_compiled = compile_layers_in_parallel(distinct, op_rows)
     with watch_compiles() as watch:
         for e in entries:

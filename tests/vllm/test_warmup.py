@@ -331,6 +331,12 @@ def test_op_rows_are_walked_once_per_distinct_layer(pool, recorder, gen, monkeyp
     (requests, _, _), = pool.calls
     assert [list(r.op_rows) for r in requests] == [qkv_rows, []]  # a single shard sends no op jobs
     assert ran == [(3, qkv_rows), (1, row_rows), (3, qkv_rows)] and len(qkv_rows) > 3
+    # a later warm-up in this process: a single-shard layer whose op is warmed already needs no walk (the pool takes
+    # no op rows from it); a fused one still gives its rows to the pool's plan
+    monkeypatch.setattr(warmup, "_OP_WARM", {warmup.layer_key(layers[1].qtip_packed, torch.float16, False)})
+    walks.clear()
+    warmup.warm_up_layers([warmup.PendingWarmup(layer.qtip_packed, torch.float16, False, 64) for layer in layers[:2]])
+    assert walks == [3]
 
 
 def test_pool_failure_falls_back_to_serial_with_one_warning(pool, recorder, gen, monkeypatch):
