@@ -46,7 +46,12 @@ if [ -n "${QUICK:-}" ]; then
     --reps 1 --eager --out "$OUT/quick" || { echo "[e2e_vllm_device] quick check failed"; exit 4; }
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
-timeout -k 10 "$LEFT" python3 "${SCRIPT:-bench/e2e_vllm.py}" --out "$OUT" --budget-s $(( LEFT - 15 )) "$@"
-RC=$?
+# the whole output in $OUT/e2e_vllm.log, and the plugin's own lines (warm-up, compile pool) again at the end: a
+# call's reply shows only its tail, where the warm-up's "after the pool" line was lost among vLLM's (2026-12-07)
+timeout -k 10 "$LEFT" python3 "${SCRIPT:-bench/e2e_vllm.py}" --out "$OUT" --budget-s $(( LEFT - 15 )) "$@" 2>&1 \
+  | tee "$OUT/e2e_vllm.log"
+RC=${PIPESTATUS[0]}
+echo "[e2e_vllm_device] the plugin's log lines:"
+grep -a 'qtip' "$OUT/e2e_vllm.log" | grep -av 'RESULT\|qtip_triton_rev' | cut -c1-400 | tail -30
 ls -l "$OUT"
 exit $RC

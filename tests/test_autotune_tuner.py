@@ -13,8 +13,18 @@ from qtip_triton import cli
 from qtip_triton.autotune import cmd_autotune, store
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
 from qtip_triton.autotune.kernel_api import config_key
-from qtip_triton.autotune.space import candidates, check_config, prune, wasteful
-from qtip_triton.autotune.tuner import RandomWorkload, make_tasks, merge_rounds, plan, refine_plan, tried_in, tune
+from qtip_triton.autotune.space import candidates, check_config, knobs_apart, prune, wasteful
+from qtip_triton.autotune.tuner import (
+    RandomWorkload,
+    TaskResult,
+    make_tasks,
+    merge_rounds,
+    plan,
+    refine_plan,
+    second_starts,
+    tried_in,
+    tune,
+)
 from qtip_triton.spec import TrellisSpec
 
 H100 = DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132)
@@ -258,6 +268,88 @@ def test_rounds_climb_from_the_winner_to_a_config_the_first_round_cannot_time():
     assert res.config == Valley.TARGET and res.time_us == pytest.approx(10.16)
     assert res.default_time_us == first.results[0].default_time_us and res.tried > first.results[0].tried
     assert 2 <= rounds < 10
+
+
+class TwoBasins(FakeAPI):
+    """A world where the first round's fastest config (an extra candidate several knobs from the default) sits in a
+    basin of its own, and the fastest config of all is one knob from a slower first-round config but two or more
+    from the winner: climbing from the winner alone never times it (the 11008x4096 wgmma entry at 256 tokens,
+    H100, 2026-12-07)."""
+
+    def __init__(self, times: dict[tuple, float], trap: dict) -> None:
+        super().__init__()
+        self.times, self.trap = times, trap
+        self.extra_candidates = lambda kind, *a: [trap] if kind == "gemm" else []
+
+    def cost(self, kind, config, spec_name, m, n, M):
+        return self.times.get(config_key(config), 8.0) if kind == "gemm" else 50.0
+
+
+def _two_basins() -> tuple[TwoBasins, list, dict]:
+    """The world, its one task, and the config that is fastest there."""
+    spec = SPECS[0]
+    trap = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8}
+    api = TwoBasins({}, trap)
+    tasks = make_tasks([spec], [(64, 96)], [64])
+    default = api.default_config("gemm", spec, 64, 96, 64)
+    first = [c for k, c in plan(tasks, api, 3)[0][1] if k == "gemm"]
+    assert trap in first and knobs_apart(trap, default) == 3
+    space = api.config_space("gemm", spec, 64, 96, 64)
+    for near in (c for c in first if c not in (trap, default)):
+        best = [c for c in space if knobs_apart(c, near) == 1 and knobs_apart(c, trap) >= 2
+                and knobs_apart(c, default) >= 2 and c not in first]
+        if best:
+            break
+    api.times = {config_key(trap): 5.0, config_key(default): 6.0, config_key(near): 6.2, config_key(best[0]): 4.0}
+    return api, tasks, best[0]
+
+
+def _climb(api, tasks, **kw):
+    planned = plan(tasks, api, 3)
+    report = tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=3, progress=False, planned=planned)
+    tried, rounds = tried_in(planned), 0
+    while (nxt := refine_plan(report, planned, api, 3, tried, **kw)) and rounds < 10:
+        report = merge_rounds(report, tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=3, progress=False,
+                                           planned=nxt))
+        tried, rounds = tried_in(nxt, tried), rounds + 1
+    return report.results[0]
+
+
+def test_rounds_also_climb_from_a_second_start_outside_the_winners_neighbourhood():
+    api, tasks, best = _two_basins()
+    alone = _climb(api, tasks, second_within=0)
+    assert alone.config == api.trap and alone.time_us == 5.0  # the winner's basin: its neighbours are all slower
+    both = _climb(api, tasks)
+    assert both.config == best and both.time_us == 4.0
+    assert {config_key(c) for _, c, _ in alone.timed} < {config_key(c) for _, c, _ in both.timed}
+
+
+def test_the_command_climbs_from_second_starts_unless_told_not_to(tmp_path):
+    api, _, best = _two_basins()
+    for within, expect in ((None, best), (0.0, api.trap)):
+        out, where = io.StringIO(), tmp_path / str(within)
+        extra = {} if within is None else {"second_within": within}
+        args = _args(where, rounds=6, buckets=64, shapes="64x96", bits="2", **extra)
+        assert cmd_autotune.autotune(args, api, fake_bench(api), WORKLOAD, H100, VERS, out=out) == 0
+        assert [e.config for e in store.load(where / "h100.yaml").entries.values()] == [expect]
+        assert ("also of a second start" in out.getvalue()) == (within is None)
+
+
+def test_second_start_is_outside_the_winner_neighbourhood_and_near_its_time():
+    spec = SPECS[0]
+    task = make_tasks([spec], [(64, 96)], [64])[0]
+    win = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 8}
+    one = {**win, "num_warps": 4}
+    two = {**win, "num_warps": 4, "BLOCK_N": 64}
+    res = TaskResult(task, "gemm", win, 10.0, timed=[("gemm", win, 10.0), ("gemm", one, 10.5), ("gemm", two, 12.0),
+                                                     ("gemm", two, 12.5), ("gemv", {"BLOCK_N": 32}, 12.8)])
+    # fastest first, each config once at its fastest timing; the one-knob neighbour is the winner's own climb's
+    assert second_starts(res) == [("gemm", two), ("gemv", {"BLOCK_N": 32})]
+    assert second_starts(res, within=1.22) == [("gemm", two)]  # 12.8 is not within 1.22 x 10.0
+    assert second_starts(res, within=1.1) == second_starts(res, within=0) == []
+    assert second_starts(res, kinds=("gemv",)) == [("gemv", {"BLOCK_N": 32})]
+    assert second_starts(TaskResult(task)) == []  # nothing timed
+    assert knobs_apart(win, {**win, "split_sum": True}) == 0  # a launch flag does not move a config
 
 
 def test_command_rounds_and_what_they_print(tmp_path):

@@ -24,6 +24,7 @@ from qtip_triton.autotune.shapes import resolve as resolve_shapes
 from qtip_triton.autotune.store import Header, StoreError, TuneFile, save_merged
 from qtip_triton.autotune.store import load as load_tune_file
 from qtip_triton.autotune.tuner import (
+    SECOND_START_WITHIN,
     Planned,
     TuneReport,
     Workload,
@@ -31,6 +32,7 @@ from qtip_triton.autotune.tuner import (
     merge_rounds,
     plan,
     refine_plan,
+    second_starts,
     tried_in,
     tune,
 )
@@ -55,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tuning rounds: after the first, each task times up to twice --max-candidates untried "
                         "neighbours (one knob changed, each knob both ways) of its winner, until no task has one left, "
                         "the rounds are done or the time is up (default 3; 1: the first round only)")
+    p.add_argument("--second-within", type=float, default=SECOND_START_WITHIN,
+                   help="rounds after the first also climb from each task's fastest config outside its winner's "
+                        "neighbourhood (another kind, or two knobs or more away) when it is within this factor of "
+                        f"the winner's time (default {SECOND_START_WITHIN}; 0: from the winner alone)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
     p.add_argument("--timer", choices=("graph", "rotated", "do_bench", "cudagraph"), default="graph",
@@ -227,14 +233,17 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
             print(f"time limit reached before round {n}", file=out)
             break
         # twice the first round's budget: each knob of the winner one step both ways (2 and 4 stages around 3)
+        within = getattr(args, "second_within", SECOND_START_WITHIN)
         nxt = refine_plan(report, planned, api, 2 * args.max_candidates, tried,
-                          allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
+                          allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds,
+                          second_within=within)
         if not nxt:
             print(f"round {n}: no task has an untried neighbour of its winner left", file=out)
             break
         before = {r.task.key: _winner(r) for r in report.results}
-        print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners",
-              file=out)
+        seconds = sum(1 for r in report.results if second_starts(r, within, kinds))
+        print(f"round {n}: {len(nxt)} tasks time {sum(len(c) - 1 for _, c, _ in nxt)} neighbours of their winners"
+              + (f" ({seconds} also of a second start)" if seconds else ""), file=out)
         try:
             later = run_round(nxt)
         except Exception as exc:  # noqa: BLE001 - the earlier rounds' timings are worth saving whatever broke

@@ -44,6 +44,12 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
+def knobs_apart(a: Mapping[str, Any], b: Mapping[str, Any]) -> int:
+    """How many knobs two configs of one kind differ in, launch flags (:data:`_LAUNCH_FLAGS`) aside: those are
+    timed both ways with every config, so they do not move a config out of a neighbourhood."""
+    return sum(1 for k in _differing(a, b) if k not in _LAUNCH_FLAGS)
+
+
 def prune(space: list[Config], default: Config | None, in_features: int, M: int, max_candidates: int) -> list[Config]:
     """At most ``max_candidates`` configs of ``space``: the default first, then its neighbours (one key
     changed) taking each key in turn, so every knob is explored, then an even spread of the rest."""

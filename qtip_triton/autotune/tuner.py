@@ -20,7 +20,7 @@ from typing import Any
 
 from qtip_triton.autotune.kernel_api import Config, KernelAPI, config_key
 from qtip_triton.autotune.space import candidates as space_candidates
-from qtip_triton.autotune.space import refine_candidates, seeded_candidates
+from qtip_triton.autotune.space import knobs_apart, refine_candidates, seeded_candidates
 from qtip_triton.autotune.store import Entry, EntryKey
 from qtip_triton.spec import TrellisSpec
 
@@ -159,6 +159,8 @@ class TaskResult:
     tried: int = 0
     screened: int = 0
     failures: list[tuple[str, Config, str]] = field(default_factory=list)
+    # every full timing of the task, all rounds: (kind, config, µs); where a later round starts a second climb
+    timed: list[tuple[str, Config, float]] = field(default_factory=list)
 
     def entry(self) -> Entry | None:
         if self.kind is None or self.time_us is None:
@@ -266,6 +268,10 @@ def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[E
 
 Tried = dict[EntryKey, set[tuple]]  # per task: the (kind, config key) pairs a round has timed
 
+# a later round also climbs from a task's best config outside its winner's neighbourhood when that is within this
+# factor of the winner's time (see second_start)
+SECOND_START_WITHIN = 1.3
+
 
 def tried_in(planned: Planned, tried: Tried | None = None) -> Tried:
     """``tried`` (a new dict by default) with every candidate of ``planned`` added, timed or not (a config that
@@ -276,25 +282,68 @@ def tried_in(planned: Planned, tried: Tried | None = None) -> Tried:
     return tried
 
 
+def second_starts(result: TaskResult, within: float = SECOND_START_WITHIN,
+                  kinds: Collection[str] | None = None) -> list[tuple[str, Config]]:
+    """The configs ``result`` timed outside its winner's neighbourhood (another kind, or two or more knobs
+    changed) within ``within`` x the winner's time, fastest first; [] with ``within`` <= 1. A later round climbs
+    from the first of them that has untried neighbours (:func:`refine_plan`).
+
+    Why: a round climbs one knob at a time from the winner, so a basin the winner is not in is never explored,
+    however close its floor. H100, 2026-12-07: at 256 tokens the 11008x4096 entry was one warpgroup, 2 stages, a
+    16-copy table (70.5 µs decode): the first round's occupancy candidate, faster than the default (two warpgroups,
+    4 stages, 32 copies, split 2). Two warpgroups, 4 stages, 16 copies, split 1 took 56.5 µs: one knob from two of
+    the first round's configs, three from the winner, so no round timed it."""
+    if within <= 1 or result.kind is None or result.config is None or result.time_us is None:
+        return []
+    best: dict[tuple, tuple[float, str, Config]] = {}
+    for kind, cfg, t in result.timed:
+        if kinds is not None and kind not in kinds:
+            continue
+        if kind == result.kind and knobs_apart(cfg, result.config) <= 1:
+            continue  # the winner, or a neighbour its own climb covers
+        key = (kind, config_key(cfg))
+        if key not in best or t < best[key][0]:
+            best[key] = (t, kind, cfg)
+    near = sorted((v for v in best.values() if v[0] <= within * result.time_us), key=lambda v: v[0])
+    return [(kind, dict(cfg)) for _, kind, cfg in near]
+
+
 def refine_plan(report: TuneReport, planned: Planned, api: KernelAPI, max_candidates: int, tried: Tried,
-                allow_reduced_precision: bool = False, kinds: Collection[str] | None = None) -> Planned:
+                allow_reduced_precision: bool = False, kinds: Collection[str] | None = None,
+                second_within: float = SECOND_START_WITHIN) -> Planned:
     """The next tuning round: each task's winner (timed again first: the reference its neighbours' outputs are
     checked against, and a same-round time to beat) and up to ``max_candidates`` of its untried neighbours
-    (:func:`~qtip_triton.autotune.space.refine_candidates`). Tasks without a winner, whose winner's kind is not in
-    ``kinds``, or with no untried neighbour are left out: an empty plan ends the rounds. ``planned``: the first
-    round's plan, whose default each task keeps (what its speed-up is measured against)."""
+    (:func:`~qtip_triton.autotune.space.refine_candidates`), then as many of the first of its :func:`second_starts`
+    that has any (``second_within``; 0 climbs from the winner alone: at most half the timings). Tasks without a winner, whose
+    winner's kind is not in ``kinds``, or with no untried neighbour are left out: an empty plan ends the rounds.
+    ``planned``: the first round's plan, whose default each task keeps (what its speed-up is measured against)."""
     defaults = {task.key: default for task, _, default in planned}
     out: Planned = []
     for res in report.results:
         t = res.task
         if res.kind is None or res.config is None or (kinds is not None and res.kind not in kinds):
             continue
-        done = {key for kind, key in tried.get(t.key, set()) if kind == res.kind}
-        fresh = refine_candidates(api, res.kind, dict(res.config), t.spec, t.out_features, t.in_features,
-                                  t.m_bucket, done, max_candidates, allow_reduced_precision)
-        if fresh:
-            out.append((t, [(res.kind, dict(res.config))] + [(res.kind, c) for c in fresh], defaults.get(t.key)))
+        timed = tried.get(t.key, set())
+        cands = _untried_neighbours(api, t, res.kind, dict(res.config), max_candidates, timed, allow_reduced_precision)
+        for kind, center in second_starts(res, second_within, kinds):
+            chosen = timed | {(k, config_key(c)) for k, c in cands}
+            more = _untried_neighbours(api, t, kind, center, max_candidates, chosen, allow_reduced_precision)
+            if more:
+                cands += more
+                break
+        if cands:
+            out.append((t, [(res.kind, dict(res.config))] + cands, defaults.get(t.key)))
     return out
+
+
+def _untried_neighbours(api: KernelAPI, task: Task, kind: str, center: Config, limit: int, timed: Collection[tuple],
+                        allow_reduced_precision: bool) -> list[tuple[str, Config]]:
+    """``(kind, config)`` pairs of :func:`~qtip_triton.autotune.space.refine_candidates` around ``center``, none of
+    them in ``timed`` (``(kind, config key)`` pairs)."""
+    done = {key for k, key in timed if k == kind}
+    fresh = refine_candidates(api, kind, center, task.spec, task.out_features, task.in_features, task.m_bucket, done,
+                              limit, allow_reduced_precision)
+    return [(kind, c) for c in fresh]
 
 
 def merge_rounds(first: TuneReport, later: TuneReport) -> TuneReport:
@@ -311,7 +360,8 @@ def merge_rounds(first: TuneReport, later: TuneReport) -> TuneReport:
         best = n if n.time_us is not None and (r.time_us is None or n.time_us < r.time_us) else r
         merged.append(TaskResult(r.task, best.kind, best.config, best.time_us, r.default_kind,
                                  r.default_time_us if r.default_time_us is not None else n.default_time_us,
-                                 r.tried + n.tried, r.screened + n.screened, r.failures + n.failures))
+                                 r.tried + n.tried, r.screened + n.screened, r.failures + n.failures,
+                                 r.timed + n.timed))
     return TuneReport(merged, first.skipped, first.elapsed_s + later.elapsed_s)
 
 
@@ -412,6 +462,7 @@ def tune(
                         broken[bkey] = reason
                     res.failures.append((kind, cfg, reason))
                     continue
+                res.timed.append((kind, dict(cfg), t_us))
                 if default is not None and kind == default[0] and config_key(cfg) == config_key(default[1]):
                     res.default_time_us = t_us
                 if res.time_us is None or t_us < res.time_us:
