@@ -78,7 +78,7 @@ if want autotune; then
   [ -n "${TUNE_ARGS:-}" ] && [ -s "autotune_configs/$GPU.yaml" ] && cp "autotune_configs/$GPU.yaml" "$OUT/$GPU.yaml"
   # shellcheck disable=SC2086
   timeout -k 10 $(( TUNE_MIN * 60 + 60 )) python3 -m qtip_triton autotune --gpu "$GPU" --max-minutes "$TUNE_MIN" \
-    --out "$OUT/$GPU.yaml" --no-progress ${TUNE_ARGS:-} >>"$LOG" 2>&1
+    --out "$OUT/$GPU.yaml" --no-progress --timings "$WORK/autotune-timings.json" ${TUNE_ARGS:-} >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
   if [ -s "$OUT/$GPU.yaml" ]; then
     rm -f "autotune_configs/$GPU.yaml"; cp "$OUT/$GPU.yaml" "autotune_configs/$GPU.yaml"

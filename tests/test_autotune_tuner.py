@@ -564,3 +564,33 @@ def test_autotune_command_names_the_configs_that_failed_to_compile(tmp_path):
     failed = [line for line in text.splitlines() if line.startswith("  failed: ")]
     assert len(failed) == 5 and "OutOfResources: shared memory 0" in failed[0]
     assert "  ... and 2 more" in text
+
+
+def test_the_command_writes_every_timing_and_names_the_candidates_that_failed(tmp_path):
+    """``--timings``: per task, each candidate's fastest time (fastest first, the winner at the top), its failures
+    and the default; the summary counts the failures by reason. What the tune file alone cannot say."""
+    import json
+
+    spec = SPECS[0]
+    probe = FakeAPI()
+    default = probe.default_config("gemm", spec, 64, 96, 64)
+    (_, cands, _), = plan(make_tasks([spec], [(64, 96)], [64]), probe, 3)
+    wrong, broken = [c for k, c in cands if k == "gemm" and c != default][:2]
+    api = FakeAPI(seed=5, wrong=[wrong], broken=[broken])
+    out, path = io.StringIO(), tmp_path / "deep" / "timings.json"
+    args = _args(tmp_path, rounds=2, buckets=64, shapes="64x96", bits="2", timings=path)
+    assert cmd_autotune.autotune(args, api, fake_bench(api), WORKLOAD, H100, VERS, out=out) == 0
+    doc = json.loads(path.read_text())
+    (task,) = doc["tasks"]
+    entry = next(iter(store.load(tmp_path / "h100.yaml").entries.values()))
+    assert (task["out_features"], task["in_features"], task["m_bucket"]) == (64, 96, 64)
+    times = [t["time_us"] for t in task["timed"]]
+    assert times == sorted(times) and len(times) >= 3
+    assert task["timed"][0]["config"] == entry.config == task["winner"]["config"]
+    assert task["default"]["time_us"] == pytest.approx(api.cost("gemm", default, spec.name, 64, 96, 64))
+    reasons = {f["reason"].split(":")[0] for f in task["failures"]}
+    assert reasons == {"ValueError", "CompilationError"}  # the wrong result and the broken config
+    assert wrong not in [t["config"] for t in task["timed"]]
+    text = out.getvalue()
+    assert "2 candidates failed when timed: " in text and "wrong result" in text
+    assert f"wrote every timing to {path}" in text

@@ -10,6 +10,7 @@ its cost estimate on any machine, GPU or not.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -23,6 +24,8 @@ from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
 from qtip_triton.autotune.shapes import resolve as resolve_shapes
 from qtip_triton.autotune.store import Header, StoreError, TuneFile, save_merged
 from qtip_triton.autotune.store import load as load_tune_file
+from qtip_triton.autotune.timings import failure_lines as timing_failure_lines
+from qtip_triton.autotune.timings import timings_document
 from qtip_triton.autotune.tuner import (
     SECOND_START_WITHIN,
     Planned,
@@ -36,6 +39,7 @@ from qtip_triton.autotune.tuner import (
     tried_in,
     tune,
 )
+from qtip_triton.fileio import atomic_write_text
 from qtip_triton.spec import TrellisSpec
 
 # rough costs for the --dry-run estimate (H100, measured per kernel by the lead; adjust when known)
@@ -61,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rounds after the first also climb from each task's fastest config outside its winner's "
                         "neighbourhood (another kind, or two knobs or more away) when it is within this factor of "
                         f"the winner's time (default {SECOND_START_WITHIN}; 0: from the winner alone)")
+    p.add_argument("--timings", type=Path, default=None, metavar="JSON",
+                   help="also write every candidate's time and every failure, per task, to this JSON file (what the "
+                        "tune file cannot say: whether a config was timed and lost, failed, or never tried)")
     p.add_argument("--warmup-ms", type=float, default=2.0, help="do_bench warmup per candidate (default 2)")
     p.add_argument("--rep-ms", type=float, default=6.0, help="do_bench repetition time per candidate (default 6)")
     p.add_argument("--timer", choices=("graph", "rotated", "do_bench", "cudagraph"), default="graph",
@@ -167,6 +174,8 @@ def summarize(report: TuneReport, out=None) -> float | None:
     overall = math.exp(sum(map(math.log, all_ratios)) / len(all_ratios)) if all_ratios else None
     if overall is not None:
         print(f"overall geomean speed-up of tuned over default: {overall:.3f}x over {len(all_ratios)} entries", file=out)
+    for line in timing_failure_lines(report.results):
+        print(line, file=out)
     if report.skipped:
         print(f"time limit reached: {len(report.skipped)} tasks not tuned, e.g. "
               + ", ".join(str(t.key) for t in report.skipped[:3]), file=out)
@@ -256,6 +265,10 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         tried = tried_in(nxt, tried)
         moved = sum(1 for r in report.results if _winner(r) != before.get(r.task.key))
         print(f"round {n}: {moved} tasks found a faster config", file=out)
+    if getattr(args, "timings", None) is not None:
+        args.timings.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.timings, json.dumps(timings_document(report, device.name), indent=1) + "\n")
+        print(f"wrote every timing to {args.timings}", file=out)
     entries = report.entries()
     if entries:
         merged = save_merged(target, TuneFile(Header(device, versions), {e.key: e for e in entries}),
