@@ -59,8 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-candidates", type=int, default=6, help="configs timed per kernel kind and task (default 6)")
     p.add_argument("--rounds", type=int, default=3,
                    help="tuning rounds: after the first, each task times up to twice --max-candidates untried "
-                        "neighbours (one knob changed, each knob both ways) of its winner, until no task has one left, "
-                        "the rounds are done or the time is up (default 3; 1: the first round only)")
+                        "neighbours (one knob changed, each knob both ways) of its winner, and as many of a second "
+                        "start (--second-within), until no task has one left, the rounds are done or the time is up "
+                        "(default 3; 1: the first round only)")
     p.add_argument("--second-within", type=float, default=SECOND_START_WITHIN,
                    help="rounds after the first also climb from each task's fastest config outside its winner's "
                         "neighbourhood (another kind, or two knobs or more away) when it is within this factor of "
