@@ -176,3 +176,19 @@ def test_launch_variant_follows_the_pdl_switch(monkeypatch):
     with pytest.raises(ValueError, match="rows >= 1"):
         kernels.launch_variant("gemv", 4096, 4096, 1, 1, 0)
     assert kernels.launch_variant("gemv", 4096, 97, 1, 1, 3) == (2,)  # reference transforms: only the PDL mode
+
+
+def test_pinned_switches_read_the_environment_once_per_block(monkeypatch):
+    """Inside the block every launch-choice query sees one snapshot (read once, nested blocks included); outside
+    it each query reads the environment again, so a benchmark that flips a switch between engines still sees it."""
+    reads = []
+    real = kernels._read_switches
+    monkeypatch.setattr(kernels, "_read_switches", lambda: reads.append(1) or real())
+    monkeypatch.delenv("QTIP_TRITON_PROBE_SWITCH", raising=False)
+    with kernels.pinned_switches():
+        before = kernels._switches()
+        monkeypatch.setenv("QTIP_TRITON_PROBE_SWITCH", "1")
+        with kernels.pinned_switches():
+            assert kernels._switches() == before
+        assert kernels._switches() == before and len(reads) == 1
+    assert ("QTIP_TRITON_PROBE_SWITCH", "1") in kernels._switches() and len(reads) == 2

@@ -27,6 +27,7 @@ under ``TRITON_INTERPRET=1`` (tests); :func:`kernels_available` says why not els
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -143,8 +144,34 @@ def transform_rows(kind: str, in_features: int, out_features: int, blocks_in: in
 
 def _switches() -> tuple:
     """The QTIP_TRITON_* environment: the transforms' launch choices read them at every call (a benchmark flips them
-    between engines in one process), so caches of those choices key on it."""
+    between engines in one process), so caches of those choices key on it. Inside :func:`pinned_switches`, the
+    snapshot taken when the block began."""
+    return _PINNED_SWITCHES if _PINNED_SWITCHES is not None else _read_switches()
+
+
+def _read_switches() -> tuple:
     return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("QTIP_TRITON_")))
+
+
+_PINNED_SWITCHES: tuple | None = None
+
+
+@contextlib.contextmanager
+def pinned_switches():
+    """Read the QTIP_TRITON_* environment once for a block of launch-choice queries (nested blocks keep the outer
+    snapshot), where each query would otherwise walk the whole environment.
+
+    Why: the vLLM warm-up asks the launch choices of 8192 token counts per distinct layer
+    (:func:`qtip_triton.vllm.warmup.op_warm_rows`), and a third of that walk's ~2 s was this read (profile on the
+    2-core CI machine, 2026-12-07), once per token count. The environment does not change during the walk."""
+    global _PINNED_SWITCHES
+    outer = _PINNED_SWITCHES
+    if outer is None:
+        _PINNED_SWITCHES = _read_switches()
+    try:
+        yield
+    finally:
+        _PINNED_SWITCHES = outer
 
 
 @functools.lru_cache(maxsize=4096)

@@ -190,14 +190,15 @@ def op_warm_rows(shards, max_m: int) -> list[int]:
         transforms |= {(n_out, b_out, G, False, False), (n_out, b_out, 1, False, False)}
     if not had.has_kernels(transforms):  # the reference transform serves this layer: nothing of it compiles
         transforms = set()
-    from qtip_triton.kernels import gather_after_transform, wgmma_fused_decode_on
+    from qtip_triton.kernels import gather_after_transform, pinned_switches, wgmma_fused_decode_on
 
     def extra(M: int) -> tuple:  # switch points of their own: the wgmma kind's gathered input counts all G shards'
         # rows, and its shards decode in one launch up to a row count (the SHARDS source, compiled on first launch)
         gather = bool(transforms) and gather_after_transform(q0.in_features, q0.blocks("in"), M, G)
         return bucket_for(M), gather, G > 1 and wgmma_fused_decode_on(M)
 
-    return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=extra)
+    with pinned_switches():  # one read of the environment for the whole walk, not one per token count
+        return had.first_tokens(transforms, range(1, min(max_m, MAX_WARM_TOKENS) + 1), extra=extra)
 
 
 def warm_op(packed, dtype: torch.dtype, max_m: int, prefix: str = "", bias: bool = False,

@@ -136,6 +136,22 @@ def test_warm_op_runs_the_op_once_per_launch_variant(gen, monkeypatch):
     assert seen == [1, 2, 3, 5]  # the same geometry is warmed once per process
 
 
+def test_op_warm_rows_read_the_environment_once(monkeypatch):
+    """The walk over every token count reads the QTIP_TRITON_* switches once, not once per token count (a third of
+    its time before), and finds the same rows as unpinned queries do."""
+    from types import SimpleNamespace
+
+    shards = [SimpleNamespace(in_features=4096, out_features=o, blocks=lambda side: 1) for o in (4096, 1024, 1024)]
+    reads = []
+    real = kernels._read_switches
+    monkeypatch.setattr(kernels, "_read_switches", lambda: reads.append(1) or real())
+    rows = warmup.op_warm_rows(shards, 700)
+    assert len(reads) == 1
+    monkeypatch.setattr(kernels, "pinned_switches", contextlib.nullcontext)
+    kernels._gather_after.cache_clear()
+    assert warmup.op_warm_rows(shards, 700) == rows and len(reads) > 700
+
+
 def test_op_warm_rows_cover_every_launch_key():
     """Every M up to the engine's largest batch shares its bucket, integer class and each transform's
     launch key with one warmed M, including the token counts where the transforms switch kernels."""
