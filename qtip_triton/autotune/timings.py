@@ -19,19 +19,13 @@ FORMAT = "qtip-triton-autotune-timings"
 
 def task_record(res: TaskResult) -> dict[str, Any]:
     """One task: its key, its winner, each candidate's fastest time (µs, fastest first), its failures."""
-    fastest: dict[tuple, tuple[float, str, dict]] = {}
-    for kind, cfg, t in res.timed:
-        key = (kind, tuple(sorted((k, str(v)) for k, v in cfg.items())))
-        if key not in fastest or t < fastest[key][0]:
-            fastest[key] = (t, kind, dict(cfg))
     k = res.task.key
     return {
         "spec": k.spec, "out_features": k.out_features, "in_features": k.in_features, "m_bucket": k.m_bucket,
         "winner": None if res.kind is None else {"kind": res.kind, "config": dict(res.config or {}),
                                                  "time_us": res.time_us},
         "default": None if res.default_kind is None else {"kind": res.default_kind, "time_us": res.default_time_us},
-        "timed": [{"kind": kind, "config": cfg, "time_us": round(t, 3)}
-                  for t, kind, cfg in sorted(fastest.values(), key=lambda v: v[0])],
+        "timed": [{"kind": kind, "config": dict(cfg), "time_us": round(t, 3)} for t, kind, cfg in res.fastest_timings()],
         "failures": [{"kind": kind, "config": dict(cfg), "reason": why} for kind, cfg, why in res.failures],
         "screened": res.screened,
     }

@@ -162,6 +162,16 @@ class TaskResult:
     # every full timing of the task, all rounds: (kind, config, µs); where a later round starts a second climb
     timed: list[tuple[str, Config, float]] = field(default_factory=list)
 
+    def fastest_timings(self) -> list[tuple[float, str, Config]]:
+        """Each (kind, config) :attr:`timed` holds, once, at its fastest time: ``(µs, kind, config)``, fastest first
+        (a winner is timed again each round, so one config may have several timings)."""
+        best: dict[tuple, tuple[float, str, Config]] = {}
+        for kind, cfg, t in self.timed:
+            key = (kind, config_key(cfg))
+            if key not in best or t < best[key][0]:
+                best[key] = (t, kind, cfg)
+        return sorted(best.values(), key=lambda v: v[0])
+
     def entry(self) -> Entry | None:
         if self.kind is None or self.time_us is None:
             return None
@@ -269,7 +279,7 @@ def plan(tasks: list[Task], api: KernelAPI, max_candidates: int, seed: Mapping[E
 Tried = dict[EntryKey, set[tuple]]  # per task: the (kind, config key) pairs a round has timed
 
 # a later round also climbs from a task's best config outside its winner's neighbourhood when that is within this
-# factor of the winner's time (see second_start)
+# factor of the winner's time (see second_starts)
 SECOND_START_WITHIN = 1.3
 
 
@@ -295,17 +305,10 @@ def second_starts(result: TaskResult, within: float = SECOND_START_WITHIN,
     the first round's configs, three from the winner, so no round timed it."""
     if within <= 1 or result.kind is None or result.config is None or result.time_us is None:
         return []
-    best: dict[tuple, tuple[float, str, Config]] = {}
-    for kind, cfg, t in result.timed:
-        if kinds is not None and kind not in kinds:
-            continue
-        if kind == result.kind and knobs_apart(cfg, result.config) <= 1:
-            continue  # the winner, or a neighbour its own climb covers
-        key = (kind, config_key(cfg))
-        if key not in best or t < best[key][0]:
-            best[key] = (t, kind, cfg)
-    near = sorted((v for v in best.values() if v[0] <= within * result.time_us), key=lambda v: v[0])
-    return [(kind, dict(cfg)) for _, kind, cfg in near]
+    return [(kind, dict(cfg)) for t, kind, cfg in result.fastest_timings()
+            if (kinds is None or kind in kinds) and t <= within * result.time_us
+            # the winner, or a neighbour its own climb covers
+            and not (kind == result.kind and knobs_apart(cfg, result.config) <= 1)]
 
 
 def refine_plan(report: TuneReport, planned: Planned, api: KernelAPI, max_candidates: int, tried: Tried,
@@ -313,8 +316,8 @@ def refine_plan(report: TuneReport, planned: Planned, api: KernelAPI, max_candid
                 second_within: float = SECOND_START_WITHIN) -> Planned:
     """The next tuning round: each task's winner (timed again first: the reference its neighbours' outputs are
     checked against, and a same-round time to beat) and up to ``max_candidates`` of its untried neighbours
-    (:func:`~qtip_triton.autotune.space.refine_candidates`), then as many of the first of its :func:`second_starts`
-    that has any (``second_within``; 0 climbs from the winner alone: at most half the timings). Tasks without a winner, whose
+    (:func:`~qtip_triton.autotune.space.refine_candidates`), then as many around the first of its
+    :func:`second_starts` that has any (``second_within``; 0: from the winner alone). Tasks without a winner, whose
     winner's kind is not in ``kinds``, or with no untried neighbour are left out: an empty plan ends the rounds.
     ``planned``: the first round's plan, whose default each task keeps (what its speed-up is measured against)."""
     defaults = {task.key: default for task, _, default in planned}
