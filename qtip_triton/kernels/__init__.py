@@ -420,8 +420,11 @@ WGMMA_FUSED_DECODE_ENV = "QTIP_TRITON_WGMMA_FUSED_DECODE"
 # Up to this many rows a fused layer's wgmma shards decode in one launch by default. H100, session 29
 # (``*-fused-layers-session29-{timeline,fused-decode-1}.md``, one Llama-2-7B layer, the same run): the layer at 32 tokens
 # 210.0 -> 187.0 µs, 64 238.7 -> 233.4, 128 315.0 -> 300.5; at 256 q/k/v still gained (124.3 -> 117.0) but gate/up lost
-# (173.1 -> 188.0: the 22016-row config's one grid against two 11008-row ones).
-WGMMA_FUSED_DECODE_MAX_ROWS = 128
+# (173.1 -> 188.0: the 22016-row config's one grid against two 11008-row ones). Since sessions 36-38 retuned the
+# 256-token bucket, one launch wins there too, in two runs (the same process each, PDL off): 343.8 -> 335.4 µs
+# (session 37) and 332.9 -> 317.1 (session 38; gate/up 149.7 -> 139.7, q/k/v 89.5 -> 84.5), in
+# ``*-fused-layers-session37-{shipped256,onelaunch-shipped}.md`` and ``*-fused-layers-session38-256-{shipped,onelaunch}.md``.
+WGMMA_FUSED_DECODE_MAX_ROWS = 256
 
 
 def wgmma_fused_decode_on(rows: int) -> bool:
