@@ -427,7 +427,7 @@ print(json.dumps([b, {**b, 'table': 'shared16'}, {**b, 'num_warps': 4, 'STAGES':
   for probe in "2 11008x4096 4 1 1" "3 11008x4096 4 1 2" "4 11008x4096 4 1 2" "3 8192x8192 3 2 2" "4 8192x8192 3 2 2"; do
     # shellcheck disable=SC2086
     set -- $probe
-    timeout -k 10 "${P37_PROBE_S:-45}" python3 bench/wgmma_probe.py --points "$2:256" --K "$1" \
+    timeout -k 10 "${P37_PROBE_S:-45}" python3 bench/wgmma_probe.py --points "$2:256" --K "$1" --rotate \
       --configs "$(p37_cfgs "$3" "$4" "$5")" --tag "session37-k$1-$2" --out "$WORK" >>"$LOG" 2>&1
     echo "rc=$? $probe" >>"$LOG"
   done
