@@ -408,8 +408,9 @@ if want pending38; then
   # the layer at 256 tokens alone; here the rows between the 128 and 256 buckets, one launch (the default) against a
   # launch per shard, in one process each
   step "one Llama-2-7B layer at 160-256 tokens: one decode launch per fused op (default) and a launch per shard"
-  fused_layers "${P38_FL_S:-90}" --M "${P38_M:-160,192,256}" --tag session38-onelaunch
-  QTIP_TRITON_WGMMA_FUSED_DECODE=0 fused_layers "${P38_FL_S:-90}" --M "${P38_M:-160,192,256}" --tag session38-pershard
+  p38_m=${P38_M:-160,192,256}
+  fused_layers "${P38_FL_S:-90}" --M "$p38_m" --tag session38-onelaunch
+  QTIP_TRITON_WGMMA_FUSED_DECODE=0 fused_layers "${P38_FL_S:-90}" --M "$p38_m" --tag session38-pershard
 fi
 if want pending37; then
   # session 37: three 256-token entries of session 36's retune (11008x4096 K = 2, 8192^2 K = 3 and 4) decode slower
