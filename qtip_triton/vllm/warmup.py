@@ -274,6 +274,19 @@ class WarmupReport:
     pool_compiled: int | None
     watch: CompileWatch
     seconds: float
+    rows_seconds: float = 0.0  # the ops' row plans (op_warm_rows, once a distinct layer: CPU only)
+    pool_seconds: float = 0.0  # the pool run (planning and compiling)
+    shard_seconds: float = 0.0  # every shard's registry.prepare: selection, loads, one launch per variant
+    repeat_seconds: float = 0.0  # the part of shard_seconds spent on layers whose geometry an earlier one had
+    op_seconds: float = 0.0  # the ops' row walks (warm_op)
+
+    def breakdown(self) -> str:
+        """Where the warm-up's time went, for the engine's log: an engine start that grows shows which part grew
+        (the pool compiling, the shards' launches, the layers repeating a geometry, or the ops' walks)."""
+        repeats = self.layers - self.distinct
+        return (f"row plans {self.rows_seconds:.1f} s, pool {self.pool_seconds:.1f} s, shards {self.shard_seconds:.1f} s "
+                f"({self.repeat_seconds:.1f} s of it in {repeats} layer{'' if repeats == 1 else 's'} repeating a "
+                f"geometry), op walks {self.op_seconds:.1f} s")
 
 
 def warm_up_layers(entries) -> WarmupReport | None:
@@ -295,9 +308,13 @@ def warm_up_layers(entries) -> WarmupReport | None:
     # once a distinct layer, for the pool (fused layers) and warm_op (layers whose op this process has not yet warmed)
     op_rows = {g: _warm_rows(e) for g, e in first_of.items()
                if len(e.packed.shards()) > 1 or layer_key(e.packed, e.dtype, e.bias) not in _OP_WARM}
+    t_pool = time.perf_counter()
     pool_compiled = compile_layers_in_parallel(distinct, op_rows)
+    t_serial = time.perf_counter()
+    shard_s = repeat_s = op_s = 0.0
     with watch_compiles() as watch:
         for e in entries:
+            t1 = time.perf_counter()
             for qw in e.packed.shards():
                 try:
                     registry.prepare(qw, max_m=e.max_m, dtypes=(e.dtype,), bias=e.bias)
@@ -305,13 +322,19 @@ def warm_up_layers(entries) -> WarmupReport | None:
                     compat.logger().warning("qtip: warming %s %s %dx%d failed (%s: %s); its kernels compile on first "
                                             "use", e.prefix or "a layer", qw.spec.name, qw.out_features,
                                             qw.in_features, type(exc).__name__, exc)
+            t2 = time.perf_counter()
             warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias, rows=op_rows.get(e.geometry()))
-    report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0)
+            shard_s += t2 - t1
+            repeat_s += 0.0 if first_of[e.geometry()] is e else t2 - t1
+            op_s += time.perf_counter() - t2
+    report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0,
+                          t_pool - t0, t_serial - t_pool, shard_s, repeat_s, op_s)
     # a kernel built here behind a pool is one the pool missed: worth the engine's log even for a single layer
     missed = pool_compiled is not None and bool(watch.compiled)
     log = compat.logger().info if len(entries) > 1 or missed else compat.logger().debug
-    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s; %s: %s", len(entries), len(distinct), max_m,
-        report.seconds, "after the pool" if pool_compiled is not None else "without the pool", watch.summary())
+    log("qtip: warmed %d layers (%d distinct, M <= %d) in %.2f s (%s); %s: %s", len(entries), len(distinct), max_m,
+        report.seconds, report.breakdown(), "after the pool" if pool_compiled is not None else "without the pool",
+        watch.summary())
     return report
 
 

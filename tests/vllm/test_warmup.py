@@ -563,3 +563,37 @@ def test_plugin_logger_uses_vllms_handlers():
     log = compat.logger()
     assert log.name.startswith("vllm.")
     assert log.parent is vllm_root  # so records reach the handlers vLLM installs there
+
+
+def test_the_warm_up_says_where_its_time_went(recorder, gen, monkeypatch):
+    """The engine-start line splits the warm-up: the ops' row plans, the pool, the shards' prepare (and the part of it
+    spent on layers repeating a geometry an earlier layer had) and the ops' walks, each timed where it ran."""
+    import time as _time
+
+    log = Log()
+    monkeypatch.setattr(compat, "logger", lambda: log)
+    monkeypatch.setattr(warmup, "compile_layers_in_parallel",
+                        lambda layers, op_rows=None: _time.sleep(0.3) or len(layers))
+    monkeypatch.setattr(registry, "prepare", lambda qw, **kw: _time.sleep(0.02))
+    ops_run = []
+    monkeypatch.setattr(warmup, "warm_op", lambda packed, dtype, max_m, prefix="", bias=False, rows=None:
+                        ops_run.append(packed) or _time.sleep(0.1))
+    monkeypatch.setenv(warmup.NO_WARMUP_ENV, "1")  # pack the layers without their automatic warm-up
+    layers = [qtip_layer("qkv", gen), qtip_layer("qkv", gen), qtip_layer("row", gen)]
+    for layer in layers:
+        layer.quant_method.process_weights_after_loading(layer)
+    monkeypatch.delenv(warmup.NO_WARMUP_ENV)
+    report = warmup.warm_up_layers([warmup.PendingWarmup(layer.qtip_packed, torch.float16, False, 32)
+                                    for layer in layers])
+    assert (report.layers, report.distinct, report.pool_compiled) == (3, 2, 2)
+    # 3 + 3 + 1 shards at 20 ms; the second q/k/v layer repeats the first's geometry: its 3 shards are the repeat
+    # (upper bounds: slack for a loaded machine, below what any part counted twice or in the wrong place would add)
+    assert 0.14 <= report.shard_seconds < 0.35 and 0.06 <= report.repeat_seconds < report.shard_seconds - 0.08
+    assert len(ops_run) == 3 and 0.3 <= report.op_seconds < 0.55  # warm_op's own once-per-geometry check is inside it
+    assert 0.3 <= report.pool_seconds < 0.55 and report.rows_seconds < report.pool_seconds
+    parts = (report.rows_seconds, report.pool_seconds, report.shard_seconds, report.op_seconds)
+    assert sum(parts) <= report.seconds < sum(parts) + 0.1
+    level, line = log.lines[-1]
+    assert level == "info" and (f"(row plans {report.rows_seconds:.1f} s, pool {report.pool_seconds:.1f} s, shards "
+                                f"{report.shard_seconds:.1f} s ({report.repeat_seconds:.1f} s of it in 1 layer repeating "
+                                f"a geometry), op walks {report.op_seconds:.1f} s); after the pool: ") in line
