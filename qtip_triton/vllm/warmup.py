@@ -314,6 +314,7 @@ def warm_up_layers(entries) -> WarmupReport | None:
     shard_s = repeat_s = op_s = 0.0
     with watch_compiles() as watch:
         for e in entries:
+            geometry = e.geometry()
             t1 = time.perf_counter()
             for qw in e.packed.shards():
                 try:
@@ -323,9 +324,10 @@ def warm_up_layers(entries) -> WarmupReport | None:
                                             "use", e.prefix or "a layer", qw.spec.name, qw.out_features,
                                             qw.in_features, type(exc).__name__, exc)
             t2 = time.perf_counter()
-            warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias, rows=op_rows.get(e.geometry()))
             shard_s += t2 - t1
-            repeat_s += 0.0 if first_of[e.geometry()] is e else t2 - t1
+            if first_of[geometry] is not e:
+                repeat_s += t2 - t1
+            warm_op(e.packed, e.dtype, e.max_m, e.prefix, bias=e.bias, rows=op_rows.get(geometry))
             op_s += time.perf_counter() - t2
     report = WarmupReport(max_m, len(entries), len(distinct), pool_compiled, watch, time.perf_counter() - t0,
                           t_pool - t0, t_serial - t_pool, shard_s, repeat_s, op_s)
