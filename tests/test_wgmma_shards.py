@@ -104,3 +104,24 @@ def test_stacked_shard_bounds_and_the_fused_decode_switch(gen, monkeypatch):
     monkeypatch.setenv(kernels.WGMMA_FUSED_DECODE_ENV, "yes")
     with pytest.raises(ValueError, match=kernels.WGMMA_FUSED_DECODE_ENV):
         kernels.wgmma_fused_ok(fused, cfg, 64)
+
+
+@pytest.mark.parametrize("shape", [(160, 64), (3, 100, 64), (256, 64), (2, 128, 64)])
+def test_h_padded_to_whole_tiles_keeps_each_shards_rows_and_zeros_the_rest(gen, shape):
+    h = torch.randn(*shape, generator=gen).half()
+    padded = wgmma.tile_padded(h, 128)
+    M = shape[-2]
+    rows = -(-M // 128) * 128
+    if rows == M:
+        assert padded is h  # whole tiles already: no copy
+        return
+    assert padded.shape == (*shape[:-2], rows, shape[-1]) and padded.is_contiguous()
+    assert torch.equal(padded[..., :M, :], h)  # each shard's rows where the kernel's shard offset expects them
+    assert not padded[..., M:, :].any()
+
+
+def test_padding_h_rows_is_a_switch_off_by_default(monkeypatch):
+    monkeypatch.delenv(wgmma.PAD_ROWS_ENV, raising=False)
+    assert not wgmma.pads_rows()
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "1")
+    assert wgmma.pads_rows()

@@ -8,6 +8,7 @@ partials summed by the output transform) is what the other kinds use.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -214,6 +215,30 @@ def fused_ok(pw: PreparedWeight, config: Mapping[str, Any]) -> bool:
     return True
 
 
+PAD_ROWS_ENV = "QTIP_TRITON_WGMMA_PAD_ROWS"
+
+
+def pads_rows() -> bool:
+    """Whether :func:`decode_matmul` zero-pads h's token rows to whole ``BLOCK_M`` tiles before describing them to
+    TMA (``QTIP_TRITON_WGMMA_PAD_ROWS=1``; off by default until measured).
+
+    Why: session 40 (H100, ``*-session39-gateup160.md``) timed the 4-warp 256-token entry of 22016x4096 at 161 µs
+    for 160 tokens against 102 µs for 256, the same tiles and MMAs; the 128-token entry slowed the same way with
+    its second tile part-filled, while an 8-warp entry stayed flat. What differs is only the x tiles' rows past
+    the tensor's end, which TMA fills with zeros; padded rows are read like any others."""
+    return os.environ.get(PAD_ROWS_ENV, "0") == "1"
+
+
+def tile_padded(hw: torch.Tensor, bm: int) -> torch.Tensor:
+    """``hw`` ((M, in) or stacked (shards, M, in)) with each shard's token rows zero-padded to a multiple of
+    ``bm``; ``hw`` itself when they already are. The padded rows only feed output columns the kernel masks."""
+    M = hw.shape[-2]
+    rows = -(-M // bm) * bm
+    if rows == M:
+        return hw
+    return torch.nn.functional.pad(hw, (0, 0, 0, rows - M))  # one launch, not a fill and a copy
+
+
 def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any],
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Partials (SPLIT_K, M, out) fp32 of Ŵ hᵀ (with ``OUT16``: one fp16 partial), with ``hw`` (M, in) fp16 in wgmma
@@ -248,11 +273,14 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
         raise ValueError(f"wgmma config {dict(config)} needs out_features divisible by {2 * rb}, got {pw.out_features}")
     iters, split = steps(pw, config)
     M = hw.shape[-2]
+    if pads_rows():
+        hw = tile_padded(hw, bm)
     shard_args: tuple = ()
     if stacked:  # (a warp-specialized config is refused with SHARDS by codegen.wgmma.sharded)
-        shard_args = (*shard_word_bounds(pw, config), M, pw.table.stride(0) if pw.table.dim() == 2 else 0)
+        rows = hw.shape[-2]  # each shard's h rows in the descriptor: M, or M padded to whole tiles
+        shard_args = (*shard_word_bounds(pw, config), rows, pw.table.stride(0) if pw.table.dim() == 2 else 0)
         config = {**config, "SHARDS": 1}
-        hw = hw.view(G * M, pw.in_features)
+        hw = hw.view(G * rows, pw.in_features)
     box = tma_box(config)
     layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
     desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), box, layout)
