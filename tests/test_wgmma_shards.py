@@ -106,22 +106,47 @@ def test_stacked_shard_bounds_and_the_fused_decode_switch(gen, monkeypatch):
         kernels.wgmma_fused_ok(fused, cfg, 64)
 
 
-@pytest.mark.parametrize("shape", [(160, 64), (3, 100, 64), (256, 64), (2, 128, 64)])
-def test_h_padded_to_whole_tiles_keeps_each_shards_rows_and_zeros_the_rest(gen, shape):
-    h = torch.randn(*shape, generator=gen).half()
-    padded = wgmma.tile_padded(h, 128)
-    M = shape[-2]
-    rows = -(-M // 128) * 128
-    if rows == M:
-        assert padded is h  # whole tiles already: no copy
-        return
-    assert padded.shape == (*shape[:-2], rows, shape[-1]) and padded.is_contiguous()
-    assert torch.equal(padded[..., :M, :], h)  # each shard's rows where the kernel's shard offset expects them
-    assert not padded[..., M:, :].any()
+
+@pytest.mark.parametrize("lead, M", [((), 160), ((3,), 100), ((), 256), ((2,), 1)])
+def test_h_buffers_reserve_whole_tiles_behind_their_last_row(lead, M):
+    n = 64
+    h = wgmma.h_buffer(lead, M, n, torch.device("cpu"))
+    assert h.shape == (*lead, M, n) and h.dtype == torch.float16 and h.is_contiguous()
+    count = (lead[0] if lead else 1) * M
+    slack = -M % wgmma.TILE_ROWS
+    assert h.untyped_storage().nbytes() == (count + slack) * n * 2  # the slack and not a row more
+    G = lead[0] if lead else 1
+    for bm in (64, 128, 256):  # every tile the kernel's configs use fits the reserve
+        need = (G - 1) * M + -(-M // bm) * bm
+        assert wgmma.described_rows(h.view(-1, n), need) == need
 
 
-def test_padding_h_rows_is_a_switch_off_by_default(monkeypatch):
+def test_described_rows_stay_inside_the_storage():
+    n = 64
+    plain = torch.empty(160, n, dtype=torch.float16)
+    assert wgmma.described_rows(plain, 256) == 160  # nothing behind it: exactly its rows (TMA zero-fills the rest)
+    part = torch.empty(200 * n, dtype=torch.float16)[:160 * n].view(160, n)
+    assert wgmma.described_rows(part, 256) == 200  # what the storage holds, not what the tile would like
+    assert wgmma.described_rows(part, 180) == 180
+    rows = torch.empty(300, 2 * n, dtype=torch.float16)[10:170, :n]  # strided rows inside a wider buffer
+    assert wgmma.described_rows(rows, 256) == 256
+    last = torch.empty(300, 2 * n, dtype=torch.float16)[140:300, n:]  # the storage ends with its last row
+    assert wgmma.described_rows(last, 256) == 160
+
+
+@pytest.mark.parametrize("M", [5, 100])
+def test_the_layers_wgmma_input_has_whole_tiles_behind_it(gen, M):
+    pws = _shards(gen)
+    x = torch.randn(M, pws[0].in_features, generator=gen).half()
+    single = _wgmma_input(pws[0], x, CFG["E"])
+    grouped = _wgmma_input(pws[0], x, CFG["E"], torch.stack([pw.SU for pw in pws]))
+    for h, G in ((single, 1), (grouped, len(pws))):
+        need = (G - 1) * M + wgmma.TILE_ROWS
+        assert wgmma.described_rows(h.reshape(-1, h.shape[-1]), need) == need
+
+
+def test_describing_rows_past_h_is_a_switch_on_by_default(monkeypatch):
     monkeypatch.delenv(wgmma.PAD_ROWS_ENV, raising=False)
-    assert not wgmma.pads_rows()
-    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "1")
-    assert wgmma.pads_rows()
+    assert wgmma.tile_slack()
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "0")
+    assert not wgmma.tile_slack()

@@ -319,16 +319,19 @@ def _wgmma_input(pw: PreparedWeight, x2: torch.Tensor, E: int, pre: torch.Tensor
     segments in place (:func:`wgmma.input_cols`), else stored there by the transform, or transformed in natural
     order and gathered (:func:`gather_after_transform`). ``pre``: the shards' stacked SU (grouped input, h of shape
     (shards, rows, in)); default ``pw.SU``."""
-    groups = pre.shape[0] if pre is not None and pre.dim() == 2 else 1
+    grouped = pre is not None and pre.dim() == 2
+    groups = pre.shape[0] if grouped else 1
+    # written into storage reaching whole tiles past h's last row (wgmma.tile_slack): no TMA box runs off its end
+    buf = wgmma.h_buffer((groups,) if grouped else (), x2.shape[0], pw.in_features, x2.device)
     cols = wgmma.input_cols(pw, E)
     if cols is not None:  # the kernel's order is B's columns permuted: natural-order cost, no scatter, no gather
         return hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
-                                  out_dtype=torch.float16, cols=cols, interpret=interpreting())
+                                  out_dtype=torch.float16, cols=cols, interpret=interpreting(), out=buf)
     gather = gather_after_transform(pw.in_features, pw.blocks_in, x2.shape[0], groups)
     h = hadamard.transform(x2, pw.blocks_in, transpose=True, pre=pw.SU if pre is None else pre,
                            out_dtype=torch.float16, dst=None if gather else wgmma.input_index(pw, E),
-                           interpret=interpreting())
-    return h.index_select(-1, wgmma.input_gather(pw, E)) if gather else h
+                           interpret=interpreting(), out=None if gather else buf)
+    return torch.index_select(h, -1, wgmma.input_gather(pw, E), out=buf) if gather else h
 
 
 def kernel_partials(kind: str, pw: PreparedWeight, h: torch.Tensor, config: Mapping[str, Any], *,

@@ -8,6 +8,7 @@ partials summed by the output transform) is what the other kinds use.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -166,7 +167,7 @@ def input_gather(pw: PreparedWeight, E: int) -> torch.Tensor:
 def to_wgmma_order(pw: PreparedWeight, h: torch.Tensor, E: int) -> torch.Tensor:
     """h (M, in) in natural column order -> a new (M, in) fp16 tensor in the kernel's order (tests, benches;
     the layers have the input transform write it directly through :func:`input_index`)."""
-    out = torch.empty(h.shape, dtype=torch.float16, device=h.device)
+    out = h_buffer((), h.shape[0], h.shape[1], h.device)  # whole tiles behind it, as the layers' h
     out[:, input_index(pw, E).long()] = h.to(torch.float16)
     return out
 
@@ -216,27 +217,37 @@ def fused_ok(pw: PreparedWeight, config: Mapping[str, Any]) -> bool:
 
 
 PAD_ROWS_ENV = "QTIP_TRITON_WGMMA_PAD_ROWS"
+TILE_ROWS = 256  # the largest BLOCK_M: h buffers reserve rows up to a whole tile of it
 
 
-def pads_rows() -> bool:
-    """Whether :func:`decode_matmul` zero-pads h's token rows to whole ``BLOCK_M`` tiles before describing them to
-    TMA (``QTIP_TRITON_WGMMA_PAD_ROWS=1``; off by default until measured).
+def tile_slack() -> bool:
+    """Whether :func:`decode_matmul` describes h's rows past its end to TMA where h's storage holds them
+    (:func:`h_buffer`); ``QTIP_TRITON_WGMMA_PAD_ROWS=0`` describes exactly h's rows (the rule before session 40).
 
-    Why: session 40 (H100, ``*-session39-gateup160.md``) timed the 4-warp 256-token entry of 22016x4096 at 161 µs
-    for 160 tokens against 102 µs for 256, the same tiles and MMAs; the 128-token entry slowed the same way with
-    its second tile part-filled, while an 8-warp entry stayed flat. What differs is only the x tiles' rows past
-    the tensor's end, which TMA fills with zeros; padded rows are read like any others."""
-    return os.environ.get(PAD_ROWS_ENV, "0") == "1"
+    Why: session 40 (H100, ``*-session39-gateup160.md``, ``*-session40-pad{0,1}.md``) timed the 4-warp 256-token
+    entry of 22016x4096 at 161 µs for 160 tokens against 102 µs for 256 (the same tiles and MMAs), and the 128-token
+    entry slowed the same way with its second tile part-filled: a TMA box reaching past the tensor's end (its rows
+    zero-filled) is slow. With h copied into whole tiles first the entry took 113 µs at 160 tokens and 104 at 192
+    (and the layer at 160 tokens 370 -> 328 µs), but the copies cost the layer 10 µs at 96 tokens; storage reserved
+    behind h when it is written costs nothing. The rows there are never written: each feeds only its own output
+    column, which the kernel does not store."""
+    return os.environ.get(PAD_ROWS_ENV, "1") != "0"
 
 
-def tile_padded(hw: torch.Tensor, bm: int) -> torch.Tensor:
-    """``hw`` ((M, in) or stacked (shards, M, in)) with each shard's token rows zero-padded to a multiple of
-    ``bm``; ``hw`` itself when they already are. The padded rows only feed output columns the kernel masks."""
-    M = hw.shape[-2]
-    rows = -(-M // bm) * bm
-    if rows == M:
-        return hw
-    return torch.nn.functional.pad(hw, (0, 0, 0, rows - M))  # one launch, not a fill and a copy
+def h_buffer(lead: tuple[int, ...], rows: int, n: int, device: torch.device) -> torch.Tensor:
+    """An empty fp16 (*lead, rows, n) tensor whose storage runs on to a whole ``TILE_ROWS`` tile past its last row,
+    for the input transform to write h into (:func:`tile_slack`): at most 255 rows of ``n`` more."""
+    count = math.prod(lead) * rows
+    flat = torch.empty((count + (-rows % TILE_ROWS)) * n, dtype=torch.float16, device=device)
+    return flat[:count * n].view(*lead, rows, n)
+
+
+def described_rows(h2: torch.Tensor, needed: int) -> int:
+    """Rows of the 2-D ``h2`` (unit column stride) that a TMA descriptor may cover: up to ``needed`` where the
+    storage behind ``h2`` holds them, never fewer than its own."""
+    left = h2.untyped_storage().nbytes() // h2.element_size() - h2.storage_offset()
+    avail = (left - h2.shape[1]) // h2.stride(0) + 1 if left >= h2.shape[1] else 0
+    return max(h2.shape[0], min(needed, avail))
 
 
 def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any],
@@ -273,17 +284,17 @@ def decode_matmul(pw: PreparedWeight, hw: torch.Tensor, config: Mapping[str, Any
         raise ValueError(f"wgmma config {dict(config)} needs out_features divisible by {2 * rb}, got {pw.out_features}")
     iters, split = steps(pw, config)
     M = hw.shape[-2]
-    if pads_rows():
-        hw = tile_padded(hw, bm)
     shard_args: tuple = ()
     if stacked:  # (a warp-specialized config is refused with SHARDS by codegen.wgmma.sharded)
-        rows = hw.shape[-2]  # each shard's h rows in the descriptor: M, or M padded to whole tiles
-        shard_args = (*shard_word_bounds(pw, config), rows, pw.table.stride(0) if pw.table.dim() == 2 else 0)
+        shard_args = (*shard_word_bounds(pw, config), M, pw.table.stride(0) if pw.table.dim() == 2 else 0)
         config = {**config, "SHARDS": 1}
-        hw = hw.view(G * rows, pw.in_features)
+        hw = hw.view(G * M, pw.in_features)
+    # the last shard's last tile reaches (G - 1) M + whole tiles of M rows (earlier shards' tiles read the next
+    # shard's rows, in bounds): described where h's storage holds them, so no TMA box runs past the tensor's end
+    rows = described_rows(hw, (G - 1) * M + -(-M // bm) * bm) if tile_slack() else hw.shape[0]
     box = tma_box(config)
     layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
-    desc = TensorDescriptor(hw, list(hw.shape), list(hw.stride()), box, layout)
+    desc = TensorDescriptor(hw, [rows, pw.in_features], list(hw.stride()), box, layout)
     ydtype = torch.float16 if out16(config) else torch.float32
     if out is None:
         y = torch.empty(split, M, pw.out_features, dtype=ydtype, device=hw.device)
