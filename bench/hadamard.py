@@ -55,6 +55,12 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "stacked1": {"stacked": True, "stack_rows": 16},
             # a 32-row tile: one token's A at 4096 features, two tokens' at 1024-2048 (session 35: grids at 256 tokens)
             "stacked32": {"stacked": True, "stack_rows": 32},
+            # A of 256 padded rows (11008, 28672: one token a program, 64-row slices): fewer columns of Y a program,
+            # so twice or four times the programs with smaller accumulators, and 4 warps (session 40: the 11008-wide
+            # transforms took 50 of a layer's 106 µs of transforms at 256 tokens)
+            "stacked_c32": {"stacked": True, "stack_cols": 32}, "stacked_c16": {"stacked": True, "stack_cols": 16},
+            "stacked_w4": {"stacked": True, "stack_warps": 4},
+            "stacked_c32_w4": {"stacked": True, "stack_cols": 32, "stack_warps": 4},
             # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs only: the fp32 cases fail it)
             "f16": {"f16_dots": True}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,

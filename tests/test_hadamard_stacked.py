@@ -26,6 +26,27 @@ def test_stacked_kernel_errors():
     for rows in (8, 48, 512):
         with pytest.raises(ValueError, match="stack_rows must be a power of two"):
             transform(torch.zeros(2, 4096), 1, transpose=False, interpret=True, stacked=True, stack_rows=rows)
+    for cols in (8, 48, 256):
+        with pytest.raises(ValueError, match="stack_cols must be a power of two"):
+            transform(torch.zeros(2, 11008), 1, transpose=False, interpret=True, stacked=True, stack_cols=cols)
+    with pytest.raises(ValueError, match="stack_warps must be 4 or 8"):
+        transform(torch.zeros(2, 11008), 1, transpose=False, interpret=True, stacked=True, stack_warps=2)
+
+
+def test_stacked_tiles_of_fewer_columns_serve_grouped_outputs(gen):
+    """A of 256 padded rows (11008 = 172 x 64) with 16 or 32 columns of Y a program and 4 warps: the grouped
+    output transform (each group's partials summed and scaled by its own post) still matches float64, and the grid
+    has CP / columns programs per (token, block) row."""
+    parts = torch.randn(2, 3, 2, 11008, generator=gen)  # (groups, splits, tokens, n)
+    post = torch.randn(2, 11008, generator=gen)
+    for cols, warps in ((32, None), (16, 4)):
+        y = transform(parts, 1, transpose=False, post=post, out_dtype=torch.float32, interpret=True, stacked=True,
+                      stack_cols=cols, stack_warps=warps)
+        for g in range(2):
+            ref = _reference(parts[g].double().sum(0), 1, False) * post[g].double()
+            assert _rel(y[:, g * 11008:(g + 1) * 11008], ref) < 1e-6, (cols, g)
+        grid, consts = had._stack_launch(2, 2, 256, 64, None, cols, warps)
+        assert grid == (4, 64 // cols) and consts["CB"] == cols and consts["num_warps"] == (warps or had.STACK_WARPS)
 
 
 class _Spy:

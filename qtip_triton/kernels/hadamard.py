@@ -440,15 +440,16 @@ def stack_tile_rows(rows: int, rp: int, groups: int = 1) -> int:
     return tile
 
 
-def _stack_launch(rows: int, groups: int, rp: int, cp: int,
-                  stack_rows: int | None = None) -> tuple[tuple[int, int], dict]:
+def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None,
+                  stack_cols: int | None = None, stack_warps: int | None = None) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
     the tile's rows (None: :func:`stack_tile_rows`), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
-    products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program."""
+    products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program
+    (``stack_cols``: another count there, for benches) and ``STACK_WARPS`` warps (``stack_warps``)."""
     br = max(rp, stack_rows or stack_tile_rows(rows, rp, groups))
-    kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, STACK_CB))
+    kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, stack_cols or STACK_CB))
     return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
-                                                                  num_warps=STACK_WARPS)
+                                                                  num_warps=stack_warps or STACK_WARPS)
 
 
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False, dst: bool = False) -> tuple:
@@ -543,6 +544,8 @@ def transform(
     stack_rows: int | None = None,
     f16_dots: bool | None = None,
     cols: tuple[int, ...] | None = None,
+    stack_cols: int | None = None,
+    stack_warps: int | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -576,7 +579,9 @@ def transform(
     measured thresholds by direction and destination order, or ``QTIP_TRITON_HADAMARD_STACKED=N``; 0: off) when
     no other variant is given.
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
-    :func:`stack_tile_rows`), for ``bench/hadamard.py``.
+    :func:`stack_tile_rows`), for ``bench/hadamard.py``; ``stack_cols`` / ``stack_warps``: its columns of Y per
+    program where A has more than ``STACK_ROWS`` padded rows (a power of two in [16, 128]; default ``STACK_CB``) and
+    its warps (4 or 8; default ``STACK_WARPS``), for the same bench.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
     ``None``: on for float16 outputs unless ``QTIP_TRITON_HADAMARD_F16=0``, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
@@ -592,6 +597,10 @@ def transform(
         raise ValueError("cols orders an input transform's columns: not with dst, post, bias or grouped outputs")
     if stack_rows is not None and (stack_rows < 16 or stack_rows > STACK_MAX_RP or stack_rows & (stack_rows - 1)):
         raise ValueError(f"stack_rows must be a power of two in [16, {STACK_MAX_RP}], got {stack_rows}")
+    if stack_cols is not None and (stack_cols < 16 or stack_cols > P2_MAX or stack_cols & (stack_cols - 1)):
+        raise ValueError(f"stack_cols must be a power of two in [16, {P2_MAX}], got {stack_cols}")
+    if stack_warps not in (None, 4, 8):
+        raise ValueError(f"stack_warps must be 4 or 8, got {stack_warps}")
     if zb_first:
         if col_split is False or tall or gemm:
             raise ValueError("zb_first is a variant of the per-token kernel's column split: not with "
@@ -610,7 +619,8 @@ def transform(
         return _grouped_output(x, blocks, transpose=transpose, post=post, out_dtype=out_dtype, interpret=interpret,
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
                                tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=zb_first,
-                               stacked=stacked, stack_rows=stack_rows, f16_dots=f16_dots)
+                               stacked=stacked, stack_rows=stack_rows, f16_dots=f16_dots,
+                               stack_tile=(stack_cols, stack_warps))
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -680,7 +690,7 @@ def transform(
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_stacked(stacked, stack_rows_counted(T * blocks, groups, transpose), variant, rp, transpose, dst is not None):
-        grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows)
+        grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows, stack_cols, stack_warps)
         sc, f16c = _f16_launch(f16, scale, p2)  # Z · B first
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
@@ -777,7 +787,8 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                     unroll_splits: bool | None, out: torch.Tensor | None, pre, dst, bias,
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
                     gemm: bool | None = None, zb_first: bool | None = None, stacked: bool | None = None,
-                    stack_rows: int | None = None, f16_dots: bool | None = None) -> torch.Tensor:
+                    stack_rows: int | None = None, f16_dots: bool | None = None,
+                    stack_tile: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
@@ -810,7 +821,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     rp, cp = a.shape[0], b.shape[0]
     scale = 1.0 / math.sqrt(nb)
     if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp, transpose, False):
-        grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows)
+        grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows, *stack_tile)
         sc, f16c = _f16_launch(f16, scale, p2)
         _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b, x,
                                  post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),

@@ -287,3 +287,42 @@ def test_launch_stats_describe_the_launch():
     ring = smem_bytes(cfg, table_words(qw.spec))
     assert ring - 4096 <= stats.shared_bytes <= ring + 4096 and 32 <= stats.registers <= 255
     assert stats.per_sm() == wgmma.programs_per_sm(stats.registers, stats.shared_bytes, 4) >= 1
+
+
+def _with_nan_behind(h: torch.Tensor) -> torch.Tensor:
+    """A copy of h (rows or stacked shards) in an ``h_buffer`` whose reserved rows behind it hold NaN."""
+    buf = wgmma.h_buffer(tuple(h.shape[:-2]), h.shape[-2], h.shape[-1], h.device)
+    flat = torch.empty(0, dtype=buf.dtype, device=buf.device).set_(buf.untyped_storage())
+    flat.fill_(float("nan"))
+    buf.copy_(h)
+    return buf
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2], CONFIGS[7], CONFIGS[12],
+                                 {"E": 1, "BLOCK_M": 256, "num_warps": 4, "STAGES": 3, "PIPE": 1, "table": "gather"}],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("M", [37, 160, 256])
+def test_rows_described_past_h_change_no_stored_value(monkeypatch, cfg, M):
+    """QTIP_TRITON_WGMMA_PAD_ROWS=1: TMA boxes read the reserved rows behind h (here NaN) instead of zero-filling
+    past its end; every stored partial is bit for bit the exact descriptor's, for one weight and for stacked
+    shards in one launch (the last shard's tail reaches the reserve)."""
+    n = 2048
+    qw = _weight(1024, n, 2)
+    pw = kernels.prepare(qw)
+    h = wgmma.to_wgmma_order(pw, torch.randn(M, n, device="cuda").half(), cfg["E"])
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "0")
+    exact = wgmma.decode_matmul(pw, h, cfg)
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "1")
+    past = wgmma.decode_matmul(pw, _with_nan_behind(h), cfg)
+    assert torch.equal(past, exact), cfg
+    pws = [kernels.prepare(_weight(m, n, 2)) for m in (1024, 512, 512)]
+    fused = kernels.fuse_shards(pws)
+    if wgmma.warp_specialized(cfg):
+        assert not wgmma.fused_ok(fused, cfg)  # stacked shards take register-A configs only
+        return
+    assert wgmma.fused_ok(fused, cfg), cfg
+    hs = torch.stack([wgmma.to_wgmma_order(p, torch.randn(M, n, device="cuda").half(), cfg["E"]) for p in pws])
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "0")
+    exact = wgmma.decode_matmul(fused, hs.contiguous(), cfg)
+    monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "1")
+    assert torch.equal(wgmma.decode_matmul(fused, _with_nan_behind(hs), cfg), exact), cfg
