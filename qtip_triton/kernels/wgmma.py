@@ -217,7 +217,9 @@ def fused_ok(pw: PreparedWeight, config: Mapping[str, Any]) -> bool:
 
 
 PAD_ROWS_ENV = "QTIP_TRITON_WGMMA_PAD_ROWS"
-TILE_ROWS = 256  # the largest BLOCK_M: h buffers reserve rows up to a whole tile of it
+# h buffers reserve rows up to a whole TMA box of the largest height (tma_box: 256 tokens). The warp-specialized
+# form's 512-token tiles load two boxes; where the first is part-filled the second lies wholly past h, as before.
+TILE_ROWS = 256
 
 
 def tile_slack() -> bool:
