@@ -403,6 +403,11 @@ print(json.dumps([b, {**b, 'STAGES': 2}, {**b, 'STAGES': 2, 'SPLIT_K': 4}, {**b,
   QTIP_TRITON_CACHE_DIR="$WORK/qc" fused_layers "${P31_FL_S:-100}" --M "${P31_M:-48,64}" --tag session31-st2
   rm -rf "$WORK/qc"
 fi
+# gate/up's wgmma entries of sessions 39-40 (pending39, pending40): the 22016x4096 256-token entry (4 warps, 3 stages,
+# gather table), the 11008x4096 one (8 warps, 4 stages, 16 table copies) and the 22016 128-token one
+gateup_cfgs='[{"E":1,"BLOCK_M":256,"num_warps":4,"STAGES":3,"SPLIT_K":1,"WPF":1,"table":"gather","PIPE":1},'
+gateup_cfgs+='{"E":1,"BLOCK_M":256,"num_warps":8,"STAGES":4,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1},'
+gateup_cfgs+='{"E":1,"BLOCK_M":128,"num_warps":4,"STAGES":2,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1}]'
 if want pending40; then
   # session 40: the 4-warp entries slow down as the last x tile runs past h's end (161 µs at 160 tokens against 102
   # at 256 for 22016x4096); h copied into whole tiles took that to 113 µs, but the copies cost small batches. Now h is
@@ -412,12 +417,9 @@ if want pending40; then
   step "wgmma: rows described past h's end (QTIP_TRITON_WGMMA_PAD_ROWS=1): GPU tests, probe, one layer"
   QTIP_TRITON_WGMMA_PAD_ROWS=1 gpu_subset "${P40_TESTS_S:-150}" gpu-tests-pad-rows.log \
     tests/gpu/test_wgmma_gpu.py tests/gpu/test_fused_gpu.py
-  p40_cfgs='[{"E":1,"BLOCK_M":256,"num_warps":4,"STAGES":3,"SPLIT_K":1,"WPF":1,"table":"gather","PIPE":1},'
-  p40_cfgs+='{"E":1,"BLOCK_M":256,"num_warps":8,"STAGES":4,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1},'
-  p40_cfgs+='{"E":1,"BLOCK_M":128,"num_warps":4,"STAGES":2,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1}]'
   for pad in 0 1; do
     QTIP_TRITON_WGMMA_PAD_ROWS=$pad timeout -k 10 "${P40_S:-100}" python3 bench/wgmma_probe.py --K 2 --rotate \
-      --tag "session40-slack$pad" --out "$WORK" --configs "$p40_cfgs" \
+      --tag "session40-slack$pad" --out "$WORK" --configs "$gateup_cfgs" \
       --points 22016x4096:160,22016x4096:192,22016x4096:256,11008x4096:160,11008x4096:256,12288x4096:96 >>"$LOG" 2>&1
     echo "rc=$?" >>"$LOG"
   done
@@ -441,12 +443,9 @@ if want pending39; then
   # gather table) took longer than at 256 (174.1 against 139.4 µs) while the per-shard 11008x4096 entry scaled down;
   # here both entries and the 22016 128-token one alone, at 160, 192 and 256 tokens, flushed and rotated
   step "wgmma: gate/up's one-launch and per-shard entries at 160-256 tokens"
-  p39_cfgs='[{"E":1,"BLOCK_M":256,"num_warps":4,"STAGES":3,"SPLIT_K":1,"WPF":1,"table":"gather","PIPE":1},'
-  p39_cfgs+='{"E":1,"BLOCK_M":256,"num_warps":8,"STAGES":4,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1},'
-  p39_cfgs+='{"E":1,"BLOCK_M":128,"num_warps":4,"STAGES":2,"SPLIT_K":1,"WPF":1,"table":"shared16","PIPE":1}]'
   timeout -k 10 "${P39_S:-150}" python3 bench/wgmma_probe.py --K 2 --rotate --tag session39-gateup160 --out "$WORK" \
     --points 22016x4096:160,22016x4096:192,22016x4096:256,11008x4096:160,11008x4096:192,11008x4096:256 \
-    --configs "$p39_cfgs" >>"$LOG" 2>&1
+    --configs "$gateup_cfgs" >>"$LOG" 2>&1
   echo "rc=$?" >>"$LOG"
 fi
 if want pending38; then

@@ -41,6 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).parent))
+from hadamard import VARIANTS as TIMED_VARIANTS  # noqa: E402  (bench/hadamard.py: the variants it times)
 from sass_count import _resources, _sass  # noqa: E402  (a sibling script)
 
 from qtip_triton.kernels import hadamard as had  # noqa: E402
@@ -53,10 +54,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs; session 20)
     "f16": {"f16_dots": True}, "zb_first_f16": {"zb_first": True, "f16_dots": True},
     "tall_f16": {"tall": True, "f16_dots": True}, "stacked_f16": {"stacked": True, "f16_dots": True},
-    # A of 256 padded rows: fewer columns of Y a program, 4 warps (bench/hadamard.py's stacked_c*/_w4; session 40)
-    "stacked_c32": {"stacked": True, "stack_cols": 32}, "stacked_c16": {"stacked": True, "stack_cols": 16},
-    "stacked_w4": {"stacked": True, "stack_warps": 4},
-    "stacked_c32_w4": {"stacked": True, "stack_cols": 32, "stack_warps": 4},
+    # A of 256 padded rows: fewer columns of Y a program, 4 warps (session 40), as bench/hadamard.py times them
+    **{k: TIMED_VARIANTS[k] for k in ("stacked_c32", "stacked_c16", "stacked_w4", "stacked_c32_w4")},
 }
 _PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 _LAUNCH_KEYS = ("num_warps", "num_stages", "launch_pdl")

@@ -112,10 +112,9 @@ def test_h_buffers_reserve_whole_tiles_behind_their_last_row(lead, M):
     n = 64
     h = wgmma.h_buffer(lead, M, n, torch.device("cpu"))
     assert h.shape == (*lead, M, n) and h.dtype == torch.float16 and h.is_contiguous()
-    count = (lead[0] if lead else 1) * M
-    slack = -M % wgmma.TILE_ROWS
-    assert h.untyped_storage().nbytes() == (count + slack) * n * 2  # the slack and not a row more
     G = lead[0] if lead else 1
+    slack = -M % wgmma.TILE_ROWS
+    assert h.untyped_storage().nbytes() == (G * M + slack) * n * 2  # the slack and not a row more
     for bm in (64, 128, 256):  # every tile the kernel's configs use fits the reserve
         need = (G - 1) * M + -(-M // bm) * bm
         assert wgmma.described_rows(h.view(-1, n), need) == need
