@@ -24,6 +24,20 @@ def qtip_golden() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def tp2_ranks():
+    """Two vLLM tensor-parallel ranks (gloo) started once for the session's TP=2 model tests.
+
+    Every test that uses them is in the "vllm" xdist group, so one worker starts them once.
+    """
+    pytest.importorskip("vllm.model_executor")
+    from tests.vllm.harness import TPRanks
+
+    ranks = TPRanks(2)
+    yield ranks
+    ranks.close()
+
+
+@pytest.fixture(scope="session")
 def exl3_golden() -> dict[str, np.ndarray]:
     with np.load(DATA / "exl3_golden.npz") as g:
         return {k: g[k] for k in g.files}

@@ -94,7 +94,7 @@ def test_plain_manifest_settings_unchanged(built_tp):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_tp_checkpoint_loads_in_vllm_at_tp2_and_tp1(built_tp, tmp_path):
+def test_tp_checkpoint_loads_in_vllm_at_tp2_and_tp1(built_tp, tmp_path, tp2_ranks):
     pytest.importorskip("vllm.model_executor")
     from tests.vllm.harness import hf_logits, rel, run_tp
 
@@ -103,7 +103,7 @@ def test_tp_checkpoint_loads_in_vllm_at_tp2_and_tp1(built_tp, tmp_path):
     ids = torch.tensor([1, 17, 33, 5, 60, 2, 41, 8, 63, 12])
     ref = hf_logits(dequantize_checkpoint(qdir, tmp_path / "dense32"), ids)  # exact W_eff in fp32
     job = [dict(name="tp", model=str(qdir), ids=ids)]
-    tp2 = run_tp(job, world_size=2)["tp"]
+    tp2 = tp2_ranks.run(job)["tp"]
     tp1 = run_tp(job, world_size=1)["tp"]
     for res in (tp2, tp1):
         assert "error" not in res, res.get("traceback")

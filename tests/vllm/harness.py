@@ -118,11 +118,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_dir: str) -> None:
-    """One TP rank: build and run each job's model; rank 0 saves logits (or the error) per job."""
+def _run_jobs(rank: int, world_size: int, jobs: list[dict], out_dir: str) -> None:
+    """Build and run each job's model on this rank; rank 0 saves logits (or the error) per job."""
     import traceback
 
-    init_dist(world_size, rank, init_file)
     for job in jobs:
         result: dict = {}
         try:
@@ -136,6 +135,37 @@ def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_
             result["traceback"] = traceback.format_exc()
         if rank == 0 or "error" in result:
             torch.save(result, os.path.join(out_dir, f"{job['name']}.rank{rank}.pt"))
+
+
+def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_dir: str) -> None:
+    """One TP rank that runs one list of jobs and exits."""
+    init_dist(world_size, rank, init_file)
+    _run_jobs(rank, world_size, jobs, out_dir)
+
+
+def tp_server(rank: int, world_size: int, init_file: str, inbox, done) -> None:
+    """One TP rank that stays up: each (out_dir, jobs) from ``inbox`` is run, then reported on ``done``.
+
+    Starting a rank (spawn, vLLM's import, gloo's rendezvous) costs ~20 s of two cores; the suite's
+    tensor-parallel tests share one set of ranks instead of starting their own.
+    """
+    init_dist(world_size, rank, init_file)
+    while (item := inbox.get()) is not None:
+        out_dir, jobs = item
+        _run_jobs(rank, world_size, jobs, out_dir)
+        done.put(rank)
+
+
+def _collect(out_dir: str, jobs: list[dict], world_size: int) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for job in jobs:
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"{job['name']}.rank{r}.pt")
+            if os.path.exists(path):
+                res = torch.load(path, weights_only=False)
+                if "error" in res or r == 0:
+                    results.setdefault(job["name"], {}).update(res)
+    return results
 
 
 def run_tp(jobs: list[dict], world_size: int = 2, timeout: float = 600) -> dict[str, dict]:
@@ -165,12 +195,63 @@ def _run_tp_in(out_dir: str, jobs: list[dict], world_size: int, timeout: float, 
             raise TimeoutError("TP worker hung")
         if p.exitcode != 0:
             raise RuntimeError(f"TP worker exited with {p.exitcode}")
-    results = {}
-    for job in jobs:
-        for r in range(world_size):
-            path = os.path.join(out_dir, f"{job['name']}.rank{r}.pt")
-            if os.path.exists(path):
-                res = torch.load(path, weights_only=False)
-                if "error" in res or r == 0:
-                    results.setdefault(job["name"], {}).update(res)
-    return results
+    return _collect(out_dir, jobs, world_size)
+
+
+class TPRanks:
+    """``world_size`` ranks started once and reused by every ``run`` (see ``tp_server``)."""
+
+    def __init__(self, world_size: int = 2) -> None:
+        import tempfile
+
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.dir = tempfile.mkdtemp(prefix="qtip_tp_ranks_")
+        self._runs = 0
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        self._done = ctx.Queue()
+        self._procs = [ctx.Process(target=tp_server, daemon=True,
+                                   args=(r, world_size, os.path.join(self.dir, "dist"), q, self._done))
+                       for r, q in enumerate(self._inboxes)]
+        for p in self._procs:
+            p.start()
+
+    def run(self, jobs: list[dict], timeout: float = 600) -> dict[str, dict]:
+        """Each job's rank-0 result (logits) or any rank's error, by job name."""
+        import queue
+        import time
+
+        dead = [p.exitcode for p in self._procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"a TP rank has exited (exit codes {dead}); later runs cannot use these ranks")
+        self._runs += 1
+        out_dir = os.path.join(self.dir, f"run{self._runs}")
+        os.makedirs(out_dir)
+        for q in self._inboxes:
+            q.put((out_dir, jobs))
+        deadline, finished = time.monotonic() + timeout, 0
+        while finished < self.world_size:
+            try:
+                self._done.get(timeout=5)
+                finished += 1
+            except queue.Empty:
+                dead = [p.exitcode for p in self._procs if not p.is_alive()]
+                if dead:
+                    raise RuntimeError(f"TP rank exited with {dead}") from None
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError("TP ranks hung") from None
+        return _collect(out_dir, jobs, self.world_size)
+
+    def close(self) -> None:
+        import shutil
+
+        for q in self._inboxes:
+            q.put(None)
+        for p in self._procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

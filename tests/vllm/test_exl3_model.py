@@ -111,14 +111,12 @@ def test_logits_match_dequantized_model(models):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2(tmp_path):
+def test_tensor_parallel_2(tmp_path, tp2_ranks):
     """TP=2: column slices of q/k/v/gate/up and row slices of o/down keep whole 128-blocks, no extra comms."""
-    from tests.vllm.harness import run_tp
-
     shape = dict(SHAPE, hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=8)
     hf = make_tiny_llama(tmp_path / "hf", bias=True, **shape)
     fmt.quantize_model(hf, tmp_path / "exl3", 3, progress=False, quantize_fn=random_exl3)
     dense = dense_twin(tmp_path / "exl3", tmp_path / "dense")
-    res = run_tp([{"name": "exl3", "model": str(tmp_path / "exl3"), "ids": IDS}], world_size=2)["exl3"]
+    res = tp2_ranks.run([{"name": "exl3", "model": str(tmp_path / "exl3"), "ids": IDS}])["exl3"]
     assert "error" not in res, res.get("traceback")
     assert rel(res["logits"], hf_logits(dense, IDS)) < 1e-5

@@ -150,11 +150,9 @@ def test_padded_model_logits_match_dequantized_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_2_padded_model_is_a_clear_error(tmp_path):
-    from tests.vllm.harness import run_tp
-
+def test_tensor_parallel_2_padded_model_is_a_clear_error(tmp_path, tp2_ranks):
     shape = dict(SHAPE, hidden_size=192, num_attention_heads=6, num_key_value_heads=2)
     hf = make_tiny_llama(tmp_path / "hf", **shape)
     fmt.quantize_model(hf, tmp_path / "exl3", 3, progress=False, quantize_fn=random_exl3)
-    res = run_tp([{"name": "exl3", "model": str(tmp_path / "exl3"), "ids": IDS}], world_size=2)["exl3"]
+    res = tp2_ranks.run([{"name": "exl3", "model": str(tmp_path / "exl3"), "ids": IDS}])["exl3"]
     assert "tensor_parallel_size=1 only" in res.get("error", ""), res

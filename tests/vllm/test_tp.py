@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("vllm.model_executor")
 
 from qtip_triton.checkpoint import dequantize_checkpoint, quantize_checkpoint  # noqa: E402
-from tests.vllm.harness import hf_logits, rel, run_tp  # noqa: E402
+from tests.vllm.harness import hf_logits, rel  # noqa: E402
 from tests.vllm.tiny_llama import TINY_TP, make_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.vllm
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.vllm
 IDS = torch.tensor([1, 17, 33, 5, 99, 64, 2, 120, 8, 41, 77, 3])
 
 
-def test_tp2(tmp_path, table):
+def test_tp2(tmp_path, table, tp2_ranks):
     # head_dim 64: k/v have 128 rows, so tp=4 blocks of 32 rows exist (QTIP's layout needs 32-multiples)
     hf = make_tiny_llama(tmp_path / "hf", **{**TINY_TP, "num_attention_heads": 2, "head_dim": 64})
     # tp=4 blocks: each TP=2 rank holds two of them (TP degrees dividing tp_rank work)
@@ -30,7 +30,7 @@ def test_tp2(tmp_path, table):
         dict(name="rcp0", model=str(full), quantization="qtip", ids=IDS),
         dict(name="dummy", model=str(tp_ckpt), ids=IDS, load=False, load_format="dummy"),
     ]
-    res = run_tp(jobs, world_size=2)
+    res = tp2_ranks.run(jobs)
 
     assert "error" not in res["tp"], res["tp"].get("traceback")
     err = rel(res["tp"]["logits"], ref)
