@@ -106,7 +106,6 @@ def test_stacked_shard_bounds_and_the_fused_decode_switch(gen, monkeypatch):
         kernels.wgmma_fused_ok(fused, cfg, 64)
 
 
-
 @pytest.mark.parametrize("lead, M", [((), 160), ((3,), 100), ((), 256), ((2,), 1)])
 def test_h_buffers_reserve_whole_tiles_behind_their_last_row(lead, M):
     n = 64

@@ -137,12 +137,6 @@ def _run_jobs(rank: int, world_size: int, jobs: list[dict], out_dir: str) -> Non
             torch.save(result, os.path.join(out_dir, f"{job['name']}.rank{rank}.pt"))
 
 
-def tp_worker(rank: int, world_size: int, init_file: str, jobs: list[dict], out_dir: str) -> None:
-    """One TP rank that runs one list of jobs and exits."""
-    init_dist(world_size, rank, init_file)
-    _run_jobs(rank, world_size, jobs, out_dir)
-
-
 def tp_server(rank: int, world_size: int, init_file: str, inbox, done) -> None:
     """One TP rank that stays up: each (out_dir, jobs) from ``inbox`` is run, then reported on ``done``.
 
@@ -168,36 +162,6 @@ def _collect(out_dir: str, jobs: list[dict], world_size: int) -> dict[str, dict]
     return results
 
 
-def run_tp(jobs: list[dict], world_size: int = 2, timeout: float = 600) -> dict[str, dict]:
-    """Run ``jobs`` on ``world_size`` spawned processes sharing one vLLM import each."""
-    import shutil
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    out_dir = tempfile.mkdtemp(prefix="qtip_tp_")
-    try:
-        return _run_tp_in(out_dir, jobs, world_size, timeout, mp.get_context("spawn"))
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)  # the rendezvous file and each rank's results
-
-
-def _run_tp_in(out_dir: str, jobs: list[dict], world_size: int, timeout: float, ctx) -> dict[str, dict]:
-    procs = [ctx.Process(target=tp_worker, args=(r, world_size, os.path.join(out_dir, "dist"), jobs, out_dir))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            raise TimeoutError("TP worker hung")
-        if p.exitcode != 0:
-            raise RuntimeError(f"TP worker exited with {p.exitcode}")
-    return _collect(out_dir, jobs, world_size)
-
-
 class TPRanks:
     """``world_size`` ranks started once and reused by every ``run`` (see ``tp_server``)."""
 
@@ -218,12 +182,15 @@ class TPRanks:
         for p in self._procs:
             p.start()
 
+    def _exit_codes(self) -> list[int | None]:
+        return [p.exitcode for p in self._procs if not p.is_alive()]
+
     def run(self, jobs: list[dict], timeout: float = 600) -> dict[str, dict]:
         """Each job's rank-0 result (logits) or any rank's error, by job name."""
         import queue
         import time
 
-        dead = [p.exitcode for p in self._procs if not p.is_alive()]
+        dead = self._exit_codes()
         if dead:
             raise RuntimeError(f"a TP rank has exited (exit codes {dead}); later runs cannot use these ranks")
         self._runs += 1
@@ -237,7 +204,7 @@ class TPRanks:
                 self._done.get(timeout=5)
                 finished += 1
             except queue.Empty:
-                dead = [p.exitcode for p in self._procs if not p.is_alive()]
+                dead = self._exit_codes()
                 if dead:
                     raise RuntimeError(f"TP rank exited with {dead}") from None
                 if time.monotonic() > deadline:
@@ -255,3 +222,12 @@ class TPRanks:
             if p.is_alive():
                 p.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_tp(jobs: list[dict], world_size: int = 2, timeout: float = 600) -> dict[str, dict]:
+    """Run ``jobs`` on ``world_size`` ranks started for them alone (``TPRanks``, closed afterwards)."""
+    ranks = TPRanks(world_size)
+    try:
+        return ranks.run(jobs, timeout)
+    finally:
+        ranks.close()
