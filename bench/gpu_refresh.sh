@@ -424,7 +424,7 @@ if want pending40; then
     echo "rc=$?" >>"$LOG"
   done
   for pad in 0 1; do
-    QTIP_TRITON_WGMMA_PAD_ROWS=$pad fused_layers "${P40_FL_S:-90}" --M "${P40_M:-96,160,192,256}" --tag "session40-slack$pad"
+    QTIP_TRITON_WGMMA_PAD_ROWS=$pad fused_layers "${P40_FL_S:-90}" --M "${P40_M:-96,160,192,256}" --tag "${P40_TAG:-session40}-slack$pad"
   done
 fi
 if want pending40b; then
