@@ -46,7 +46,19 @@ def test_stacked_tiles_of_fewer_columns_serve_grouped_outputs(gen):
             ref = _reference(parts[g].double().sum(0), 1, False) * post[g].double()
             assert _rel(y[:, g * 11008:(g + 1) * 11008], ref) < 1e-6, (cols, g)
         grid, consts = had._stack_launch(2, 2, 256, 64, None, cols, warps)
-        assert grid == (4, 64 // cols) and consts["CB"] == cols and consts["num_warps"] == (warps or had.STACK_WARPS)
+        assert grid == (4, 64 // cols) and consts["CB"] == cols and consts["num_warps"] == (warps or 4)
+
+
+def test_sliced_tiles_take_four_warps_where_they_were_measured_faster():
+    """Tiles of A with 256 padded rows: 4 warps for natural-order inputs (11008, 28672) and 64-column outputs
+    (11008); 8 for 128-column outputs (28672) and inputs into a destination order, and for every whole tile."""
+    launch = had._stack_launch
+    assert launch(512, 1, 256, 64)[1]["num_warps"] == 4  # 11008 output
+    assert launch(512, 1, 256, 128, transpose=True)[1]["num_warps"] == 4  # 28672 natural input
+    assert launch(512, 1, 256, 128)[1]["num_warps"] == had.STACK_WARPS == 8  # 28672 output
+    assert launch(512, 1, 256, 64, transpose=True, dst=True)[1]["num_warps"] == 8  # into a destination order
+    assert launch(512, 1, 32, 128, transpose=True)[1]["num_warps"] == 8  # a whole tile (4096)
+    assert launch(512, 1, 256, 64, None, None, 8)[1]["num_warps"] == 8  # the bench's override
 
 
 class _Spy:

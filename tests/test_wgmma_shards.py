@@ -143,9 +143,9 @@ def test_the_layers_wgmma_input_has_whole_tiles_behind_it(gen, M):
         assert wgmma.described_rows(h.reshape(-1, h.shape[-1]), need) == need
 
 
-def test_describing_rows_past_h_is_a_switch_off_by_default(monkeypatch):
+def test_describing_rows_past_h_is_on_by_default_and_a_switch_turns_it_off(monkeypatch):
     monkeypatch.delenv(wgmma.PAD_ROWS_ENV, raising=False)
-    assert not wgmma.tile_slack()
+    assert wgmma.tile_slack()
     monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "1")
     assert wgmma.tile_slack()
     monkeypatch.setenv(wgmma.PAD_ROWS_ENV, "0")

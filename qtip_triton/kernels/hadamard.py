@@ -100,6 +100,13 @@ STACK_MAX_RP = 256
 STACK_KC = 64  # tiles of more than STACK_ROWS rows (A of 256 padded rows): rows per slice of both products
 STACK_CB = 64  # ... and columns of Y per program
 STACK_WARPS = 8
+# ... but 4 warps there for input transforms into the natural order and for outputs of at most 64 columns of Z (11008 =
+# 172 x 64). Why (H100, chained, ``*-hadamard-session40-stack-tiles.md``, session 42): 11008 output 14.2 -> 12.2 µs at
+# 256 rows, 28.2 -> 24.5 at 512 (gate/up's grouped output at 256 tokens); 11008 natural input 13.1 -> 11.1 at 256;
+# 28672 natural input 44.5 -> 39.5 at 256, 98.6 -> 82.0 at 512. 28672's output (128 columns) lost with 4 warps
+# (47.4 -> 52.9 at 256) and so did inputs into a scattered destination (28672: 158.6 -> 181.8), which keep 8; fewer
+# columns of Y a program (32, 16) lost everywhere.
+STACK_WARPS_SLICED = 4
 STACK_ENV = "QTIP_TRITON_HADAMARD_STACKED"
 # Where it is the default (H200, bench/results/h200-2026-12-05-hadamard-stacked.md, 1..2048 tokens, against the
 # per-token and tall kernels; QTIP_TRITON_HADAMARD_STACKED=N overrides with one threshold, 0 turns it off):
@@ -441,15 +448,26 @@ def stack_tile_rows(rows: int, rp: int, groups: int = 1) -> int:
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None,
-                  stack_cols: int | None = None, stack_warps: int | None = None) -> tuple[tuple[int, int], dict]:
+                  stack_cols: int | None = None, stack_warps: int | None = None, transpose: bool = False,
+                  dst: bool = False) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
     the tile's rows (None: :func:`stack_tile_rows`), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
     products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program
-    (``stack_cols``: another count there, for benches) and ``STACK_WARPS`` warps (``stack_warps``)."""
+    (``stack_cols``: another count there, for benches) and :func:`stack_warps` warps (``stack_warps`` overrides;
+    ``transpose`` / ``dst``: an input transform, into a destination order)."""
     br = max(rp, stack_rows or stack_tile_rows(rows, rp, groups))
     kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, stack_cols or STACK_CB))
+    warps = stack_warps or default_stack_warps(br, cp, transpose, dst)
     return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
-                                                                  num_warps=stack_warps or STACK_WARPS)
+                                                                  num_warps=warps)
+
+
+def default_stack_warps(tile_rows: int, cp: int, transpose: bool, dst: bool) -> int:
+    """Warps of a stacked tile of ``tile_rows`` rows: ``STACK_WARPS``, or ``STACK_WARPS_SLICED`` for sliced tiles
+    (more than ``STACK_ROWS`` rows) of natural-order inputs and of outputs of at most 64 columns of Z."""
+    if tile_rows > STACK_ROWS and not dst and (transpose or cp <= 64):
+        return STACK_WARPS_SLICED
+    return STACK_WARPS
 
 
 def launch_key(n: int, blocks: int, tokens: int, groups: int = 1, transpose: bool = False, dst: bool = False) -> tuple:
@@ -581,7 +599,7 @@ def transform(
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     :func:`stack_tile_rows`), for ``bench/hadamard.py``; ``stack_cols`` / ``stack_warps``: its columns of Y per
     program where A has more than ``STACK_ROWS`` padded rows (a power of two in [16, 128]; default ``STACK_CB``) and
-    its warps (4 or 8; default ``STACK_WARPS``), for the same bench.
+    its warps (4 or 8; default :func:`default_stack_warps`), for the same bench.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
     ``None``: on for float16 outputs unless ``QTIP_TRITON_HADAMARD_F16=0``, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
@@ -690,7 +708,8 @@ def transform(
     kh, p1, p2 = factor(nb)
     rp = a.shape[0]
     if _use_stacked(stacked, stack_rows_counted(T * blocks, groups, transpose), variant, rp, transpose, dst is not None):
-        grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows, stack_cols, stack_warps)
+        grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows, stack_cols, stack_warps,
+                                     transpose, dst is not None)
         sc, f16c = _f16_launch(f16, scale, p2)  # Z · B first
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
@@ -821,7 +840,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
     rp, cp = a.shape[0], b.shape[0]
     scale = 1.0 / math.sqrt(nb)
     if _use_stacked(stacked, T * blocks, (col_split, unroll_splits, tall, *tile), rp, transpose, False):
-        grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows, *stack_tile)
+        grid, consts = _stack_launch(T * blocks, G, rp, cp, stack_rows, *stack_tile, transpose)
         sc, f16c = _f16_launch(f16, scale, p2)
         _had2_stack_kernel[grid](x, out, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b, x,
                                  post if post is not None else x, x, x, nb, blocks, S, x.stride(1), x.stride(2),

@@ -224,8 +224,8 @@ TILE_ROWS = 256
 
 def tile_slack() -> bool:
     """Whether :func:`decode_matmul` describes h's rows past its end to TMA where h's storage holds them
-    (:func:`h_buffer`): ``QTIP_TRITON_WGMMA_PAD_ROWS=1``. Off by default until the GPU suite and a layer have run
-    with it (no device time was left in session 40); unset or ``0`` describes exactly h's rows.
+    (:func:`h_buffer`). On by default since session 42; ``QTIP_TRITON_WGMMA_PAD_ROWS=0`` describes exactly h's rows
+    (TMA zero-fills the last box's rows past them).
 
     Why: session 40 (H100, ``*-session39-gateup160.md``, ``*-session40-pad{0,1}.md``) timed the 4-warp 256-token
     entry of 22016x4096 at 161 µs for 160 tokens against 102 µs for 256 (the same tiles and MMAs), and the 128-token
@@ -233,8 +233,10 @@ def tile_slack() -> bool:
     zero-filled) is slow. With h copied into whole tiles first (the measured form of this switch) the entry took
     113 µs at 160 tokens and 104 at 192, and one layer at 160 tokens 370 -> 328 µs; but the copies cost the layer
     10 µs at 96 tokens. Storage reserved behind h when it is written costs nothing. Those rows are never written:
-    each feeds only its own output column, which the kernel does not store."""
-    return os.environ.get(PAD_ROWS_ENV, "0") == "1"
+    each feeds only its own output column, which the kernel does not store. Session 42 (H100, the switch's GPU
+    tests passed, ``*-fused-layers-session42-slack{0,1}.md``): the layer 96 / 160 / 192 tokens 201.7 / 371.8 /
+    348.7 -> 196.4 / 305.9 / 312.5 µs."""
+    return os.environ.get(PAD_ROWS_ENV, "1") != "0"
 
 
 def h_buffer(lead: tuple[int, ...], rows: int, n: int, device: torch.device) -> torch.Tensor:
