@@ -68,6 +68,26 @@ def test_stacked_kernel_matches_float64(n, T, rows):
     assert float((wide[:, n:].double() + ref_out).norm() / ref_out.norm()) < 1e-4
 
 
+@pytest.mark.parametrize("n", [11008, 28672])
+@pytest.mark.parametrize("T", [5, 160, 256])
+@pytest.mark.parametrize("warps", [None, 4, 8])
+def test_sliced_stacked_tiles_match_float64(n, T, warps):
+    """Tiles of A with 256 padded rows, sliced into 64-row steps, with the default warps
+    (:func:`~qtip_triton.kernels.hadamard.default_stack_warps`) and each count forced: natural and scattered
+    inputs, fp16 and fp32 outputs, a grouped output."""
+    x, su, parts, sv, dst, ref_in, ref_out = _case(n, T, 3)
+    kw = dict(stacked=True, stack_warps=warps)
+    for d in (None, dst):
+        y = transform(x, 1, transpose=True, pre=su, dst=d, out_dtype=torch.float32, **kw)
+        ref = ref_in if d is not None else _reference(x.double() * su.double(), 1, True)
+        assert float((y.double() - ref).norm() / ref.norm()) < 1e-4, d is None
+    y = transform(parts, 1, transpose=False, post=sv, out_dtype=torch.float16, **kw)
+    assert torch.isfinite(y).all() and float((y.double() - ref_out).norm() / ref_out.norm()) < 1e-3
+    wide = transform(torch.stack([parts, -parts]), 1, transpose=False, post=torch.stack([sv, sv]),
+                     out_dtype=torch.float32, **kw)
+    assert float((wide[:, n:].double() + ref_out).norm() / ref_out.norm()) < 1e-4
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("T", [1, 16, 2048])
 def test_f16_dots_match_float64(n, T):
