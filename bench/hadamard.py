@@ -59,7 +59,7 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             # so twice or four times the programs with smaller accumulators, and 4 warps (session 40: the 11008-wide
             # transforms took 50 of a layer's 106 µs of transforms at 256 tokens)
             "stacked_c32": {"stacked": True, "stack_cols": 32}, "stacked_c16": {"stacked": True, "stack_cols": 16},
-            "stacked_w4": {"stacked": True, "stack_warps": 4},
+            "stacked_w4": {"stacked": True, "stack_warps": 4}, "stacked_w8": {"stacked": True, "stack_warps": 8},
             "stacked_c32_w4": {"stacked": True, "stack_cols": 32, "stack_warps": 4},
             # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs only: the fp32 cases fail it)
             "f16": {"f16_dots": True}}
