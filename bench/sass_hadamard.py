@@ -55,7 +55,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "f16": {"f16_dots": True}, "zb_first_f16": {"zb_first": True, "f16_dots": True},
     "tall_f16": {"tall": True, "f16_dots": True}, "stacked_f16": {"stacked": True, "f16_dots": True},
     # A of 256 padded rows: fewer columns of Y a program, 4 warps (session 40), as bench/hadamard.py times them
-    **{k: TIMED_VARIANTS[k] for k in ("stacked_c32", "stacked_c16", "stacked_w4", "stacked_c32_w4")},
+    **{k: TIMED_VARIANTS[k] for k in ("stacked_c32", "stacked_c16", "stacked_w4", "stacked_w8", "stacked_c32_w4",
+                                             "stacked_k32", "stacked_w4_k32")},
 }
 _PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.int32: "*i32"}
 _LAUNCH_KEYS = ("num_warps", "num_stages", "launch_pdl")

@@ -177,7 +177,8 @@ STACKED = {"stacked": True}
     (2752, 1, 5, TALL), (5120, 1, 3, TALL), (4096, 2, 3, TALL), (768, 3, 4, TALL), (96, 1, 7, TALL),
     (4096, 1, 5, STACKED), (5120, 1, 3, STACKED), (768, 3, 4, STACKED), (1536, 2, 7, {**STACKED, "stack_rows": 64}),
     (4096, 1, 3, {**STACKED, "stack_rows": 32}), (2752, 1, 3, STACKED), (4096, 1, 9, {**STACKED, "stack_rows": 256}),
-    (11008, 1, 2, {**STACKED, "stack_cols": 32}), (11008, 1, 2, {**STACKED, "stack_cols": 16, "stack_warps": 4})])
+    (11008, 1, 2, {**STACKED, "stack_cols": 32}), (11008, 1, 2, {**STACKED, "stack_cols": 16, "stack_warps": 4}),
+    (11008, 1, 2, {**STACKED, "stack_kc": 32, "stack_warps": 4})])
 def test_many_token_kernels_match_reference(gen, n, blocks, T, kw):
     """The many-token kernels (several tokens per GEMM tile, T x blocks not a multiple of the tile; tall: side
     by side, stacked: along the rows, other tile heights): partial sums, scales, bias and the destination order

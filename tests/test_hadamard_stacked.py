@@ -31,6 +31,9 @@ def test_stacked_kernel_errors():
             transform(torch.zeros(2, 11008), 1, transpose=False, interpret=True, stacked=True, stack_cols=cols)
     with pytest.raises(ValueError, match="stack_warps must be 4 or 8"):
         transform(torch.zeros(2, 11008), 1, transpose=False, interpret=True, stacked=True, stack_warps=2)
+    for kc in (8, 48, 128):
+        with pytest.raises(ValueError, match="stack_kc must be 16, 32 or 64"):
+            transform(torch.zeros(2, 11008), 1, transpose=False, interpret=True, stacked=True, stack_kc=kc)
 
 
 def test_stacked_tiles_of_fewer_columns_serve_grouped_outputs(gen):
@@ -59,6 +62,7 @@ def test_sliced_tiles_take_four_warps_where_they_were_measured_faster():
     assert launch(512, 1, 256, 64, transpose=True, dst=True)[1]["num_warps"] == 8  # into a destination order
     assert launch(512, 1, 32, 128, transpose=True)[1]["num_warps"] == 8  # a whole tile (4096)
     assert launch(512, 1, 256, 64, None, None, 8)[1]["num_warps"] == 8  # the bench's override
+    assert launch(512, 1, 256, 64, None, None, None, 32)[1]["KC"] == 32 and launch(512, 1, 256, 64)[1]["KC"] == 64
 
 
 class _Spy:

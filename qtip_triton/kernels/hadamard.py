@@ -448,15 +448,16 @@ def stack_tile_rows(rows: int, rp: int, groups: int = 1) -> int:
 
 
 def _stack_launch(rows: int, groups: int, rp: int, cp: int, stack_rows: int | None = None,
-                  stack_cols: int | None = None, stack_warps: int | None = None, transpose: bool = False,
-                  dst: bool = False) -> tuple[tuple[int, int], dict]:
+                  stack_cols: int | None = None, stack_warps: int | None = None, stack_kc: int | None = None,
+                  transpose: bool = False, dst: bool = False) -> tuple[tuple[int, int], dict]:
     """Grid and constants of ``_had2_stack_kernel`` for ``rows`` (token, block) rows per group; ``stack_rows``:
     the tile's rows (None: :func:`stack_tile_rows`), at least A's. A tile of at most ``STACK_ROWS`` rows runs its
     products whole; past that (A of 256 padded rows) by ``STACK_KC``-row slices, ``STACK_CB`` columns per program
-    (``stack_cols``: another count there, for benches) and :func:`stack_warps` warps (``stack_warps`` overrides;
-    ``transpose`` / ``dst``: an input transform, into a destination order)."""
+    (``stack_cols``: another count there, for benches; ``stack_kc``: another slice height) and
+    :func:`default_stack_warps` warps (``stack_warps`` overrides; ``transpose`` / ``dst``: an input transform, into
+    a destination order)."""
     br = max(rp, stack_rows or stack_tile_rows(rows, rp, groups))
-    kc, cb = (br, cp) if br <= STACK_ROWS else (STACK_KC, min(cp, stack_cols or STACK_CB))
+    kc, cb = (br, cp) if br <= STACK_ROWS else (stack_kc or STACK_KC, min(cp, stack_cols or STACK_CB))
     warps = stack_warps or default_stack_warps(br, cp, transpose, dst)
     return (groups * triton.cdiv(rows, br // rp), cp // cb), dict(RP=rp, CP=cp, TT=br // rp, KC=kc, CB=cb,
                                                                   num_warps=warps)
@@ -564,6 +565,7 @@ def transform(
     cols: tuple[int, ...] | None = None,
     stack_cols: int | None = None,
     stack_warps: int | None = None,
+    stack_kc: int | None = None,
 ) -> torch.Tensor:
     """Block-diagonal Hadamard over the last dim of ``x`` (T, n) or split partials (S, T, n).
 
@@ -599,7 +601,8 @@ def transform(
     ``stack_rows``: that kernel's tile rows (a power of two in [16, 256], at least A's padded rows; default
     :func:`stack_tile_rows`), for ``bench/hadamard.py``; ``stack_cols`` / ``stack_warps``: its columns of Y per
     program where A has more than ``STACK_ROWS`` padded rows (a power of two in [16, 128]; default ``STACK_CB``) and
-    its warps (4 or 8; default :func:`default_stack_warps`), for the same bench.
+    its warps (4 or 8; default :func:`default_stack_warps`) and ``stack_kc``: the rows of each slice of both
+    products there (16, 32 or 64; default ``STACK_KC``), for the same bench.
     ``f16_dots``: one fp16 dot per product instead of a bf16 hi + lo pair, float16 outputs only (``F16_ENV``;
     ``None``: on for float16 outputs unless ``QTIP_TRITON_HADAMARD_F16=0``, except fp32 partials of fewer than
     ``F16_ENV_FP32_MIN_TOKENS`` tokens (slower there on the H100); the two-GEMM path ignores it).
@@ -619,6 +622,8 @@ def transform(
         raise ValueError(f"stack_cols must be a power of two in [16, {P2_MAX}], got {stack_cols}")
     if stack_warps not in (None, 4, 8):
         raise ValueError(f"stack_warps must be 4 or 8, got {stack_warps}")
+    if stack_kc not in (None, 16, 32, 64):
+        raise ValueError(f"stack_kc must be 16, 32 or 64, got {stack_kc}")
     if zb_first:
         if col_split is False or tall or gemm:
             raise ValueError("zb_first is a variant of the per-token kernel's column split: not with "
@@ -638,7 +643,7 @@ def transform(
                                col_split=col_split, unroll_splits=unroll_splits, out=out, pre=pre, dst=dst, bias=bias,
                                tall=tall, tile=(tall_tokens, tall_bm), gemm=gemm, zb_first=zb_first,
                                stacked=stacked, stack_rows=stack_rows, f16_dots=f16_dots,
-                               stack_tile=(stack_cols, stack_warps))
+                               stack_tile=(stack_cols, stack_warps, stack_kc))
     S, T, n = x.shape
     nb = _block_size(n, blocks)
     if x.stride(-1) != 1:
@@ -709,7 +714,7 @@ def transform(
     rp = a.shape[0]
     if _use_stacked(stacked, stack_rows_counted(T * blocks, groups, transpose), variant, rp, transpose, dst is not None):
         grid, consts = _stack_launch(T * blocks, max(groups, 1), rp, cp, stack_rows, stack_cols, stack_warps,
-                                     transpose, dst is not None)
+                                     stack_kc, transpose, dst is not None)
         sc, f16c = _f16_launch(f16, scale, p2)  # Z · B first
         _had2_stack_kernel[grid](x, y, _stacked_a(nb, transpose, consts["TT"], x.device, a.dtype), b,
                                  pre if pre is not None else dummy, post if post is not None else dummy,
@@ -807,7 +812,7 @@ def _grouped_output(x: torch.Tensor, blocks: int, *, transpose: bool, post: torc
                     tall: bool | None = None, tile: tuple[int | None, int | None] = (None, None),
                     gemm: bool | None = None, zb_first: bool | None = None, stacked: bool | None = None,
                     stack_rows: int | None = None, f16_dots: bool | None = None,
-                    stack_tile: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
+                    stack_tile: tuple[int | None, int | None, int | None] = (None, None, None)) -> torch.Tensor:
     """x (G, S, T, n): group g's partials summed, transformed, scaled by post[g], into columns
     [g*n, (g+1)*n) of ``out`` (T, G*n) (default a new (T, G*n) tensor): the output transforms of
     a fused layer's equal-shaped shards (q/k/v of Llama-2, gate/up) in one launch."""
