@@ -11,6 +11,7 @@ from test_autotune_fakes import FakeAPI, FakeClock, fake_bench
 
 from qtip_triton import cli
 from qtip_triton.autotune import cmd_autotune, store
+from qtip_triton.autotune.buckets import interior_rows
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions
 from qtip_triton.autotune.kernel_api import config_key
 from qtip_triton.autotune.space import candidates, check_config, knobs_apart, prune, wasteful
@@ -129,6 +130,45 @@ def test_tuner_times_the_plan_it_is_given():
         [(d[0], config_key(d[1])) for _, _, d in defaults_only]
     assert sum(api.launches.values()) >= len(tasks) and all(
         (k, key) in {(d[0], config_key(d[1])) for _, _, d in defaults_only} for k, key in api.launches)
+
+
+def test_interior_rows_rank_by_the_mean_over_the_bucket_and_five_eighths_of_it():
+    """``rows=interior_rows``: a bucket from 64 rows on times every candidate at its top and at 5/8 of it and keeps
+    the config of the lowest mean; smaller buckets are timed at their top alone. The fake costs differ per row
+    count, so the winners by the mean are not all the top's."""
+    tasks = make_tasks(SPECS, SHAPES, [16, 256])
+    api = FakeAPI(seed=3)
+    report = tune(tasks, api, fake_bench(api), WORKLOAD, max_candidates=4, progress=False, rows=interior_rows)
+    moved = 0
+    for (task, cands, _), res in zip(plan(tasks, api, 4), report.results, strict=True):
+        counts = interior_rows(task.m_bucket)
+        assert counts == ((task.m_bucket,) if task.m_bucket < 64 else (task.m_bucket, task.m_bucket * 5 // 8))
+
+        def mean(kc, counts=counts, task=task):
+            return sum(api.cost(*kc, task.spec.name, task.out_features, task.in_features, m) for m in counts) / len(
+                counts)
+
+        best = min(cands, key=mean)
+        assert (res.kind, config_key(res.config)) == (best[0], config_key(best[1])), task
+        assert res.time_us == pytest.approx(mean(best))
+        moved += config_key(best[1]) != config_key(_expected_best(api, cands, task)[1])
+    assert moved  # the mean chose another config than the top alone somewhere
+    launched = {(m_rows, out) for _, _, out, _, _, m_rows in api.log}
+    assert {r for r, _ in launched} == {16, 256, 160}  # no 10-row launch: bucket 16 is timed at its top only
+    with pytest.raises(ValueError, match="must start with the bucket itself"):
+        tune(tasks[:1], api, fake_bench(api), WORKLOAD, max_candidates=2, progress=False, rows=lambda b: (b // 2, b))
+
+
+def test_interior_rows_command_needs_a_file_of_its_own_or_replace(tmp_path):
+    api = FakeAPI(seed=7)
+    args = _args(tmp_path, interior_rows=True)
+    args.out = None
+    with pytest.raises(ValueError, match="--interior-rows"):
+        cmd_autotune.autotune(args, api, fake_bench(api), WORKLOAD, H100, VERS, out=io.StringIO())
+    out = io.StringIO()
+    assert cmd_autotune.autotune(_args(tmp_path, interior_rows=True, buckets="256"), api, fake_bench(api), WORKLOAD,
+                                 H100, VERS, out=out) == 0
+    assert {m for *_, m in api.log} == {256, 160}
 
 
 def test_tuner_deadline():

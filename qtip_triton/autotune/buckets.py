@@ -87,3 +87,17 @@ def warm_rows(bucket: int) -> tuple[int, ...]:
     lo = bucket_rows(bucket).start
     first16 = -(-lo // 16) * 16
     return (lo, first16) if first16 <= bucket else (lo,)
+
+
+INTERIOR_FROM = 64  # buckets from here on are also timed inside their range with ``autotune --interior-rows``
+
+
+def interior_rows(bucket: int) -> tuple[int, ...]:
+    """The row counts ``autotune --interior-rows`` times a bucket's candidates at: its top and 5/8 of it from
+    ``INTERIOR_FROM`` rows on (256 -> 160), else the top alone.
+
+    Why: a bucket serves every M in (bucket/2, bucket], but the tuner timed its top alone, where every tile of
+    a tensor-core kernel is full. In session 40 the 256-token wgmma entries of 4 warps ran 1.6x slower at 160
+    tokens than at 256 (TMA boxes past h's end, since fixed), which a top-only tune could not see; ranking by
+    the mean over both counts favours configs that hold up between the buckets' tops."""
+    return (bucket,) if bucket < INTERIOR_FROM else (bucket, bucket * 5 // 8)

@@ -17,7 +17,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from qtip_triton.autotune.buckets import parse_buckets, row_class
+from qtip_triton.autotune.buckets import interior_rows, parse_buckets, row_class
 from qtip_triton.autotune.device import DeviceInfo, SoftwareVersions, check_gpu_name, current_device, current_versions
 from qtip_triton.autotune.kernel_api import KernelsUnavailable, config_key, load_kernel_api
 from qtip_triton.autotune.lookup import shipped_dir, user_cache_dir
@@ -76,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "calls over weight copies > 3x L2 in one graph, as layers run in a served model (its times are "
                         "lower than graph's: tune into a file of its own or with --replace); do_bench: "
                         "uncaptured calls (includes Python launch overhead); cudagraph: replay without flush")
+    p.add_argument("--interior-rows", action="store_true",
+                   help="also time each candidate of a bucket from 64 rows on at 5/8 of its rows (256 -> 160), where "
+                        "a tensor-core kernel's last tile is part-filled as between the buckets' tops, and rank by "
+                        "the mean of both times; those times are not the top's: tune into a file of its own (--out) "
+                        "or with --replace")
     p.add_argument("--screen", type=float, default=3.0,
                    help="skip the full timing of a candidate whose single run is this many times slower than "
                         "the best so far (default 3; 0 times everything)")
@@ -191,6 +196,10 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     out = out or sys.stdout
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    interior = getattr(args, "interior_rows", False)
+    if interior and not (args.replace or args.out is not None):
+        raise ValueError("--interior-rows times candidates as a mean over two row counts, which the file's entries "
+                         "were not: give --out (a file of its own) or --replace")
     specs = parse_specs(args)
     shapes = resolve_shapes(args.shapes)
     buckets = parse_buckets(args.buckets)
@@ -199,7 +208,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
     seed = load_seed(args.seed, out) if args.seed is not None else None
     planned = plan(tasks, api, args.max_candidates, seed,
                    allow_reduced_precision=getattr(args, "fp16_accumulation", False), kinds=kinds)
-    n_cands = sum(len(c) for _, c, _ in planned)
+    n_cands = sum(len(c) * (len(interior_rows(t.m_bucket)) if interior else 1) for t, c, _ in planned)
     variants = compiled_variants(planned)
     per_cand = (args.warmup_ms + args.rep_ms) / 1e3 + EST_BENCH_OVERHEAD_S
     jobs = args.jobs if args.jobs is not None else _default_jobs()
@@ -234,7 +243,7 @@ def autotune(args: argparse.Namespace, api, bench, workload: Workload, device: D
         return tune(tasks, api, bench, workload, max_candidates=args.max_candidates,
                     deadline_s=max(deadline - (clock() - start), 0.0), clock=clock, progress=not args.no_progress,
                     check=not args.no_check, quick=quick, screen=args.screen, planned=round_plan, rotated=rotated,
-                    copies=copies)
+                    copies=copies, rows=interior_rows if interior else None)
 
     report = run_round(planned)
     tried = tried_in(planned)

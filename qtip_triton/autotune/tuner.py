@@ -385,6 +385,7 @@ def tune(
     planned: Planned | None = None,
     rotated: RotatedBench | None = None,
     copies: Callable[[int], int] | None = None,
+    rows: Callable[[int], tuple[int, ...]] | None = None,
 ) -> TuneReport:
     """Time every task's candidates; returns results, the tasks skipped for time, and the elapsed time.
 
@@ -395,6 +396,9 @@ def tune(
     ``rotated`` (e.g. :func:`graph_rotated_timer`): time each candidate with it instead of ``bench``, over
     ``copies(weight bytes)`` prepared copies of the layer (default: :func:`~qtip_triton.autotune.rotation.
     rotation_copies`), all fed the same input; the output check and the screen use the first copy.
+    ``rows`` (e.g. :func:`~qtip_triton.autotune.buckets.interior_rows`): the row counts each task's candidates are
+    timed at, its bucket first (default: the bucket alone); a candidate's time is the mean over them, so such times
+    compare only with times taken the same way. The output check and the screen use the first count.
     """
     from tqdm.auto import tqdm
 
@@ -422,7 +426,11 @@ def tune(
                 if rotated is not None:
                     n_copies = copies(workload.weight_bytes(raw))
                     rotation = [layer] + [prepared_layer(api, workload, lk)[1] for _ in range(n_copies - 1)]
-            x = workload.inputs(raw, task.m_bucket)
+            counts = rows(task.m_bucket) if rows is not None else (task.m_bucket,)
+            if not counts or counts[0] != task.m_bucket:
+                raise ValueError(f"rows({task.m_bucket}) must start with the bucket itself, got {counts!r}")
+            xs = [workload.inputs(raw, m) for m in counts]
+            x = xs[0]
             res = TaskResult(task, default_kind=default[0] if default else None)
             ref = None
             bar.set_postfix_str(f"{task.spec.name} {task.out_features}x{task.in_features} M={task.m_bucket}")
@@ -454,9 +462,10 @@ def tune(
                             res.screened += 1
                             continue
                     if rotated is not None:
-                        t_us = float(rotated([functools.partial(run, layer=copy) for copy in rotation]))
+                        t_us = math.fsum(float(rotated([functools.partial(run, x=xi, layer=copy) for copy in rotation]))
+                                         for xi in xs) / len(xs)
                     else:
-                        t_us = float(bench(run))
+                        t_us = math.fsum(float(bench(functools.partial(run, x=xi))) for xi in xs) / len(xs)
                     if not math.isfinite(t_us) or t_us <= 0:
                         raise ValueError(f"timer returned {t_us!r}")
                 except Exception as e:  # a candidate may fail in any way; skip it and say why
