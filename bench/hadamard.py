@@ -63,8 +63,8 @@ VARIANTS = {"default": {}, "col_split": {"col_split": True}, "unroll": {"unroll_
             "stacked_c32_w4": {"stacked": True, "stack_cols": 32, "stack_warps": 4},
             # session 42: slices of 32 rows instead of 64 there (sm_90 compile: mma.sync instead of wgmma, 4-warp
             # spills 152 -> 32 B on 11008's output, shared memory 48 -> 20 KB)
-            "stacked_k32": {"stacked": True, "stack_kc": 32}, "stacked_w4_k32": {"stacked": True, "stack_warps": 4,
-                                                                                "stack_kc": 32},
+            "stacked_k32": {"stacked": True, "stack_kc": 32},
+            "stacked_w4_k32": {"stacked": True, "stack_warps": 4, "stack_kc": 32},
             # one fp16 dot per product instead of a bf16 hi + lo pair (fp16 outputs only: the fp32 cases fail it)
             "f16": {"f16_dots": True}}
 # What each timed transform is: as the decode kernels of small batches use them (kernel-order destination,

@@ -303,9 +303,9 @@ def _with_nan_behind(h: torch.Tensor) -> torch.Tensor:
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("M", [37, 160, 256])
 def test_rows_described_past_h_change_no_stored_value(monkeypatch, cfg, M):
-    """Rows described past h (the default; QTIP_TRITON_WGMMA_PAD_ROWS=0 turns it off): TMA boxes read the reserved rows behind h (here NaN) instead of zero-filling
-    past its end; every stored partial is bit for bit the exact descriptor's, for one weight and for stacked
-    shards in one launch (the last shard's tail reaches the reserve)."""
+    """Rows described past h (the default; QTIP_TRITON_WGMMA_PAD_ROWS=0 turns it off): TMA boxes read the reserved
+    rows behind h (here NaN) instead of zero-filling past its end; every stored partial is bit for bit the exact
+    descriptor's, for one weight and for stacked shards in one launch (the last shard's tail reaches the reserve)."""
     n = 2048
     qw = _weight(1024, n, 2)
     pw = kernels.prepare(qw)
